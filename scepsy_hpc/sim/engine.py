@@ -1,0 +1,191 @@
+"""A simulated continuous-batching engine instance (vLLM V1 scheduling, iteration level).
+
+Each iteration runs one decode token for every decoding sequence plus prefill chunks of newly
+admitted sequences, FCFS, within `max_batched_tokens` (chunked prefill). A waiting sequence is
+admitted at an iteration boundary when fewer than `max_num_seqs` run and the KV cache can reserve
+its prompt plus output tokens (no preemption: a full cache means queueing). A sequence's first
+token comes at the end of the iteration that completes its prefill; each later iteration adds one.
+
+Runs of decode-only iterations are advanced in one event with `DecodeSeries` (exact at iteration
+granularity); an arrival during such a run cuts it at the end of the iteration in progress, which
+is exactly when a real scheduler would see the new request.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from scepsy_hpc.perf.model import EnginePerf
+
+if TYPE_CHECKING:
+    from scepsy_hpc.sim.core import EventLoop
+
+IDLE, STEP, EPOCH, BOUNDARY = 0, 1, 2, 3
+
+
+class Seq:
+    """One call in flight at an engine."""
+
+    __slots__ = ("llm", "role", "prompt", "output", "t_submit", "t_admit", "t_first", "t_end",
+                 "prefilled", "start_iter", "kv", "done")
+
+    def __init__(self, llm: str, role: str | None, prompt: int, output: int, t_submit: float,
+                 done: Callable[[float, "Seq"], None]) -> None:
+        self.llm, self.role, self.prompt, self.output = llm, role, prompt, output
+        self.t_submit = t_submit
+        self.t_admit = self.t_first = self.t_end = -1.0
+        self.prefilled = 0
+        self.start_iter = 0
+        self.kv = 0
+        self.done = done
+
+
+class SimEngine:
+    """One engine instance; `submit` hands it a call, `Seq.done` is called when the call ends."""
+
+    def __init__(self, loop: "EventLoop", perf: EnginePerf, name: str, priority: int) -> None:
+        self.loop, self.perf, self.name, self.priority = loop, perf, name, priority
+        cfg = perf.cfg
+        self.max_seqs = cfg.max_num_seqs
+        self.budget = cfg.max_batched_tokens
+        self.kv_cap = perf.kv_capacity_tokens
+        self.waiting: deque[Seq] = deque()
+        self.prefilling: list[Seq] = []
+        self.decoding: list[tuple[int, int, Seq]] = []  # heap of (end iteration, tie, seq)
+        self.n_dec = 0
+        self.p_dec = 0  # Σ prompt tokens of decoding sequences
+        self.s_start = 0  # Σ start_iter of decoding sequences: context = p_dec + n_dec·iter − s_start
+        self.kv_used = 0
+        self.iter = 0
+        self.mode = IDLE
+        self.version = 0
+        self.outstanding = 0
+        self._tie = 0
+        self._pending_iters = 0
+        self._step_prefill: list[Seq] = []
+        self._ep_t0 = 0.0
+        self._ep_series: Any = None
+        self._ep_k = 0
+        self.backlog: deque[Seq] | None = None  # the deployment's gateway queue, shared by its replicas
+        self.busy_s = 0.0
+        self._busy_since = 0.0
+        self.iterations = 0
+        self.peak_running = 0
+
+    def clamp(self, prompt: int, output: int) -> tuple[int, int, bool]:
+        """Fit a request into the KV cache (vLLM rejects or truncates what exceeds max_model_len)."""
+        cap = min(self.kv_cap, self.perf.cfg.model.max_model_len)
+        if prompt + output <= cap:
+            return prompt, output, False
+        prompt = min(prompt, cap - 1)
+        return prompt, max(1, cap - prompt), True
+
+    def submit(self, seq: Seq, now: float) -> None:
+        """A call arrives at this engine at `now`."""
+        self.outstanding += 1
+        self.waiting.append(seq)
+        if self.mode == IDLE:
+            self._busy_since = now
+            self._plan(now)
+        elif self.mode == EPOCH:
+            self._cut(now)
+
+    def _cut(self, now: float) -> None:
+        """End the decode run at the first iteration boundary at or after `now`."""
+        series, elapsed = self._ep_series, now - self._ep_t0
+        j = min(series.count_within(elapsed), self._ep_k)
+        if j < self._ep_k and series.total(j) < elapsed:
+            j += 1  # the iteration in progress finishes first
+        self._pending_iters = j
+        self.mode = STEP
+        self.version += 1
+        self.loop.at(self._ep_t0 + series.total(j), self.priority, self._boundary, self.version)
+
+    def _boundary(self, t: float, version: int) -> None:
+        if version != self.version:
+            return  # superseded by a cut
+        self.iter += self._pending_iters
+        self.iterations += self._pending_iters
+        finished: list[Seq] = []
+        for s in self._step_prefill:
+            s.t_first = t
+            if s.output <= 1:
+                finished.append(s)
+            else:
+                s.start_iter = self.iter - 1
+                self._tie += 1
+                heapq.heappush(self.decoding, (self.iter + s.output - 1, self._tie, s))
+                self.n_dec += 1
+                self.p_dec += s.prompt
+                self.s_start += s.start_iter
+        self._step_prefill = []
+        dec = self.decoding
+        while dec and dec[0][0] <= self.iter:
+            s = heapq.heappop(dec)[2]
+            self.n_dec -= 1
+            self.p_dec -= s.prompt
+            self.s_start -= s.start_iter
+            finished.append(s)
+        self.mode = BOUNDARY
+        for s in finished:
+            self.kv_used -= s.kv
+            self.outstanding -= 1
+            s.t_end = t
+        backlog = self.backlog
+        while backlog and self.outstanding < self.max_seqs:
+            self.outstanding += 1  # a call held at the gateway takes the freed slot first
+            self.waiting.append(backlog.popleft())
+        for s in finished:
+            s.done(t, s)  # may submit new calls here; they wait for _plan below
+        self._plan(t)
+
+    def _plan(self, t: float) -> None:
+        """Admit waiting sequences and start the next iteration (or run of iterations) at `t`."""
+        waiting, prefilling = self.waiting, self.prefilling
+        while waiting and len(prefilling) + self.n_dec < self.max_seqs:
+            s = waiting[0]
+            need = s.prompt + s.output
+            if self.kv_used + need > self.kv_cap:
+                break  # FCFS: the head waits for KV space, and so does everyone behind it
+            waiting.popleft()
+            self.kv_used += need
+            s.kv = need
+            s.t_admit = t
+            prefilling.append(s)
+        running = len(prefilling) + self.n_dec
+        if running > self.peak_running:
+            self.peak_running = running
+        ctx = self.p_dec + self.n_dec * self.iter - self.s_start
+        if prefilling:
+            budget = self.budget - self.n_dec
+            chunks: list[tuple[int, int]] = []
+            done_now: list[Seq] = []
+            for s in prefilling:
+                if budget <= 0:
+                    break
+                c = min(budget, s.prompt - s.prefilled)
+                chunks.append((c, s.prefilled))
+                s.prefilled += c
+                budget -= c
+                if s.prefilled == s.prompt:
+                    done_now.append(s)
+            if done_now:
+                self.prefilling = [s for s in prefilling if s.prefilled < s.prompt]
+            self._step_prefill = done_now
+            self._pending_iters = 1
+            self.mode = STEP
+            self.version += 1
+            self.loop.at(t + self.perf.iteration_time(self.n_dec, ctx, chunks), self.priority, self._boundary, self.version)
+        elif self.n_dec:
+            k = self.decoding[0][0] - self.iter
+            series = self.perf.decode_series(self.n_dec, ctx)
+            self._ep_t0, self._ep_series, self._ep_k = t, series, k
+            self._pending_iters = k
+            self.mode = EPOCH
+            self.version += 1
+            self.loop.at(t + series.total(k), self.priority, self._boundary, self.version)
+        else:
+            self.mode = IDLE
+            self.busy_s += t - self._busy_since

@@ -1,0 +1,135 @@
+"""Sampling one workflow request: a program becomes a tree of calls, tool waits and parallel groups.
+
+A sampled request is a *sequence*: a Python list whose items are
+  Call(...)            an LLM call with its sampled prompt and output tokens,
+  Tool(...)            a tool wait of a sampled duration (seconds),
+  list[list[...]]      a parallel group: each inner list is a sequence, all run concurrently.
+Loops and branches disappear at sampling time; `use` is inlined down to `max_depth` nested uses,
+and a `use` deeper than that runs nothing (the recursion's base case).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from scepsy_hpc.spec.workflow import (
+    BranchStep, CallStep, FanoutStep, LoopStep, ParallelStep, ToolStep, UseStep, Workflow,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One sampled LLM call."""
+
+    llm: str
+    role: str | None
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """One sampled tool wait."""
+
+    name: str
+    latency_s: float
+
+
+def _count(x: float) -> int:
+    return max(0, int(round(x)))
+
+
+def _tokens(x: float) -> int:
+    return max(1, int(round(x)))
+
+
+class RequestSampler:
+    """Samples requests of one workflow; sub-program bodies are looked up by name."""
+
+    def __init__(self, wf: Workflow) -> None:
+        self.wf = wf
+        self.max_depth = wf.max_depth if wf.max_depth is not None else 64
+
+    def sample(self, rng: random.Random) -> list[Any]:
+        """One request's execution tree."""
+        out: list[Any] = []
+        self._steps(self.wf.program, rng, 0, out)
+        return out
+
+    def _steps(self, steps: list[Any], rng: random.Random, depth: int, out: list[Any]) -> None:
+        for step in steps:
+            if isinstance(step, CallStep):
+                out.append(Call(step.call, step.role, _tokens(step.prompt_tokens.sample(rng)),
+                                _tokens(step.output_tokens.sample(rng))))
+            elif isinstance(step, ToolStep):
+                out.append(Tool(step.tool, self.wf.tools[step.tool].latency_s.sample(rng)))
+            elif isinstance(step, LoopStep):
+                for _ in range(_count(step.loop.repeat.sample(rng))):
+                    self._steps(step.loop.body, rng, depth, out)
+            elif isinstance(step, BranchStep):
+                u, acc = rng.random(), 0.0
+                arm = step.branch[-1]
+                for candidate in step.branch:
+                    acc += candidate.p
+                    if u < acc:
+                        arm = candidate
+                        break
+                self._steps(arm.body, rng, depth, out)
+            elif isinstance(step, FanoutStep):
+                lanes = []
+                for _ in range(_count(step.fanout.count.sample(rng))):
+                    lane: list[Any] = []
+                    self._steps(step.fanout.body, rng, depth, lane)
+                    if lane:
+                        lanes.append(lane)
+                _append_group(out, lanes)
+            elif isinstance(step, ParallelStep):
+                lanes = []
+                for body in step.parallel:
+                    lane = []
+                    self._steps(body, rng, depth, lane)
+                    if lane:
+                        lanes.append(lane)
+                _append_group(out, lanes)
+            elif isinstance(step, UseStep):
+                if depth < self.max_depth:
+                    self._steps(self.wf.define[step.use], rng, depth + 1, out)
+            else:  # pragma: no cover - the spec admits no other step
+                raise TypeError(f"unknown step {step!r}")
+
+
+def _append_group(out: list[Any], lanes: list[list[Any]]) -> None:
+    if len(lanes) == 1:
+        out.extend(lanes[0])  # a group of one lane is just a sequence
+    elif lanes:
+        out.append(lanes)
+
+
+def sample_request(wf: Workflow, rng: random.Random) -> list[Any]:
+    """One request of `wf` sampled with `rng`."""
+    return RequestSampler(wf).sample(rng)
+
+
+def iter_calls(seq: list[Any]) -> Any:
+    """Every Call in a sampled request, depth first."""
+    for item in seq:
+        if isinstance(item, Call):
+            yield item
+        elif isinstance(item, list):
+            for lane in item:
+                yield from iter_calls(lane)
+
+
+def unloaded_latency(seq: list[Any], call_latency: Any) -> float:
+    """Critical-path latency of a sampled request when each call takes `call_latency(call)` seconds."""
+    total = 0.0
+    for item in seq:
+        if isinstance(item, Call):
+            total += call_latency(item)
+        elif isinstance(item, Tool):
+            total += item.latency_s
+        else:
+            total += max(unloaded_latency(lane, call_latency) for lane in item)
+    return total

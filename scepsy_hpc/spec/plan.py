@@ -1,0 +1,139 @@
+"""Plan file (DESIGN.md §3.4), allocation part: per LLM `tp`, `gpu_frac`, `replicas` on `gpus`.
+
+Written by `scepsy plan`, read by `simulate`/`up`; a hand-written plan is the user-specified
+allocation and goes through the same validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
+
+from scepsy_hpc.errors import InfeasibleError, SpecError
+from scepsy_hpc.spec.base import SpecModel
+from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
+from scepsy_hpc.spec.source import SourceMap, load_yaml, suggest, validate
+from scepsy_hpc.spec.workflow import Target, Workflow, resolve_model
+
+TP_DEGREES = (1, 2, 4, 8, 16)
+
+
+class LLMAlloc(SpecModel):
+    """How one LLM deployment is served: `replicas` instances of `tp` GPUs, or of a `gpu_frac` share."""
+
+    tp: Annotated[int, Field(description="tensor-parallel degree: 1, 2, 4, 8 or 16")] = 1
+    gpu_frac: Annotated[float, Field(gt=0.0, le=1.0, description="share of one GPU; below 1 only with tp=1")] = 1.0
+    replicas: Annotated[int, Field(ge=1)] = 1
+    max_num_seqs: Annotated[int, Field(ge=1)] | None = None
+    max_batched_tokens: Annotated[int, Field(ge=16)] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "LLMAlloc":
+        if self.tp not in TP_DEGREES:
+            raise ValueError(f"tp={self.tp} is not one of {', '.join(map(str, TP_DEGREES))}")
+        if self.gpu_frac < 1.0 and self.tp > 1:
+            raise ValueError(f"gpu_frac={self.gpu_frac:g} needs tp=1 (fractional instances share one GPU); "
+                             f"use gpu_frac: 1 with tp={self.tp}, or tp: 1")
+        return self
+
+    @property
+    def gpus(self) -> float:
+        """GPUs this deployment occupies (fractions counted as fractions)."""
+        return self.replicas * self.tp * self.gpu_frac
+
+
+class GPUBudget(SpecModel):
+    """The GPUs a plan runs on."""
+
+    type: str
+    count: Annotated[int, Field(ge=1)]
+
+
+class Plan(SpecModel):
+    """A plan file. Sections beyond the allocation are written by later stages and kept as given."""
+
+    workflow: str | None = None
+    workflows: list[str] | None = None
+    gpus: GPUBudget
+    allocation: Annotated[dict[str, LLMAlloc], Field(min_length=1)]
+    target: Target | None = None
+    predicted: dict[str, Any] | None = None
+    solver: dict[str, Any] | None = None
+    placement: list[dict[str, Any]] | None = None
+    provenance: dict[str, Any] | None = None
+    notes: str = ""
+
+
+def pack_fractions(fracs: list[float]) -> int:
+    """GPUs needed to pack fractional instances (first-fit decreasing; each GPU holds Σ ≤ 1)."""
+    bins: list[float] = []
+    for f in sorted(fracs, reverse=True):
+        for i, used in enumerate(bins):
+            if used + f <= 1.0 + 1e-9:
+                bins[i] = used + f
+                break
+        else:
+            bins.append(f)
+    return len(bins)
+
+
+def gpus_needed(allocation: dict[str, LLMAlloc]) -> int:
+    """Whole GPUs an allocation occupies: tp·replicas for whole instances plus packed fractions."""
+    whole = sum(a.tp * a.replicas for a in allocation.values() if a.gpu_frac >= 1.0)
+    fracs = [a.gpu_frac for a in allocation.values() if a.gpu_frac < 1.0 for _ in range(a.replicas)]
+    return whole + pack_fractions(fracs)
+
+
+def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[str, ModelSpec],
+               gpus: dict[str, GPUSpec], min_kv_tokens: int = 256) -> list[str]:
+    """Problems of a plan against its workflow, the catalogs and its own GPU budget."""
+    from scepsy_hpc.perf.model import EngineConfig, EnginePerf  # perf sits above spec in the import order
+
+    problems: list[str] = []
+    if plan.gpus.type not in gpus:
+        problems.append(f"{smap.where(('gpus', 'type'))}: gpus.type: unknown GPU type {plan.gpus.type!r}; {suggest(plan.gpus.type, gpus)}")
+        return problems
+    if wf is not None:
+        for llm in wf.llms:
+            if llm not in plan.allocation:
+                problems.append(f"{smap.where(('allocation',), key=True)}: allocation: LLM {llm!r} of workflow {wf.name!r} "
+                                f"has no entry; add '{llm}: {{tp: 1, gpu_frac: 1, replicas: 1}}'")
+        for llm in plan.allocation:
+            if llm not in wf.llms:
+                problems.append(f"{smap.where(('allocation', llm), key=True)}: allocation.{llm}: workflow {wf.name!r} has no LLM "
+                                f"{llm!r}; {suggest(llm, wf.llms)}")
+        for llm, alloc in plan.allocation.items():
+            if llm not in wf.llms:
+                continue
+            model = resolve_model(wf, llm, models)
+            try:
+                kw = {k: v for k, v in (("max_num_seqs", alloc.max_num_seqs), ("max_batched_tokens", alloc.max_batched_tokens)) if v}
+                EnginePerf(EngineConfig(model, gpus[plan.gpus.type], tp=alloc.tp, gpu_frac=alloc.gpu_frac, **kw)).check_fits(
+                    min_kv_tokens, label=f"LLM {llm!r} ({model.hf_id}) on {plan.gpus.type}")
+            except (InfeasibleError, ValueError) as exc:
+                problems.append(f"{smap.where(('allocation', llm))}: allocation.{llm}: {exc}")
+    need = gpus_needed(plan.allocation)
+    if need > plan.gpus.count:
+        problems.append(f"{smap.where(('gpus', 'count'))}: gpus.count: the allocation needs {need} GPUs "
+                        f"but the plan has {plan.gpus.count}; raise gpus.count or lower replicas/tp")
+    return problems
+
+
+def parse_plan(data: Any, smap: SourceMap, wf: Workflow | None, models: dict[str, ModelSpec],
+               gpus: dict[str, GPUSpec]) -> Plan:
+    """Validate parsed YAML as a plan (against `wf` when given)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{smap.path}:1: a plan is a mapping with keys gpus, allocation, …")
+    plan = validate(Plan, data, smap)
+    problems = check_plan(plan, smap, wf, models, gpus)
+    if problems:
+        raise SpecError(problems)
+    return plan
+
+
+def load_plan(path: str | Path, wf: Workflow | None, models: dict[str, ModelSpec], gpus: dict[str, GPUSpec]) -> Plan:
+    """Load and validate a plan file."""
+    data, smap = load_yaml(path)
+    return parse_plan(data, smap, wf, models, gpus)

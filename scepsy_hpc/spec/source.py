@@ -1,0 +1,179 @@
+"""YAML loading that remembers the line of every value, and pydantic errors turned into SpecErrors.
+
+Every user-facing input goes through `load_yaml`, so every error can name ``file:line``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from scepsy_hpc.errors import SpecError
+
+Loc = tuple[Any, ...]
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class SourceMap:
+    """Where each value of a loaded YAML document came from (1-based lines, keyed by data path)."""
+
+    path: str
+    lines: dict[Loc, int] = field(default_factory=dict)
+    key_lines: dict[Loc, int] = field(default_factory=dict)
+
+    def line_of(self, loc: Loc, *, key: bool = False) -> int | None:
+        """Line of the value at `loc` (or of its key), falling back to the nearest enclosing value."""
+        loc = tuple(loc)
+        if key and loc in self.key_lines:
+            return self.key_lines[loc]
+        while True:
+            if loc in self.lines:
+                return self.lines[loc]
+            if not loc:
+                return None
+            loc = loc[:-1]
+
+    def where(self, loc: Loc, *, key: bool = False) -> str:
+        """`file:line` for a data path."""
+        line = self.line_of(loc, key=key)
+        return f"{self.path}:{line}" if line else self.path
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader; documents are composed to nodes and converted by `_convert` to keep lines."""
+
+
+def _convert(loader: _Loader, node: yaml.Node, loc: Loc, smap: SourceMap) -> Any:
+    smap.lines[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                raise SpecError(f"{smap.path}:{key_node.start_mark.line + 1}: a mapping key must be a plain value, got {key!r}")
+            if key in out:
+                raise SpecError(
+                    f"{smap.path}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
+                    f"(first at line {smap.key_lines[loc + (key,)]}); remove one of them"
+                )
+            smap.key_lines[loc + (key,)] = key_node.start_mark.line + 1
+            out[key] = _convert(loader, value_node, loc + (key,), smap)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(loader, item, loc + (i,), smap) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def parse_yaml(text: str, path: str = "<string>") -> tuple[Any, SourceMap]:
+    """Parse one YAML document; syntax errors become SpecErrors naming the line."""
+    smap = SourceMap(path=path)
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError(f"{path}: the file is empty; expected a YAML mapping")
+        data = _convert(loader, node, (), smap)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise SpecError(f"{path}{line}: YAML syntax error: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: YAML error: {exc}") from None
+    finally:
+        loader.dispose()
+    return data, smap
+
+
+def load_yaml(path: str | Path) -> tuple[Any, SourceMap]:
+    """Read and parse a YAML file; a missing or unreadable file is a SpecError."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{p}: cannot read: {exc}") from None
+    return parse_yaml(text, str(p))
+
+
+def data_path(data: Any, loc: Iterable[Any]) -> Loc:
+    """The longest reading of `loc` that navigates `data`, skipping pydantic's union/discriminator tags.
+
+    A tag may equal a data key (the step tag 'call' and the key `call:`), so both readings are tried.
+    """
+    loc = tuple(loc)
+
+    def best(cur: Any, i: int) -> Loc:
+        if i == len(loc):
+            return ()
+        item = loc[i]
+        skipped = best(cur, i + 1)
+        navigable = (isinstance(cur, dict) and item in cur) or (
+            isinstance(cur, list) and isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(cur)
+        )
+        if navigable:
+            taken = (item,) + best(cur[item], i + 1)
+            if len(taken) > len(skipped):
+                return taken
+        return skipped
+
+    return best(data, 0)
+
+
+def format_loc(loc: Loc) -> str:
+    """`program[0].fanout.count` style path."""
+    text = ""
+    for item in loc:
+        text += f"[{item}]" if isinstance(item, int) else (f".{item}" if text else str(item))
+    return text or "(top level)"
+
+
+def validation_problems(exc: ValidationError, data: Any, smap: SourceMap) -> list[str]:
+    """One `file:line: path: message` string per pydantic error."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for err in exc.errors():
+        loc = data_path(data, err["loc"])
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        ctx = err.get("ctx") or {}
+        if err["type"] == "unknown_key":
+            key_loc = loc + (ctx["key"],)
+            where = smap.where(key_loc, key=True)
+            text = f"{where}: {format_loc(key_loc)}: {msg}"
+        elif err["type"] == "missing":
+            text = f"{smap.where(loc)}: {format_loc(loc)}: missing required key {err['loc'][-1]!r}"
+        else:
+            text = f"{smap.where(loc)}: {format_loc(loc)}: {msg}"
+            if err["type"] not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], (dict, list)):
+                text += f" (got {err['input']!r})"
+        if text not in seen:
+            seen.add(text)
+            problems.append(text)
+    return problems
+
+
+def validate(model: type[M], data: Any, smap: SourceMap) -> M:
+    """Validate `data` into `model`, turning every pydantic error into a line-numbered SpecError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(validation_problems(exc, data, smap)) from None
+
+
+def suggest(name: str, known: Iterable[str]) -> str:
+    """`did you mean 'x'? known: a, b, c` for an unknown name."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    listing = ", ".join(known) if len(known) <= 20 else ", ".join(known[:20]) + f", … ({len(known)} in all)"
+    return f"{hint}known: {listing}"
