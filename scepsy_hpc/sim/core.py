@@ -97,7 +97,8 @@ class RequestRecord:
 
 @dataclass(frozen=True)
 class LLMStats:
-    """Per-LLM figures of a simulation."""
+    """Per-LLM figures of a simulation. `utilisation` is the share of time an instance runs at
+    least one call (averaged over replicas), not a share of its batch capacity."""
 
     calls: int
     calls_per_request: float

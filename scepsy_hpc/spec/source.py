@@ -84,6 +84,9 @@ def parse_yaml(text: str, path: str = "<string>") -> tuple[Any, SourceMap]:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
         problem = exc.problem or exc.context or "invalid YAML"
+        opened = exc.context_mark
+        if exc.context and opened is not None and mark is not None and opened.line != mark.line:
+            problem += f" ({exc.context} at line {opened.line + 1})"
         raise SpecError(f"{path}{line}: YAML syntax error: {problem}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: YAML error: {exc}") from None
@@ -136,38 +139,78 @@ def format_loc(loc: Loc) -> str:
     return text or "(top level)"
 
 
+def _get(data: Any, loc: Loc) -> Any:
+    for item in loc:
+        data = data[item]
+    return data
+
+
+def _mapping_path(data: Any, loc: Loc) -> Loc:
+    """The data path of the mapping an error is about (a union tag such as 'call' is not one)."""
+    path = data_path(data, loc)
+    while path and not isinstance(_get(data, path), dict):
+        path = path[:-1]
+    return path
+
+
+def _line_key(problem: str) -> tuple[str, int]:
+    head = problem.split(": ", 1)[0]
+    file, _, line = head.rpartition(":")
+    return (file, int(line)) if line.isdigit() else (head, 0)
+
+
 def validation_problems(exc: ValidationError, data: Any, smap: SourceMap) -> list[str]:
     """One `file:line: path: message` string per pydantic error."""
     problems: list[str] = []
-    seen: set[str] = set()
     for err in exc.errors():
-        loc = data_path(data, err["loc"])
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         ctx = err.get("ctx") or {}
         if err["type"] == "unknown_key":
-            key_loc = loc + (ctx["key"],)
-            where = smap.where(key_loc, key=True)
-            text = f"{where}: {format_loc(key_loc)}: {msg}"
+            key_loc = _mapping_path(data, err["loc"]) + (ctx["key"],)
+            problems.append(f"{smap.where(key_loc, key=True)}: {format_loc(key_loc)}: {msg}")
         elif err["type"] == "missing":
-            text = f"{smap.where(loc)}: {format_loc(loc)}: missing required key {err['loc'][-1]!r}"
+            loc = _mapping_path(data, err["loc"][:-1])
+            problems.append(f"{smap.where(loc)}: {format_loc(loc)}: missing required key {err['loc'][-1]!r}")
         else:
+            loc = data_path(data, err["loc"])
             text = f"{smap.where(loc)}: {format_loc(loc)}: {msg}"
             if err["type"] not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], (dict, list)):
                 text += f" (got {err['input']!r})"
-        if text not in seen:
-            seen.add(text)
             problems.append(text)
     return problems
 
 
+def _dict_paths(data: Any, loc: Loc, out: dict[int, Loc]) -> dict[int, Loc]:
+    if isinstance(data, dict):
+        out[id(data)] = loc
+        for key, value in data.items():
+            _dict_paths(value, loc + (key,), out)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _dict_paths(value, loc + (i,), out)
+    return out
+
+
 def validate(model: type[M], data: Any, smap: SourceMap) -> M:
-    """Validate `data` into `model`, turning every pydantic error into a line-numbered SpecError."""
+    """Validate `data` into `model`; every problem (unknown keys included) becomes one line of a SpecError."""
+    unknown: list[tuple[int, Any, str]] = []
+    problems: list[str] = []
+    result = None
     try:
-        return model.model_validate(data)
+        result = model.model_validate(data, context={"unknown_keys": unknown})
     except ValidationError as exc:
-        raise SpecError(validation_problems(exc, data, smap)) from None
+        problems = validation_problems(exc, data, smap)
+    paths = _dict_paths(data, (), {})
+    for ident, key, valid in unknown:
+        if ident in paths:
+            loc = paths[ident] + (key,)
+            problems.append(f"{smap.where(loc, key=True)}: {format_loc(loc)}: unknown key {key!r}; valid keys here: {valid}")
+    if problems:
+        raise SpecError(sorted(dict.fromkeys(problems), key=_line_key))
+    assert result is not None
+    return result
 
 
 def suggest(name: str, known: Iterable[str]) -> str:

@@ -1,0 +1,189 @@
+"""The `scepsy` command. Each subcommand imports only what it needs.
+
+Errors a user can fix are ScepsyErrors: printed without traceback (exit 2 for bad input, 3 for
+infeasible requests, 1 otherwise) unless SCEPSY_DEBUG=1. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from scepsy_hpc.errors import ScepsyError, SpecError
+
+
+def _resolve(arg: str, kind: str) -> Path:
+    """A path as given, or the name of a shipped file under configs/<kind>/."""
+    from scepsy_hpc.spec.catalog import config_dir
+
+    p = Path(arg)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return p
+    shipped = config_dir() / kind / f"{arg}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(q.stem for q in (config_dir() / kind).glob("*.yaml"))
+    raise SpecError(f"{arg}: no such file, and no shipped {kind[:-1]} of that name; shipped: {', '.join(names) or 'none'}")
+
+
+def _kind_of(data: Any, path: Path) -> str:
+    if isinstance(data, dict):
+        if "allocation" in data:
+            return "plan"
+        if "program" in data or "llms" in data:
+            return "workflow"
+        if "node_groups" in data or "slurm" in data:
+            return "cluster"
+        values = list(data.values())
+        if values and all(isinstance(v, dict) and "hf_id" in v for v in values):
+            return "models"
+        if values and all(isinstance(v, dict) and "mem_gib" in v for v in values):
+            return "gpus"
+    raise SpecError(f"{path}:1: cannot tell what this file is: a workflow has 'program:', a plan 'allocation:', "
+                    f"a cluster 'node_groups:' or 'slurm:', a catalog maps names to models or GPUs")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate workflow, plan, cluster and catalog files; exit 2 with every problem found."""
+    from scepsy_hpc.spec.catalog import _GPUs, _Models, load_gpus, load_models
+    from scepsy_hpc.spec.cluster import parse_cluster
+    from scepsy_hpc.spec.plan import parse_plan
+    from scepsy_hpc.spec.source import load_yaml, validate
+    from scepsy_hpc.spec.workflow import load_workflow, parse_workflow
+
+    problems: list[str] = []
+    models = gpus = None
+    for arg in args.files:
+        try:
+            path = Path(arg)
+            data, smap = load_yaml(path)
+            kind = _kind_of(data, path)
+            if kind == "models":
+                validate(_Models, data, smap)
+            elif kind == "gpus":
+                validate(_GPUs, data, smap)
+            else:
+                models = models if models is not None else load_models(args.models)
+                gpus = gpus if gpus is not None else load_gpus(args.gpus)
+                if kind == "workflow":
+                    parse_workflow(data, smap, models)
+                elif kind == "cluster":
+                    parse_cluster(data, smap, gpus)
+                else:
+                    wf = None
+                    name = data.get("workflow")
+                    if isinstance(name, str):
+                        wf = load_workflow(_resolve(name, "workflows"), models)
+                    parse_plan(data, smap, wf, models, gpus)
+            print(f"{path}: ok ({kind})")
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Simulate a workflow under a plan at a Poisson arrival rate."""
+    from scepsy_hpc.sim import simulate
+    from scepsy_hpc.spec.catalog import load_gpus, load_models
+    from scepsy_hpc.spec.plan import load_plan
+    from scepsy_hpc.spec.workflow import load_workflow
+
+    models, gpus = load_models(args.models), load_gpus(args.gpus)
+    wf = load_workflow(_resolve(args.workflow, "workflows"), models)
+    plan = load_plan(_resolve(args.plan, "plans"), wf, models, gpus)
+    if args.rate <= 0:
+        raise SpecError(f"--rate {args.rate:g}: the arrival rate must be positive (requests per second)")
+    if args.requests < 1:
+        raise SpecError(f"--requests {args.requests}: simulate at least one request")
+    if not 0 <= args.warmup < 1:
+        raise SpecError(f"--warmup {args.warmup:g}: give a fraction in [0, 1)")
+    res = simulate(wf, plan.allocation, gpus[plan.gpus.type], models, rate_rps=args.rate,
+                   n_requests=args.requests, seed=args.seed, warmup_frac=args.warmup)
+    if args.json:
+        print(json.dumps(_jsonable(res.to_dict()), indent=2))
+    else:
+        _print_sim(res, plan)
+    return 0
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _print_sim(res: Any, plan: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{res.workflow}: {res.requests} requests at {res.rate_rps:g} rps on {plan.gpus.count}× {plan.gpus.type}")
+    for col in ("LLM", "tp", "frac", "replicas", "calls/req", "latency s", "TTFT s", "queue s", "busy"):
+        table.add_column(col, justify="left" if col == "LLM" else "right")
+    for llm, s in res.per_llm.items():
+        table.add_row(llm, str(s.tp), f"{s.gpu_frac:g}", str(s.replicas), f"{s.calls_per_request:.1f}",
+                      f"{s.latency_mean_s:.2f}", f"{s.ttft_mean_s:.3f}", f"{s.queue_mean_s:.3f}", f"{s.utilisation:.0%}")
+    console.print(table)
+    ok = res.completed == res.requests
+    console.print(
+        f"completed {res.completed}/{res.requests}   throughput {res.throughput_rps:.3f} rps   "
+        f"latency mean {res.latency_mean_s:.2f} s  p50 {res.latency_p50_s:.2f}  p90 {res.latency_p90_s:.2f}  "
+        f"p99 {res.latency_p99_s:.2f} s   (first {res.warmup_frac:.0%} of requests excluded as warm-up)"
+    )
+    console.print(f"{res.llm_calls} LLM calls simulated in {res.wall_s:.2f} s wall "
+                  f"({res.llm_calls / max(res.wall_s, 1e-9):,.0f} calls/s), seed {res.seed}" + ("" if ok else "   [red]some requests did not finish[/red]"))
+    if res.throughput_rps < 0.9 * res.rate_rps:
+        console.print(f"[yellow]the plan does not keep up: {res.throughput_rps:.3f} rps served of {res.rate_rps:g} offered[/yellow]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `scepsy`."""
+    ap = argparse.ArgumentParser(prog="scepsy", description="Serve multi-LLM agentic workflows on Slurm GPU clusters.")
+    ap.add_argument("--models", help="model catalog (default: configs/models.yaml)")
+    ap.add_argument("--gpus", help="GPU catalog (default: configs/gpus.yaml)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="check workflow, plan, cluster and catalog files")
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("simulate", help="simulate a workflow served by a plan")
+    s.add_argument("workflow", metavar="WORKFLOW", help="workflow file, or the name of a shipped one (e.g. deep_research)")
+    s.add_argument("--plan", required=True, help="plan file, or the name of a shipped one (configs/plans/)")
+    s.add_argument("--rate", type=float, required=True, metavar="RPS", help="Poisson arrival rate, requests per second")
+    s.add_argument("--requests", type=int, default=500, metavar="N", help="number of requests (default 500)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--warmup", type=float, default=0.1, metavar="FRAC",
+                   help="fraction of the first requests left out of latency figures (default 0.1)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_simulate)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `scepsy` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ScepsyError as exc:
+        if os.environ.get("SCEPSY_DEBUG") == "1":
+            raise
+        print(f"error: {exc}" if not isinstance(exc, SpecError) else str(exc), file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
