@@ -7,11 +7,10 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.base import SpecModel
 from scepsy_hpc.spec.catalog import GPUSpec
 from scepsy_hpc.spec.hostlist import expand_hostlist
-from scepsy_hpc.spec.source import SourceMap, load_yaml, suggest, validate
+from scepsy_hpc.spec.source import SourceMap, load_yaml, parse_document, suggest
 
 
 class SlurmSettings(SpecModel):
@@ -146,13 +145,8 @@ def check_cluster(spec: ClusterSpec, smap: SourceMap, gpus: dict[str, GPUSpec]) 
 
 def parse_cluster(data: Any, smap: SourceMap, gpus: dict[str, GPUSpec]) -> ClusterSpec:
     """Validate parsed YAML as a cluster spec."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{smap.path}:1: a cluster spec is a mapping with keys name, slurm and/or node_groups, switches")
-    spec = validate(ClusterSpec, data, smap)
-    problems = check_cluster(spec, smap, gpus)
-    if problems:
-        raise SpecError(problems)
-    return spec
+    return parse_document(ClusterSpec, data, smap, "a cluster spec is a mapping with keys name, slurm and/or node_groups, switches",
+                          lambda spec: check_cluster(spec, smap, gpus))
 
 
 def load_cluster(path: str | Path, gpus: dict[str, GPUSpec]) -> ClusterSpec:

@@ -11,10 +11,10 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from scepsy_hpc.errors import InfeasibleError, SpecError
+from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.spec.base import SpecModel
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
-from scepsy_hpc.spec.source import SourceMap, load_yaml, suggest, validate
+from scepsy_hpc.spec.source import SourceMap, load_yaml, parse_document, suggest
 from scepsy_hpc.spec.workflow import Target, Workflow, resolve_model
 
 TP_DEGREES = (1, 2, 4, 8, 16)
@@ -124,13 +124,8 @@ def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[st
 def parse_plan(data: Any, smap: SourceMap, wf: Workflow | None, models: dict[str, ModelSpec],
                gpus: dict[str, GPUSpec]) -> Plan:
     """Validate parsed YAML as a plan (against `wf` when given)."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{smap.path}:1: a plan is a mapping with keys gpus, allocation, …")
-    plan = validate(Plan, data, smap)
-    problems = check_plan(plan, smap, wf, models, gpus)
-    if problems:
-        raise SpecError(problems)
-    return plan
+    return parse_document(Plan, data, smap, "a plan is a mapping with keys gpus, allocation, …",
+                          lambda plan: check_plan(plan, smap, wf, models, gpus))
 
 
 def load_plan(path: str | Path, wf: Workflow | None, models: dict[str, ModelSpec], gpus: dict[str, GPUSpec]) -> Plan:

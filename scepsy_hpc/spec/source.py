@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -211,6 +211,19 @@ def validate(model: type[M], data: Any, smap: SourceMap) -> M:
         raise SpecError(sorted(dict.fromkeys(problems), key=_line_key))
     assert result is not None
     return result
+
+
+def parse_document(model: type[M], data: Any, smap: SourceMap, shape: str,
+                   check: "Callable[[M], list[str]] | None" = None) -> M:
+    """Validate a whole document: it must be a mapping (`shape` says of what), then the model,
+    then the cross-reference `check`; all problems of a stage are reported together."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{smap.path}:1: {shape}")
+    obj = validate(model, data, smap)
+    problems = check(obj) if check else []
+    if problems:
+        raise SpecError(problems)
+    return obj
 
 
 def suggest(name: str, known: Iterable[str]) -> str:

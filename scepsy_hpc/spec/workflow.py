@@ -8,11 +8,10 @@ from typing import Annotated, Any, Iterator, Union
 
 from pydantic import Discriminator, Field, PositiveFloat, Tag, model_validator
 
-from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.base import SpecModel
 from scepsy_hpc.spec.catalog import ModelSpec
 from scepsy_hpc.spec.dist import Dist
-from scepsy_hpc.spec.source import SourceMap, format_loc, load_yaml, parse_yaml, suggest, validate
+from scepsy_hpc.spec.source import SourceMap, format_loc, load_yaml, parse_document, parse_yaml, suggest
 
 STEP_KINDS = ("call", "tool", "parallel", "fanout", "loop", "branch", "use")
 
@@ -247,13 +246,8 @@ def check_references(wf: Workflow, smap: SourceMap, models: dict[str, ModelSpec]
 
 def parse_workflow(data: Any, smap: SourceMap, models: dict[str, ModelSpec] | None = None) -> Workflow:
     """Validate parsed YAML as a workflow; every problem is reported at once, each with file:line."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{smap.path}:1: a workflow spec is a mapping with keys name, llms, program, …")
-    wf = validate(Workflow, data, smap)
-    problems = check_references(wf, smap, models)
-    if problems:
-        raise SpecError(problems)
-    return wf
+    return parse_document(Workflow, data, smap, "a workflow spec is a mapping with keys name, llms, program, …",
+                          lambda wf: check_references(wf, smap, models))
 
 
 def load_workflow(path: str | Path, models: dict[str, ModelSpec] | None = None) -> Workflow:

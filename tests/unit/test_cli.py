@@ -61,3 +61,17 @@ def test_simulate_bad_input_is_a_clear_error(args, needle):
     out = scepsy(*args)
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_readme_main_command_works_as_written():
+    """The README's first command (run the main job on the embedded default) succeeds."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = Path("README.md").read_text()
+    line = next(l for l in readme.splitlines() if "scepsy simulate" in l and "&&" in l)
+    cmd = shlex.split(re.sub(r"^.*\.venv/bin/scepsy ", "", line))
+    out = scepsy(*cmd, "--requests", "60")
+    assert out.returncode == 0, out.stderr
+    assert "completed 60/60" in out.stdout
