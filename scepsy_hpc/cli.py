@@ -97,15 +97,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from scepsy_hpc.spec.plan import load_plan
     from scepsy_hpc.spec.workflow import load_workflow
 
-    models, gpus = load_models(args.models), load_gpus(args.gpus)
-    wf = load_workflow(_resolve(args.workflow, "workflows"), models)
-    plan = load_plan(_resolve(args.plan, "plans"), wf, models, gpus)
     if args.rate <= 0:
         raise SpecError(f"--rate {args.rate:g}: the arrival rate must be positive (requests per second)")
     if args.requests < 1:
         raise SpecError(f"--requests {args.requests}: simulate at least one request")
     if not 0 <= args.warmup < 1:
         raise SpecError(f"--warmup {args.warmup:g}: give a fraction in [0, 1)")
+    models, gpus = load_models(args.models), load_gpus(args.gpus)
+    wf = load_workflow(_resolve(args.workflow, "workflows"), models)
+    plan = load_plan(_resolve(args.plan, "plans"), wf, models, gpus)
     res = simulate(wf, plan.allocation, gpus[plan.gpus.type], models, rate_rps=args.rate,
                    n_requests=args.requests, seed=args.seed, warmup_frac=args.warmup)
     if args.json:
@@ -131,8 +131,9 @@ def _print_sim(res: Any, plan: Any) -> None:
 
     console = Console()
     table = Table(title=f"{res.workflow}: {res.requests} requests at {res.rate_rps:g} rps on {plan.gpus.count}× {plan.gpus.type}")
-    for col in ("LLM", "tp", "frac", "replicas", "calls/req", "latency s", "TTFT s", "queue s", "busy"):
-        table.add_column(col, justify="left" if col == "LLM" else "right")
+    table.add_column("LLM", no_wrap=True)
+    for col in ("tp", "frac", "repl", "calls/req", "lat s", "TTFT s", "queue s", "busy"):
+        table.add_column(col, justify="right", no_wrap=True)
     for llm, s in res.per_llm.items():
         table.add_row(llm, str(s.tp), f"{s.gpu_frac:g}", str(s.replicas), f"{s.calls_per_request:.1f}",
                       f"{s.latency_mean_s:.2f}", f"{s.ttft_mean_s:.3f}", f"{s.queue_mean_s:.3f}", f"{s.utilisation:.0%}")
@@ -145,7 +146,7 @@ def _print_sim(res: Any, plan: Any) -> None:
     )
     console.print(f"{res.llm_calls} LLM calls simulated in {res.wall_s:.2f} s wall "
                   f"({res.llm_calls / max(res.wall_s, 1e-9):,.0f} calls/s), seed {res.seed}" + ("" if ok else "   [red]some requests did not finish[/red]"))
-    if res.throughput_rps < 0.9 * res.rate_rps:
+    if res.requests >= 200 and res.throughput_rps < 0.9 * res.rate_rps:
         console.print(f"[yellow]the plan does not keep up: {res.throughput_rps:.3f} rps served of {res.rate_rps:g} offered[/yellow]")
 
 

@@ -328,20 +328,29 @@ def _percentile(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+def _departure_rate(done: list[_Root]) -> float:
+    ends = sorted(r.t_end for r in done)
+    if len(ends) >= 2 and ends[-1] > ends[0]:
+        return (len(ends) - 1) / (ends[-1] - ends[0])
+    return 0.0
+
+
 def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list[SimEngine]],
             allocation: Mapping[str, LLMAlloc], rate: float, seed: int, warmup_frac: float,
             wall: float, events: int) -> SimResult:
     done = [r for r in roots if r.t_end >= 0]
     skip = int(len(roots) * warmup_frac)
     lat = sorted(r.t_end - r.t_arrive for r in roots[skip:] if r.t_end >= 0)
-    # Throughput = departures per second in the steady window, which opens one median latency after
-    # the first measured arrival (the pipeline has filled) and closes at the last arrival (it starts
-    # to drain): about the arrival rate when the plan keeps up, the service capacity when it does
-    # not. Too short a window (latency long against the run) falls back to completed / makespan.
+    # Throughput = departures per second in a window inside the loaded period: it opens one median
+    # latency after the first measured arrival (the pipeline has filled), but no later than halfway
+    # to the last arrival, and closes at the last arrival (after it the system drains). Departures
+    # = arrivals − growth of requests in flight, so this reads about the arrival rate when the plan
+    # keeps up and the service capacity when it does not. Tiny runs fall back to the departure
+    # rate between the first and the last completion.
     w1 = roots[-1].t_arrive if roots else 0.0
-    w0 = (roots[skip].t_arrive if skip < len(roots) else 0.0) + (_percentile(lat, 0.5) if lat else 0.0)
+    first = roots[skip].t_arrive if skip < len(roots) else 0.0
+    w0 = first + min(_percentile(lat, 0.5) if lat else 0.0, 0.5 * max(w1 - first, 0.0))
     in_window = sum(1 for r in done if w0 <= r.t_end <= w1)
-    arrival_span = (roots[-1].t_arrive - roots[0].t_arrive) if roots else 0.0
     t0 = roots[0].t_arrive if roots else 0.0
     t_last = max((r.t_end for r in done), default=t0)
     span = t_last - t0
@@ -369,8 +378,7 @@ def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list
         rate_rps=rate,
         requests=n_req,
         completed=len(done),
-        throughput_rps=(in_window / (w1 - w0) if w1 - w0 >= 0.25 * arrival_span and in_window >= 20
-                        else (len(done) / span if span > 0 else 0.0)),
+        throughput_rps=in_window / (w1 - w0) if w1 > w0 and in_window >= 20 else _departure_rate(done),
         latency_mean_s=sum(lat) / len(lat) if lat else math.nan,
         latency_p50_s=_percentile(lat, 0.50),
         latency_p90_s=_percentile(lat, 0.90),
