@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scepsy_hpc.errors import SpecError
-from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models
+from scepsy_hpc.spec.catalog import config_dir
 from scepsy_hpc.spec.plan import LLMAlloc, Plan, gpus_needed, load_plan, pack_fractions, parse_plan
 from scepsy_hpc.spec.source import parse_yaml
 from scepsy_hpc.spec.workflow import load_workflow
@@ -24,16 +24,6 @@ allocation:
   searcher: {tp: 1, gpu_frac: 0.5, replicas: 2}
   writer: {tp: 2, replicas: 1}
 """
-
-
-@pytest.fixture(scope="module")
-def models():
-    return load_models()
-
-
-@pytest.fixture(scope="module")
-def gpus():
-    return load_gpus()
 
 
 @pytest.fixture(scope="module")
