@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -18,17 +17,9 @@ from scepsy_hpc.errors import ScepsyError, SpecError
 
 
 def _resolve(arg: str, kind: str) -> Path:
-    """A path as given, or the name of a shipped file under configs/<kind>/."""
-    from scepsy_hpc.spec.catalog import config_dir
+    from scepsy_hpc.commands.common import resolve_input
 
-    p = Path(arg)
-    if p.exists() or p.suffix in (".yaml", ".yml"):
-        return p
-    shipped = config_dir() / kind / f"{arg}.yaml"
-    if shipped.exists():
-        return shipped
-    names = sorted(q.stem for q in (config_dir() / kind).glob("*.yaml"))
-    raise SpecError(f"{arg}: no such file, and no shipped {kind[:-1]} of that name; shipped: {', '.join(names) or 'none'}")
+    return resolve_input(arg, kind)
 
 
 def _kind_of(data: Any, path: Path) -> str:
@@ -107,7 +98,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     wf = load_workflow(_resolve(args.workflow, "workflows"), models)
     plan = load_plan(_resolve(args.plan, "plans"), wf, models, gpus)
     res = simulate(wf, plan.allocation, gpus[plan.gpus.type], models, rate_rps=args.rate,
-                   n_requests=args.requests, seed=args.seed, warmup_frac=args.warmup)
+                   n_requests=args.requests, seed=args.seed, warmup_frac=args.warmup, record_calls=bool(args.trace))
+    if args.trace:
+        from scepsy_hpc.trace.convert import trace_from_sim
+        from scepsy_hpc.trace.records import write_trace
+
+        write_trace(args.trace, trace_from_sim(res, {m: str(r.model) for m, r in wf.llms.items()}))
     if args.json:
         print(json.dumps(_jsonable(res.to_dict()), indent=2))
     else:
@@ -116,20 +112,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
+    from scepsy_hpc.commands.common import jsonable
+
+    return jsonable(x)
 
 
 def _print_sim(res: Any, plan: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from scepsy_hpc.commands.common import make_console
+
+    console = make_console()
     table = Table(title=f"{res.workflow}: {res.requests} requests at {res.rate_rps:g} rps on {plan.gpus.count}× {plan.gpus.type}")
     table.add_column("LLM", no_wrap=True)
     for col in ("tp", "frac", "repl", "calls/req", "lat s", "TTFT s", "queue s", "busy"):
@@ -170,8 +163,58 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=float, default=0.1, metavar="FRAC",
                    help="fraction of the first requests left out of latency figures (default 0.1)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--trace", metavar="FILE", help="also write the simulated calls as a JSONL trace")
     s.set_defaults(func=cmd_simulate)
+
+    st = sub.add_parser("stats", help="per-LLM statistics of a trace (n, p, tokens, shares, critical path)")
+    st.add_argument("trace", metavar="TRACE", help="JSONL trace (from `scepsy trace`, the gateway or `simulate --trace`)")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=_lazy("trace", "cmd_stats"))
+
+    pr = sub.add_parser("predict", help="predict workflow latency and throughput for a plan at a rate (ALP)")
+    pr.add_argument("workflow", metavar="WORKFLOW", help="workflow file or shipped name")
+    pr.add_argument("--plan", required=True, help="plan file or shipped name")
+    pr.add_argument("--rate", type=float, required=True, metavar="RPS", help="workflow arrival rate, requests per second")
+    pr.add_argument("--predictor", choices=("alp-cp", "alp-paper"), default="alp-cp",
+                    help="alp-cp (ours: critical path, tools, per-call sizes; default) or alp-paper (Σ L·n/p)")
+    pr.add_argument("--trace", metavar="FILE", help="statistics from this trace (default: sample the program unloaded)")
+    pr.add_argument("--profiles", metavar="DIR", help="measured profiles (default: synthesise from the performance model)")
+    pr.add_argument("--samples", type=int, default=1000, metavar="N", help="program samples without --trace (default 1000)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.set_defaults(func=_lazy("predict", "cmd_predict"))
+
+    pf = sub.add_parser("profile", help="profile each LLM's latency vs. load at several (tp, gpu_frac)")
+    pf.add_argument("workflow", metavar="WORKFLOW", help="workflow file or shipped name")
+    pf.add_argument("--tp", default="1,2,4", help="tensor-parallel degrees (default 1,2,4)")
+    pf.add_argument("--gpu-frac", default="0.25,0.5,1", help="GPU fractions for tp=1 (default 0.25,0.5,1)")
+    pf.add_argument("--gpu", default="h100-sxm", help="GPU type of configs/gpus.yaml (default h100-sxm)")
+    pf.add_argument("--backend", choices=("synthetic", "local"), default="synthetic",
+                    help="synthetic: the performance model (default); local: simulated engine servers on this machine, over HTTP")
+    pf.add_argument("--llms", help="profile only these LLMs (comma-separated)")
+    pf.add_argument("--trace", metavar="FILE", help="replay the calls of this trace (default: sample the program)")
+    pf.add_argument("--samples", type=int, default=1000, metavar="N", help="program samples without --trace (default 1000)")
+    pf.add_argument("--calls", type=int, default=None, metavar="N",
+                    help="calls replayed per rate (default 2000 synthetic, 300 local)")
+    pf.add_argument("--time-scale", type=float, default=None, metavar="S",
+                    help="local engines run S wall seconds per model second (default: chosen per model)")
+    pf.add_argument("-o", "--output", metavar="DIR", help="profile directory (default profiles/WORKFLOW-GPU)")
+    pf.add_argument("--force", action="store_true", help="re-profile configurations already in DIR")
+    pf.add_argument("--log-dir", metavar="DIR", help="where local engines write their logs (default: a temp dir)")
+    pf.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument("--json", action="store_true", help="print one JSON object")
+    pf.set_defaults(func=_lazy("profile", "cmd_profile"))
     return ap
+
+
+def _lazy(module: str, name: str) -> Any:
+    """A subcommand function imported only when that subcommand runs."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"scepsy_hpc.commands.{module}"), name)(args)
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

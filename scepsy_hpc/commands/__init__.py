@@ -1,0 +1,1 @@
+"""Implementations of the `scepsy` subcommands (cli.py parses arguments and dispatches here)."""

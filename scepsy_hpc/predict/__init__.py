@@ -1,0 +1,1 @@
+"""The Aggregate LLM Pipeline predictors: workflow latency and throughput for an allocation."""

@@ -1,0 +1,107 @@
+"""What a predictor needs, from a trace or from the workflow's program, and profiles per LLM.
+
+Without a trace, requests are sampled from the program (`n_requests`, seeded) and each call lasts
+what the profile's lowest-load point gives for its size — the workflow run unloaded. Without
+measured profiles, synthetic ones are made from the engine performance model by replaying each
+LLM's own call mix (profile.synthetic); they are cached by (model, GPU, tp, fraction, mix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from scepsy_hpc.errors import SpecError
+from scepsy_hpc.profile.synthetic import synthetic_profile
+from scepsy_hpc.profile.table import ProfileTable, load_profiles
+from scepsy_hpc.sim.core import engine_config
+from scepsy_hpc.sim.workload import RequestSampler, iter_calls
+from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
+from scepsy_hpc.spec.plan import LLMAlloc
+from scepsy_hpc.spec.workflow import Workflow, resolve_model
+from scepsy_hpc.trace.graph import CALL, Node, RequestGraph, from_sample
+
+
+def sample_program(wf: Workflow, n_requests: int = 1000, seed: int = 0) -> list[list[Any]]:
+    """`n_requests` requests sampled from the workflow's program."""
+    rng = random.Random(f"{seed}/predict-sample")
+    sampler = RequestSampler(wf)
+    return [sampler.sample(rng) for _ in range(n_requests)]
+
+
+def sample_mix(seqs: Sequence[list[Any]]) -> dict[str, list[tuple[int, int]]]:
+    """Per LLM, the (prompt, output) tokens of every sampled call."""
+    mix: dict[str, list[tuple[int, int]]] = {}
+    for seq in seqs:
+        for c in iter_calls(seq):
+            mix.setdefault(c.llm, []).append((c.prompt_tokens, c.output_tokens))
+    return mix
+
+
+def program_graphs(seqs: Sequence[list[Any]], profiles: Mapping[str, ProfileTable]) -> list[RequestGraph]:
+    """Graphs of sampled requests, each call lasting its unloaded time under `profiles`."""
+    unloaded = {m: p.unloaded for m, p in profiles.items()}
+    return [from_sample(f"s-{i:06d}", seq, lambda c: unloaded[c.llm].call_latency(c.prompt_tokens, c.output_tokens))
+            for i, seq in enumerate(seqs)]
+
+
+def regraph(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTable]) -> list[RequestGraph]:
+    """The same graphs with every call's duration set to its unloaded time under `profiles`."""
+    unloaded = {m: p.unloaded for m, p in profiles.items()}
+
+    def node(n: Node) -> Node:
+        if n.kind != CALL:
+            return n
+        d = unloaded[n.name].call_latency(n.prompt_tokens, n.output_tokens)
+        return Node(n.kind, n.name, n.role, n.prompt_tokens, n.output_tokens, d, n.deps, n.gap_s)
+
+    return [RequestGraph(g.request, tuple(node(n) for n in g.nodes), g.tail_s, g.ok, None) for g in graphs]
+
+
+class ProfileSource:
+    """Finds a profile per (LLM, tp, gpu_frac): from a directory of measured ones, else synthesised."""
+
+    def __init__(self, wf: Workflow, models: Mapping[str, ModelSpec], gpus: Mapping[str, GPUSpec],
+                 mix: Mapping[str, Sequence[tuple[int, int]]], profiles_dir: str | Path | None = None,
+                 seed: int = 0, n_calls: int = 2000) -> None:
+        self.wf, self.models, self.gpus, self.mix = wf, models, gpus, mix
+        self.seed, self.n_calls = seed, n_calls
+        self.measured: dict[tuple[str, int, float], ProfileTable] = {}
+        self.profiles_dir = Path(profiles_dir) if profiles_dir is not None else None
+        if self.profiles_dir is not None:
+            for t in load_profiles(self.profiles_dir):
+                self.measured[t.key] = t
+        self._cache: dict[tuple[Any, ...], ProfileTable] = {}
+
+    def get(self, llm: str, alloc: LLMAlloc, gpu_name: str) -> ProfileTable:
+        """The profile of `llm` under `alloc` on `gpu_name` GPUs."""
+        key = (llm, alloc.tp, round(alloc.gpu_frac, 4))
+        if self.profiles_dir is not None:
+            t = self.measured.get(key)
+            if t is None:
+                have = sorted(f"tp{k[1]}/f{k[2]:g}" for k in self.measured if k[0] == llm)
+                raise SpecError(f"{self.profiles_dir}: no profile of LLM {llm!r} at tp={alloc.tp}, gpu_frac={alloc.gpu_frac:g}; "
+                                f"it has: {', '.join(have) or 'none'}. Profile that configuration or drop --profiles")
+            if t.gpu != gpu_name:
+                raise SpecError(f"{self.profiles_dir}: the profile of {llm!r} was measured on {t.gpu}, the plan uses {gpu_name}")
+            return t
+        model = resolve_model(self.wf, llm, self.models)
+        mix = self.mix.get(llm)
+        if not mix:
+            raise SpecError(f"LLM {llm!r} has no calls in the trace or program sample: nothing to profile")
+        h = hashlib.sha1(repr(sorted(mix)).encode()).hexdigest()[:12]
+        ck = (model.hf_id, gpu_name, alloc.tp, round(alloc.gpu_frac, 4), alloc.max_num_seqs, alloc.max_batched_tokens, h)
+        t = self._cache.get(ck)
+        if t is None:
+            cfg = engine_config(alloc, model, self.gpus[gpu_name])
+            model_name = self.wf.llms[llm].model if isinstance(self.wf.llms[llm].model, str) else llm
+            t = synthetic_profile(llm, model_name, gpu_name, cfg, mix, n_calls=self.n_calls, seed=self.seed,
+                                  workflow=self.wf.name)
+            self._cache[ck] = t
+        return t
+
+    def for_allocation(self, allocation: Mapping[str, LLMAlloc], gpu_name: str) -> dict[str, ProfileTable]:
+        """A profile per LLM of the workflow that the allocation serves."""
+        return {m: self.get(m, allocation[m], gpu_name) for m in self.wf.llms if m in allocation and m in self.mix}

@@ -1,0 +1,103 @@
+"""Open-loop replay of an LLM's recorded calls against a live OpenAI-compatible endpoint.
+
+Calls arrive as a Poisson process at the offered rate, whatever the engine does (open loop): each
+is a streamed `/v1/completions` request whose prompt is a list of `prompt_tokens` token ids and
+which asks for exactly `output_tokens` tokens (`max_tokens` with `ignore_eos`, as vLLM accepts), so
+the engine sees the recorded sizes. Times are converted to model seconds by `time_scale` (engines
+that pace s× real time); rates are in model time too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import replace
+from typing import Sequence
+
+from scepsy_hpc.errors import EngineError
+from scepsy_hpc.profile.table import CallSample, ProfilePoint, summarise
+
+WARMUP_FRAC = 0.1
+STEADY_FRAC = 0.25
+TOKEN_ID = 1000  # any id inside every vocabulary
+
+
+async def _one(session, url: str, model: str, prompt: int, output: int, t0: float, scale: float,
+               out: list, errors: list) -> None:
+    body = {"model": model, "prompt": [TOKEN_ID] * prompt, "max_tokens": output, "ignore_eos": True,
+            "stream": True, "temperature": 0.0}
+    t_submit = time.perf_counter()
+    t_first = None
+    try:
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                errors.append(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                return
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                if t_first is None:
+                    chunk = json.loads(data)
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        t_first = time.perf_counter()
+    except Exception as e:  # the engine's failure, not ours: count it and go on
+        errors.append(f"{type(e).__name__}: {e}")
+        return
+    t_end = time.perf_counter()
+    t_first = t_first or t_end
+    out.append((t_submit, (t_end - t_submit) / scale, (t_first - t_submit) / scale, prompt, output, (t_end - t0) / scale))
+
+
+async def replay(base_url: str, model: str, mix: Sequence[tuple[int, int]], rate_rps: float, n_calls: int, *,
+                 time_scale: float = 1.0, seed: int = 0, timeout_s: float = 600.0) -> tuple[list[CallSample], float, int, int]:
+    """Replay `n_calls` calls drawn from `mix` at `rate_rps` (model time): (samples, window, done in window, errors)."""
+    import aiohttp
+
+    rng = random.Random(f"{seed}/replay/{rate_rps:.6g}")
+    gaps = [rng.expovariate(rate_rps) for _ in range(n_calls)]
+    calls = [mix[rng.randrange(len(mix))] for _ in range(n_calls)]
+    url = base_url.rstrip("/") + "/v1/completions"
+    out: list = []
+    errors: list[str] = []
+    arrivals: list[float] = []
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        t0 = time.perf_counter()
+        t_next = 0.0
+        tasks = []
+        for gap, (p, o) in zip(gaps, calls):
+            t_next += gap
+            delay = t0 + t_next * time_scale - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            arrivals.append((time.perf_counter() - t0) / time_scale)
+            tasks.append(asyncio.create_task(_one(session, url, model, p, o, t0, time_scale, out, errors)))
+        await asyncio.gather(*tasks)
+    if not out:
+        raise EngineError(f"{base_url}: every replayed call failed; first error: {errors[0] if errors else 'none'}")
+    out.sort()
+    skip = int(n_calls * WARMUP_FRAC)
+    measured = out[skip:]
+    samples = [CallSample(p, o, lat, ttft) for _, lat, ttft, p, o, _ in measured]
+    ends = sorted(e for *_, e in out)
+    w0 = max(arrivals[min(skip, len(arrivals) - 1)], ends[int(len(ends) * STEADY_FRAC)])
+    w1 = arrivals[-1] if arrivals[-1] > w0 else ends[-1]
+    done_in = sum(1 for e in ends if w0 < e <= w1)
+    return samples, max(w1 - w0, 1e-9), done_in, len(errors)
+
+
+def measure_http(base_url: str, model: str, mix: Sequence[tuple[int, int]], n_calls: int, *,
+                 time_scale: float = 1.0, seed: int = 0):
+    """A `measure(rate) -> ProfilePoint` for the sweep, replaying against `base_url`."""
+    def measure(rate: float) -> ProfilePoint:
+        samples, window, done_in, errors = asyncio.run(
+            replay(base_url, model, mix, rate, n_calls, time_scale=time_scale, seed=seed))
+        p = summarise(rate, samples, window, errors=errors)
+        return replace(p, throughput_rps=done_in / window)
+    return measure

@@ -1,0 +1,112 @@
+"""Profiling a workflow's LLMs over a grid of (tp, gpu_frac): which configurations, and running them.
+
+Backends: `synthetic` sweeps in the simulator (the performance model); `local` starts one simulated
+engine server per configuration on this machine and sweeps it over HTTP, exactly as a real engine
+is profiled (Slurm array jobs come with the Slurm backend). Every configuration writes one profile
+file; one that exists already is skipped (resumable) unless `force`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from scepsy_hpc import __version__
+from scepsy_hpc.errors import ScepsyError
+from scepsy_hpc.perf.model import EngineConfig, EnginePerf
+from scepsy_hpc.profile.synthetic import capacity_guess, synthetic_profile
+from scepsy_hpc.profile.sweep import sweep
+from scepsy_hpc.profile.table import ProfileTable, profile_filename, save_profile
+from scepsy_hpc.sim.core import MIN_KV_TOKENS
+from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
+from scepsy_hpc.spec.workflow import Workflow, resolve_model
+
+WALL_CALLS_PER_S = 120.0  # what one local engine and the replayer sustain on a small machine
+
+
+@dataclass(frozen=True)
+class Job:
+    """One configuration to profile."""
+
+    llm: str
+    model_name: str
+    tp: int
+    gpu_frac: float
+    path: Path
+    skip: str | None = None  # why it is not profiled (does not fit, already done)
+
+
+def plan_jobs(wf: Workflow, models: Mapping[str, ModelSpec], gpus: Mapping[str, GPUSpec], gpu_name: str,
+              llms: Sequence[str], tps: Sequence[int], fracs: Sequence[float], out_dir: Path, force: bool) -> list[Job]:
+    """Every (llm, tp, frac) asked for; fractions apply to tp=1 only (a TP group holds whole GPUs)."""
+    jobs = []
+    for llm in llms:
+        model = resolve_model(wf, llm, models)
+        name = wf.llms[llm].model if isinstance(wf.llms[llm].model, str) else llm
+        for tp in tps:
+            for f in (fracs if tp == 1 else (1.0,)):
+                cfg = EngineConfig(model, gpus[gpu_name], tp=tp, gpu_frac=f)
+                probe = ProfileTable(llm, name, gpu_name, tp, f, 1.0, ())
+                path = out_dir / profile_filename(probe)
+                skip = None
+                try:
+                    EnginePerf(cfg).check_fits(MIN_KV_TOKENS, label=f"{llm} at tp={tp}, gpu_frac={f:g}")
+                except ScepsyError as e:
+                    skip = f"does not fit: {e}"
+                if skip is None and path.exists() and not force:
+                    skip = "already profiled (use --force to redo)"
+                if not any(j.llm == llm and j.tp == tp and j.gpu_frac == f for j in jobs):
+                    jobs.append(Job(llm, name, tp, f, path, skip))
+    return jobs
+
+
+def run_synthetic(job: Job, model: ModelSpec, gpu: GPUSpec, gpu_name: str, mix: Sequence[tuple[int, int]],
+                  n_calls: int, seed: int, workflow: str) -> ProfileTable:
+    """Profile one configuration in the simulator."""
+    cfg = EngineConfig(model, gpu, tp=job.tp, gpu_frac=job.gpu_frac)
+    t = synthetic_profile(job.llm, job.model_name, gpu_name, cfg, mix, n_calls=n_calls, seed=seed, workflow=workflow)
+    return replace(t, command=f"scepsy profile {workflow} --backend synthetic")
+
+
+def run_local(job: Job, model: ModelSpec, gpu: GPUSpec, gpu_name: str, mix: Sequence[tuple[int, int]],
+              n_calls: int, seed: int, workflow: str, time_scale: float | None, log_dir: Path | None,
+              on_point: Callable[[float], None] | None = None) -> ProfileTable:
+    """Profile one configuration against a local simulated engine server, over HTTP."""
+    from scepsy_hpc.engine.local import SimEngineSpec, sim_engines
+    from scepsy_hpc.profile.replay import measure_http
+
+    cfg = EngineConfig(model, gpu, tp=job.tp, gpu_frac=job.gpu_frac)
+    guess = capacity_guess(cfg, mix)
+    # Pace the engine so that even at saturation it sees few enough calls per wall second to keep
+    # the replayer's clock honest on a small machine.
+    scale = max(time_scale or 0.0, guess / WALL_CALLS_PER_S)
+    horizon_s = 3.0 * n_calls / guess
+    spec = SimEngineSpec(model=job.model_name, gpu=gpu_name, tp=job.tp, gpu_frac=job.gpu_frac, served_model_name=job.llm)
+    logs = log_dir or Path(tempfile.mkdtemp(prefix="scepsy-profile-"))
+    with sim_engines([spec], scale, logs, seed=seed) as (engine,):
+        def measure(rate: float):
+            n = max(40, min(n_calls, int(rate * horizon_s)))
+            p = measure_http(engine.url, job.llm, mix, n, time_scale=scale, seed=seed)(rate)
+            if on_point is not None:
+                on_point(rate)
+            return p
+        res = sweep(measure, max(guess * 0.1, 1e-4))
+    p_mean = sum(m[0] for m in mix) / len(mix)
+    o_mean = sum(m[1] for m in mix) / len(mix)
+    return ProfileTable(
+        llm=job.llm, model=job.model_name, gpu=gpu_name, tp=job.tp, gpu_frac=job.gpu_frac,
+        capacity_rps=res.capacity_rps, points=res.points, source="measured", engine="scepsy-sim",
+        engine_version=__version__, max_num_seqs=cfg.max_num_seqs,
+        workload={"workflow": workflow, "calls": len(mix), "prompt_tokens_mean": round(p_mean, 1),
+                  "output_tokens_mean": round(o_mean, 1), "calls_per_point": n_calls, "time_scale": scale,
+                  "seed": seed},
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=f"scepsy profile {workflow} --backend local")
+
+
+def save(t: ProfileTable, out_dir: Path) -> Path:
+    """Write one profile."""
+    return save_profile(t, out_dir)

@@ -1,0 +1,88 @@
+"""Synthetic profiles: the saturation sweep run in the simulator instead of on an engine.
+
+The calls replayed are the LLM's own mix (prompt and output tokens as traced or sampled from the
+workflow's program), so a synthetic profile differs from a measured one only by the engine
+performance model. This is the embedded default: planning works with no engine at all.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import random
+from dataclasses import replace
+from typing import Sequence
+
+from scepsy_hpc.perf.model import EngineConfig, EnginePerf
+from scepsy_hpc.profile.sweep import sweep
+from scepsy_hpc.profile.table import CallSample, ProfilePoint, ProfileTable, summarise
+from scepsy_hpc.sim.core import poisson_arrivals, replay_calls
+from scepsy_hpc.sim.workload import Call
+
+WARMUP_FRAC = 0.1
+STEADY_FRAC = 0.25
+
+
+def capacity_guess(cfg: EngineConfig, mix: Sequence[tuple[int, int]]) -> float:
+    """A rough calls/s capacity from the model: a full batch decoding the mean call."""
+    perf = EnginePerf(cfg)
+    p = sum(m[0] for m in mix) / len(mix)
+    o = sum(m[1] for m in mix) / len(mix)
+    batch = max(1, min(cfg.max_num_seqs, int(perf.kv_capacity_tokens // max(p + o, 1))))
+    t_it = perf.iteration_time(batch, batch * (p + o / 2))
+    return batch / (o * t_it + perf.prefill_time(int(p)) * batch / max(1, cfg.max_batched_tokens // max(int(p), 1)))
+
+
+def measure_sim(cfg: EngineConfig, mix: Sequence[tuple[int, int]], rate_rps: float, n_calls: int,
+                seed: int, replicas: int = 1) -> tuple[list[CallSample], float, int]:
+    """Replay `n_calls` calls drawn from `mix` at `rate_rps` in the simulator: the measured calls'
+    samples, the loaded window (after warm-up, up to the last arrival) and the calls done in it."""
+    rng = random.Random(f"{seed}/profile/{rate_rps:.6g}")
+    arrivals = poisson_arrivals(rate_rps, n_calls, rng)
+    calls = [Call("m", None, *mix[rng.randrange(len(mix))]) for _ in range(n_calls)]
+    recs = replay_calls(cfg, calls, arrivals, replicas=replicas)
+    skip = int(n_calls * WARMUP_FRAC)
+    measured = [r for r in recs if r.request >= skip]
+    samples = [CallSample(r.prompt_tokens, r.output_tokens, r.t_end - r.t_submit, r.t_first - r.t_submit) for r in measured]
+    # Throughput window: from the STEADY_FRAC-th completion (the batch has filled, even for a large
+    # max_num_seqs at overload) to the last arrival (an overloaded engine is still backlogged then).
+    ends = sorted(r.t_end for r in recs)
+    w0 = max(arrivals[skip], ends[int(len(ends) * STEADY_FRAC)] if ends else 0.0)
+    w1 = arrivals[-1]
+    if w1 <= w0:  # so overloaded that few calls finished before the last arrival: use the completions
+        w1 = ends[-1]
+    done_in = sum(1 for e in ends if w0 < e <= w1)
+    return samples, (w1 - w0), done_in
+
+
+def synthetic_profile(
+    llm: str,
+    model_name: str,
+    gpu_name: str,
+    cfg: EngineConfig,
+    mix: Sequence[tuple[int, int]],
+    *,
+    n_calls: int = 2000,
+    seed: int = 0,
+    workflow: str = "",
+) -> ProfileTable:
+    """A ProfileTable for `cfg` serving calls drawn from `mix` [(prompt, output), ...]."""
+    if not mix:
+        raise ValueError(f"no calls recorded for LLM {llm!r}: nothing to profile")
+
+    def measure(rate: float) -> ProfilePoint:
+        samples, window, done_in = measure_sim(cfg, mix, rate, n_calls, seed)
+        return replace(summarise(rate, samples, window), throughput_rps=done_in / window if window > 0 else 0.0)
+
+    guess = capacity_guess(cfg, mix)
+    res = sweep(measure, max(guess * 0.04, 1e-4))
+    p_mean = sum(m[0] for m in mix) / len(mix)
+    o_mean = sum(m[1] for m in mix) / len(mix)
+    return ProfileTable(
+        llm=llm, model=model_name, gpu=gpu_name, tp=cfg.tp,
+        gpu_frac=cfg.gpu_frac, capacity_rps=res.capacity_rps, points=res.points, source="synthetic",
+        engine="scepsy-sim", engine_version="perf-model", max_num_seqs=cfg.max_num_seqs,
+        workload={"workflow": workflow, "calls": len(mix), "prompt_tokens_mean": round(p_mean, 1),
+                  "output_tokens_mean": round(o_mean, 1), "calls_per_point": n_calls, "seed": seed},
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
