@@ -166,6 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace", metavar="FILE", help="also write the simulated calls as a JSONL trace")
     s.set_defaults(func=cmd_simulate)
 
+    gw = sub.add_parser("gateway", add_help=False,
+                        help="run the OpenAI-compatible gateway (routes by model, traces every call); --help for options")
+    gw.set_defaults(func=None)
+    en = sub.add_parser("engine-sim", add_help=False,
+                        help="run a simulated OpenAI-compatible engine server (vLLM flags); --help for options")
+    en.set_defaults(func=None)
+
+    tr = sub.add_parser("trace", help="run a workflow through the gateway against local simulated engines; write its trace")
+    tr.add_argument("workflow", metavar="WORKFLOW", help="workflow file or shipped name")
+    tr.add_argument("--requests", type=int, default=20, metavar="N", help="requests to run (default 20)")
+    tr.add_argument("--rate", type=float, metavar="RPS", help="open-loop Poisson arrivals (model time); default closed loop")
+    tr.add_argument("--concurrency", type=int, default=4, metavar="C", help="requests in flight without --rate (default 4)")
+    tr.add_argument("--driver", choices=("program", "entrypoint"),
+                    help="run the spec's program, or its driver.entrypoint (real code); default: entrypoint if the spec has one")
+    tr.add_argument("--plan", help="engines per this plan (default: one replica per LLM at the smallest tp that fits)")
+    tr.add_argument("--gpu", default="h100-sxm", help="GPU type the simulated engines model without --plan (default h100-sxm)")
+    tr.add_argument("--time-scale", type=float, default=0.05, metavar="S",
+                    help="wall seconds per model second for engines and tools (default 0.05: 20x faster)")
+    tr.add_argument("--id-style", choices=("header", "path"), default="header",
+                    help="send the request id as X-Scepsy-Request header or /r/ID/v1 path prefix (program driver)")
+    tr.add_argument("-o", "--output", metavar="FILE", help="trace file (default WORKFLOW.trace.jsonl)")
+    tr.add_argument("--append", action="store_true", help="append to an existing trace instead of replacing it")
+    tr.add_argument("--log-dir", metavar="DIR", help="engine logs (default: a temp dir)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=_lazy("trace", "cmd_trace"))
+
     st = sub.add_parser("stats", help="per-LLM statistics of a trace (n, p, tokens, shares, critical path)")
     st.add_argument("trace", metavar="TRACE", help="JSONL trace (from `scepsy trace`, the gateway or `simulate --trace`)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
@@ -198,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calls replayed per rate (default 2000 synthetic, 300 local)")
     pf.add_argument("--time-scale", type=float, default=None, metavar="S",
                     help="local engines run S wall seconds per model second (default: chosen per model)")
+    pf.add_argument("--fractions", metavar="F,F,...",
+                    help="after finding the capacity, also measure at these fractions of it (default 0.15,...,0.93)")
+    pf.add_argument("--start-frac", type=float, default=0.1, metavar="F",
+                    help="local backend: start the climb at F x the estimated capacity (default 0.1)")
     pf.add_argument("-o", "--output", metavar="DIR", help="profile directory (default profiles/WORKFLOW-GPU)")
     pf.add_argument("--force", action="store_true", help="re-profile configurations already in DIR")
     pf.add_argument("--log-dir", metavar="DIR", help="where local engines write their logs (default: a temp dir)")
@@ -206,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--json", action="store_true", help="print one JSON object")
     pf.set_defaults(func=_lazy("profile", "cmd_profile"))
     return ap
+
+
+PASSTHROUGH = {"gateway": ("scepsy_hpc.gateway.app", "main"), "engine-sim": ("scepsy_hpc.engine.sim_server", "main")}
 
 
 def _lazy(module: str, name: str) -> Any:
@@ -219,6 +252,12 @@ def _lazy(module: str, name: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `scepsy` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:  # servers with their own option parsers
+        import importlib
+
+        module, name = PASSTHROUGH[argv[0]]
+        return int(getattr(importlib.import_module(module), name)(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

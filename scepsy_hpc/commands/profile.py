@@ -27,6 +27,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from scepsy_hpc.perf.model import TP_DEGREES
     from scepsy_hpc.profile.run import plan_jobs, run_local, run_synthetic, save
+    from scepsy_hpc.profile.sweep import FRACTIONS
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.workflow import load_workflow, resolve_model
 
@@ -45,6 +46,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     unknown = [m for m in llms if m not in wf.llms]
     if unknown:
         raise SpecError(f"--llms: workflow {wf.name!r} has no LLM {', '.join(unknown)}; it has {', '.join(wf.llms)}")
+    fractions = _numbers(args.fractions, float, "--fractions") if args.fractions else FRACTIONS
+    if any(not 0 < f < 1 for f in fractions):
+        raise SpecError(f"--fractions {args.fractions}: fractions of the capacity lie in (0, 1)")
+    if not 0 < args.start_frac < 1:
+        raise SpecError(f"--start-frac {args.start_frac:g}: give a fraction of the estimated capacity in (0, 1)")
     if args.calls is None:
         args.calls = 2000 if args.backend == "synthetic" else 300
     if args.calls < 20:
@@ -65,10 +71,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
             if not mix:
                 raise SpecError(f"LLM {job.llm!r} has no calls in {work.source}: nothing to replay")
             if args.backend == "synthetic":
-                t = run_synthetic(job, model, gpus[args.gpu], args.gpu, mix, args.calls, args.seed, wf.name)
+                t = run_synthetic(job, model, gpus[args.gpu], args.gpu, mix, args.calls, args.seed, wf.name, fractions)
             else:
                 t = run_local(job, model, gpus[args.gpu], args.gpu, mix, args.calls, args.seed, wf.name,
-                              args.time_scale, Path(args.log_dir) if args.log_dir else None)
+                              args.time_scale, Path(args.log_dir) if args.log_dir else None,
+                              start_frac=args.start_frac, fractions=fractions)
             path = save(t, out_dir)
             done.append({"llm": t.llm, "tp": t.tp, "gpu_frac": t.gpu_frac, "capacity_rps": t.capacity_rps,
                          "points": len(t.points), "path": str(path), "source": t.source})

@@ -59,3 +59,118 @@ def print_stats(stats, name: str, calls: int, failed_calls: int) -> None:
                 f"against {stats.latency_cv:.2f} for end-to-end latency")
     if stats.failed or failed_calls:
         c.print(f"[yellow]{stats.failed} failed request(s) and {failed_calls} failed call(s) left out[/yellow]")
+
+
+def default_allocation(wf, models, gpu, gpu_name: str) -> dict:
+    """One replica per LLM at the smallest tp whose memory fits on whole GPUs."""
+    from scepsy_hpc.errors import InfeasibleError, ScepsyError
+    from scepsy_hpc.perf.model import TP_DEGREES, EngineConfig, EnginePerf
+    from scepsy_hpc.sim.core import MIN_KV_TOKENS
+    from scepsy_hpc.spec.plan import LLMAlloc
+    from scepsy_hpc.spec.workflow import resolve_model
+
+    out = {}
+    for llm in wf.llms:
+        model = resolve_model(wf, llm, models)
+        for tp in TP_DEGREES:
+            try:
+                EnginePerf(EngineConfig(model, gpu, tp=tp)).check_fits(MIN_KV_TOKENS)
+            except ScepsyError:
+                continue
+            out[llm] = LLMAlloc(tp=tp, gpu_frac=1.0, replicas=1)
+            break
+        else:
+            raise InfeasibleError(f"LLM {llm!r} does not fit on {max(TP_DEGREES)} {gpu_name} GPUs")
+    return out
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Run a workflow against local simulated engines behind the gateway and write its trace."""
+    import asyncio
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from scepsy_hpc.commands.common import resolve_input
+    from scepsy_hpc.engine.local import SimEngineSpec, sim_engines
+    from scepsy_hpc.errors import SpecError
+    from scepsy_hpc.spec.catalog import load_gpus, load_models
+    from scepsy_hpc.spec.plan import load_plan
+    from scepsy_hpc.spec.workflow import load_workflow
+
+    if args.requests < 1:
+        raise SpecError(f"--requests {args.requests}: trace at least one request")
+    if args.rate is not None and args.rate <= 0:
+        raise SpecError(f"--rate {args.rate:g}: give a positive rate, or leave it out for closed-loop --concurrency")
+    if args.time_scale <= 0:
+        raise SpecError(f"--time-scale {args.time_scale:g}: must be positive (wall seconds per model second)")
+    models, gpus = load_models(args.models), load_gpus(args.gpus)
+    wf_path = resolve_input(args.workflow, "workflows")
+    wf = load_workflow(wf_path, models)
+    driver = args.driver or ("entrypoint" if wf.driver is not None else "program")
+    if driver == "entrypoint" and wf.driver is None:
+        raise SpecError(f"{wf_path}: --driver entrypoint needs a 'driver: {{entrypoint: module:function}}' in the workflow")
+    if args.plan:
+        plan = load_plan(resolve_input(args.plan, "plans"), wf, models, gpus)
+        allocation, gpu_name = dict(plan.allocation), plan.gpus.type
+    else:
+        gpu_name = args.gpu
+        if gpu_name not in gpus:
+            raise SpecError(f"--gpu {gpu_name}: unknown GPU type; known: {', '.join(gpus)}")
+        allocation = default_allocation(wf, models, gpus[gpu_name], gpu_name)
+    specs, owners = [], []
+    for llm, a in allocation.items():
+        ref = wf.llms[llm].model
+        if not isinstance(ref, str):
+            raise SpecError(f"{wf_path}: LLM {llm!r} has an inline model; local engines need a model of the catalog by name")
+        for _ in range(a.replicas):
+            specs.append(SimEngineSpec(model=ref, gpu=gpu_name, tp=a.tp, gpu_frac=a.gpu_frac, served_model_name=llm,
+                                       **({"max_num_seqs": a.max_num_seqs} if a.max_num_seqs else {})))
+            owners.append(llm)
+    out = Path(args.output or f"{wf.name}.trace.jsonl")
+    if out.exists() and not args.append:
+        out.unlink()  # a fresh trace unless --append; the gateway itself only ever appends
+    # Real workflow code paces its own simulated tools by this (examples/openai_fanout).
+    os.environ["SCEPSY_TIME_SCALE"] = str(args.time_scale)
+    work = Path(tempfile.mkdtemp(prefix="scepsy-trace-"))
+    log_dir = Path(args.log_dir) if args.log_dir else work / "logs"
+    err = make_console(stderr=True)
+    err.print(f"starting {len(specs)} simulated engine(s) at time scale {args.time_scale:g} (logs in {log_dir})")
+    with sim_engines(specs, args.time_scale, log_dir, seed=args.seed) as engines:
+        llms: dict[str, dict] = {}
+        for llm, eng in zip(owners, engines):
+            llms.setdefault(llm, {"served_model": llm, "replicas": []})["replicas"].append(eng.url)
+        endpoints = work / "endpoints.yaml"
+        endpoints.write_text(yaml.safe_dump({"time_scale": args.time_scale, "llms": llms}, sort_keys=False))
+        result = asyncio.run(_drive(args, wf, wf_path, driver, endpoints, out))
+    err.print(result.summary())
+    for e in result.errors()[:5]:
+        err.print(f"[red]{e}[/red]")
+    print(f"{out}: trace of {len(result.requests)} request(s) of {wf.name} ({driver} driver); "
+          f"read it with `scepsy stats {out}`")
+    return 0 if result.n_ok else 1
+
+
+async def _drive(args, wf, wf_path, driver: str, endpoints, out):
+    from scepsy_hpc.drive.entrypoint import drive_entrypoint
+    from scepsy_hpc.drive.synthetic import drive_program
+    import time
+
+    from scepsy_hpc.gateway.app import start_gateway
+
+    # Appended runs get their own request ids (the gateway's clock also restarts at 0 per run).
+    prefix = f"r{int(time.time())}" if args.append else "r"
+    gw = await start_gateway(endpoints, out, time_scale=args.time_scale)
+    try:
+        if driver == "program":
+            return await drive_program(wf, gw.url, n_requests=args.requests, rate_rps=args.rate,
+                                       concurrency=None if args.rate else args.concurrency, seed=args.seed,
+                                       time_scale=args.time_scale, id_style=args.id_style,
+                                       request_prefix=prefix)
+        return await drive_entrypoint(wf, wf_path.parent, gw.url, n_requests=args.requests, rate_rps=args.rate,
+                                      concurrency=args.concurrency, seed=args.seed, time_scale=args.time_scale,
+                                      request_prefix=prefix)
+    finally:
+        await gw.close()

@@ -18,7 +18,7 @@ from scepsy_hpc import __version__
 from scepsy_hpc.errors import ScepsyError
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 from scepsy_hpc.profile.synthetic import capacity_guess, synthetic_profile
-from scepsy_hpc.profile.sweep import sweep
+from scepsy_hpc.profile.sweep import FRACTIONS, sweep
 from scepsy_hpc.profile.table import ProfileTable, profile_filename, save_profile
 from scepsy_hpc.sim.core import MIN_KV_TOKENS
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
@@ -64,16 +64,18 @@ def plan_jobs(wf: Workflow, models: Mapping[str, ModelSpec], gpus: Mapping[str, 
 
 
 def run_synthetic(job: Job, model: ModelSpec, gpu: GPUSpec, gpu_name: str, mix: Sequence[tuple[int, int]],
-                  n_calls: int, seed: int, workflow: str) -> ProfileTable:
+                  n_calls: int, seed: int, workflow: str, fractions: Sequence[float] = FRACTIONS) -> ProfileTable:
     """Profile one configuration in the simulator."""
     cfg = EngineConfig(model, gpu, tp=job.tp, gpu_frac=job.gpu_frac)
-    t = synthetic_profile(job.llm, job.model_name, gpu_name, cfg, mix, n_calls=n_calls, seed=seed, workflow=workflow)
+    t = synthetic_profile(job.llm, job.model_name, gpu_name, cfg, mix, n_calls=n_calls, seed=seed, workflow=workflow,
+                          fractions=fractions)
     return replace(t, command=f"scepsy profile {workflow} --backend synthetic")
 
 
 def run_local(job: Job, model: ModelSpec, gpu: GPUSpec, gpu_name: str, mix: Sequence[tuple[int, int]],
               n_calls: int, seed: int, workflow: str, time_scale: float | None, log_dir: Path | None,
-              on_point: Callable[[float], None] | None = None) -> ProfileTable:
+              on_point: Callable[[float], None] | None = None, start_frac: float = 0.1,
+              fractions: Sequence[float] = FRACTIONS) -> ProfileTable:
     """Profile one configuration against a local simulated engine server, over HTTP."""
     from scepsy_hpc.engine.local import SimEngineSpec, sim_engines
     from scepsy_hpc.profile.replay import measure_http
@@ -88,12 +90,12 @@ def run_local(job: Job, model: ModelSpec, gpu: GPUSpec, gpu_name: str, mix: Sequ
     logs = log_dir or Path(tempfile.mkdtemp(prefix="scepsy-profile-"))
     with sim_engines([spec], scale, logs, seed=seed) as (engine,):
         def measure(rate: float):
-            n = max(40, min(n_calls, int(rate * horizon_s)))
+            n = max(min(n_calls, 100), min(n_calls, int(rate * horizon_s)))
             p = measure_http(engine.url, job.llm, mix, n, time_scale=scale, seed=seed)(rate)
             if on_point is not None:
                 on_point(rate)
             return p
-        res = sweep(measure, max(guess * 0.1, 1e-4))
+        res = sweep(measure, max(guess * start_frac, 1e-4), fractions=tuple(fractions))
     p_mean = sum(m[0] for m in mix) / len(mix)
     o_mean = sum(m[1] for m in mix) / len(mix)
     return ProfileTable(

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
-from scepsy_hpc.profile.sweep import sweep
+from scepsy_hpc.profile.sweep import FRACTIONS, sweep
 from scepsy_hpc.profile.table import CallSample, ProfilePoint, ProfileTable, summarise
 from scepsy_hpc.sim.core import poisson_arrivals, replay_calls
 from scepsy_hpc.sim.workload import Call
@@ -23,13 +23,15 @@ STEADY_FRAC = 0.25
 
 
 def capacity_guess(cfg: EngineConfig, mix: Sequence[tuple[int, int]]) -> float:
-    """A rough calls/s capacity from the model: a full batch decoding the mean call."""
+    """A rough calls/s capacity from the model: a full batch prefilled in whole chunks, then decoded."""
     perf = EnginePerf(cfg)
     p = sum(m[0] for m in mix) / len(mix)
     o = sum(m[1] for m in mix) / len(mix)
     batch = max(1, min(cfg.max_num_seqs, int(perf.kv_capacity_tokens // max(p + o, 1))))
-    t_it = perf.iteration_time(batch, batch * (p + o / 2))
-    return batch / (o * t_it + perf.prefill_time(int(p)) * batch / max(1, cfg.max_batched_tokens // max(int(p), 1)))
+    budget = cfg.max_batched_tokens
+    prefill_s = batch * p / budget * perf.iteration_time(0, 0.0, [(budget, 0)])
+    decode_s = max(o - 1, 0) * perf.iteration_time(batch, batch * (p + o / 2))
+    return batch / max(prefill_s + decode_s, 1e-9)
 
 
 def measure_sim(cfg: EngineConfig, mix: Sequence[tuple[int, int]], rate_rps: float, n_calls: int,
@@ -64,6 +66,7 @@ def synthetic_profile(
     n_calls: int = 2000,
     seed: int = 0,
     workflow: str = "",
+    fractions: Sequence[float] = FRACTIONS,
 ) -> ProfileTable:
     """A ProfileTable for `cfg` serving calls drawn from `mix` [(prompt, output), ...]."""
     if not mix:
@@ -74,7 +77,7 @@ def synthetic_profile(
         return replace(summarise(rate, samples, window), throughput_rps=done_in / window if window > 0 else 0.0)
 
     guess = capacity_guess(cfg, mix)
-    res = sweep(measure, max(guess * 0.04, 1e-4))
+    res = sweep(measure, max(guess * 0.04, 1e-4), fractions=tuple(fractions))
     p_mean = sum(m[0] for m in mix) / len(mix)
     o_mean = sum(m[1] for m in mix) / len(mix)
     return ProfileTable(

@@ -212,10 +212,14 @@ class _Sim:
         self.record_calls = record_calls
         self.calls: list[CallRecord] = []
         self.stats: dict[str, list[float]] = {llm: [0, 0.0, 0.0, 0.0, 0] for llm in engines}
+        self.rr: dict[str, int] = {}
+
+    def _route(self, llm: str, replicas: list[SimEngine]) -> SimEngine:
+        return _route_least_outstanding(self, llm, replicas)
 
     def call(self, call: Call, t: float, lane: _Lane) -> None:
         replicas = self.engines[call.llm]
-        engine = replicas[0] if len(replicas) == 1 else min(replicas, key=_outstanding)
+        engine = replicas[0] if len(replicas) == 1 else self._route(call.llm, replicas)
         prompt, output, cut = engine.clamp(call.prompt_tokens, call.output_tokens)
         root = lane.root
         root.calls += 1
@@ -240,8 +244,18 @@ class _Sim:
             engine.submit(seq, t)
 
 
-def _outstanding(engine: SimEngine) -> int:
-    return engine.outstanding
+def _route_least_outstanding(sim: "_Sim", llm: str, replicas: list[SimEngine]) -> SimEngine:
+    """Least outstanding calls; ties go round-robin, as the gateway breaks them (always taking the
+    first would pile short calls on replica 0 whenever all are idle)."""
+    n = len(replicas)
+    start = sim.rr.get(llm, 0)
+    best, best_k = None, 1 << 60
+    for j in range(n):
+        e = replicas[(start + j) % n]
+        if e.outstanding < best_k:
+            best, best_k = e, e.outstanding
+    sim.rr[llm] = (replicas.index(best) + 1) % n
+    return best
 
 
 def poisson_arrivals(rate_rps: float, n: int, rng: random.Random) -> list[float]:

@@ -1,0 +1,1 @@
+"""Inference engine adapters and the simulated OpenAI-compatible engine server (vllm/sglang adapters come later)."""

@@ -1,0 +1,373 @@
+"""A simulated vLLM: an OpenAI-compatible HTTP server whose latencies come from the performance model.
+
+    python -m scepsy_hpc.engine.sim_server --model llama-3.1-8b-instruct --gpu h100-sxm --port 8001
+
+It stands in for a real engine where there is no GPU. Requests are scheduled by `Batcher`
+(continuous batching as in `scepsy_hpc.sim.engine`) on a virtual clock in model seconds; a driver
+task sleeps so that wall time tracks virtual time × `--time-scale` (0.01: 100× faster than the
+modelled GPU); iterations shorter than a timer tick are computed ahead and their tokens handed out
+together, at most ~1 ms late. Every reported number (usage, /metrics) is in model seconds and tokens. Requests
+always behave as `ignore_eos: true`: `max_tokens` is the exact output length; without it a length
+is drawn from a lognormal (mean --default-output-tokens, cv 0.5, seeded) and the finish reason is
+"stop" as if the model had ended it. Token counting rules: `scepsy_hpc.engine.openai_protocol`.
+
+Test hook (for gateway tests; a real engine has no such thing): request header `X-Sim-Fault`
+    http500          answer 500 with an error body, before any scheduling;
+    abort-after:K    after K output tokens, close the connection abruptly — a stream has sent K
+                     token chunks and no [DONE]; a non-streamed request gets no response at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import sys
+from itertools import count
+from typing import AsyncIterator, Sequence
+
+from aiohttp import web
+
+from scepsy_hpc.engine.batcher import ABORTED, Batcher, Iteration, SimRequest
+from scepsy_hpc.engine.metrics import EngineMetrics
+from scepsy_hpc.engine.openai_protocol import SSE_DONE, ApiError, ParsedRequest, ResponseWriter, error_body, parse_request
+from scepsy_hpc.errors import ScepsyError, SpecError
+from scepsy_hpc.perf.model import EngineConfig, EnginePerf
+
+MIN_SLEEP_S = 0.001  # below this a sleep is mostly timer overshoot: run more iterations first
+OUTPUT_CV = 0.5
+MAX_BODY_BYTES = 64 * 2**20  # aiohttp's 1 MiB default is below a long prompt sent as token ids
+MIN_KV_TOKENS = 256  # the simulator's floor (scepsy_hpc.sim.core.MIN_KV_TOKENS) for "the model fits"
+
+
+class _Handle:
+    """The HTTP side of one request: tokens delivered so far and a wake-up for its handler."""
+
+    __slots__ = ("req", "finish_reason", "ready", "done", "event")
+
+    def __init__(self, req: SimRequest, finish_reason: str) -> None:
+        self.req, self.finish_reason = req, finish_reason
+        self.ready = 0
+        self.done = False
+        self.event = asyncio.Event()
+
+
+class SimEngineServer:
+    """The engine: a `Batcher` driven in real time, plus the OpenAI-compatible handlers."""
+
+    def __init__(self, perf: EnginePerf, *, served_name: str, time_scale: float, max_model_len: int,
+                 default_output_tokens: int = 256, seed: int = 0) -> None:
+        if time_scale <= 0:
+            raise ValueError(f"time_scale={time_scale} must be > 0")
+        if max_model_len > perf.kv_capacity_tokens:
+            # A request that long could never be admitted and would block the FCFS queue.
+            raise ValueError(f"max_model_len={max_model_len} exceeds the KV cache of {perf.kv_capacity_tokens} tokens")
+        self.perf = perf
+        self.served_name = served_name
+        self.time_scale = time_scale
+        self.max_model_len = max_model_len
+        self.default_output_tokens = default_output_tokens
+        self.batcher = Batcher(perf)
+        self.metrics = EngineMetrics(served_name)
+        self._rng = random.Random(seed)
+        self._ids = count()
+        self._handles: dict[int, _Handle] = {}
+        self._vt = 0.0  # virtual (model) time of the next iteration boundary
+        self._t0 = 0.0  # loop time at which virtual time 0 was
+        self._wake: asyncio.Event | None = None
+        self._driver: asyncio.Task[None] | None = None
+
+    # --- clock and driver -------------------------------------------------------------------
+
+    def model_now(self) -> float:
+        """Virtual time corresponding to the wall clock now."""
+        return (asyncio.get_running_loop().time() - self._t0) / self.time_scale
+
+    async def start(self) -> None:
+        """Start the driver task (virtual time 0 is now)."""
+        self._t0 = asyncio.get_running_loop().time()
+        self._wake = asyncio.Event()
+        self._driver = asyncio.create_task(self._drive(), name="sim-engine-driver")
+
+    async def stop(self) -> None:
+        """Stop the driver task."""
+        if self._driver is not None:
+            self._driver.cancel()
+            try:
+                await self._driver
+            except asyncio.CancelledError:
+                pass
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        pending: list[Iteration] = []  # computed, their tokens not yet handed out
+        last_yield = loop.time()
+        while True:
+            it = self.batcher.step(self._vt)
+            if it is not None:
+                self._vt = it.end_s
+                pending.append(it)
+                now = loop.time()
+                # Iterations shorter than a timer tick are computed ahead and handed out together
+                # (at most ~MIN_SLEEP_S late); the loop still yields that often to serve requests.
+                if self._t0 + self._vt * self.time_scale - now <= MIN_SLEEP_S and now - last_yield < MIN_SLEEP_S:
+                    continue
+            if pending:
+                # Sleep to a cumulative target so rounding in sleeps never accumulates into drift.
+                delay = self._t0 + self._vt * self.time_scale - loop.time()
+                await asyncio.sleep(max(delay, 0.0))
+                last_yield = loop.time()
+                for done in pending:
+                    self._deliver(done)
+                pending = []
+            if it is None:
+                if self.batcher.idle():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    last_yield = loop.time()
+                # Idle time passes in the model too; a request that arrived at virtual time t is
+                # admitted at the first boundary >= t.
+                self._vt = max(self._vt, self.model_now())
+
+    def _deliver(self, it: Iteration) -> None:
+        m = self.metrics
+        for req, n in it.emitted:
+            if req.state == ABORTED:
+                continue
+            m.generation_tokens += 1
+            if n == 1:
+                m.prompt_tokens += req.prompt
+                m.ttft.observe(req.t_first - req.t_arrive)
+            else:
+                m.tpot.observe(it.duration_s)  # vLLM V1 observes every inter-token interval
+            h = self._handles.get(req.rid)
+            if h is not None:
+                h.ready = n
+                h.event.set()
+        for req in it.finished:
+            m.e2e.observe(req.t_end - req.t_arrive)
+            h = self._handles.get(req.rid)
+            if h is not None:
+                m.success[h.finish_reason] += 1
+                h.done = True
+                h.event.set()
+
+    def sample_output_tokens(self, prompt_tokens: int) -> int:
+        """An output length for a request without max_tokens: lognormal, mean default_output_tokens, cv 0.5."""
+        sigma2 = math.log(1 + OUTPUT_CV**2)
+        x = self._rng.lognormvariate(math.log(self.default_output_tokens) - sigma2 / 2, math.sqrt(sigma2))
+        return max(1, min(round(x), self.max_model_len - prompt_tokens))
+
+    def _submit(self, prompt: int, output: int, finish_reason: str) -> _Handle:
+        rid = next(self._ids)
+        req = self.batcher.submit(rid, prompt, output, self.model_now())
+        h = self._handles[rid] = _Handle(req, finish_reason)
+        assert self._wake is not None
+        self._wake.set()
+        return h
+
+    def _release(self, h: _Handle) -> None:
+        # A client that went away (or a fault) must not keep its KV reservation.
+        self.batcher.abort(h.req.rid)
+        self._handles.pop(h.req.rid, None)
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application; its startup/cleanup start and stop the driver."""
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_post("/v1/completions", self.handle_completions)
+        app.router.add_post("/v1/chat/completions", self.handle_chat)
+        app.router.add_get("/v1/models", self.handle_models)
+        app.router.add_get("/health", self.handle_health)
+        app.router.add_get("/metrics", self.handle_metrics)
+
+        async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+            await self.start()
+            yield
+            await self.stop()
+
+        app.cleanup_ctx.append(lifecycle)
+        return app
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        """GET /health: 200 while the server runs."""
+        return web.Response(status=200)
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        """GET /v1/models: the served model, vLLM-shaped."""
+        card = {"id": self.served_name, "object": "model", "created": 0, "owned_by": "scepsy-sim",
+                "root": self.perf.cfg.model.hf_id, "parent": None, "max_model_len": self.max_model_len}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        """GET /metrics: Prometheus text with vLLM's metric names."""
+        b = self.batcher
+        text = self.metrics.render(b.num_running, b.num_waiting, b.kv_usage)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions."""
+        return await self._serve(request, chat=False)
+
+    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            try:
+                body = json.loads(await request.read())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+            parsed = parse_request(body, chat=chat, served_name=self.served_name, max_model_len=self.max_model_len)
+            abort_after = _parse_fault(request.headers.get("X-Sim-Fault"))
+        except ApiError as exc:
+            return web.json_response(exc.body(), status=exc.status)
+        if parsed.max_tokens is not None:
+            output, reason = parsed.max_tokens, "length"
+        else:
+            output, reason = self.sample_output_tokens(parsed.prompt_tokens), "stop"
+        h = self._submit(parsed.prompt_tokens, output, reason)
+        try:
+            if parsed.stream:
+                try:
+                    return await self._stream(request, parsed, h, abort_after)
+                except ConnectionResetError:  # the client left between two writes: nothing to answer
+                    return web.Response(status=499)
+            while not (h.done or (abort_after is not None and h.ready >= abort_after)):
+                h.event.clear()
+                await h.event.wait()
+            if abort_after is not None:
+                return _drop(request)
+            return web.json_response(ResponseWriter(parsed).full(output, reason))
+        finally:
+            self._release(h)
+
+    async def _stream(self, request: web.Request, parsed: ParsedRequest, h: _Handle,
+                      abort_after: int | None) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        w = ResponseWriter(parsed)
+        output = h.req.output
+        limit = output if abort_after is None else min(abort_after, output)
+        buf = [w.role_chunk()]
+        sent = 0
+        while True:
+            h.event.clear()
+            # Several tokens may have arrived since the last write (short iterations are batched).
+            while sent < min(h.ready, limit):
+                sent += 1
+                buf.append(w.token_chunk(h.finish_reason if sent == output else None))
+            if buf:
+                await resp.write(b"".join(buf))
+                buf = []
+            if abort_after is not None and sent >= limit:
+                return _drop(request, resp)
+            if sent >= output:
+                break
+            await h.event.wait()
+        tail = w.usage_chunk(output) if parsed.include_usage else b""
+        await resp.write(tail + SSE_DONE)
+        await resp.write_eof()
+        return resp
+
+
+def _parse_fault(value: str | None) -> int | None:
+    """The X-Sim-Fault test hook: raise the 500 now, or return K of abort-after:K (None: no fault)."""
+    if value is None:
+        return None
+    if value == "http500":
+        raise ApiError(500, "simulated engine failure (X-Sim-Fault: http500)", "InternalServerError")
+    if value.startswith("abort-after:") and value[len("abort-after:"):].isdigit():
+        return int(value[len("abort-after:"):])
+    raise ApiError(400, f"X-Sim-Fault: {value!r} is not a fault; use 'http500' or 'abort-after:K'")
+
+
+def _drop(request: web.Request, resp: web.StreamResponse | None = None) -> web.StreamResponse:
+    """Close the connection under the response (the abort-after fault); what was written is flushed."""
+    if request.transport is not None:
+        request.transport.close()
+    return resp if resp is not None else web.Response(status=500)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The engine-sim command line (vLLM-like flag names)."""
+    p = argparse.ArgumentParser(prog="scepsy engine-sim", description="Simulated OpenAI-compatible LLM engine (no GPU).")
+    p.add_argument("--model", required=True, help="model key in configs/models.yaml")
+    p.add_argument("--gpu", required=True, help="GPU key in configs/gpus.yaml")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--gpu-frac", type=float, default=1.0, help="share of one GPU, (0, 1] (default 1.0)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="wall seconds per model second (0.01: 100x faster than the modelled GPU; default 1)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit (default: the model's, capped by the KV cache)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled output lengths")
+    p.add_argument("--default-output-tokens", type=int, default=256,
+                   help="mean output length of requests without max_tokens")
+    return p
+
+
+def build_server(args: argparse.Namespace) -> SimEngineServer:
+    """The engine the parsed arguments describe; ScepsyError if they are inconsistent."""
+    from scepsy_hpc.spec.catalog import load_gpus, load_models
+
+    models, gpus = load_models(), load_gpus()
+    if args.model not in models:
+        raise SpecError(f"--model {args.model!r} is not in the model catalog; known: {', '.join(sorted(models))}")
+    if args.gpu not in gpus:
+        raise SpecError(f"--gpu {args.gpu!r} is not in the GPU catalog; known: {', '.join(sorted(gpus))}")
+    model = models[args.model]
+    for flag, value in (("--time-scale", args.time_scale), ("--default-output-tokens", args.default_output_tokens)):
+        if not value > 0:
+            raise SpecError(f"{flag} {value} must be > 0")
+    try:
+        cfg = EngineConfig(model, gpus[args.gpu], tp=args.tp, gpu_frac=args.gpu_frac,
+                           max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    perf = EnginePerf(cfg)
+    label = f"{args.model} on {args.gpu}"
+    if args.max_model_len is not None:
+        if not 1 < args.max_model_len <= model.max_model_len:
+            raise SpecError(f"--max-model-len {args.max_model_len} must be in [2, {model.max_model_len}] for {args.model}")
+        perf.check_fits(args.max_model_len, label=label)  # vLLM refuses to start if one full sequence won't fit
+        max_len = args.max_model_len
+    else:
+        perf.check_fits(MIN_KV_TOKENS, label=label)
+        max_len = min(model.max_model_len, perf.kv_capacity_tokens)
+    return SimEngineServer(perf, served_name=args.served_model_name or args.model, time_scale=args.time_scale,
+                           max_model_len=max_len, default_output_tokens=args.default_output_tokens, seed=args.seed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the simulated engine until SIGINT/SIGTERM; exit 2 with one line on bad arguments."""
+    args = build_arg_parser().parse_args(argv)
+    try:
+        server = build_server(args)
+    except ScepsyError as exc:
+        if os.environ.get("SCEPSY_DEBUG") == "1":
+            raise
+        print(f"scepsy engine-sim: error: {exc}", file=sys.stderr)
+        return 2
+    perf = server.perf
+    print(f"scepsy engine-sim: serving {server.served_name!r} ({args.model} on {args.gpu}, tp={args.tp}, "
+          f"gpu_frac={args.gpu_frac:g}) at http://{args.host}:{args.port}/v1; max_model_len={server.max_model_len}, "
+          f"kv_capacity={perf.kv_capacity_tokens} tokens, time_scale={args.time_scale:g}", flush=True)
+    # handler_cancellation: a client that disconnects cancels its handler, whose cleanup frees the KV.
+    web.run_app(server.make_app(), host=args.host, port=args.port, print=None, access_log=None,
+                handler_cancellation=True, shutdown_timeout=1.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The gateway's endpoints file: which replicas serve each LLM, reloaded when the file changes.
+
+```yaml
+time_scale: 1.0            # optional; the engines' time scale, so trace times are model seconds
+llms:
+  planner:
+    served_model: llama-3.1-8b-instruct   # optional; the name the engines serve (default: the llm key)
+    max_outstanding: 256                  # optional per-replica cap
+    replicas:
+      - http://127.0.0.1:8001
+      - {url: http://node2:8000, max_outstanding: 64}
+```
+
+JSON with the same shape is accepted too (JSON is YAML), and errors name ``file:line`` either way.
+Replicas and caps follow the file while the gateway runs; `time_scale` is read once at start (the
+trace clock must not jump).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+
+from scepsy_hpc.errors import SpecError
+from scepsy_hpc.spec.base import SpecModel
+from scepsy_hpc.spec.source import SourceMap, load_yaml, parse_document
+
+log = logging.getLogger("scepsy_hpc.gateway")
+
+DEFAULT_MAX_OUTSTANDING = 256
+
+
+class Replica(SpecModel):
+    """One engine serving an LLM: its base URL (without /v1) and an optional cap on calls in flight."""
+
+    url: str
+    max_outstanding: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")) or len(v.split("://", 1)[1].strip("/")) == 0:
+            raise ValueError(f"replica url must look like http://host:port, got {v!r}")
+        v = v.rstrip("/")
+        # Engines are addressed by base URL; the gateway appends the client's /v1/... path itself.
+        if v.endswith("/v1"):
+            raise ValueError(f"replica url {v!r} must not end in /v1; give the base URL, e.g. {v[:-3]!r}")
+        return v
+
+
+class LLMEndpoint(SpecModel):
+    """The replicas of one LLM and how its calls are addressed to them."""
+
+    served_model: str | None = None
+    max_outstanding: Annotated[int, Field(ge=1)] = DEFAULT_MAX_OUTSTANDING
+    replicas: list[Replica] = []
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _bare_urls(cls, v: Any) -> Any:
+        # A bare string is shorthand for {url: ...}; the dict is new, so it carries no unknown keys.
+        if isinstance(v, list):
+            return [{"url": item} if isinstance(item, str) else item for item in v]
+        return v
+
+    def cap(self, replica: Replica) -> int:
+        """The replica's own cap, else the LLM's."""
+        return replica.max_outstanding or self.max_outstanding
+
+
+class Endpoints(SpecModel):
+    """Every LLM of a deployment and its replicas."""
+
+    time_scale: Annotated[float, Field(gt=0)] | None = None
+    llms: dict[str, LLMEndpoint]
+
+    def names(self) -> list[str]:
+        """The LLM names clients may put in `model`, sorted."""
+        return sorted(self.llms)
+
+
+def _check(eps: Endpoints, smap: SourceMap) -> list[str]:
+    problems: list[str] = []
+    for name, llm in eps.llms.items():
+        if not name.strip():
+            problems.append(f"{smap.where(('llms', name), key=True)}: llms: an LLM name must not be empty")
+        seen: dict[str, int] = {}
+        for i, r in enumerate(llm.replicas):
+            if r.url in seen:
+                problems.append(f"{smap.where(('llms', name, 'replicas', i))}: llms.{name}.replicas[{i}]: "
+                                f"duplicate replica {r.url!r} (also replicas[{seen[r.url]}]); list each engine once")
+            seen.setdefault(r.url, i)
+    return problems
+
+
+def parse_endpoints(data: Any, smap: SourceMap) -> Endpoints:
+    """Validate parsed YAML/JSON as an endpoints file."""
+    return parse_document(Endpoints, data, smap, "an endpoints file is a mapping with keys llms (and optionally time_scale)",
+                          lambda eps: _check(eps, smap))
+
+
+def load_endpoints(path: str | Path) -> Endpoints:
+    """Load and validate an endpoints file (YAML or JSON)."""
+    data, smap = load_yaml(path)
+    return parse_endpoints(data, smap)
+
+
+@dataclass(frozen=True)
+class _Signature:
+    mtime_ns: int
+    size: int
+    ino: int
+
+
+class EndpointsWatcher:
+    """Holds the endpoints of a file and reloads them when the file changes.
+
+    `poll()` stats the file at most every `min_interval_s`; a changed file (mtime, size or inode,
+    so an atomic rename counts) is parsed again. A bad file keeps the last good endpoints and logs
+    the error (with file:line) once per version of the file.
+    """
+
+    def __init__(self, path: str | Path, *, min_interval_s: float = 0.2) -> None:
+        self.path = Path(path)
+        self.min_interval_s = min_interval_s
+        self._current: Endpoints | None = None
+        self._sig: _Signature | None = None
+        self._bad_sig: _Signature | None = None
+        self._last_stat = float("-inf")
+        self.reloads = 0
+        self.last_error: str | None = None
+
+    def _stat(self) -> _Signature | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return _Signature(st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> Endpoints:
+        """Read the file now; a bad file raises SpecError (used at startup, where failing is right)."""
+        sig = self._stat()
+        eps = load_endpoints(self.path)
+        self._current, self._sig, self._last_stat = eps, sig, time.monotonic()
+        return eps
+
+    @property
+    def current(self) -> Endpoints:
+        """The last good endpoints (`load()` must have succeeded once)."""
+        if self._current is None:
+            raise RuntimeError("EndpointsWatcher.load() has not been called")
+        return self._current
+
+    def poll(self) -> Endpoints:
+        """Reload if the file changed since the last look (rate-limited); return the current endpoints."""
+        now = time.monotonic()
+        if now - self._last_stat < self.min_interval_s:
+            return self.current
+        self._last_stat = now
+        sig = self._stat()
+        if sig is None or sig == self._sig or sig == self._bad_sig:
+            # A missing file is usually mid-replace (write temp + rename); keep serving the last config.
+            return self.current
+        try:
+            eps = load_endpoints(self.path)
+        except SpecError as exc:
+            self._bad_sig = sig
+            self.last_error = str(exc)
+            log.error("endpoints file changed but is invalid; keeping the previous endpoints:\n%s", exc)
+            return self.current
+        self._current, self._sig, self._bad_sig, self.last_error = eps, sig, None, None
+        self.reloads += 1
+        log.info("endpoints reloaded from %s: %s", self.path,
+                 ", ".join(f"{n} ({len(eps.llms[n].replicas)} replicas)" for n in eps.names()))
+        return eps

@@ -1,0 +1,263 @@
+"""Forwarding one LLM call: pick a replica, fail over if it is unreachable, relay the answer, trace it.
+
+Every failure becomes an OpenAI-style error for the client and a traced call with status "error";
+none may escape and take the gateway down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+
+from scepsy_hpc.gateway.routing import LLMPool, NoReplicaError, ReplicaState, Router
+from scepsy_hpc.gateway.stream import SSEFilter, error_message
+from scepsy_hpc.trace.records import CallRecord
+
+# Headers that describe one hop, not the call; aiohttp sets its own.
+HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
+                         "trailer", "proxy-authorization", "proxy-connection", "accept-encoding"})
+
+# Errors that mean the request never reached the replica, so another replica may safely take it.
+_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# Errors of a connection that was established and then failed.
+_LINK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def error_json(message: str, type_: str, code: int | str | None, param: str | None = None) -> bytes:
+    """An OpenAI-style error body."""
+    err: dict[str, Any] = {"message": message, "type": type_}
+    if param is not None:
+        err["param"] = param
+    err["code"] = code
+    return json.dumps({"error": err}).encode()
+
+
+def error_response(status: int, message: str, type_: str, code: int | str | None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """An OpenAI-style error response."""
+    return web.Response(status=status, body=error_json(message, type_, code, param), content_type="application/json",
+                        headers=headers)
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """A few words on why a connection could not be made."""
+    if isinstance(exc, (aiohttp.ConnectionTimeoutError, asyncio.TimeoutError)):
+        return "connect timeout"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "cannot resolve host"
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def upstream_message(data: bytes) -> str:
+    """The message of an engine's error body (OpenAI, vLLM or FastAPI style), else its text."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        if obj.get("error") is not None:
+            return error_message(obj["error"])
+        for key in ("message", "detail"):
+            if isinstance(obj.get(key), str):
+                return obj[key]
+    text = data.decode("utf-8", "replace").strip()
+    return (text[:500] + "…" if len(text) > 500 else text) or "(empty body)"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One client call, parsed and ready to forward."""
+
+    llm: str
+    pool: LLMPool
+    path: str  # /v1/chat/completions or /v1/completions
+    body: bytes
+    headers: dict[str, str]
+    stream: bool
+    drop_usage: bool
+    request_id: str | None
+    role: str | None
+    model: str
+    call_id: str
+
+
+class _Outcome:
+    """What the trace record will say; filled in as the call proceeds."""
+
+    __slots__ = ("status", "error", "http_status", "replica", "t_first", "usage")
+
+    def __init__(self) -> None:
+        self.status = "ok"
+        self.error: str | None = None
+        self.http_status: int | None = None
+        self.replica: str | None = None
+        self.t_first: float | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def fail(self, message: str, http_status: int | None = None) -> None:
+        self.status, self.error = "error", message
+        if http_status is not None:
+            self.http_status = http_status
+
+
+def _tokens(usage: dict[str, Any] | None, key: str) -> int | None:
+    v = usage.get(key) if usage else None
+    return v if isinstance(v, int) else None
+
+
+class Forwarder:
+    """Sends calls to replicas through one pooled ClientSession and reports each as a CallRecord."""
+
+    def __init__(self, session: aiohttp.ClientSession, router: Router, clock: Callable[[], float],
+                 on_record: Callable[[CallRecord], None]) -> None:
+        self.session = session
+        self.router = router
+        self.clock = clock
+        self.on_record = on_record
+
+    async def forward(self, request: web.Request, call: Call) -> web.StreamResponse:
+        """Forward `call` and return the client's response; always emits one CallRecord."""
+        t_start = self.clock()
+        out = _Outcome()
+        try:
+            return await self._forward(request, call, out)
+        except asyncio.CancelledError:
+            out.fail("cancelled (client went away or the gateway is stopping)")
+            raise
+        except Exception as exc:  # a bug here must cost one call, not the gateway
+            out.fail(f"gateway error: {type(exc).__name__}: {exc}", 500)
+            return error_response(500, f"llm {call.llm!r}: gateway error: {type(exc).__name__}: {exc}", "gateway_error", 500)
+        finally:
+            self.on_record(CallRecord(
+                request=call.request_id, llm=call.llm, role=call.role, t_start=t_start, t_first=out.t_first,
+                t_end=self.clock(), prompt_tokens=_tokens(out.usage, "prompt_tokens"),
+                completion_tokens=_tokens(out.usage, "completion_tokens"), status=out.status, error=out.error,
+                http_status=out.http_status, replica=out.replica, model=call.model, stream=call.stream,
+                call_id=call.call_id))
+
+    async def _forward(self, request: web.Request, call: Call, out: _Outcome) -> web.StreamResponse:
+        tried: list[tuple[str, str]] = []
+        headers = {"X-Scepsy-Call": call.call_id}
+        while True:
+            try:
+                replica = await self.router.acquire(call.pool, frozenset(u for u, _ in tried))
+            except NoReplicaError as exc:
+                if tried:
+                    what = ", ".join(f"{u} unreachable ({why})" for u, why in tried)
+                    msg = f"llm {call.llm!r}: replica{'s' if len(tried) > 1 else ''} {what}; no other replica"
+                    out.fail(msg, 502)
+                    return error_response(502, msg, "upstream_unavailable", 502, headers=headers)
+                out.fail(exc.message, 503)
+                return error_response(503, exc.message, "upstream_unavailable", 503, headers=headers)
+            out.replica = replica.url
+            try:
+                upstream = await self.session.post(replica.url + call.path, data=call.body, headers=call.headers)
+            except _CONNECT_ERRORS as exc:
+                self.router.release(replica)
+                self.router.mark_down(replica)
+                tried.append((replica.url, unreachable_reason(exc)))
+                continue
+            except _LINK_ERRORS as exc:
+                self.router.release(replica)
+                msg = f"llm {call.llm!r}: replica {replica.url} closed the connection before answering ({_describe(exc)})"
+                out.fail(msg, 502)
+                return error_response(502, msg, "upstream_error", 502, headers=headers)
+            except BaseException:
+                self.router.release(replica)
+                raise
+            self.router.mark_up(replica)
+            try:
+                if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
+                    return await self._relay_stream(request, call, upstream, replica, out, headers)
+                return await self._relay_unary(call, upstream, replica, out, headers)
+            finally:
+                upstream.release()
+                self.router.release(replica)
+
+    async def _relay_unary(self, call: Call, upstream: aiohttp.ClientResponse, replica: ReplicaState,
+                           out: _Outcome, headers: dict[str, str]) -> web.Response:
+        status = out.http_status = upstream.status
+        try:
+            data = await upstream.read()
+        except _LINK_ERRORS as exc:
+            msg = f"llm {call.llm!r}: replica {replica.url} closed the connection mid-response ({_describe(exc)})"
+            out.fail(msg, 502)
+            return error_response(502, msg, "upstream_error", 502, headers=headers)
+        if status >= 500:
+            msg = f"llm {call.llm!r}: replica {replica.url} returned HTTP {status}: {upstream_message(data)}"
+            out.fail(msg)
+            return error_response(status, msg, "upstream_error", status, headers=headers)
+        if status >= 400:
+            out.fail(upstream_message(data))  # the engine's own complaint about the request: passed through as is
+        else:
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                out.usage = obj["usage"]
+        headers["Content-Type"] = upstream.headers.get("Content-Type", "application/json")
+        return web.Response(status=status, body=data, headers=headers)
+
+    async def _relay_stream(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
+                            replica: ReplicaState, out: _Outcome, headers: dict[str, str]) -> web.StreamResponse:
+        out.http_status = 200
+        sse = SSEFilter(self.clock, drop_usage=call.drop_usage)
+        delivered_done = False
+        resp = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream",
+                                                       "Cache-Control": "no-cache"})
+        failure: BaseException | None = None
+        try:
+            await resp.prepare(request)
+            chunks = upstream.content.iter_any().__aiter__()
+            while True:
+                try:
+                    data = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except _LINK_ERRORS as exc:
+                    failure = exc
+                    break
+                piece = sse.feed(data)
+                if piece:
+                    await resp.write(piece)  # as it arrives: no buffering of the whole answer
+                    delivered_done = sse.done
+            tail = sse.flush()
+            if tail:
+                await resp.write(tail)
+            out.t_first, out.usage = sse.t_first, sse.usage
+            if failure is not None or not sse.done:
+                how = f" ({_describe(failure)})" if failure is not None else " before [DONE]"
+                msg = f"llm {call.llm!r}: replica {replica.url} closed the connection mid-stream after {sse.chunks} chunks{how}"
+                out.fail(msg)
+                # The 200 status is already sent; an error event is how OpenAI clients learn of it.
+                await resp.write(b"data: " + error_json(msg, "upstream_error", 502) + b"\n\n")
+            elif sse.error is not None:
+                out.fail(f"llm {call.llm!r}: replica {replica.url} sent an error event: {sse.error}")
+            await resp.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            # The client went away: drop the upstream connection so the engine aborts the generation.
+            upstream.close()
+            out.t_first, out.usage = sse.t_first, sse.usage
+            if not delivered_done:  # a client that hangs up once [DONE] is written has had the whole answer
+                out.fail(f"client disconnected mid-stream ({_describe(exc)})")
+        return resp
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the response was cut off"  # aiohttp's own text is a nested repr of the transfer-encoding error
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server disconnected"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

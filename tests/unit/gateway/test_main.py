@@ -1,0 +1,61 @@
+"""`python -m scepsy_hpc.gateway`: errors without traceback, serving until SIGTERM, trace flushed on exit."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from scepsy_hpc.engine.local import free_port
+from scepsy_hpc.gateway import main
+from scepsy_hpc.trace.records import read_trace
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_bad_endpoints_file_exits_2_with_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ep = tmp_path / "ep.yaml"
+    ep.write_text("llms:\n  a:\n    replicas: [http://h:1]\n    replicsa: []\n")
+    assert main(["--endpoints", str(ep)]) == 2
+    err = capsys.readouterr().err
+    assert f"{ep}:4:" in err and "unknown key 'replicsa'" in err and "Traceback" not in err
+
+
+def test_serves_until_sigterm_and_flushes_trace(tmp_path: Path) -> None:
+    ep = tmp_path / "ep.yaml"
+    ep.write_text("time_scale: 0.5\nllms:\n  a:\n    replicas: [http://127.0.0.1:9]\n")
+    trace = tmp_path / "t.jsonl"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "scepsy_hpc.gateway", "--endpoints", str(ep), "--trace", str(trace),
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with opener.open(f"http://127.0.0.1:{port}/v1/models", timeout=1) as r:
+                    models = json.load(r)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "gateway did not come up"
+                time.sleep(0.05)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/scepsy/v1/spans", method="POST",
+                                     data=json.dumps({"span": "request", "event": "start", "request": "r"}).encode())
+        opener.open(req, timeout=2).close()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/scepsy/v1/spans", method="POST",
+                                     data=json.dumps({"span": "request", "event": "end", "request": "r"}).encode())
+        opener.open(req, timeout=2).close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out.decode()
+    assert [m["id"] for m in models["data"]] == ["a"]
+    t = read_trace(trace)
+    assert t.meta["time_scale"] == 0.5 and [s.request for s in t.spans] == ["r"]
+    assert b"gateway serving a on http://127.0.0.1:" in out
