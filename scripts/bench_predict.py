@@ -70,9 +70,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workflows", default=",".join(VARIANTS))
     ap.add_argument("--requests", type=int, default=2000, help="simulated requests per latency run")
-    ap.add_argument("--cap-requests", type=int, default=4000, help="simulated requests per capacity-search run")
+    ap.add_argument("--cap-requests", type=int, default=8000, help="simulated requests per capacity-search run "
+                    "(fewer for workflows with many calls per request: at most --cap-calls calls)")
+    ap.add_argument("--cap-calls", type=int, default=600_000, help="simulated LLM calls per capacity-search run at most")
     ap.add_argument("--sample", type=int, default=1000, help="program samples for the predictors")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--arrivals", choices=("poisson", "requests"), default="poisson",
+                    help="synthetic profiles of Poisson single calls on one replica (default, as `scepsy predict` "
+                         "and as a measured profile), or fed whole requests' call patterns on the allocated replicas")
     ap.add_argument("--json", help="write all rows to this file")
     args = ap.parse_args()
     models, gpus = load_models(), load_gpus()
@@ -83,7 +88,7 @@ def main() -> int:
         plan = load_plan(config_dir() / "plans" / f"{name}.yaml", wf, models, gpus)
         gpu_name, gpu = plan.gpus.type, gpus[plan.gpus.type]
         seqs = sample_program(wf, args.sample, seed=0)
-        source = ProfileSource(wf, models, gpus, sample_mix(seqs))
+        source = ProfileSource(wf, models, gpus, sample_mix(seqs), seqs=seqs, shaped=args.arrivals == "requests")
         allocs = {"shipped": dict(plan.allocation), **VARIANTS.get(name, {})}
         print(f"\n== {name} ({gpu_name})")
         print(f"{'allocation':<10} {'rate':>7} {'frac':>5} {'sim lat':>9} {'alp-cp':>9} {'err':>7} {'alp-paper':>9} {'err':>7}")
@@ -109,8 +114,9 @@ def main() -> int:
                 print(f"{aname:<10} {rate:7.3f} {f:5.2f} {sim.latency_mean_s:9.2f} {cp.latency_s:9.2f} {e_cp:+7.1%} "
                       f"{pp.latency_s:9.2f} {e_pp:+7.1%}")
             t1 = time.perf_counter()
-            found = max_sustainable_rate(wf, alloc, gpu, models, cap.throughput_rps, n_requests=args.cap_requests,
-                                         seed=args.seed)
+            calls_per_request = sum(s.n for s in stats.per_llm.values())
+            n_cap = max(1000, min(args.cap_requests, int(args.cap_calls / calls_per_request)))
+            found = max_sustainable_rate(wf, alloc, gpu, models, cap.throughput_rps, n_requests=n_cap, seed=args.seed)
             e = cap.throughput_rps / found.sustainable_rps - 1
             caps.append({"workflow": name, "allocation": aname, "predicted_rps": cap.throughput_rps,
                          "bottleneck": cap.bottleneck_llm, "sim_sustainable_rps": found.sustainable_rps,

@@ -53,7 +53,7 @@ def main() -> int:
         wf = load_workflow(config_dir() / "workflows" / f"{name}.yaml", models)
         plan = load_plan(config_dir() / "plans" / f"{name}.yaml", wf, models, gpus)
         seqs = sample_program(wf, 500, seed=args.seed)
-        profiles = ProfileSource(wf, models, gpus, sample_mix(seqs)).for_allocation(plan.allocation, plan.gpus.type)
+        profiles = ProfileSource(wf, models, gpus, sample_mix(seqs), seqs=seqs).for_allocation(plan.allocation, plan.gpus.type)
         cap = predict_cp(program_graphs(seqs, profiles), profiles, {m: a.replicas for m, a in plan.allocation.items()},
                          1e-3).throughput_rps
         rate = args.load * cap

@@ -68,6 +68,14 @@ def load_workload(wf: Any, trace_path: str | None, samples: int, seed: int) -> W
     return Workload([], sample_mix(seqs), seqs, f"program of {wf.name} ({samples} sampled requests, unloaded)")
 
 
+def profile_source(wf: Any, models: Any, gpus: Any, work: Workload, profiles_dir: str | None, seed: int) -> Any:
+    """Where the predictor's profiles come from for this workload."""
+    from scepsy_hpc.predict.inputs import ProfileSource
+
+    return ProfileSource(wf, models, gpus, work.mix, profiles_dir, seed=seed, seqs=work.seqs,
+                         graphs=work.graphs if work.seqs is None else None)
+
+
 def graphs_for(work: Workload, profiles: Mapping[str, Any]) -> list[Any]:
     """The workload's graphs; sampled programs get their unloaded call times from `profiles`."""
     from scepsy_hpc.predict.inputs import program_graphs

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from scepsy_hpc.commands.common import graphs_for, jsonable, load_workload, make_console, resolve_input
+from scepsy_hpc.commands.common import graphs_for, jsonable, load_workload, make_console, profile_source, resolve_input
 from scepsy_hpc.errors import SpecError
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict workflow latency and throughput under a plan at a rate."""
     from scepsy_hpc.predict.alp import predict
-    from scepsy_hpc.predict.inputs import ProfileSource
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.plan import load_plan
     from scepsy_hpc.spec.workflow import load_workflow
@@ -24,7 +23,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     wf = load_workflow(resolve_input(args.workflow, "workflows"), models)
     plan = load_plan(resolve_input(args.plan, "plans"), wf, models, gpus)
     work = load_workload(wf, args.trace, args.samples, args.seed)
-    source = ProfileSource(wf, models, gpus, work.mix, args.profiles, seed=args.seed)
+    source = profile_source(wf, models, gpus, work, args.profiles, args.seed)
     profiles = source.for_allocation(plan.allocation, plan.gpus.type)
     graphs = graphs_for(work, profiles)
     stats = aggregate(graphs, wf.name)

@@ -113,8 +113,8 @@ def _pooled(profile: ProfileTable, load_rps: float, replicas: int) -> ProfilePoi
     admission wait) shrinks by the pooling factor; per-token decode time does not pool (each
     replica's batch is as large as a lone replica's at that load)."""
     p = profile.point_at(load_rps)
-    if p is None or replicas <= 1:
-        return p
+    if p is None or replicas <= profile.replicas:
+        return p  # measured with this many replicas (or more) behind one queue: pooling is in it
     base = profile.unloaded
     k = pooling_factor(replicas, load_rps / profile.capacity_rps)
     wait = max(p.ttft_a_s - base.ttft_a_s, 0.0)
@@ -146,6 +146,7 @@ def predict_cp(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTab
     _check(stats, profiles, replicas)
     loads, caps, thr, neck = _loads(stats, profiles, replicas, rate_rps)
     points = {m: _pooled(profiles[m], x, replicas[m]) for m, x in loads.items()}
+    shaped = {m: profiles[m].arrivals == "requests" for m in loads}
     per_lat = {m: (p.latency_mean_s if p is not None else math.inf) for m, p in points.items()}
     cp = {m: 0.0 for m in loads}
     if any(p is None for p in points.values()):
@@ -160,7 +161,7 @@ def predict_cp(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTab
         good = [g for g in graphs if g.ok]
         total = tool = 0.0
         for g in good:
-            d = _burst_durations(g, points, replicas)
+            d = _burst_durations(g, points, replicas, shaped)
             total += g.latency(lambda n, _d=d: _d[id(n)])
             for i in g.critical_path(lambda n, _d=d: _d[id(n)]):
                 n = g.nodes[i]
@@ -178,14 +179,16 @@ def predict_cp(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTab
     return Prediction("alp-cp", rate_rps, latency, thr, neck, per, tool)
 
 
-def _burst_durations(g: RequestGraph, points: Mapping[str, ProfilePoint], replicas: Mapping[str, int]) -> dict[int, float]:
+def _burst_durations(g: RequestGraph, points: Mapping[str, ProfilePoint], replicas: Mapping[str, int],
+                     shaped: Mapping[str, bool]) -> dict[int, float]:
     """Each node's duration under the per-call models, with fan-out bursts priced together.
 
     Calls of one LLM released at once (same dependencies: a fan-out) reach the engine together;
     the gateway spreads them over the replicas in turn and each replica prefills its share one
     chunk after another, so a call's first token waits for the prompts ahead of it in the burst
     on its replica: its prompt term uses the cumulative prompt tokens (a Poisson profile sees
-    such calls one at a time and would price each alone)."""
+    such calls one at a time and would price each alone). A profile measured with request-shaped
+    arrivals (`shaped`) has the bursts in it already."""
     out: dict[int, float] = {}
     bursts: dict[tuple[str, tuple[int, ...]], list[Node]] = {}
     for n in g.nodes:
@@ -195,9 +198,9 @@ def _burst_durations(g: RequestGraph, points: Mapping[str, ProfilePoint], replic
             out[id(n)] = n.duration_s
     for (m, _), members in bursts.items():
         p = points[m]
-        if len(members) == 1:
-            n = members[0]
-            out[id(n)] = p.call_latency(n.prompt_tokens, n.output_tokens)
+        if len(members) == 1 or shaped.get(m):
+            for n in members:
+                out[id(n)] = p.call_latency(n.prompt_tokens, n.output_tokens)
             continue
         r = max(1, replicas.get(m, 1))
         ahead = [0.0] * r

@@ -21,7 +21,9 @@ from scepsy_hpc.sim.workload import RequestSampler, iter_calls
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
+from scepsy_hpc.perf.model import EnginePerf
 from scepsy_hpc.trace.graph import CALL, Node, RequestGraph, from_sample
+from scepsy_hpc.trace.stats import call_patterns
 
 
 def sample_program(wf: Workflow, n_requests: int = 1000, seed: int = 0) -> list[list[Any]]:
@@ -61,13 +63,24 @@ def regraph(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTable]
 
 
 class ProfileSource:
-    """Finds a profile per (LLM, tp, gpu_frac): from a directory of measured ones, else synthesised."""
+    """Finds a profile per (LLM, tp, gpu_frac): from a directory of measured ones, else synthesised.
+
+    A synthesised profile is what a measured one is: Poisson single calls of the LLM's mix on one
+    replica; the predictor corrects it for pooling across replicas and for fan-out bursts.
+    `shaped=True` instead synthesises for exactly the allocated replicas behind one queue, fed
+    whole requests' calls at their offsets in the workflow (traced, or the sampled program run
+    unloaded). Measured against the simulator (scripts/bench_predict.py --arrivals requests) that
+    predicts latency as well and capacity worse (noisier: fewer independent arrivals per run), so
+    it is not the default."""
 
     def __init__(self, wf: Workflow, models: Mapping[str, ModelSpec], gpus: Mapping[str, GPUSpec],
                  mix: Mapping[str, Sequence[tuple[int, int]]], profiles_dir: str | Path | None = None,
-                 seed: int = 0, n_calls: int = 2000) -> None:
+                 seed: int = 0, n_calls: int = 2000, *, seqs: Sequence[list[Any]] | None = None,
+                 graphs: Sequence[RequestGraph] | None = None, shaped: bool = False) -> None:
         self.wf, self.models, self.gpus, self.mix = wf, models, gpus, mix
+        self.shaped = shaped
         self.seed, self.n_calls = seed, n_calls
+        self.seqs, self.graphs = seqs, graphs
         self.measured: dict[tuple[str, int, float], ProfileTable] = {}
         self.profiles_dir = Path(profiles_dir) if profiles_dir is not None else None
         if self.profiles_dir is not None:
@@ -75,8 +88,9 @@ class ProfileSource:
                 self.measured[t.key] = t
         self._cache: dict[tuple[Any, ...], ProfileTable] = {}
 
-    def get(self, llm: str, alloc: LLMAlloc, gpu_name: str) -> ProfileTable:
-        """The profile of `llm` under `alloc` on `gpu_name` GPUs."""
+    def get(self, llm: str, alloc: LLMAlloc, gpu_name: str, patterns: Sequence[Any] | None = None,
+            patterns_key: Any = None) -> ProfileTable:
+        """The profile of `llm` under `alloc` on `gpu_name` GPUs (request-shaped when `patterns` are given)."""
         key = (llm, alloc.tp, round(alloc.gpu_frac, 4))
         if self.profiles_dir is not None:
             t = self.measured.get(key)
@@ -92,16 +106,33 @@ class ProfileSource:
         if not mix:
             raise SpecError(f"LLM {llm!r} has no calls in the trace or program sample: nothing to profile")
         h = hashlib.sha1(repr(sorted(mix)).encode()).hexdigest()[:12]
-        ck = (model.hf_id, gpu_name, alloc.tp, round(alloc.gpu_frac, 4), alloc.max_num_seqs, alloc.max_batched_tokens, h)
+        reps = alloc.replicas if patterns else 1
+        ck = (model.hf_id, gpu_name, alloc.tp, round(alloc.gpu_frac, 4), alloc.max_num_seqs, alloc.max_batched_tokens, h,
+              reps, patterns_key)
         t = self._cache.get(ck)
         if t is None:
             cfg = engine_config(alloc, model, self.gpus[gpu_name])
             model_name = self.wf.llms[llm].model if isinstance(self.wf.llms[llm].model, str) else llm
             t = synthetic_profile(llm, model_name, gpu_name, cfg, mix, n_calls=self.n_calls, seed=self.seed,
-                                  workflow=self.wf.name)
+                                  workflow=self.wf.name, replicas=reps, patterns=patterns)
             self._cache[ck] = t
         return t
 
+    def patterns(self, allocation: Mapping[str, LLMAlloc], gpu_name: str) -> dict[str, list[Any]]:
+        """Per LLM, each request's calls at their offsets: traced times, or the program run unloaded."""
+        if self.graphs is not None:
+            return call_patterns(self.graphs)
+        if self.seqs is None:
+            return {}
+        perf = {m: EnginePerf(engine_config(allocation[m], resolve_model(self.wf, m, self.models), self.gpus[gpu_name]))
+                for m in self.wf.llms if m in allocation}
+        graphs = [from_sample(f"s-{i:06d}", seq, lambda c: perf[c.llm].request_latency(c.prompt_tokens, c.output_tokens))
+                  for i, seq in enumerate(self.seqs)]
+        return call_patterns(graphs)
+
     def for_allocation(self, allocation: Mapping[str, LLMAlloc], gpu_name: str) -> dict[str, ProfileTable]:
         """A profile per LLM of the workflow that the allocation serves."""
-        return {m: self.get(m, allocation[m], gpu_name) for m in self.wf.llms if m in allocation and m in self.mix}
+        pats = self.patterns(allocation, gpu_name) if self.profiles_dir is None and self.shaped else {}
+        key = (tuple(sorted((m, a.tp, a.gpu_frac, a.replicas) for m, a in allocation.items())), gpu_name) if pats else None
+        return {m: self.get(m, allocation[m], gpu_name, pats.get(m), key)
+                for m in self.wf.llms if m in allocation and m in self.mix}

@@ -56,7 +56,8 @@ async def _one(session, url: str, model: str, prompt: int, output: int, t0: floa
 
 async def replay(base_url: str, model: str, mix: Sequence[tuple[int, int]], rate_rps: float, n_calls: int, *,
                  time_scale: float = 1.0, seed: int = 0, timeout_s: float = 600.0) -> tuple[list[CallSample], float, int, int]:
-    """Replay `n_calls` calls drawn from `mix` at `rate_rps` (model time): (samples, window, done in window, errors)."""
+    """Replay `n_calls` calls drawn from `mix` at `rate_rps` (model time): (samples, window, completed
+    calls/s in the window — the offered rate times completions per arrival there —, errors)."""
     import aiohttp
 
     rng = random.Random(f"{seed}/replay/{rate_rps:.6g}")
@@ -87,17 +88,20 @@ async def replay(base_url: str, model: str, mix: Sequence[tuple[int, int]], rate
     samples = [CallSample(p, o, lat, ttft) for _, lat, ttft, p, o, _ in measured]
     ends = sorted(e for *_, e in out)
     w0 = max(arrivals[min(skip, len(arrivals) - 1)], ends[int(len(ends) * STEADY_FRAC)])
-    w1 = arrivals[-1] if arrivals[-1] > w0 else ends[-1]
+    if arrivals[-1] <= w0:  # so overloaded that few calls finished before the last arrival
+        w1 = ends[-1]
+        return samples, max(w1 - w0, 1e-9), sum(1 for e in ends if w0 < e <= w1) / max(w1 - w0, 1e-9), len(errors)
+    w1 = arrivals[-1]
     done_in = sum(1 for e in ends if w0 < e <= w1)
-    return samples, max(w1 - w0, 1e-9), done_in, len(errors)
+    arrived_in = sum(1 for a in arrivals if w0 < a <= w1)
+    return samples, w1 - w0, rate_rps * done_in / max(arrived_in, 1), len(errors)
 
 
 def measure_http(base_url: str, model: str, mix: Sequence[tuple[int, int]], n_calls: int, *,
                  time_scale: float = 1.0, seed: int = 0):
     """A `measure(rate) -> ProfilePoint` for the sweep, replaying against `base_url`."""
     def measure(rate: float) -> ProfilePoint:
-        samples, window, done_in, errors = asyncio.run(
+        samples, window, thr, errors = asyncio.run(
             replay(base_url, model, mix, rate, n_calls, time_scale=time_scale, seed=seed))
-        p = summarise(rate, samples, window, errors=errors)
-        return replace(p, throughput_rps=done_in / window)
+        return replace(summarise(rate, samples, window, errors=errors), throughput_rps=thr)
     return measure

@@ -34,15 +34,37 @@ def capacity_guess(cfg: EngineConfig, mix: Sequence[tuple[int, int]]) -> float:
     return batch / max(prefill_s + decode_s, 1e-9)
 
 
+Pattern = Sequence[tuple[float, int, int]]  # one request's calls of an LLM: (offset s, prompt, output)
+
+
+def _arrivals(rate_rps: float, n_calls: int, rng: random.Random, mix: Sequence[tuple[int, int]],
+              patterns: Sequence[Pattern] | None) -> tuple[list[float], list[Call]]:
+    """Call arrival times and sizes: Poisson single calls, or Poisson requests each releasing its
+    pattern's calls at their recorded offsets (bursts and spacing as in the workflow)."""
+    if not patterns:
+        return poisson_arrivals(rate_rps, n_calls, rng), [Call("m", None, *mix[rng.randrange(len(mix))]) for _ in range(n_calls)]
+    per_request = sum(len(q) for q in patterns) / len(patterns)
+    req_rate = rate_rps / per_request
+    horizon = n_calls / rate_rps  # requests arrive until then; calls past it are cut, so the call
+    timed: list[tuple[float, int, int]] = []  # rate stays λ·n up to the end (a pattern can be long)
+    t = rng.expovariate(req_rate)
+    while t < horizon:
+        timed.extend((t + off, pr, out) for off, pr, out in patterns[rng.randrange(len(patterns))] if t + off < horizon)
+        t += rng.expovariate(req_rate)
+    timed.sort()
+    return [x[0] for x in timed], [Call("m", None, x[1], x[2]) for x in timed]
+
+
 def measure_sim(cfg: EngineConfig, mix: Sequence[tuple[int, int]], rate_rps: float, n_calls: int,
-                seed: int, replicas: int = 1) -> tuple[list[CallSample], float, int]:
-    """Replay `n_calls` calls drawn from `mix` at `rate_rps` in the simulator: the measured calls'
-    samples, the loaded window (after warm-up, up to the last arrival) and the calls done in it."""
+                seed: int, replicas: int = 1, patterns: Sequence[Pattern] | None = None
+                ) -> tuple[list[CallSample], float, float]:
+    """Replay `n_calls` calls at `rate_rps` in all (to `replicas` replicas behind one queue) in the
+    simulator: the measured calls' samples, the loaded window (after warm-up, up to the last
+    arrival) and the completed-call rate in it (calls/s, all replicas)."""
     rng = random.Random(f"{seed}/profile/{rate_rps:.6g}")
-    arrivals = poisson_arrivals(rate_rps, n_calls, rng)
-    calls = [Call("m", None, *mix[rng.randrange(len(mix))]) for _ in range(n_calls)]
+    arrivals, calls = _arrivals(rate_rps, n_calls, rng, mix, patterns)
     recs = replay_calls(cfg, calls, arrivals, replicas=replicas)
-    skip = int(n_calls * WARMUP_FRAC)
+    skip = int(len(calls) * WARMUP_FRAC)
     measured = [r for r in recs if r.request >= skip]
     samples = [CallSample(r.prompt_tokens, r.output_tokens, r.t_end - r.t_submit, r.t_first - r.t_submit) for r in measured]
     # Throughput window: from the STEADY_FRAC-th completion (the batch has filled, even for a large
@@ -50,10 +72,14 @@ def measure_sim(cfg: EngineConfig, mix: Sequence[tuple[int, int]], rate_rps: flo
     ends = sorted(r.t_end for r in recs)
     w0 = max(arrivals[skip], ends[int(len(ends) * STEADY_FRAC)] if ends else 0.0)
     w1 = arrivals[-1]
-    if w1 <= w0:  # so overloaded that few calls finished before the last arrival: use the completions
+    if w1 <= w0:  # so overloaded that few calls finished before the last arrival: the completion rate
         w1 = ends[-1]
+        return samples, (w1 - w0), sum(1 for e in ends if w0 < e <= w1) / max(w1 - w0, 1e-12)
     done_in = sum(1 for e in ends if w0 < e <= w1)
-    return samples, (w1 - w0), done_in
+    arrived_in = sum(1 for a in arrivals if w0 < a <= w1)
+    # Completions per arrival in the window, times the offered rate: the arrival count's own noise
+    # (large when whole requests arrive together) cancels out.
+    return samples, (w1 - w0), rate_rps * done_in / max(arrived_in, 1)
 
 
 def synthetic_profile(
@@ -67,14 +93,18 @@ def synthetic_profile(
     seed: int = 0,
     workflow: str = "",
     fractions: Sequence[float] = FRACTIONS,
+    replicas: int = 1,
+    patterns: Sequence[Pattern] | None = None,
 ) -> ProfileTable:
-    """A ProfileTable for `cfg` serving calls drawn from `mix` [(prompt, output), ...]."""
+    """A ProfileTable for `replicas` replicas of `cfg` behind one gateway queue serving calls drawn
+    from `mix` [(prompt, output), ...] as Poisson arrivals — or, given `patterns`, whole requests'
+    calls at their recorded offsets. Rates and capacity are per replica."""
     if not mix:
         raise ValueError(f"no calls recorded for LLM {llm!r}: nothing to profile")
 
     def measure(rate: float) -> ProfilePoint:
-        samples, window, done_in = measure_sim(cfg, mix, rate, n_calls, seed)
-        return replace(summarise(rate, samples, window), throughput_rps=done_in / window if window > 0 else 0.0)
+        samples, window, thr = measure_sim(cfg, mix, rate * replicas, n_calls * replicas, seed, replicas, patterns)
+        return replace(summarise(rate, samples, window), throughput_rps=thr / replicas)
 
     guess = capacity_guess(cfg, mix)
     res = sweep(measure, max(guess * 0.04, 1e-4), fractions=tuple(fractions))
@@ -84,8 +114,8 @@ def synthetic_profile(
         llm=llm, model=model_name, gpu=gpu_name, tp=cfg.tp,
         gpu_frac=cfg.gpu_frac, capacity_rps=res.capacity_rps, points=res.points, source="synthetic",
         engine="scepsy-sim", engine_version="perf-model", max_num_seqs=cfg.max_num_seqs,
+        replicas=replicas, arrivals="requests" if patterns else "poisson",
         workload={"workflow": workflow, "calls": len(mix), "prompt_tokens_mean": round(p_mean, 1),
                   "output_tokens_mean": round(o_mean, 1), "calls_per_point": n_calls, "seed": seed},
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
-

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 from scepsy_hpc.errors import SpecError
 
 SOURCES = ("measured", "synthetic")
+ARRIVALS = ("poisson", "requests")
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class ProfileTable:
     engine: str = "scepsy-sim"
     engine_version: str = ""
     max_num_seqs: int = 256
+    replicas: int = 1          # replicas measured together behind one queue (rates are per replica)
+    arrivals: str = "poisson"  # "poisson": single calls; "requests": whole requests' call patterns
     workload: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     command: str = ""
@@ -111,6 +114,8 @@ class ProfileTable:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.arrivals not in ARRIVALS:
+            raise ValueError(f"arrivals must be one of {ARRIVALS}, got {self.arrivals!r}")
         pts = sorted((p for p in self.points if not p.saturated and p.calls > 0), key=lambda p: p.rate_rps)
         object.__setattr__(self, "_fit", tuple(pts))
         object.__setattr__(self, "_rates", [p.rate_rps for p in pts])

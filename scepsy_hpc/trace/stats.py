@@ -199,3 +199,21 @@ def call_mix(graphs: Iterable[RequestGraph]) -> dict[str, list[tuple[int, int]]]
             if n.kind == CALL:
                 mix.setdefault(n.name, []).append((n.prompt_tokens, n.output_tokens))
     return mix
+
+
+def call_patterns(graphs: Iterable[RequestGraph]) -> dict[str, list[list[tuple[float, int, int]]]]:
+    """Per LLM, per successful request that calls it, its calls as (start offset from the request's
+    first call of that LLM, prompt, output): fan-out bursts and spacing, for request-shaped replay."""
+    out: dict[str, list[list[tuple[float, int, int]]]] = {}
+    for g in graphs:
+        if not g.ok:
+            continue
+        fin = g.finish_times()
+        per: dict[str, list[tuple[float, int, int]]] = {}
+        for n, f in zip(g.nodes, fin):
+            if n.kind == CALL:
+                per.setdefault(n.name, []).append((f - n.duration_s, n.prompt_tokens, n.output_tokens))
+        for m, calls in per.items():
+            t0 = min(c[0] for c in calls)
+            out.setdefault(m, []).append(sorted((s - t0, p, o) for s, p, o in calls))
+    return out

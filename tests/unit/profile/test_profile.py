@@ -102,3 +102,28 @@ def test_synthetic_profile_from_the_performance_model(models, gpus):
     t2 = synthetic_profile("m", "llama-3.1-8b-instruct", "h100-sxm", half, mix, n_calls=600)
     assert t2.capacity_rps < 0.7 * t.capacity_rps  # half a GPU serves well under the whole one
     assert t.source == "synthetic" and t.workload["calls"] == 3
+
+
+def test_request_shaped_arrivals_keep_rate_bursts_and_offsets():
+    import random
+
+    from scepsy_hpc.profile.synthetic import _arrivals
+
+    patterns = [[(0.0, 100, 10), (0.0, 100, 10), (0.0, 100, 10), (5.0, 50, 5)]]  # a 3-wide burst, then one call 5 s later
+    times, calls = _arrivals(20.0, 4000, random.Random(0), [(1, 1)], patterns)
+    assert len(times) == len(calls) and times == sorted(times)
+    assert len(times) / times[-1] == pytest.approx(20.0, rel=0.1)  # the call rate asked for
+    from collections import Counter
+    same = Counter(times)
+    assert max(same.values()) >= 3  # bursts arrive at one instant
+    assert sum(1 for c in calls if c.prompt_tokens == 50) == pytest.approx(len(calls) / 4, rel=0.1)
+
+
+def test_pooled_request_shaped_profile_is_per_replica(models, gpus):
+    cfg = EngineConfig(models["llama-3.2-1b-instruct"], gpus["h100-sxm"], tp=1, gpu_frac=0.25)
+    mix = [(800, 100), (1200, 60)]
+    pats = [[(0.0, 800, 100), (0.0, 1200, 60)], [(0.0, 800, 100)]]
+    one = synthetic_profile("m", "x", "h100-sxm", cfg, mix, n_calls=500)
+    two = synthetic_profile("m", "x", "h100-sxm", cfg, mix, n_calls=500, replicas=2, patterns=pats)
+    assert two.replicas == 2 and two.arrivals == "requests" and one.arrivals == "poisson"
+    assert two.capacity_rps == pytest.approx(one.capacity_rps, rel=0.25)  # per replica, not for both

@@ -103,3 +103,13 @@ def test_graph_from_sample_is_exact_structure():
     st = aggregate([g])
     assert st.per_llm["a"].roles["final"].calls_per_request == 1
     assert math.isclose(st.per_llm["c"].cp_share, 3 / 5)
+
+
+def test_call_patterns_keep_offsets_per_request():
+    from scepsy_hpc.trace.stats import call_patterns
+
+    calls = (call("r1", "a", 1.0, 2.0, p=10, o=1), call("r1", "a", 1.0, 3.0, p=20, o=2), call("r1", "a", 4.0, 5.0, p=30, o=3),
+             call("r1", "b", 2.0, 3.0), call("r2", "b", 0.0, 1.0))
+    pats = call_patterns(from_trace(Trace({}, calls, ())))
+    assert pats["a"] == [[(0.0, 10, 1), (0.0, 20, 2), (3.0, 30, 3)]]
+    assert len(pats["b"]) == 2 and all(p[0][0] == 0.0 for p in pats["b"])
