@@ -60,6 +60,8 @@ class EngineMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.success: dict[str, int] = {"length": 0, "stop": 0}
+        self.lag_s = 0.0  # wall seconds iterations were handed out late, summed (the sim's own health)
+        self.deliveries = 0
 
     def render(self, running: int, waiting: int, kv_usage: float) -> str:
         """The Prometheus text exposition (format 0.0.4)."""
@@ -91,4 +93,9 @@ class EngineMetrics:
         ):
             head(metric, "histogram", help_)
             out.extend(hist.lines(metric, lab))
+        head("scepsy_sim_delivery_lag_seconds_total", "counter",
+             "Wall seconds by which iterations were delivered later than the time scale asks, summed.")
+        out.append(f"scepsy_sim_delivery_lag_seconds_total{{{lab}}} {self.lag_s!r}")
+        head("scepsy_sim_iterations_delivered_total", "counter", "Iterations whose tokens were delivered.")
+        out.append(f"scepsy_sim_iterations_delivered_total{{{lab}}} {self.deliveries}")
         return "\n".join(out) + "\n"

@@ -121,6 +121,10 @@ class SimEngineServer:
                 delay = self._t0 + self._vt * self.time_scale - loop.time()
                 await asyncio.sleep(max(delay, 0.0))
                 last_yield = loop.time()
+                # Wall time by which tokens go out later than the model says: the CPU cannot keep
+                # up at this time scale, and whoever measures this engine should know.
+                self.metrics.lag_s += max(0.0, last_yield - (self._t0 + self._vt * self.time_scale)) * len(pending)
+                self.metrics.deliveries += len(pending)
                 for done in pending:
                     self._deliver(done)
                 pending = []

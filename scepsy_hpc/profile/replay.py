@@ -21,6 +21,8 @@ from scepsy_hpc.profile.table import CallSample, ProfilePoint, summarise
 
 WARMUP_FRAC = 0.1
 STEADY_FRAC = 0.25
+MIN_WINDOW_CALLS = 40
+DRIFT = 1.3  # last third of the calls this much slower than the first: the queue grows
 TOKEN_ID = 1000  # any id inside every vocabulary
 
 
@@ -87,21 +89,66 @@ async def replay(base_url: str, model: str, mix: Sequence[tuple[int, int]], rate
     measured = out[skip:]
     samples = [CallSample(p, o, lat, ttft) for _, lat, ttft, p, o, _ in measured]
     ends = sorted(e for *_, e in out)
-    w0 = max(arrivals[min(skip, len(arrivals) - 1)], ends[int(len(ends) * STEADY_FRAC)])
-    if arrivals[-1] <= w0:  # so overloaded that few calls finished before the last arrival
-        w1 = ends[-1]
-        return samples, max(w1 - w0, 1e-9), sum(1 for e in ends if w0 < e <= w1) / max(w1 - w0, 1e-9), len(errors)
+    k1 = int(len(ends) * STEADY_FRAC)
+    w0 = max(arrivals[min(skip, len(arrivals) - 1)], ends[k1])
     w1 = arrivals[-1]
-    done_in = sum(1 for e in ends if w0 < e <= w1)
     arrived_in = sum(1 for a in arrivals if w0 < a <= w1)
-    return samples, w1 - w0, rate_rps * done_in / max(arrived_in, 1), len(errors)
+    if arrived_in < MIN_WINDOW_CALLS:
+        # Latency is long next to the run (overload, or few calls): the engine was backlogged from
+        # the STEADY_FRAC-th completion on, so its completion rate from there is the service rate.
+        span = ends[-1] - ends[k1]
+        return samples, max(span, 1e-9), (len(ends) - k1 - 1) / span if span > 0 else 0.0, len(errors)
+    done_in = sum(1 for e in ends if w0 < e <= w1)
+    return samples, w1 - w0, rate_rps * done_in / arrived_in, len(errors)
+
+
+class EngineLagError(EngineError):
+    """A simulated engine could not keep its time scale: its measurements are not to be trusted."""
+
+
+def _lag_counters(base_url: str) -> tuple[float, float] | None:
+    """(lag seconds, iterations) from a simulated engine's /metrics; None for other engines."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    vals: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("scepsy_sim_delivery_lag_seconds_total", "scepsy_sim_iterations_delivered_total"):
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                vals[name] = float(line.rsplit(" ", 1)[1])
+    if len(vals) < 2:
+        return None
+    return vals["scepsy_sim_delivery_lag_seconds_total"], vals["scepsy_sim_iterations_delivered_total"]
 
 
 def measure_http(base_url: str, model: str, mix: Sequence[tuple[int, int]], n_calls: int, *,
-                 time_scale: float = 1.0, seed: int = 0):
-    """A `measure(rate) -> ProfilePoint` for the sweep, replaying against `base_url`."""
+                 time_scale: float = 1.0, seed: int = 0, max_lag: float = 0.25):
+    """A `measure(rate) -> ProfilePoint` for the sweep, replaying against `base_url`.
+
+    Against a simulated engine, also checks that it kept its time scale: if its iterations went out
+    late by more than `max_lag` of a decode step on average, the point is not what the model says
+    and EngineLagError is raised (run it slower: a larger time scale)."""
     def measure(rate: float) -> ProfilePoint:
+        before = _lag_counters(base_url)
         samples, window, thr, errors = asyncio.run(
             replay(base_url, model, mix, rate, n_calls, time_scale=time_scale, seed=seed))
-        return replace(summarise(rate, samples, window, errors=errors), throughput_rps=thr)
+        point = replace(summarise(rate, samples, window, errors=errors), throughput_rps=thr)
+        k = len(samples) // 3
+        if k >= 10:  # samples are in submission order: a queue that grows makes latency climb through the run
+            first = sum(x.latency_s for x in samples[:k]) / k
+            last = sum(x.latency_s for x in samples[-k:]) / k
+            if last > DRIFT * first:
+                point = replace(point, saturated=True)
+        after = _lag_counters(base_url) if before is not None else None
+        if before is not None and after is not None and after[1] > before[1] and point.tpot_s > 0:
+            lag_model_s = (after[0] - before[0]) / (after[1] - before[1]) / time_scale
+            if lag_model_s > max_lag * point.tpot_s:
+                raise EngineLagError(f"{base_url}: the simulated engine fell behind its time scale {time_scale:g} at "
+                                     f"{rate:.3g} calls/s (iterations {lag_model_s * 1e3:.1f} ms late on average, "
+                                     f"a decode step is {point.tpot_s * 1e3:.1f} ms)")
+        return point
     return measure

@@ -3,7 +3,8 @@
 Phase 1 climbs geometrically from `start_rps` until a point is saturated — its completed-call rate
 falls below `plateau` × offered (throughput plateau) or its mean latency exceeds `blowup` × the
 unloaded latency (latency blow-up) — and measures once more at `overload` × that rate; capacity is
-the mean completed-call rate of those two saturated points (the plateau). Phase 2 measures at `fractions` of the
+the mean completed-call rate of those two saturated points (the plateau), kept between the last
+rate that kept up and the first that did not. Phase 2 measures at `fractions` of the
 capacity where phase 1 left no point within `gap` (relative), so the curve is dense where latency
 bends. The sweep knows nothing of engines: `measure(rate)` does the work (simulated or over HTTP).
 """
@@ -29,8 +30,8 @@ class SweepResult:
 
 def is_saturated(p: ProfilePoint, base_latency_s: float, plateau: float, blowup: float) -> bool:
     """Throughput plateau or latency blow-up at this point."""
-    if p.calls == 0:
-        return True
+    if p.calls == 0 or p.saturated:
+        return True  # (a measurement may already know, e.g. from latency rising through the run)
     return p.throughput_rps < plateau * p.rate_rps or p.latency_mean_s > blowup * base_latency_s
 
 
@@ -76,11 +77,19 @@ def sweep(
     else:
         raise EngineError(f"no saturation up to {rate:.3g} calls/s after {max_steps} steps; raise max_steps or start higher")
     capacity = sum(p.throughput_rps for p in saturated) / len(saturated)  # the plateau, averaged
+    # ... but never outside what the climb showed: at least the last rate that kept up, at most
+    # the first that did not (short runs against a live engine read overload throughput poorly).
+    capacity = min(max(capacity, points[-1].rate_rps), saturated[0].rate_rps)
+    behind: list[float] = []  # grid rates where the engine did not keep up (not mere latency growth)
     for f in fractions:
         r = f * capacity
         if r <= start_rps or any(abs(p.rate_rps - r) <= gap * r for p in points):
             continue
         p = take(r)
+        if p.calls == 0 or p.saturated or p.throughput_rps < plateau * r:
+            behind.append(r)
         points.append(replace(p, saturated=is_saturated(p, base.latency_mean_s, plateau, blowup) or r >= capacity))
+    if behind:  # the grid found the engine falling behind below the capacity estimate: believe it
+        capacity = max(min(capacity, min(behind)), max((p.rate_rps for p in points if not p.saturated), default=0.0))
     pts = [replace(p, saturated=True) if p.rate_rps >= capacity else p for p in points]
     return SweepResult(tuple(sorted(pts + saturated, key=lambda p: p.rate_rps)), capacity)

@@ -127,3 +127,15 @@ def test_pooled_request_shaped_profile_is_per_replica(models, gpus):
     two = synthetic_profile("m", "x", "h100-sxm", cfg, mix, n_calls=500, replicas=2, patterns=pats)
     assert two.replicas == 2 and two.arrivals == "requests" and one.arrivals == "poisson"
     assert two.capacity_rps == pytest.approx(one.capacity_rps, rel=0.25)  # per replica, not for both
+
+
+def test_sweep_keeps_capacity_inside_the_bracket_the_climb_found():
+    # A live engine read over a short run can report nonsense throughput past saturation.
+    def measure(r):
+        if r < 6:
+            return ProfilePoint(r, r, 100, 1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.0, 0.01)
+        return ProfilePoint(r, 5 * r, 100, 50.0, 50.0, 50.0, 50.0, 0.1, 0.1, 0.0, 0.01)  # blown up, throughput bogus
+    res = sweep(measure, start_rps=1.0)
+    ok = max(p.rate_rps for p in res.points if not p.saturated)
+    first_bad_in_climb = 1.6 ** 4  # 1, 1.6, 2.56, 4.1 keep up; 6.55 does not
+    assert ok <= res.capacity_rps <= first_bad_in_climb + 1e-9  # not the bogus 5x throughput
