@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--trace", metavar="FILE", help="replay the calls of this trace (default: sample the program)")
     pf.add_argument("--samples", type=int, default=1000, metavar="N", help="program samples without --trace (default 1000)")
     pf.add_argument("--calls", type=int, default=None, metavar="N",
-                    help="calls replayed per rate (default 2000 synthetic, 600 local)")
+                    help="calls replayed per rate (default 2000 synthetic, 1200 local: several times max_num_seqs, or an overloaded engine is one batch)")
     pf.add_argument("--time-scale", type=float, default=None, metavar="S",
                     help="local engines run S wall seconds per model second (default: chosen per model)")
     pf.add_argument("--fractions", metavar="F,F,...",

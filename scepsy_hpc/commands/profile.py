@@ -52,7 +52,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if not 0 < args.start_frac < 1:
         raise SpecError(f"--start-frac {args.start_frac:g}: give a fraction of the estimated capacity in (0, 1)")
     if args.calls is None:
-        args.calls = 2000 if args.backend == "synthetic" else 600
+        args.calls = 2000 if args.backend == "synthetic" else 1200
     if args.calls < 20:
         raise SpecError(f"--calls {args.calls}: replay at least 20 calls per rate")
     work = load_workload(wf, args.trace, args.samples, args.seed)

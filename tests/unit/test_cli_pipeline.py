@@ -89,11 +89,15 @@ def test_profile_local_engine_over_http_agrees_with_the_model(tmp_path):
     assert p["source"] == "measured"
     table = json.loads(open(p["path"]).read())
     assert table["engine"] == "scepsy-sim" and table["workload"]["time_scale"] > 0
-    syn_table = json.loads(open(syn["profiled"][0]["path"]).read())
-    lo_http = min(q["latency_mean_s"] for q in table["points"])
-    lo_syn = min(q["latency_mean_s"] for q in syn_table["points"])
-    assert lo_http == pytest.approx(lo_syn, rel=0.35)  # the same model, paced in real time over HTTP
-    assert 0.5 < p["capacity_rps"] / syn["profiled"][0]["capacity_rps"] < 2.0
+    from scepsy_hpc.profile.table import load_profile
+
+    http_t, syn_t = load_profile(p["path"]), load_profile(syn["profiled"][0]["path"])
+    # the same model paced in real time over HTTP: latency agrees where the short runs can judge it
+    # (capacity needs runs several batches long, which a unit test cannot afford)
+    judged = [q for q in http_t.points if not q.saturated and q.rate_rps < 0.6 * syn_t.capacity_rps]
+    assert judged
+    for q in judged:
+        assert q.latency_mean_s == pytest.approx(syn_t.latency_at(q.rate_rps), rel=0.35), q.rate_rps
 
 
 def test_trace_command_runs_the_openai_example_through_the_gateway(tmp_path):
