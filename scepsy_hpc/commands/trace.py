@@ -145,12 +145,28 @@ def cmd_trace(args: argparse.Namespace) -> int:
         endpoints = work / "endpoints.yaml"
         endpoints.write_text(yaml.safe_dump({"time_scale": args.time_scale, "llms": llms}, sort_keys=False))
         result = asyncio.run(_drive(args, wf, wf_path, driver, endpoints, out))
+        behind = _lagging(engines, args.time_scale)
     err.print(result.summary())
+    for url, lag_ms in behind:
+        err.print(f"[yellow]engine {url} fell behind its time scale (iterations {lag_ms:.1f} ms late on average, "
+                  f"model time): timings in this trace are stretched; run with a larger --time-scale[/yellow]")
     for e in result.errors()[:5]:
         err.print(f"[red]{e}[/red]")
     print(f"{out}: trace of {len(result.requests)} request(s) of {wf.name} ({driver} driver); "
           f"read it with `scepsy stats {out}`")
     return 0 if result.n_ok else 1
+
+
+def _lagging(engines, time_scale: float, max_lag_model_s: float = 0.1) -> list[tuple[str, float]]:
+    """Engines whose tokens went out late on average by more than `max_lag_model_s` (model time)."""
+    from scepsy_hpc.profile.replay import lag_counters
+
+    out = []
+    for eng in engines:
+        c = lag_counters(eng.url)
+        if c is not None and c[1] > 0 and c[0] / c[1] / time_scale > max_lag_model_s:
+            out.append((eng.url, 1e3 * c[0] / c[1] / time_scale))
+    return out
 
 
 async def _drive(args, wf, wf_path, driver: str, endpoints, out):
