@@ -122,7 +122,7 @@ def _sweep_local(spec, job: Job, mix, n_calls: int, seed: int, scale: float, hor
             if on_point is not None:
                 on_point(rate)
             return p
-        return sweep(measure, max(guess * start_frac, 1e-4), fractions=tuple(fractions))
+        return sweep(measure, max(guess * start_frac, 1e-4), fractions=tuple(fractions), bracket=True)
 
 
 def save(t: ProfileTable, out_dir: Path) -> Path:

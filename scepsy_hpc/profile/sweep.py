@@ -3,8 +3,10 @@
 Phase 1 climbs geometrically from `start_rps` until a point is saturated — its completed-call rate
 falls below `plateau` × offered (throughput plateau) or its mean latency exceeds `blowup` × the
 unloaded latency (latency blow-up) — and measures once more at `overload` × that rate; capacity is
-the mean completed-call rate of those two saturated points (the plateau), kept between the last
-rate that kept up and the first that did not. Phase 2 measures at `fractions` of the
+the mean completed-call rate of those two saturated points (the plateau). With `bracket` (short
+runs against a live engine, whose overload throughput reads poorly) it is kept between the last
+rate that kept up and the first that did not, and below any grid rate that fell behind; long
+simulated runs read the plateau well and near-capacity grid points badly, so they do without. Phase 2 measures at `fractions` of the
 capacity where phase 1 left no point within `gap` (relative), so the curve is dense where latency
 bends. The sweep knows nothing of engines: `measure(rate)` does the work (simulated or over HTTP).
 """
@@ -47,6 +49,7 @@ def sweep(
     gap: float = 0.04,
     max_steps: int = 40,
     on_point: Callable[[ProfilePoint], None] | None = None,
+    bracket: bool = False,
 ) -> SweepResult:
     """Measure from `start_rps` up to saturation, then at `fractions` of the capacity found."""
     if start_rps <= 0:
@@ -77,9 +80,8 @@ def sweep(
     else:
         raise EngineError(f"no saturation up to {rate:.3g} calls/s after {max_steps} steps; raise max_steps or start higher")
     capacity = sum(p.throughput_rps for p in saturated) / len(saturated)  # the plateau, averaged
-    # ... but never outside what the climb showed: at least the last rate that kept up, at most
-    # the first that did not (short runs against a live engine read overload throughput poorly).
-    capacity = min(max(capacity, points[-1].rate_rps), saturated[0].rate_rps)
+    if bracket:  # short runs against a live engine read overload throughput poorly: trust the climb
+        capacity = min(max(capacity, points[-1].rate_rps), saturated[0].rate_rps)
     behind: list[float] = []  # grid rates where the engine did not keep up (not mere latency growth)
     for f in fractions:
         r = f * capacity
@@ -89,7 +91,7 @@ def sweep(
         if p.calls == 0 or p.saturated or p.throughput_rps < plateau * r:
             behind.append(r)
         points.append(replace(p, saturated=is_saturated(p, base.latency_mean_s, plateau, blowup) or r >= capacity))
-    if behind:  # the grid found the engine falling behind below the capacity estimate: believe it
+    if bracket and behind:  # the grid found the engine falling behind below the estimate: believe it
         capacity = max(min(capacity, min(behind)), max((p.rate_rps for p in points if not p.saturated), default=0.0))
     pts = [replace(p, saturated=True) if p.rate_rps >= capacity else p for p in points]
     return SweepResult(tuple(sorted(pts + saturated, key=lambda p: p.rate_rps)), capacity)

@@ -135,7 +135,8 @@ def test_sweep_keeps_capacity_inside_the_bracket_the_climb_found():
         if r < 6:
             return ProfilePoint(r, r, 100, 1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.0, 0.01)
         return ProfilePoint(r, 5 * r, 100, 50.0, 50.0, 50.0, 50.0, 0.1, 0.1, 0.0, 0.01)  # blown up, throughput bogus
-    res = sweep(measure, start_rps=1.0)
+    res = sweep(measure, start_rps=1.0, bracket=True)
     ok = max(p.rate_rps for p in res.points if not p.saturated)
     first_bad_in_climb = 1.6 ** 4  # 1, 1.6, 2.56, 4.1 keep up; 6.55 does not
     assert ok <= res.capacity_rps <= first_bad_in_climb + 1e-9  # not the bogus 5x throughput
+    assert sweep(measure, start_rps=1.0).capacity_rps > 20  # without the bracket the reading is taken as is
