@@ -33,7 +33,7 @@ from aiohttp import web
 
 from scepsy_hpc.engine.batcher import ABORTED, Batcher, Iteration, SimRequest
 from scepsy_hpc.engine.metrics import EngineMetrics
-from scepsy_hpc.engine.openai_protocol import SSE_DONE, ApiError, ParsedRequest, ResponseWriter, error_body, parse_request
+from scepsy_hpc.engine.openai_protocol import SSE_DONE, ApiError, ParsedRequest, ResponseWriter, parse_request
 from scepsy_hpc.errors import ScepsyError, SpecError
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 

@@ -153,11 +153,6 @@ def predict_cp(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTab
         latency, tool = math.inf, math.nan
         cp = {m: (math.inf if points[m] is None else math.nan) for m in loads}
     else:
-        def dur(n: Node) -> float:
-            if n.kind == CALL:
-                return points[n.name].call_latency(n.prompt_tokens, n.output_tokens)
-            return n.duration_s
-
         good = [g for g in graphs if g.ok]
         total = tool = 0.0
         for g in good:

@@ -15,7 +15,8 @@ from typing import Sequence
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 from scepsy_hpc.profile.sweep import FRACTIONS, sweep
 from scepsy_hpc.profile.table import CallSample, ProfilePoint, ProfileTable, summarise
-from scepsy_hpc.sim.core import poisson_arrivals, replay_calls
+from scepsy_hpc.sim.core import poisson_arrivals
+from scepsy_hpc.sim.replay import replay_calls
 from scepsy_hpc.sim.workload import Call
 
 WARMUP_FRAC = 0.1

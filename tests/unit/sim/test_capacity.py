@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from scepsy_hpc.sim.capacity import latency_trend, max_sustainable_rate
 from scepsy_hpc.sim.core import simulate
