@@ -1,0 +1,152 @@
+"""The allocation MILP (DESIGN.md §4), solved with PuLP and HiGHS.
+
+Sets
+    M              LLM deployments
+    C_m            candidate configurations of m: c = (g, tp, f, r) — GPU type g, tensor parallelism
+                   tp, GPU fraction f (f < 1 only at tp = 1, on the quarter grid), r replicas
+    G              GPU types, with N_g GPUs available
+
+Parameters
+    ℓ_mc           latency cost of m under c at the target rate (seconds; from the predictor)
+    w_mc           whole GPUs c takes: tp·r if f = 1, else 0
+    q_mck          fractional instances of size k/4 that c brings: r if f = k/4 < 1, else 0
+
+Variables
+    x_mc ∈ {0,1}   m runs configuration c
+    s_g ∈ ℤ≥0      GPUs of type g shared by fractional instances
+
+Objective
+    minimise Σ_m Σ_c ℓ_mc·x_mc
+
+Constraints
+    (1) Σ_c x_mc = 1                                         ∀ m            every LLM is served once
+    (2) Σ_m Σ_{c: g} w_mc·x_mc + s_g ≤ N_g                   ∀ g            whole and shared GPUs fit
+    (3) 4·s_g ≥ Σ_m Σ_{c: g} (3·q_mc3 + 2·q_mc2 + q_mc1)·x_mc  ∀ g          shared GPUs hold the quarters
+    (4) s_g ≥ Σ_m Σ_{c: g} (q_mc3 + q_mc2 / 2)·x_mc           ∀ g            a 3/4 never shares with a 1/2,
+                                                                           two halves fill a GPU
+With s_g integral, (3) and (4) give exactly the fewest GPUs that pack the quarter-sized instances
+(each 3/4 takes a GPU, perhaps with one 1/4; halves pair; quarters fill the gaps), so every
+solution packs onto whole GPUs. Capacity needs no constraint: candidates that cannot carry their
+load with headroom are never generated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from scepsy_hpc.errors import InfeasibleError, SolverError
+
+QUARTERS = {0.25: 1, 0.5: 2, 0.75: 3}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration c of one LLM m and its latency cost ℓ_mc."""
+
+    gpu: str
+    tp: int
+    gpu_frac: float
+    replicas: int
+    cost_s: float
+
+    @property
+    def whole_gpus(self) -> int:
+        """w_mc: whole GPUs this configuration takes."""
+        return self.tp * self.replicas if self.gpu_frac >= 1.0 else 0
+
+    @property
+    def quarter(self) -> int:
+        """k when this is r instances of size k/4 < 1, else 0."""
+        return 0 if self.gpu_frac >= 1.0 else QUARTERS[round(self.gpu_frac, 4)]
+
+    @property
+    def gpus(self) -> float:
+        """GPU share in all: tp·r·f."""
+        return self.tp * self.replicas * self.gpu_frac
+
+
+@dataclass(frozen=True)
+class MILPResult:
+    """The chosen candidate per LLM, shared GPUs per type, objective, status and solve time."""
+
+    choice: dict[str, Candidate]
+    shared_gpus: dict[str, int]
+    objective_s: float
+    status: str
+    solve_time_s: float
+    variables: int
+
+    def gpus_used(self) -> dict[str, int]:
+        """Whole plus shared GPUs per type."""
+        used = dict(self.shared_gpus)
+        for c in self.choice.values():
+            used[c.gpu] = used.get(c.gpu, 0) + c.whole_gpus
+        return used
+
+
+def solve(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], *,
+          time_limit_s: float = 30.0, gap: float = 1e-6, msg: bool = False) -> MILPResult:
+    """Pick one candidate per LLM minimising Σ ℓ within the GPU budget (see the module docstring)."""
+    import pulp
+
+    empty = [m for m, cs in candidates.items() if not cs]
+    if empty:
+        raise InfeasibleError(f"no configuration of LLM(s) {', '.join(empty)} fits in memory and carries its load; "
+                              f"lower the target rate or allow more GPUs per instance")
+    t0 = time.perf_counter()
+    prob = pulp.LpProblem("allocation", pulp.LpMinimize)
+    x = {(m, i): prob.add_variable(f"x_{k}_{i}", cat="Binary")
+         for k, (m, cs) in enumerate(candidates.items()) for i in range(len(cs))}
+    types = sorted({c.gpu for cs in candidates.values() for c in cs})
+    unknown = [g for g in types if g not in budget]
+    s = {g: prob.add_variable(f"s_{j}", lowBound=0, cat="Integer") for j, g in enumerate(types)}
+    prob += pulp.lpSum(c.cost_s * x[m, i] for m, cs in candidates.items() for i, c in enumerate(cs))
+    for k, (m, cs) in enumerate(candidates.items()):
+        prob += pulp.lpSum(x[m, i] for i in range(len(cs))) == 1, f"c1_serve_{k}"
+    for g in types:
+        on_g = [(m, i, c) for m, cs in candidates.items() for i, c in enumerate(cs) if c.gpu == g]
+        cap = budget.get(g, 0) if g not in unknown else 0
+        j = types.index(g)
+        prob += pulp.lpSum(c.whole_gpus * x[m, i] for m, i, c in on_g) + s[g] <= cap, f"c2_gpus_{j}"
+        prob += 4 * s[g] >= pulp.lpSum(c.quarter * c.replicas * x[m, i] for m, i, c in on_g if c.quarter), f"c3_quarters_{j}"
+        prob += s[g] >= pulp.lpSum((1.0 if c.quarter == 3 else 0.5 if c.quarter == 2 else 0.0) * c.replicas * x[m, i]
+                                   for m, i, c in on_g if c.quarter in (2, 3)), f"c4_pairs_{j}"
+    solver = pulp.HiGHS(msg=msg, timeLimit=time_limit_s, gapRel=gap)
+    try:
+        prob.solve(solver)
+    except pulp.PulpSolverError as e:
+        raise SolverError(f"HiGHS failed on the allocation MILP: {e}") from None
+    status = pulp.LpStatus[prob.status]
+    elapsed = time.perf_counter() - t0
+    if status == "Infeasible":
+        need = sum(min(c.gpus for c in cs) for cs in candidates.values())
+        have = sum(budget.get(g, 0) for g in types)
+        raise InfeasibleError(f"no allocation fits: the smallest configurations that carry the load need "
+                              f"{need:g} GPUs in all; {have} given")
+    if status != "Optimal":
+        if status == "Not Solved" or pulp.value(prob.objective) is None:
+            raise SolverError(f"HiGHS stopped with status {status!r} after {elapsed:.1f} s and no solution; "
+                              f"raise the time limit ({time_limit_s:g} s)")
+    choice = {}
+    for m, cs in candidates.items():
+        picked = [c for i, c in enumerate(cs) if (x[m, i].value() or 0.0) > 0.5]
+        if len(picked) != 1:
+            raise SolverError(f"HiGHS returned {len(picked)} configurations for LLM {m!r}; expected exactly one")
+        choice[m] = picked[0]
+    shared = {g: int(round(s[g].value() or 0.0)) for g in types}
+    return MILPResult(choice, shared, float(pulp.value(prob.objective)), status, elapsed, len(x) + len(s))
+
+
+def shared_gpus_needed(choice: Mapping[str, Candidate]) -> dict[str, int]:
+    """The fewest GPUs per type that pack the chosen fractional instances (constraints (3), (4))."""
+    n: dict[str, list[int]] = {}
+    for c in choice.values():
+        if c.quarter:
+            k = n.setdefault(c.gpu, [0, 0, 0, 0])
+            k[c.quarter] += c.replicas
+    out = {}
+    for g, (_, n1, n2, n3) in n.items():
+        out[g] = max(n3 + (n2 + 1) // 2, (3 * n3 + 2 * n2 + n1 + 3) // 4)
+    return out

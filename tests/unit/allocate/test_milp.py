@@ -1,0 +1,87 @@
+"""The allocation MILP against exhaustive search on small random instances."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import random
+
+import pytest
+
+from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed, solve
+from scepsy_hpc.errors import InfeasibleError
+
+
+@functools.lru_cache(maxsize=None)
+def min_bins(n1: int, n2: int, n3: int) -> int:
+    """Fewest unit bins for n_k items of size k/4, by exhaustive search over bin contents."""
+    if n1 == n2 == n3 == 0:
+        return 0
+    best = 10 ** 9
+    for a3 in range(min(n3, 1) + 1):  # one bin: at most one 3/4 ...
+        for a2 in range(min(n2, 2) + 1):
+            for a1 in range(min(n1, 4) + 1):
+                if 3 * a3 + 2 * a2 + a1 > 4 or a3 + a2 + a1 == 0:
+                    continue
+                best = min(best, 1 + min_bins(n1 - a1, n2 - a2, n3 - a3))
+    return best
+
+
+@pytest.mark.parametrize("n1,n2,n3", list(itertools.product(range(6), range(5), range(4))))
+def test_quarter_packing_formula_is_exact(n1, n2, n3):
+    choice = {}
+    for k, n in ((1, n1), (2, n2), (3, n3)):
+        if n:
+            choice[f"m{k}"] = Candidate("g", 1, k / 4, n, 0.0)
+    assert shared_gpus_needed(choice).get("g", 0) == min_bins(n1, n2, n3)
+
+
+def brute(cands, budget):
+    best = None
+    names = list(cands)
+    for combo in itertools.product(*(cands[m] for m in names)):
+        choice = dict(zip(names, combo))
+        used = shared_gpus_needed(choice)
+        for c in combo:
+            used[c.gpu] = used.get(c.gpu, 0) + c.whole_gpus
+        if all(used[g] <= budget.get(g, 0) for g in used):
+            cost = sum(c.cost_s for c in combo)
+            if best is None or cost < best:
+                best = cost
+    return best
+
+
+def random_instance(rng):
+    cands = {}
+    for m in range(rng.randint(2, 4)):
+        cs = []
+        for _ in range(rng.randint(1, 5)):
+            tp = rng.choice((1, 1, 2, 4))
+            f = 1.0 if tp > 1 else rng.choice((0.25, 0.5, 0.75, 1.0, 1.0))
+            cs.append(Candidate(rng.choice(("a", "b")), tp, f, rng.randint(1, 3), round(rng.uniform(1, 20), 3)))
+        cands[f"m{m}"] = cs
+    return cands, {"a": rng.randint(0, 8), "b": rng.randint(0, 4)}
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_milp_matches_exhaustive_search(seed):
+    rng = random.Random(seed)
+    cands, budget = random_instance(rng)
+    want = brute(cands, budget)
+    if want is None:
+        with pytest.raises(InfeasibleError) as e:
+            solve(cands, budget)
+        assert "GPUs" in str(e.value)
+        return
+    res = solve(cands, budget)
+    assert res.objective_s == pytest.approx(want)
+    used = res.gpus_used()
+    assert all(used[g] <= budget[g] for g in used)  # never more GPUs than exist
+    assert set(res.choice) == set(cands)  # every LLM served
+    assert shared_gpus_needed(res.choice).get("a", 0) <= res.shared_gpus.get("a", 0)
+
+
+def test_no_candidate_is_a_clear_error():
+    with pytest.raises(InfeasibleError) as e:
+        solve({"big": [], "small": [Candidate("a", 1, 1.0, 1, 1.0)]}, {"a": 8})
+    assert "big" in str(e.value) and "small" not in str(e.value)
