@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from scepsy_hpc.perf.model import EnginePerf
+from scepsy_hpc.perf.model import EnginePerf, chunk_prefills
 
 WAITING, PREFILL, DECODE, DONE, ABORTED = "waiting", "prefill", "decode", "done", "aborted"
 
@@ -147,18 +147,7 @@ class Batcher:
             return None
         decoding = self.decoding
         ctx = sum(r.prompt + r.generated for r in decoding)  # each decoder attends to its whole context
-        budget = self.budget - len(decoding)
-        chunks: list[tuple[int, int]] = []
-        prefilled: list[SimRequest] = []
-        for req in self.prefilling:
-            if budget <= 0:
-                break
-            c = min(budget, req.prompt - req.prefilled)
-            chunks.append((c, req.prefilled))
-            req.prefilled += c
-            budget -= c
-            if req.prefilled == req.prompt:
-                prefilled.append(req)
+        chunks, prefilled = chunk_prefills(self.prefilling, self.budget - len(decoding))
         if prefilled:
             self.prefilling = [r for r in self.prefilling if r.prefilled < r.prompt]
         dt = self.perf.iteration_time(len(decoding), ctx, chunks)

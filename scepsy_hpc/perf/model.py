@@ -26,6 +26,8 @@ whole runs of iterations in O(1) while staying exact to iteration granularity.
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 from dataclasses import dataclass, field
 
@@ -226,3 +228,23 @@ class EnginePerf:
                 f"but needs {need:.1f} GiB ({cfg.model.weight_bytes / GIB:.1f} GiB weights + {min_tokens} KV tokens); "
                 f"raise tp or gpu_frac"
             )
+
+
+def chunk_prefills(prefilling: Any, budget: int) -> tuple[list[tuple[int, int]], list[Any]]:
+    """vLLM's chunked prefill, FCFS: give each prefilling sequence (`.prompt`, `.prefilled`) as many
+    of the iteration's `budget` tokens as it still needs, in order, until the budget runs out.
+    Advances `.prefilled`; returns the (chunk, already prefilled) pairs for `iteration_time` and the
+    sequences whose prefill completes in this iteration. Shared by the simulator and the sim engine
+    server, so both schedule identically."""
+    chunks: list[tuple[int, int]] = []
+    done: list[Any] = []
+    for s in prefilling:
+        if budget <= 0:
+            break
+        c = min(budget, s.prompt - s.prefilled)
+        chunks.append((c, s.prefilled))
+        s.prefilled += c
+        budget -= c
+        if s.prefilled == s.prompt:
+            done.append(s)
+    return chunks, done

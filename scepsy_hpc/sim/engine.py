@@ -17,7 +17,7 @@ import heapq
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from scepsy_hpc.perf.model import EnginePerf
+from scepsy_hpc.perf.model import EnginePerf, chunk_prefills
 
 if TYPE_CHECKING:
     from scepsy_hpc.sim.core import EventLoop
@@ -159,18 +159,7 @@ class SimEngine:
             self.peak_running = running
         ctx = self.p_dec + self.n_dec * self.iter - self.s_start
         if prefilling:
-            budget = self.budget - self.n_dec
-            chunks: list[tuple[int, int]] = []
-            done_now: list[Seq] = []
-            for s in prefilling:
-                if budget <= 0:
-                    break
-                c = min(budget, s.prompt - s.prefilled)
-                chunks.append((c, s.prefilled))
-                s.prefilled += c
-                budget -= c
-                if s.prefilled == s.prompt:
-                    done_now.append(s)
+            chunks, done_now = chunk_prefills(prefilling, self.budget - self.n_dec)
             if done_now:
                 self.prefilling = [s for s in prefilling if s.prefilled < s.prompt]
             self._step_prefill = done_now
