@@ -60,7 +60,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 validate(_GPUs, data, smap)
             else:
                 models = models if models is not None else load_models(args.models)
-                gpus = gpus if gpus is not None else load_gpus(args.gpus)
+                gpus = gpus if gpus is not None else load_gpus(args.gpu_catalog)
                 if kind == "workflow":
                     parse_workflow(data, smap, models)
                 elif kind == "cluster":
@@ -94,7 +94,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise SpecError(f"--requests {args.requests}: simulate at least one request")
     if not 0 <= args.warmup < 1:
         raise SpecError(f"--warmup {args.warmup:g}: give a fraction in [0, 1)")
-    models, gpus = load_models(args.models), load_gpus(args.gpus)
+    models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     wf = load_workflow(_resolve(args.workflow, "workflows"), models)
     plan = load_plan(_resolve(args.plan, "plans"), wf, models, gpus)
     res = simulate(wf, plan.allocation, gpus[plan.gpus.type], models, rate_rps=args.rate,
@@ -146,8 +146,8 @@ def _print_sim(res: Any, plan: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `scepsy`."""
     ap = argparse.ArgumentParser(prog="scepsy", description="Serve multi-LLM agentic workflows on Slurm GPU clusters.")
-    ap.add_argument("--models", help="model catalog (default: configs/models.yaml)")
-    ap.add_argument("--gpus", help="GPU catalog (default: configs/gpus.yaml)")
+    ap.add_argument("--models", metavar="FILE", help="model catalog (default: configs/models.yaml)")
+    ap.add_argument("--gpu-catalog", dest="gpu_catalog", metavar="FILE", help="GPU catalog (default: configs/gpus.yaml)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="check workflow, plan, cluster and catalog files")
@@ -235,7 +235,57 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--seed", type=int, default=0)
     pf.add_argument("--json", action="store_true", help="print one JSON object")
     pf.set_defaults(func=_lazy("profile", "cmd_profile"))
+
+    pl = sub.add_parser("plan", help="allocate GPUs to a workflow's LLMs: tp, GPU fraction and replicas per LLM")
+    pl.add_argument("workflows", nargs="+", metavar="WORKFLOW",
+                    help="workflow file(s) or shipped name(s); several share deployments of the same model")
+    _budget_args(pl)
+    goal = pl.add_mutually_exclusive_group()
+    goal.add_argument("--target-rps", metavar="RPS", help="lowest latency at this rate (or WORKFLOW=RPS,...; default: "
+                      "each workflow's target)")
+    goal.add_argument("--latency-slo", type=float, metavar="S", help="highest rate whose predicted mean latency is ≤ S seconds")
+    goal.add_argument("--max-throughput", action="store_true", help="highest rate the GPUs carry, then lowest latency there")
+    pl.add_argument("--policy", choices=("milp", "equal", "independent", "paper-enum"), default="milp",
+                    help="milp (default), or a baseline: equal split, independent per-LLM, the paper's enumeration")
+    pl.add_argument("-o", "--output", metavar="PLAN.yaml", help="write the plan file")
+    pl.add_argument("--trace", metavar="FILE", help="statistics from this trace (one workflow; default: sample the program)")
+    pl.add_argument("--profiles", metavar="DIR", help="measured profiles (default: synthesise from the performance model)")
+    pl.add_argument("--simulate", action="store_true", help="also simulate the plan at its rate and print what it measures")
+    pl.add_argument("--requests", type=int, default=500, metavar="N", help="requests for --simulate (default 500)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(func=_lazy("plan", "cmd_plan"))
+
+    be = sub.add_parser("bench", help="simulated throughput and latency of milp vs. the baselines per workflow and GPU count")
+    be.add_argument("--workflows", default="rag_rerank,deep_research,coding_agent,mixture_of_agents,beam_search",
+                    metavar="W,W,...", help="shipped names or files (default: all shipped)")
+    be.add_argument("--gpus", dest="gpu_counts", default="8,16", metavar="N,N,...", help="GPU counts (default 8,16)")
+    be.add_argument("--gpu-type", default="h100-sxm", metavar="TYPE", help="GPU type (default h100-sxm)")
+    be.add_argument("--max-tp", type=int, default=8, metavar="TP", help="largest tp, the NVLink domain (default 8)")
+    be.add_argument("--policies", default="milp,equal,independent,paper-enum", metavar="P,P,...")
+    be.add_argument("--requests", type=int, default=1200, metavar="N", help="requests per simulation run (default 1200)")
+    be.add_argument("--jobs", type=int, default=0, metavar="J", help="parallel processes (default: CPU count)")
+    be.add_argument("--plot", metavar="OUT.png", help="plot mean latency vs. rate per policy (matplotlib)")
+    be.add_argument("--json", action="store_true", help="print one JSON object")
+    _plan_tuning(be)
+    be.set_defaults(func=_lazy("bench", "cmd_bench"))
     return ap
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", dest="gpu_count", type=int, metavar="N", help="GPUs to plan on (with --gpu-type)")
+    p.add_argument("--gpu-type", metavar="TYPE", help="GPU type of the catalog (default h100-sxm, or the cluster's)")
+    p.add_argument("--cluster", metavar="CLUSTER.yaml", help="plan on a cluster spec's GPUs (its NVLink domain caps tp)")
+    p.add_argument("--max-tp", type=int, default=None, metavar="TP", help="largest tp (default: the NVLink domain, or 8)")
+    _plan_tuning(p)
+
+
+def _plan_tuning(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-util", type=float, default=0.9, metavar="U",
+                   help="highest planned utilisation of any LLM (default 0.9: 10%% headroom)")
+    p.add_argument("--time-limit", type=float, default=30.0, metavar="S", help="MILP time limit per solve (default 30 s)")
+    p.add_argument("--gap", type=float, default=1e-6, metavar="G", help="MILP relative optimality gap (default 1e-6)")
+    p.add_argument("--samples", type=int, default=1000, metavar="N", help="program samples per workflow (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 PASSTHROUGH = {"gateway": ("scepsy_hpc.gateway.app", "main"), "engine-sim": ("scepsy_hpc.engine.sim_server", "main")}

@@ -15,7 +15,7 @@ Variables
     x_mc ∈ {0,1}   m runs configuration c
     s_g ∈ ℤ≥0      GPUs of type g shared by fractional instances
 
-Objective
+Objective (latency mode, `solve`)
     minimise Σ_m Σ_c ℓ_mc·x_mc
 
 Constraints
@@ -28,13 +28,19 @@ With s_g integral, (3) and (4) give exactly the fewest GPUs that pack the quarte
 (each 3/4 takes a GPU, perhaps with one 1/4; halves pair; quarters fill the gaps), so every
 solution packs onto whole GPUs. Capacity needs no constraint: candidates that cannot carry their
 load with headroom are never generated.
+
+Throughput mode (`solve_max_rate`): with κ_mc the calls/s candidate c completes (r·μ) and n_m the
+calls LLM m receives per unit of the rate scale θ (Σ over the workflows it serves of n_wm·λ_w),
+    maximise θ  subject to (1)–(4) and
+    (5) Σ_c κ_mc·x_mc ≥ n_m·θ                               ∀ m            every LLM carries its load
+so the rate scale the GPUs can carry is found exactly, in one solve, not by bisection.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.errors import InfeasibleError, SolverError
 
@@ -50,6 +56,7 @@ class Candidate:
     gpu_frac: float
     replicas: int
     cost_s: float
+    capacity_rps: float = 0.0   # κ_mc: calls/s all replicas complete
 
     @property
     def whole_gpus(self) -> int:
@@ -77,6 +84,7 @@ class MILPResult:
     status: str
     solve_time_s: float
     variables: int
+    time_limit_hit: bool = False
 
     def gpus_used(self) -> dict[str, int]:
         """Whole plus shared GPUs per type."""
@@ -86,57 +94,114 @@ class MILPResult:
         return used
 
 
-def solve(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], *,
-          time_limit_s: float = 30.0, gap: float = 1e-6, msg: bool = False) -> MILPResult:
-    """Pick one candidate per LLM minimising Σ ℓ within the GPU budget (see the module docstring)."""
-    import pulp
-
+def _check_nonempty(candidates: Mapping[str, Sequence[Candidate]]) -> None:
     empty = [m for m, cs in candidates.items() if not cs]
     if empty:
         raise InfeasibleError(f"no configuration of LLM(s) {', '.join(empty)} fits in memory and carries its load; "
                               f"lower the target rate or allow more GPUs per instance")
-    t0 = time.perf_counter()
-    prob = pulp.LpProblem("allocation", pulp.LpMinimize)
+
+
+def _model(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], sense: int) -> tuple[Any, dict, dict]:
+    """The problem with variables x_mc, s_g and constraints (1)–(4); the caller sets the objective."""
+    import pulp
+
+    prob = pulp.LpProblem("allocation", sense)
     x = {(m, i): prob.add_variable(f"x_{k}_{i}", cat="Binary")
          for k, (m, cs) in enumerate(candidates.items()) for i in range(len(cs))}
     types = sorted({c.gpu for cs in candidates.values() for c in cs})
-    unknown = [g for g in types if g not in budget]
     s = {g: prob.add_variable(f"s_{j}", lowBound=0, cat="Integer") for j, g in enumerate(types)}
-    prob += pulp.lpSum(c.cost_s * x[m, i] for m, cs in candidates.items() for i, c in enumerate(cs))
     for k, (m, cs) in enumerate(candidates.items()):
         prob += pulp.lpSum(x[m, i] for i in range(len(cs))) == 1, f"c1_serve_{k}"
-    for g in types:
+    for j, g in enumerate(types):
         on_g = [(m, i, c) for m, cs in candidates.items() for i, c in enumerate(cs) if c.gpu == g]
-        cap = budget.get(g, 0) if g not in unknown else 0
-        j = types.index(g)
-        prob += pulp.lpSum(c.whole_gpus * x[m, i] for m, i, c in on_g) + s[g] <= cap, f"c2_gpus_{j}"
+        prob += pulp.lpSum(c.whole_gpus * x[m, i] for m, i, c in on_g) + s[g] <= budget.get(g, 0), f"c2_gpus_{j}"
         prob += 4 * s[g] >= pulp.lpSum(c.quarter * c.replicas * x[m, i] for m, i, c in on_g if c.quarter), f"c3_quarters_{j}"
-        prob += s[g] >= pulp.lpSum((1.0 if c.quarter == 3 else 0.5 if c.quarter == 2 else 0.0) * c.replicas * x[m, i]
+        prob += s[g] >= pulp.lpSum((1.0 if c.quarter == 3 else 0.5) * c.replicas * x[m, i]
                                    for m, i, c in on_g if c.quarter in (2, 3)), f"c4_pairs_{j}"
-    solver = pulp.HiGHS(msg=msg, timeLimit=time_limit_s, gapRel=gap)
+    return prob, x, s
+
+
+def _run(prob: Any, time_limit_s: float, gap: float, msg: bool) -> tuple[str, bool]:
+    """Solve; (status, whether optimality is proven). PuLP reports a solver stopped at its time
+    limit with an incumbent as "Optimal" with an integer-feasible solution status; that is
+    "feasible" here. Solver failures become SolverError; infeasibility and no solution are raised
+    by the caller, which knows what to say."""
+    import pulp
+
     try:
-        prob.solve(solver)
+        prob.solve(pulp.HiGHS(msg=msg, timeLimit=time_limit_s, gapRel=gap))
     except pulp.PulpSolverError as e:
         raise SolverError(f"HiGHS failed on the allocation MILP: {e}") from None
     status = pulp.LpStatus[prob.status]
-    elapsed = time.perf_counter() - t0
-    if status == "Infeasible":
-        need = sum(min(c.gpus for c in cs) for cs in candidates.values())
-        have = sum(budget.get(g, 0) for g in types)
-        raise InfeasibleError(f"no allocation fits: the smallest configurations that carry the load need "
-                              f"{need:g} GPUs in all; {have} given")
-    if status != "Optimal":
-        if status == "Not Solved" or pulp.value(prob.objective) is None:
-            raise SolverError(f"HiGHS stopped with status {status!r} after {elapsed:.1f} s and no solution; "
-                              f"raise the time limit ({time_limit_s:g} s)")
+    if status == "Optimal":
+        return ("optimal", True) if prob.sol_status == pulp.LpSolutionOptimal else ("feasible", False)
+    return status, False
+
+
+def _result(candidates: Mapping[str, Sequence[Candidate]], x: dict, s: dict, prob: Any, status: str,
+            elapsed: float, time_limit_s: float) -> MILPResult:
+    import pulp
+
     choice = {}
     for m, cs in candidates.items():
         picked = [c for i, c in enumerate(cs) if (x[m, i].value() or 0.0) > 0.5]
         if len(picked) != 1:
             raise SolverError(f"HiGHS returned {len(picked)} configurations for LLM {m!r}; expected exactly one")
         choice[m] = picked[0]
-    shared = {g: int(round(s[g].value() or 0.0)) for g in types}
-    return MILPResult(choice, shared, float(pulp.value(prob.objective)), status, elapsed, len(x) + len(s))
+    shared = {g: int(round(v.value() or 0.0)) for g, v in s.items()}
+    # "optimal" is proven within the gap; "feasible" is the incumbent when the time limit stopped HiGHS.
+    return MILPResult(choice, shared, float(pulp.value(prob.objective)), status, elapsed, len(x) + len(s),
+                      time_limit_hit=status == "feasible")
+
+
+def _infeasible(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int]) -> InfeasibleError:
+    need = sum(min(c.gpus for c in cs) for cs in candidates.values())
+    types = sorted({c.gpu for cs in candidates.values() for c in cs})
+    have = sum(budget.get(g, 0) for g in types)
+    return InfeasibleError(f"no allocation fits: the smallest configurations that carry the load need "
+                           f"{need:g} GPUs in all; {have} given")
+
+
+def solve(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], *,
+          time_limit_s: float = 30.0, gap: float = 1e-6, msg: bool = False) -> MILPResult:
+    """Pick one candidate per LLM minimising Σ ℓ within the GPU budget (see the module docstring)."""
+    import pulp
+
+    _check_nonempty(candidates)
+    t0 = time.perf_counter()
+    prob, x, s = _model(candidates, budget, pulp.LpMinimize)
+    prob += pulp.lpSum(c.cost_s * x[m, i] for m, cs in candidates.items() for i, c in enumerate(cs))
+    status, _ = _run(prob, time_limit_s, gap, msg)
+    elapsed = time.perf_counter() - t0
+    if status == "Infeasible":
+        raise _infeasible(candidates, budget)
+    if status not in ("optimal", "feasible"):
+        raise SolverError(f"HiGHS stopped with status {status!r} after {elapsed:.1f} s and no solution; "
+                          f"raise the time limit ({time_limit_s:g} s)")
+    return _result(candidates, x, s, prob, status, elapsed, time_limit_s)
+
+
+def solve_max_rate(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
+                   calls_per_unit: Mapping[str, float], *, time_limit_s: float = 30.0, gap: float = 1e-6,
+                   msg: bool = False) -> tuple[float, MILPResult]:
+    """The largest rate scale θ every LLM carries (constraint (5)) and the candidates that reach it."""
+    import pulp
+
+    _check_nonempty(candidates)
+    t0 = time.perf_counter()
+    prob, x, s = _model(candidates, budget, pulp.LpMaximize)
+    theta = prob.add_variable("theta", lowBound=0)
+    prob += theta
+    for k, (m, cs) in enumerate(candidates.items()):
+        prob += pulp.lpSum(c.capacity_rps * x[m, i] for i, c in enumerate(cs)) >= calls_per_unit.get(m, 0.0) * theta, f"c5_carry_{k}"
+    status, _ = _run(prob, time_limit_s, gap, msg)
+    elapsed = time.perf_counter() - t0
+    if status == "Infeasible":
+        raise _infeasible(candidates, budget)
+    if status not in ("optimal", "feasible"):
+        raise SolverError(f"HiGHS stopped with status {status!r} after {elapsed:.1f} s and no solution; "
+                          f"raise the time limit ({time_limit_s:g} s)")
+    return float(theta.value() or 0.0), _result(candidates, x, s, prob, status, elapsed, time_limit_s)
 
 
 def shared_gpus_needed(choice: Mapping[str, Candidate]) -> dict[str, int]:

@@ -19,7 +19,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.rate <= 0:
         raise SpecError(f"--rate {args.rate:g}: the arrival rate must be positive (requests per second)")
-    models, gpus = load_models(args.models), load_gpus(args.gpus)
+    models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     wf = load_workflow(resolve_input(args.workflow, "workflows"), models)
     plan = load_plan(resolve_input(args.plan, "plans"), wf, models, gpus)
     work = load_workload(wf, args.trace, args.samples, args.seed)

@@ -31,7 +31,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.workflow import load_workflow, resolve_model
 
-    models, gpus = load_models(args.models), load_gpus(args.gpus)
+    models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     wf = load_workflow(resolve_input(args.workflow, "workflows"), models)
     tps = _numbers(args.tp, int, "--tp")
     bad = [t for t in tps if t not in TP_DEGREES]

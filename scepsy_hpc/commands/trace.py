@@ -106,7 +106,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise SpecError(f"--rate {args.rate:g}: give a positive rate, or leave it out for closed-loop --concurrency")
     if args.time_scale <= 0:
         raise SpecError(f"--time-scale {args.time_scale:g}: must be positive (wall seconds per model second)")
-    models, gpus = load_models(args.models), load_gpus(args.gpus)
+    models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     wf_path = resolve_input(args.workflow, "workflows")
     wf = load_workflow(wf_path, models)
     driver = args.driver or ("entrypoint" if wf.driver is not None else "program")

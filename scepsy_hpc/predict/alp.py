@@ -55,6 +55,8 @@ class Prediction:
     bottleneck_llm: str
     per_llm: dict[str, LLMPrediction]
     tool_s: float = 0.0
+    # alp-cp with keep_paths: per good graph, the indices of its critical-path nodes (not serialised)
+    paths: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def saturated(self) -> bool:
@@ -69,7 +71,9 @@ class Prediction:
             if isinstance(v, dict):
                 return {k: clean(x) for k, x in v.items()}
             return v
-        return clean(asdict(self))
+        d = asdict(self)
+        d.pop("paths", None)
+        return clean(d)
 
 
 def _check(stats: WorkflowStats, profiles: Mapping[str, ProfileTable], replicas: Mapping[str, int]) -> None:
@@ -82,16 +86,19 @@ def _check(stats: WorkflowStats, profiles: Mapping[str, ProfileTable], replicas:
 
 
 def _loads(stats: WorkflowStats, profiles: Mapping[str, ProfileTable], replicas: Mapping[str, int],
-           rate_rps: float) -> tuple[dict[str, float], dict[str, float], float, str]:
+           rate_rps: float, extra: Mapping[str, float] | None = None) -> tuple[dict[str, float], dict[str, float], float, str]:
+    """Calls/s per replica (this workflow's plus `extra`, other workflows' calls/s on a shared
+    deployment), capacity per LLM, and the workflow throughput with the other load held fixed."""
     loads, caps = {}, {}
     thr, neck = math.inf, ""
+    extra = extra or {}
     for m, s in stats.per_llm.items():
         if not s.calls:
             continue
         r = replicas[m]
-        loads[m] = rate_rps * s.n / r
+        loads[m] = (rate_rps * s.n + extra.get(m, 0.0)) / r
         caps[m] = r * profiles[m].capacity_rps
-        t = caps[m] / s.n
+        t = max(caps[m] - extra.get(m, 0.0), 0.0) / s.n
         if t < thr:
             thr, neck = t, m
     return loads, caps, thr, neck
@@ -105,7 +112,7 @@ def pooling_factor(replicas: int, rho: float) -> float:
     return min(1.0, rho ** (math.sqrt(2 * (replicas + 1)) - 2) / replicas)
 
 
-def _pooled(profile: ProfileTable, load_rps: float, replicas: int) -> ProfilePoint | None:
+def pooled_point(profile: ProfileTable, load_rps: float, replicas: int) -> ProfilePoint | None:
     """The per-call model at `load_rps` per replica when `replicas` replicas share the gateway queue.
 
     A profile is measured on one replica. Replicas behind one FIFO wait less for admission than a
@@ -124,10 +131,10 @@ def _pooled(profile: ProfileTable, load_rps: float, replicas: int) -> ProfilePoi
 
 
 def predict_paper(stats: WorkflowStats, profiles: Mapping[str, ProfileTable], replicas: Mapping[str, int],
-                  rate_rps: float) -> Prediction:
+                  rate_rps: float, extra_load: Mapping[str, float] | None = None) -> Prediction:
     """The paper's ALP: Σ_m L_m(λ n_m / r_m)·n_m/p_m and min_m r_m μ_m / n_m."""
     _check(stats, profiles, replicas)
-    loads, caps, thr, neck = _loads(stats, profiles, replicas, rate_rps)
+    loads, caps, thr, neck = _loads(stats, profiles, replicas, rate_rps, extra_load)
     per: dict[str, LLMPrediction] = {}
     total = 0.0
     for m, x in loads.items():
@@ -135,20 +142,24 @@ def predict_paper(stats: WorkflowStats, profiles: Mapping[str, ProfileTable], re
         lat = profiles[m].latency_at(x)
         stage = lat * s.n / s.p
         total += stage
-        per[m] = LLMPrediction(m, replicas[m], s.n, x, caps[m], rate_rps * s.n / caps[m], lat, stage)
+        per[m] = LLMPrediction(m, replicas[m], s.n, x, caps[m], x * replicas[m] / caps[m], lat, stage)
     return Prediction("alp-paper", rate_rps, total, thr, neck, per)
 
 
 def predict_cp(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTable], replicas: Mapping[str, int],
-               rate_rps: float, stats: WorkflowStats | None = None) -> Prediction:
-    """Ours: every call priced at its LLM's load by its own size, tools kept, critical path evaluated."""
+               rate_rps: float, stats: WorkflowStats | None = None, extra_load: Mapping[str, float] | None = None,
+               keep_paths: bool = False) -> Prediction:
+    """Ours: every call priced at its LLM's load by its own size, tools kept, critical path evaluated.
+    `extra_load`: calls/s other workflows send to a shared deployment; `keep_paths`: keep each
+    graph's critical path (the allocation planner re-weights its costs by them)."""
     stats = stats or aggregate(graphs)
     _check(stats, profiles, replicas)
-    loads, caps, thr, neck = _loads(stats, profiles, replicas, rate_rps)
-    points = {m: _pooled(profiles[m], x, replicas[m]) for m, x in loads.items()}
+    loads, caps, thr, neck = _loads(stats, profiles, replicas, rate_rps, extra_load)
+    points = {m: pooled_point(profiles[m], x, replicas[m]) for m, x in loads.items()}
     shaped = {m: profiles[m].arrivals == "requests" for m in loads}
     per_lat = {m: (p.latency_mean_s if p is not None else math.inf) for m, p in points.items()}
     cp = {m: 0.0 for m in loads}
+    paths: list[tuple[int, ...]] = []
     if any(p is None for p in points.values()):
         latency, tool = math.inf, math.nan
         cp = {m: (math.inf if points[m] is None else math.nan) for m in loads}
@@ -158,7 +169,10 @@ def predict_cp(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTab
         for g in good:
             d = _burst_durations(g, points, replicas, shaped)
             total += g.latency(lambda n, _d=d: _d[id(n)])
-            for i in g.critical_path(lambda n, _d=d: _d[id(n)]):
+            path = g.critical_path(lambda n, _d=d: _d[id(n)])
+            if keep_paths:
+                paths.append(tuple(path))
+            for i in path:
                 n = g.nodes[i]
                 if n.kind == CALL:
                     cp[n.name] += d[id(n)]
@@ -169,9 +183,9 @@ def predict_cp(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTab
         k = len(good) or 1
         latency, tool = total / k, tool / k
         cp = {m: v / k for m, v in cp.items()}
-    per = {m: LLMPrediction(m, replicas[m], stats.per_llm[m].n, x, caps[m], rate_rps * stats.per_llm[m].n / caps[m],
+    per = {m: LLMPrediction(m, replicas[m], stats.per_llm[m].n, x, caps[m], x * replicas[m] / caps[m],
                             per_lat[m], cp[m]) for m, x in loads.items()}
-    return Prediction("alp-cp", rate_rps, latency, thr, neck, per, tool)
+    return Prediction("alp-cp", rate_rps, latency, thr, neck, per, tool, tuple(paths) if keep_paths else None)
 
 
 def _burst_durations(g: RequestGraph, points: Mapping[str, ProfilePoint], replicas: Mapping[str, int],
@@ -206,11 +220,12 @@ def _burst_durations(g: RequestGraph, points: Mapping[str, ProfilePoint], replic
 
 
 def predict(predictor: str, graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTable],
-            replicas: Mapping[str, int], rate_rps: float, stats: WorkflowStats | None = None) -> Prediction:
+            replicas: Mapping[str, int], rate_rps: float, stats: WorkflowStats | None = None,
+            extra_load: Mapping[str, float] | None = None) -> Prediction:
     """Dispatch to `alp-cp` or `alp-paper`."""
     stats = stats or aggregate(graphs)
     if predictor == "alp-paper":
-        return predict_paper(stats, profiles, replicas, rate_rps)
+        return predict_paper(stats, profiles, replicas, rate_rps, extra_load)
     if predictor == "alp-cp":
-        return predict_cp(graphs, profiles, replicas, rate_rps, stats)
+        return predict_cp(graphs, profiles, replicas, rate_rps, stats, extra_load)
     raise SpecError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")

@@ -62,6 +62,8 @@ class Plan(SpecModel):
     predicted: dict[str, Any] | None = None
     solver: dict[str, Any] | None = None
     placement: list[dict[str, Any]] | None = None
+    # several workflows: per workflow, which deployment (allocation key) serves each of its LLMs
+    routes: dict[str, dict[str, str]] | None = None
     provenance: dict[str, Any] | None = None
     notes: str = ""
 

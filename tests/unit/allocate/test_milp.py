@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed, solve
+from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed, solve, solve_max_rate
 from scepsy_hpc.errors import InfeasibleError
 
 
@@ -85,3 +85,47 @@ def test_no_candidate_is_a_clear_error():
     with pytest.raises(InfeasibleError) as e:
         solve({"big": [], "small": [Candidate("a", 1, 1.0, 1, 1.0)]}, {"a": 8})
     assert "big" in str(e.value) and "small" not in str(e.value)
+
+
+def brute_rate(cands, budget, calls):
+    best = None
+    names = list(cands)
+    for combo in itertools.product(*(cands[m] for m in names)):
+        choice = dict(zip(names, combo))
+        used = shared_gpus_needed(choice)
+        for c in combo:
+            used[c.gpu] = used.get(c.gpu, 0) + c.whole_gpus
+        if all(used[g] <= budget.get(g, 0) for g in used):
+            theta = min(c.capacity_rps / calls[m] for m, c in choice.items())
+            best = theta if best is None else max(best, theta)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_max_rate_milp_matches_exhaustive_search(seed):
+    rng = random.Random(1000 + seed)
+    cands, budget = random_instance(rng)
+    cands = {m: [Candidate(c.gpu, c.tp, c.gpu_frac, c.replicas, 0.0, round(rng.uniform(0.5, 10) * c.gpus, 3)) for c in cs]
+             for m, cs in cands.items()}
+    calls = {m: rng.uniform(0.5, 20) for m in cands}
+    want = brute_rate(cands, budget, calls)
+    if want is None:
+        with pytest.raises(InfeasibleError):
+            solve_max_rate(cands, budget, calls)
+        return
+    theta, res = solve_max_rate(cands, budget, calls)
+    assert theta == pytest.approx(want, rel=1e-6)
+    assert all(c.capacity_rps >= calls[m] * theta * (1 - 1e-6) for m, c in res.choice.items())  # every LLM carries its load
+    used = res.gpus_used()
+    assert all(used[g] <= budget[g] for g in used)
+
+
+def test_time_limit_reports_feasible_not_optimal():
+    """A hard instance stopped at a tiny time limit comes back as 'feasible' (or optimal if HiGHS is fast enough),
+    never as a silent optimum claim: status and time_limit_hit agree."""
+    rng = random.Random(7)
+    cands = {f"m{k}": [Candidate("a", tp, 1.0, r, rng.uniform(1, 50) / (tp * r) ** 0.5) for tp in (1, 2, 4) for r in range(1, 30)]
+             for k in range(24)}
+    res = solve(cands, {"a": 300}, time_limit_s=0.05)
+    assert res.status in ("optimal", "feasible")
+    assert res.time_limit_hit == (res.status == "feasible")

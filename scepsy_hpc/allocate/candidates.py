@@ -1,0 +1,200 @@
+"""Candidate configurations per LLM deployment and their latency costs ℓ_mc (DESIGN.md §4).
+
+A configuration is (tp, gpu_frac) on one GPU type: tp a power of two up to the NVLink domain, or a
+quarter-grid fraction of one GPU at tp = 1; it is kept when the model's weights and a minimal KV
+cache fit. A candidate adds the replica count r, from the fewest that carry the load at the
+utilisation cap up to what the budget allows.
+
+The cost ℓ_mc is separable: it is what LLM m's calls on the requests' critical paths add up to
+under c. Along a fixed set of critical paths (those of the previous allocation; the planner
+iterates), each such call costs the profile's per-call model at the candidate's load,
+a + b·prompt + tpot·(output − 1), with fan-out bursts priced as alp-cp prices them (a call's
+prompt term counts the prompts ahead of it on its replica). Since the model is linear in the
+token counts, a path set reduces to a few sums per LLM (`PathWeights`), and each candidate
+costs O(1) to price.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+from scepsy_hpc.allocate.milp import QUARTERS, Candidate
+from scepsy_hpc.errors import InfeasibleError
+from scepsy_hpc.perf.model import EngineConfig, EnginePerf
+from scepsy_hpc.predict.alp import pooled_point
+from scepsy_hpc.profile.table import ProfilePoint, ProfileTable
+from scepsy_hpc.sim.core import MIN_KV_TOKENS
+from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
+from scepsy_hpc.trace.graph import CALL, RequestGraph
+
+FRACTIONS = (0.25, 0.5, 0.75)
+MIN_GAIN_S = 0.01   # a candidate using more GPUs must shorten the critical path by ≥ 10 ms per request
+
+
+def tp_degrees(max_tp: int) -> list[int]:
+    """Powers of two up to `max_tp` (the NVLink domain size)."""
+    out, tp = [], 1
+    while tp <= max_tp:
+        out.append(tp)
+        tp *= 2
+    return out
+
+
+def fitting_configs(model: ModelSpec, gpu: GPUSpec, max_tp: int, fractions: Iterable[float] = FRACTIONS
+                    ) -> list[tuple[int, float]]:
+    """(tp, gpu_frac) pairs whose memory holds the weights and a minimal KV cache, smallest first."""
+    out = []
+    for tp, f in [(1, q) for q in sorted(fractions) if q < 1.0] + [(t, 1.0) for t in tp_degrees(max_tp)]:
+        try:
+            EnginePerf(EngineConfig(model, gpu, tp=tp, gpu_frac=f)).check_fits(MIN_KV_TOKENS)
+        except (InfeasibleError, ValueError):
+            continue
+        out.append((tp, f))
+    return out
+
+
+def no_fit_message(label: str, model: ModelSpec, gpu_name: str, gpu: GPUSpec, max_tp: int) -> str:
+    """Why `model` fits no configuration, from the largest one tried."""
+    try:
+        EnginePerf(EngineConfig(model, gpu, tp=max_tp, gpu_frac=1.0)).check_fits(MIN_KV_TOKENS, label=label)
+    except (InfeasibleError, ValueError) as e:
+        return f"{e} (tp is capped at {max_tp}, the NVLink domain of a {gpu_name} node)"
+    return f"{label} fits no configuration on {gpu_name}"
+
+
+@dataclass
+class PathWeights:
+    """What one LLM's calls on a set of critical paths add up to, averaged per request.
+
+    `count`, `outputs` (Σ output − 1) and `prompts` (Σ own prompt) price unbatched calls;
+    `bursts` holds, for each critical call in a fan-out burst, the burst's prompts in release
+    order and the call's place in it, so the prompts ahead of it on its replica follow for any r."""
+
+    requests: int
+    count: float = 0.0
+    outputs: float = 0.0
+    prompts: float = 0.0
+    bursts: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
+    _ahead: dict[int, float] = field(default_factory=dict)
+
+    def prompt_sum(self, replicas: int, shaped: bool) -> float:
+        """Σ over the critical calls of the prompt tokens their first token waits for, per request."""
+        if shaped or not self.bursts:
+            return self.prompts
+        r = max(1, replicas)
+        if r not in self._ahead:
+            extra = 0.0
+            for prompts, i in self.bursts:
+                extra += sum(prompts[j] for j in range(i % r, i + 1, r)) - prompts[i]
+            self._ahead[r] = self.prompts + extra / self.requests
+        return self._ahead[r]
+
+    def cost(self, p: ProfilePoint, replicas: int, shaped: bool) -> float:
+        """Critical-path seconds per request of these calls at the per-call model `p`."""
+        return p.ttft_a_s * self.count + p.ttft_b_s * self.prompt_sum(replicas, shaped) + p.tpot_s * self.outputs
+
+
+def path_weights(graphs: Sequence[RequestGraph], paths: Sequence[Sequence[int]] | None,
+                 llms: Iterable[str]) -> dict[str, PathWeights]:
+    """Per LLM, the PathWeights of the critical paths `paths` of `graphs` (None: each graph's own)."""
+    k = max(1, len(graphs))
+    out = {m: PathWeights(k) for m in llms}
+    for gi, g in enumerate(graphs):
+        path = g.critical_path() if paths is None else paths[gi]
+        bursts: dict[tuple[str, tuple[int, ...]], list[int]] | None = None
+        for i in path:
+            n = g.nodes[i]
+            if n.kind != CALL or n.name not in out:
+                continue
+            w = out[n.name]
+            w.count += 1.0 / k
+            w.outputs += max(n.output_tokens - 1.0, 0.0) / k
+            w.prompts += n.prompt_tokens / k
+            if bursts is None:
+                bursts = {}
+                for j, x in enumerate(g.nodes):
+                    if x.kind == CALL:
+                        bursts.setdefault((x.name, x.deps), []).append(j)
+            members = bursts[(n.name, n.deps)]
+            if len(members) > 1:
+                order = sorted(members, key=lambda j: g.nodes[j].gap_s)
+                w.bursts.append((tuple(g.nodes[j].prompt_tokens for j in order), order.index(i)))
+    return out
+
+
+@dataclass(frozen=True)
+class Config:
+    """One memory-fitting configuration of a deployment and its profile."""
+
+    tp: int
+    gpu_frac: float
+    profile: ProfileTable
+
+    @property
+    def gpus(self) -> float:
+        return self.tp * self.gpu_frac
+
+    def max_replicas(self, budget: int) -> int:
+        """Most replicas `budget` GPUs hold (fractions pack k/4 per quarter)."""
+        if self.gpu_frac >= 1.0:
+            return budget // self.tp
+        return (4 * budget) // QUARTERS[round(self.gpu_frac, 4)]
+
+
+def latency_candidates(gpu: str, configs: Sequence[Config], load_rps: float, budget: int, max_util: float,
+                       cost: Callable[[ProfilePoint, int, bool], float], eps: float = 1e-3,
+                       min_gain_s: float = MIN_GAIN_S) -> list[Candidate]:
+    """Candidates that carry `load_rps` calls/s at utilisation ≤ `max_util`, priced by `cost`,
+    Pareto-pruned: a candidate stays only if it costs less than every other of its kind (whole
+    GPUs, or one fraction size) that takes no more GPUs — by a relative `eps` and by at least
+    `min_gain_s` seconds per request, so GPUs that would buy almost nothing stay free."""
+    raw: list[Candidate] = []
+    for c in configs:
+        mu = c.profile.capacity_rps
+        if mu <= 0:
+            continue
+        r0 = max(1, math.ceil(load_rps / (mu * max_util) - 1e-9))
+        shaped = c.profile.arrivals == "requests"
+        for r in range(r0, c.max_replicas(budget) + 1):
+            p = pooled_point(c.profile, load_rps / r, r)
+            if p is None:
+                continue
+            raw.append(Candidate(gpu, c.tp, c.gpu_frac, r, cost(p, r, shaped), r * mu))
+    return pareto(raw, lambda c: c.cost_s, eps, min_gain_s)
+
+
+def capacity_candidates(gpu: str, configs: Sequence[Config], budget: int, eps: float = 1e-3) -> list[Candidate]:
+    """Every replica count of every configuration, kept when it carries more (by `eps`) than any
+    of its kind that takes no more GPUs (for the throughput MILP, where cost is irrelevant)."""
+    raw = [Candidate(gpu, c.tp, c.gpu_frac, r, 0.0, r * c.profile.capacity_rps)
+           for c in configs if c.profile.capacity_rps > 0 for r in range(1, c.max_replicas(budget) + 1)]
+    return pareto(raw, lambda c: -c.capacity_rps, eps)
+
+
+def pareto(cands: Sequence[Candidate], badness: Callable[[Candidate], float], eps: float,
+           min_gain: float = 0.0) -> list[Candidate]:
+    """Keep, per kind (whole GPUs / each fraction size), the candidates whose `badness` beats every
+    candidate of that kind using no more GPUs by more than the relative tolerance `eps` and the
+    absolute `min_gain`."""
+    kinds: dict[int, list[Candidate]] = {}
+    for c in cands:
+        kinds.setdefault(c.quarter, []).append(c)
+    out = []
+    for group in kinds.values():
+        group.sort(key=lambda c: (c.gpus, badness(c)))
+        best = math.inf
+        for c in group:
+            b = badness(c)
+            if not math.isfinite(best) or b < best - max(eps * abs(best), min_gain):
+                out.append(c)
+                best = b
+    return out
+
+
+def weights_cost(weights: Mapping[str, PathWeights]) -> Callable[[ProfilePoint, int, bool], float]:
+    """The cost function of a deployment serving the (workflow, LLM) path weights given."""
+    def cost(p: ProfilePoint, r: int, shaped: bool) -> float:
+        return sum(w.cost(p, r, shaped) for w in weights.values())
+    return cost

@@ -1,0 +1,343 @@
+"""Allocation planning: workflows + GPUs + a goal → a plan, by a policy (the MILP or a baseline).
+
+The planning problem
+    Workflows w, each with request graphs (traced, or sampled from its program), statistics and
+    a rate λ_w. Their LLMs map onto deployments d: one per LLM of a single workflow; across
+    workflows, LLMs that name the same catalog model share one deployment (its load is the sum,
+    its profile is measured on the combined call mix).
+
+Goals (`mode`)
+    target        lowest predicted latency (Σ_w of each workflow's mean) at the target rates
+    max-throughput the largest common scale θ of the rates any allocation carries (one MILP,
+                  milp.solve_max_rate), then the lowest latency at θ·max_util
+    slo           the largest θ whose lowest-latency plan meets the latency SLO in every
+                  workflow (bisection over θ; each step is a target-mode plan)
+
+`milp` in target mode iterates: costs come from critical paths (candidates.PathWeights); the
+first paths are those of the unloaded requests; after each solve the chosen allocation is
+evaluated by the full alp-cp predictor, whose critical paths re-weight the costs; it stops when
+an allocation repeats and keeps the one alp-cp ranks best.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from scepsy_hpc.allocate import candidates as cand
+from scepsy_hpc.allocate.milp import Candidate, MILPResult, shared_gpus_needed, solve, solve_max_rate
+from scepsy_hpc.errors import InfeasibleError, SpecError
+from scepsy_hpc.predict.alp import Prediction, predict_cp, predict_paper
+from scepsy_hpc.predict.inputs import ProfileSource, program_graphs
+from scepsy_hpc.profile.table import ProfileTable
+from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
+from scepsy_hpc.spec.plan import LLMAlloc
+from scepsy_hpc.spec.workflow import Workflow, resolve_model
+from scepsy_hpc.trace.graph import RequestGraph
+from scepsy_hpc.trace.stats import WorkflowStats, aggregate
+
+MODES = ("target", "max-throughput", "slo")
+MAX_ITERATIONS = 4
+
+
+@dataclass
+class Demand:
+    """One workflow to serve: spec, rate weight (its target rate), and what the predictor needs."""
+
+    wf: Workflow
+    weight_rps: float
+    mix: dict[str, list[tuple[int, int]]]
+    seqs: list[Any] | None = None            # sampled program requests (None with a trace)
+    graphs: list[RequestGraph] = field(default_factory=list)   # traced graphs (or built from seqs)
+    stats: WorkflowStats | None = None
+
+
+@dataclass
+class Deployment:
+    """One served model: the (workflow index, LLM) pairs it serves, its model, its configurations."""
+
+    name: str
+    model: ModelSpec
+    members: list[tuple[int, str]]
+    configs: list[cand.Config] = field(default_factory=list)
+    calls: float = 0.0       # calls per request-scale unit: Σ_w weight_w · n_w,llm
+
+
+@dataclass
+class Outcome:
+    """A policy's allocation and what the predictor says of it."""
+
+    choice: dict[str, Candidate]
+    rates: dict[str, float]
+    predictions: dict[str, Prediction]
+    status: str
+    solve_time_s: float = 0.0
+    iterations: int = 0
+    candidates: int = 0
+    notes: list[str] = field(default_factory=list)
+    milp: MILPResult | None = None
+
+    @property
+    def latency_s(self) -> float:
+        return sum(p.latency_s for p in self.predictions.values())
+
+
+class Planner:
+    """Plans for `demands` on `n_gpus` GPUs of type `gpu_name` (see the module docstring)."""
+
+    def __init__(self, demands: Sequence[Demand], models: Mapping[str, ModelSpec], gpus: Mapping[str, GPUSpec],
+                 gpu_name: str, n_gpus: int, *, max_tp: int = 8, fractions: Sequence[float] = cand.FRACTIONS,
+                 max_util: float = 0.9, profiles_dir: str | None = None, seed: int = 0, n_calls: int = 2000,
+                 time_limit_s: float = 30.0, gap: float = 1e-6, eps: float = 1e-3,
+                 progress: Callable[[str], None] | None = None) -> None:
+        if gpu_name not in gpus:
+            raise SpecError(f"unknown GPU type {gpu_name!r}; the catalog has {', '.join(sorted(gpus))}")
+        if n_gpus < 1:
+            raise SpecError(f"--gpus {n_gpus}: plan for at least one GPU")
+        if not 0.1 <= max_util <= 1.0:
+            raise SpecError(f"--max-util {max_util:g}: the utilisation cap must lie in [0.1, 1]")
+        self.demands = list(demands)
+        self.models, self.gpus, self.gpu_name, self.n_gpus = models, gpus, gpu_name, n_gpus
+        self.max_tp, self.fractions, self.max_util = max_tp, tuple(fractions), max_util
+        self.time_limit_s, self.gap, self.eps = time_limit_s, gap, eps
+        self.progress = progress or (lambda _msg: None)
+        self.deployments = self._deployments()
+        self.dep_of = {(i, llm): d.name for d in self.deployments.values() for i, llm in d.members}
+        self._sources = {d.name: self._source(d, profiles_dir, seed, n_calls) for d in self.deployments.values()}
+        for d in self.deployments.values():
+            d.configs = self._configs(d)
+        self._finish_demands()
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def _deployments(self) -> dict[str, Deployment]:
+        by_key: dict[Any, Deployment] = {}
+        single = len(self.demands) == 1
+        for i, dm in enumerate(self.demands):
+            for llm, spec in dm.wf.llms.items():
+                model = resolve_model(dm.wf, llm, self.models)
+                key = llm if single else (spec.model if isinstance(spec.model, str) else f"{dm.wf.name}.{llm}")
+                d = by_key.get(key)
+                if d is None:
+                    d = by_key[key] = Deployment(str(key), model, [])
+                d.members.append((i, llm))
+        # A deployment keeps its LLMs' name when they agree and no other deployment claims it;
+        # otherwise it is named by its catalog model (or workflow.llm for an inline model).
+        claims: dict[str, int] = {}
+        for d in by_key.values():
+            for llm in {x for _, x in d.members}:
+                claims[llm] = claims.get(llm, 0) + 1
+        out = {}
+        for d in by_key.values():
+            names = {llm for _, llm in d.members}
+            if len(names) == 1 and claims[next(iter(names))] == 1:
+                d.name = next(iter(names))
+            out[d.name] = d
+        return out
+
+    def _source(self, d: Deployment, profiles_dir: str | None, seed: int, n_calls: int) -> tuple[ProfileSource, str]:
+        i, llm = d.members[0]
+        mix: list[tuple[int, int]] = []
+        if len(d.members) == 1:
+            mix = list(self.demands[i].mix.get(llm, []))
+        else:  # the combined mix, each workflow's calls in proportion to the calls/s it sends
+            shares = [(self.demands[j].mix.get(m, []), self.demands[j].weight_rps * len(self.demands[j].mix.get(m, [])))
+                      for j, m in d.members]
+            total = sum(s for _, s in shares) or 1.0
+            for calls, s in shares:
+                k = max(1, round(2000 * s / total)) if calls else 0
+                mix.extend(calls[(q * len(calls)) // k] for q in range(k))
+        src = ProfileSource(self.demands[i].wf, self.models, self.gpus, {llm: mix}, profiles_dir, seed=seed, n_calls=n_calls)
+        return src, llm
+
+    def profile(self, dep: str, tp: int, frac: float) -> ProfileTable:
+        """The profile of deployment `dep` at (tp, frac) on the planning GPU type."""
+        src, llm = self._sources[dep]
+        return src.get(llm, LLMAlloc(tp=tp, gpu_frac=frac), self.gpu_name)
+
+    def _configs(self, d: Deployment) -> list[cand.Config]:
+        gpu = self.gpus[self.gpu_name]
+        pairs = cand.fitting_configs(d.model, gpu, self.max_tp, self.fractions)
+        if not pairs:
+            raise InfeasibleError(cand.no_fit_message(f"LLM {d.name!r} ({d.model.hf_id})", d.model, self.gpu_name, gpu, self.max_tp))
+        if not any(self.demands[i].mix.get(llm) for i, llm in d.members):
+            return [cand.Config(tp, f, None) for tp, f in pairs[:1]]  # type: ignore[arg-type]
+        out = []
+        for tp, f in pairs:
+            self.progress(f"profile {d.name} tp={tp} gpu_frac={f:g}")
+            out.append(cand.Config(tp, f, self.profile(d.name, tp, f)))
+        return out
+
+    def _finish_demands(self) -> None:
+        for i, dm in enumerate(self.demands):
+            if dm.seqs is not None and not dm.graphs:
+                ref = {llm: self.deployments[self.dep_of[i, llm]].configs[0].profile for llm in dm.wf.llms
+                       if self.deployments[self.dep_of[i, llm]].configs[0].profile is not None}
+                dm.graphs = program_graphs(dm.seqs, ref)
+            dm.graphs = [g for g in dm.graphs if g.ok]
+            dm.stats = aggregate(dm.graphs, dm.wf.name)
+        for d in self.deployments.values():
+            d.calls = sum(self.demands[i].weight_rps * self._n(i, llm) for i, llm in d.members)
+
+    def _n(self, i: int, llm: str) -> float:
+        s = self.demands[i].stats.per_llm.get(llm)  # type: ignore[union-attr]
+        return s.n if s is not None and s.calls else 0.0
+
+    # ---- evaluation --------------------------------------------------------------------------
+
+    def loads(self, theta: float) -> dict[str, float]:
+        """Calls/s per deployment at rate scale θ (workflow w at θ·weight_w)."""
+        return {name: theta * d.calls for name, d in self.deployments.items()}
+
+    def rates(self, theta: float) -> dict[str, float]:
+        return {dm.wf.name: theta * dm.weight_rps for dm in self.demands}
+
+    def evaluate(self, choice: Mapping[str, Candidate], theta: float, predictor: str = "alp-cp",
+                 keep_paths: bool = False) -> dict[str, Prediction]:
+        """Each workflow's prediction under `choice` (deployment → candidate) at rate scale θ."""
+        out = {}
+        for i, dm in enumerate(self.demands):
+            rate = theta * dm.weight_rps
+            profiles, replicas, extra = {}, {}, {}
+            for llm in dm.wf.llms:
+                if not self._n(i, llm):
+                    continue
+                dname = self.dep_of[i, llm]
+                c = choice[dname]
+                profiles[llm] = self.profile(dname, c.tp, c.gpu_frac)
+                replicas[llm] = c.replicas
+                extra[llm] = sum(theta * self.demands[j].weight_rps * self._n(j, m)
+                                 for j, m in self.deployments[dname].members if j != i)
+            assert dm.stats is not None
+            if predictor == "alp-paper":
+                out[dm.wf.name] = predict_paper(dm.stats, profiles, replicas, rate, extra)
+            else:
+                out[dm.wf.name] = predict_cp(dm.graphs, profiles, replicas, rate, dm.stats, extra, keep_paths)
+        return out
+
+    def throughput_scale(self, preds: Mapping[str, Prediction]) -> float:
+        """The rate scale θ at which the first deployment saturates, from per-LLM capacities."""
+        theta = math.inf
+        for d in self.deployments.values():
+            if d.calls <= 0:
+                continue
+            i, llm = d.members[0]
+            p = preds[self.demands[i].wf.name].per_llm.get(llm)
+            if p is not None:
+                theta = min(theta, p.capacity_rps / d.calls)
+        return theta
+
+    def outcome(self, choice: dict[str, Candidate], theta: float, status: str, **kw: Any) -> Outcome:
+        """An Outcome for `choice` at scale θ; `status` becomes "under-capacity" if it cannot carry θ."""
+        preds = self.evaluate(choice, theta)
+        if any(p.saturated or not math.isfinite(p.latency_s) for p in preds.values()):
+            status = "under-capacity"
+        return Outcome(choice, self.rates(theta), preds, status, **kw)
+
+    # ---- the MILP policy ---------------------------------------------------------------------
+
+    def _weights(self, paths: Mapping[int, Sequence[Sequence[int]] | None]) -> dict[str, dict[tuple[int, str], cand.PathWeights]]:
+        per: dict[str, dict[tuple[int, str], cand.PathWeights]] = {d: {} for d in self.deployments}
+        for i, dm in enumerate(self.demands):
+            ws = cand.path_weights(dm.graphs, paths.get(i), dm.wf.llms)
+            for llm, w in ws.items():
+                per[self.dep_of[i, llm]][i, llm] = w
+        return per
+
+    def latency_candidates(self, theta: float, paths: Mapping[int, Sequence[Sequence[int]] | None]) -> dict[str, list[Candidate]]:
+        """Per deployment, the capacity-feasible candidates at scale θ priced along `paths`."""
+        weights = self._weights(paths)
+        loads = self.loads(theta)
+        out = {}
+        for name, d in self.deployments.items():
+            if d.calls <= 0:
+                c = d.configs[0]
+                out[name] = [Candidate(self.gpu_name, c.tp, c.gpu_frac, 1, 0.0, 0.0)]
+                continue
+            out[name] = cand.latency_candidates(self.gpu_name, d.configs, loads[name], self.n_gpus, self.max_util,
+                                                cand.weights_cost(weights[name]), self.eps)
+        return out
+
+    def milp_latency(self, theta: float) -> Outcome:
+        """Lowest predicted latency at scale θ (target mode), iterating the critical paths."""
+        paths: dict[int, Sequence[Sequence[int]] | None] = {i: None for i in range(len(self.demands))}
+        best: Outcome | None = None
+        seen: set[tuple[Any, ...]] = set()
+        solve_time, n_cands = 0.0, 0
+        for it in range(1, MAX_ITERATIONS + 1):
+            cands = self.latency_candidates(theta, paths)
+            n_cands = sum(len(c) for c in cands.values())
+            try:
+                res = solve(cands, {self.gpu_name: self.n_gpus}, time_limit_s=self.time_limit_s, gap=self.gap)
+            except InfeasibleError:
+                raise self.infeasible(theta) from None
+            solve_time += res.solve_time_s
+            key = tuple(sorted((m, c.tp, c.gpu_frac, c.replicas) for m, c in res.choice.items()))
+            if key in seen:
+                break
+            seen.add(key)
+            preds = self.evaluate(res.choice, theta, keep_paths=True)
+            out = Outcome(dict(res.choice), self.rates(theta), preds, res.status, solve_time, it, n_cands, milp=res)
+            if best is None or out.latency_s < best.latency_s - 1e-9:
+                best = out
+            paths = {i: preds[dm.wf.name].paths for i, dm in enumerate(self.demands)}
+        assert best is not None
+        best.solve_time_s, best.iterations = solve_time, it
+        if best.milp is not None and best.milp.time_limit_hit:
+            best.notes.append(f"HiGHS stopped at its time limit ({self.time_limit_s:g} s) with a feasible, "
+                              f"not proven optimal, allocation")
+        if any(p.saturated for p in best.predictions.values()):
+            best.status = "under-capacity"
+        return best
+
+    def max_scale(self) -> tuple[float, MILPResult]:
+        """The largest rate scale θ the GPUs carry at full utilisation (exact, one MILP)."""
+        cands = {name: (cand.capacity_candidates(self.gpu_name, d.configs, self.n_gpus, self.eps) if d.calls > 0 else
+                        [Candidate(self.gpu_name, d.configs[0].tp, d.configs[0].gpu_frac, 1, 0.0, 0.0)])
+                 for name, d in self.deployments.items()}
+        theta, res = solve_max_rate(cands, {self.gpu_name: self.n_gpus}, {n: d.calls for n, d in self.deployments.items()},
+                                    time_limit_s=self.time_limit_s, gap=self.gap)
+        return theta, res
+
+    def infeasible(self, theta: float) -> InfeasibleError:
+        """What is missing for scale θ: GPUs needed, GPUs given, the rate that fits."""
+        try:
+            top, _ = self.max_scale()
+        except InfeasibleError as e:
+            return e
+        need = self.gpus_needed(theta)
+        rates = ", ".join(f"{w} {r:g} rps" for w, r in self.rates(theta).items())
+        fits = ", ".join(f"{w} {r:.3g} rps" for w, r in self.rates(top * self.max_util).items())
+        need_s = f"needs {need} GPUs" if need is not None else "needs more GPUs than any configuration list allows"
+        return InfeasibleError(f"{rates}: {need_s} at ≤{self.max_util:.0%} utilisation; {self.n_gpus} {self.gpu_name} given; "
+                               f"at most {fits} fits (raise --gpus, lower the target, or raise --max-util)")
+
+    def gpus_needed(self, theta: float) -> int | None:
+        """The fewest GPUs that carry scale θ at the utilisation cap (a MILP minimising GPUs)."""
+        budget = max(self.n_gpus, 1) * 64
+        loads = self.loads(theta)
+        cands = {}
+        for name, d in self.deployments.items():
+            cs = cand.latency_candidates(self.gpu_name, d.configs, loads[name], budget, self.max_util,
+                                         lambda p, r, s: 0.0, eps=math.inf) if d.calls > 0 else []
+            fewest = [Candidate(c.gpu, c.tp, c.gpu_frac, c.replicas, c.gpus, c.capacity_rps) for c in cs]
+            if d.calls <= 0:
+                c0 = d.configs[0]
+                fewest = [Candidate(self.gpu_name, c0.tp, c0.gpu_frac, 1, c0.gpus, 0.0)]
+            cands[name] = fewest
+        try:
+            res = solve(cands, {self.gpu_name: budget}, time_limit_s=self.time_limit_s)
+        except InfeasibleError:
+            return None
+        return res.gpus_used()[self.gpu_name]
+
+
+def used_gpus(choice: Mapping[str, Candidate]) -> int:
+    """Whole GPUs plus the fewest shared GPUs that pack the fractions."""
+    return sum(c.whole_gpus for c in choice.values()) + sum(shared_gpus_needed(choice).values())
+
+
+def elapsed(t0: float) -> float:
+    return time.perf_counter() - t0

@@ -1,0 +1,252 @@
+"""`scepsy bench`: milp against the baselines, measured in the simulator.
+
+For each workflow × GPU count × policy:
+1. the policy's highest-throughput plan (planner goal max-throughput), and the maximum
+   sustainable rate the *simulator* measures for it (sim.capacity: requests complete at the
+   arrival rate and latency does not trend up), by bisection from the predicted throughput;
+2. the common rate: 90% of the weakest policy's measured maximum; each policy's plan for that
+   target rate, simulated there (mean and p99 latency, same seed for every policy);
+3. the fluid upper bound on throughput — every GPU at the best calls/s per GPU of the LLM it
+   serves, GPUs divisible at will — and milp's measured fraction of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
+from scepsy_hpc.errors import InfeasibleError, SpecError
+
+COMMON_FRACTION = 0.9
+
+
+def fluid_bound(planner: Any) -> float:
+    """Requests/s if every GPU ran at the best per-GPU efficiency of the LLM it serves (divisible GPUs)."""
+    gpu_s = 0.0
+    for d in planner.deployments.values():
+        if d.calls <= 0:
+            continue
+        best = max(c.profile.capacity_rps / c.gpus for c in d.configs)
+        gpu_s += d.calls / best
+    return planner.n_gpus / gpu_s if gpu_s > 0 else math.inf
+
+
+def _capacity(job: tuple[Any, ...]) -> dict[str, Any]:
+    from scepsy_hpc.sim.capacity import max_sustainable_rate
+
+    wf, alloc, gpu, models, guess, n, seed = job
+    t0 = time.perf_counter()
+    res = max_sustainable_rate(wf, alloc, gpu, models, guess, n_requests=n, seed=seed)
+    return {"max_rps": res.sustainable_rps, "runs": [list(r) for r in res.runs], "wall_s": time.perf_counter() - t0}
+
+
+def _latency(job: tuple[Any, ...]) -> dict[str, Any]:
+    from scepsy_hpc.sim import simulate
+
+    wf, alloc, gpu, models, rate, n, seed = job
+    res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed)
+    return {"rate_rps": rate, "throughput_rps": res.throughput_rps, "latency_mean_s": res.latency_mean_s,
+            "latency_p99_s": res.latency_p99_s, "completed": res.completed, "requests": res.requests}
+
+
+def _alloc(out: Any) -> dict[str, Any]:
+    from scepsy_hpc.spec.plan import LLMAlloc
+
+    return {d: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for d, c in out.choice.items()}
+
+
+def _short(out: Any) -> str:
+    return " ".join(f"{d}:{c.replicas}x" + (f"tp{c.tp}" if c.gpu_frac >= 1 else f"{c.gpu_frac:g}") for d, c in out.choice.items())
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark and print (or plot) it."""
+    from scepsy_hpc.allocate import policies
+    from scepsy_hpc.allocate.planner import Demand, Planner
+    from scepsy_hpc.predict.inputs import sample_mix, sample_program
+    from scepsy_hpc.spec.catalog import load_gpus, load_models
+    from scepsy_hpc.spec.workflow import load_workflow
+
+    models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
+    try:
+        counts = [int(x) for x in args.gpu_counts.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError(f"--gpus {args.gpu_counts}: give GPU counts like 8,16") from None
+    if not counts or min(counts) < 1:
+        raise SpecError(f"--gpus {args.gpu_counts}: GPU counts must be positive")
+    pols = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in pols if p not in policies.POLICIES]
+    if bad or "milp" not in pols:
+        raise SpecError(f"--policies {args.policies}: choose from {', '.join(policies.POLICIES)}, milp included")
+    if args.gpu_type not in gpus:
+        raise SpecError(f"--gpu-type {args.gpu_type}: unknown GPU type; the catalog has {', '.join(gpus)}")
+    gpu = gpus[args.gpu_type]
+    console = make_console(stderr=True)
+    jobs = args.jobs or os.cpu_count() or 1
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    cells = []
+    for name in [w.strip() for w in args.workflows.split(",") if w.strip()]:
+        wf = load_workflow(resolve_input(name, "workflows"), models)
+        seqs = sample_program(wf, args.samples, args.seed)
+        planner = None
+        for n in counts:
+            try:
+                if planner is None:
+                    planner = Planner([Demand(wf, 1.0, sample_mix(seqs), seqs)], models, gpus, args.gpu_type, n,
+                                      max_tp=args.max_tp, max_util=args.max_util, seed=args.seed,
+                                      time_limit_s=args.time_limit, gap=args.gap)
+                planner.n_gpus = n
+                fluid = fluid_bound(planner)
+            except InfeasibleError as e:
+                cells.append({"workflow": wf.name, "gpus": n, "error": str(e)})
+                continue
+            cell: dict[str, Any] = {"workflow": wf.name, "gpus": n, "fluid_rps": fluid, "policies": {}, "wf": wf}
+            for pol in pols:
+                try:
+                    o = policies.max_throughput(planner, pol)
+                    cell["policies"][pol] = {"plan": o, "predicted_rps": next(iter(o.predictions.values())).throughput_rps,
+                                             "solve_time_s": o.solve_time_s}
+                except InfeasibleError as e:
+                    cell["policies"][pol] = {"error": str(e)}
+            cell["planner"] = planner if n == counts[-1] else None
+            cell["_planner"] = planner
+            cells.append(cell)
+            console.print(f"[dim]planned {wf.name} on {n} GPUs ({time.perf_counter() - t_start:.0f} s)[/dim]")
+    # 1. measured maximum throughput of each policy's max-throughput plan
+    cap_jobs = [(c, pol, (c["wf"], _alloc(v["plan"]), gpu, models, v["predicted_rps"], args.requests, args.seed))
+                for c in cells if "error" not in c for pol, v in c["policies"].items() if "plan" in v]
+    with ProcessPoolExecutor(max_workers=jobs) as ex:
+        for (c, pol, _), r in zip(cap_jobs, ex.map(_capacity, [j for _, _, j in cap_jobs])):
+            c["policies"][pol].update(sim=r)
+        console.print(f"[dim]measured capacities ({time.perf_counter() - t_start:.0f} s)[/dim]")
+        # 2. each policy's plan at the common rate, simulated there
+        lat_jobs = []
+        for c in cells:
+            if "error" in c:
+                continue
+            maxes = [v["sim"]["max_rps"] for v in c["policies"].values() if "sim" in v and v["sim"]["max_rps"] > 0]
+            if not maxes:
+                continue
+            c["common_rps"] = common = COMMON_FRACTION * min(maxes)
+            planner = c["_planner"]
+            planner.n_gpus = c["gpus"]
+            for pol, v in c["policies"].items():
+                if "plan" not in v:
+                    continue
+                try:
+                    o = policies.plan_at(planner, pol, common)
+                except InfeasibleError:
+                    o = v["plan"]
+                v["common_plan"] = o
+                lat_jobs.append((c, pol, (c["wf"], _alloc(o), gpu, models, common, args.requests, args.seed)))
+        for (c, pol, _), r in zip(lat_jobs, ex.map(_latency, [j for _, _, j in lat_jobs])):
+            c["policies"][pol]["at_common"] = r
+    for c in cells:
+        rows.append(_row(c))
+    wall = time.perf_counter() - t_start
+    if args.plot:
+        _plot(cells, args.plot)
+    if args.json:
+        print(json.dumps(jsonable({"gpu_type": args.gpu_type, "requests": args.requests, "seed": args.seed,
+                                   "wall_s": wall, "cells": rows}), indent=2))
+    else:
+        _print(rows, args, wall)
+    return 0
+
+
+def _row(c: dict[str, Any]) -> dict[str, Any]:
+    if "error" in c:
+        return {"workflow": c["workflow"], "gpus": c["gpus"], "error": c["error"]}
+    out: dict[str, Any] = {"workflow": c["workflow"], "gpus": c["gpus"], "fluid_rps": c["fluid_rps"],
+                           "common_rps": c.get("common_rps"), "policies": {}}
+    milp = c["policies"].get("milp", {})
+    m_max = milp.get("sim", {}).get("max_rps")
+    m_lat = milp.get("at_common", {}).get("latency_mean_s")
+    for pol, v in c["policies"].items():
+        if "error" in v:
+            out["policies"][pol] = {"error": v["error"]}
+            continue
+        mx = v.get("sim", {}).get("max_rps")
+        lat = v.get("at_common", {})
+        out["policies"][pol] = {
+            "allocation": _short(v["plan"]), "predicted_max_rps": v["predicted_rps"], "sim_max_rps": mx,
+            "plan_solve_s": v["solve_time_s"],
+            "common_allocation": _short(v["common_plan"]) if "common_plan" in v else None,
+            "latency_mean_s": lat.get("latency_mean_s"), "latency_p99_s": lat.get("latency_p99_s"),
+            "milp_throughput_ratio": (m_max / mx) if m_max and mx else None,
+            "latency_ratio_vs_milp": (lat.get("latency_mean_s") / m_lat) if m_lat and lat.get("latency_mean_s") else None,
+            "capacity_runs": v.get("sim", {}).get("runs", []),
+        }
+    if m_max:
+        out["milp_fluid_fraction"] = m_max / c["fluid_rps"]
+    return out
+
+
+def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> None:
+    from rich.table import Table
+
+    from rich.console import Console
+
+    c = Console(width=None if os.isatty(1) else 170)
+    t = Table(title=f"scepsy bench: {args.gpu_type}, {args.requests} requests per run, seed {args.seed} (simulated)")
+    for col in ("workflow", "GPUs", "policy", "sim max rps", "pred. max", "milp ×", "common rps", "mean lat s", "p99 s",
+                "lat ÷ milp", "fluid rps", "milp/fluid", "max-throughput allocation"):
+        t.add_column(col, justify="left" if col in ("workflow", "policy") else "right", no_wrap=True)
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["workflow"], str(r["gpus"]), "—", f"[yellow]{r['error'][:60]}[/yellow]", *[""] * 9)
+            continue
+        first = True
+        for pol, v in r["policies"].items():
+            if "error" in v:
+                t.add_row(r["workflow"] if first else "", str(r["gpus"]) if first else "", pol, "infeasible", *[""] * 9)
+                first = False
+                continue
+            f = lambda x, p=".3g": "—" if x is None else format(x, p)  # noqa: E731
+            t.add_row(r["workflow"] if first else "", str(r["gpus"]) if first else "", pol, f(v["sim_max_rps"]),
+                      f(v["predicted_max_rps"]), f(v["milp_throughput_ratio"], ".2f"),
+                      f(r["common_rps"]) if first else "", f(v["latency_mean_s"], ".1f"), f(v["latency_p99_s"], ".1f"),
+                      f(v["latency_ratio_vs_milp"], ".2f"), f(r["fluid_rps"]) if first else "",
+                      f"{r['milp_fluid_fraction']:.0%}" if first and r.get("milp_fluid_fraction") else "", v["allocation"])
+            first = False
+    c.print(t)
+    c.print(f"milp × = milp's simulated max throughput ÷ the policy's; lat ÷ milp = the policy's mean latency at the common "
+            f"rate ({COMMON_FRACTION:.0%} of the weakest policy's max) ÷ milp's. {wall:.0f} s wall.")
+
+
+def _plot(cells: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [c for c in cells if "error" not in c]
+    if not ok:
+        return
+    wfs = list(dict.fromkeys(c["workflow"] for c in ok))
+    ns = sorted({c["gpus"] for c in ok})
+    fig, axes = plt.subplots(len(wfs), len(ns), figsize=(4.2 * len(ns), 3.2 * len(wfs)), squeeze=False)
+    for c in ok:
+        ax = axes[wfs.index(c["workflow"])][ns.index(c["gpus"])]
+        for pol, v in c["policies"].items():
+            pts = sorted((r[0], r[3]) for r in v.get("sim", {}).get("runs", []) if r[1])
+            if "at_common" in v:
+                pts.append((v["at_common"]["rate_rps"], v["at_common"]["latency_mean_s"]))
+                pts.sort()
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=pol)
+        ax.set_title(f"{c['workflow']}, {c['gpus']} GPUs", fontsize=9)
+        ax.set_xlabel("rate (requests/s)", fontsize=8)
+        ax.set_ylabel("mean latency (s)", fontsize=8)
+        ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

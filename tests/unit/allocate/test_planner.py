@@ -1,0 +1,221 @@
+"""The planner on small real workflows: candidate costs against the full predictor, the MILP
+policy against exhaustive search over allocations, invariants, goals, baselines, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from scepsy_hpc.allocate import policies
+from scepsy_hpc.allocate.candidates import path_weights, pareto
+from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed
+from scepsy_hpc.allocate.planner import Demand, Planner, used_gpus
+from scepsy_hpc.errors import InfeasibleError
+from scepsy_hpc.predict.alp import pooled_point
+from scepsy_hpc.predict.inputs import sample_mix, sample_program
+from scepsy_hpc.spec.source import parse_yaml
+from scepsy_hpc.spec.workflow import parse_workflow
+
+SMALL = """
+name: small_rag
+llms:
+  rewriter: {model: llama-3.2-1b-instruct}
+  reranker: {model: qwen2.5-1.5b-instruct}
+  answer:   {model: llama-3.1-8b-instruct}
+tools:
+  search: {latency_s: 0.2}
+target: {throughput_rps: 4.0}
+program:
+  - {call: rewriter, prompt_tokens: 300, output_tokens: 30}
+  - tool: search
+  - fanout:
+      count: {uniform_int: {low: 3, high: 8}}
+      body: [{call: reranker, prompt_tokens: {normal: {mean: 400, sd: 50}}, output_tokens: 1}]
+  - {call: answer, prompt_tokens: {normal: {mean: 2500, sd: 300}}, output_tokens: {lognormal: {mean: 200, cv: 0.4}}}
+"""
+
+
+def parse_workflow_text(text, name, models):
+    data, smap = parse_yaml(text, name)
+    return parse_workflow(data, smap, models)
+
+
+def make_planner(models, gpus, n_gpus, text=SMALL, weight=None, max_tp=4):
+    wf = parse_workflow_text(text, "small.yaml", models)
+    seqs = sample_program(wf, 300, 0)
+    w = weight or wf.target.throughput_rps
+    return Planner([Demand(wf, w, sample_mix(seqs), seqs)], models, gpus, "h100-sxm", n_gpus, max_tp=max_tp,
+                   n_calls=500)
+
+
+@pytest.fixture(scope="module")
+def planner(models, gpus):
+    return make_planner(models, gpus, 4)
+
+
+def all_allocations(p: Planner, theta: float):
+    """Every (tp, frac, r) per deployment that fits the budget and carries the load at the cap."""
+    loads = p.loads(theta)
+    per = {}
+    for name, d in p.deployments.items():
+        opts = []
+        for c in d.configs:
+            for r in range(1, c.max_replicas(p.n_gpus) + 1):
+                if loads[name] / r < p.max_util * c.profile.capacity_rps:
+                    opts.append(Candidate(p.gpu_name, c.tp, c.gpu_frac, r, 0.0, r * c.profile.capacity_rps))
+        per[name] = opts
+    names = list(per)
+    for combo in itertools.product(*(per[n] for n in names)):
+        choice = dict(zip(names, combo))
+        if used_gpus(choice) <= p.n_gpus:
+            yield choice
+
+
+def test_cost_along_the_paths_equals_the_predictor(planner):
+    """Σ_m ℓ_m(c_m) along an allocation's own critical paths + tool time = alp-cp's latency for it."""
+    theta = 1.0
+    choice = policies.equal(planner, theta).choice
+    pred = planner.evaluate(choice, theta, keep_paths=True)["small_rag"]
+    dm = planner.demands[0]
+    weights = path_weights(dm.graphs, pred.paths, dm.wf.llms)
+    total = pred.tool_s
+    loads = planner.loads(theta)
+    for m, c in choice.items():
+        prof = planner.profile(m, c.tp, c.gpu_frac)
+        point = pooled_point(prof, loads[m] / c.replicas, c.replicas)
+        cost = weights[m].cost(point, c.replicas, False)
+        assert cost == pytest.approx(pred.per_llm[m].stage_s, rel=1e-9, abs=1e-9)
+        total += cost
+    assert total == pytest.approx(pred.latency_s, rel=1e-9)
+
+
+def test_milp_plan_matches_exhaustive_search_over_allocations(planner):
+    """On 4 GPUs the MILP policy's allocation is the best of all allocations by alp-cp (within 1%)."""
+    out = policies.milp(planner, 1.0)
+    best = min(sum(p.latency_s for p in planner.evaluate(ch, 1.0).values()) for ch in all_allocations(planner, 1.0))
+    assert out.latency_s <= best * 1.01
+    assert out.status == "optimal"
+
+
+def test_max_throughput_matches_exhaustive_search(planner):
+    theta, res = planner.max_scale()
+    best = 0.0
+    for ch in all_allocations(planner, 1e-9):
+        best = max(best, min(ch[m].capacity_rps / d.calls for m, d in planner.deployments.items()))
+    assert theta == pytest.approx(best, rel=1e-6)
+    out = policies.max_throughput(planner, "milp")
+    pred = out.predictions["small_rag"]
+    assert pred.throughput_rps >= theta * (1 - 1e-6)          # carries θ*
+    assert pred.rate_rps == pytest.approx(theta * planner.max_util * planner.demands[0].weight_rps, rel=1e-6)
+
+
+@pytest.mark.parametrize("n_gpus", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("policy", policies.POLICIES)
+def test_invariants(models, gpus, planner, n_gpus, policy):
+    """Never more GPUs than given, every LLM served, fractions pack, capacity ≥ load (unless flagged)."""
+    planner.n_gpus = n_gpus
+    try:
+        try:
+            out = policies.run(planner, policy, "target")
+        except InfeasibleError as e:
+            assert "GPU" in str(e)
+            return
+        assert set(out.choice) == set(planner.deployments)
+        assert used_gpus(out.choice) <= n_gpus
+        assert sum(c.whole_gpus for c in out.choice.values()) + sum(shared_gpus_needed(out.choice).values()) <= n_gpus
+        pred = out.predictions["small_rag"]
+        if out.status != "under-capacity":
+            loads = planner.loads(1.0)
+            for m, c in out.choice.items():
+                assert c.capacity_rps >= loads[m] * (1 - 1e-9)
+            assert not pred.saturated
+        else:
+            assert policy != "milp"
+    finally:
+        planner.n_gpus = 4
+
+
+def test_milp_never_predicted_worse_than_a_baseline(planner):
+    out = {p: policies.run(planner, p, "target") for p in policies.POLICIES}
+    for p, o in out.items():
+        if o.status != "under-capacity":
+            assert out["milp"].latency_s <= o.latency_s * 1.001, p
+    thr = {p: policies.max_throughput(planner, p) for p in policies.POLICIES}
+    top = thr["milp"].predictions["small_rag"].throughput_rps
+    for p, o in thr.items():
+        assert top >= o.predictions["small_rag"].throughput_rps * (1 - 1e-6), p
+
+
+def test_slo_goal_meets_the_slo_and_is_tight(planner):
+    top = policies.max_throughput(planner, "milp")
+    lat_top = top.predictions["small_rag"].latency_s
+    slo = lat_top * 0.8
+    out = policies.run(planner, "milp", "slo", slo)
+    pred = out.predictions["small_rag"]
+    assert pred.latency_s <= slo
+    assert pred.rate_rps < top.predictions["small_rag"].rate_rps
+    # 3% more rate breaks the SLO (the bisection is tight to its 1% tolerance, plus model noise)
+    more = policies.milp(planner, pred.rate_rps / planner.demands[0].weight_rps * 1.03)
+    assert more.predictions["small_rag"].latency_s > slo * 0.97
+
+
+def test_unreachable_slo_is_a_clear_error(planner):
+    with pytest.raises(InfeasibleError) as e:
+        policies.run(planner, "milp", "slo", 0.05)
+    assert "0.05 s SLO" in str(e.value) and "unloaded" in str(e.value)
+
+
+def test_infeasible_target_says_what_is_missing(models, gpus):
+    p = make_planner(models, gpus, 2, weight=60.0)
+    with pytest.raises(InfeasibleError) as e:
+        policies.run(p, "milp", "target")
+    msg = str(e.value)
+    assert "small_rag 60 rps" in msg and "2 h100-sxm given" in msg and "at most" in msg
+    need = int(msg.split("needs ")[1].split(" GPUs")[0])
+    assert need > 2
+    fits = float(msg.split("at most small_rag ")[1].split(" rps")[0])
+    assert 0 < fits < 60
+    p.n_gpus = need   # the GPUs it says it needs are enough
+    assert policies.run(p, "milp", "target").status == "optimal"
+
+
+def test_model_that_fits_nowhere(models, gpus):
+    text = SMALL.replace("llama-3.1-8b-instruct", "llama-3.1-70b-instruct")
+    with pytest.raises(InfeasibleError) as e:
+        make_planner(models, gpus, 8, text=text, max_tp=1)
+    assert "answer" in str(e.value) and "tp is capped at 1" in str(e.value)
+
+
+def test_pareto_keeps_only_undominated():
+    cs = [Candidate("a", 1, 1.0, r, 10.0 / r) for r in range(1, 6)] + [Candidate("a", 2, 1.0, 1, 20.0)]
+    kept = pareto(cs, lambda c: c.cost_s, 0.0)
+    assert Candidate("a", 2, 1.0, 1, 20.0) not in kept     # 2 GPUs at tp1 cost 5 < 20
+    assert len(kept) == 5
+    kept = pareto(cs, lambda c: c.cost_s, 0.0, min_gain=2.0)   # gains under 2 s are not worth a GPU
+    assert [c.replicas for c in kept] == [1, 2, 4]       # 10 → 5 → 2.5: each step gains ≥ 2 s
+
+
+def test_shared_deployment_across_workflows(models, gpus):
+    other = SMALL.replace("name: small_rag", "name: other").replace("rewriter: {model: llama-3.2-1b-instruct}",
+                                                                    "rewriter: {model: llama-3.2-3b-instruct}")
+    wfs = [parse_workflow_text(t, f"{i}.yaml", models) for i, t in enumerate((SMALL, other))]
+    demands = []
+    for wf, w in zip(wfs, (2.0, 3.0)):
+        seqs = sample_program(wf, 200, 0)
+        demands.append(Demand(wf, w, sample_mix(seqs), seqs))
+    p = Planner(demands, models, gpus, "h100-sxm", 6, max_tp=4, n_calls=400)
+    # reranker and answer are the same models in both: shared; the rewriters differ
+    assert set(p.deployments) == {"reranker", "answer", "llama-3.2-1b-instruct", "llama-3.2-3b-instruct"}
+    assert len(p.deployments["answer"].members) == 2
+    out = policies.run(p, "milp", "target")
+    assert set(out.predictions) == {"small_rag", "other"}
+    loads = p.loads(1.0)
+    n_small = demands[0].stats.per_llm["answer"].n
+    n_other = demands[1].stats.per_llm["answer"].n
+    assert loads["answer"] == pytest.approx(2.0 * n_small + 3.0 * n_other)
+    # each workflow's prediction sees the other's load on the shared deployment
+    pa = out.predictions["small_rag"].per_llm["answer"]
+    assert pa.load_rps * pa.replicas == pytest.approx(loads["answer"])
+    assert math.isfinite(out.latency_s)
