@@ -49,6 +49,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     problems: list[str] = []
     models = gpus = None
+    seen_wfs: dict[str, Any] = {}   # workflows validated on this command line, by name
     for arg in args.files:
         try:
             path = Path(arg)
@@ -62,14 +63,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 models = models if models is not None else load_models(args.models)
                 gpus = gpus if gpus is not None else load_gpus(args.gpu_catalog)
                 if kind == "workflow":
-                    parse_workflow(data, smap, models)
+                    w = parse_workflow(data, smap, models)
+                    seen_wfs[w.name] = w
                 elif kind == "cluster":
                     parse_cluster(data, smap, gpus)
                 else:
                     wf = None
                     name = data.get("workflow")
+                    prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+                    src = prov.get("workflow_file") if isinstance(prov.get("workflow_file"), str) else None
                     if isinstance(name, str):
-                        wf = load_workflow(_resolve(name, "workflows"), models)
+                        if name in seen_wfs:
+                            wf = seen_wfs[name]
+                        elif src and Path(src).exists():
+                            wf = load_workflow(src, models)
+                        else:
+                            wf = load_workflow(_resolve(name, "workflows"), models)
                     parse_plan(data, smap, wf, models, gpus)
             print(f"{path}: ok ({kind})")
         except SpecError as exc:

@@ -303,12 +303,17 @@ class Planner:
 
     def infeasible(self, theta: float) -> InfeasibleError:
         """What is missing for scale θ: GPUs needed, GPUs given, the rate that fits."""
+        rates = ", ".join(f"{w} {r:g} rps" for w, r in self.rates(theta).items())
         try:
             top, _ = self.max_scale()
-        except InfeasibleError as e:
-            return e
+        except InfeasibleError:
+            smallest = {n: d.configs[0] for n, d in self.deployments.items()}
+            fit = used_gpus({n: Candidate(self.gpu_name, c.tp, c.gpu_frac, 1, 0.0) for n, c in smallest.items()})
+            each = ", ".join(f"{n} {'tp=' + str(c.tp) if c.gpu_frac >= 1 else 'gpu_frac=' + format(c.gpu_frac, 'g')}"
+                             for n, c in smallest.items())
+            return InfeasibleError(f"{rates}: the LLMs do not fit on {self.n_gpus} {self.gpu_name} even with one replica each: "
+                                   f"their smallest memory-fitting instances ({each}) take {fit} GPUs; raise --gpus")
         need = self.gpus_needed(theta)
-        rates = ", ".join(f"{w} {r:g} rps" for w, r in self.rates(theta).items())
         fits = ", ".join(f"{w} {r:.3g} rps" for w, r in self.rates(top * self.max_util).items())
         need_s = f"needs {need} GPUs" if need is not None else "needs more GPUs than any configuration list allows"
         return InfeasibleError(f"{rates}: {need_s} at ≤{self.max_util:.0%} utilisation; {self.n_gpus} {self.gpu_name} given; "

@@ -151,7 +151,10 @@ def to_plan(planner: Any, out: Any, policy: str, mode: str, slo: float | None, a
               "iterations": out.iterations, "candidates": out.candidates, "max_util": planner.max_util,
               "time_limit_s": planner.time_limit_s, "notes": list(out.notes)}
     provenance = {"profiles": getattr(args, "profiles", None) or "synthetic (performance model)",
-                  "statistics": getattr(args, "trace", None) or f"program samples ({args.samples}, seed {args.seed})"}
+                  "statistics": getattr(args, "trace", None) or f"program samples ({args.samples}, seed {args.seed})",
+                  "workflow_file": [str(resolve_input(w, "workflows").resolve()) for w in args.workflows]}
+    if single:
+        provenance["workflow_file"] = provenance["workflow_file"][0]
     return Plan(workflow=names[0] if single else None, workflows=None if single else names,
                 gpus=GPUBudget(type=planner.gpu_name, count=planner.n_gpus), allocation=alloc, target=target,
                 predicted=predicted[names[0]] if single else predicted, solver=solver, routes=routes, provenance=provenance,
@@ -182,7 +185,8 @@ def summarise(planner: Any, out: Any, policy: str, mode: str) -> dict[str, Any]:
         dep = planner.deployments[d]
         i, llm = dep.members[0]
         p = out.predictions[planner.demands[i].wf.name].per_llm.get(llm)
-        per_llm.append({"llm": d, "model": dep.model.hf_id, "tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas,
+        spec = planner.demands[i].wf.llms[llm].model
+        per_llm.append({"llm": d, "model": spec if isinstance(spec, str) else dep.model.hf_id, "tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas,
                         "gpus": c.gpus, "load_rps": p.load_rps * c.replicas if p else 0.0,
                         "capacity_rps": p.capacity_rps if p else 0.0, "utilisation": p.utilisation if p else 0.0,
                         "call_latency_s": p.call_latency_s if p else 0.0,
@@ -224,7 +228,7 @@ def print_summary(planner: Any, out: Any, s: dict[str, Any], args: argparse.Name
     t = Table(title=f"{names}: {s['policy']} ({s['goal']}) on {planner.n_gpus}× {planner.gpu_name}")
     t.add_column("LLM", no_wrap=True)
     t.add_column("model", no_wrap=True)
-    for col in ("tp", "frac", "repl", "GPUs", "load c/s", "call lat s", "util", "crit. path s"):
+    for col in ("tp", "frac", "repl", "GPUs", "calls/s", "call s", "util", "path s"):
         t.add_column(col, justify="right", no_wrap=True)
     necks = {p["bottleneck"] for p in s["predicted"]["per_workflow"].values()}
     for row in s["per_llm"]:
@@ -232,6 +236,8 @@ def print_summary(planner: Any, out: Any, s: dict[str, Any], args: argparse.Name
                   str(row["replicas"]), f"{row['gpus']:g}", f"{row['load_rps']:.2f}", f"{row['call_latency_s']:.2f}",
                   f"{row['utilisation']:.0%}", f"{row['critical_path_s']:.2f}")
     c.print(t)
+    c.print("[dim]calls/s: offered load; call s: mean per-call latency there; path s: the LLM's time on the critical path "
+            "per request[/dim]")
     for w, p in s["predicted"]["per_workflow"].items():
         lat = f"{p['latency_s']:.2f} s" if math.isfinite(p["latency_s"]) else "unbounded (saturated)"
         c.print(f"{w}: at {p['rate_rps']:.3g} rps predicted mean latency {lat}, throughput up to {p['throughput_rps']:.3g} rps "

@@ -70,8 +70,8 @@ def test_the_readme_main_command_works_as_written():
     from pathlib import Path
 
     readme = Path("README.md").read_text()
-    line = next(l for l in readme.splitlines() if "scepsy simulate" in l and "&&" in l)
+    line = next(l for l in readme.splitlines() if "scepsy plan" in l and "&&" in l)
     cmd = shlex.split(re.sub(r"^.*\.venv/bin/scepsy ", "", line))
     out = scepsy(*cmd, "--requests", "60")
     assert out.returncode == 0, out.stderr
-    assert "completed 60/60" in out.stdout
+    assert "status optimal" in out.stdout and "simulated 60 requests" in out.stdout

@@ -1,0 +1,120 @@
+"""`scepsy plan` and `scepsy bench` as a user runs them (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SMALL = """name: small_rag
+llms:
+  rewriter: {model: llama-3.2-1b-instruct}
+  reranker: {model: qwen2.5-1.5b-instruct}
+  answer:   {model: llama-3.1-8b-instruct}
+tools:
+  search: {latency_s: 0.2}
+target: {throughput_rps: 4.0}
+program:
+  - {call: rewriter, prompt_tokens: 300, output_tokens: 30}
+  - tool: search
+  - fanout:
+      count: {uniform_int: {low: 3, high: 8}}
+      body: [{call: reranker, prompt_tokens: {normal: {mean: 400, sd: 50}}, output_tokens: 1}]
+  - {call: answer, prompt_tokens: {normal: {mean: 2500, sd: 300}}, output_tokens: {lognormal: {mean: 200, cv: 0.4}}}
+"""
+
+
+def scepsy(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scepsy_hpc.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    p = tmp_path_factory.mktemp("wf") / "small_rag.yaml"
+    p.write_text(SMALL)
+    return str(p)
+
+
+def test_plan_json_and_plan_file_round_trip(small, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    out = scepsy("plan", small, "--gpus", "4", "--json", "-o", str(plan), "--samples", "300")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    for key in ("status", "allocation", "predicted", "gpus_used", "solve_time_s"):
+        assert key in d
+    assert d["status"] == "optimal" and d["gpus_used"] <= 4
+    assert set(d["allocation"]) == {"rewriter", "reranker", "answer"}
+    assert d["predicted"]["rate_rps"] == pytest.approx(4.0)
+    assert d["predicted"]["throughput_rps"] > 4.0 and d["predicted"]["latency_s"] > 0
+    # the plan file validates and simulates like a hand-written one
+    v = scepsy("validate", str(plan))
+    assert v.returncode == 0, v.stdout + v.stderr
+    sim = scepsy("simulate", small, "--plan", str(plan), "--rate", "4", "--requests", "150", "--json")
+    assert sim.returncode == 0, sim.stderr
+    res = json.loads(sim.stdout)
+    assert res["completed"] == 150
+    assert res["latency_mean_s"] == pytest.approx(d["predicted"]["latency_s"], rel=0.35)
+
+
+def test_plan_human_output_and_simulate(small):
+    out = scepsy("plan", small, "--gpus", "4", "--simulate", "--requests", "100", "--samples", "300")
+    assert out.returncode == 0, out.stderr
+    for needle in ("tp", "repl", "util", "bottleneck", "GPUs:", "free", "status optimal", "simulated 100 requests"):
+        assert needle in out.stdout
+
+
+@pytest.mark.parametrize("policy", ["equal", "independent", "paper-enum"])
+def test_baseline_policies_write_the_same_format(small, policy):
+    out = scepsy("plan", small, "--gpus", "4", "--policy", policy, "--json", "--samples", "300")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["policy"] == policy and d["gpus_used"] <= 4 and set(d["allocation"]) == {"rewriter", "reranker", "answer"}
+
+
+def test_max_throughput_and_slo_goals(small):
+    top = json.loads(scepsy("plan", small, "--gpus", "4", "--max-throughput", "--json", "--samples", "300").stdout)
+    assert top["goal"] == "max-throughput"
+    assert top["predicted"]["rate_rps"] == pytest.approx(0.9 * top["predicted"]["throughput_rps"], rel=0.02)
+    slo = json.loads(scepsy("plan", small, "--gpus", "4", "--latency-slo", str(top["predicted"]["latency_s"] * 0.8),
+                            "--json", "--samples", "300").stdout)
+    assert slo["predicted"]["latency_s"] <= top["predicted"]["latency_s"] * 0.8
+    assert slo["predicted"]["rate_rps"] < top["predicted"]["rate_rps"]
+
+
+@pytest.mark.parametrize("args,needle,code", [
+    (["--gpus", "1", "--target-rps", "50"], "1 h100-sxm given", 3),
+    (["--target-rps", "2"], "--gpus N", 2),
+    (["--gpus", "4", "--gpu-type", "h100"], "unknown GPU type", 2),
+    (["--gpus", "4", "--target-rps", "x"], "not a number", 2),
+    (["--cluster", "local", "--gpu-type", "a100-sxm"], "has no such GPUs", 2),
+])
+def test_plan_errors_are_clear(small, args, needle, code):
+    out = scepsy("plan", small, *args, "--samples", "200")
+    assert out.returncode == code, out.stdout + out.stderr
+    assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plan_on_a_cluster_spec_caps_tp_at_its_nvlink_domain(small):
+    out = scepsy("plan", small, "--cluster", "local", "--max-throughput", "--json", "--samples", "300")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["gpus_total"] == 16 and all(a["tp"] <= 4 for a in d["allocation"].values())
+
+
+def test_bench_runs_and_plots(small, tmp_path):
+    png = tmp_path / "b.png"
+    out = scepsy("bench", "--workflows", small, "--gpus", "2", "--requests", "120", "--policies", "milp,equal",
+                 "--samples", "200", "--plot", str(png), "--json", timeout=600)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    cell = d["cells"][0]
+    assert cell["gpus"] == 2 and set(cell["policies"]) == {"milp", "equal"}
+    m, e = cell["policies"]["milp"], cell["policies"]["equal"]
+    assert m["sim_max_rps"] > 0 and e["sim_max_rps"] > 0
+    assert m["milp_throughput_ratio"] == pytest.approx(1.0)
+    assert e["milp_throughput_ratio"] == pytest.approx(m["sim_max_rps"] / e["sim_max_rps"])
+    assert cell["common_rps"] == pytest.approx(0.9 * min(m["sim_max_rps"], e["sim_max_rps"]))
+    assert 0 < cell["milp_fluid_fraction"] <= 1.05
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
