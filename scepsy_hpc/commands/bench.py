@@ -236,13 +236,14 @@ def _plot(cells: list[dict[str, Any]], path: str) -> None:
     for c in ok:
         ax = axes[wfs.index(c["workflow"])][ns.index(c["gpus"])]
         for pol, v in c["policies"].items():
+            # the max-throughput plan's sustainable runs as a line; the common-rate plan as a cross
             pts = sorted((r[0], r[3]) for r in v.get("sim", {}).get("runs", []) if r[1])
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=pol) if pts else None
             if "at_common" in v:
-                pts.append((v["at_common"]["rate_rps"], v["at_common"]["latency_mean_s"]))
-                pts.sort()
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=pol)
-        ax.set_title(f"{c['workflow']}, {c['gpus']} GPUs", fontsize=9)
+                color = line[0].get_color() if line else None
+                ax.plot([v["at_common"]["rate_rps"]], [v["at_common"]["latency_mean_s"]], marker="x", ms=7, color=color,
+                        linestyle="none")
+        ax.set_title(f"{c['workflow']}, {c['gpus']} GPUs (x: plan for the common rate)", fontsize=9)
         ax.set_xlabel("rate (requests/s)", fontsize=8)
         ax.set_ylabel("mean latency (s)", fontsize=8)
         ax.set_yscale("log")
