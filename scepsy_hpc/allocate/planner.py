@@ -22,7 +22,6 @@ an allocation repeats and keeps the one alp-cp ranks best.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -342,7 +341,3 @@ class Planner:
 def used_gpus(choice: Mapping[str, Candidate]) -> int:
     """Whole GPUs plus the fewest shared GPUs that pack the fractions."""
     return sum(c.whole_gpus for c in choice.values()) + sum(shared_gpus_needed(choice).values())
-
-
-def elapsed(t0: float) -> float:
-    return time.perf_counter() - t0
