@@ -162,6 +162,16 @@ def _infeasible(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[s
                            f"{need:g} GPUs in all; {have} given")
 
 
+def _check_status(status: str, candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
+                  elapsed: float, time_limit_s: float) -> None:
+    """Raise InfeasibleError or SolverError unless HiGHS returned an integer solution."""
+    if status == "Infeasible":
+        raise _infeasible(candidates, budget)
+    if status not in ("optimal", "feasible"):
+        raise SolverError(f"HiGHS stopped with status {status!r} after {elapsed:.1f} s and no solution; "
+                          f"raise the time limit ({time_limit_s:g} s)")
+
+
 def solve(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], *,
           time_limit_s: float = 30.0, gap: float = 1e-6, msg: bool = False) -> MILPResult:
     """Pick one candidate per LLM minimising Σ ℓ within the GPU budget (see the module docstring)."""
@@ -173,11 +183,7 @@ def solve(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, in
     prob += pulp.lpSum(c.cost_s * x[m, i] for m, cs in candidates.items() for i, c in enumerate(cs))
     status, _ = _run(prob, time_limit_s, gap, msg)
     elapsed = time.perf_counter() - t0
-    if status == "Infeasible":
-        raise _infeasible(candidates, budget)
-    if status not in ("optimal", "feasible"):
-        raise SolverError(f"HiGHS stopped with status {status!r} after {elapsed:.1f} s and no solution; "
-                          f"raise the time limit ({time_limit_s:g} s)")
+    _check_status(status, candidates, budget, elapsed, time_limit_s)
     return _result(candidates, x, s, prob, status, elapsed, time_limit_s)
 
 
@@ -196,11 +202,7 @@ def solve_max_rate(candidates: Mapping[str, Sequence[Candidate]], budget: Mappin
         prob += pulp.lpSum(c.capacity_rps * x[m, i] for i, c in enumerate(cs)) >= calls_per_unit.get(m, 0.0) * theta, f"c5_carry_{k}"
     status, _ = _run(prob, time_limit_s, gap, msg)
     elapsed = time.perf_counter() - t0
-    if status == "Infeasible":
-        raise _infeasible(candidates, budget)
-    if status not in ("optimal", "feasible"):
-        raise SolverError(f"HiGHS stopped with status {status!r} after {elapsed:.1f} s and no solution; "
-                          f"raise the time limit ({time_limit_s:g} s)")
+    _check_status(status, candidates, budget, elapsed, time_limit_s)
     return float(theta.value() or 0.0), _result(candidates, x, s, prob, status, elapsed, time_limit_s)
 
 

@@ -5,25 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-SMALL = """name: small_rag
-llms:
-  rewriter: {model: llama-3.2-1b-instruct}
-  reranker: {model: qwen2.5-1.5b-instruct}
-  answer:   {model: llama-3.1-8b-instruct}
-tools:
-  search: {latency_s: 0.2}
-target: {throughput_rps: 4.0}
-program:
-  - {call: rewriter, prompt_tokens: 300, output_tokens: 30}
-  - tool: search
-  - fanout:
-      count: {uniform_int: {low: 3, high: 8}}
-      body: [{call: reranker, prompt_tokens: {normal: {mean: 400, sd: 50}}, output_tokens: 1}]
-  - {call: answer, prompt_tokens: {normal: {mean: 2500, sd: 300}}, output_tokens: {lognormal: {mean: 200, cv: 0.4}}}
-"""
 
 
 def scepsy(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -31,10 +16,8 @@ def scepsy(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    p = tmp_path_factory.mktemp("wf") / "small_rag.yaml"
-    p.write_text(SMALL)
-    return str(p)
+def small():
+    return str(Path(__file__).resolve().parents[1] / "data" / "small_rag.yaml")
 
 
 def test_plan_json_and_plan_file_round_trip(small, tmp_path):

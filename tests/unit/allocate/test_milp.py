@@ -36,8 +36,8 @@ def test_quarter_packing_formula_is_exact(n1, n2, n3):
     assert shared_gpus_needed(choice).get("g", 0) == min_bins(n1, n2, n3)
 
 
-def brute(cands, budget):
-    best = None
+def fitting_choices(cands, budget):
+    """Every one-candidate-per-LLM choice whose whole and packed shared GPUs fit the budget."""
     names = list(cands)
     for combo in itertools.product(*(cands[m] for m in names)):
         choice = dict(zip(names, combo))
@@ -45,10 +45,11 @@ def brute(cands, budget):
         for c in combo:
             used[c.gpu] = used.get(c.gpu, 0) + c.whole_gpus
         if all(used[g] <= budget.get(g, 0) for g in used):
-            cost = sum(c.cost_s for c in combo)
-            if best is None or cost < best:
-                best = cost
-    return best
+            yield choice
+
+
+def brute(cands, budget):
+    return min((sum(c.cost_s for c in ch.values()) for ch in fitting_choices(cands, budget)), default=None)
 
 
 def random_instance(rng):
@@ -88,17 +89,7 @@ def test_no_candidate_is_a_clear_error():
 
 
 def brute_rate(cands, budget, calls):
-    best = None
-    names = list(cands)
-    for combo in itertools.product(*(cands[m] for m in names)):
-        choice = dict(zip(names, combo))
-        used = shared_gpus_needed(choice)
-        for c in combo:
-            used[c.gpu] = used.get(c.gpu, 0) + c.whole_gpus
-        if all(used[g] <= budget.get(g, 0) for g in used):
-            theta = min(c.capacity_rps / calls[m] for m, c in choice.items())
-            best = theta if best is None else max(best, theta)
-    return best
+    return max((min(c.capacity_rps / calls[m] for m, c in ch.items()) for ch in fitting_choices(cands, budget)), default=None)
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 
@@ -18,23 +19,7 @@ from scepsy_hpc.predict.inputs import sample_mix, sample_program
 from scepsy_hpc.spec.source import parse_yaml
 from scepsy_hpc.spec.workflow import parse_workflow
 
-SMALL = """
-name: small_rag
-llms:
-  rewriter: {model: llama-3.2-1b-instruct}
-  reranker: {model: qwen2.5-1.5b-instruct}
-  answer:   {model: llama-3.1-8b-instruct}
-tools:
-  search: {latency_s: 0.2}
-target: {throughput_rps: 4.0}
-program:
-  - {call: rewriter, prompt_tokens: 300, output_tokens: 30}
-  - tool: search
-  - fanout:
-      count: {uniform_int: {low: 3, high: 8}}
-      body: [{call: reranker, prompt_tokens: {normal: {mean: 400, sd: 50}}, output_tokens: 1}]
-  - {call: answer, prompt_tokens: {normal: {mean: 2500, sd: 300}}, output_tokens: {lognormal: {mean: 200, cv: 0.4}}}
-"""
+SMALL = (Path(__file__).resolve().parents[2] / "data" / "small_rag.yaml").read_text()
 
 
 def parse_workflow_text(text, name, models):
