@@ -19,6 +19,11 @@ class SpecError(ScepsyError):
         super().__init__("\n".join(self.problems))
 
 
+class TopologyError(SpecError):
+    """A topology source (topology.conf/yaml, scontrol, nvidia-smi, gres.conf, sinfo) cannot be read;
+    the message names the source, the line and what was expected there."""
+
+
 class InfeasibleError(ScepsyError):
     """The request cannot be met with the resources given; the message says what is missing."""
 
