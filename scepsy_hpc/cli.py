@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--trace", metavar="FILE", help="statistics from this trace (one workflow; default: sample the program)")
     pl.add_argument("--profiles", metavar="DIR", help="measured profiles (default: synthesise from the performance model)")
     pl.add_argument("--simulate", action="store_true", help="also simulate the plan at its rate and print what it measures")
+    pl.add_argument("--plot", metavar="PLACEMENT.png", help="with --cluster: draw the placement (nodes, GPUs coloured by LLM)")
     pl.add_argument("--requests", type=int, default=500, metavar="N", help="requests for --simulate (default 500)")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(func=_lazy("plan", "cmd_plan"))
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", dest="gpu_count", type=int, metavar="N", help="GPUs to plan on (with --gpu-type)")
     p.add_argument("--gpu-type", metavar="TYPE", help="GPU type of the catalog (default h100-sxm, or the cluster's)")
-    p.add_argument("--cluster", metavar="CLUSTER.yaml", help="plan on a cluster spec's GPUs (its NVLink domain caps tp)")
+    p.add_argument("--cluster", metavar="CLUSTER.yaml", help="plan on a cluster spec's GPUs and place the plan on its nodes "
+                   "(NVLink domains cap tp; the placement goes into the plan file)")
     p.add_argument("--max-tp", type=int, default=None, metavar="TP", help="largest tp (default: the NVLink domain, or 8)")
     _plan_tuning(p)
 

@@ -24,6 +24,12 @@ Constraints
     (3) 4·s_g ≥ Σ_m Σ_{c: g} (3·q_mc3 + 2·q_mc2 + q_mc1)·x_mc  ∀ g          shared GPUs hold the quarters
     (4) s_g ≥ Σ_m Σ_{c: g} (q_mc3 + q_mc2 / 2)·x_mc           ∀ g            a 3/4 never shares with a 1/2,
                                                                            two halves fill a GPU
+    (6) Σ_m Σ_{c: tp_c ≥ t} (tp_c / t)·r_c·x_mc ≤ K_t        ∀ t ∈ T        tensor-parallel groups fit
+                                                                           the NVLink domains
+where K_t = Σ_d ⌊|d| / t⌋ counts the disjoint groups of t GPUs the NVLink domains d of the cluster
+hold (given by placement, `domain_caps`; absent when the GPUs are not described). With power-of-two
+tp and domain sizes, (2) and (6) make every solution placeable; a placement that still fails lowers
+K_t to what it could place and the planner solves again.
 With s_g integral, (3) and (4) give exactly the fewest GPUs that pack the quarter-sized instances
 (each 3/4 takes a GPU, perhaps with one 1/4; halves pair; quarters fill the gaps), so every
 solution packs onto whole GPUs. Capacity needs no constraint: candidates that cannot carry their
@@ -101,8 +107,9 @@ def _check_nonempty(candidates: Mapping[str, Sequence[Candidate]]) -> None:
                               f"lower the target rate or allow more GPUs per instance")
 
 
-def _model(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], sense: int) -> tuple[Any, dict, dict]:
-    """The problem with variables x_mc, s_g and constraints (1)–(4); the caller sets the objective."""
+def _model(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], sense: int,
+           domain_caps: Mapping[int, int] | None = None) -> tuple[Any, dict, dict]:
+    """The problem with variables x_mc, s_g and constraints (1)–(4), (6); the caller sets the objective."""
     import pulp
 
     prob = pulp.LpProblem("allocation", sense)
@@ -118,6 +125,11 @@ def _model(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, i
         prob += 4 * s[g] >= pulp.lpSum(c.quarter * c.replicas * x[m, i] for m, i, c in on_g if c.quarter), f"c3_quarters_{j}"
         prob += s[g] >= pulp.lpSum((1.0 if c.quarter == 3 else 0.5) * c.replicas * x[m, i]
                                    for m, i, c in on_g if c.quarter in (2, 3)), f"c4_pairs_{j}"
+    for t, cap in sorted((domain_caps or {}).items()):
+        groups = [((c.tp // t) * c.replicas, m, i) for m, cs in candidates.items() for i, c in enumerate(cs)
+                  if c.gpu_frac >= 1.0 and c.tp >= t]
+        if groups:
+            prob += pulp.lpSum(k * x[m, i] for k, m, i in groups) <= cap, f"c6_domains_{t}"
     return prob, x, s
 
 
@@ -173,13 +185,14 @@ def _check_status(status: str, candidates: Mapping[str, Sequence[Candidate]], bu
 
 
 def solve(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], *,
-          time_limit_s: float = 30.0, gap: float = 1e-6, msg: bool = False) -> MILPResult:
+          time_limit_s: float = 30.0, gap: float = 1e-6, msg: bool = False,
+          domain_caps: Mapping[int, int] | None = None) -> MILPResult:
     """Pick one candidate per LLM minimising Σ ℓ within the GPU budget (see the module docstring)."""
     import pulp
 
     _check_nonempty(candidates)
     t0 = time.perf_counter()
-    prob, x, s = _model(candidates, budget, pulp.LpMinimize)
+    prob, x, s = _model(candidates, budget, pulp.LpMinimize, domain_caps)
     prob += pulp.lpSum(c.cost_s * x[m, i] for m, cs in candidates.items() for i, c in enumerate(cs))
     status, _ = _run(prob, time_limit_s, gap, msg)
     elapsed = time.perf_counter() - t0
@@ -189,13 +202,13 @@ def solve(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, in
 
 def solve_max_rate(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
                    calls_per_unit: Mapping[str, float], *, time_limit_s: float = 30.0, gap: float = 1e-6,
-                   msg: bool = False) -> tuple[float, MILPResult]:
+                   msg: bool = False, domain_caps: Mapping[int, int] | None = None) -> tuple[float, MILPResult]:
     """The largest rate scale θ every LLM carries (constraint (5)) and the candidates that reach it."""
     import pulp
 
     _check_nonempty(candidates)
     t0 = time.perf_counter()
-    prob, x, s = _model(candidates, budget, pulp.LpMaximize)
+    prob, x, s = _model(candidates, budget, pulp.LpMaximize, domain_caps)
     theta = prob.add_variable("theta", lowBound=0)
     prob += theta
     for k, (m, cs) in enumerate(candidates.items()):

@@ -101,6 +101,8 @@ class Planner:
         self.models, self.gpus, self.gpu_name, self.n_gpus = models, gpus, gpu_name, n_gpus
         self.max_tp, self.fractions, self.max_util = max_tp, tuple(fractions), max_util
         self.time_limit_s, self.gap, self.eps = time_limit_s, gap, eps
+        # K_t of MILP constraint (6): tp-t groups the NVLink domains hold; set from a topology
+        self.domain_caps: dict[int, int] = {}
         self.progress = progress or (lambda _msg: None)
         self.deployments = self._deployments()
         self.dep_of = {(i, llm): d.name for d in self.deployments.values() for i, llm in d.members}
@@ -269,7 +271,8 @@ class Planner:
             cands = self.latency_candidates(theta, paths)
             n_cands = sum(len(c) for c in cands.values())
             try:
-                res = solve(cands, {self.gpu_name: self.n_gpus}, time_limit_s=self.time_limit_s, gap=self.gap)
+                res = solve(cands, {self.gpu_name: self.n_gpus}, time_limit_s=self.time_limit_s, gap=self.gap,
+                            domain_caps=self.domain_caps)
             except InfeasibleError:
                 raise self.infeasible(theta) from None
             solve_time += res.solve_time_s
@@ -297,7 +300,7 @@ class Planner:
                         [Candidate(self.gpu_name, d.configs[0].tp, d.configs[0].gpu_frac, 1, 0.0, 0.0)])
                  for name, d in self.deployments.items()}
         theta, res = solve_max_rate(cands, {self.gpu_name: self.n_gpus}, {n: d.calls for n, d in self.deployments.items()},
-                                    time_limit_s=self.time_limit_s, gap=self.gap)
+                                    time_limit_s=self.time_limit_s, gap=self.gap, domain_caps=self.domain_caps)
         return theta, res
 
     def infeasible(self, theta: float) -> InfeasibleError:

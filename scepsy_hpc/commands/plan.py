@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from scepsy_hpc.commands.common import jsonable, load_workload, make_console, resolve_input
+from scepsy_hpc.commands.placing import check_plot_args, plan_and_place, print_placement
 from scepsy_hpc.errors import SpecError
 
 
-def budget_from_args(args: argparse.Namespace, gpus: dict[str, Any]) -> tuple[str, int, int]:
-    """(GPU type, GPU count, largest tp) from --cluster or --gpus/--gpu-type."""
+def budget_from_args(args: argparse.Namespace, gpus: dict[str, Any]) -> tuple[str, int, int, Any]:
+    """(GPU type, GPU count, largest tp, topology or None) from --cluster or --gpus/--gpu-type."""
     from scepsy_hpc.spec.cluster import load_cluster
+    from scepsy_hpc.topology.build import from_cluster
 
-    gpu_type, count, max_tp = args.gpu_type, args.gpu_count, args.max_tp
+    gpu_type, count, max_tp, topo = args.gpu_type, args.gpu_count, args.max_tp, None
     if args.cluster:
         spec = load_cluster(resolve_input(args.cluster, "clusters"), gpus)
         counts = spec.gpu_counts()
@@ -34,13 +36,14 @@ def budget_from_args(args: argparse.Namespace, gpus: dict[str, Any]) -> tuple[st
         count = min(count, counts[gpu_type]) if count else counts[gpu_type]
         domain = max(len(d) for g in spec.node_groups if g.gpu_type == gpu_type for d in g.nvlink_domains())
         max_tp = min(max_tp or domain, domain)
+        topo = from_cluster(spec, gpus)
     if not count:
         raise SpecError("give the GPUs to plan on: --gpus N (with --gpu-type TYPE) or --cluster CLUSTER.yaml")
     gpu_type = gpu_type or "h100-sxm"
     if gpu_type not in gpus:
         from scepsy_hpc.spec.source import suggest
         raise SpecError(f"--gpu-type {gpu_type}: unknown GPU type; {suggest(gpu_type, gpus)}")
-    return gpu_type, count, max_tp or 8
+    return gpu_type, count, max_tp or 8, topo
 
 
 def _parse_rates(arg: str | None, names: list[str]) -> dict[str, float]:
@@ -90,7 +93,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise SpecError(f"workflow {', '.join(sorted({n for n in names if names.count(n) > 1}))} is given twice")
     if args.trace and len(workflows) > 1:
         raise SpecError("--trace describes one workflow; plan several workflows from their programs")
-    gpu_type, count, max_tp = budget_from_args(args, gpus)
+    check_plot_args(args)
+    gpu_type, count, max_tp, topo = budget_from_args(args, gpus)
     cli_rates = _parse_rates(args.target_rps, names)
     mode, slo = _mode(args, workflows, cli_rates)
     weights = {wf.name: cli_rates.get(wf.name) or (wf.target.throughput_rps if wf.target and wf.target.throughput_rps else 1.0)
@@ -99,9 +103,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     quiet = args.json or not sys.stderr.isatty()
     planner = build_planner(args, workflows, models, gpus, gpu_type, count, max_tp, weights,
                             progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
-    out = policies.run(planner, args.policy, mode, slo)
+    placement = None
+    if topo is not None:
+        out, placement = plan_and_place(planner, args.policy, mode, slo, topo)
+    else:
+        out = policies.run(planner, args.policy, mode, slo)
     plan = to_plan(planner, out, args.policy, mode, slo, args)
     summary = summarise(planner, out, args.policy, mode)
+    if placement is not None:
+        plan = plan.model_copy(update={"placement": placement.as_list()})
+        summary["placement"] = placement.as_list()
+        summary["fragmentation"] = placement.fragmentation.as_dict()
+        summary["cluster"] = args.cluster
+        if args.plot:
+            from scepsy_hpc.place.plot import plot_placement
+
+            summary["plot"] = str(plot_placement(placement, topo, args.plot,
+                                                 title=f"{', '.join(names)} on {args.cluster} ({args.policy})"))
     if args.output:
         write_plan(plan, args.output)
         summary["plan_file"] = args.output
@@ -112,6 +130,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(jsonable(summary), indent=2))
     else:
         print_summary(planner, out, summary, args)
+        if placement is not None:
+            print_placement(placement, topo)
+        if "plot" in summary:
+            make_console().print(f"placement drawn in {summary['plot']}")
     return 0
 
 

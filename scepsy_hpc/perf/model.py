@@ -37,6 +37,11 @@ from scepsy_hpc.spec.catalog import GIB, GPUSpec, ModelSpec
 TP_DEGREES = (1, 2, 4, 8, 16)
 
 
+# --gpu-memory-utilization as a share of an instance's memory: vLLM refuses to start unless that much
+# is free, so instances sharing a GPU together ask for at most 0.9 of it (placement uses it too)
+MEM_UTIL = 0.9
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What an engine instance runs on, and its scheduler limits (vLLM flag names in comments)."""
@@ -47,7 +52,7 @@ class EngineConfig:
     gpu_frac: float = 1.0  # share of one GPU (MPS thread %, memory fraction); < 1 only with tp = 1
     max_num_seqs: int = 256  # --max-num-seqs
     max_batched_tokens: int = 8192  # --max-num-batched-tokens (vLLM V1 default for the API server)
-    mem_util: float = 0.9  # --gpu-memory-utilization, as a share of the instance's memory
+    mem_util: float = MEM_UTIL  # --gpu-memory-utilization, as a share of the instance's memory
 
     def __post_init__(self) -> None:
         if self.tp not in TP_DEGREES:

@@ -116,10 +116,47 @@ def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[st
                     min_kv_tokens, label=f"LLM {llm!r} ({model.hf_id}) on {plan.gpus.type}")
             except (InfeasibleError, ValueError) as exc:
                 problems.append(f"{smap.where(('allocation', llm))}: allocation.{llm}: {exc}")
+    problems += _check_placement(plan, smap)
     need = gpus_needed(plan.allocation)
     if need > plan.gpus.count:
         problems.append(f"{smap.where(('gpus', 'count'))}: gpus.count: the allocation needs {need} GPUs "
                         f"but the plan has {plan.gpus.count}; raise gpus.count or lower replicas/tp")
+    return problems
+
+
+def _check_placement(plan: Plan, smap: SourceMap) -> list[str]:
+    """A placement, when present, places every instance of the allocation once, on tp GPUs each,
+    with fractions per GPU summing to at most 1."""
+    if plan.placement is None:
+        return []
+    problems: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    share: dict[tuple[str, int], float] = {}
+    for k, entry in enumerate(plan.placement):
+        where = smap.where(("placement", k))
+        llm, rep, gpus = entry.get("llm"), entry.get("replica"), entry.get("gpus")
+        if llm not in plan.allocation:
+            problems.append(f"{where}: placement[{k}].llm: {llm!r} is not in the allocation; {suggest(str(llm), plan.allocation)}")
+            continue
+        a = plan.allocation[llm]
+        if not isinstance(rep, int) or not 0 <= rep < a.replicas or (llm, rep) in seen:
+            problems.append(f"{where}: placement[{k}].replica: {rep!r} is not a free replica number of {llm!r} "
+                            f"(0..{a.replicas - 1}, each once)")
+            continue
+        seen.add((llm, rep))
+        if not isinstance(gpus, list) or len(gpus) != a.tp or not all(isinstance(g, int) and g >= 0 for g in gpus):
+            problems.append(f"{where}: placement[{k}].gpus: {gpus!r} must list {a.tp} GPU index(es) for tp={a.tp}")
+            continue
+        for g in gpus:
+            key = (str(entry.get("node")), g)
+            share[key] = share.get(key, 0.0) + a.gpu_frac
+            if share[key] > 1.0 + 1e-9:
+                problems.append(f"{where}: placement[{k}]: GPU {g} of node {key[0]} is given out beyond its whole "
+                                f"(Σ gpu_frac = {share[key]:g})")
+    missing = [f"{m}·{r}" for m, a in plan.allocation.items() for r in range(a.replicas) if (m, r) not in seen]
+    if missing:
+        problems.append(f"{smap.where(('placement',))}: placement: instance(s) {', '.join(missing[:6])}"
+                        f"{' …' if len(missing) > 6 else ''} are not placed; re-run `scepsy plan --cluster` or drop placement:")
     return problems
 
 
