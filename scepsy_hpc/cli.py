@@ -265,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(func=_lazy("plan", "cmd_plan"))
 
+    to = sub.add_parser("topology", help="show what a topology source says: switches, blocks, nodes, NVLink domains")
+    tsub = to.add_subparsers(dest="topology_command", required=True, metavar="SUBCOMMAND")
+    ts = tsub.add_parser("show", help="print the topology as a tree (or --json)")
+    src = ts.add_mutually_exclusive_group(required=True)
+    src.add_argument("--slurm", action="store_true", help="ask the live Slurm (scontrol show topology / node)")
+    src.add_argument("--topology-conf", metavar="FILE", help="a topology.conf (tree or block), or topology.yaml (Slurm ≥ 25.05)")
+    src.add_argument("--scontrol", metavar="FILE", help="saved `scontrol show topology` output")
+    src.add_argument("--nvsmi", metavar="FILE", help="saved `nvidia-smi topo -m` output of one node")
+    src.add_argument("--gres", metavar="FILE", help="gres.conf, or `slurmd -G` output (Links= per GPU)")
+    src.add_argument("--nvml", action="store_true", help="probe this node's GPUs with NVML (needs nvidia-ml-py)")
+    src.add_argument("--cluster", metavar="CLUSTER.yaml", help="a cluster spec's static description")
+    ts.add_argument("--partition", metavar="P", help="with --slurm: only this partition's nodes")
+    ts.add_argument("--json", action="store_true", help="print one JSON object")
+    ts.set_defaults(func=_lazy("topology", "cmd_topology"))
+
     be = sub.add_parser("bench", help="simulated throughput and latency of milp vs. the baselines per workflow and GPU count")
     be.add_argument("--workflows", default="rag_rerank,deep_research,coding_agent,mixture_of_agents,beam_search",
                     metavar="W,W,...", help="shipped names or files (default: all shipped)")
