@@ -11,7 +11,7 @@ from typing import Any
 
 from scepsy_hpc.commands.common import jsonable, load_workload, make_console, resolve_input
 from scepsy_hpc.commands.placing import check_plot_args, plan_and_place, print_placement
-from scepsy_hpc.errors import SpecError
+from scepsy_hpc.errors import ScepsyError, SpecError
 
 
 def budget_from_args(args: argparse.Namespace, gpus: dict[str, Any]) -> tuple[str, int, int, Any]:
@@ -22,10 +22,10 @@ def budget_from_args(args: argparse.Namespace, gpus: dict[str, Any]) -> tuple[st
     gpu_type, count, max_tp, topo = args.gpu_type, args.gpu_count, args.max_tp, None
     if args.cluster:
         spec = load_cluster(resolve_input(args.cluster, "clusters"), gpus)
-        counts = spec.gpu_counts()
-        if not counts:
-            raise SpecError(f"{args.cluster}: the cluster spec has no node_groups to plan on offline; add them, "
-                            f"or give --gpus N --gpu-type TYPE")
+        topo = from_cluster(spec, gpus) if spec.node_groups else discovered_topology(spec, gpus, gpu_type)
+        counts: dict[str, int] = {}
+        for n in topo.nodes:
+            counts[n.gpu_type] = counts.get(n.gpu_type, 0) + sum(len(d) for d in n.free())
         if gpu_type is None:
             if len(counts) > 1:
                 raise SpecError(f"{args.cluster}: the cluster has GPU types {', '.join(f'{g} ({n})' for g, n in counts.items())}; "
@@ -34,9 +34,8 @@ def budget_from_args(args: argparse.Namespace, gpus: dict[str, Any]) -> tuple[st
         if gpu_type not in counts:
             raise SpecError(f"--gpu-type {gpu_type}: cluster {spec.name!r} has no such GPUs; it has {', '.join(counts)}")
         count = min(count, counts[gpu_type]) if count else counts[gpu_type]
-        domain = max(len(d) for g in spec.node_groups if g.gpu_type == gpu_type for d in g.nvlink_domains())
+        domain = max(len(d) for n in topo.nodes if n.gpu_type == gpu_type for d in n.free())
         max_tp = min(max_tp or domain, domain)
-        topo = from_cluster(spec, gpus)
     if not count:
         raise SpecError("give the GPUs to plan on: --gpus N (with --gpu-type TYPE) or --cluster CLUSTER.yaml")
     gpu_type = gpu_type or "h100-sxm"
@@ -44,6 +43,32 @@ def budget_from_args(args: argparse.Namespace, gpus: dict[str, Any]) -> tuple[st
         from scepsy_hpc.spec.source import suggest
         raise SpecError(f"--gpu-type {gpu_type}: unknown GPU type; {suggest(gpu_type, gpus)}")
     return gpu_type, count, max_tp or 8, topo
+
+
+def discovered_topology(spec: Any, gpus: dict[str, Any], gpu_type: str | None) -> Any:
+    """The usable GPU nodes of the cluster spec's Slurm partition, with their free GPUs."""
+    from scepsy_hpc.topology.build import catalog_type, from_slurm
+    from scepsy_hpc.topology.discover import discover
+    from scepsy_hpc.topology.model import Topology
+
+    network, nodes = discover(partition=spec.slurm.partition)
+    parts, unmapped = [], []
+    for sn in nodes:
+        if sn.gpus <= 0 or not sn.usable:
+            continue
+        try:
+            kind = catalog_type(sn.gpu_type, gpus, spec.slurm.gpu_types)
+        except ScepsyError as exc:
+            unmapped.append(exc)
+            continue
+        if gpu_type is None or kind == gpu_type:
+            parts += from_slurm([sn], network, kind, gpus[kind].mem_gib, default_nvlink=spec.slurm.nvlink).nodes
+    if not parts and unmapped:
+        raise unmapped[0]
+    if not parts:
+        raise SpecError(f"partition {spec.slurm.partition!r} of cluster {spec.name!r} has no usable GPU nodes"
+                        + (f" with {gpu_type}" if gpu_type else "") + " (see `scepsy topology show --slurm`)")
+    return Topology(tuple(parts), network)
 
 
 def _parse_rates(arg: str | None, names: list[str]) -> dict[str, float]:

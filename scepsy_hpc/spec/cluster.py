@@ -21,6 +21,11 @@ class SlurmSettings(SpecModel):
     qos: str | None = None
     time: Annotated[str, Field(pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")] = "4:00:00"
     constraint: str | None = None
+    # GRES GPU type (as `scontrol show node` prints it) → GPU catalog name, e.g. {h100: h100-sxm};
+    # unmapped types are matched to the catalog by name (see topology.build.catalog_type)
+    gpu_types: dict[str, str] = {}
+    # NVLink domains of discovered nodes until a probe job measured them: all (NVSwitch), pairs, none
+    nvlink: Literal["all", "pairs", "none"] = "all"
 
 
 class NodeGroup(SpecModel):

@@ -36,6 +36,27 @@ def from_cluster(spec: ClusterSpec, gpus: Mapping[str, GPUSpec]) -> Topology:
     return Topology(tuple(nodes), net)
 
 
+def catalog_type(gres_type: str | None, catalog: Mapping[str, GPUSpec], explicit: Mapping[str, str] | None = None) -> str:
+    """The GPU catalog name of a GRES type: `explicit` first, then the catalog name itself, then the
+    one catalog name that starts with it once vendor prefixes and memory suffixes are dropped
+    (`nvidia_h100_80gb_hbm3` → h100 → h100-sxm when that is the only h100 in the catalog)."""
+    import re
+
+    raw = (gres_type or "").strip()
+    if explicit and raw in explicit:
+        return explicit[raw]
+    if raw in catalog:
+        return raw
+    key = re.sub(r"^(nvidia|tesla|geforce)[_-]", "", raw.lower())
+    stem = re.split(r"[_-]", key)[0] if key else ""
+    matches = [name for name in catalog if stem and (name == key or name.split("-")[0] == stem)]
+    if len(matches) == 1:
+        return matches[0]
+    hint = f"it could be {' or '.join(matches)}" if matches else f"the catalog has {', '.join(sorted(catalog))}"
+    raise TopologyError(f"Slurm GPU type {raw or '(none)'!r} has no GPU catalog entry; {hint}. "
+                        f"Map it in the cluster spec: slurm: {{gpu_types: {{{raw or 'gpu'}: <catalog name>}}}}")
+
+
 def from_slurm(slurm_nodes: Sequence[SlurmNode], network: Network, gpu_type: str, gpu_mem_gib: float, *,
                links: Mapping[str, GPULinks] | None = None, partition: str | None = None,
                default_nvlink: str = "all") -> Topology:

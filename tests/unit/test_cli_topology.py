@@ -123,3 +123,45 @@ def test_slurm_failure_is_translated(tmp_path):
     assert out.returncode == 1
     assert "`scontrol show topology` failed (exit 1): slurm_load_ctl_conf error: Unable to contact" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+SLURM_TOPO = ("SwitchName=leaf1 Level=0 LinkSpeed=1 Nodes=gpu[01-02]\n"
+              "SwitchName=leaf2 Level=0 LinkSpeed=1 Nodes=gpu03,cpu01\n")
+
+
+def test_plan_on_a_discovered_slurm_partition_uses_only_free_gpus(tmp_path):
+    """slurm:-only cluster spec: nodes come from scontrol; drained/down nodes and busy GPUs are left out."""
+    env = fake_scontrol(tmp_path, SLURM_TOPO)
+    spec = tmp_path / "site.yaml"
+    spec.write_text("name: site\nslurm: {partition: gpu, gpu_types: {h100: h100-sxm}}\n")
+    out = scepsy("plan", str(ROOT / "tests" / "data" / "small_rag.yaml"), "--cluster", str(spec), "--json",
+                 "--samples", "300", env=env)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["gpu_type"] == "h100-sxm" and d["gpus_total"] == 2      # gpu01: 4 GPUs, 2 allocated (IDX 0-1)
+    assert {p["node"] for p in d["placement"]} == {"gpu01"}
+    assert all(set(p["gpus"]) <= {2, 3} for p in d["placement"])
+
+
+def test_ambiguous_gres_type_asks_for_a_mapping(tmp_path):
+    env = fake_scontrol(tmp_path, SLURM_TOPO)
+    spec = tmp_path / "site.yaml"
+    spec.write_text("name: site\nslurm: {partition: gpu}\n")
+    out = scepsy("plan", str(ROOT / "tests" / "data" / "small_rag.yaml"), "--cluster", str(spec), env=env)
+    assert out.returncode == 2
+    assert "Slurm GPU type 'h100' has no GPU catalog entry; it could be h100-sxm or h100-pcie" in out.stderr
+    assert "gpu_types: {h100: <catalog name>}" in out.stderr
+
+
+def test_catalog_type_matching():
+    from scepsy_hpc.errors import TopologyError
+    from scepsy_hpc.spec.catalog import load_gpus
+    from scepsy_hpc.topology.build import catalog_type
+
+    cat = load_gpus(ROOT / "configs" / "gpus.yaml")
+    assert catalog_type("h200", cat) == "h200"
+    assert catalog_type("nvidia_h200", cat) == "h200"
+    assert catalog_type("NVIDIA_L40S", cat) == "l40s"
+    assert catalog_type("h100", cat, {"h100": "h100-pcie"}) == "h100-pcie"
+    with pytest.raises(TopologyError, match="'v100' has no GPU catalog entry; the catalog has"):
+        catalog_type("v100", cat)
