@@ -75,3 +75,4 @@ def test_the_readme_main_command_works_as_written():
     out = scepsy(*cmd, "--requests", "60")
     assert out.returncode == 0, out.stderr
     assert "status optimal" in out.stdout and "simulated 60 requests" in out.stdout
+    assert "placement" in out.stdout and "node1" in out.stdout
