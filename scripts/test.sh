@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The test command: creates .venv if absent, installs the package with its test dependencies, runs pytest.
-# Extra arguments go to pytest (e.g. scripts/test.sh -k sim -x).
+# The test command: creates .venv if absent, installs the package with its test dependencies, starts
+# the local Slurm cluster when it can (root; packages installable or present) so the slurm-marked
+# tests run, runs pytest, and stops the cluster again if it started it.
+# In CI (CI=true) Slurm must start: a run that cannot start it fails. SCEPSY_NO_SLURM=1 skips it
+# elsewhere. Extra arguments go to pytest (e.g. scripts/test.sh -k sim -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,4 +12,29 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
 .venv/bin/python -m pip install --quiet -e ".[dev]"
-exec .venv/bin/python -m pytest "$@"
+
+started_slurm=0
+if [ "${CI:-}" = true ] || [ "${SCEPSY_NO_SLURM:-0}" != 1 ]; then
+  if [ "$(id -u)" = 0 ] && { command -v apt-get >/dev/null || command -v slurmctld >/dev/null; }; then
+    was_up=0
+    bash scripts/slurm-local.sh status >/dev/null 2>&1 && was_up=1
+    if bash scripts/slurm-local.sh start; then
+      [ "$was_up" = 1 ] || started_slurm=1
+    elif [ "${CI:-}" = true ]; then
+      echo "scripts/test.sh: the local Slurm cluster did not start; CI needs it (logs: /var/log/scepsy-slurm/)" >&2
+      exit 1
+    else
+      echo "scripts/test.sh: the local Slurm cluster did not start; the slurm-marked tests will be skipped" >&2
+    fi
+  elif [ "${CI:-}" = true ]; then
+    echo "scripts/test.sh: CI must run the Slurm tests, which need root and apt-get to start a local Slurm" >&2
+    exit 1
+  fi
+fi
+
+rc=0
+.venv/bin/python -m pytest "$@" || rc=$?
+if [ "$started_slurm" = 1 ]; then
+  bash scripts/slurm-local.sh stop >/dev/null || true
+fi
+exit "$rc"
