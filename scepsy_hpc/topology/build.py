@@ -75,7 +75,10 @@ def from_slurm(slurm_nodes: Sequence[SlurmNode], network: Network, gpu_type: str
             domains = tuple((i,) for i in range(sn.gpus))
         else:
             domains = (tuple(range(sn.gpus)),)
-        # Slurm reports how many GPUs are allocated, not which: the free ones are taken to be the last
-        free = frozenset(range(sn.gpus_alloc, sn.gpus)) if sn.gpus_alloc else None
+        if sn.gpus_alloc_idx is not None:
+            free = frozenset(range(sn.gpus)) - frozenset(sn.gpus_alloc_idx) if sn.gpus_alloc_idx else None
+        else:
+            # only a count (AllocTRES, sinfo): the free ones are taken to be the last
+            free = frozenset(range(sn.gpus_alloc, sn.gpus)) if sn.gpus_alloc else None
         nodes.append(Node(sn.name, gpu_type, gpu_mem_gib, domains, free, leaf.get(sn.name)))
     return Topology(tuple(nodes), network)

@@ -168,6 +168,7 @@ class SlurmNode:
     cpus: int = 0
     mem_mib: int = 0
     features: tuple[str, ...] = ()
+    gpus_alloc_idx: tuple[int, ...] | None = None   # which ones, when GresUsed prints (IDX:…)
 
     @property
     def usable(self) -> bool:

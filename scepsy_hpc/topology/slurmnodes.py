@@ -69,6 +69,20 @@ def _gpus(gres: str, line: int, source: str, key: str) -> tuple[int, str | None]
     return total, max(typed, key=lambda t: typed[t]) if typed else None   # max keeps the first on a tie
 
 
+def _used_idx(gres_used: str) -> tuple[int, ...] | None:
+    """GPU indices in use from GresUsed's `(IDX:0-1,3)` parts; () for `IDX:N/A`; None when not printed."""
+    found = re.findall(r"IDX:([^)]*)\)", gres_used)
+    if not found:
+        return None
+    out: list[int] = []
+    for body in found:
+        for part in body.split(","):
+            m = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
+            if m:
+                out += range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1)
+    return tuple(sorted(set(out)))
+
+
 def _alloc_tres_gpus(tres: str, line: int, source: str) -> int:
     """GPUs in AllocTRES (`cpu=8,mem=64G,gres/gpu=2,gres/gpu:h100=2`): gres/gpu, else the typed sum."""
     pairs = dict(item.split("=", 1) for item in tres.split(",") if "=" in item)
@@ -140,12 +154,14 @@ def _node(fields: dict[str, tuple[str, int]], start: int, source: str) -> SlurmN
     if "State" not in fields:
         raise _err(source, start, f"node {name!r} has no State=; is this `scontrol show node` output?")
     gpus, gtype = _gpus(*fields["Gres"], source, "Gres") if "Gres" in fields else (0, None)
+    idx = None
     if "GresUsed" in fields:
         alloc = _gpus(*fields["GresUsed"], source, "GresUsed")[0]
+        idx = _used_idx(fields["GresUsed"][0])
     else:
         alloc = _alloc_tres_gpus(*fields["AllocTRES"], source) if "AllocTRES" in fields else 0
     num = {k: _count(*fields[k], source, k) if k in fields else 0 for k in ("CPUTot", "RealMemory")}
-    return SlurmNode(name=name, gpus=gpus, gpu_type=gtype, gpus_alloc=alloc, state=_state(fields["State"][0]),
+    return SlurmNode(name=name, gpus=gpus, gpu_type=gtype, gpus_alloc=alloc, gpus_alloc_idx=idx, state=_state(fields["State"][0]),
                      partitions=_names(fields.get("Partitions", ("", 0))[0]), cpus=num["CPUTot"],
                      mem_mib=num["RealMemory"], features=_names(fields.get("AvailableFeatures", ("", 0))[0]))
 

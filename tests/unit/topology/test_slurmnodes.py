@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ def test_multiline_capture():
     nodes = parse_scontrol_nodes(MULTI, "multi")
     assert [n.name for n in nodes] == list(WANT)
     for n in nodes:
-        assert n == WANT[n.name]
+        assert replace(n, gpus_alloc_idx=None) == WANT[n.name]
+    assert {n.name: n.gpus_alloc_idx for n in nodes}["gpu01"] == (0, 1)
     assert {n.name for n in nodes if n.usable} == USABLE
 
 
@@ -198,3 +200,17 @@ def test_corrupted_sinfo_capture_names_the_line():
     lines[4] = lines[4].replace("|64|", "|sixty-four|")
     msg = error_of(parse_sinfo, "\n".join(lines), "sinfo-nodes.txt")
     assert msg.startswith("sinfo-nodes.txt line 5: CPUs='sixty-four'")
+
+
+def test_gres_used_indices_decide_which_gpus_are_free() -> None:
+    from scepsy_hpc.topology.build import from_slurm
+    from scepsy_hpc.topology.model import Network
+
+    text = ("NodeName=g1 Gres=gpu:h100:4(S:0-1) GresUsed=gpu:h100:2(IDX:1,3) State=MIXED Partitions=gpu\n"
+            "NodeName=g2 Gres=gpu:h100:4 GresUsed=gpu:h100:0(IDX:N/A) State=IDLE Partitions=gpu\n"
+            "NodeName=g3 Gres=gpu:h100:4 AllocTRES=cpu=4,gres/gpu=1 State=MIXED Partitions=gpu\n")
+    nodes = parse_scontrol_nodes(text, "nodes.txt")
+    assert [n.gpus_alloc_idx for n in nodes] == [(1, 3), (), None]
+    topo = from_slurm(nodes, Network(), "h100-sxm", 80.0)
+    free = {n.name: n.free() for n in topo.nodes}
+    assert free == {"g1": [[0, 2]], "g2": [[0, 1, 2, 3]], "g3": [[1, 2, 3]]}
