@@ -3,8 +3,6 @@ copies of them, and hand-written corner cases."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
@@ -13,30 +11,8 @@ import pytest
 from scepsy_hpc.errors import TopologyError
 from scepsy_hpc.topology.gres import GresNode, parse_gres
 
-# Third-party captures live beside the repo (../shared/...) and are not copied into it.
-CAPTURES = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "topology-captures"
 # Hand-written gres.conf for what no public capture covers (NodeName ranges, continuations, …).
 DATA = Path(__file__).resolve().parents[2] / "data" / "topology"
-
-
-def _names(kind: str) -> list[str]:
-    path = CAPTURES / "EXPECTED.json"
-    if not path.is_file():
-        return ["<captures missing>"]
-    return sorted(n for n, e in json.loads(path.read_text()).items() if e["kind"] == kind)
-
-
-def _capture(name: str) -> tuple[str, dict]:
-    """The capture's text and its EXPECTED entry; skip (fail on CI) when the captures are absent."""
-    if not (CAPTURES / "EXPECTED.json").is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CAPTURES} is missing; CI must provide the shared topology captures")
-        pytest.skip(f"{CAPTURES} not present")
-    expected = json.loads((CAPTURES / "EXPECTED.json").read_text())[name]
-    return (CAPTURES / name).read_text(), expected
-
-
-GRES = _names("gres")
 
 
 def _node(parsed: dict[str, GresNode], text: str, node: str) -> GresNode:
@@ -62,9 +38,9 @@ def _as_lists(value):
     return value
 
 
-@pytest.mark.parametrize("name", GRES)
-def test_capture_matches_ground_truth(name):
-    text, exp = _capture(name)
+@pytest.mark.captures("gres")
+def test_capture_matches_ground_truth(name, capture):
+    text, exp = capture(name)
     parsed = parse_gres(text, name)
     assert len(parsed) == len(exp["nodes"])
     for node, want in exp["nodes"].items():
@@ -78,9 +54,9 @@ def test_capture_matches_ground_truth(name):
                 assert _as_lists(getattr(got, field)) == value, field
 
 
-@pytest.mark.parametrize("name", GRES)
-def test_capture_links_become_gpu_links(name):
-    text, exp = _capture(name)
+@pytest.mark.captures("gres")
+def test_capture_links_become_gpu_links(name, capture):
+    text, exp = capture(name)
     parsed = parse_gres(text, name)
     for node, want in exp["nodes"].items():
         links = _node(parsed, text, node).gpu_links()
@@ -90,9 +66,9 @@ def test_capture_links_become_gpu_links(name):
                                        for j in range(i + 1, len(rows)) if rows[i][j] > 0)
 
 
-def test_slurmd_g_agrees_with_nvidia_smi_of_the_same_node():
-    gres_text, _ = _capture("gres-01-baobab-gpu048-slurmd-G.conf")
-    _, nvsmi = _capture("nvsmi-05-rtx-a6000-8gpu-nv4-pairs.txt")
+def test_slurmd_g_agrees_with_nvidia_smi_of_the_same_node(capture):
+    gres_text, _ = capture("gres-01-baobab-gpu048-slurmd-G.conf")
+    _, nvsmi = capture("nvsmi-05-rtx-a6000-8gpu-nv4-pairs.txt")
     links = parse_gres(gres_text)["*"].gpu_links()
     assert [list(p) for p in links.pairs()] == nvsmi["nvlink_pairs"]
     assert links.domains() == nvsmi["nvlink_domains"]
@@ -108,54 +84,53 @@ def _not_self(row: list[int]) -> int:
     return next(k for k, v in enumerate(row) if v != -1)
 
 
-def _mutate(name: str, edit) -> tuple[str, int]:
+def _mutate(text: str, edit) -> tuple[str, int]:
     """The capture with its first GPU record line edited; returns the text and that line (1-based)."""
-    text, _ = _capture(name)
     lines = text.split("\n")
     i = _gpu_lines(text)[0]
     lines[i] = edit(lines[i])
     return "\n".join(lines), i + 1
 
 
-@pytest.mark.parametrize("name", GRES)
-def test_links_row_too_short(name):
+@pytest.mark.captures("gres")
+def test_links_row_too_short(name, capture):
     def drop(row: list[int]) -> list[int]:
         return row[:_not_self(row)] + row[_not_self(row) + 1:]
 
-    text, line = _mutate(name, lambda s: _edit_links(s, drop))
+    text, line = _mutate(capture(name)[0], lambda s: _edit_links(s, drop))
     n = len(_gpu_lines(text))   # one record per GPU in these captures
     msg = _raises(text, name)
     assert msg.startswith(f"{name} line {line}: Links has {n - 1} entries but the node has {n} GPUs")
 
 
-@pytest.mark.parametrize("name", GRES)
-def test_links_with_two_selves(name):
+@pytest.mark.captures("gres")
+def test_links_with_two_selves(name, capture):
     def second_self(row: list[int]) -> list[int]:
         j = _not_self(row)
         return row[:j] + [-1] + row[j + 1:]
 
-    text, line = _mutate(name, lambda s: _edit_links(s, second_self))
+    text, line = _mutate(capture(name)[0], lambda s: _edit_links(s, second_self))
     msg = _raises(text, name)
     assert msg.startswith(f"{name} line {line}: Links=")
     assert "must hold -1 exactly once" in msg
 
 
-@pytest.mark.parametrize("name", GRES)
-def test_unknown_key(name):
-    text, line = _mutate(name, lambda s: s + " Foo=bar")
+@pytest.mark.captures("gres")
+def test_unknown_key(name, capture):
+    text, line = _mutate(capture(name)[0], lambda s: s + " Foo=bar")
     assert _raises(text, name).startswith(f"{name} line {line}: unknown key 'Foo'")
 
 
-@pytest.mark.parametrize("name", GRES)
-def test_malformed_pair(name):
-    text, line = _mutate(name, lambda s: s.replace("Type=", "Type ", 1))
+@pytest.mark.captures("gres")
+def test_malformed_pair(name, capture):
+    text, line = _mutate(capture(name)[0], lambda s: s.replace("Type=", "Type ", 1))
     msg = _raises(text, name)
     assert msg.startswith(f"{name} line {line}: expected Key=Value, found 'Type'")
 
 
-@pytest.mark.parametrize("name", GRES)
-def test_duplicated_record_conflicts(name):
-    text, _ = _capture(name)
+@pytest.mark.captures("gres")
+def test_duplicated_record_conflicts(name, capture):
+    text, _ = capture(name)
     first = _gpu_lines(text)[0]
     lines = text.rstrip("\n").split("\n")
     lines.append(lines[first])
@@ -164,9 +139,9 @@ def test_duplicated_record_conflicts(name):
     assert f"line {first + 1}" in msg
 
 
-@pytest.mark.parametrize("name", GRES)
-def test_asymmetric_links_name_both_lines(name):
-    text, _ = _capture(name)
+@pytest.mark.captures("gres")
+def test_asymmetric_links_name_both_lines(name, capture):
+    text, _ = capture(name)
     lines = text.split("\n")
     gpu = _gpu_lines(text)
     rows = [[int(v) for v in re.search(r"Links=(\S+)", lines[i]).group(1).split(",")] for i in gpu]
@@ -178,9 +153,9 @@ def test_asymmetric_links_name_both_lines(name):
     assert f"line {gpu[0] + 1}" in msg and f"line {partner + 1}" in msg
 
 
-@pytest.mark.parametrize("name", GRES)
-def test_links_missing_on_one_record(name):
-    text, line = _mutate(name, lambda s: re.sub(r"\s*Links=\S+", "", s))
+@pytest.mark.captures("gres")
+def test_links_missing_on_one_record(name, capture):
+    text, line = _mutate(capture(name)[0], lambda s: re.sub(r"\s*Links=\S+", "", s))
     msg = _raises(text, name)
     assert msg.startswith(f"{name} line {line}: conflicting records")
     assert "gives Links=" in msg

@@ -3,8 +3,6 @@ and hand-written corner cases."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
@@ -13,30 +11,8 @@ import pytest
 from scepsy_hpc.errors import TopologyError
 from scepsy_hpc.topology.nvsmi import parse_nvsmi
 
-# Third-party captures live beside the repo (../shared/...) and are not copied into it.
-CAPTURES = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "topology-captures"
 # Hand-written captures for cases no public capture covers (ANSI, MIG, SOC, CRLF, one GPU).
 DATA = Path(__file__).resolve().parents[2] / "data" / "topology"
-
-
-def _names(kind: str) -> list[str]:
-    path = CAPTURES / "EXPECTED.json"
-    if not path.is_file():
-        return ["<captures missing>"]
-    return sorted(n for n, e in json.loads(path.read_text()).items() if e["kind"] == kind)
-
-
-def _capture(name: str) -> tuple[str, dict]:
-    """The capture's text and its EXPECTED entry; skip (fail on CI) when the captures are absent."""
-    if not (CAPTURES / "EXPECTED.json").is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CAPTURES} is missing; CI must provide the shared topology captures")
-        pytest.skip(f"{CAPTURES} not present")
-    expected = json.loads((CAPTURES / "EXPECTED.json").read_text())[name]
-    return (CAPTURES / name).read_text(), expected
-
-
-NVSMI = _names("nvsmi")
 
 
 def _header(lines: list[str]) -> int:
@@ -55,9 +31,9 @@ def _raises(text: str, source: str) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize("name", NVSMI)
-def test_capture_matches_ground_truth(name):
-    text, exp = _capture(name)
+@pytest.mark.captures("nvsmi")
+def test_capture_matches_ground_truth(name, capture):
+    text, exp = capture(name)
     links = parse_nvsmi(text, name)
     assert links.n_gpus == exp["gpus"]
     assert links.domains() == exp["nvlink_domains"]
@@ -66,15 +42,15 @@ def test_capture_matches_ground_truth(name):
     assert links.mig == {}
 
 
-@pytest.mark.parametrize("name", NVSMI)
-def test_tabs_or_single_spaces_parse_the_same(name):
-    text, _ = _capture(name)
+@pytest.mark.captures("nvsmi")
+def test_tabs_or_single_spaces_parse_the_same(name, capture):
+    text, _ = capture(name)
     assert parse_nvsmi(re.sub(r"[ \t]+", " ", text)) == parse_nvsmi(text)
 
 
-@pytest.mark.parametrize("name", NVSMI)
-def test_corrupt_cell_token_names_line_and_column(name):
-    text, _ = _capture(name)
+@pytest.mark.captures("nvsmi")
+def test_corrupt_cell_token_names_line_and_column(name, capture):
+    text, _ = capture(name)
     lines = text.split("\n")
     i = _row(lines, "GPU1")
     lines[i] = re.sub(r"^(\s*GPU1\s+)\S+", r"\g<1>QQQ", lines[i], count=1)
@@ -83,9 +59,9 @@ def test_corrupt_cell_token_names_line_and_column(name):
     assert "cell 'QQQ' in column GPU0 is not a link type (expected X, NV#" in msg
 
 
-@pytest.mark.parametrize("name", NVSMI)
-def test_deleted_cell_is_a_cell_count_error(name):
-    text, _ = _capture(name)
+@pytest.mark.captures("nvsmi")
+def test_deleted_cell_is_a_cell_count_error(name, capture):
+    text, _ = capture(name)
     lines = text.split("\n")
     i = _row(lines, "GPU0")
     cut = re.sub(r"^(\s*GPU0\s+X\s+)\S+\s+", r"\1", lines[i], count=1)
@@ -96,9 +72,9 @@ def test_deleted_cell_is_a_cell_count_error(name):
     assert "a cell is missing or extra" in msg
 
 
-@pytest.mark.parametrize("name", NVSMI)
-def test_asymmetric_matrix_names_both_lines(name):
-    text, _ = _capture(name)
+@pytest.mark.captures("nvsmi")
+def test_asymmetric_matrix_names_both_lines(name, capture):
+    text, _ = capture(name)
     lines = text.split("\n")
     i0, i1 = _row(lines, "GPU0"), _row(lines, "GPU1")
     old = lines[i1].split()[1]
@@ -109,18 +85,18 @@ def test_asymmetric_matrix_names_both_lines(name):
     assert f"GPU1–GPU0 is '{new}'" in msg and "symmetric" in msg
 
 
-@pytest.mark.parametrize("name", NVSMI)
-def test_truncated_after_header_has_no_gpu_rows(name):
-    text, _ = _capture(name)
+@pytest.mark.captures("nvsmi")
+def test_truncated_after_header_has_no_gpu_rows(name, capture):
+    text, _ = capture(name)
     lines = text.split("\n")
     head = _header(lines)
     msg = _raises("\n".join(lines[:head + 1]) + "\n", name)
     assert msg.startswith(f"{name} line {head + 2}: expected row GPU0")
 
 
-@pytest.mark.parametrize("name", NVSMI)
-def test_rows_out_of_order(name):
-    text, _ = _capture(name)
+@pytest.mark.captures("nvsmi")
+def test_rows_out_of_order(name, capture):
+    text, _ = capture(name)
     lines = text.split("\n")
     i1, i2 = _row(lines, "GPU1"), _row(lines, "GPU2")
     lines[i1], lines[i2] = lines[i2], lines[i1]
@@ -129,9 +105,9 @@ def test_rows_out_of_order(name):
     assert "found row GPU2" in msg
 
 
-@pytest.mark.parametrize("name", NVSMI)
-def test_duplicated_row(name):
-    text, _ = _capture(name)
+@pytest.mark.captures("nvsmi")
+def test_duplicated_row(name, capture):
+    text, _ = capture(name)
     lines = text.split("\n")
     i1, i2 = _row(lines, "GPU1"), _row(lines, "GPU2")
     lines[i2] = lines[i1]
