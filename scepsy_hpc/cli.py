@@ -280,6 +280,63 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--json", action="store_true", help="print one JSON object")
     ts.set_defaults(func=_lazy("topology", "cmd_topology"))
 
+    up = sub.add_parser("up", help="serve a plan (or a workflow, planned first) in one allocation behind the gateway; "
+                        "runs in the foreground, Ctrl-C stops it")
+    up.add_argument("target", metavar="PLAN|WORKFLOW", help="plan file (with placement), or a workflow to plan on --cluster")
+    up.add_argument("--backend", choices=("local", "slurm"), default="local",
+                    help="local: processes on this machine (default); slurm: one sbatch job on the cluster")
+    up.add_argument("--engine", choices=("sim", "vllm", "sglang"), default="sim", help="engine to start (default sim)")
+    up.add_argument("--cluster", default="local", metavar="CLUSTER.yaml",
+                    help="cluster spec: Slurm partition/account/qos/walltime and GRES types (default: the shipped local)")
+    up.add_argument("--name", help="session name (default: the plan's or workflow's file name)")
+    up.add_argument("--partition", help="override the cluster spec's Slurm partition")
+    up.add_argument("--account", help="override the cluster spec's Slurm account")
+    up.add_argument("--qos", help="override the cluster spec's Slurm QOS")
+    up.add_argument("--time", metavar="WALLTIME", help="override the cluster spec's walltime (e.g. 4:00:00)")
+    up.add_argument("--switches", type=int, metavar="N", help="at most N leaf switches (default: as many as the placement spans)")
+    up.add_argument("--switches-wait", default="5:00", metavar="T", help="how long Slurm may wait for --switches (default 5:00)")
+    up.add_argument("--target-rps", type=float, metavar="RPS", help="when planning a workflow: its target rate")
+    up.add_argument("--launch-prefix", metavar="CMD",
+                    help="put before each engine command, e.g. 'apptainer exec --nv vllm.sif' or 'module load cuda &&'")
+    up.add_argument("--engine-arg", action="append", metavar="ARG", help="extra engine argument (repeatable)")
+    up.add_argument("--time-scale", type=float, default=1.0, metavar="S",
+                    help="sim engine: wall seconds per model second (default 1: real time)")
+    up.add_argument("--health-timeout", type=float, metavar="S", help="per engine start-up limit (default sim 120 s, vllm/sglang 1800 s)")
+    up.add_argument("--start-timeout", type=float, default=3600.0, metavar="S",
+                    help="limit on pending + start-up before giving up (default 3600 s)")
+    up.add_argument("--gateway-host", default="127.0.0.1", help="gateway listen address (default 127.0.0.1)")
+    up.add_argument("--gateway-port", type=int, default=0, help="gateway port (default: a free one)")
+    up.add_argument("--poll", type=float, default=1.0, metavar="S", help="how often the job state is checked (default 1 s)")
+    up.add_argument("--state-dir", metavar="DIR", help="sessions directory (default $SCEPSY_STATE_DIR or ~/.scepsy/sessions)")
+    up.add_argument("--seed", type=int, default=0)
+    up.set_defaults(func=_lazy("serve", "cmd_up"))
+
+    stt = sub.add_parser("status", help="a session's job, engines (node, GPUs, health) and gateway URL; exit 0 when all serve")
+    stt.add_argument("name", nargs="?", help="session name (default: the only live one)")
+    stt.add_argument("--json", action="store_true", help="print one JSON object")
+    stt.add_argument("--state-dir", metavar="DIR")
+    stt.set_defaults(func=_lazy("serve", "cmd_status"))
+
+    dn = sub.add_parser("down", help="stop a session: cancel its job, stop its gateway")
+    dn.add_argument("name", nargs="?", help="session name (default: the only live one)")
+    dn.add_argument("--timeout", type=float, default=90.0, metavar="S", help="wait this long for the job to leave the queue")
+    dn.add_argument("--state-dir", metavar="DIR")
+    dn.set_defaults(func=_lazy("serve", "cmd_down"))
+
+    dr = sub.add_parser("drive", help="run a workflow's requests through a serving session's gateway (load test)")
+    dr.add_argument("name", nargs="?", help="session name (default: the only live one)")
+    dr.add_argument("--workflow", help="workflow to sample requests from (default: the session's)")
+    dr.add_argument("--gateway", metavar="URL", help="drive this gateway instead of a session's")
+    dr.add_argument("--requests", type=int, default=20, metavar="N", help="requests to run (default 20)")
+    dr.add_argument("--rate", type=float, metavar="RPS", help="open-loop Poisson arrivals (model time); default closed loop")
+    dr.add_argument("--concurrency", type=int, default=4, metavar="C", help="requests in flight without --rate (default 4)")
+    dr.add_argument("--time-scale", type=float, default=None, metavar="S", help="tool pacing (default: the session's)")
+    dr.add_argument("--prefix", default="d", help="request id prefix (default d)")
+    dr.add_argument("--state-dir", metavar="DIR")
+    dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument("--json", action="store_true", help="print one JSON object")
+    dr.set_defaults(func=_lazy("serve", "cmd_drive"))
+
     be = sub.add_parser("bench", help="simulated throughput and latency of milp vs. the baselines per workflow and GPU count")
     be.add_argument("--workflows", default="rag_rerank,deep_research,coding_agent,mixture_of_agents,beam_search",
                     metavar="W,W,...", help="shipped names or files (default: all shipped)")

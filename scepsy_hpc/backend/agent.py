@@ -1,0 +1,324 @@
+"""The node agent: runs once per node inside the serving job and starts that node's engines.
+
+    python -m scepsy_hpc.backend.agent --session DIR [--node NAME]
+
+It reads `DIR/serve.json` (written by `scepsy up`), takes the instances placed on its node
+(`--node`, else $SLURMD_NODENAME, else the host name), maps their planned GPU indices onto the GPUs the
+job holds there, and starts each engine with its CUDA_VISIBLE_DEVICES. Engines sharing a GPU start one
+after another, each once the previous one answers /health (two engines loading at once would both see
+the whole GPU free); engines on different GPUs start together. With fractions and a real engine, an
+MPS control daemon runs for the node and each engine gets its thread percentage. Progress goes to
+`DIR/agents/NODE.json` (state starting → ready, or failed with the engine's log); on SIGTERM (scancel,
+`scepsy down`) the engines are stopped and the agent exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env
+
+LOG_TAIL_LINES = 15
+PORT_LOCK = Path("/tmp/scepsy-agent-ports.lock")
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass
+class Instance:
+    """One engine of this node: what the plan says and what became of it."""
+
+    llm: str
+    replica: int
+    gpus: list[int]                  # physical GPU indices on the node (as the plan or Slurm number them)
+    gpu_frac: float
+    mps_pct: int
+    launch: dict[str, Any]
+    cuda_visible_devices: str = ""
+    port: int = 0
+    url: str = ""
+    log: str = ""
+    pid: int | None = None
+    healthy: bool = False
+    state: str = "waiting"           # waiting, starting, healthy, failed, exited, stopped
+    error: str = ""
+    remapped: bool = False
+    started: float = 0.0             # monotonic time the engine was spawned
+    proc: Any = field(default=None, repr=False)
+
+
+def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with _OPENER.open(f"{url}/health", timeout=2.0) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the engines bind: TIME_WAIT is no obstacle
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def map_gpus(planned: Sequence[int], env: dict[str, str]) -> tuple[dict[int, tuple[int, str]], bool]:
+    """Planned GPU index → (physical index, what CUDA_VISIBLE_DEVICES names it), and whether we remapped.
+
+    Inside a Slurm step, SLURM_STEP_GPUS/SLURM_JOB_GPUS list the physical GPUs the job holds and
+    CUDA_VISIBLE_DEVICES the same GPUs as this process must name them (renumbered from 0 when Slurm
+    constrains devices). A planned index the job holds is used as it is; if Slurm gave other GPUs
+    (the plan's were taken meanwhile), the planned ones map in order onto those held."""
+    phys_text = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS") or ""
+    vis_text = env.get("CUDA_VISIBLE_DEVICES", "")
+    physical = [int(x) for x in phys_text.split(",") if x.strip().isdigit()]
+    visible = [x.strip() for x in vis_text.split(",") if x.strip()]
+    wanted = sorted(set(planned))
+    if not physical:   # not under Slurm (the local backend): the plan's indices as they are
+        return {g: (g, str(g)) for g in wanted}, False
+    if len(visible) != len(physical):
+        visible = [str(p) for p in physical]
+    if set(wanted) <= set(physical):
+        return {g: (g, visible[physical.index(g)]) for g in wanted}, False
+    if len(wanted) > len(physical):
+        raise RuntimeError(f"the job holds GPUs {phys_text} on this node; the placement needs {len(wanted)}: {wanted}")
+    return {g: (physical[i], visible[i]) for i, g in enumerate(wanted)}, True
+
+
+def colocation_chains(instances: Sequence[Instance]) -> list[list[Instance]]:
+    """Groups of instances linked by sharing a GPU, each in start order (largest share first)."""
+    groups: list[tuple[set[int], list[Instance]]] = []
+    for inst in instances:
+        linked = [g for g in groups if g[0] & set(inst.gpus)]
+        gpus, members = set(inst.gpus), [inst]
+        for g in linked:
+            gpus |= g[0]
+            members += g[1]
+            groups.remove(g)
+        groups.append((gpus, members))
+    return [sorted(m, key=lambda i: (-i.gpu_frac, i.llm, i.replica)) for _, m in groups]
+
+
+class Agent:
+    """Starts, watches and stops the engines of one node."""
+
+    def __init__(self, session: Path, node: str, config: dict[str, Any], env: dict[str, str]) -> None:
+        self.session, self.node, self.config, self.env = session, node, config, env
+        self.host = env.get("SCEPSY_ADVERTISE_HOST") or socket.gethostname()
+        self.report_path = session / "agents" / f"{node}.json"
+        self.log_dir = session / "logs"
+        self.state = "starting"
+        self.error = ""
+        self.stop_requested = False
+        self.mps_env: dict[str, str] = {}
+        planned = [i for i in config["instances"] if i["node"] == node]
+        self.instances = [Instance(i["llm"], i["replica"], list(i["gpus"]), i["gpu_frac"], i["mps_pct"], i["launch"],
+                                   port=i["port"]) for i in planned]
+
+    def write(self) -> None:
+        """The report, replaced atomically."""
+        self.report_path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"node": self.node, "host": self.host, "pid": os.getpid(), "state": self.state, "error": self.error,
+                "job_id": self.env.get("SLURM_JOB_ID", ""), "updated": time.time(),
+                "instances": [{f.name: getattr(i, f.name) for f in fields(i) if f.name not in ("proc", "launch", "started")}
+                              for i in self.instances]}
+        tmp = self.report_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.report_path)
+
+    def fail(self, inst: Instance | None, why: str) -> None:
+        """Record a failure (naming the engine's log) and stop everything."""
+        self.state = "failed"
+        self.error = why
+        if inst is not None:
+            inst.state, inst.error, inst.healthy = "failed", why, False
+        self.write()
+        self.stop_all()
+
+    def run(self) -> int:
+        """Start the node's engines, then watch them until told to stop."""
+        try:
+            mapping, remapped = map_gpus([g for i in self.instances for g in i.gpus], self.env)
+        except RuntimeError as exc:
+            self.fail(None, str(exc))
+            return 1
+        for inst in self.instances:
+            inst.remapped = remapped
+            inst.cuda_visible_devices = ",".join(mapping[g][1] for g in inst.gpus)
+            inst.gpus = [mapping[g][0] for g in inst.gpus]
+        self.write()
+        if not self.start_mps():
+            return 1
+        chains = colocation_chains(self.instances)
+        timeout_s = float(self.config.get("health_timeout_s", 600))
+        while not self.stop_requested:
+            pending = False
+            for chain in chains:
+                current = next((i for i in chain if i.state != "healthy"), None)
+                if current is None:
+                    continue
+                pending = True
+                if current.state == "waiting":
+                    self.start(current)
+                    self.write()
+                    if self.state == "failed":
+                        return 1
+                elif current.proc.poll() is not None:
+                    self.fail(current, f"engine {current.llm}·{current.replica} on {self.node} GPUs {current.cuda_visible_devices} "
+                                       f"exited with code {current.proc.returncode} while starting; see {current.log}:\n"
+                                       f"{_tail(current.log)}")
+                    return 1
+                elif _healthy(current.url):
+                    current.state, current.healthy = "healthy", True
+                    self.write()
+                elif time.monotonic() - current.started > timeout_s:
+                    self.fail(current, f"engine {current.llm}·{current.replica} on {self.node} not healthy after "
+                                       f"{timeout_s:g} s; see {current.log}:\n{_tail(current.log)}")
+                    return 1
+            if not pending:
+                break
+            time.sleep(0.2)
+        if self.stop_requested:
+            self.stop_all()
+            return 0
+        self.state = "ready"
+        self.write()
+        while not self.stop_requested:   # watch: an engine that dies is reported, the others keep serving
+            changed = False
+            for inst in self.instances:
+                if inst.healthy and inst.proc.poll() is not None:
+                    inst.healthy, inst.state = False, "exited"
+                    inst.error = f"exited with code {inst.proc.returncode}; see {inst.log}"
+                    changed = True
+            if changed:
+                self.write()
+            time.sleep(0.5)
+        self.stop_all()
+        return 0
+
+    def start(self, inst: Instance) -> None:
+        """Spawn one engine on its GPUs and port (ports chosen under a lock: agents may share a host)."""
+        fields = dict(inst.launch)
+        log = self.log_dir / f"engine-{inst.llm}-{inst.replica}.log"
+        inst.log = str(log)
+        env = dict(os.environ)
+        env.update(self.mps_env)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(PORT_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                port = inst.port if inst.port and _port_free(inst.port) else _free_port()
+                launch = EngineLaunch(**{**fields, "port": port, "extra_args": tuple(fields.get("extra_args", ()))})
+                env.update(engine_env(launch, inst.cuda_visible_devices.split(","), inst.mps_pct))
+                prefix = self.config.get("launch_prefix", "")
+                argv = ["bash", "-c", engine_command(launch, prefix)] if prefix else engine_argv(launch)
+                with open(log, "ab") as out:
+                    inst.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                 env=env, start_new_session=True)
+                inst.port, inst.pid, inst.state = port, inst.proc.pid, "starting"
+                inst.url = f"http://{self.host}:{port}"
+                inst.started = time.monotonic()
+                deadline = time.monotonic() + 5.0   # hold the lock until the engine holds its port
+                while _port_free(port) and inst.proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def start_mps(self) -> bool:
+        """An MPS control daemon when this node shares GPUs between real engines."""
+        if self.config.get("engine") == "sim" or all(i.gpu_frac >= 1 for i in self.instances):
+            return True
+        base = self.session / "mps" / self.node
+        self.mps_env = {"CUDA_MPS_PIPE_DIRECTORY": str(base / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(base / "log")}
+        for d in self.mps_env.values():
+            Path(d).mkdir(parents=True, exist_ok=True)
+        gpus = sorted({g for i in self.instances for g in i.cuda_visible_devices.split(",")})
+        try:
+            subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**os.environ, **self.mps_env,
+                           "CUDA_VISIBLE_DEVICES": ",".join(gpus)}, check=True, capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.fail(None, f"GPU fractions on {self.node} need NVIDIA MPS, but `nvidia-cuda-mps-control -d` failed: {exc}")
+            return False
+        return True
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every engine's process group, SIGKILL what is left after `grace_s`; stop MPS."""
+        live = [i for i in self.instances if i.proc is not None and i.proc.poll() is None]
+        for inst in live:
+            try:
+                os.killpg(inst.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        for inst in live:
+            try:
+                inst.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(inst.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                inst.proc.wait()
+        for inst in self.instances:
+            if inst.state in ("healthy", "starting"):
+                inst.state, inst.healthy = "stopped", False
+        if self.mps_env:
+            subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env={**os.environ, **self.mps_env},
+                           capture_output=True, timeout=30, check=False)
+            self.mps_env = {}
+        if self.state != "failed":
+            self.state = "stopped"
+        self.write()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point inside the job."""
+    ap = argparse.ArgumentParser(prog="python -m scepsy_hpc.backend.agent", description=__doc__.splitlines()[0])
+    ap.add_argument("--session", required=True, type=Path, help="the session directory of `scepsy up`")
+    ap.add_argument("--node", help="this node's name (default: $SLURMD_NODENAME, else the host name)")
+    args = ap.parse_args(argv)
+    node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    config = json.loads((args.session / "serve.json").read_text())
+    agent = Agent(args.session, node, config, dict(os.environ))
+
+    def stop(signum: int, _frame: Any) -> None:
+        agent.stop_requested = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"agent on {node}: {len(agent.instances)} engine(s); report {agent.report_path}", flush=True)
+    rc = agent.run()
+    print(f"agent on {node}: {agent.state}" + (f": {agent.error}" if agent.error else ""), flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

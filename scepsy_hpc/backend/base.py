@@ -1,0 +1,105 @@
+"""The `ClusterBackend` seam: where jobs run (a Slurm cluster, or processes on this machine).
+
+A backend runs a `NodeJob` — one command started once on each of a set of nodes, holding GPUs there —
+and reports its state, normalised to Slurm's job state names. `slurm` asks a real Slurm (sbatch,
+sacct with squeue as fallback, scancel); `local` runs the same command as processes here, one per
+node name, which is the embedded default; `scepsy_hpc.backend.fake.FakeSlurm` stands in for the
+Slurm commands in unit tests.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from scepsy_hpc.errors import SpecError
+
+# Slurm's job states (sacct/squeue long names). A job in ACTIVE may still run; the rest are final.
+ACTIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
+                    "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "SPECIAL_EXIT"})
+FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                   "BOOT_FAIL", "DEADLINE", "REVOKED"})
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def normalise_state(text: str) -> str:
+    """'CANCELLED by 0' → CANCELLED, 'RUNNING+' → RUNNING; an unknown word is kept as it is."""
+    word = text.strip().split(" ")[0].rstrip("+").upper()
+    return word or "UNKNOWN"
+
+
+def check_name(value: str, what: str) -> str:
+    """A Slurm identifier we put into scripts (partition, account, qos, session name): letters, digits, . _ -."""
+    if not isinstance(value, str) or not _SAFE_NAME.match(value):
+        raise SpecError(f"{what} {value!r}: use 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit); "
+                        f"anything else could not be passed to Slurm safely")
+    return value
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One job (or array task) as its backend sees it."""
+
+    job_id: str
+    state: str                 # a Slurm state name, see ACTIVE / FINAL
+    exit_code: str = ""        # sacct's "rc:signal", or the process's code
+    nodes: str = ""            # hostlist the job runs on
+    reason: str = ""           # why it is pending, or who cancelled it
+    source: str = ""           # sacct, squeue, local
+
+    @property
+    def active(self) -> bool:
+        """Not yet finished."""
+        return self.state in ACTIVE
+
+    @property
+    def running(self) -> bool:
+        """Started and not finished."""
+        return self.state in ("RUNNING", "COMPLETING", "CONFIGURING")
+
+
+@dataclass(frozen=True)
+class NodeJob:
+    """Run `command` once on each node in `nodes` (in order), each holding `gpus_per_node` GPUs."""
+
+    name: str
+    command: tuple[str, ...]
+    nodes: tuple[str, ...]
+    gpus_per_node: int
+    log_dir: Path
+    workdir: Path
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None            # walltime, Slurm syntax (4:00:00, 1-00:00:00)
+    switches: int | None = None        # at most this many leaf switches (Slurm --switches)
+    switches_wait: str | None = None   # how long Slurm may wait for that (--switches=N@wait)
+    constraint: str | None = None
+    gres_type: str | None = None       # the GRES type to ask for (gpu:TYPE:N); None: any GPU
+    cpus_per_node: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class ClusterBackend(ABC):
+    """Submit, watch and cancel jobs."""
+
+    name: str = ""
+
+    @abstractmethod
+    def submit(self, job: NodeJob) -> str:
+        """Start `job` (render its script beside its logs first); return its job id."""
+
+    @abstractmethod
+    def status(self, job_id: str) -> JobStatus:
+        """The job's state now; SlurmError if the backend cannot tell (never a silent UNKNOWN)."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> None:
+        """Cancel the job (a job already finished is not an error)."""
+
+    def script_path(self, job: NodeJob) -> Path:
+        """Where the rendered script of `job` is kept: beside its logs."""
+        return job.log_dir / f"{job.name}.sh"

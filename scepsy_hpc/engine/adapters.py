@@ -1,0 +1,166 @@
+"""Engine adapters: one engine instance of a serving plan as command line, environment and URLs.
+
+Three engines speak the same OpenAI-compatible HTTP API and serve `/health`: `vllm`, `sglang` and
+`sim` (scepsy_hpc.engine.sim_server, the stand-in where there is no GPU). DESIGN.md §6.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from scepsy_hpc.errors import SpecError
+
+ENGINES = ("sim", "vllm", "sglang")
+TP_DEGREES = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """One engine instance to start."""
+
+    engine: str  # one of ENGINES
+    model: str  # key of configs/models.yaml (the sim engine's --model)
+    hf_id: str  # what vllm/sglang load (ModelSpec.hf_id), or a local path
+    served_name: str  # the name clients send (the workflow's LLM name)
+    gpu: str  # key of configs/gpus.yaml (sim engine's --gpu)
+    tp: int = 1
+    gpu_frac: float = 1.0
+    mem_frac: float = 0.9  # vLLM --gpu-memory-utilization / SGLang --mem-fraction-static
+    max_num_seqs: int = 256
+    port: int = 8000
+    host: str = "0.0.0.0"
+    dummy_weights: bool = False  # profiling: random weights (--load-format dummy)
+    time_scale: float = 1.0  # sim only
+    seed: int = 0  # sim only
+    extra_args: tuple[str, ...] = ()  # appended verbatim (user-supplied engine flags)
+
+
+def _num(x: float) -> str:
+    """A float as a short command-line word (0.225, not 0.22500000000000001)."""
+    return f"{x:g}"
+
+
+def check_launch(launch: EngineLaunch) -> None:
+    """Raise SpecError listing every problem of `launch` (value, limit and fix)."""
+    ln, problems = launch, []
+    who = f"engine {ln.served_name!r}"
+    if ln.engine not in ENGINES:
+        problems.append(f"{who}: unknown engine {ln.engine!r}; known engines: {', '.join(ENGINES)}")
+    if ln.tp not in TP_DEGREES:
+        problems.append(f"{who}: tp={ln.tp} must be a power of two in 1..16 ({', '.join(map(str, TP_DEGREES))})")
+    if not 0 < ln.gpu_frac <= 1:
+        problems.append(f"{who}: gpu_frac={ln.gpu_frac} must be in (0, 1]; use 1.0 for a whole GPU")
+    elif ln.gpu_frac < 1 and ln.tp > 1:
+        problems.append(f"{who}: gpu_frac={ln.gpu_frac} with tp={ln.tp}: a GPU share is only possible at tp=1; "
+                        f"use gpu_frac=1.0 or tp=1")
+    if not 0 < ln.mem_frac <= 1:
+        problems.append(f"{who}: mem_frac={ln.mem_frac} must be in (0, 1]")
+    elif 0 < ln.gpu_frac <= 1 and ln.mem_frac > ln.gpu_frac:
+        problems.append(f"{who}: mem_frac={ln.mem_frac} exceeds gpu_frac={ln.gpu_frac}: engines sharing the GPU "
+                        f"would together ask for more memory than it has; set mem_frac <= {ln.gpu_frac}")
+    if not 1 <= ln.port <= 65535:
+        problems.append(f"{who}: port={ln.port} must be in 1..65535")
+    if ln.max_num_seqs < 1:
+        problems.append(f"{who}: max_num_seqs={ln.max_num_seqs} must be >= 1")
+    if not ln.served_name:
+        problems.append("served_name is empty; set it to the LLM name clients send")
+    elif any(c.isspace() or not c.isprintable() for c in ln.served_name):
+        problems.append(f"served_name {ln.served_name!r} contains whitespace or control characters; "
+                        f"use a name like 'generator' or 'prm-7b'")
+    if ln.engine in ("vllm", "sglang") and not ln.hf_id:
+        problems.append(f"{who}: hf_id is empty; set the Hugging Face id or local path of the weights")
+    if ln.engine == "sim" and not ln.time_scale > 0:
+        problems.append(f"{who}: time_scale={ln.time_scale} must be > 0")
+    # A NUL cannot be passed in an argv word at all; exec would fail far from here.
+    for word in (ln.hf_id, ln.model, ln.gpu, ln.host, *ln.extra_args):
+        if "\0" in word:
+            problems.append(f"{who}: {word!r} contains a NUL character")
+    if problems:
+        raise SpecError(problems)
+
+
+def _vllm_argv(ln: EngineLaunch) -> list[str]:
+    """`vllm serve` argv."""
+    # Memory share and batch size are always explicit: vLLM's default of 0.9 per instance makes the
+    # second of two co-located engines fail its free-memory check at start-up.
+    # No --disable-log-requests: request logging is off by default and vLLM 0.12 removed the flag.
+    argv = ["vllm", "serve", ln.hf_id, "--tensor-parallel-size", str(ln.tp),
+            "--gpu-memory-utilization", _num(ln.mem_frac), "--max-num-seqs", str(ln.max_num_seqs),
+            "--host", ln.host, "--port", str(ln.port), "--served-model-name", ln.served_name]
+    return argv + (["--load-format", "dummy"] if ln.dummy_weights else [])
+
+
+def _sglang_argv(ln: EngineLaunch, python: str) -> list[str]:
+    """`python -m sglang.launch_server` argv."""
+    # Same reason as vLLM: SGLang's default static memory share assumes it owns the whole GPU.
+    argv = [python, "-m", "sglang.launch_server", "--model-path", ln.hf_id, "--tp-size", str(ln.tp),
+            "--mem-fraction-static", _num(ln.mem_frac), "--max-running-requests", str(ln.max_num_seqs),
+            "--host", ln.host, "--port", str(ln.port), "--served-model-name", ln.served_name]
+    return argv + (["--load-format", "dummy"] if ln.dummy_weights else [])
+
+
+def _sim_argv(ln: EngineLaunch, python: str) -> list[str]:
+    """`python -m scepsy_hpc.engine.sim_server` argv (the GPU share stands for the memory share)."""
+    return [python, "-m", "scepsy_hpc.engine.sim_server", "--model", ln.model, "--gpu", ln.gpu,
+            "--tp", str(ln.tp), "--gpu-frac", _num(ln.gpu_frac), "--host", ln.host, "--port", str(ln.port),
+            "--served-model-name", ln.served_name, "--max-num-seqs", str(ln.max_num_seqs),
+            "--time-scale", _num(ln.time_scale), "--seed", str(ln.seed)]
+
+
+def engine_argv(launch: EngineLaunch, python: str = sys.executable) -> list[str]:
+    """The engine's argv (no prefix); SpecError if `launch` is invalid."""
+    check_launch(launch)
+    if launch.engine == "vllm":
+        argv = _vllm_argv(launch)
+    elif launch.engine == "sglang":
+        argv = _sglang_argv(launch, python)
+    else:
+        argv = _sim_argv(launch, python)
+    return argv + list(launch.extra_args)
+
+
+def parse_prefix(text: str) -> str:
+    """A user's launch prefix, stripped; SpecError if it spans lines or holds a NUL."""
+    if any(c in text for c in "\n\r\0"):
+        raise SpecError(f"launch prefix {text!r} must be one line without NUL characters; "
+                        f"join commands with '&&' (e.g. 'module load cuda/12.4 &&')")
+    return text.strip()
+
+
+def engine_command(launch: EngineLaunch, prefix: str = "", python: str = sys.executable) -> str:
+    """One shell line: the launch prefix verbatim (the user quotes it), then every argv word quoted."""
+    line = shlex.join(engine_argv(launch, python))
+    prefix = parse_prefix(prefix)
+    return f"{prefix} {line}" if prefix else line
+
+
+def engine_env(launch: EngineLaunch, gpus: Sequence[str], mps_pct: int = 100) -> dict[str, str]:
+    """Variables to add to the environment of this engine, which runs on `gpus`."""
+    if len(gpus) != launch.tp:
+        raise SpecError(f"engine {launch.served_name!r} at tp={launch.tp} was given {len(gpus)} GPUs "
+                        f"({', '.join(gpus) or 'none'}); give it exactly {launch.tp}")
+    if not 1 <= mps_pct <= 100:
+        raise SpecError(f"engine {launch.served_name!r}: MPS thread percentage {mps_pct} must be in 1..100")
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+    if launch.gpu_frac < 1:
+        # Read by the MPS client at CUDA init: caps this engine's share of the GPU's SMs.
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(mps_pct)
+    if launch.engine == "vllm":
+        env["VLLM_NO_USAGE_STATS"] = "1"  # compute nodes are offline; the usage report would only time out
+    return env
+
+
+def base_url(launch: EngineLaunch, host: str) -> str:
+    """The engine's root URL (no /v1)."""
+    # An IPv6 literal must be bracketed in a URL.
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{launch.port}"
+
+
+def health_url(launch: EngineLaunch, host: str) -> str:
+    """The URL that answers 200 once the engine serves (all three engines serve /health)."""
+    return f"{base_url(launch, host)}/health"
