@@ -224,8 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--tp", default="1,2,4", help="tensor-parallel degrees (default 1,2,4)")
     pf.add_argument("--gpu-frac", default="0.25,0.5,1", help="GPU fractions for tp=1 (default 0.25,0.5,1)")
     pf.add_argument("--gpu", default="h100-sxm", help="GPU type of configs/gpus.yaml (default h100-sxm)")
-    pf.add_argument("--backend", choices=("synthetic", "local"), default="synthetic",
-                    help="synthetic: the performance model (default); local: simulated engine servers on this machine, over HTTP")
+    pf.add_argument("--backend", choices=("synthetic", "local", "slurm"), default="synthetic",
+                    help="synthetic: the performance model (default); local: engine servers on this machine, over HTTP; "
+                    "slurm: one array job per tp on the cluster, each task holding tp GPUs")
+    pf.add_argument("--engine", choices=("sim", "vllm", "sglang"), default="sim",
+                    help="engine profiled by the local and slurm backends (default sim; vllm/sglang load dummy weights)")
+    pf.add_argument("--cluster", default="local", metavar="CLUSTER.yaml",
+                    help="slurm backend: partition, account, QOS, walltime and GRES types (default: the shipped local)")
+    pf.add_argument("--partition", help="slurm backend: override the cluster spec's partition")
+    pf.add_argument("--time", metavar="WALLTIME", help="slurm backend: walltime per task (default: the cluster spec's)")
+    pf.add_argument("--launch-prefix", metavar="CMD", help="put before each engine command (modules, apptainer exec --nv …)")
     pf.add_argument("--llms", help="profile only these LLMs (comma-separated)")
     pf.add_argument("--trace", metavar="FILE", help="replay the calls of this trace (default: sample the program)")
     pf.add_argument("--samples", type=int, default=1000, metavar="N", help="program samples without --trace (default 1000)")

@@ -165,10 +165,19 @@ class Planner:
             raise InfeasibleError(cand.no_fit_message(f"LLM {d.name!r} ({d.model.hf_id})", d.model, self.gpu_name, gpu, self.max_tp))
         if not any(self.demands[i].mix.get(llm) for i, llm in d.members):
             return [cand.Config(tp, f, None) for tp, f in pairs[:1]]  # type: ignore[arg-type]
-        out = []
+        out, missing = [], []
+        measured_only = self._sources[d.name][0].profiles_dir is not None
         for tp, f in pairs:
             self.progress(f"profile {d.name} tp={tp} gpu_frac={f:g}")
-            out.append(cand.Config(tp, f, self.profile(d.name, tp, f)))
+            try:
+                out.append(cand.Config(tp, f, self.profile(d.name, tp, f)))
+            except SpecError as exc:
+                # with measured profiles, what was not measured is not a candidate (unless nothing was)
+                if not measured_only or "no profile of" not in str(exc):
+                    raise
+                missing.append(exc)
+        if not out:
+            raise missing[0]
         return out
 
     def _finish_demands(self) -> None:

@@ -56,6 +56,8 @@ class Instance:
     error: str = ""
     remapped: bool = False
     started: float = 0.0             # monotonic time the engine was spawned
+    started_at: float = 0.0          # the same as Unix time, for the report
+    healthy_at: float = 0.0          # Unix time /health first answered
     proc: Any = field(default=None, repr=False)
 
 
@@ -197,7 +199,7 @@ class Agent:
                                        f"{_tail(current.log)}")
                     return 1
                 elif _healthy(current.url):
-                    current.state, current.healthy = "healthy", True
+                    current.state, current.healthy, current.healthy_at = "healthy", True, time.time()
                     self.write()
                 elif time.monotonic() - current.started > timeout_s:
                     self.fail(current, f"engine {current.llm}·{current.replica} on {self.node} not healthy after "
@@ -245,7 +247,7 @@ class Agent:
                                                  env=env, start_new_session=True)
                 inst.port, inst.pid, inst.state = port, inst.proc.pid, "starting"
                 inst.url = f"http://{self.host}:{port}"
-                inst.started = time.monotonic()
+                inst.started, inst.started_at = time.monotonic(), time.time()
                 deadline = time.monotonic() + 5.0   # hold the lock until the engine holds its port
                 while _port_free(port) and inst.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.05)

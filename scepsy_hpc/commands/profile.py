@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from scepsy_hpc.commands.common import jsonable, load_workload, make_console, resolve_input
-from scepsy_hpc.errors import SpecError
+from scepsy_hpc.errors import SlurmError, SpecError
 
 
 def _numbers(text: str, kind: type, flag: str) -> list:
@@ -55,12 +55,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
         args.calls = 2000 if args.backend == "synthetic" else 1200
     if args.calls < 20:
         raise SpecError(f"--calls {args.calls}: replay at least 20 calls per rate")
+    if args.engine != "sim" and args.backend == "synthetic":
+        raise SpecError(f"--engine {args.engine}: the synthetic backend has no engine; use --backend local or slurm")
     work = load_workload(wf, args.trace, args.samples, args.seed)
-    out_dir = Path(args.output or f"profiles/{wf.name}-{args.gpu}")
+    out_dir = Path(args.output or f"profiles/{wf.name}-{args.gpu}").absolute()
     jobs = plan_jobs(wf, models, gpus, args.gpu, llms, tps, fracs, out_dir, args.force)
     todo = [j for j in jobs if j.skip is None]
     console = make_console(stderr=True)
     done: list[dict] = []
+    failed: list[dict] = []
+    if args.backend == "slurm" and todo:
+        done, failed = _profile_on_slurm(args, wf, models, gpus, work, todo, out_dir, fractions, console)
+        todo = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=args.json or not console.is_terminal and not args.progress) as bar:
         task = bar.add_task(f"profiling {wf.name} ({args.backend})", total=len(todo))
@@ -72,6 +78,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 raise SpecError(f"LLM {job.llm!r} has no calls in {work.source}: nothing to replay")
             if args.backend == "synthetic":
                 t = run_synthetic(job, model, gpus[args.gpu], args.gpu, mix, args.calls, args.seed, wf.name, fractions)
+            elif args.engine != "sim":
+                from scepsy_hpc.backend.profiling import ProfileTask, run_task
+
+                row = run_task(ProfileTask(job, model, gpus[args.gpu], args.gpu, tuple(mix), args.calls, args.seed, wf.name,
+                                           engine=args.engine, fractions=tuple(fractions), start_frac=args.start_frac,
+                                           out_dir=str(out_dir), log_dir=args.log_dir or str(out_dir / "logs"),
+                                           launch_prefix=args.launch_prefix or ""))
+                done.append(row)
+                bar.advance(task)
+                continue
             else:
                 t = run_local(job, model, gpus[args.gpu], args.gpu, mix, args.calls, args.seed, wf.name,
                               args.time_scale, Path(args.log_dir) if args.log_dir else None,
@@ -82,14 +98,79 @@ def cmd_profile(args: argparse.Namespace) -> int:
             bar.advance(task)
     skipped = [{"llm": j.llm, "tp": j.tp, "gpu_frac": j.gpu_frac, "why": j.skip} for j in jobs if j.skip]
     if args.json:
-        print(json.dumps(jsonable({"directory": str(out_dir), "profiled": done, "skipped": skipped,
+        print(json.dumps(jsonable({"directory": str(out_dir), "profiled": done, "skipped": skipped, "failed": failed,
                                    "workload": work.source}), indent=2))
-        return 0
+        return 1 if failed else 0
     out = make_console()
     for d in done:
         out.print(f"{d['llm']:<12} tp={d['tp']} f={d['gpu_frac']:<5g} capacity {d['capacity_rps']:8.3f} calls/s "
                   f"({d['points']} points) -> {d['path']}")
     for s in skipped:
         out.print(f"[dim]{s['llm']:<12} tp={s['tp']} f={s['gpu_frac']:<5g} skipped: {s['why']}[/dim]")
-    out.print(f"{len(done)} profiled, {len(skipped)} skipped, in {out_dir} (calls from {work.source})")
-    return 0
+    for f in failed:
+        out.print(f"[red]{f['llm']:<12} tp={f['tp']} f={f['gpu_frac']:<5g} task {f['task']} {f['state']}: see {f['stderr']} "
+                  f"and {f['stdout']}[/red]")
+    out.print(f"{len(done)} profiled, {len(skipped)} skipped, {len(failed)} failed, in {out_dir} (calls from {work.source})"
+              + ("; run the same command again to retry only the failed ones" if failed else ""))
+    return 1 if failed else 0
+
+
+def _profile_on_slurm(args: argparse.Namespace, wf, models, gpus, work, todo, out_dir: Path, fractions, console):
+    """One array per tp on the cluster spec's partition; a progress bar over tasks; (profiled, failed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from scepsy_hpc.backend.profiling import ProfileTask, submit_arrays, watch_arrays
+    from scepsy_hpc.backend.slurm import SlurmBackend
+    from scepsy_hpc.spec.cluster import load_cluster
+    from scepsy_hpc.spec.workflow import resolve_model
+    from scepsy_hpc.topology.discover import discover
+
+    cluster = load_cluster(resolve_input(args.cluster, "clusters"), gpus)
+    slurm = cluster.slurm
+    backend = SlurmBackend()
+    partition = args.partition or (slurm.partition if slurm else None)
+    parts = backend.partitions()
+    if partition and partition not in parts:
+        raise SlurmError(f"partition {partition!r} does not exist on this cluster (it has {', '.join(sorted(parts)) or 'none'}); "
+                         f"fix slurm.partition in {args.cluster} or pass --partition; nothing was submitted")
+    _, nodes = discover(backend.run, partition)
+    widest = max((n.gpus for n in nodes if n.usable), default=0)
+    too_wide = sorted({j.tp for j in todo if j.tp > widest})
+    if too_wide:
+        raise SlurmError(f"tp={too_wide[0]} needs {too_wide[0]} GPUs on one node; partition {partition or '(default)'} has at "
+                         f"most {widest} per usable node; drop it from --tp; nothing was submitted")
+    log_dir = out_dir / "logs"
+    tasks = []
+    for job in todo:
+        mix = work.mix.get(job.llm)
+        if not mix:
+            raise SpecError(f"LLM {job.llm!r} has no calls in {work.source}: nothing to replay")
+        tasks.append(ProfileTask(job, resolve_model(wf, job.llm, models), gpus[args.gpu], args.gpu, tuple(mix), args.calls,
+                                 args.seed, wf.name, engine=args.engine, time_scale=args.time_scale,
+                                 fractions=tuple(fractions), start_frac=args.start_frac, out_dir=str(out_dir),
+                                 log_dir=str(log_dir), launch_prefix=args.launch_prefix or ""))
+    gres_type = next((k for k, v in (slurm.gpu_types if slurm else {}).items() if v == args.gpu), None)
+    arrays = submit_arrays(tasks, log_dir, partition=partition, account=slurm.account if slurm else None,
+                           qos=slurm.qos if slurm else None, time_limit=args.time or (slurm.time if slurm else "1:00:00"),
+                           gres_type=gres_type)
+    console.print(f"submitted {len(arrays)} array job(s): " + ", ".join(f"{a.job_id} (tp={a.tp}, {len(a.tasks)} task(s))"
+                                                                       for a in arrays) + f"; logs in {log_dir}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=args.json or not console.is_terminal and not args.progress) as bar:
+        bar_task = bar.add_task(f"profiling {wf.name} on Slurm ({args.engine})", total=len(tasks))
+        states = watch_arrays(arrays, backend, lambda d, _t: bar.update(bar_task, completed=d))
+    done, failed = [], []
+    for a in arrays:
+        for i, (t, sj) in enumerate(zip(a.tasks, a.jobs)):
+            st = states.get(f"{a.job_id}_{i}")
+            row = {"llm": t.job.llm, "tp": t.job.tp, "gpu_frac": t.job.gpu_frac, "task": f"{a.job_id}_{i}",
+                   "state": st.state if st else "UNKNOWN", "node": st.nodes if st else ""}
+            if st is not None and st.state == "COMPLETED" and t.job.path.exists():
+                from scepsy_hpc.profile.table import load_profile
+
+                p = load_profile(t.job.path)
+                done.append({**row, "capacity_rps": p.capacity_rps, "points": len(p.points), "path": str(t.job.path),
+                             "source": p.source})
+            else:
+                failed.append({**row, "stdout": str(sj.paths.stdout), "stderr": str(sj.paths.stderr)})
+    return done, failed

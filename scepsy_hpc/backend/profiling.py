@@ -1,0 +1,202 @@
+"""Profiling as Slurm array jobs: one submitit array per tp degree, each task holding tp GPUs.
+
+A task (`run_task`, a plain picklable function, so submitit runs it on the node) starts its engine on
+the task's CUDA_VISIBLE_DEVICES — a simulated one, or vLLM/SGLang with dummy weights — waits for
+/health, replays the recorded calls at the saturation sweep's rates, writes one profile file and
+stops the engine. The same function runs in-process for the local backend.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from scepsy_hpc.errors import EngineError, SlurmError
+from scepsy_hpc.profile.run import Job
+
+
+@dataclass(frozen=True)
+class ProfileTask:
+    """Everything one array task needs (pickled by submitit)."""
+
+    job: Job
+    model: Any                 # ModelSpec
+    gpu: Any                   # GPUSpec
+    gpu_name: str
+    mix: tuple[tuple[int, int], ...]
+    n_calls: int
+    seed: int
+    workflow: str
+    engine: str = "sim"
+    time_scale: float | None = None
+    fractions: tuple[float, ...] = ()
+    start_frac: float = 0.1
+    out_dir: str = "profiles"
+    log_dir: str = "."
+    launch_prefix: str = ""
+    health_timeout_s: float = 1800.0
+
+
+def run_task(task: ProfileTask) -> dict[str, Any]:
+    """Profile one configuration on this node's GPUs and save it; its summary."""
+    from scepsy_hpc.profile.run import run_local, save
+
+    if task.engine == "sim":
+        t = run_local(task.job, task.model, task.gpu, task.gpu_name, list(task.mix), task.n_calls, task.seed, task.workflow,
+                      task.time_scale, Path(task.log_dir), start_frac=task.start_frac, fractions=task.fractions)
+        t = replace(t, command=f"scepsy profile {task.workflow} --engine sim")
+    else:
+        t = _run_real(task)
+    path = save(t, Path(task.out_dir))
+    return {"llm": t.llm, "tp": t.tp, "gpu_frac": t.gpu_frac, "capacity_rps": t.capacity_rps, "points": len(t.points),
+            "path": str(path), "source": t.source, "node": os.environ.get("SLURMD_NODENAME", ""),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+def _run_real(task: ProfileTask) -> Any:
+    """vLLM or SGLang with dummy weights on the task's GPUs (MPS when profiling a fraction)."""
+    import datetime as dt
+
+    from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env
+    from scepsy_hpc.engine.local import free_port
+    from scepsy_hpc.perf.model import EngineConfig
+    from scepsy_hpc.profile.replay import measure_http
+    from scepsy_hpc.profile.synthetic import capacity_guess
+    from scepsy_hpc.profile.sweep import sweep
+    from scepsy_hpc.profile.table import ProfileTable
+
+    job = task.job
+    cfg = EngineConfig(task.model, task.gpu, tp=job.tp, gpu_frac=job.gpu_frac)
+    launch = EngineLaunch(engine=task.engine, model=job.model_name, hf_id=task.model.hf_id, served_name=job.llm,
+                          gpu=task.gpu_name, tp=job.tp, gpu_frac=job.gpu_frac, mem_frac=round(0.9 * job.gpu_frac, 4),
+                          max_num_seqs=cfg.max_num_seqs, port=free_port(), host="127.0.0.1", dummy_weights=True)
+    visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g] or [str(i) for i in range(job.tp)]
+    env = {**os.environ, **engine_env(launch, visible[:job.tp], max(1, round(100 * job.gpu_frac)))}
+    log = Path(task.log_dir) / f"engine-{job.llm}-tp{job.tp}-f{job.gpu_frac:g}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    mps = job.gpu_frac < 1
+    if mps:
+        pipe = Path(task.log_dir) / f"mps-{os.getpid()}"
+        env.update(CUDA_MPS_PIPE_DIRECTORY=str(pipe / "pipe"), CUDA_MPS_LOG_DIRECTORY=str(pipe / "log"))
+        for d in ("pipe", "log"):
+            (pipe / d).mkdir(parents=True, exist_ok=True)
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True, timeout=30)
+    argv = ["bash", "-c", engine_command(launch, task.launch_prefix)] if task.launch_prefix else engine_argv(launch)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{launch.port}"
+    try:
+        _wait_healthy(proc, url, log, task.health_timeout_s, f"{task.engine} for {job.llm} tp={job.tp} f={job.gpu_frac:g}")
+        res = sweep(measure_http(url, job.llm, list(task.mix), task.n_calls, seed=task.seed),
+                    max(capacity_guess(cfg, task.mix) * task.start_frac, 1e-4), fractions=task.fractions, bracket=True)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if mps:
+            subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=env, timeout=30, check=False)
+    return ProfileTable(llm=job.llm, model=job.model_name, gpu=task.gpu_name, tp=job.tp, gpu_frac=job.gpu_frac,
+                        capacity_rps=res.capacity_rps, points=res.points, source="measured", engine=task.engine,
+                        engine_version="", max_num_seqs=cfg.max_num_seqs,
+                        workload={"workflow": task.workflow, "calls": len(task.mix), "calls_per_point": task.n_calls,
+                                  "seed": task.seed, "weights": "dummy"},
+                        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                        command=f"scepsy profile {task.workflow} --engine {task.engine}")
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float, what: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise EngineError(f"{what} exited with code {proc.returncode} while starting; see {log}:\n{tail}")
+        try:
+            with opener.open(f"{url}/health", timeout=2.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise EngineError(f"{what} not healthy after {timeout_s:g} s; see {log}")
+        time.sleep(1.0)
+
+
+def walltime_minutes(text: str) -> int:
+    """Slurm walltime (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]) in whole minutes, rounded up."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        h, m, s = (parts + [0, 0])[:3]
+        secs = int(days) * 86400 + h * 3600 + m * 60 + s
+    else:
+        secs = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1], 3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}[len(parts)](parts)
+    return max(1, -(-secs // 60))
+
+
+@dataclass
+class ArrayJob:
+    """One submitted array (one tp degree) and its tasks in array order."""
+
+    tp: int
+    job_id: str
+    tasks: list[ProfileTask]
+    jobs: list[Any]   # submitit jobs, for their log paths
+
+
+def submit_arrays(tasks: Sequence[ProfileTask], folder: Path, *, partition: str | None, account: str | None,
+                  qos: str | None, time_limit: str, gres_type: str | None) -> list[ArrayJob]:
+    """One submitit array per tp; each task holds tp GPUs (GRES) on one node."""
+    import submitit
+
+    from scepsy_hpc.backend.base import check_name
+
+    by_tp: dict[int, list[ProfileTask]] = {}
+    for t in tasks:
+        by_tp.setdefault(t.job.tp, []).append(t)
+    extra = {k: check_name(v, k) for k, v in (("account", account), ("qos", qos)) if v}
+    arrays = []
+    for tp, group in sorted(by_tp.items()):
+        ex = submitit.SlurmExecutor(folder=folder / f"tp{tp}" / "%A")
+        kind = f"{check_name(gres_type, 'GRES type')}:" if gres_type else ""
+        params: dict[str, Any] = dict(job_name=f"scepsy-profile-tp{tp}", gres=f"gpu:{kind}{tp}", time=walltime_minutes(time_limit),
+                                      array_parallelism=len(group), ntasks_per_node=1, additional_parameters=extra)
+        if partition:
+            params["partition"] = check_name(partition, "partition")
+        ex.update_parameters(**params)
+        try:
+            jobs = ex.map_array(run_task, group)
+        except Exception as exc:   # submitit raises its own errors (or CalledProcessError) for a refused sbatch
+            raise SlurmError(f"sbatch refused the profiling array for tp={tp}: {exc}") from None
+        arrays.append(ArrayJob(tp, jobs[0].job_id.split("_")[0], list(group), jobs))
+    return arrays
+
+
+def watch_arrays(arrays: Sequence[ArrayJob], backend: Any, on_progress: Callable[[int, int], None],
+                 poll_s: float = 1.0) -> dict[str, Any]:
+    """Poll every task until all are final; {task key: JobStatus} with key 'ID_i'."""
+    total = sum(len(a.tasks) for a in arrays)
+    while True:
+        states: dict[str, Any] = {}
+        for a in arrays:
+            states.update(backend.tasks(a.job_id))
+        done = sum(1 for a in arrays for i in range(len(a.tasks)) if f"{a.job_id}_{i}" in states
+                   and not states[f"{a.job_id}_{i}"].active)
+        on_progress(done, total)
+        if done == total:
+            return states
+        time.sleep(poll_s)
