@@ -33,7 +33,7 @@ def normalise_state(text: str) -> str:
 
 def check_name(value: str, what: str) -> str:
     """A Slurm identifier we put into scripts (partition, account, qos, session name): letters, digits, . _ -."""
-    if not isinstance(value, str) or not _SAFE_NAME.match(value):
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
         raise SpecError(f"{what} {value!r}: use 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit); "
                         f"anything else could not be passed to Slurm safely")
     return value

@@ -20,18 +20,31 @@ from scepsy_hpc.errors import SlurmError
 
 
 def _alive(pgid: int) -> bool:
-    """Whether any process of the job's process group lives (reaping the leader if it is our child)."""
+    """Whether a live (not zombie) process of the job's process group remains.
+
+    A zombie still answers killpg(…, 0); under a PID 1 that never reaps (a container without an
+    init) the cancelled script's shell would look alive forever, so /proc decides where it exists."""
     try:
-        os.waitpid(pgid, os.WNOHANG)
+        os.waitpid(pgid, os.WNOHANG)   # reap the leader if it is our own child
     except ChildProcessError:
         pass
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue   # exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 class LocalBackend(ClusterBackend):

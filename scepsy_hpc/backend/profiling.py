@@ -88,8 +88,13 @@ def _run_real(task: ProfileTask) -> Any:
         subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True, timeout=30)
     argv = ["bash", "-c", engine_command(launch, task.launch_prefix)] if task.launch_prefix else engine_argv(launch)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+        try:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        except FileNotFoundError:
+            node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+            raise EngineError(f"`{argv[0]}` is not installed on {node}: install {task.engine} there, or give a "
+                              f"--launch-prefix that provides it (module load …, apptainer exec --nv IMAGE)") from None
     url = f"http://127.0.0.1:{launch.port}"
     try:
         _wait_healthy(proc, url, log, task.health_timeout_s, f"{task.engine} for {job.llm} tp={job.tp} f={job.gpu_frac:g}")
@@ -188,14 +193,14 @@ def submit_arrays(tasks: Sequence[ProfileTask], folder: Path, *, partition: str 
 
 def watch_arrays(arrays: Sequence[ArrayJob], backend: Any, on_progress: Callable[[int, int], None],
                  poll_s: float = 1.0) -> dict[str, Any]:
-    """Poll every task until all are final; {task key: JobStatus} with key 'ID_i'."""
+    """Poll every task until all are final; {task job id ('ID_i', or 'ID' for a lone task): JobStatus}."""
     total = sum(len(a.tasks) for a in arrays)
     while True:
         states: dict[str, Any] = {}
         for a in arrays:
             states.update(backend.tasks(a.job_id))
-        done = sum(1 for a in arrays for i in range(len(a.tasks)) if f"{a.job_id}_{i}" in states
-                   and not states[f"{a.job_id}_{i}"].active)
+        # submitit submits a single task as a plain job: key every task by its own submitit job id
+        done = sum(1 for a in arrays for sj in a.jobs if sj.job_id in states and not states[sj.job_id].active)
         on_progress(done, total)
         if done == total:
             return states

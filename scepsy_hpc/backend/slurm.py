@@ -100,7 +100,7 @@ class SlurmBackend(ClusterBackend):
         try:
             self.run(["scancel", job_id])
         except SlurmError as exc:
-            if "already completed" not in str(exc).lower() and "invalid job id" not in str(exc).lower():
+            if "already completing or completed" not in str(exc).lower() and "invalid job id" not in str(exc).lower():
                 raise
 
     def in_queue(self, job_id: str) -> bool:

@@ -68,14 +68,14 @@ def directive_path(path: Path, what: str) -> str:
 
 def check_walltime(value: str) -> str:
     """Slurm walltime syntax: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
-    if not _WALLTIME.match(value):
+    if not _WALLTIME.fullmatch(value):
         raise SpecError(f"walltime {value!r}: use Slurm's syntax, e.g. 4:00:00 or 1-00:00:00")
     return value
 
 
 def check_node(value: str) -> str:
     """A node name as Slurm prints it."""
-    if not _NODE.match(value):
+    if not _NODE.fullmatch(value):
         raise SpecError(f"node name {value!r}: expected letters, digits, '.', '_' or '-'")
     return value
 
@@ -84,7 +84,7 @@ def exports(env: Mapping[str, str]) -> str:
     """`export K=V` lines, keys checked and values quoted."""
     lines = []
     for k, v in env.items():
-        if not _ENV_KEY.match(k):
+        if not _ENV_KEY.fullmatch(k):
             raise SpecError(f"environment variable name {k!r}: letters, digits and '_' only")
         lines.append(f"export {k}={quote(v)}")
     return "\n".join(lines)
@@ -93,6 +93,8 @@ def exports(env: Mapping[str, str]) -> str:
 def sbatch_directives(job: NodeJob) -> list[str]:
     """The #SBATCH lines of a NodeJob."""
     check_name(job.name, "job name")
+    if not job.nodes:
+        raise SpecError(f"job {job.name}: no nodes to run on (the placement is empty)")
     lines = [f"--job-name={job.name}", f"--nodes={len(job.nodes)}", "--ntasks-per-node=1",
              f"--nodelist={','.join(check_node(n) for n in job.nodes)}",
              f"--output={directive_path(job.log_dir, 'log directory')}/job-%j.out"]
@@ -105,7 +107,7 @@ def sbatch_directives(job: NodeJob) -> list[str]:
     if job.time:
         lines.append(f"--time={check_walltime(job.time)}")
     if job.constraint:
-        if not re.match(r"^[A-Za-z0-9_.&|\[\]()*-]+$", job.constraint):
+        if not re.fullmatch(r"[A-Za-z0-9_.&|\[\]()*-]+", job.constraint):
             raise SpecError(f"constraint {job.constraint!r}: features joined by & | [] () only")
         lines.append(f"--constraint={job.constraint}")
     if job.switches:

@@ -161,9 +161,9 @@ def _profile_on_slurm(args: argparse.Namespace, wf, models, gpus, work, todo, ou
         states = watch_arrays(arrays, backend, lambda d, _t: bar.update(bar_task, completed=d))
     done, failed = [], []
     for a in arrays:
-        for i, (t, sj) in enumerate(zip(a.tasks, a.jobs)):
-            st = states.get(f"{a.job_id}_{i}")
-            row = {"llm": t.job.llm, "tp": t.job.tp, "gpu_frac": t.job.gpu_frac, "task": f"{a.job_id}_{i}",
+        for t, sj in zip(a.tasks, a.jobs):
+            st = states.get(sj.job_id)
+            row = {"llm": t.job.llm, "tp": t.job.tp, "gpu_frac": t.job.gpu_frac, "task": sj.job_id,
                    "state": st.state if st else "UNKNOWN", "node": st.nodes if st else ""}
             if st is not None and st.state == "COMPLETED" and t.job.path.exists():
                 from scepsy_hpc.profile.table import load_profile

@@ -141,7 +141,7 @@ def preflight(backend: Any, partition: str | None, placement: list[dict[str, Any
         if n is None:
             raise SpecError(f"the placement uses node {node!r}, which partition {partition!r} does not have "
                             f"({', '.join(sorted(by_name)) or 'no nodes'}); re-plan with `scepsy plan --cluster`; nothing was submitted")
-        top = max(g for nn, g in used if nn == node)
+        top = max((g for nn, g in used if nn == node), default=-1)
         if top >= n.gpus:
             raise SpecError(f"the placement uses GPU {top} of node {node!r}, which has {n.gpus} GPU(s); re-plan; nothing was submitted")
         if not n.usable:

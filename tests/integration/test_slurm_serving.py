@@ -192,3 +192,15 @@ def test_a_job_cancelled_from_outside_ends_up_within_seconds(served_plan: dict[s
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_failed_profiling_task_is_named_with_its_log_files(tmp_path: Path) -> None:
+    # vLLM is not installed on the local cluster's nodes: the task fails, and says so in its log
+    done = scepsy("profile", "rag_rerank", "--backend", "slurm", "--engine", "vllm", "--tp", "1", "--gpu-frac", "1",
+                  "--llms", "reranker", "-o", str(tmp_path / "p"), "--json", check=False)
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["profiled"] == [] and len(report["failed"]) == 1
+    failed = report["failed"][0]
+    assert (failed["llm"], failed["tp"], failed["state"]) == ("reranker", 1, "FAILED")
+    assert "`vllm` is not installed on node" in Path(failed["stderr"]).read_text()
