@@ -23,17 +23,15 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env
+from scepsy_hpc.engine.local import is_healthy
 
 LOG_TAIL_LINES = 15
 PORT_LOCK = Path("/tmp/scepsy-agent-ports.lock")
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass
@@ -66,14 +64,6 @@ def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with _OPENER.open(f"{url}/health", timeout=2.0) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
 
 
 def _port_free(port: int) -> bool:
@@ -198,7 +188,7 @@ class Agent:
                                        f"exited with code {current.proc.returncode} while starting; see {current.log}:\n"
                                        f"{_tail(current.log)}")
                     return 1
-                elif _healthy(current.url):
+                elif is_healthy(current.url, timeout_s=2.0):
                     current.state, current.healthy, current.healthy_at = "healthy", True, time.time()
                     self.write()
                 elif time.monotonic() - current.started > timeout_s:

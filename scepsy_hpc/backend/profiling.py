@@ -121,21 +121,15 @@ def _run_real(task: ProfileTask) -> Any:
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float, what: str) -> None:
-    import urllib.error
-    import urllib.request
+    from scepsy_hpc.engine.local import is_healthy
 
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise EngineError(f"{what} exited with code {proc.returncode} while starting; see {log}:\n{tail}")
-        try:
-            with opener.open(f"{url}/health", timeout=2.0) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
+        if is_healthy(url, timeout_s=2.0):
+            return
         if time.monotonic() > deadline:
             raise EngineError(f"{what} not healthy after {timeout_s:g} s; see {log}")
         time.sleep(1.0)

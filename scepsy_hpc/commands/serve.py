@@ -15,15 +15,12 @@ import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 from scepsy_hpc.errors import EngineError, InfeasibleError, ScepsyError, SlurmError, SpecError
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 HEALTH_TIMEOUT_S = {"sim": 120.0, "vllm": 1800.0, "sglang": 1800.0}
 
 
@@ -329,13 +326,9 @@ def _cancel_and_wait(backend: Any, job_id: str, timeout_s: float = 90.0) -> bool
 
 
 def _healthy(url: str | None) -> bool:
-    if not url:
-        return False
-    try:
-        with _OPENER.open(f"{url}/health", timeout=2.0) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
+    from scepsy_hpc.engine.local import is_healthy
+
+    return is_healthy(url, timeout_s=2.0)
 
 
 def session_status(session: Any, backend: Any) -> dict[str, Any]:

@@ -94,13 +94,16 @@ def _command(spec: SimEngineSpec, port: int, host: str, time_scale: float, seed:
             "--seed", str(seed)]
 
 
-# Engines are local: never route the health probe through an http_proxy from the environment.
+# Engines are on our network: never route the health probe through an http_proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _healthy(url: str) -> bool:
+def is_healthy(url: str | None, timeout_s: float = 1.0) -> bool:
+    """Whether the server at base URL `url` answers GET /health with 200 (no proxy: engines are on our network)."""
+    if not url:
+        return False
     try:
-        with _OPENER.open(f"{url}/health", timeout=1.0) as resp:
+        with _OPENER.open(f"{url}/health", timeout=timeout_s) as resp:
             return resp.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
@@ -132,7 +135,7 @@ def start_sim_engines(specs: Sequence[SimEngineSpec], time_scale: float, log_dir
                 if eng.process.poll() is not None:
                     raise EngineError(f"sim engine {eng.spec.served_name!r} ({eng.spec.model} on {eng.spec.gpu}) exited with "
                                       f"code {eng.process.returncode} during start-up; end of {eng.log_path}:\n{eng.log_tail()}")
-                if _healthy(eng.url):
+                if is_healthy(eng.url):
                     pending.remove(eng)
             if pending and time.monotonic() > deadline:
                 eng = pending[0]
