@@ -23,16 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scepsy_hpc.allocate import policies  # noqa: E402
 from scepsy_hpc.allocate.planner import Demand, Planner, used_gpus  # noqa: E402
+from scepsy_hpc.commands.bench import short_allocation  # noqa: E402
 from scepsy_hpc.commands.common import resolve_input  # noqa: E402
 from scepsy_hpc.predict.inputs import sample_mix, sample_program  # noqa: E402
 from scepsy_hpc.sim.core import simulate  # noqa: E402
 from scepsy_hpc.spec.catalog import load_gpus, load_models  # noqa: E402
 from scepsy_hpc.spec.plan import LLMAlloc  # noqa: E402
 from scepsy_hpc.spec.workflow import load_workflow  # noqa: E402
-
-
-def _label(choice: dict) -> str:
-    return " ".join(f"{m}:{c.replicas}x" + (f"tp{c.tp}" if c.gpu_frac >= 1 else f"{c.gpu_frac:g}") for m, c in choice.items())
 
 
 def _ranks(xs: list[float]) -> list[float]:
@@ -97,7 +94,7 @@ def main() -> int:
         sim_l.append(res.latency_mean_s)
         waits = " ".join(f"{m} {s.queue_mean_s:.2f}/{s.latency_mean_s:.2f}s" for m, s in res.per_llm.items())
         print(f"{pol or '-':<11} pred {lat:7.1f} s  sim {res.latency_mean_s:7.1f} s  ({used_gpus(choice):>3} GPUs) "
-              f"{_label(choice)}  [admission wait/call: {waits}]", flush=True)
+              f"{short_allocation(choice)}  [admission wait/call: {waits}]", flush=True)
     print(f"Spearman rank correlation, predicted vs simulated latency: {spearman(pred_l, sim_l):+.2f} (n={len(rows)})")
     return 0
 

@@ -61,8 +61,9 @@ def _alloc(out: Any) -> dict[str, Any]:
     return {d: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for d, c in out.choice.items()}
 
 
-def _short(out: Any) -> str:
-    return " ".join(f"{d}:{c.replicas}x" + (f"tp{c.tp}" if c.gpu_frac >= 1 else f"{c.gpu_frac:g}") for d, c in out.choice.items())
+def short_allocation(choice: Any) -> str:
+    """`name:RxtpT` / `name:RxF` per deployment of a choice (deployment → candidate)."""
+    return " ".join(f"{d}:{c.replicas}x" + (f"tp{c.tp}" if c.gpu_frac >= 1 else f"{c.gpu_frac:g}") for d, c in choice.items())
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -176,9 +177,9 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
         mx = v.get("sim", {}).get("max_rps")
         lat = v.get("at_common", {})
         out["policies"][pol] = {
-            "allocation": _short(v["plan"]), "predicted_max_rps": v["predicted_rps"], "sim_max_rps": mx,
+            "allocation": short_allocation(v["plan"].choice), "predicted_max_rps": v["predicted_rps"], "sim_max_rps": mx,
             "plan_solve_s": v["solve_time_s"],
-            "common_allocation": _short(v["common_plan"]) if "common_plan" in v else None,
+            "common_allocation": short_allocation(v["common_plan"].choice) if "common_plan" in v else None,
             "latency_mean_s": lat.get("latency_mean_s"), "latency_p99_s": lat.get("latency_p99_s"),
             "milp_throughput_ratio": (m_max / mx) if m_max and mx else None,
             "latency_ratio_vs_milp": (lat.get("latency_mean_s") / m_lat) if m_lat and lat.get("latency_mean_s") else None,
