@@ -377,6 +377,9 @@ def _plan_tuning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gap", type=float, default=1e-6, metavar="G", help="MILP relative optimality gap (default 1e-6)")
     p.add_argument("--samples", type=int, default=1000, metavar="N", help="program samples per workflow (default 1000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-sim-check", dest="sim_check", action="store_false",
+                   help="skip the simulator check of the milp plan (its optimum and a shortlist of other allocations "
+                        "run in the simulator at the planned rate; the fastest is kept)")
 
 
 PASSTHROUGH = {"gateway": ("scepsy_hpc.gateway.app", "main"), "engine-sim": ("scepsy_hpc.engine.sim_server", "main")}

@@ -26,10 +26,16 @@ Constraints
                                                                            two halves fill a GPU
     (6) Σ_m Σ_{c: tp_c ≥ t} (tp_c / t)·r_c·x_mc ≤ K_t        ∀ t ∈ T        tensor-parallel groups fit
                                                                            the NVLink domains
+    (7) Σ_m Σ_{c: |γ_c − γ*_km| < δ} x_mc ≤ |M| − 1          ∀ k ∈ X        (alternatives only) some LLM's
+                                                                           GPU share moves by ≥ δ from
+                                                                           each excluded split k
 where K_t = Σ_d ⌊|d| / t⌋ counts the disjoint groups of t GPUs the NVLink domains d of the cluster
 hold (given by placement, `domain_caps`; absent when the GPUs are not described). With power-of-two
 tp and domain sizes, (2) and (6) make every solution placeable; a placement that still fails lowers
 K_t to what it could place and the planner solves again.
+Constraint (7), with γ_c = tp·r·f the GPU share of c and γ*_k the shares of an earlier solution k,
+yields the next-best allocation that splits the GPUs differently (`solve(..., exclude=...)`): the
+planner's simulator check asks for a few such alternatives (planner.Planner.alternatives).
 With s_g integral, (3) and (4) give exactly the fewest GPUs that pack the quarter-sized instances
 (each 3/4 takes a GPU, perhaps with one 1/4; halves pair; quarters fill the gaps), so every
 solution packs onto whole GPUs. Capacity needs no constraint: candidates that cannot carry their
@@ -186,13 +192,20 @@ def _check_status(status: str, candidates: Mapping[str, Sequence[Candidate]], bu
 
 def solve(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], *,
           time_limit_s: float = 30.0, gap: float = 1e-6, msg: bool = False,
-          domain_caps: Mapping[int, int] | None = None) -> MILPResult:
-    """Pick one candidate per LLM minimising Σ ℓ within the GPU budget (see the module docstring)."""
+          domain_caps: Mapping[int, int] | None = None, exclude: Sequence[Mapping[str, float]] = (),
+          delta: float = 1.0) -> MILPResult:
+    """Pick one candidate per LLM minimising Σ ℓ within the GPU budget (see the module docstring).
+    `exclude`: GPU shares per LLM of earlier solutions; constraint (7) moves some LLM's share by at
+    least `delta` GPUs from each of them."""
     import pulp
 
     _check_nonempty(candidates)
     t0 = time.perf_counter()
     prob, x, s = _model(candidates, budget, pulp.LpMinimize, domain_caps)
+    for k, shares in enumerate(exclude):
+        near = [x[m, i] for m, cs in candidates.items() if m in shares
+                for i, c in enumerate(cs) if abs(c.gpus - shares[m]) < delta - 1e-9]
+        prob += pulp.lpSum(near) <= len(candidates) - 1, f"c7_other_split_{k}"
     prob += pulp.lpSum(c.cost_s * x[m, i] for m, cs in candidates.items() for i, c in enumerate(cs))
     status, _ = _run(prob, time_limit_s, gap, msg)
     elapsed = time.perf_counter() - t0

@@ -77,6 +77,10 @@ class Outcome:
     candidates: int = 0
     notes: list[str] = field(default_factory=list)
     milp: MILPResult | None = None
+    theta: float = 1.0                                   # the rate scale planned for
+    priced: dict[str, list[Candidate]] | None = None     # milp: the candidates its MILP chose from
+    checked: list[Any] = field(default_factory=list)     # simcheck.Checked rows of the simulator check
+    check_time_s: float = 0.0
 
     @property
     def latency_s(self) -> float:
@@ -104,6 +108,7 @@ class Planner:
         # K_t of MILP constraint (6): tp-t groups the NVLink domains hold; set from a topology
         self.domain_caps: dict[int, int] = {}
         self.progress = progress or (lambda _msg: None)
+        self.check: Any = None  # a simcheck.SimCheck: the milp policy's final plan is checked in the simulator
         self.deployments = self._deployments()
         self.dep_of = {(i, llm): d.name for d in self.deployments.values() for i, llm in d.members}
         self._sources = {d.name: self._source(d, profiles_dir, seed, n_calls) for d in self.deployments.values()}
@@ -152,6 +157,11 @@ class Planner:
                 mix.extend(calls[(q * len(calls)) // k] for q in range(k))
         src = ProfileSource(self.demands[i].wf, self.models, self.gpus, {llm: mix}, profiles_dir, seed=seed, n_calls=n_calls)
         return src, llm
+
+    @property
+    def sources(self) -> dict[str, tuple[ProfileSource, str]]:
+        """Per deployment, where its profiles come from and the LLM they are made for."""
+        return self._sources
 
     def profile(self, dep: str, tp: int, frac: float) -> ProfileTable:
         """The profile of deployment `dep` at (tp, frac) on the planning GPU type."""
@@ -244,6 +254,7 @@ class Planner:
         preds = self.evaluate(choice, theta)
         if any(p.saturated or not math.isfinite(p.latency_s) for p in preds.values()):
             status = "under-capacity"
+        kw.setdefault("theta", theta)
         return Outcome(choice, self.rates(theta), preds, status, **kw)
 
     # ---- the MILP policy ---------------------------------------------------------------------
@@ -256,8 +267,11 @@ class Planner:
                 per[self.dep_of[i, llm]][i, llm] = w
         return per
 
-    def latency_candidates(self, theta: float, paths: Mapping[int, Sequence[Sequence[int]] | None]) -> dict[str, list[Candidate]]:
-        """Per deployment, the capacity-feasible candidates at scale θ priced along `paths`."""
+    def latency_candidates(self, theta: float, paths: Mapping[int, Sequence[Sequence[int]] | None],
+                           max_util: float | None = None) -> dict[str, list[Candidate]]:
+        """Per deployment, the candidates that carry scale θ at utilisation ≤ `max_util` (default:
+        the planner's cap) priced along `paths`."""
+        cap = self.max_util if max_util is None else max_util
         weights = self._weights(paths)
         loads = self.loads(theta)
         out = {}
@@ -266,7 +280,7 @@ class Planner:
                 c = d.configs[0]
                 out[name] = [Candidate(self.gpu_name, c.tp, c.gpu_frac, 1, 0.0, 0.0)]
                 continue
-            out[name] = cand.latency_candidates(self.gpu_name, d.configs, loads[name], self.n_gpus, self.max_util,
+            out[name] = cand.latency_candidates(self.gpu_name, d.configs, loads[name], self.n_gpus, cap,
                                                 cand.weights_cost(weights[name]), self.eps)
         return out
 
@@ -290,7 +304,8 @@ class Planner:
                 break
             seen.add(key)
             preds = self.evaluate(res.choice, theta, keep_paths=True)
-            out = Outcome(dict(res.choice), self.rates(theta), preds, res.status, solve_time, it, n_cands, milp=res)
+            out = Outcome(dict(res.choice), self.rates(theta), preds, res.status, solve_time, it, n_cands, milp=res,
+                          theta=theta, priced=cands)
             if best is None or out.latency_s < best.latency_s - 1e-9:
                 best = out
             paths = {i: preds[dm.wf.name].paths for i, dm in enumerate(self.demands)}

@@ -322,18 +322,26 @@ def _try(p: Planner, policy: str, theta: float) -> Outcome | None:
 
 
 def run(p: Planner, policy: str, mode: str, slo_s: float | None = None) -> Outcome:
-    """`policy` under goal `mode` ("target" | "max-throughput" | "slo")."""
+    """`policy` under goal `mode` ("target" | "max-throughput" | "slo"); milp's final plan then goes
+    through the planner's simulator check (`p.check`, see allocate.simcheck) when one is set."""
     if policy not in FUNCS:
         raise SpecError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if mode == "target":
-        return plan_at(p, policy, 1.0)
+        return checked(p, policy, plan_at(p, policy, 1.0))
     if mode == "max-throughput":
-        return max_throughput(p, policy)
+        return checked(p, policy, max_throughput(p, policy))
     if mode == "slo":
         if slo_s is None:
             raise SpecError("the slo goal needs --latency-slo SECONDS")
-        return under_slo(p, policy, slo_s)
+        return checked(p, policy, under_slo(p, policy, slo_s))
     raise SpecError(f"unknown goal {mode!r}; one of target, max-throughput, slo")
 
 
-__all__ = ["POLICIES", "run", "plan_at", "max_throughput", "under_slo", "equal", "independent", "paper_enum", "milp"]
+def checked(p: Planner, policy: str, o: Outcome) -> Outcome:
+    """`o` after the simulator check when the policy is milp and the planner has one (else `o`)."""
+    from scepsy_hpc.allocate.simcheck import run_check
+
+    return run_check(p, o) if policy == "milp" and p.check is not None else o
+
+
+__all__ = ["POLICIES", "run", "checked", "plan_at", "max_throughput", "under_slo", "equal", "independent", "paper_enum", "milp"]

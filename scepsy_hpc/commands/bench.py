@@ -70,6 +70,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark and print (or plot) it."""
     from scepsy_hpc.allocate import policies
     from scepsy_hpc.allocate.planner import Demand, Planner
+    from scepsy_hpc.commands.plan import attach_check
     from scepsy_hpc.predict.inputs import sample_mix, sample_program
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.workflow import load_workflow
@@ -103,6 +104,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     planner = Planner([Demand(wf, 1.0, sample_mix(seqs), seqs)], models, gpus, args.gpu_type, n,
                                       max_tp=args.max_tp, max_util=args.max_util, seed=args.seed,
                                       time_limit_s=args.time_limit, gap=args.gap)
+                    attach_check(planner, args)
                 planner.n_gpus = n
                 fluid = fluid_bound(planner)
             except InfeasibleError as e:
@@ -111,7 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cell: dict[str, Any] = {"workflow": wf.name, "gpus": n, "fluid_rps": fluid, "policies": {}, "wf": wf}
             for pol in pols:
                 try:
-                    o = policies.max_throughput(planner, pol)
+                    o = policies.checked(planner, pol, policies.max_throughput(planner, pol))
                     cell["policies"][pol] = {"plan": o, "predicted_rps": next(iter(o.predictions.values())).throughput_rps,
                                              "solve_time_s": o.solve_time_s}
                 except InfeasibleError as e:
@@ -142,7 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 if "plan" not in v:
                     continue
                 try:
-                    o = policies.plan_at(planner, pol, common)
+                    o = policies.checked(planner, pol, policies.plan_at(planner, pol, common))
                 except InfeasibleError:
                     o = v["plan"]
                 v["common_plan"] = o
@@ -184,6 +186,7 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
             "milp_throughput_ratio": (m_max / mx) if m_max and mx else None,
             "latency_ratio_vs_milp": (lat.get("latency_mean_s") / m_lat) if m_lat and lat.get("latency_mean_s") else None,
             "capacity_runs": v.get("sim", {}).get("runs", []),
+            "sim_check_s": v["plan"].check_time_s + (v["common_plan"].check_time_s if "common_plan" in v else 0.0),
         }
     if m_max:
         out["milp_fluid_fraction"] = m_max / c["fluid_rps"]

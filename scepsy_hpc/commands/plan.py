@@ -100,9 +100,19 @@ def build_planner(args: argparse.Namespace, workflows: list[Any], models: Any, g
     for wf in workflows:
         work = load_workload(wf, getattr(args, "trace", None), args.samples, args.seed)
         demands.append(Demand(wf, weights[wf.name], work.mix, work.seqs, list(work.graphs)))
-    return Planner(demands, models, gpus, gpu_type, count, max_tp=max_tp, max_util=args.max_util,
-                   profiles_dir=getattr(args, "profiles", None), seed=args.seed, time_limit_s=args.time_limit,
-                   gap=args.gap, progress=progress)
+    planner = Planner(demands, models, gpus, gpu_type, count, max_tp=max_tp, max_util=args.max_util,
+                      profiles_dir=getattr(args, "profiles", None), seed=args.seed, time_limit_s=args.time_limit,
+                      gap=args.gap, progress=progress)
+    attach_check(planner, args)
+    return planner
+
+
+def attach_check(planner: Any, args: argparse.Namespace) -> None:
+    """Give the planner its simulator check unless --no-sim-check (allocate.simcheck)."""
+    from scepsy_hpc.allocate.simcheck import SimCheck
+
+    if getattr(args, "sim_check", True):
+        planner.check = SimCheck(seed=getattr(args, "seed", 0))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
