@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from scepsy_hpc.spec.plan import LLMAlloc
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 DEFAULT_ALTERNATIVES = 3
 DEFAULT_CAPS = (0.75, 0.6, 0.45)
+SEED_OFFSET = 7919  # the check's arrivals and programs differ from a `simulate`/`bench` run at the same --seed
 
 
 @dataclass
@@ -55,7 +56,6 @@ class Checked:
 class SimCheck:
     """How the planner checks its allocations in the simulator.
 
-    enabled        False turns the check off
     caps           lower utilisation caps at which the MILP's optimum is also simulated
     alternatives   next-best allocations (other GPU splits) at the planner's cap to simulate
     calls          simulated LLM calls per allocation; requests = calls ÷ calls per request,
@@ -65,7 +65,6 @@ class SimCheck:
     delta          GPUs by which some LLM's share must move between two checked allocations
     """
 
-    enabled: bool = True
     alternatives: int = DEFAULT_ALTERNATIVES
     caps: tuple[float, ...] = DEFAULT_CAPS
     calls: int = 300_000
@@ -74,7 +73,6 @@ class SimCheck:
     margin: float = 0.05
     delta: float = 1.0
     seed: int = 0
-    log: list[Checked] = field(default_factory=list)
 
     def requests_for(self, calls_per_request: float) -> int:
         """Requests per simulation for a workflow making `calls_per_request` LLM calls each."""
@@ -101,7 +99,7 @@ class SimCheck:
         alloc = {llm: LLMAlloc(tp=choice[planner.dep_of[0, llm]].tp, gpu_frac=choice[planner.dep_of[0, llm]].gpu_frac,
                                replicas=choice[planner.dep_of[0, llm]].replicas) for llm in dm.wf.llms}
         res = simulate(dm.wf, alloc, planner.gpus[planner.gpu_name], planner.models, rate_rps=theta * dm.weight_rps,
-                       n_requests=self.requests_for(calls), seed=self.seed + 7919)
+                       n_requests=self.requests_for(calls), seed=self.seed + SEED_OFFSET)
         return res.latency_mean_s, res.throughput_rps
 
 
@@ -196,7 +194,7 @@ def run_check(planner: "Planner", best: Any) -> Any:
     """Simulate `best` (the milp policy's Outcome) and its shortlist at its rate scale; return the
     Outcome to keep (see the module docstring)."""
     check = planner.check
-    if check is None or not check.enabled or best.priced is None:
+    if check is None or best.priced is None:
         return best
     why = check.skip_reason(planner)
     if why is not None:
@@ -210,7 +208,6 @@ def run_check(planner: "Planner", best: Any) -> Any:
         pred = sum(p.latency_s for p in planner.evaluate(choice, theta).values())
         lat, thr = check.simulate(planner, choice, theta)
         checked.append(Checked(label, choice, pred, lat, thr))
-    check.log = checked
     base = checked[0]
     win = min(checked, key=lambda c: c.simulated_s)
     elapsed = time.perf_counter() - t0

@@ -207,6 +207,8 @@ def to_plan(planner: Any, out: Any, policy: str, mode: str, slo: float | None, a
     solver = {"policy": policy, "goal": mode, "status": out.status, "solve_time_s": round(out.solve_time_s, 4),
               "iterations": out.iterations, "candidates": out.candidates, "max_util": planner.max_util,
               "time_limit_s": planner.time_limit_s, "notes": list(out.notes)}
+    if out.checked:
+        solver["sim_check_s"] = round(out.check_time_s, 2)
     provenance = {"profiles": getattr(args, "profiles", None) or "synthetic (performance model)",
                   "statistics": getattr(args, "trace", None) or f"program samples ({args.samples}, seed {args.seed})",
                   "workflow_file": [str(resolve_input(w, "workflows").resolve()) for w in args.workflows]}
@@ -260,6 +262,7 @@ def summarise(planner: Any, out: Any, policy: str, mode: str) -> dict[str, Any]:
         "gpus_used": used, "gpus_free": planner.n_gpus - used, "gpus_total": planner.n_gpus, "gpu_type": planner.gpu_name,
         "solve_time_s": out.solve_time_s, "iterations": out.iterations, "candidates": out.candidates,
         "per_llm": per_llm, "notes": out.notes,
+        "sim_check": {"time_s": out.check_time_s, "allocations": [c.to_dict() for c in out.checked]} if out.checked else None,
     }
 
 

@@ -48,6 +48,20 @@ def test_plan_human_output_and_simulate(small):
         assert needle in out.stdout
 
 
+def test_milp_plan_is_checked_in_the_simulator_unless_told_not_to(small, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    d = json.loads(scepsy("plan", small, "--gpus", "6", "--json", "--samples", "300", "-o", str(plan)).stdout)
+    check = d["sim_check"]
+    assert check["time_s"] > 0 and check["allocations"][0]["label"] == "optimum"
+    assert len(check["allocations"]) >= 2 and all(a["simulated_latency_s"] > 0 for a in check["allocations"])
+    kept = [a for a in check["allocations"] if a["allocation"] == d["allocation"]]
+    assert len(kept) == 1 and any(n.startswith("simulator check:") for n in d["notes"])
+    assert "sim_check_s" in plan.read_text()
+    off = json.loads(scepsy("plan", small, "--gpus", "6", "--json", "--samples", "300", "--no-sim-check").stdout)
+    assert off["sim_check"] is None and not any("simulator check" in n for n in off["notes"])
+    assert off["allocation"] == check["allocations"][0]["allocation"]  # the MILP's optimum, unchecked
+
+
 @pytest.mark.parametrize("policy", ["equal", "independent", "paper-enum"])
 def test_baseline_policies_write_the_same_format(small, policy):
     out = scepsy("plan", small, "--gpus", "4", "--policy", policy, "--json", "--samples", "300")

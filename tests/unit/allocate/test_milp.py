@@ -120,3 +120,38 @@ def test_time_limit_reports_feasible_not_optimal():
     res = solve(cands, {"a": 300}, time_limit_s=0.05)
     assert res.status in ("optimal", "feasible")
     assert res.time_limit_hit == (res.status == "feasible")
+
+
+def shares(choice):
+    return {m: c.gpus for m, c in choice.items()}
+
+
+def far(choice, excluded, delta):
+    """Some LLM's GPU share differs by at least `delta` from its share in `excluded`."""
+    return any(abs(c.gpus - excluded[m]) >= delta - 1e-9 for m, c in choice.items())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_excluded_splits_give_the_next_best_other_split(seed):
+    """Constraint (7): the optimum over allocations that move some LLM's share by ≥ δ from every
+    excluded split, against exhaustive search; chaining it lists distinct splits best first."""
+    rng = random.Random(1000 + seed)
+    cands, budget = random_instance(rng)
+    if brute(cands, budget) is None:
+        return
+    delta = rng.choice((0.5, 1.0, 2.0))
+    excluded = [shares(solve(cands, budget).choice)]
+    last = -1.0
+    for _ in range(3):
+        want = min((sum(c.cost_s for c in ch.values()) for ch in fitting_choices(cands, budget)
+                    if all(far(ch, e, delta) for e in excluded)), default=None)
+        if want is None:
+            with pytest.raises(InfeasibleError):
+                solve(cands, budget, exclude=excluded, delta=delta)
+            return
+        res = solve(cands, budget, exclude=excluded, delta=delta)
+        assert res.objective_s == pytest.approx(want)
+        assert res.objective_s >= last - 1e-9
+        assert all(far(res.choice, e, delta) for e in excluded)
+        last = res.objective_s
+        excluded.append(shares(res.choice))

@@ -13,6 +13,7 @@ from scepsy_hpc.allocate import policies
 from scepsy_hpc.allocate.candidates import path_weights, pareto
 from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed
 from scepsy_hpc.allocate.planner import Demand, Planner, used_gpus
+from scepsy_hpc.allocate.simcheck import SimCheck, shortlist
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.predict.alp import pooled_point
 from scepsy_hpc.predict.inputs import sample_mix, sample_program
@@ -204,3 +205,102 @@ def test_shared_deployment_across_workflows(models, gpus):
     pa = out.predictions["small_rag"].per_llm["answer"]
     assert pa.load_rps * pa.replicas == pytest.approx(loads["answer"])
     assert math.isfinite(out.latency_s)
+
+
+# ---- the simulator check of the milp plan (allocate.simcheck) ----
+
+
+def key(choice):
+    return tuple(sorted((m, c.tp, c.gpu_frac, c.replicas) for m, c in choice.items()))
+
+
+@pytest.fixture(scope="module")
+def planner6(models, gpus):
+    return make_planner(models, gpus, 6)
+
+
+def test_shortlist_is_distinct_fits_and_carries_the_load(planner6):
+    planner6.check = SimCheck()
+    best = policies.plan_at(planner6, "milp", 1.0)
+    items = shortlist(planner6, best, planner6.check)
+    assert items[0] == ("optimum", best.choice)
+    assert len(items) >= 3, items  # lower caps, spread instances or other splits exist on 6 GPUs
+    assert len({key(c) for _, c in items}) == len(items)
+    loads = planner6.loads(1.0)
+    for label, choice in items:
+        assert used_gpus(choice) <= planner6.n_gpus, label
+        for m, c in choice.items():
+            mu = next(k.profile.capacity_rps for k in planner6.deployments[m].configs
+                      if k.tp == c.tp and k.gpu_frac == c.gpu_frac)
+            assert c.replicas * mu * planner6.max_util >= loads[m] - 1e-9, (label, m)
+
+
+def fake_simulate(latencies):
+    """SimCheck.simulate replaced at its seam: a latency per allocation, recorded calls."""
+    seen = []
+
+    def simulate(self, planner, choice, theta):
+        seen.append(key(choice))
+        return latencies(key(choice), len(seen)), theta
+
+    return simulate, seen
+
+
+def test_check_keeps_the_optimum_unless_beaten_by_the_margin(planner6, monkeypatch):
+    planner6.check = SimCheck(margin=0.05)
+    best = policies.plan_at(planner6, "milp", 1.0)
+    # every other allocation 3% faster: within the margin, the optimum stays
+    sim, seen = fake_simulate(lambda k, i: 10.0 if i == 1 else 9.7)
+    monkeypatch.setattr(SimCheck, "simulate", sim)
+    out = policies.checked(planner6, "milp", policies.plan_at(planner6, "milp", 1.0))
+    assert key(out.choice) == key(best.choice)
+    assert seen[0] == key(best.choice) and len(seen) == len(out.checked) >= 3
+    assert out.checked[0].label == "optimum" and out.checked[0].simulated_s == 10.0
+    assert "simulator check" in out.notes[-1] and "kept" in out.notes[-1]
+    # the third allocation 20% faster: it replaces the optimum, with its own prediction
+    sim, seen = fake_simulate(lambda k, i: 8.0 if i == 3 else 10.0)
+    monkeypatch.setattr(SimCheck, "simulate", sim)
+    out = policies.checked(planner6, "milp", policies.plan_at(planner6, "milp", 1.0))
+    assert key(out.choice) == seen[2] != key(best.choice)
+    assert out.checked[2].label in out.notes[-1] and "8 s" in out.notes[-1]
+    assert out.predictions["small_rag"].latency_s == pytest.approx(out.checked[2].predicted_s)
+    assert out.check_time_s > 0
+
+
+def test_check_runs_the_real_simulator(planner6):
+    planner6.check = SimCheck(alternatives=1, caps=(0.6,), calls=3000, min_requests=150)
+    out = policies.run(planner6, "milp", "target")
+    assert out.checked and all(c.simulated_s > 0 and c.throughput_rps > 0 for c in out.checked)
+    best = min(c.simulated_s for c in out.checked)
+    kept = next(c for c in out.checked if key(c.choice) == key(out.choice))
+    assert kept.simulated_s <= best / (1 - planner6.check.margin) + 1e-9
+    assert out.status in ("optimal", "feasible")
+
+
+def test_baselines_are_not_checked(planner6, monkeypatch):
+    planner6.check = SimCheck()
+    sim, seen = fake_simulate(lambda k, i: 1.0)
+    monkeypatch.setattr(SimCheck, "simulate", sim)
+    out = policies.run(planner6, "equal", "target")
+    assert not seen and not out.checked
+
+
+def test_check_is_off_with_several_workflows(models, gpus):
+    other = SMALL.replace("name: small_rag", "name: other")
+    demands = []
+    for i, text in enumerate((SMALL, other)):
+        wf = parse_workflow_text(text, f"{i}.yaml", models)
+        seqs = sample_program(wf, 200, 0)
+        demands.append(Demand(wf, 2.0, sample_mix(seqs), seqs))
+    p = Planner(demands, models, gpus, "h100-sxm", 6, max_tp=4, n_calls=400)
+    p.check = SimCheck()
+    out = policies.run(p, "milp", "target")
+    assert not out.checked
+    assert any("one workflow at a time" in n for n in out.notes)
+
+
+def test_requests_follow_the_calls_budget():
+    c = SimCheck(calls=100_000, min_requests=500, max_requests=2000)
+    assert c.requests_for(300.0) == 500       # many calls per request: the floor
+    assert c.requests_for(80.0) == 1250
+    assert c.requests_for(5.0) == 2000        # few calls per request: the ceiling
