@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from scepsy_hpc.allocate import candidates as cand
-from scepsy_hpc.allocate.milp import Candidate, MILPResult, shared_gpus_needed, solve, solve_max_rate
+from scepsy_hpc.allocate.milp import Candidate, MILPResult, choice_key, shared_gpus_needed, solve, solve_max_rate
 from scepsy_hpc.errors import InfeasibleError, SpecError
 from scepsy_hpc.predict.alp import Prediction, predict_cp, predict_paper
 from scepsy_hpc.predict.inputs import ProfileSource, program_graphs
@@ -299,7 +299,7 @@ class Planner:
             except InfeasibleError:
                 raise self.infeasible(theta) from None
             solve_time += res.solve_time_s
-            key = tuple(sorted((m, c.tp, c.gpu_frac, c.replicas) for m, c in res.choice.items()))
+            key = choice_key(res.choice)
             if key in seen:
                 break
             seen.add(key)

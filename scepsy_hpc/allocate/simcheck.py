@@ -6,10 +6,11 @@ reward model: every step fans out, the scorer waits for the generator, the next 
 every score) requests drift into lock-step under load and the scorer receives its calls in
 waves, so its calls wait seconds where the profile says tens of milliseconds. No per-LLM term sees
 that coupling; the simulator, which runs the workflow's program against every engine at once,
-does. So the planner asks the MILP for its optimum and for the next-best allocations that split
-the GPUs differently (constraint (7) of allocate.milp), simulates each at the planned rate, and
-keeps the one with the lowest simulated mean latency, the MILP's optimum unless another beats it
-by more than `margin`.
+does. So beside the MILP's optimum the planner lists a few other allocations (`shortlist`: the
+MILP re-solved under lower utilisation caps, the same GPUs as smaller instances, and the next-best
+allocations that split the GPUs differently, constraint (7) of allocate.milp), simulates each at
+the planned rate, and keeps the one with the lowest simulated mean latency: the MILP's optimum
+unless another beats it by more than `margin`.
 
 The check runs on the planner's GPU type with the engine performance model, with its own seed
 (not that of any later `scepsy simulate` or `scepsy bench` run). It applies to one workflow with
@@ -96,8 +97,8 @@ class SimCheck:
 
         dm = planner.demands[0]
         calls = _calls(planner)
-        alloc = {llm: LLMAlloc(tp=choice[planner.dep_of[0, llm]].tp, gpu_frac=choice[planner.dep_of[0, llm]].gpu_frac,
-                               replicas=choice[planner.dep_of[0, llm]].replicas) for llm in dm.wf.llms}
+        of = {llm: choice[planner.dep_of[0, llm]] for llm in dm.wf.llms}
+        alloc = {llm: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for llm, c in of.items()}
         res = simulate(dm.wf, alloc, planner.gpus[planner.gpu_name], planner.models, rate_rps=theta * dm.weight_rps,
                        n_requests=self.requests_for(calls), seed=self.seed + SEED_OFFSET)
         return res.latency_mean_s, res.throughput_rps
@@ -114,18 +115,15 @@ def shortlist(planner: "Planner", best: Any, check: SimCheck) -> list[tuple[str,
       Poisson-fed profile says, and the simulator sees it;
     - the `check.alternatives` next-best allocations at the planner's cap that split the GPUs
       differently (constraint (7))."""
-    from scepsy_hpc.allocate.milp import solve
+    from scepsy_hpc.allocate.milp import choice_key, solve
     from scepsy_hpc.errors import InfeasibleError, SolverError
-
-    def key(choice: Mapping[str, "Candidate"]) -> tuple[Any, ...]:
-        return tuple(sorted((m, c.tp, c.gpu_frac, c.replicas) for m, c in choice.items()))
 
     out: list[tuple[str, dict[str, "Candidate"]]] = []
     seen: set[tuple[Any, ...]] = set()
 
     def keep(label: str, choice: Mapping[str, "Candidate"]) -> None:
-        if key(choice) not in seen:
-            seen.add(key(choice))
+        if choice_key(choice) not in seen:
+            seen.add(choice_key(choice))
             out.append((label, dict(choice)))
 
     budget = {planner.gpu_name: planner.n_gpus}

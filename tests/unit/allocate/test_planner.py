@@ -11,7 +11,7 @@ import pytest
 
 from scepsy_hpc.allocate import policies
 from scepsy_hpc.allocate.candidates import path_weights, pareto
-from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed
+from scepsy_hpc.allocate.milp import Candidate, choice_key, shared_gpus_needed
 from scepsy_hpc.allocate.planner import Demand, Planner, used_gpus
 from scepsy_hpc.allocate.simcheck import SimCheck, shortlist
 from scepsy_hpc.errors import InfeasibleError
@@ -210,8 +210,7 @@ def test_shared_deployment_across_workflows(models, gpus):
 # ---- the simulator check of the milp plan (allocate.simcheck) ----
 
 
-def key(choice):
-    return tuple(sorted((m, c.tp, c.gpu_frac, c.replicas) for m, c in choice.items()))
+key = choice_key
 
 
 @pytest.fixture(scope="module")
