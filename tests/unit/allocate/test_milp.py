@@ -9,7 +9,7 @@ import random
 import pytest
 
 from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed, solve, solve_max_rate
-from scepsy_hpc.errors import InfeasibleError
+from scepsy_hpc.errors import InfeasibleError, SolverError
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,11 +113,16 @@ def test_max_rate_milp_matches_exhaustive_search(seed):
 
 def test_time_limit_reports_feasible_not_optimal():
     """A hard instance stopped at a tiny time limit comes back as 'feasible' (or optimal if HiGHS is fast enough),
-    never as a silent optimum claim: status and time_limit_hit agree."""
+    never as a silent optimum claim: status and time_limit_hit agree; with no incumbent by then it is
+    a SolverError that says to raise the limit (which of the three depends on the machine's speed)."""
     rng = random.Random(7)
     cands = {f"m{k}": [Candidate("a", tp, 1.0, r, rng.uniform(1, 50) / (tp * r) ** 0.5) for tp in (1, 2, 4) for r in range(1, 30)]
              for k in range(24)}
-    res = solve(cands, {"a": 300}, time_limit_s=0.05)
+    try:
+        res = solve(cands, {"a": 300}, time_limit_s=0.05)
+    except SolverError as e:  # a slow or loaded machine: no incumbent yet at the limit, and we say so
+        assert "no solution" in str(e) and "raise the time limit (0.05 s)" in str(e)
+        return
     assert res.status in ("optimal", "feasible")
     assert res.time_limit_hit == (res.status == "feasible")
 
