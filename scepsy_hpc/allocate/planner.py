@@ -249,6 +249,13 @@ class Planner:
                 theta = min(theta, p.capacity_rps / d.calls)
         return theta
 
+    def fits(self, choice: Mapping[str, Candidate]) -> bool:
+        """`choice` packs onto the GPUs (MILP constraints (3), (4)) within the NVLink domain caps (6)."""
+        if used_gpus(choice) > self.n_gpus:
+            return False
+        return all(sum((c.tp // t) * c.replicas for c in choice.values() if c.gpu_frac >= 1.0 and c.tp >= t) <= cap
+                   for t, cap in self.domain_caps.items())
+
     def outcome(self, choice: dict[str, Candidate], theta: float, status: str, **kw: Any) -> Outcome:
         """An Outcome for `choice` at scale θ; `status` becomes "under-capacity" if it cannot carry θ."""
         preds = self.evaluate(choice, theta)

@@ -329,7 +329,7 @@ def run(p: Planner, policy: str, mode: str, slo_s: float | None = None) -> Outco
     if mode == "target":
         return checked(p, policy, plan_at(p, policy, 1.0))
     if mode == "max-throughput":
-        return checked(p, policy, max_throughput(p, policy))
+        return checked(p, policy, max_throughput(p, policy), goal="throughput")
     if mode == "slo":
         if slo_s is None:
             raise SpecError("the slo goal needs --latency-slo SECONDS")
@@ -337,11 +337,13 @@ def run(p: Planner, policy: str, mode: str, slo_s: float | None = None) -> Outco
     raise SpecError(f"unknown goal {mode!r}; one of target, max-throughput, slo")
 
 
-def checked(p: Planner, policy: str, o: Outcome) -> Outcome:
-    """`o` after the simulator check when the policy is milp and the planner has one (else `o`)."""
+def checked(p: Planner, policy: str, o: Outcome, goal: str = "latency") -> Outcome:
+    """`o` after the simulator check when the policy is milp and the planner has one (else `o`);
+    `goal` "throughput" judges the allocations by simulated maximum sustainable rate, "latency" by
+    simulated mean latency at the planned rate."""
     from scepsy_hpc.allocate.simcheck import run_check
 
-    return run_check(p, o) if policy == "milp" and p.check is not None else o
+    return run_check(p, o, goal) if policy == "milp" and p.check is not None else o
 
 
 __all__ = ["POLICIES", "run", "checked", "plan_at", "max_throughput", "under_slo", "equal", "independent", "paper_enum", "milp"]

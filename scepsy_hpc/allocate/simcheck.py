@@ -12,6 +12,14 @@ allocations that split the GPUs differently, constraint (7) of allocate.milp), s
 the planned rate, and keeps the one with the lowest simulated mean latency: the MILP's optimum
 unless another beats it by more than `margin`.
 
+For the max-throughput goal the criterion is the simulated maximum sustainable rate instead
+(`run_throughput_check`): the MILP's optimum is bracketed by bisection, the shortlist is rebuilt at a
+rate the optimum does sustain (the predictor's capacity can be far above it), and the allocations
+race upward in rate steps of `step`: at each step every contender is simulated at the same rate,
+the sustainable ones go on, and the lowest-latency survivor's `neighbours` (a GPU moved from one
+LLM to another) join the race. An alternative must sustain a rate `step` above every rate the
+optimum sustained to replace it.
+
 The check runs on the planner's GPU type with the engine performance model, with its own seed
 (not that of any later `scepsy simulate` or `scepsy bench` run). It applies to one workflow with
 a program: several workflows sharing deployments, a trace without a program, and measured
@@ -21,9 +29,10 @@ profiles (which the simulator's engine model does not use) skip it with a note.
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from scepsy_hpc.spec.plan import LLMAlloc
 
@@ -45,12 +54,27 @@ class Checked:
     predicted_s: float
     simulated_s: float
     throughput_rps: float
+    sustained_rps: float | None = None   # throughput goal: the highest rate it sustained in the race (0: none tried held)
+    refused_rps: float | None = None     # throughput goal: the rate at which it fell out (None: still in at the end)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "allocation": {m: {"tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas} for m, c in self.choice.items()},
-                "predicted_latency_s": self.predicted_s,
-                "simulated_latency_s": self.simulated_s if math.isfinite(self.simulated_s) else None,
-                "simulated_throughput_rps": self.throughput_rps}
+        out = {"label": self.label, "allocation": {m: {"tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas} for m, c in self.choice.items()},
+               "predicted_latency_s": self.predicted_s,
+               "simulated_latency_s": self.simulated_s if math.isfinite(self.simulated_s) else None,
+               "simulated_throughput_rps": self.throughput_rps}
+        if self.sustained_rps is not None:
+            out.update(sustained_rps=self.sustained_rps, refused_rps=self.refused_rps)
+        return out
+
+
+@dataclass(frozen=True)
+class RaceRun:
+    """One allocation simulated at one rate in the throughput race."""
+
+    sustainable: bool
+    latency_s: float
+    throughput_rps: float
+    waits: dict[str, float]   # per LLM: admission wait per request (mean queue wait × calls per request)
 
 
 @dataclass
@@ -63,7 +87,19 @@ class SimCheck:
                    clamped to [min_requests, max_requests]
     margin         an alternative replaces the optimum only when its simulated mean latency is
                    lower by more than this fraction (simulation noise must not flip the plan)
-    delta          GPUs by which some LLM's share must move between two checked allocations
+    delta          GPUs by which some LLM's share must move between two checked allocations,
+                   and that a neighbour moves from one LLM to another
+    step           throughput goal: the race's rate step, and the precision to which the
+                   optimum's sustainable rate is bisected
+    max_sims       throughput goal: simulations at most (bisection and race together)
+    moves          throughput goal: neighbours of the leader tried at each step
+    keep           throughput goal: survivors carried from one step to the next
+    paths          throughput goal: sample paths (seeds) per judgement
+    quorum         throughput goal: paths that must be sustainable for the judgement to be. Near
+                   capacity a heavy-tailed workflow's sample path can carry a load surge late in
+                   the run that reads as overload on every allocation alike, or a light one that
+                   flatters them; by default the median of three paths decides
+    jobs           throughput goal: processes that simulate a step's contenders (0: CPU count)
     """
 
     alternatives: int = DEFAULT_ALTERNATIVES
@@ -74,6 +110,13 @@ class SimCheck:
     margin: float = 0.05
     delta: float = 1.0
     seed: int = 0
+    step: float = 0.03
+    max_sims: int = 24
+    moves: int = 4
+    keep: int = 3
+    paths: int = 3
+    quorum: int = 2
+    jobs: int = 0
 
     def requests_for(self, calls_per_request: float) -> int:
         """Requests per simulation for a workflow making `calls_per_request` LLM calls each."""
@@ -95,13 +138,30 @@ class SimCheck:
         """(simulated mean latency, completed requests/s) of `choice` at rate scale θ."""
         from scepsy_hpc.sim.core import simulate
 
-        dm = planner.demands[0]
-        calls = _calls(planner)
-        of = {llm: choice[planner.dep_of[0, llm]] for llm in dm.wf.llms}
-        alloc = {llm: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for llm, c in of.items()}
-        res = simulate(dm.wf, alloc, planner.gpus[planner.gpu_name], planner.models, rate_rps=theta * dm.weight_rps,
-                       n_requests=self.requests_for(calls), seed=self.seed + SEED_OFFSET)
+        wf, alloc, gpu, models, rate, n, seed = _race_job(planner, choice, theta * planner.demands[0].weight_rps, self)
+        res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed)
         return res.latency_mean_s, res.throughput_rps
+
+    def race(self, planner: "Planner", choices: Sequence[Mapping[str, "Candidate"]], rate_rps: float) -> list[RaceRun]:
+        """Each of `choices` simulated at `rate_rps` (requests/s of the one workflow) on `paths`
+        sample paths, sustainable when at least `quorum` of them are (sim.capacity.is_sustainable);
+        the runs go to `jobs` processes when there are several."""
+        jobs = [_race_job(planner, c, rate_rps, self, k) for c in choices for k in range(self.paths)]
+        n = min(len(jobs), self.jobs or os.cpu_count() or 1)
+        if n <= 1:
+            runs = [_race_run(j) for j in jobs]
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=n) as ex:
+                runs = list(ex.map(_race_run, jobs))
+        out = []
+        for i in range(len(choices)):
+            each = runs[i * self.paths:(i + 1) * self.paths]
+            out.append(RaceRun(sum(r.sustainable for r in each) >= self.quorum, sum(r.latency_s for r in each) / len(each),
+                               sum(r.throughput_rps for r in each) / len(each),
+                               {m: sum(r.waits.get(m, 0.0) for r in each) / len(each) for m in each[0].waits}))
+        return out
 
 
 def shortlist(planner: "Planner", best: Any, check: SimCheck) -> list[tuple[str, dict[str, "Candidate"]]]:
@@ -188,9 +248,11 @@ def spread_out(planner: "Planner", choice: Mapping[str, "Candidate"], theta: flo
     return out if changed else None
 
 
-def run_check(planner: "Planner", best: Any) -> Any:
+def run_check(planner: "Planner", best: Any, goal: str = "latency") -> Any:
     """Simulate `best` (the milp policy's Outcome) and its shortlist at its rate scale; return the
-    Outcome to keep (see the module docstring)."""
+    Outcome to keep (see the module docstring). `goal` "throughput" runs `run_throughput_check`."""
+    if goal == "throughput":
+        return run_throughput_check(planner, best)
     check = planner.check
     if check is None or best.priced is None:
         return best
@@ -225,6 +287,178 @@ def run_check(planner: "Planner", best: Any) -> Any:
     out.checked = checked
     out.check_time_s = elapsed
     return out
+
+
+def neighbours(planner: "Planner", choice: Mapping[str, "Candidate"], delta: float,
+               waits: Mapping[str, float] | None = None) -> list[tuple[str, dict[str, "Candidate"]]]:
+    """Allocations one move from `choice`: at least `delta` GPUs' worth of instances taken from
+    one LLM (keeping one) and as many instances as then pack given to another, both keeping their
+    instance size. Each fits the GPUs and the NVLink domain caps. Ordered by how much more
+    admission wait per request (`waits`, from a simulation) the receiving LLM had than the giving
+    one: the move most likely to help comes first."""
+    waits = waits or {}
+    live = [m for m in choice if planner.deployments[m].calls > 0]
+    out = []
+    for a in live:
+        ca = choice[a]
+        k = max(1, math.ceil(delta / (ca.tp * ca.gpu_frac) - 1e-9))
+        if ca.replicas <= k:
+            continue
+        for b in live:
+            if b == a:
+                continue
+            new = dict(choice)
+            new[a] = _with_replicas(ca, ca.replicas - k)
+            cb, added = choice[b], 0
+            while planner.fits({**new, b: _with_replicas(cb, cb.replicas + added + 1)}):
+                added += 1
+            if added == 0:
+                continue
+            new[b] = _with_replicas(cb, cb.replicas + added)
+            out.append((waits.get(b, 0.0) - waits.get(a, 0.0), f"{a} → {b}", new))
+    out.sort(key=lambda t: -t[0])
+    return [(label, c) for _, label, c in out]
+
+
+def run_throughput_check(planner: "Planner", best: Any) -> Any:
+    """The max-throughput goal's check (module docstring): bisect the optimum's simulated
+    sustainable rate, race the shortlist rebuilt at that rate and the leaders' neighbours upward
+    from it, and keep the allocation that sustained the highest rate (the optimum unless another
+    went a full `step` above it)."""
+    from scepsy_hpc.allocate.milp import choice_key
+    from scepsy_hpc.errors import InfeasibleError
+    from scepsy_hpc.sim.capacity import bisect_rate
+
+    check = planner.check
+    if check is None or best.priced is None:
+        return best
+    why = check.skip_reason(planner)
+    if why is not None:
+        best.notes.append(why)
+        return best
+    t0 = time.perf_counter()
+    w = planner.demands[0].weight_rps
+    sims = 0
+    rows: dict[tuple[Any, ...], Checked] = {}
+
+    def row(label: str, choice: Mapping[str, "Candidate"], theta: float) -> Checked:
+        k = choice_key(choice)
+        if k not in rows:
+            pred = sum(p.latency_s for p in planner.evaluate(choice, theta).values())
+            rows[k] = Checked(label, dict(choice), pred, math.nan, 0.0, 0.0, None)
+        return rows[k]
+
+    def record(r: Checked, rate: float, run: RaceRun) -> None:
+        r.simulated_s, r.throughput_rps = run.latency_s, run.throughput_rps
+        if run.sustainable:
+            r.sustained_rps = max(r.sustained_rps or 0.0, rate)
+        elif r.refused_rps is None or rate < r.refused_rps:
+            r.refused_rps = rate
+
+    # 1. the optimum's sustainable rate
+    opt = row("optimum", best.choice, best.theta)
+    last: dict[str, RaceRun] = {}
+
+    def ok(rate: float) -> bool:
+        nonlocal sims
+        sims += 1
+        planner.progress(f"simulator check: the optimum at {rate:.3g} rps")
+        run = check.race(planner, [best.choice], rate)[0]
+        record(opt, rate, run)
+        if run.sustainable:
+            last["optimum"] = run
+        return run.sustainable
+
+    lo, hi = bisect_rate(ok, best.theta * w, rel_tol=check.step, max_runs=max(2, check.max_sims // 3), step=1.5)
+    if lo <= 0:
+        best.notes.append(f"simulator check: the MILP's optimum sustains no rate down to {hi:.3g} rps in the simulator; kept")
+        return _finish(best, rows, t0)
+    # 2. contenders: the shortlist rebuilt at the first rate of the race, and the optimum's neighbours
+    rate = lo * (1 + check.step)
+    theta = rate / w
+    contenders: list[tuple[str, dict[str, "Candidate"]]] = []
+    try:
+        base = planner.milp_latency(theta)
+        contenders += [(f"at {rate:.3g} rps: {label}", c) for label, c in shortlist(planner, base, check)]
+        best.solve_time_s += base.solve_time_s
+    except InfeasibleError:
+        pass
+    waits = last["optimum"].waits if "optimum" in last else None
+    contenders += neighbours(planner, best.choice, check.delta, waits)[:check.moves]
+    leader, lead_rate = opt, lo
+    alive: list[Checked] = [opt] if rate < hi else []
+    tried = {choice_key(best.choice)}
+    # 3. the race
+    while sims < check.max_sims:
+        fresh = []
+        for label, c in contenders:
+            if choice_key(c) not in tried:
+                tried.add(choice_key(c))
+                fresh.append(row(label, c, theta))
+        field = (alive + fresh)[:max(1, check.max_sims - sims)]
+        if not field:
+            break
+        planner.progress(f"simulator check: {len(field)} allocations at {rate:.3g} rps")
+        runs = check.race(planner, [r.choice for r in field], rate)
+        sims += len(field)
+        passed = []
+        for r, run in zip(field, runs):
+            record(r, rate, run)
+            if run.sustainable:
+                passed.append((run.latency_s, r, run))
+        if not passed:
+            break
+        passed.sort(key=lambda t: t[0])
+        leader, lead_rate = passed[0][1], rate
+        alive = [r for _, r, _ in passed[:check.keep]]
+        contenders = neighbours(planner, leader.choice, check.delta, passed[0][2].waits)[:check.moves]
+        rate *= 1 + check.step
+        theta = rate / w
+    elapsed = time.perf_counter() - t0
+    n_req = check.requests_for(_calls(planner))
+    if leader is opt:
+        best.notes.append(f"simulator check (throughput): the MILP's optimum sustains {lo:.3g} rps in the simulator "
+                          f"(the predictor says {best.theta * w / planner.max_util:.3g}); no other of {len(rows) - 1} "
+                          f"allocations sustained {lo * (1 + check.step):.3g}; kept ({sims} judgements of {check.paths}×{n_req} requests, {elapsed:.1f} s)")
+        return _finish(best, rows, t0)
+    choice = dict(leader.choice)
+    top = planner.throughput_scale(planner.evaluate(choice, best.theta))
+    out = planner.outcome(choice, min(best.theta, top * planner.max_util), best.status, solve_time_s=best.solve_time_s,
+                          iterations=best.iterations, candidates=best.candidates, notes=list(best.notes),
+                          milp=best.milp, priced=best.priced)
+    out.notes.append(f"simulator check (throughput): the MILP's optimum sustains {lo:.3g} rps in the simulator; "
+                     f"the {leader.label} allocation sustains {lead_rate:.3g} rps and is kept ({len(rows)} allocations, "
+                     f"{sims} judgements of {check.paths}×{n_req} requests, {elapsed:.1f} s)")
+    return _finish(out, rows, t0)
+
+
+def _finish(out: Any, rows: Mapping[Any, Checked], t0: float) -> Any:
+    out.checked = sorted(rows.values(), key=lambda r: (r.label != "optimum", -(r.sustained_rps or 0.0)))
+    out.check_time_s = time.perf_counter() - t0
+    return out
+
+
+def _with_replicas(c: "Candidate", r: int) -> "Candidate":
+    return replace(c, replicas=r, capacity_rps=c.capacity_rps * r / c.replicas, cost_s=0.0)
+
+
+def _race_job(planner: "Planner", choice: Mapping[str, "Candidate"], rate: float, check: SimCheck,
+              path: int = 0) -> tuple[Any, ...]:
+    dm = planner.demands[0]
+    alloc = {llm: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas)
+             for llm, c in ((llm, choice[planner.dep_of[0, llm]]) for llm in dm.wf.llms)}
+    return (dm.wf, alloc, planner.gpus[planner.gpu_name], planner.models, rate, check.requests_for(_calls(planner)),
+            check.seed + SEED_OFFSET + path)
+
+
+def _race_run(job: tuple[Any, ...]) -> RaceRun:
+    from scepsy_hpc.sim.capacity import is_sustainable
+    from scepsy_hpc.sim.core import simulate
+
+    wf, alloc, gpu, models, rate, n, seed = job
+    res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed)
+    waits = {llm: s.queue_mean_s * s.calls_per_request for llm, s in res.per_llm.items()}
+    return RaceRun(is_sustainable(res), res.latency_mean_s, res.throughput_rps, waits)
 
 
 def _calls(planner: "Planner") -> float:

@@ -61,6 +61,16 @@ def _alloc(out: Any) -> dict[str, Any]:
     return {d: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for d, c in out.choice.items()}
 
 
+def _guess(v: dict[str, Any]) -> float:
+    """Where the capacity bisection starts: the rate the simulator check saw the plan sustain, else
+    the predicted maximum (which can be far above the simulated one)."""
+    from scepsy_hpc.allocate.milp import choice_key
+
+    o = v["plan"]
+    seen = [r.sustained_rps for r in o.checked if r.sustained_rps and choice_key(r.choice) == choice_key(o.choice)]
+    return seen[0] if seen else v["predicted_rps"]
+
+
 def short_allocation(choice: Any) -> str:
     """`name:RxtpT` / `name:RxF` per deployment of a choice (deployment → candidate)."""
     return " ".join(f"{d}:{c.replicas}x" + (f"tp{c.tp}" if c.gpu_frac >= 1 else f"{c.gpu_frac:g}") for d, c in choice.items())
@@ -113,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cell: dict[str, Any] = {"workflow": wf.name, "gpus": n, "fluid_rps": fluid, "policies": {}, "wf": wf}
             for pol in pols:
                 try:
-                    o = policies.checked(planner, pol, policies.max_throughput(planner, pol))
+                    o = policies.checked(planner, pol, policies.max_throughput(planner, pol), goal="throughput")
                     cell["policies"][pol] = {"plan": o, "predicted_rps": next(iter(o.predictions.values())).throughput_rps,
                                              "solve_time_s": o.solve_time_s}
                 except InfeasibleError as e:
@@ -123,7 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cells.append(cell)
             console.print(f"[dim]planned {wf.name} on {n} GPUs ({time.perf_counter() - t_start:.0f} s)[/dim]")
     # 1. measured maximum throughput of each policy's max-throughput plan
-    cap_jobs = [(c, pol, (c["wf"], _alloc(v["plan"]), gpu, models, v["predicted_rps"], args.requests, args.seed))
+    cap_jobs = [(c, pol, (c["wf"], _alloc(v["plan"]), gpu, models, _guess(v), args.requests, args.seed))
                 for c in cells if "error" not in c for pol, v in c["policies"].items() if "plan" in v]
     with ProcessPoolExecutor(max_workers=jobs) as ex:
         for (c, pol, _), r in zip(cap_jobs, ex.map(_capacity, [j for _, _, j in cap_jobs])):

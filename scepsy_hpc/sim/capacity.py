@@ -78,19 +78,30 @@ def max_sustainable_rate(
             on_run(rate, good, res)
         return good
 
-    lo, hi = 0.0, math.inf
-    rate = guess_rps
-    while len(runs) < max_runs and (math.isinf(hi) or lo == 0.0):
+    lo, hi = bisect_rate(ok, guess_rps, rel_tol=rel_tol, max_runs=max_runs, step=step)
+    return CapacityResult(lo, hi, tuple(runs))
+
+
+def bisect_rate(ok: Callable[[float], bool], guess: float, *, rel_tol: float, max_runs: int,
+                step: float) -> tuple[float, float]:
+    """(highest rate `ok` accepted, lowest it refused; 0 / inf when none): step by ×`step` from
+    `guess` until a sustainable and an unsustainable rate bracket the limit, then bisect to
+    `rel_tol`, calling `ok` at most `max_runs` times."""
+    lo, hi, n = 0.0, math.inf, 0
+    rate = guess
+    while n < max_runs and (math.isinf(hi) or lo == 0.0):
+        n += 1
         if ok(rate):
             lo = rate
             rate *= step
         else:
             hi = rate
             rate /= step
-    while len(runs) < max_runs and hi - lo > rel_tol * hi:
+    while n < max_runs and hi - lo > rel_tol * hi:
+        n += 1
         mid = 0.5 * (lo + hi)
         if ok(mid):
             lo = mid
         else:
             hi = mid
-    return CapacityResult(lo, hi, tuple(runs))
+    return lo, hi

@@ -74,6 +74,11 @@ def test_max_throughput_and_slo_goals(small):
     top = json.loads(scepsy("plan", small, "--gpus", "4", "--max-throughput", "--json", "--samples", "300").stdout)
     assert top["goal"] == "max-throughput"
     assert top["predicted"]["rate_rps"] == pytest.approx(0.9 * top["predicted"]["throughput_rps"], rel=0.02)
+    # the throughput goal's simulator check: each allocation's highest sustained rate, the optimum first
+    rows = top["sim_check"]["allocations"]
+    assert rows[0]["label"] == "optimum" and rows[0]["sustained_rps"] > 0
+    assert all("sustained_rps" in r and "refused_rps" in r for r in rows)
+    assert any("simulator check (throughput)" in n for n in top["notes"])
     slo = json.loads(scepsy("plan", small, "--gpus", "4", "--latency-slo", str(top["predicted"]["latency_s"] * 0.8),
                             "--json", "--samples", "300").stdout)
     assert slo["predicted"]["latency_s"] <= top["predicted"]["latency_s"] * 0.8

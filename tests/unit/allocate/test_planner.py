@@ -13,7 +13,7 @@ from scepsy_hpc.allocate import policies
 from scepsy_hpc.allocate.candidates import path_weights, pareto
 from scepsy_hpc.allocate.milp import Candidate, choice_key, shared_gpus_needed
 from scepsy_hpc.allocate.planner import Demand, Planner, used_gpus
-from scepsy_hpc.allocate.simcheck import SimCheck, shortlist
+from scepsy_hpc.allocate.simcheck import RaceRun, SimCheck, neighbours, shortlist
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.predict.alp import pooled_point
 from scepsy_hpc.predict.inputs import sample_mix, sample_program
@@ -303,3 +303,83 @@ def test_requests_follow_the_calls_budget():
     assert c.requests_for(300.0) == 500       # many calls per request: the floor
     assert c.requests_for(80.0) == 1250
     assert c.requests_for(5.0) == 2000        # few calls per request: the ceiling
+
+
+# ---- the throughput goal's check: simulated maximum sustainable rate ----
+
+
+def fake_race(capacity):
+    """SimCheck.race replaced at its seam: an allocation sustains every rate up to capacity(choice)."""
+    seen = []
+
+    def race(self, planner, choices, rate):
+        out = []
+        for c in choices:
+            seen.append((key(c), rate))
+            cap = capacity(c)
+            out.append(RaceRun(rate <= cap, 10.0 * rate / cap, min(rate, cap), {m: 0.0 for m in c}))
+        return out
+
+    return race, seen
+
+
+def test_neighbours_move_a_gpu_and_fit(planner6):
+    best = policies.max_throughput(planner6, "milp")
+    names = list(best.choice)
+    waits = {names[0]: 0.0, names[1]: 5.0}
+    got = neighbours(planner6, best.choice, 1.0, waits)
+    assert got, "a 6-GPU plan of two LLMs has a move"
+    for label, c in got:
+        assert planner6.fits(c), label
+        moved = [m for m in names if c[m] != best.choice[m]]
+        assert len(moved) == 2, label
+        giver, taker = sorted(moved, key=lambda m: c[m].gpus - best.choice[m].gpus)
+        assert best.choice[giver].gpus - c[giver].gpus >= 1.0 - 1e-9 and c[taker].gpus > best.choice[taker].gpus
+        assert (c[giver].tp, c[giver].gpu_frac) == (best.choice[giver].tp, best.choice[giver].gpu_frac)
+        assert c[giver].replicas >= 1
+    # the LLM that waited longest receives first
+    first = got[0][1]
+    assert first[names[1]].gpus > best.choice[names[1]].gpus
+
+
+def test_throughput_check_climbs_to_the_better_split(planner6, monkeypatch):
+    best = policies.max_throughput(planner6, "milp")
+    names = list(best.choice)
+    x0 = best.choice[names[1]].gpus
+    r0 = 0.6 * best.theta * planner6.demands[0].weight_rps   # the simulator below the predictor, as on beam_search
+    # capacity grows with the GPUs of the second LLM: r0 at the optimum, +20% per GPU more
+    race, seen = fake_race(lambda c: r0 * (1.0 + 0.2 * (c[names[1]].gpus - x0)))
+    monkeypatch.setattr(SimCheck, "race", race)
+    planner6.check = SimCheck(jobs=1, max_sims=40)
+    out = policies.run(planner6, "milp", "max-throughput")
+    assert out.choice[names[1]].gpus > x0 + 1.0 - 1e-9      # more than one move up the gradient
+    kept = next(r for r in out.checked if key(r.choice) == key(out.choice))
+    opt = out.checked[0]
+    assert opt.label == "optimum" and opt.sustained_rps == pytest.approx(r0, rel=0.04)
+    assert kept.sustained_rps >= opt.sustained_rps * (1 + planner6.check.step) - 1e-9
+    assert kept.sustained_rps <= r0 * (1.0 + 0.2 * (out.choice[names[1]].gpus - x0)) + 1e-9   # never above its capacity
+    assert len(seen) <= planner6.check.max_sims
+    assert "simulator check (throughput)" in out.notes[-1] and "is kept" in out.notes[-1]
+    assert planner6.fits(out.choice) and out.status != "under-capacity"
+    assert out.check_time_s > 0 and out.checked[0].to_dict()["sustained_rps"] == opt.sustained_rps
+
+
+def test_throughput_check_keeps_the_optimum_within_a_step(planner6, monkeypatch):
+    best = policies.max_throughput(planner6, "milp")
+    r0 = 0.6 * best.theta * planner6.demands[0].weight_rps
+    race, seen = fake_race(lambda c: r0 * (1.0 if key(c) == key(best.choice) else 1.01))
+    monkeypatch.setattr(SimCheck, "race", race)
+    planner6.check = SimCheck(jobs=1)
+    out = policies.run(planner6, "milp", "max-throughput")
+    assert key(out.choice) == key(best.choice)
+    assert len({k for k, _ in seen}) >= 3                      # the optimum and at least two contenders ran
+    assert "kept" in out.notes[-1] and "no other" in out.notes[-1]
+
+
+def test_throughput_check_runs_the_real_simulator(planner6):
+    planner6.check = SimCheck(calls=2000, min_requests=200, max_requests=300, max_sims=16, jobs=2, alternatives=1, caps=(0.6,))
+    out = policies.run(planner6, "milp", "max-throughput")
+    assert out.checked and out.checked[0].label == "optimum"
+    assert out.checked[0].sustained_rps > 0
+    assert all(r.refused_rps is None or r.refused_rps > (r.sustained_rps or 0.0) for r in out.checked)
+    assert planner6.fits(out.choice)
