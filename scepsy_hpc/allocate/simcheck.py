@@ -251,8 +251,6 @@ def spread_out(planner: "Planner", choice: Mapping[str, "Candidate"], theta: flo
 def run_check(planner: "Planner", best: Any, goal: str = "latency") -> Any:
     """Simulate `best` (the milp policy's Outcome) and its shortlist at its rate scale; return the
     Outcome to keep (see the module docstring). `goal` "throughput" runs `run_throughput_check`."""
-    if goal == "throughput":
-        return run_throughput_check(planner, best)
     check = planner.check
     if check is None or best.priced is None:
         return best
@@ -260,6 +258,8 @@ def run_check(planner: "Planner", best: Any, goal: str = "latency") -> Any:
     if why is not None:
         best.notes.append(why)
         return best
+    if goal == "throughput":
+        return run_throughput_check(planner, best)
     t0 = time.perf_counter()
     theta = best.theta
     checked = []
@@ -273,9 +273,7 @@ def run_check(planner: "Planner", best: Any, goal: str = "latency") -> Any:
     elapsed = time.perf_counter() - t0
     out = best
     if win is not base and win.simulated_s < base.simulated_s * (1 - check.margin):
-        out = planner.outcome(dict(win.choice), theta, best.status, solve_time_s=best.solve_time_s,
-                              iterations=best.iterations, candidates=best.candidates, notes=list(best.notes),
-                              milp=best.milp, priced=best.priced)
+        out = _outcome(planner, best, dict(win.choice), theta)
         out.notes.append(f"simulator check: the MILP's optimum simulates at {base.simulated_s:.3g} s mean latency; "
                          f"the {win.label} allocation simulates at {win.simulated_s:.3g} s and is kept "
                          f"({len(checked)} allocations, {check.requests_for(_calls(planner))} requests each, {elapsed:.1f} s)")
@@ -321,7 +319,7 @@ def neighbours(planner: "Planner", choice: Mapping[str, "Candidate"], delta: flo
 
 
 def run_throughput_check(planner: "Planner", best: Any) -> Any:
-    """The max-throughput goal's check (module docstring): bisect the optimum's simulated
+    """The max-throughput goal's check (module docstring; `run_check` decides whether it runs): bisect the optimum's simulated
     sustainable rate, race the shortlist rebuilt at that rate and the leaders' neighbours upward
     from it, and keep the allocation that sustained the highest rate (the optimum unless another
     went a full `step` above it)."""
@@ -330,12 +328,6 @@ def run_throughput_check(planner: "Planner", best: Any) -> Any:
     from scepsy_hpc.sim.capacity import bisect_rate
 
     check = planner.check
-    if check is None or best.priced is None:
-        return best
-    why = check.skip_reason(planner)
-    if why is not None:
-        best.notes.append(why)
-        return best
     t0 = time.perf_counter()
     w = planner.demands[0].weight_rps
     sims = 0
@@ -423,13 +415,17 @@ def run_throughput_check(planner: "Planner", best: Any) -> Any:
         return _finish(best, rows, t0)
     choice = dict(leader.choice)
     top = planner.throughput_scale(planner.evaluate(choice, best.theta))
-    out = planner.outcome(choice, min(best.theta, top * planner.max_util), best.status, solve_time_s=best.solve_time_s,
-                          iterations=best.iterations, candidates=best.candidates, notes=list(best.notes),
-                          milp=best.milp, priced=best.priced)
+    out = _outcome(planner, best, choice, min(best.theta, top * planner.max_util))
     out.notes.append(f"simulator check (throughput): the MILP's optimum sustains {lo:.3g} rps in the simulator; "
                      f"the {leader.label} allocation sustains {lead_rate:.3g} rps and is kept ({len(rows)} allocations, "
                      f"{sims} judgements of {check.paths}×{n_req} requests, {elapsed:.1f} s)")
     return _finish(out, rows, t0)
+
+
+def _outcome(planner: "Planner", best: Any, choice: dict[str, "Candidate"], theta: float) -> Any:
+    """`best` with `choice` in place of its allocation, priced at θ; solver figures and notes kept."""
+    return planner.outcome(choice, theta, best.status, solve_time_s=best.solve_time_s, iterations=best.iterations,
+                           candidates=best.candidates, notes=list(best.notes), milp=best.milp, priced=best.priced)
 
 
 def _finish(out: Any, rows: Mapping[Any, Checked], t0: float) -> Any:

@@ -10,7 +10,7 @@ import pytest
 from scepsy_hpc.perf.model import EnginePerf
 from scepsy_hpc.sim import simulate
 from scepsy_hpc.sim.core import PRIO_ARRIVAL, PRIO_ENGINE, PRIO_TOOL, EventLoop, engine_config
-from scepsy_hpc.sim.workload import Call, Tool, iter_calls, sample_request, unloaded_latency
+from scepsy_hpc.sim.workload import Call, iter_calls, sample_request, unloaded_latency
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import load_workflow, workflow_from_text
 from scepsy_hpc.spec.catalog import config_dir
@@ -119,8 +119,6 @@ def test_parallel_and_fanout_run_concurrently_on_the_critical_path(models, gpus)
     alloc = {k: LLMAlloc(tp=4) for k in ("qwen72", "llama70")} | {"mixtral": LLMAlloc(tp=4), "qwen32": LLMAlloc(tp=2)}
     res = simulate(wf, alloc, gpus[H100], models, arrivals=[0.0], warmup_frac=0.0, record_calls=True)
     tree = sample_request(wf, random.Random("0/programs"))
-    by_call = iter(sorted(res.call_records, key=lambda c: c.t_submit))
-    latencies = {}
     # unloaded critical path using each call's simulated latency (calls are matched by LLM and tokens)
     remaining = list(res.call_records)
 
