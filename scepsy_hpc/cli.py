@@ -380,6 +380,9 @@ def _plan_tuning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sim-check", dest="sim_check", action="store_false",
                    help="skip the simulator check of the milp plan (its optimum and a shortlist of other allocations "
                         "run in the simulator at the planned rate; the fastest is kept)")
+    p.add_argument("--sim-check-throughput", dest="sim_check_throughput", action="store_true",
+                   help="with --max-throughput, also race the milp plan against other allocations by simulated "
+                        "maximum sustainable rate (minutes on large step-synchronous workflows; off by default)")
 
 
 PASSTHROUGH = {"gateway": ("scepsy_hpc.gateway.app", "main"), "engine-sim": ("scepsy_hpc.engine.sim_server", "main")}

@@ -18,7 +18,11 @@ rate the optimum does sustain (the predictor's capacity can be far above it), an
 race upward in rate steps of `step`: at each step every contender is simulated at the same rate,
 the sustainable ones go on, and the lowest-latency survivor's `neighbours` (a GPU moved from one
 LLM to another) join the race. An alternative must sustain a rate `step` above every rate the
-optimum sustained to replace it.
+optimum sustained to replace it. This race is opt-in (`throughput=True`, `--sim-check-throughput`):
+its judge, sim.capacity.is_sustainable, reads a step-synchronous workflow's slow slide into a
+high-latency lock-step regime as overload in runs of about a thousand requests, so on beam_search
+its verdicts depend on run length and sample path (README, "Measured") and it can trade a plan
+for one that sustains less in longer runs.
 
 The check runs on the planner's GPU type with the engine performance model, with its own seed
 (not that of any later `scepsy simulate` or `scepsy bench` run). It applies to one workflow with
@@ -100,6 +104,7 @@ class SimCheck:
                    the run that reads as overload on every allocation alike, or a light one that
                    flatters them; by default the median of three paths decides
     jobs           throughput goal: processes that simulate a step's contenders (0: CPU count)
+    throughput     run the throughput goal's race at all (off by default: see the module docstring)
     """
 
     alternatives: int = DEFAULT_ALTERNATIVES
@@ -117,6 +122,7 @@ class SimCheck:
     paths: int = 3
     quorum: int = 2
     jobs: int = 0
+    throughput: bool = False
 
     def requests_for(self, calls_per_request: float) -> int:
         """Requests per simulation for a workflow making `calls_per_request` LLM calls each."""
@@ -259,6 +265,10 @@ def run_check(planner: "Planner", best: Any, goal: str = "latency") -> Any:
         best.notes.append(why)
         return best
     if goal == "throughput":
+        if not check.throughput:
+            best.notes.append("simulator check: off for the max-throughput goal (--sim-check-throughput races the plan "
+                              "against other allocations by simulated sustainable rate)")
+            return best
         return run_throughput_check(planner, best)
     t0 = time.perf_counter()
     theta = best.theta

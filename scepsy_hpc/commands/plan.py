@@ -108,11 +108,12 @@ def build_planner(args: argparse.Namespace, workflows: list[Any], models: Any, g
 
 
 def attach_check(planner: Any, args: argparse.Namespace) -> None:
-    """Give the planner its simulator check unless --no-sim-check (allocate.simcheck)."""
+    """Give the planner its simulator check unless --no-sim-check (allocate.simcheck); the
+    throughput goal's race only with --sim-check-throughput."""
     from scepsy_hpc.allocate.simcheck import SimCheck
 
     if getattr(args, "sim_check", True):
-        planner.check = SimCheck(seed=getattr(args, "seed", 0))
+        planner.check = SimCheck(seed=getattr(args, "seed", 0), throughput=getattr(args, "sim_check_throughput", False))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -71,7 +71,8 @@ def test_baseline_policies_write_the_same_format(small, policy):
 
 
 def test_max_throughput_and_slo_goals(small):
-    top = json.loads(scepsy("plan", small, "--gpus", "4", "--max-throughput", "--json", "--samples", "300").stdout)
+    top = json.loads(scepsy("plan", small, "--gpus", "4", "--max-throughput", "--json", "--samples", "300",
+                            "--sim-check-throughput").stdout)
     assert top["goal"] == "max-throughput"
     assert top["predicted"]["rate_rps"] == pytest.approx(0.9 * top["predicted"]["throughput_rps"], rel=0.02)
     # the throughput goal's simulator check: each allocation's highest sustained rate, the optimum first

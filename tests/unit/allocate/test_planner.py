@@ -350,7 +350,7 @@ def test_throughput_check_climbs_to_the_better_split(planner6, monkeypatch):
     # capacity grows with the GPUs of the second LLM: r0 at the optimum, +20% per GPU more
     race, seen = fake_race(lambda c: r0 * (1.0 + 0.2 * (c[names[1]].gpus - x0)))
     monkeypatch.setattr(SimCheck, "race", race)
-    planner6.check = SimCheck(jobs=1, max_sims=40)
+    planner6.check = SimCheck(jobs=1, max_sims=40, throughput=True)
     out = policies.run(planner6, "milp", "max-throughput")
     assert out.choice[names[1]].gpus > x0 + 1.0 - 1e-9      # more than one move up the gradient
     kept = next(r for r in out.checked if key(r.choice) == key(out.choice))
@@ -369,7 +369,7 @@ def test_throughput_check_keeps_the_optimum_within_a_step(planner6, monkeypatch)
     r0 = 0.6 * best.theta * planner6.demands[0].weight_rps
     race, seen = fake_race(lambda c: r0 * (1.0 if key(c) == key(best.choice) else 1.01))
     monkeypatch.setattr(SimCheck, "race", race)
-    planner6.check = SimCheck(jobs=1)
+    planner6.check = SimCheck(jobs=1, throughput=True)
     out = policies.run(planner6, "milp", "max-throughput")
     assert key(out.choice) == key(best.choice)
     assert len({k for k, _ in seen}) >= 3                      # the optimum and at least two contenders ran
@@ -377,9 +377,19 @@ def test_throughput_check_keeps_the_optimum_within_a_step(planner6, monkeypatch)
 
 
 def test_throughput_check_runs_the_real_simulator(planner6):
-    planner6.check = SimCheck(calls=2000, min_requests=200, max_requests=300, max_sims=16, jobs=2, alternatives=1, caps=(0.6,))
+    planner6.check = SimCheck(calls=2000, min_requests=200, max_requests=300, max_sims=16, jobs=2, alternatives=1, caps=(0.6,),
+                              throughput=True)
     out = policies.run(planner6, "milp", "max-throughput")
     assert out.checked and out.checked[0].label == "optimum"
     assert out.checked[0].sustained_rps > 0
     assert all(r.refused_rps is None or r.refused_rps > (r.sustained_rps or 0.0) for r in out.checked)
     assert planner6.fits(out.choice)
+
+
+def test_throughput_race_is_opt_in(planner6, monkeypatch):
+    race, seen = fake_race(lambda c: 1.0)
+    monkeypatch.setattr(SimCheck, "race", race)
+    planner6.check = SimCheck()
+    out = policies.run(planner6, "milp", "max-throughput")
+    assert not seen and not out.checked
+    assert "--sim-check-throughput" in out.notes[-1]
