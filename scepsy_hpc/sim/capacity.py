@@ -45,6 +45,24 @@ def latency_trend(res: SimResult) -> float:
     return slope * (ts[-1] - ts[0]) / ml
 
 
+def saturation_throughput(res: SimResult, start_frac: float = 0.3) -> float:
+    """Requests/s worth of LLM work the plan completes while overloaded: calls that finish between
+    the arrival of request ⌊start_frac·n⌋ and the last arrival (the engines saturated, arrivals
+    still coming), over that window, divided by the run's calls per request. Needs a run made with
+    `record_calls=True` at a rate well above capacity. Unlike the departure rate of requests, which
+    falls below capacity in fork-join workflows as partly done requests pile up, this counts work
+    done; unlike the bisection, it does not depend on how long a metastable workflow takes to slide
+    into a slower regime (both regimes are saturated here)."""
+    if not res.call_records:
+        raise ValueError("saturation_throughput needs a run simulated with record_calls=True")
+    recs = res.request_records
+    t0, t1 = recs[int(len(recs) * start_frac)].t_arrive, recs[-1].t_arrive
+    if t1 <= t0 or res.calls_per_request <= 0:
+        return 0.0
+    done = sum(1 for c in res.call_records if t0 <= c.t_end < t1)
+    return done / (t1 - t0) / res.calls_per_request
+
+
 def is_sustainable(res: SimResult, keep_up: float = 0.93, drift: float = 0.25) -> bool:
     """Every request completed, departures keep up with arrivals, and latency does not trend upward
     across the run by more than `drift` of its mean (a growing queue shows up as a rising trend)."""

@@ -119,5 +119,8 @@ def test_bench_runs_and_plots(small, tmp_path):
     assert m["milp_throughput_ratio"] == pytest.approx(1.0)
     assert e["milp_throughput_ratio"] == pytest.approx(m["sim_max_rps"] / e["sim_max_rps"])
     assert cell["common_rps"] == pytest.approx(0.9 * min(m["sim_max_rps"], e["sim_max_rps"]))
+    # the saturation cross-check: work done under overload, at least what the bisection found sustainable
+    assert m["sim_saturation_rps"] >= 0.8 * m["sim_max_rps"] and e["sim_saturation_rps"] >= 0.8 * e["sim_max_rps"]
+    assert e["milp_saturation_ratio"] == pytest.approx(m["sim_saturation_rps"] / e["sim_saturation_rps"])
     assert 0 < cell["milp_fluid_fraction"] <= 1.05
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
