@@ -46,7 +46,8 @@ def _capacity(job: tuple[Any, ...]) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = max_sustainable_rate(wf, alloc, gpu, models, guess, n_requests=n, seed=seed)
     # the cross-check: work completed per second at twice the load the bisection could not carry
-    over = SATURATION_LOAD * max(res.unsustainable_rps if math.isfinite(res.unsustainable_rps) else 0.0, guess)
+    # (when the bisection ran out of runs before refusing a rate, from above everything it tried)
+    over = SATURATION_LOAD * max(r for r in (res.unsustainable_rps, res.sustainable_rps, guess) if math.isfinite(r))
     sat = saturation_throughput(simulate(wf, alloc, gpu, models, rate_rps=over, n_requests=n, seed=seed, record_calls=True))
     return {"max_rps": res.sustainable_rps, "saturation_rps": sat, "saturation_load_rps": over,
             "runs": [list(r) for r in res.runs], "wall_s": time.perf_counter() - t0}
