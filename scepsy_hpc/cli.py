@@ -373,6 +373,9 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
 def _plan_tuning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-util", type=float, default=0.9, metavar="U",
                    help="highest planned utilisation of any LLM (default 0.9: 10%% headroom)")
+    p.add_argument("--throughput-tol", type=float, default=0.03, metavar="F",
+                   help="--max-throughput (milp): take the lowest-latency allocation whose predicted capacity is "
+                        "within F of the most (default 0.03; 0: the most capacity, whatever its latency)")
     p.add_argument("--time-limit", type=float, default=30.0, metavar="S", help="MILP time limit per solve (default 30 s)")
     p.add_argument("--gap", type=float, default=1e-6, metavar="G", help="MILP relative optimality gap (default 1e-6)")
     p.add_argument("--samples", type=int, default=1000, metavar="N", help="program samples per workflow (default 1000)")

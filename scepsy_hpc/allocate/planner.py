@@ -9,7 +9,9 @@ The planning problem
 Goals (`mode`)
     target        lowest predicted latency (Σ_w of each workflow's mean) at the target rates
     max-throughput the largest common scale θ of the rates any allocation carries (one MILP,
-                  milp.solve_max_rate), then the lowest latency at θ·max_util
+                  milp.solve_max_rate), then the lowest latency at θ·(1 − throughput_tol)·max_util:
+                  among the allocations whose predicted capacity is within throughput_tol (3%)
+                  of the most — closer than the predictor resolves capacity (~5%) — the fastest
     slo           the largest θ whose lowest-latency plan meets the latency SLO in every
                   workflow (bisection over θ; each step is a target-mode plan)
 
@@ -92,7 +94,8 @@ class Planner:
 
     def __init__(self, demands: Sequence[Demand], models: Mapping[str, ModelSpec], gpus: Mapping[str, GPUSpec],
                  gpu_name: str, n_gpus: int, *, max_tp: int = 8, fractions: Sequence[float] = cand.FRACTIONS,
-                 max_util: float = 0.9, profiles_dir: str | None = None, seed: int = 0, n_calls: int = 2000,
+                 max_util: float = 0.9, throughput_tol: float = 0.03, profiles_dir: str | None = None,
+                 seed: int = 0, n_calls: int = 2000,
                  time_limit_s: float = 30.0, gap: float = 1e-6, eps: float = 1e-3,
                  progress: Callable[[str], None] | None = None) -> None:
         if gpu_name not in gpus:
@@ -101,9 +104,12 @@ class Planner:
             raise SpecError(f"--gpus {n_gpus}: plan for at least one GPU")
         if not 0.1 <= max_util <= 1.0:
             raise SpecError(f"--max-util {max_util:g}: the utilisation cap must lie in [0.1, 1]")
+        if not 0.0 <= throughput_tol < 0.5:
+            raise SpecError(f"--throughput-tol {throughput_tol:g}: give a fraction in [0, 0.5), e.g. 0.03")
         self.demands = list(demands)
         self.models, self.gpus, self.gpu_name, self.n_gpus = models, gpus, gpu_name, n_gpus
         self.max_tp, self.fractions, self.max_util = max_tp, tuple(fractions), max_util
+        self.throughput_tol = throughput_tol
         self.time_limit_s, self.gap, self.eps = time_limit_s, gap, eps
         # K_t of MILP constraint (6): tp-t groups the NVLink domains hold; set from a topology
         self.domain_caps: dict[int, int] = {}

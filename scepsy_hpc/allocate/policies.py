@@ -244,15 +244,17 @@ def _carries(p: Planner, o: Outcome) -> bool:
 
 
 def max_throughput(p: Planner, policy: str, rel_tol: float = 0.01) -> Outcome:
-    """The highest-throughput plan: exact for milp (then lowest latency at θ·max_util), bisection
-    over θ for the baselines (the largest θ whose plan carries θ at the utilisation cap)."""
+    """The highest-throughput plan: exact for milp (then the lowest latency at θ·(1 − tol)·max_util:
+    the fastest allocation whose predicted capacity is within `p.throughput_tol` of the most),
+    bisection over θ for the baselines (the largest θ whose plan carries θ at the utilisation cap)."""
     t0 = time.perf_counter()
     top, res = p.max_scale()
     if policy == "milp":
-        out = p.milp_latency(top * p.max_util * (1 - 1e-9))
+        out = p.milp_latency(top * (1 - p.throughput_tol) * p.max_util * (1 - 1e-9))
         out.solve_time_s += res.solve_time_s
+        tol = f", the lowest-latency allocation within {p.throughput_tol:.0%} of that capacity," if p.throughput_tol > 0 else ""
         out.notes.append(f"the GPUs carry at most {top:.4g}× the target rates at full utilisation (max-rate MILP, "
-                         f"{res.status}); planned at {p.max_util:.0%} of that")
+                         f"{res.status}); planned{tol} at {p.max_util:.0%} of it")
         return out
     if policy == "equal":  # load-blind: the allocation is fixed; operate at max_util of its capacity
         o = equal(p, 1.0)

@@ -18,11 +18,11 @@ rate the optimum does sustain (the predictor's capacity can be far above it), an
 race upward in rate steps of `step`: at each step every contender is simulated at the same rate,
 the sustainable ones go on, and the lowest-latency survivor's `neighbours` (a GPU moved from one
 LLM to another) join the race. An alternative must sustain a rate `step` above every rate the
-optimum sustained to replace it. This race is opt-in (`throughput=True`, `--sim-check-throughput`):
-its judge, sim.capacity.is_sustainable, reads a step-synchronous workflow's slow slide into a
-high-latency lock-step regime as overload in runs of about a thousand requests, so on beam_search
-its verdicts depend on run length and sample path (README, "Measured") and it can trade a plan
-for one that sustains less in longer runs.
+optimum sustained to replace it. Its judge is the bench's, sim.capacity.judge (requests stop
+piling up; runs still filling are lengthened). The race is opt-in (`throughput=True`,
+`--sim-check-throughput`): it costs minutes, and on beam_search, where whole-GPU and fractional
+plans of one GPU split sustain the same rate within the judge's few percent, it mostly picks
+among sample-path noise (README, "Measured").
 
 The check runs on the planner's GPU type with the engine performance model, with its own seed
 (not that of any later `scepsy simulate` or `scepsy bench` run). It applies to one workflow with
@@ -150,7 +150,7 @@ class SimCheck:
 
     def race(self, planner: "Planner", choices: Sequence[Mapping[str, "Candidate"]], rate_rps: float) -> list[RaceRun]:
         """Each of `choices` simulated at `rate_rps` (requests/s of the one workflow) on `paths`
-        sample paths, sustainable when at least `quorum` of them are (sim.capacity.is_sustainable);
+        sample paths, sustainable when at least `quorum` of them are (sim.capacity.judge);
         the runs go to `jobs` processes when there are several."""
         jobs = [_race_job(planner, c, rate_rps, self, k) for c in choices for k in range(self.paths)]
         n = min(len(jobs), self.jobs or os.cpu_count() or 1)
@@ -458,13 +458,13 @@ def _race_job(planner: "Planner", choice: Mapping[str, "Candidate"], rate: float
 
 
 def _race_run(job: tuple[Any, ...]) -> RaceRun:
-    from scepsy_hpc.sim.capacity import is_sustainable
+    from scepsy_hpc.sim.capacity import judge
     from scepsy_hpc.sim.core import simulate
 
     wf, alloc, gpu, models, rate, n, seed = job
-    res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed)
+    good, res = judge(lambda k: simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=k, seed=seed), n)
     waits = {llm: s.queue_mean_s * s.calls_per_request for llm, s in res.per_llm.items()}
-    return RaceRun(is_sustainable(res), res.latency_mean_s, res.throughput_rps, waits)
+    return RaceRun(good, res.latency_mean_s, res.throughput_rps, waits)
 
 
 def _calls(planner: "Planner") -> float:

@@ -2,10 +2,12 @@
 
 For each workflow × GPU count × policy:
 1. the policy's highest-throughput plan (planner goal max-throughput), and the maximum
-   sustainable rate the *simulator* measures for it (sim.capacity: requests complete at the
-   arrival rate and latency does not trend up), by bisection from the predicted throughput;
+   sustainable rate the *simulator* measures for it (sim.capacity: every request completes and
+   requests stop piling up once the run has filled; runs still filling are lengthened), by
+   bisection from the predicted throughput;
 2. the common rate: 90% of the weakest policy's measured maximum; each policy's plan for that
-   target rate, simulated there (mean and p99 latency, same seed for every policy);
+   target rate, simulated there (mean and p99 latency, same seed for every policy, as many
+   requests as the longest capacity run of the cell needed to fill);
 3. the fluid upper bound on throughput — every GPU at the best calls/s per GPU of the LLM it
    serves, GPUs divisible at will — and milp's measured fraction of it.
 """
@@ -24,7 +26,6 @@ from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 from scepsy_hpc.errors import InfeasibleError, SpecError
 
 COMMON_FRACTION = 0.9
-SATURATION_LOAD = 2.0   # the saturation cross-check runs at this multiple of the lowest unsustainable rate
 
 
 def fluid_bound(planner: Any) -> float:
@@ -39,18 +40,14 @@ def fluid_bound(planner: Any) -> float:
 
 
 def _capacity(job: tuple[Any, ...]) -> dict[str, Any]:
-    from scepsy_hpc.sim import simulate
-    from scepsy_hpc.sim.capacity import max_sustainable_rate, saturation_throughput
+    from scepsy_hpc.sim.capacity import max_sustainable_rate
 
     wf, alloc, gpu, models, guess, n, seed = job
     t0 = time.perf_counter()
     res = max_sustainable_rate(wf, alloc, gpu, models, guess, n_requests=n, seed=seed)
-    # the cross-check: work completed per second at twice the load the bisection could not carry
-    # (when the bisection ran out of runs before refusing a rate, from above everything it tried)
-    over = SATURATION_LOAD * max(r for r in (res.unsustainable_rps, res.sustainable_rps, guess) if math.isfinite(r))
-    sat = saturation_throughput(simulate(wf, alloc, gpu, models, rate_rps=over, n_requests=n, seed=seed, record_calls=True))
-    return {"max_rps": res.sustainable_rps, "saturation_rps": sat, "saturation_load_rps": over,
-            "runs": [list(r) for r in res.runs], "wall_s": time.perf_counter() - t0}
+    return {"max_rps": res.sustainable_rps, "refused_rps": res.unsustainable_rps,
+            "runs": [[*r, k] for r, k in zip(res.runs, res.requests)],
+            "max_requests": max(res.requests, default=n), "wall_s": time.perf_counter() - t0}
 
 
 def _latency(job: tuple[Any, ...]) -> dict[str, Any]:
@@ -120,6 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 if planner is None:
                     planner = Planner([Demand(wf, 1.0, sample_mix(seqs), seqs)], models, gpus, args.gpu_type, n,
                                       max_tp=args.max_tp, max_util=args.max_util, seed=args.seed,
+                                      throughput_tol=args.throughput_tol,
                                       time_limit_s=args.time_limit, gap=args.gap)
                     attach_check(planner, args)
                 planner.n_gpus = n
@@ -155,6 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if not maxes:
                 continue
             c["common_rps"] = common = COMMON_FRACTION * min(maxes)
+            # as long as the longest capacity run of the cell: a run too short to fill reads low latency
+            c["common_requests"] = n_common = max(v["sim"]["max_requests"] for v in c["policies"].values() if "sim" in v)
             planner = c["_planner"]
             planner.n_gpus = c["gpus"]
             for pol, v in c["policies"].items():
@@ -165,7 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 except InfeasibleError:
                     o = v["plan"]
                 v["common_plan"] = o
-                lat_jobs.append((c, pol, (c["wf"], _alloc(o), gpu, models, common, args.requests, args.seed)))
+                lat_jobs.append((c, pol, (c["wf"], _alloc(o), gpu, models, common, n_common, args.seed)))
         for (c, pol, _), r in zip(lat_jobs, ex.map(_latency, [j for _, _, j in lat_jobs])):
             c["policies"][pol]["at_common"] = r
     for c in cells:
@@ -185,10 +185,9 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
     if "error" in c:
         return {"workflow": c["workflow"], "gpus": c["gpus"], "error": c["error"]}
     out: dict[str, Any] = {"workflow": c["workflow"], "gpus": c["gpus"], "fluid_rps": c["fluid_rps"],
-                           "common_rps": c.get("common_rps"), "policies": {}}
+                           "common_rps": c.get("common_rps"), "common_requests": c.get("common_requests"), "policies": {}}
     milp = c["policies"].get("milp", {})
     m_max = milp.get("sim", {}).get("max_rps")
-    m_sat = milp.get("sim", {}).get("saturation_rps")
     m_lat = milp.get("at_common", {}).get("latency_mean_s")
     for pol, v in c["policies"].items():
         if "error" in v:
@@ -202,8 +201,8 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
             "common_allocation": short_allocation(v["common_plan"].choice) if "common_plan" in v else None,
             "latency_mean_s": lat.get("latency_mean_s"), "latency_p99_s": lat.get("latency_p99_s"),
             "milp_throughput_ratio": (m_max / mx) if m_max and mx else None,
-            "sim_saturation_rps": v.get("sim", {}).get("saturation_rps"),
-            "milp_saturation_ratio": (m_sat / v["sim"]["saturation_rps"]) if m_sat and v.get("sim", {}).get("saturation_rps") else None,
+            "sim_refused_rps": v.get("sim", {}).get("refused_rps"),
+            "capacity_max_requests": v.get("sim", {}).get("max_requests"),
             "latency_ratio_vs_milp": (lat.get("latency_mean_s") / m_lat) if m_lat and lat.get("latency_mean_s") else None,
             "capacity_runs": v.get("sim", {}).get("runs", []),
             "sim_check_s": v["plan"].check_time_s + (v["common_plan"].check_time_s if "common_plan" in v else 0.0),
@@ -220,7 +219,7 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) ->
 
     c = Console(width=None if os.isatty(1) else 170)
     t = Table(title=f"scepsy bench: {args.gpu_type}, {args.requests} requests per run, seed {args.seed} (simulated)")
-    for col in ("workflow", "GPUs", "policy", "sim max rps", "pred. max", "milp ×", "sat. rps", "milp ×sat", "common rps",
+    for col in ("workflow", "GPUs", "policy", "sim max rps", "refused", "pred. max", "milp ×", "longest run", "common rps",
                 "mean lat s", "p99 s",
                 "lat ÷ milp", "fluid rps", "milp/fluid", "max-throughput allocation"):
         t.add_column(col, justify="left" if col in ("workflow", "policy") else "right", no_wrap=True)
@@ -236,16 +235,15 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) ->
                 continue
             f = lambda x, p=".3g": "—" if x is None else format(x, p)  # noqa: E731
             t.add_row(r["workflow"] if first else "", str(r["gpus"]) if first else "", pol, f(v["sim_max_rps"]),
-                      f(v["predicted_max_rps"]), f(v["milp_throughput_ratio"], ".2f"), f(v["sim_saturation_rps"]),
-                      f(v["milp_saturation_ratio"], ".2f"),
+                      f(v["sim_refused_rps"]), f(v["predicted_max_rps"]), f(v["milp_throughput_ratio"], ".2f"),
+                      f(v["capacity_max_requests"], "d"),
                       f(r["common_rps"]) if first else "", f(v["latency_mean_s"], ".1f"), f(v["latency_p99_s"], ".1f"),
                       f(v["latency_ratio_vs_milp"], ".2f"), f(r["fluid_rps"]) if first else "",
                       f"{r['milp_fluid_fraction']:.0%}" if first and r.get("milp_fluid_fraction") else "", v["allocation"])
             first = False
     c.print(t)
-    c.print(f"sat. rps = LLM work completed per second (in requests) with the plan overloaded at {SATURATION_LOAD:g}× its lowest "
-            f"unsustainable rate: what the engines do with full queues, latency unbounded; not a sustainable rate, but a "
-            f"ranking that does not depend on run length. milp ×sat = milp's ÷ the policy's.")
+    c.print("sim max / refused = the highest rate the simulator sustained and the lowest it refused (bisection); "
+            "longest run = the requests its longest run needed to fill (runs still filling are doubled, up to 4×).")
     c.print(f"milp × = milp's simulated max throughput ÷ the policy's; lat ÷ milp = the policy's mean latency at the common "
             f"rate ({COMMON_FRACTION:.0%} of the weakest policy's max) ÷ milp's. {wall:.0f} s wall.")
 

@@ -101,6 +101,7 @@ def build_planner(args: argparse.Namespace, workflows: list[Any], models: Any, g
         work = load_workload(wf, getattr(args, "trace", None), args.samples, args.seed)
         demands.append(Demand(wf, weights[wf.name], work.mix, work.seqs, list(work.graphs)))
     planner = Planner(demands, models, gpus, gpu_type, count, max_tp=max_tp, max_util=args.max_util,
+                      throughput_tol=args.throughput_tol,
                       profiles_dir=getattr(args, "profiles", None), seed=args.seed, time_limit_s=args.time_limit,
                       gap=args.gap, progress=progress)
     attach_check(planner, args)

@@ -1,15 +1,27 @@
 """Maximum sustainable throughput of a plan, measured in the simulator.
 
-A rate is sustainable when the simulated requests complete at the arrival rate (departure rate ≥
-`keep_up` × λ) and latency stays bounded: fitted against arrival time, latency rises across the
-run by at most `drift` of its mean — a queue that grows shows up as a rising trend. Runs must be
-long (thousands of requests) for this to resolve a few percent near capacity. Past-capacity runs of fork-join workflows still complete
-requests at a rate below λ *and* below the capacity (work in progress grows), so reading the
-departure rate of one overloaded run underestimates capacity; this bisects on the rate instead.
+A rate is sustainable when every simulated request completes and the requests in the system stop
+piling up: after the first third of the arrivals, the least-squares slope of the number of
+requests in flight (sampled at each arrival), divided by the arrival rate, is at most `PILEUP`
+(2%: a plan that departs fewer than 98% of what arrives is overloaded; so rates up to μ/0.98 of a
+capacity μ pass). By Little's law, bounded work in progress at a steady arrival rate is bounded
+mean latency; unlike a latency trend, this reading has no end effect (it stops at the last
+arrival, before the system drains).
+
+Workflows with long, step-synchronous requests (beam search: ~9 reasoning steps, latencies of
+minutes near capacity) take thousands of requests to fill: work in progress grows towards its
+steady level for several request latencies, and a short run reads that fill as overload at any
+rate. So a run whose backlog still grows but decelerates — over the last third it grows by less
+than ¾ of its growth over the middle third — is lengthened (the same arrivals and programs, twice
+as many) up to `MAX_EXTEND` × the requests asked for; a backlog that grows at a steady pace is
+overload and is refused at once. Past capacity, fork-join workflows still complete requests at a
+rate below λ and below the capacity (partly done requests pile up), so one overloaded run's
+departure rate under-reads the capacity; this bisects on the rate instead.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -19,6 +31,10 @@ from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow
 
+PILEUP = 0.02        # sustainable: at most 2% of the arrivals after the first third pile up
+SETTLING = 0.75      # still filling: the pile-up over the last third is below ¾ of that over the middle third
+MAX_EXTEND = 4       # a filling run is doubled up to 4× the requests asked for
+
 
 @dataclass(frozen=True)
 class CapacityResult:
@@ -27,48 +43,66 @@ class CapacityResult:
     sustainable_rps: float
     unsustainable_rps: float
     runs: tuple[tuple[float, bool, float, float], ...]  # (rate, sustainable, throughput, mean latency)
+    requests: tuple[int, ...] = ()                       # requests simulated per run (after extensions)
 
 
-def latency_trend(res: SimResult) -> float:
-    """Growth of latency across the measured requests, as a fraction of their mean latency: the
-    least-squares slope of latency against arrival time times the arrival span, over the mean."""
-    recs = [r for r in res.request_records[int(len(res.request_records) * res.warmup_frac):] if r.t_end >= 0]
-    if len(recs) < 10:
-        return 0.0
-    ts = [r.t_arrive for r in recs]
-    ls = [r.t_end - r.t_arrive for r in recs]
-    mt, ml = sum(ts) / len(ts), sum(ls) / len(ls)
-    var = sum((t - mt) ** 2 for t in ts)
-    if var <= 0 or ml <= 0:
-        return 0.0
-    slope = sum((t - mt) * (l - ml) for t, l in zip(ts, ls)) / var
-    return slope * (ts[-1] - ts[0]) / ml
+def backlog_growth(res: SimResult, lo: float = 1 / 3, hi: float = 1.0) -> float:
+    """Requests piling up per request arriving, over arrivals ⌊lo·n⌋ … ⌈hi·n⌉−1: the least-squares
+    slope of the requests in the system (sampled just after each arrival) against arrival time,
+    over the arrival rate in that stretch. ≈ 0 when departures keep up, ≈ 1 − μ/λ past capacity μ."""
+    return _backlog(res, lo, hi)[0]
 
 
-def saturation_throughput(res: SimResult, start_frac: float = 0.3) -> float:
-    """Requests/s worth of LLM work the plan completes while overloaded: calls that finish between
-    the arrival of request ⌊start_frac·n⌋ and the last arrival (the engines saturated, arrivals
-    still coming), over that window, divided by the run's calls per request. Needs a run made with
-    `record_calls=True` at a rate well above capacity. Unlike the departure rate of requests, which
-    falls below capacity in fork-join workflows as partly done requests pile up, this counts work
-    done; unlike the bisection, it does not depend on how long a metastable workflow takes to slide
-    into a slower regime (both regimes are saturated here)."""
-    if not res.call_records:
-        raise ValueError("saturation_throughput needs a run simulated with record_calls=True")
+def _backlog(res: SimResult, lo: float, hi: float) -> tuple[float, float, int]:
+    """(backlog_growth, mean requests in the system, arrivals) over arrivals ⌊lo·n⌋ … ⌈hi·n⌉−1."""
     recs = res.request_records
-    t0, t1 = recs[int(len(recs) * start_frac)].t_arrive, recs[-1].t_arrive
-    if t1 <= t0 or res.calls_per_request <= 0:
-        return 0.0
-    done = sum(1 for c in res.call_records if t0 <= c.t_end < t1)
-    return done / (t1 - t0) / res.calls_per_request
+    n = len(recs)
+    a, b = int(n * lo), min(n, math.ceil(n * hi))
+    if b - a < 10:
+        return 0.0, 0.0, max(b - a, 0)
+    ends = sorted(r.t_end for r in recs if r.t_end >= 0)
+    ts = [recs[i].t_arrive for i in range(a, b)]
+    ws = [i + 1 - bisect.bisect_right(ends, recs[i].t_arrive) for i in range(a, b)]
+    span = ts[-1] - ts[0]
+    mt, mw = sum(ts) / len(ts), sum(ws) / len(ws)
+    if span <= 0:
+        return 0.0, mw, len(ts)
+    var = sum((t - mt) ** 2 for t in ts)
+    slope = sum((t - mt) * (w - mw) for t, w in zip(ts, ws)) / var
+    return slope * span / (len(ts) - 1), mw, len(ts)
 
 
-def is_sustainable(res: SimResult, keep_up: float = 0.93, drift: float = 0.25) -> bool:
-    """Every request completed, departures keep up with arrivals, and latency does not trend upward
-    across the run by more than `drift` of its mean (a growing queue shows up as a rising trend)."""
+def is_sustainable(res: SimResult, pileup: float = PILEUP) -> bool:
+    """Every request completed and, after the first third of the arrivals, at most `pileup` of them
+    piled up (see `backlog_growth`) — or no more than two standard deviations of a Poisson count
+    of the mean requests in flight (2·√W: a short run of a light workflow sees its backlog jitter
+    by a few requests, which is not a trend)."""
     if res.completed < res.requests:
         return False
-    return res.throughput_rps >= keep_up * res.rate_rps and latency_trend(res) <= drift
+    growth, wip, arrivals = _backlog(res, 1 / 3, 1.0)
+    return growth * arrivals <= max(pileup * arrivals, 2.0 * math.sqrt(wip))
+
+
+def still_filling(res: SimResult, pileup: float = PILEUP, settling: float = SETTLING) -> bool:
+    """The backlog grows after the first third but decelerates: over the last third it grows by
+    less than `settling` × its growth over the middle third — a run too short for the workflow to
+    reach its steady state, not overload (whose backlog grows at a steady pace)."""
+    return (not is_sustainable(res, pileup)
+            and backlog_growth(res, 2 / 3) < settling * backlog_growth(res, 1 / 3, 2 / 3))
+
+
+def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MAX_EXTEND,
+          pileup: float = PILEUP) -> tuple[bool, SimResult]:
+    """Run `run(n)` from `n_requests`, doubling n while the run is still filling (up to
+    `max_extend` × `n_requests`); the verdict of `is_sustainable` on the last run, and that run."""
+    n = n_requests
+    while True:
+        res = run(n)
+        if is_sustainable(res, pileup):
+            return True, res
+        if res.completed < res.requests or 2 * n > max_extend * n_requests or not still_filling(res, pileup):
+            return False, res
+        n *= 2
 
 
 def max_sustainable_rate(
@@ -83,21 +117,24 @@ def max_sustainable_rate(
     rel_tol: float = 0.015,
     max_runs: int = 14,
     step: float = 1.08,
+    max_extend: int = MAX_EXTEND,
     on_run: Callable[[float, bool, SimResult], Any] | None = None,
 ) -> CapacityResult:
     """Bisect the arrival rate between a sustainable and an unsustainable one, starting near `guess_rps`."""
     runs: list[tuple[float, bool, float, float]] = []
+    sizes: list[int] = []
 
     def ok(rate: float) -> bool:
-        res = simulate(wf, allocation, gpu, models, rate_rps=rate, n_requests=n_requests, seed=seed)
-        good = is_sustainable(res)
+        good, res = judge(lambda n: simulate(wf, allocation, gpu, models, rate_rps=rate, n_requests=n, seed=seed),
+                          n_requests, max_extend)
         runs.append((rate, good, res.throughput_rps, res.latency_mean_s))
+        sizes.append(res.requests)
         if on_run is not None:
             on_run(rate, good, res)
         return good
 
     lo, hi = bisect_rate(ok, guess_rps, rel_tol=rel_tol, max_runs=max_runs, step=step)
-    return CapacityResult(lo, hi, tuple(runs))
+    return CapacityResult(lo, hi, tuple(runs), tuple(sizes))
 
 
 def bisect_rate(ok: Callable[[float], bool], guess: float, *, rel_tol: float, max_runs: int,

@@ -1,11 +1,14 @@
-"""The simulator's maximum-sustainable-rate search on a case with a known answer."""
+"""The simulator's capacity judge and maximum-sustainable-rate search, on cases with known answers."""
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import pytest
 
-from scepsy_hpc.sim.capacity import latency_trend, max_sustainable_rate, saturation_throughput
-from scepsy_hpc.sim.core import simulate
+from scepsy_hpc.sim.capacity import backlog_growth, is_sustainable, judge, max_sustainable_rate, still_filling
+from scepsy_hpc.sim.core import RequestRecord, simulate
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import workflow_from_text
 
@@ -17,35 +20,57 @@ program:
 """
 
 
-def test_trend_flat_when_stable_rising_when_overloaded(models, gpus):
+def _queue(models, gpus):
+    """A batch-1 engine: an M/G/1 queue whose service rate μ is one over the unloaded latency."""
     wf = workflow_from_text(WF, models)
     alloc = {"m": LLMAlloc(tp=1, gpu_frac=1.0, replicas=1, max_num_seqs=1)}
-    # batch 1: an M/G/1 queue with service ≈ 200 tokens of decode
-    low = simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=0.1, n_requests=1500, seed=0)
-    high = simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=3.0, n_requests=1500, seed=0)
-    assert abs(latency_trend(low)) < 0.3
-    assert latency_trend(high) > 1.0
+    service = simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=0.01, n_requests=300, seed=0).latency_mean_s
+    return wf, alloc, 1.0 / service
+
+
+def test_backlog_growth_reads_zero_below_capacity_and_the_shortfall_above(models, gpus):
+    wf, alloc, mu = _queue(models, gpus)
+    low = simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=0.5 * mu, n_requests=3000, seed=0)
+    high = simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=2.0 * mu, n_requests=3000, seed=0)
+    assert abs(backlog_growth(low)) < 0.02 and is_sustainable(low)
+    # past capacity, 1 − μ/λ of the arrivals pile up
+    assert backlog_growth(high) == pytest.approx(0.5, abs=0.07)
+    assert not is_sustainable(high) and not still_filling(high)
 
 
 def test_max_sustainable_rate_brackets_the_service_rate(models, gpus):
-    wf = workflow_from_text(WF, models)
-    alloc = {"m": LLMAlloc(tp=1, gpu_frac=1.0, replicas=1, max_num_seqs=1)}
-    service = simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=0.01, n_requests=300, seed=0).latency_mean_s
-    mu = 1.0 / service
+    wf, alloc, mu = _queue(models, gpus)
     found = max_sustainable_rate(wf, alloc, gpus["h100-sxm"], models, 0.7 * mu, n_requests=3000, seed=0)
     assert found.sustainable_rps < found.unsustainable_rps
-    assert 0.8 * mu < found.sustainable_rps <= 1.02 * mu
+    # a pile-up of up to 2% passes (λ ≤ μ / 0.98), and near ρ = 1 the queue is a slow random walk
+    assert 0.8 * mu < found.sustainable_rps <= 1.05 * mu
+    assert len(found.requests) == len(found.runs) and min(found.requests) >= 3000
 
 
-def test_saturation_throughput_reads_the_service_rate_under_overload(models, gpus):
-    wf = workflow_from_text(WF, models)
-    alloc = {"m": LLMAlloc(tp=1, gpu_frac=1.0, replicas=1, max_num_seqs=1)}
-    service = simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=0.01, n_requests=300, seed=0).latency_mean_s
-    mu = 1.0 / service
-    over = simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=2.0 * mu, n_requests=3000, seed=0, record_calls=True)
-    assert 0.93 * mu < saturation_throughput(over) < 1.07 * mu
-    # below capacity it reads the arrival rate, not the capacity
-    under = simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=0.5 * mu, n_requests=3000, seed=0, record_calls=True)
-    assert 0.43 * mu < saturation_throughput(under) < 0.57 * mu
-    with pytest.raises(ValueError, match="record_calls"):
-        saturation_throughput(simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=mu, n_requests=50, seed=0))
+def _run(latency, calls: list[int], completed_short: int = 0):
+    """A stand-in for the simulator: one arrival per second, request i done after latency(i) s."""
+    def run(n: int):
+        calls.append(n)
+        recs = tuple(RequestRecord(i, float(i), float(i) + latency(float(i)), 1, 1) for i in range(n))
+        return SimpleNamespace(request_records=recs, requests=n, completed=n - completed_short)
+    return run
+
+
+def test_a_run_still_filling_is_lengthened_until_it_settles():
+    calls: list[int] = []
+    good, res = judge(_run(lambda t: 200.0 * (1.0 - math.exp(-t / 300.0)), calls), 600)
+    assert good and calls == [600, 1200, 2400] and res.requests == 2400
+    # with no room to lengthen, the same run is refused
+    calls.clear()
+    assert judge(_run(lambda t: 200.0 * (1.0 - math.exp(-t / 300.0)), calls), 600, max_extend=2)[0] is False
+    assert calls == [600, 1200]
+
+
+def test_steady_pile_up_is_refused_without_lengthening():
+    calls: list[int] = []
+    good, _ = judge(_run(lambda t: 0.1 * t, calls), 600)   # latency grows linearly: c/(1+c) ≈ 9% pile up
+    assert not good and calls == [600]
+    calls.clear()
+    assert judge(_run(lambda t: 5.0, calls), 600)[0] is True and calls == [600]
+    calls.clear()
+    assert judge(_run(lambda t: 5.0, calls, completed_short=1), 600)[0] is False and calls == [600]
