@@ -14,7 +14,8 @@ steady level for several request latencies, and a short run reads that fill as o
 rate. So a run whose backlog still grows but decelerates — over the last third it grows by less
 than ¾ of its growth over the middle third — is lengthened (the same arrivals and programs, twice
 as many) up to `MAX_EXTEND` × the requests asked for; a backlog that grows at a steady pace is
-overload and is refused at once. Past capacity, fork-join workflows still complete requests at a
+overload and is refused at once — unless the run spans fewer than `FILL_LATENCIES` (12) mean
+latencies of its early requests, too short to tell a slow fill from overload. Past capacity, fork-join workflows still complete requests at a
 rate below λ and below the capacity (partly done requests pile up), so one overloaded run's
 departure rate under-reads the capacity; this bisects on the rate instead.
 """
@@ -34,6 +35,7 @@ from scepsy_hpc.spec.workflow import Workflow
 PILEUP = 0.02        # sustainable: at most 2% of the arrivals after the first third pile up
 SETTLING = 0.75      # still filling: the pile-up over the last third is below ¾ of that over the middle third
 MAX_EXTEND = 4       # a filling run is doubled up to 4× the requests asked for
+FILL_LATENCIES = 12  # a run shorter than 12 early request latencies has not filled: it is lengthened
 
 
 @dataclass(frozen=True)
@@ -91,16 +93,31 @@ def still_filling(res: SimResult, pileup: float = PILEUP, settling: float = SETT
             and backlog_growth(res, 2 / 3) < settling * backlog_growth(res, 1 / 3, 2 / 3))
 
 
+def too_short(res: SimResult, fill_latencies: float = FILL_LATENCIES) -> bool:
+    """The run's arrivals span less than `fill_latencies` × the mean latency of its first third of
+    requests: too short for a workflow whose requests take that long to reach its steady backlog
+    (beam search at 32 GPUs fills over ~2,000 requests and, until then, grows as steadily as
+    overload does)."""
+    recs = res.request_records
+    early = [r.t_end - r.t_arrive for r in recs[: len(recs) // 3] if r.t_end >= 0]
+    if len(recs) < 2 or not early:
+        return False
+    return recs[-1].t_arrive - recs[0].t_arrive < fill_latencies * sum(early) / len(early)
+
+
 def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MAX_EXTEND,
           pileup: float = PILEUP) -> tuple[bool, SimResult]:
-    """Run `run(n)` from `n_requests`, doubling n while the run is still filling (up to
-    `max_extend` × `n_requests`); the verdict of `is_sustainable` on the last run, and that run."""
+    """Run `run(n)` from `n_requests`, doubling n while the run is still filling or too short for
+    its request latency (up to `max_extend` × `n_requests`); the verdict of `is_sustainable` on
+    the last run, and that run."""
     n = n_requests
     while True:
         res = run(n)
         if is_sustainable(res, pileup):
             return True, res
-        if res.completed < res.requests or 2 * n > max_extend * n_requests or not still_filling(res, pileup):
+        if res.completed < res.requests or 2 * n > max_extend * n_requests:
+            return False, res
+        if not (still_filling(res, pileup) or too_short(res)):
             return False, res
         n *= 2
 
