@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from scepsy_hpc.sim.capacity import backlog_growth, is_sustainable, judge, max_sustainable_rate, still_filling
+from scepsy_hpc.sim.capacity import backlog_growth, is_sustainable, judge, max_sustainable_rate, still_filling, too_short
 from scepsy_hpc.sim.core import RequestRecord, simulate
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import workflow_from_text
@@ -74,3 +74,18 @@ def test_steady_pile_up_is_refused_without_lengthening():
     assert judge(_run(lambda t: 5.0, calls), 600)[0] is True and calls == [600]
     calls.clear()
     assert judge(_run(lambda t: 5.0, calls, completed_short=1), 600)[0] is False and calls == [600]
+
+
+def test_a_run_shorter_than_its_latency_allows_is_lengthened_even_if_it_grows_steadily():
+    # latency climbs linearly for 500 s, then holds at 300 s: a slow fill, not overload; the first
+    # 600 requests alone look like overload (steady growth), but span only 10 early latencies
+    fill = lambda t: min(0.6 * t, 300.0)  # noqa: E731
+    calls: list[int] = []
+    good, res = judge(_run(fill, calls), 600)
+    assert good and calls == [600, 1200, 2400]
+    first = _run(fill, [])(600)
+    assert too_short(first) and not still_filling(first) and not is_sustainable(first)
+    # a long run of the same steady overload is not too short, and is refused at once
+    calls.clear()
+    assert judge(_run(lambda t: 0.05 * t, calls), 600)[0] is False and calls == [600]
+    assert not too_short(_run(lambda t: 0.05 * t, [])(600))
