@@ -11,7 +11,8 @@ Goals (`mode`)
     max-throughput the largest common scale θ of the rates any allocation carries (one MILP,
                   milp.solve_max_rate), then the lowest latency at θ·(1 − throughput_tol)·max_util:
                   among the allocations whose predicted capacity is within throughput_tol (3%)
-                  of the most — closer than the predictor resolves capacity (~5%) — the fastest
+                  of the most — a tie the predictor cannot break (its capacity errs by a median
+                  2.9%, worst 9.2%, in scripts/bench_predict.py) — the fastest
     slo           the largest θ whose lowest-latency plan meets the latency SLO in every
                   workflow (bisection over θ; each step is a target-mode plan)
 

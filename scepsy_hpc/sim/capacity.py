@@ -15,9 +15,10 @@ rate. So a run whose backlog still grows but decelerates — over the last third
 than ¾ of its growth over the middle third — is lengthened (the same arrivals and programs, twice
 as many) up to `MAX_EXTEND` × the requests asked for; a backlog that grows at a steady pace is
 overload and is refused at once — unless the run spans fewer than `FILL_LATENCIES` (12) mean
-latencies of its early requests, too short to tell a slow fill from overload. Past capacity, fork-join workflows still complete requests at a
-rate below λ and below the capacity (partly done requests pile up), so one overloaded run's
-departure rate under-reads the capacity; this bisects on the rate instead.
+latencies of its early requests, too short to tell a slow fill from overload. Past capacity,
+fork-join workflows still complete requests at a rate below λ and below the capacity (partly done
+requests pile up), so one overloaded run's departure rate under-reads the capacity; this bisects
+on the rate instead.
 """
 
 from __future__ import annotations
