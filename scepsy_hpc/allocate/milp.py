@@ -46,6 +46,13 @@ calls LLM m receives per unit of the rate scale θ (Σ over the workflows it ser
     maximise θ  subject to (1)–(4) and
     (5) Σ_c κ_mc·x_mc ≥ n_m·θ                               ∀ m            every LLM carries its load
 so the rate scale the GPUs can carry is found exactly, in one solve, not by bisection.
+
+Instance bound (`instance_bound`): the same problem with replicas of *different* configurations
+allowed for one LLM — an upper bound on every allocation the plan format can express, and a
+tighter one than the fluid bound (GPUs divisible at will), since instances stay whole. Candidates
+are single instances (r = 1, κ_mc = μ_c) and x_mc ∈ ℤ≥0 counts them:
+    maximise θ  subject to (2)–(5) and
+    (1') Σ_c x_mc ≥ 1                                        ∀ m            every LLM is served
 """
 
 from __future__ import annotations
@@ -114,17 +121,20 @@ def _check_nonempty(candidates: Mapping[str, Sequence[Candidate]]) -> None:
 
 
 def _model(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int], sense: int,
-           domain_caps: Mapping[int, int] | None = None) -> tuple[Any, dict, dict]:
-    """The problem with variables x_mc, s_g and constraints (1)–(4), (6); the caller sets the objective."""
+           domain_caps: Mapping[int, int] | None = None, counts: bool = False) -> tuple[Any, dict, dict]:
+    """The problem with variables x_mc, s_g and constraints (1)–(4), (6); the caller sets the objective.
+    `counts`: x_mc counts instances (ℤ≥0, constraint (1')) instead of choosing one candidate."""
     import pulp
 
     prob = pulp.LpProblem("allocation", sense)
-    x = {(m, i): prob.add_variable(f"x_{k}_{i}", cat="Binary")
+    x = {(m, i): prob.add_variable(f"x_{k}_{i}", lowBound=0, cat="Integer") if counts else
+         prob.add_variable(f"x_{k}_{i}", cat="Binary")
          for k, (m, cs) in enumerate(candidates.items()) for i in range(len(cs))}
     types = sorted({c.gpu for cs in candidates.values() for c in cs})
     s = {g: prob.add_variable(f"s_{j}", lowBound=0, cat="Integer") for j, g in enumerate(types)}
     for k, (m, cs) in enumerate(candidates.items()):
-        prob += pulp.lpSum(x[m, i] for i in range(len(cs))) == 1, f"c1_serve_{k}"
+        served = pulp.lpSum(x[m, i] for i in range(len(cs)))
+        prob += (served >= 1 if counts else served == 1), f"c1_serve_{k}"
     for j, g in enumerate(types):
         on_g = [(m, i, c) for m, cs in candidates.items() for i, c in enumerate(cs) if c.gpu == g]
         prob += pulp.lpSum(c.whole_gpus * x[m, i] for m, i, c in on_g) + s[g] <= budget.get(g, 0), f"c2_gpus_{j}"
@@ -213,15 +223,15 @@ def solve(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, in
     return _result(candidates, x, s, prob, status, elapsed, time_limit_s)
 
 
-def solve_max_rate(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
-                   calls_per_unit: Mapping[str, float], *, time_limit_s: float = 30.0, gap: float = 1e-6,
-                   msg: bool = False, domain_caps: Mapping[int, int] | None = None) -> tuple[float, MILPResult]:
-    """The largest rate scale θ every LLM carries (constraint (5)) and the candidates that reach it."""
+def _max_theta(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
+               calls_per_unit: Mapping[str, float], time_limit_s: float, gap: float, msg: bool,
+               domain_caps: Mapping[int, int] | None, counts: bool) -> tuple[float, Any, dict, dict, str, float]:
+    """Maximise θ subject to (1)–(6), or (1')–(6) with `counts`; raise unless HiGHS found a solution."""
     import pulp
 
     _check_nonempty(candidates)
     t0 = time.perf_counter()
-    prob, x, s = _model(candidates, budget, pulp.LpMaximize, domain_caps)
+    prob, x, s = _model(candidates, budget, pulp.LpMaximize, domain_caps, counts)
     theta = prob.add_variable("theta", lowBound=0)
     prob += theta
     for k, (m, cs) in enumerate(candidates.items()):
@@ -229,7 +239,32 @@ def solve_max_rate(candidates: Mapping[str, Sequence[Candidate]], budget: Mappin
     status, _ = _run(prob, time_limit_s, gap, msg)
     elapsed = time.perf_counter() - t0
     _check_status(status, candidates, budget, elapsed, time_limit_s)
-    return float(theta.value() or 0.0), _result(candidates, x, s, prob, status, elapsed, time_limit_s)
+    return float(theta.value() or 0.0), prob, x, s, status, elapsed
+
+
+def solve_max_rate(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
+                   calls_per_unit: Mapping[str, float], *, time_limit_s: float = 30.0, gap: float = 1e-6,
+                   msg: bool = False, domain_caps: Mapping[int, int] | None = None) -> tuple[float, MILPResult]:
+    """The largest rate scale θ every LLM carries (constraint (5)) and the candidates that reach it."""
+    theta, prob, x, s, status, elapsed = _max_theta(candidates, budget, calls_per_unit, time_limit_s, gap, msg,
+                                                    domain_caps, counts=False)
+    return theta, _result(candidates, x, s, prob, status, elapsed, time_limit_s)
+
+
+def instance_bound(instances: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
+                   calls_per_unit: Mapping[str, float], *, time_limit_s: float = 30.0, gap: float = 1e-6,
+                   domain_caps: Mapping[int, int] | None = None) -> tuple[float, dict[str, dict[Candidate, int]]]:
+    """The largest rate scale θ any set of whole instances carries within the budget, replicas of
+    different configurations of one LLM allowed (the module docstring's instance bound); and the
+    instance counts per LLM that reach it. `instances`: per LLM, its configurations as single
+    instances (replicas = 1, capacity_rps = μ)."""
+    if any(c.replicas != 1 for cs in instances.values() for c in cs):
+        raise ValueError("instance_bound takes single instances (replicas = 1)")
+    theta, _, x, _, _, _ = _max_theta(instances, budget, calls_per_unit, time_limit_s, gap, False, domain_caps,
+                                      counts=True)
+    counts = {m: {c: int(round(x[m, i].value() or 0.0)) for i, c in enumerate(cs) if (x[m, i].value() or 0.0) > 0.5}
+              for m, cs in instances.items()}
+    return theta, counts
 
 
 def choice_key(choice: Mapping[str, Candidate]) -> tuple[tuple[str, int, float, int], ...]:

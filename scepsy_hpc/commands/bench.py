@@ -9,7 +9,10 @@ For each workflow × GPU count × policy:
    target rate, simulated there (mean and p99 latency, same seed for every policy, as many
    requests as the longest capacity run of the cell needed to fill);
 3. the fluid upper bound on throughput — every GPU at the best calls/s per GPU of the LLM it
-   serves, GPUs divisible at will — and milp's measured fraction of it.
+   serves, GPUs divisible at will — and milp's measured fraction of it;
+4. the instance bound — the most any set of whole instances on the configuration grid carries,
+   replicas of different configurations of one LLM allowed (allocate.milp.instance_bound) — and
+   milp's measured fraction of that: how much of the gap to the fluid bound is integrality.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ def fluid_bound(planner: Any) -> float:
         best = max(c.profile.capacity_rps / c.gpus for c in d.configs)
         gpu_s += d.calls / best
     return planner.n_gpus / gpu_s if gpu_s > 0 else math.inf
+
+
+def instance_bound_rps(planner: Any) -> float:
+    """Requests/s of the best set of whole instances (mixed configurations per LLM) the GPUs hold."""
+    from scepsy_hpc.allocate.milp import Candidate, instance_bound
+
+    live = {n: d for n, d in planner.deployments.items() if d.calls > 0}
+    inst = {n: [Candidate(planner.gpu_name, c.tp, c.gpu_frac, 1, 0.0, c.profile.capacity_rps)
+                for c in d.configs if c.profile.capacity_rps > 0] for n, d in live.items()}
+    theta, _ = instance_bound(inst, {planner.gpu_name: planner.n_gpus}, {n: d.calls for n, d in live.items()},
+                              time_limit_s=planner.time_limit_s, domain_caps=planner.domain_caps)
+    return theta
 
 
 def _capacity(job: tuple[Any, ...]) -> dict[str, Any]:
@@ -122,10 +137,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     attach_check(planner, args)
                 planner.n_gpus = n
                 fluid = fluid_bound(planner)
+                bound = instance_bound_rps(planner)
             except InfeasibleError as e:
                 cells.append({"workflow": wf.name, "gpus": n, "error": str(e)})
                 continue
-            cell: dict[str, Any] = {"workflow": wf.name, "gpus": n, "fluid_rps": fluid, "policies": {}, "wf": wf}
+            cell: dict[str, Any] = {"workflow": wf.name, "gpus": n, "fluid_rps": fluid, "instance_bound_rps": bound,
+                                    "policies": {}, "wf": wf}
             for pol in pols:
                 try:
                     o = policies.checked(planner, pol, policies.max_throughput(planner, pol), goal="throughput")
@@ -185,6 +202,7 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
     if "error" in c:
         return {"workflow": c["workflow"], "gpus": c["gpus"], "error": c["error"]}
     out: dict[str, Any] = {"workflow": c["workflow"], "gpus": c["gpus"], "fluid_rps": c["fluid_rps"],
+                           "instance_bound_rps": c["instance_bound_rps"],
                            "common_rps": c.get("common_rps"), "common_requests": c.get("common_requests"), "policies": {}}
     milp = c["policies"].get("milp", {})
     m_max = milp.get("sim", {}).get("max_rps")
@@ -209,6 +227,7 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
         }
     if m_max:
         out["milp_fluid_fraction"] = m_max / c["fluid_rps"]
+        out["milp_instance_fraction"] = m_max / c["instance_bound_rps"]
     return out
 
 
@@ -221,31 +240,36 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) ->
     t = Table(title=f"scepsy bench: {args.gpu_type}, {args.requests} requests per run, seed {args.seed} (simulated)")
     for col in ("workflow", "GPUs", "policy", "sim max rps", "refused", "pred. max", "milp ×", "longest run", "common rps",
                 "mean lat s", "p99 s",
-                "lat ÷ milp", "fluid rps", "milp/fluid", "max-throughput allocation"):
+                "lat ÷ milp", "fluid rps", "milp/fluid", "inst. bound", "milp/inst.", "max-throughput allocation"):
         t.add_column(col, justify="left" if col in ("workflow", "policy") else "right", no_wrap=True)
     for r in rows:
         if "error" in r:
-            t.add_row(r["workflow"], str(r["gpus"]), "—", f"[yellow]{r['error'][:60]}[/yellow]", *[""] * 11)
+            t.add_row(r["workflow"], str(r["gpus"]), "—", f"[yellow]{r['error'][:60]}[/yellow]", *[""] * 13)
             continue
         first = True
         for pol, v in r["policies"].items():
             if "error" in v:
-                t.add_row(r["workflow"] if first else "", str(r["gpus"]) if first else "", pol, "infeasible", *[""] * 11)
+                t.add_row(r["workflow"] if first else "", str(r["gpus"]) if first else "", pol, "infeasible", *[""] * 13)
                 first = False
                 continue
             f = lambda x, p=".3g": "—" if x is None else format(x, p)  # noqa: E731
+            pct = lambda x: "" if x is None else f"{x:.0%}"  # noqa: E731
             t.add_row(r["workflow"] if first else "", str(r["gpus"]) if first else "", pol, f(v["sim_max_rps"]),
                       f(v["sim_refused_rps"]), f(v["predicted_max_rps"]), f(v["milp_throughput_ratio"], ".2f"),
                       f(v["capacity_max_requests"], "d"),
                       f(r["common_rps"]) if first else "", f(v["latency_mean_s"], ".1f"), f(v["latency_p99_s"], ".1f"),
                       f(v["latency_ratio_vs_milp"], ".2f"), f(r["fluid_rps"]) if first else "",
-                      f"{r['milp_fluid_fraction']:.0%}" if first and r.get("milp_fluid_fraction") else "", v["allocation"])
+                      pct(r.get("milp_fluid_fraction")) if first else "",
+                      f(r["instance_bound_rps"]) if first else "", pct(r.get("milp_instance_fraction")) if first else "",
+                      v["allocation"])
             first = False
     c.print(t)
     c.print("sim max / refused = the highest rate the simulator sustained and the lowest it refused (bisection); "
             "longest run = the requests its longest run needed to fill (runs still filling are doubled, up to 4×).")
     c.print(f"milp × = milp's simulated max throughput ÷ the policy's; lat ÷ milp = the policy's mean latency at the common "
-            f"rate ({COMMON_FRACTION:.0%} of the weakest policy's max) ÷ milp's. {wall:.0f} s wall.")
+            f"rate ({COMMON_FRACTION:.0%} of the weakest policy's max) ÷ milp's. fluid = every GPU at its LLM's best "
+            f"calls/s per GPU; inst. bound = the best set of whole instances, mixed configurations allowed. "
+            f"{wall:.0f} s wall.")
 
 
 def _plot(cells: list[dict[str, Any]], path: str) -> None:

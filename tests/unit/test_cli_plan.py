@@ -128,4 +128,7 @@ def test_bench_runs_and_plots(small, tmp_path):
     assert all(len(r) == 5 and r[4] >= 120 for r in m["capacity_runs"]) and m["capacity_max_requests"] >= 120
     assert cell["common_requests"] == max(m["capacity_max_requests"], e["capacity_max_requests"])
     assert 0 < cell["milp_fluid_fraction"] <= 1.05
+    # the instance bound sits between milp's exact optimum (one configuration per LLM) and the fluid bound
+    assert m["predicted_max_rps"] <= cell["instance_bound_rps"] * (1 + 1e-6) <= cell["fluid_rps"] * (1 + 1e-6)
+    assert cell["milp_instance_fraction"] == pytest.approx(m["sim_max_rps"] / cell["instance_bound_rps"])
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"

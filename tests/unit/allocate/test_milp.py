@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed, solve, solve_max_rate
+from scepsy_hpc.allocate.milp import Candidate, instance_bound, shared_gpus_needed, solve, solve_max_rate
 from scepsy_hpc.errors import InfeasibleError, SolverError
 
 
@@ -109,6 +109,79 @@ def test_max_rate_milp_matches_exhaustive_search(seed):
     assert all(c.capacity_rps >= calls[m] * theta * (1 - 1e-6) for m, c in res.choice.items())  # every LLM carries its load
     used = res.gpus_used()
     assert all(used[g] <= budget[g] for g in used)
+
+
+def random_instances(rng):
+    """Per LLM 1–3 single-instance configurations (replicas = 1) with a capacity, on one GPU type."""
+    cands = {}
+    for m in range(rng.randint(2, 3)):
+        cs = set()
+        for _ in range(rng.randint(1, 3)):
+            tp = rng.choice((1, 1, 1, 2))
+            f = 1.0 if tp > 1 else rng.choice((0.25, 0.5, 0.75, 1.0))
+            cs.add(Candidate("a", tp, f, 1, 0.0, round(rng.uniform(0.5, 10) * tp * f, 3)))
+        cands[f"m{m}"] = sorted(cs, key=lambda c: (c.tp, c.gpu_frac))
+    return cands, {"a": rng.randint(2, 5)}, {m: rng.uniform(0.5, 20) for m in cands}
+
+
+def brute_instances(cands, budget):
+    """Best θ over every multiset of instances (mixed configurations per LLM) that packs in budget."""
+    n = budget["a"]
+    per_llm = {}
+    for m, cs in cands.items():
+        ranges = [range(int(n / c.gpus) + 1) for c in cs]
+        per_llm[m] = [k for k in itertools.product(*ranges) if 0 < sum(k) and sum(x * c.gpus for x, c in zip(k, cs)) <= n]
+    names = list(cands)
+    for combo in itertools.product(*(per_llm[m] for m in names)):
+        whole, q = 0, [0, 0, 0, 0]
+        for m, k in zip(names, combo):
+            for x, c in zip(k, cands[m]):
+                if c.quarter:
+                    q[c.quarter] += x
+                else:
+                    whole += x * c.tp
+        if whole + min_bins(q[1], q[2], q[3]) <= n:
+            yield {m: dict(zip(cands[m], k)) for m, k in zip(names, combo)}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_instance_bound_matches_exhaustive_search(seed):
+    rng = random.Random(2000 + seed)
+    cands, budget, calls = random_instances(rng)
+    rate = lambda mix: min(sum(x * c.capacity_rps for c, x in mix[m].items()) / calls[m] for m in mix)  # noqa: E731
+    want = max((rate(mix) for mix in brute_instances(cands, budget)), default=None)
+    if want is None:
+        with pytest.raises(InfeasibleError):
+            instance_bound(cands, budget, calls)
+        return
+    theta, counts = instance_bound(cands, budget, calls)
+    assert theta == pytest.approx(want, rel=1e-6)
+    assert rate(counts) == pytest.approx(theta, rel=1e-6)
+    # it bounds the one-configuration-per-LLM optimum over every replica count
+    homog = {m: [Candidate("a", c.tp, c.gpu_frac, r, 0.0, r * c.capacity_rps)
+                 for c in cs for r in range(1, int(budget["a"] / c.gpus) + 1)] for m, cs in cands.items()}
+    try:
+        one, _ = solve_max_rate(homog, budget, calls)
+    except InfeasibleError:
+        return
+    assert one <= theta * (1 + 1e-6)
+
+
+def test_instance_bound_mixes_configurations_where_one_per_llm_leaves_gpus_idle():
+    """5 GPUs: A needs one tp-2 instance; B's best use of the other 3 is a tp-2 plus a tp-1
+    instance, which no single configuration with replicas expresses (3 × tp1 or 1 × tp2)."""
+    a = [Candidate("a", 2, 1.0, 1, 0.0, 10.0)]
+    b = [Candidate("a", 1, 1.0, 1, 0.0, 0.25), Candidate("a", 2, 1.0, 1, 0.0, 1.28)]
+    theta, counts = instance_bound({"A": a, "B": b}, {"a": 5}, {"A": 1.0, "B": 1.0})
+    assert theta == pytest.approx(1.53)
+    assert counts["B"] == {b[0]: 1, b[1]: 1} and counts["A"] == {a[0]: 1}
+    one, _ = solve_max_rate({"A": a, "B": [Candidate("a", 1, 1.0, 3, 0.0, 0.75), b[1]]}, {"a": 5}, {"A": 1.0, "B": 1.0})
+    assert one == pytest.approx(1.28)
+
+
+def test_instance_bound_takes_single_instances():
+    with pytest.raises(ValueError, match="replicas = 1"):
+        instance_bound({"m": [Candidate("a", 1, 1.0, 2, 0.0, 1.0)]}, {"a": 4}, {"m": 1.0})
 
 
 def test_time_limit_reports_feasible_not_optimal():
