@@ -88,6 +88,15 @@ def test_no_candidate_is_a_clear_error():
     assert "big" in str(e.value) and "small" not in str(e.value)
 
 
+def solved_unless_infeasible(want, solver, *args):
+    """solver(*args) where exhaustive search found an answer (`want`); else it must raise InfeasibleError."""
+    if want is None:
+        with pytest.raises(InfeasibleError):
+            solver(*args)
+        return None
+    return solver(*args)
+
+
 def brute_rate(cands, budget, calls):
     return max((min(c.capacity_rps / calls[m] for m, c in ch.items()) for ch in fitting_choices(cands, budget)), default=None)
 
@@ -100,11 +109,10 @@ def test_max_rate_milp_matches_exhaustive_search(seed):
              for m, cs in cands.items()}
     calls = {m: rng.uniform(0.5, 20) for m in cands}
     want = brute_rate(cands, budget, calls)
-    if want is None:
-        with pytest.raises(InfeasibleError):
-            solve_max_rate(cands, budget, calls)
+    out = solved_unless_infeasible(want, solve_max_rate, cands, budget, calls)
+    if out is None:
         return
-    theta, res = solve_max_rate(cands, budget, calls)
+    theta, res = out
     assert theta == pytest.approx(want, rel=1e-6)
     assert all(c.capacity_rps >= calls[m] * theta * (1 - 1e-6) for m, c in res.choice.items())  # every LLM carries its load
     used = res.gpus_used()
@@ -150,11 +158,10 @@ def test_instance_bound_matches_exhaustive_search(seed):
     cands, budget, calls = random_instances(rng)
     rate = lambda mix: min(sum(x * c.capacity_rps for c, x in mix[m].items()) / calls[m] for m in mix)  # noqa: E731
     want = max((rate(mix) for mix in brute_instances(cands, budget)), default=None)
-    if want is None:
-        with pytest.raises(InfeasibleError):
-            instance_bound(cands, budget, calls)
+    out = solved_unless_infeasible(want, instance_bound, cands, budget, calls)
+    if out is None:
         return
-    theta, counts = instance_bound(cands, budget, calls)
+    theta, counts = out
     assert theta == pytest.approx(want, rel=1e-6)
     assert rate(counts) == pytest.approx(theta, rel=1e-6)
     # it bounds the one-configuration-per-LLM optimum over every replica count
