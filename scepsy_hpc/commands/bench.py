@@ -236,7 +236,7 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) ->
 
     from rich.console import Console
 
-    c = Console(width=None if os.isatty(1) else 170)
+    c = Console(width=None if os.isatty(1) else 260)  # piped: wide enough for every column unclipped
     t = Table(title=f"scepsy bench: {args.gpu_type}, {args.requests} requests per run, seed {args.seed} (simulated)")
     for col in ("workflow", "GPUs", "policy", "sim max rps", "refused", "pred. max", "milp ×", "longest run", "common rps",
                 "mean lat s", "p99 s",

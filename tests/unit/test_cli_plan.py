@@ -132,3 +132,22 @@ def test_bench_runs_and_plots(small, tmp_path):
     assert m["predicted_max_rps"] <= cell["instance_bound_rps"] * (1 + 1e-6) <= cell["fluid_rps"] * (1 + 1e-6)
     assert cell["milp_instance_fraction"] == pytest.approx(m["sim_max_rps"] / cell["instance_bound_rps"])
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_table_piped_keeps_every_column_whole(capsys):
+    """Piped (not a terminal), the bench table is printed wide: no column is clipped, the bounds included."""
+    import argparse
+
+    from scepsy_hpc.commands import bench
+
+    alloc = "qwen72:2xtp8 llama70:2xtp4 mixtral:1xtp4 qwen32:1xtp4"
+    pol = {"allocation": alloc, "predicted_max_rps": 3.67, "sim_max_rps": 3.43, "sim_refused_rps": 3.5,
+           "milp_throughput_ratio": 1.0, "capacity_max_requests": 4800, "latency_mean_s": 31.6, "latency_p99_s": 80.2,
+           "latency_ratio_vs_milp": 1.0}
+    row = {"workflow": "mixture_of_agents", "gpus": 32, "fluid_rps": 4.46, "instance_bound_rps": 3.67, "common_rps": 0.298,
+           "milp_fluid_fraction": 0.77, "milp_instance_fraction": 0.935, "policies": {"milp": pol}}
+    bench._print([row], argparse.Namespace(gpu_type="h100-sxm", requests=1200, seed=0), 10.0)
+    out = capsys.readouterr().out
+    for text in ("inst. bound", "milp/inst.", "94%", "77%", "max-throughput allocation", alloc, "mixture_of_agents"):
+        assert text in out
+    assert "…" not in out
