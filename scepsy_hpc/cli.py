@@ -48,6 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from scepsy_hpc.spec.workflow import load_workflow, parse_workflow
 
     problems: list[str] = []
+    files: list[dict[str, Any]] = []
     models = gpus = None
     seen_wfs: dict[str, Any] = {}   # workflows validated on this command line, by name
     for arg in args.files:
@@ -80,14 +81,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
                         else:
                             wf = load_workflow(_resolve(name, "workflows"), models)
                     parse_plan(data, smap, wf, models, gpus)
-            print(f"{path}: ok ({kind})")
+            files.append({"path": str(path), "kind": kind, "ok": True})
+            if not args.json:
+                print(f"{path}: ok ({kind})")
         except SpecError as exc:
+            files.append({"path": str(arg), "ok": False, "problems": exc.problems})
             problems.extend(exc.problems)
-    if problems:
+    if args.json:
+        print(json.dumps({"ok": not problems, "files": files, "problems": problems}, indent=2))
+    else:
         for p in problems:
             print(p, file=sys.stderr)
-        return 2
-    return 0
+    return 2 if problems else 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -161,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check workflow, plan, cluster and catalog files")
     v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument("--json", action="store_true", help="print one JSON object: ok, files (path, kind, ok, problems), problems")
     v.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("simulate", help="simulate a workflow served by a plan")
@@ -415,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("SCEPSY_DEBUG") == "1":
             raise
         print(f"error: {exc}" if not isinstance(exc, SpecError) else str(exc), file=sys.stderr)
+        if getattr(args, "json", False):  # --json promises one document on stdout, failures included
+            print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc),
+                                        "exit_code": exc.exit_code}}, indent=2))
         return exc.exit_code
 
 

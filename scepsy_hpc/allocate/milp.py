@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.errors import InfeasibleError, SolverError
+from scepsy_hpc.allocate.solver import solve_highs
 
 QUARTERS = {0.25: 1, 0.5: 2, 0.75: 3}
 
@@ -156,10 +157,7 @@ def _run(prob: Any, time_limit_s: float, gap: float, msg: bool) -> tuple[str, bo
     by the caller, which knows what to say."""
     import pulp
 
-    try:
-        prob.solve(pulp.HiGHS(msg=msg, timeLimit=time_limit_s, gapRel=gap))
-    except pulp.PulpSolverError as e:
-        raise SolverError(f"HiGHS failed on the allocation MILP: {e}") from None
+    solve_highs(prob, "allocation MILP", time_limit_s=time_limit_s, gap=gap, msg=msg)
     status = pulp.LpStatus[prob.status]
     if status == "Optimal":
         return ("optimal", True) if prob.sol_status == pulp.LpSolutionOptimal else ("feasible", False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from scepsy_hpc.allocate.solver import solve_highs
 from scepsy_hpc.place.placement import Want, _leaf
 from scepsy_hpc.topology.model import Node
 
@@ -58,7 +59,7 @@ def place_exact(wants: Sequence[Want], nodes: Sequence[Node], *, max_nodes: int 
         prob += v[_leaf(n)] >= u[ni]
     if max_nodes is not None:
         prob += pulp.lpSum(u) <= max_nodes
-    prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s))
+    solve_highs(prob, "placement MILP", time_limit_s=time_limit_s)
     if pulp.LpStatus[prob.status] != "Optimal" or prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         return None
     return _unpack(nodes, doms, groups, fr, tps, z, q, f, u)
