@@ -4,14 +4,45 @@
 # tests run, runs pytest, and stops the cluster again if it started it.
 # In CI (CI=true) Slurm must start: a run that cannot start it fails. SCEPSY_NO_SLURM=1 skips it
 # elsewhere. Extra arguments go to pytest (e.g. scripts/test.sh -k sim -x).
+#
+# Which dependency versions (the first argument may pick another set; each set has its own venv):
+#   (default)   the lock, constraints.txt, in .venv: what CI runs, so a registry release cannot
+#               turn main red overnight (scripts/lock.sh re-resolves it, deliberately)
+#   --latest    the newest releases, in .venv-latest: run it before you stop to see what the next
+#               lock will bring
+#   --lowest    the lower bounds of pyproject.toml, in .venv-lowest: the bounds we claim are tested
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+mode=locked
+case "${1:-}" in
+  --latest) mode=latest; shift ;;
+  --lowest) mode=lowest; shift ;;
+esac
+venv=.venv
+[ "$mode" = locked ] || venv=".venv-$mode"
+if [ ! -x "$venv/bin/python" ]; then
+  "$PY" -m venv "$venv"
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+case "$mode" in
+  locked)
+    # PIP_CONSTRAINT also reaches pip's isolated build environments (setuptools for the editable install)
+    export PIP_CONSTRAINT="$PWD/constraints.txt"
+    "$venv/bin/python" -m pip install --quiet pip >/dev/null
+    "$venv/bin/python" -m pip install --quiet -e ".[dev]"
+    ;;
+  latest)
+    "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null
+    "$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+    ;;
+  lowest)
+    "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null
+    lowest="$venv/lowest-constraints.txt"
+    "$PY" scripts/lower_bounds.py pyproject.toml > "$lowest"
+    "$venv/bin/python" -m pip install --quiet -c "$lowest" -e ".[dev]"
+    ;;
+esac
+echo "scripts/test.sh: dependencies: $mode ($venv)" >&2
 
 started_slurm=0
 if [ "${CI:-}" = true ] || [ "${SCEPSY_NO_SLURM:-0}" != 1 ]; then
@@ -33,7 +64,7 @@ if [ "${CI:-}" = true ] || [ "${SCEPSY_NO_SLURM:-0}" != 1 ]; then
 fi
 
 rc=0
-.venv/bin/python -m pytest "$@" || rc=$?
+"$venv/bin/python" -m pytest "$@" || rc=$?
 if [ "$started_slurm" = 1 ]; then
   bash scripts/slurm-local.sh stop >/dev/null || true
 fi
