@@ -11,6 +11,9 @@ import pytest
 
 from scepsy_hpc.trace.records import CallRecord, SpanRecord
 
+# gateway scenarios take well under a second: a hang fails here instead of blocking the suite
+pytestmark = pytest.mark.timeout(10)
+
 CHAT = [{"role": "user", "content": "hi"}]
 
 
