@@ -30,9 +30,10 @@ from itertools import count
 from typing import AsyncIterator, Sequence
 
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from scepsy_hpc.engine.batcher import ABORTED, Batcher, Iteration, SimRequest
-from scepsy_hpc.engine.metrics import EngineMetrics
+from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE, EngineMetrics, engine_registry
 from scepsy_hpc.engine.openai_protocol import SSE_DONE, ApiError, ParsedRequest, ResponseWriter, parse_request
 from scepsy_hpc.errors import ScepsyError, SpecError
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
@@ -72,6 +73,7 @@ class SimEngineServer:
         self.default_output_tokens = default_output_tokens
         self.batcher = Batcher(perf)
         self.metrics = EngineMetrics(served_name)
+        self.registry = engine_registry(self.metrics, self._load)
         self._rng = random.Random(seed)
         self._ids = count()
         self._handles: dict[int, _Handle] = {}
@@ -79,6 +81,10 @@ class SimEngineServer:
         self._t0 = 0.0  # loop time at which virtual time 0 was
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task[None] | None = None
+
+    def _load(self) -> tuple[int, int, float]:
+        b = self.batcher
+        return b.num_running, b.num_waiting, b.kv_usage
 
     # --- clock and driver -------------------------------------------------------------------
 
@@ -210,9 +216,7 @@ class SimEngineServer:
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         """GET /metrics: Prometheus text with vLLM's metric names."""
-        b = self.batcher
-        text = self.metrics.render(b.num_running, b.num_waiting, b.kv_usage)
-        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
     async def handle_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions."""
