@@ -16,7 +16,6 @@ import itertools
 import json
 import logging
 import signal
-import sys
 from functools import partial
 from pathlib import Path
 from typing import IO, Sequence
@@ -26,7 +25,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE
-from scepsy_hpc.errors import ScepsyError
+from scepsy_hpc.errors import ScepsyError, SpecError, run_entry
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
 from scepsy_hpc.gateway.metrics import gateway_registry
 from scepsy_hpc.gateway.proxy import HOP_HEADERS, Call, Forwarder, error_response
@@ -343,18 +342,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m scepsy_hpc.gateway`; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.time_scale is not None and args.time_scale <= 0:
-        print(f"error: --time-scale must be positive, got {args.time_scale}", file=sys.stderr)
-        return 2
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale)
-    except ScepsyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
+    def serve() -> None:
+        if args.time_scale is not None and args.time_scale <= 0:
+            raise SpecError(f"--time-scale {args.time_scale:g}: the time scale must be positive")
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale)
+
+    return run_entry(serve)
