@@ -1,6 +1,12 @@
-"""One root exception with grouped subclasses; lower-layer errors are translated at the boundary."""
+"""One root exception with grouped subclasses (lower-layer errors are translated at the boundary), and the
+one wrapper that reports them at every entry point (`scepsy`, the gateway, the engine server)."""
 
 from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable
 
 
 class ScepsyError(Exception):
@@ -40,3 +46,31 @@ class SlurmError(ScepsyError):
 
 class EngineError(ScepsyError):
     """An inference engine failed to start or to answer."""
+
+
+def run_entry(body: Callable[[], int | None], *, json_errors: bool = False, prog: str = "") -> int:
+    """Run an entry point's body and return its exit status, reporting a `ScepsyError` in one place.
+
+    A `ScepsyError` prints `error: <message>` on stderr (a `SpecError` its problems, which name file
+    and line or flag) and returns its `exit_code`; with `json_errors` (a command's `--json`, which
+    promises one document on stdout, failures included) it also prints `{"error": {...}}` on stdout.
+    KeyboardInterrupt returns 130 without a word. `SCEPSY_DEBUG=1` re-raises both, keeping the
+    traceback. Any other exception is a bug and propagates with its traceback. `prog` (e.g.
+    "scepsy engine-sim") labels each line, for logs that several processes write to.
+    """
+    try:
+        return int(body() or 0)
+    except ScepsyError as exc:
+        if os.environ.get("SCEPSY_DEBUG") == "1":
+            raise
+        label = f"{prog}: " if prog else ""
+        lines = exc.problems if isinstance(exc, SpecError) else [f"error: {exc}"]
+        print("\n".join(label + line for line in lines), file=sys.stderr)
+        if json_errors:
+            print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc),
+                                        "exit_code": exc.exit_code}}, indent=2))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if os.environ.get("SCEPSY_DEBUG") == "1":
+            raise
+        return 130

@@ -14,10 +14,11 @@ lines only (not `-p gpu`, not command-line options) and checks the partition, --
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
+
+from hostlist import collect_hostlist
 
 from scepsy_hpc.backend.base import ACTIVE
 from scepsy_hpc.errors import SlurmError
@@ -33,17 +34,8 @@ def _ranges(numbers: Iterable[int]) -> str:
 
 
 def hostlist(names: Sequence[str]) -> str:
-    """node1,node2,node4 → node[1-2,4], as Slurm prints node lists (no zero padding)."""
-    groups: dict[str, list[int]] = {}
-    plain: list[str] = []
-    for name in names:
-        m = re.fullmatch(r"(.*?)([1-9]\d*|0)", name)
-        if m:
-            groups.setdefault(m.group(1), []).append(int(m.group(2)))
-        else:
-            plain.append(name)
-    parts = [f"{p}{nums[0]}" if len(set(nums)) == 1 else f"{p}[{_ranges(nums)}]" for p, nums in groups.items()]
-    return ",".join(plain + parts)
+    """node1,node2,node4 → node[1-2,4], as Slurm prints node lists (sorted, zero padding kept: node[01-02])."""
+    return collect_hostlist(list(names))
 
 
 @dataclass

@@ -23,18 +23,18 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import sys
 from itertools import count
 from typing import AsyncIterator, Sequence
 
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from scepsy_hpc.engine.batcher import ABORTED, Batcher, Iteration, SimRequest
-from scepsy_hpc.engine.metrics import EngineMetrics
+from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE, EngineMetrics, engine_registry
 from scepsy_hpc.engine.openai_protocol import SSE_DONE, ApiError, ParsedRequest, ResponseWriter, parse_request
-from scepsy_hpc.errors import ScepsyError, SpecError
+from scepsy_hpc.errors import InfeasibleError, SpecError, run_entry
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 
 MIN_SLEEP_S = 0.001  # below this a sleep is mostly timer overshoot: run more iterations first
@@ -72,6 +72,7 @@ class SimEngineServer:
         self.default_output_tokens = default_output_tokens
         self.batcher = Batcher(perf)
         self.metrics = EngineMetrics(served_name)
+        self.registry = engine_registry(self.metrics, self._load)
         self._rng = random.Random(seed)
         self._ids = count()
         self._handles: dict[int, _Handle] = {}
@@ -79,6 +80,10 @@ class SimEngineServer:
         self._t0 = 0.0  # loop time at which virtual time 0 was
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task[None] | None = None
+
+    def _load(self) -> tuple[int, int, float]:
+        b = self.batcher
+        return b.num_running, b.num_waiting, b.kv_usage
 
     # --- clock and driver -------------------------------------------------------------------
 
@@ -210,9 +215,7 @@ class SimEngineServer:
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         """GET /metrics: Prometheus text with vLLM's metric names."""
-        b = self.batcher
-        text = self.metrics.render(b.num_running, b.num_waiting, b.kv_usage)
-        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
     async def handle_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions."""
@@ -340,15 +343,15 @@ def build_server(args: argparse.Namespace) -> SimEngineServer:
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     perf = EnginePerf(cfg)
-    label = f"{args.model} on {args.gpu}"
-    if args.max_model_len is not None:
-        if not 1 < args.max_model_len <= model.max_model_len:
-            raise SpecError(f"--max-model-len {args.max_model_len} must be in [2, {model.max_model_len}] for {args.model}")
-        perf.check_fits(args.max_model_len, label=label)  # vLLM refuses to start if one full sequence won't fit
-        max_len = args.max_model_len
-    else:
-        perf.check_fits(MIN_KV_TOKENS, label=label)
-        max_len = min(model.max_model_len, perf.kv_capacity_tokens)
+    if args.max_model_len is not None and not 1 < args.max_model_len <= model.max_model_len:
+        raise SpecError(f"--max-model-len {args.max_model_len} must be in [2, {model.max_model_len}] for {args.model}")
+    try:
+        # vLLM refuses to start if one full sequence won't fit
+        perf.check_fits(args.max_model_len or MIN_KV_TOKENS, label=f"{args.model} on {args.gpu}")
+    except InfeasibleError as exc:
+        # To the server, flags the model cannot fit under are bad arguments: exit 2, like argparse's.
+        raise SpecError(str(exc)) from None
+    max_len = args.max_model_len or min(model.max_model_len, perf.kv_capacity_tokens)
     return SimEngineServer(perf, served_name=args.served_model_name or args.model, time_scale=args.time_scale,
                            max_model_len=max_len, default_output_tokens=args.default_output_tokens, seed=args.seed)
 
@@ -356,13 +359,11 @@ def build_server(args: argparse.Namespace) -> SimEngineServer:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulated engine until SIGINT/SIGTERM; exit 2 with one line on bad arguments."""
     args = build_arg_parser().parse_args(argv)
-    try:
-        server = build_server(args)
-    except ScepsyError as exc:
-        if os.environ.get("SCEPSY_DEBUG") == "1":
-            raise
-        print(f"scepsy engine-sim: error: {exc}", file=sys.stderr)
-        return 2
+    return run_entry(lambda: _serve(args), prog="scepsy engine-sim")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    server = build_server(args)
     perf = server.perf
     print(f"scepsy engine-sim: serving {server.served_name!r} ({args.model} on {args.gpu}, tp={args.tp}, "
           f"gpu_frac={args.gpu_frac:g}) at http://{args.host}:{args.port}/v1; max_model_len={server.max_model_len}, "
@@ -370,7 +371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup frees the KV.
     web.run_app(server.make_app(), host=args.host, port=args.port, print=None, access_log=None,
                 handler_cancellation=True, shutdown_timeout=1.0)
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,16 +16,18 @@ import itertools
 import json
 import logging
 import signal
-import sys
 from functools import partial
 from pathlib import Path
 from typing import IO, Sequence
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import generate_latest
 
-from scepsy_hpc.errors import ScepsyError
+from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE
+from scepsy_hpc.errors import ScepsyError, SpecError, run_entry
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
+from scepsy_hpc.gateway.metrics import gateway_registry
 from scepsy_hpc.gateway.proxy import HOP_HEADERS, Call, Forwarder, error_response
 from scepsy_hpc.gateway.routing import Router
 from scepsy_hpc.gateway.tracing import ModelClock, SpanBook, SpanError, TraceSink, meta_record
@@ -60,6 +62,7 @@ class GatewayState:
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self.registry = gateway_registry(self)
 
     def record(self, rec: CallRecord) -> None:
         """Count and trace one finished call."""
@@ -184,50 +187,11 @@ async def _handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "llms": st.router.names()})
 
 
-def _label(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def metrics_text(st: GatewayState) -> str:
-    """Prometheus text exposition of the gateway's own counters."""
-    pools = st.router.pools()
-    lines = ["# HELP scepsy_gateway_calls_total LLM calls received, per LLM.",
-             "# TYPE scepsy_gateway_calls_total counter"]
-    lines += [f'scepsy_gateway_calls_total{{llm="{_label(n)}"}} {c}' for n, c in sorted(st.calls.items())]
-    lines += ["# HELP scepsy_gateway_errors_total LLM calls that ended in an error, per LLM.",
-              "# TYPE scepsy_gateway_errors_total counter"]
-    lines += [f'scepsy_gateway_errors_total{{llm="{_label(n)}"}} {c}' for n, c in sorted(st.errors.items())]
-    lines += ["# HELP scepsy_gateway_outstanding Calls in flight at each replica.",
-              "# TYPE scepsy_gateway_outstanding gauge"]
-    lines += [f'scepsy_gateway_outstanding{{llm="{_label(p.name)}",replica="{_label(r.url)}"}} {r.outstanding}'
-              for p in pools for r in p.replicas]
-    lines += ["# HELP scepsy_gateway_replica_calls_total Calls sent to each replica (failover attempts included).",
-              "# TYPE scepsy_gateway_replica_calls_total counter"]
-    lines += [f'scepsy_gateway_replica_calls_total{{llm="{_label(p.name)}",replica="{_label(r.url)}"}} {r.calls}'
-              for p in pools for r in p.replicas]
-    lines += ["# HELP scepsy_gateway_max_outstanding Cap on calls in flight at each replica.",
-              "# TYPE scepsy_gateway_max_outstanding gauge"]
-    lines += [f'scepsy_gateway_max_outstanding{{llm="{_label(p.name)}",replica="{_label(r.url)}"}} {r.cap}'
-              for p in pools for r in p.replicas]
-    lines += ["# HELP scepsy_gateway_queue_length Calls waiting because every replica of the LLM is full.",
-              "# TYPE scepsy_gateway_queue_length gauge"]
-    lines += [f'scepsy_gateway_queue_length{{llm="{_label(p.name)}"}} {p.queue_length()}' for p in pools]
-    lines += ["# HELP scepsy_gateway_open_spans Spans started and not yet ended.",
-              "# TYPE scepsy_gateway_open_spans gauge", f"scepsy_gateway_open_spans {st.spans.open_count()}"]
-    lines += ["# HELP scepsy_gateway_spans_total Request and tool spans recorded.",
-              "# TYPE scepsy_gateway_spans_total counter", f"scepsy_gateway_spans_total {st.span_records}"]
-    if isinstance(st.source, EndpointsWatcher):
-        lines += ["# HELP scepsy_gateway_endpoints_reloads_total Successful reloads of the endpoints file.",
-                  "# TYPE scepsy_gateway_endpoints_reloads_total counter",
-                  f"scepsy_gateway_endpoints_reloads_total {st.source.reloads}"]
-    return "\n".join(lines) + "\n"
-
-
 async def _handle_metrics(request: web.Request) -> web.Response:
     st = request.app[STATE]
     st.router.sync()
-    return web.Response(text=metrics_text(st), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(body=generate_latest(st.registry),
+                        headers={"Content-Type": PROMETHEUS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
 
 async def _handle_span(request: web.Request) -> web.Response:
@@ -378,18 +342,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m scepsy_hpc.gateway`; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.time_scale is not None and args.time_scale <= 0:
-        print(f"error: --time-scale must be positive, got {args.time_scale}", file=sys.stderr)
-        return 2
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale)
-    except ScepsyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
+    def serve() -> None:
+        if args.time_scale is not None and args.time_scale <= 0:
+            raise SpecError(f"--time-scale {args.time_scale:g}: the time scale must be positive")
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale)
+
+    return run_entry(serve)

@@ -122,16 +122,19 @@ def lag_counters(base_url: str) -> tuple[float, float] | None:
     """(lag seconds, iterations) from a simulated engine's /metrics; None for other engines."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=5) as r:
             text = r.read().decode()
     except OSError:
         return None
-    vals: dict[str, float] = {}
-    for line in text.splitlines():
-        for name in ("scepsy_sim_delivery_lag_seconds_total", "scepsy_sim_iterations_delivered_total"):
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                vals[name] = float(line.rsplit(" ", 1)[1])
+    wanted = ("scepsy_sim_delivery_lag_seconds_total", "scepsy_sim_iterations_delivered_total")
+    try:
+        vals = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name in wanted}
+    except ValueError:  # not Prometheus text: not an engine we can check
+        return None
     if len(vals) < 2:
         return None
     return vals["scepsy_sim_delivery_lag_seconds_total"], vals["scepsy_sim_iterations_delivered_total"]

@@ -15,7 +15,7 @@ import pytest
 from scepsy_hpc.engine.local import SimEngineSpec, start_sim_engines, stop_engines
 from scepsy_hpc.engine.openai_protocol import TOKEN_TEXT
 from scepsy_hpc.engine.sim_server import SimEngineServer, main
-from scepsy_hpc.errors import EngineError
+from scepsy_hpc.errors import EngineError, SpecError
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 
 SCALE = 0.02  # 50x faster than the modelled GPU
@@ -268,3 +268,10 @@ def test_start_failure_quotes_the_engine_log(tmp_path):
         start_sim_engines([SimEngineSpec("llama-3.1-70b-instruct", "a10g")], SCALE, tmp_path)
     msg = str(exc.value)
     assert "exited with code 2" in msg and re.search(r"needs [\d.]+ GiB", msg)
+
+
+def test_debug_keeps_the_traceback_of_bad_arguments(monkeypatch):
+    monkeypatch.setenv("SCEPSY_DEBUG", "1")
+    with pytest.raises(SpecError) as exc:
+        main(["--model", "llama-3.1-70b-instruct", "--gpu", "h100-sxm", "--tp", "1"])
+    assert "raise tp or gpu_frac" in str(exc.value)

@@ -1,4 +1,6 @@
-"""Gateway test kit: `async def` tests, fake engines in the test's own loop, and a gateway stack.
+"""Gateway test kit: fake engines in the test's own loop, and a gateway stack (`async def` tests run
+under pytest-asyncio, `asyncio_mode = "auto"` in pyproject.toml; each module bounds them with
+pytest-timeout's `pytestmark`, so a hang fails in seconds instead of blocking the suite).
 
 The fake engine answers like an OpenAI server and lets a test hold calls open (`gate`), release a
 stream chunk by chunk (`chunk_gate`), fail with a 4xx/5xx, or cut the connection mid-answer.
@@ -7,7 +9,6 @@ stream chunk by chunk (`chunk_gate`), fail with a 4xx/5xx, or cut the connection
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import socket
 from dataclasses import dataclass, field
@@ -21,19 +22,6 @@ from aiohttp import web
 
 from scepsy_hpc.gateway import Gateway, start_gateway
 from scepsy_hpc.trace.records import Trace, read_trace
-
-TEST_TIMEOUT_S = 10.0
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Run `async def` tests in a fresh event loop, bounded so a hang fails instead of blocking the suite."""
-    if not inspect.iscoroutinefunction(pyfuncitem.obj):
-        return None
-    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**kwargs), TEST_TIMEOUT_S))
-    return True
-
 
 async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
     """Wait for a condition that no event signals (gateway-internal state), checking every loop turn."""

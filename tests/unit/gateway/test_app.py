@@ -8,8 +8,12 @@ from typing import Any
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from scepsy_hpc.trace.records import CallRecord, SpanRecord
+
+# gateway scenarios take well under a second: a hang fails here instead of blocking the suite
+pytestmark = pytest.mark.timeout(10)
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -226,3 +230,43 @@ async def test_reload_moves_new_calls_to_new_replicas(stack: Any) -> None:
 def test_call_record_round_trips() -> None:
     rec = CallRecord(request="r", llm="a", t_start=0.0, t_end=1.0)
     assert rec.duration_s == 1.0
+
+
+# The gateway's families as exposed before prometheus_client wrote them; a scraper must see exactly these.
+GATEWAY_FAMILIES = [
+    ("scepsy_gateway_calls_total", "counter"),
+    ("scepsy_gateway_errors_total", "counter"),
+    ("scepsy_gateway_outstanding", "gauge"),
+    ("scepsy_gateway_replica_calls_total", "counter"),
+    ("scepsy_gateway_max_outstanding", "gauge"),
+    ("scepsy_gateway_queue_length", "gauge"),
+    ("scepsy_gateway_open_spans", "gauge"),
+    ("scepsy_gateway_spans_total", "counter"),
+    ("scepsy_gateway_endpoints_reloads_total", "counter"),
+]
+
+
+async def test_metrics_parse_with_prometheus_client_under_the_recorded_names(stack: Any) -> None:
+    async with stack({"planner": 1, "coder": 1}, caps={"planner": 3}) as s:
+        s.engines["coder"][0].fault = "http500"
+        await s.post("/v1/chat/completions", {"model": "planner", "messages": CHAT})
+        await s.post("/v1/chat/completions", {"model": "coder", "messages": CHAT})
+        await s.post("/scepsy/v1/spans", {"span": "request", "event": "start", "request": "r"})
+        assert s.http is not None
+        async with s.http.get(s.url + "/metrics") as r:
+            content_type, text = r.headers["Content-Type"], await r.text()
+        urls = {name: engines[0].url for name, engines in s.engines.items()}
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert [tuple(line.split()[2:4]) for line in text.splitlines() if line.startswith("# TYPE ")] == GATEWAY_FAMILIES
+    samples = [x for fam in text_string_to_metric_families(text) for x in fam.samples]
+    assert {x.name for x in samples} == {name for name, _ in GATEWAY_FAMILIES}  # no `_created` series
+    value = {(x.name, tuple(sorted(x.labels.items()))): x.value for x in samples}
+    assert value[("scepsy_gateway_calls_total", (("llm", "coder"),))] == 1
+    assert value[("scepsy_gateway_calls_total", (("llm", "planner"),))] == 1
+    assert value[("scepsy_gateway_errors_total", (("llm", "coder"),))] == 1
+    assert ("scepsy_gateway_errors_total", (("llm", "planner"),)) not in value
+    assert value[("scepsy_gateway_max_outstanding", (("llm", "planner"), ("replica", urls["planner"])))] == 3
+    assert value[("scepsy_gateway_replica_calls_total", (("llm", "coder"), ("replica", urls["coder"])))] == 1
+    assert value[("scepsy_gateway_outstanding", (("llm", "planner"), ("replica", urls["planner"])))] == 0
+    assert value[("scepsy_gateway_open_spans", ())] == 1 and value[("scepsy_gateway_spans_total", ())] == 0
+    assert value[("scepsy_gateway_endpoints_reloads_total", ())] == 0  # the file has not changed since start

@@ -9,6 +9,9 @@ from typing import Any
 import openai
 import pytest
 
+# gateway scenarios take well under a second: a hang fails here instead of blocking the suite
+pytestmark = pytest.mark.timeout(10)
+
 CHAT = [{"role": "user", "content": "hi"}]
 
 

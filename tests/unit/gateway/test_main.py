@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from scepsy_hpc.engine.local import free_port
+from scepsy_hpc.errors import SpecError
 from scepsy_hpc.gateway import main
 from scepsy_hpc.trace.records import read_trace
 
@@ -59,3 +60,16 @@ def test_serves_until_sigterm_and_flushes_trace(tmp_path: Path) -> None:
     t = read_trace(trace)
     assert t.meta["time_scale"] == 0.5 and [s.request for s in t.spans] == ["r"]
     assert b"gateway serving a on http://127.0.0.1:" in out
+
+
+def test_bad_time_scale_exits_2_and_debug_keeps_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    ep = tmp_path / "ep.yaml"
+    ep.write_text("llms:\n  a:\n    replicas: [http://h:1]\n")
+    monkeypatch.delenv("SCEPSY_DEBUG", raising=False)
+    assert main(["--endpoints", str(ep), "--time-scale", "-1"]) == 2
+    assert capsys.readouterr().err == "--time-scale -1: the time scale must be positive\n"
+    monkeypatch.setenv("SCEPSY_DEBUG", "1")
+    with pytest.raises(SpecError) as exc:
+        main(["--endpoints", str(tmp_path / "missing.yaml")])
+    assert "missing.yaml" in str(exc.value)

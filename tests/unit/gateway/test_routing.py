@@ -9,6 +9,9 @@ import pytest
 from scepsy_hpc.gateway.endpoints import Endpoints
 from scepsy_hpc.gateway.routing import NoReplicaError, Router
 
+# gateway scenarios take well under a second: a hang fails here instead of blocking the suite
+pytestmark = pytest.mark.timeout(10)
+
 
 def _eps(replicas: dict[str, list[str]], cap: int = 256) -> Endpoints:
     return Endpoints.model_validate({"llms": {n: {"max_outstanding": cap, "replicas": urls} for n, urls in replicas.items()}})

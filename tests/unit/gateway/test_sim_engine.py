@@ -11,6 +11,9 @@ from scepsy_hpc.engine.local import SimEngineSpec, sim_engines
 from scepsy_hpc.gateway import start_gateway
 from scepsy_hpc.trace.records import read_trace
 
+# gateway scenarios take well under a second: a hang fails here instead of blocking the suite
+pytestmark = pytest.mark.timeout(10)
+
 MODEL = "llama-3.2-1b-instruct"
 
 
