@@ -17,7 +17,7 @@ from scepsy_hpc.errors import SpecError
 from scepsy_hpc.profile.synthetic import synthetic_profile
 from scepsy_hpc.profile.table import ProfileTable, load_profiles
 from scepsy_hpc.sim.core import engine_config
-from scepsy_hpc.sim.workload import RequestSampler, iter_calls
+from scepsy_hpc.workload.sampler import RequestSampler, iter_calls
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow, resolve_model

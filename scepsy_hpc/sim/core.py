@@ -31,10 +31,11 @@ from typing import Any, Callable, Mapping, Sequence
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 from scepsy_hpc.sim.engine import SimEngine, Seq
-from scepsy_hpc.sim.workload import Call, RequestSampler, Tool
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
+from scepsy_hpc.workload.arrivals import poisson_arrivals
+from scepsy_hpc.workload.sampler import Call, RequestSampler, Tool
 
 PRIO_ARRIVAL, PRIO_TOOL, PRIO_ENGINE = 0, 1, 2
 MIN_KV_TOKENS = 256
@@ -256,15 +257,6 @@ def _route_least_outstanding(sim: "_Sim", llm: str, replicas: list[SimEngine]) -
             best, best_k = e, e.outstanding
     sim.rr[llm] = (replicas.index(best) + 1) % n
     return best
-
-
-def poisson_arrivals(rate_rps: float, n: int, rng: random.Random) -> list[float]:
-    """`n` Poisson arrival times at `rate_rps`, starting after an exponential gap."""
-    t, out = 0.0, []
-    for _ in range(n):
-        t += rng.expovariate(rate_rps)
-        out.append(t)
-    return out
 
 
 def engine_config(alloc: LLMAlloc, model: ModelSpec, gpu: GPUSpec) -> EngineConfig:

@@ -9,7 +9,7 @@ from typing import Sequence
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 from scepsy_hpc.sim.core import MIN_KV_TOKENS, PRIO_ARRIVAL, PRIO_ENGINE, CallRecord, EventLoop, _Lane, _Root, _Sim
 from scepsy_hpc.sim.engine import Seq, SimEngine
-from scepsy_hpc.sim.workload import Call
+from scepsy_hpc.workload.sampler import Call
 
 
 def replay_calls(

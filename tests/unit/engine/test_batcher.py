@@ -9,7 +9,7 @@ import pytest
 from scepsy_hpc.engine.batcher import ABORTED, Batcher
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 from scepsy_hpc.sim.replay import replay_calls
-from scepsy_hpc.sim.workload import Call
+from scepsy_hpc.workload.sampler import Call
 from scepsy_hpc.spec.catalog import GIB
 
 MODEL, GPU = "llama-3.1-8b-instruct", "h100-sxm"
