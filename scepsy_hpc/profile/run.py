@@ -16,11 +16,11 @@ from typing import Callable, Mapping, Sequence
 
 from scepsy_hpc import __version__
 from scepsy_hpc.errors import ScepsyError
-from scepsy_hpc.perf.model import EngineConfig, EnginePerf
+from scepsy_hpc.perf.fit import check_fit
+from scepsy_hpc.perf.model import EngineConfig
 from scepsy_hpc.profile.synthetic import capacity_guess, synthetic_profile
 from scepsy_hpc.profile.sweep import FRACTIONS, sweep
 from scepsy_hpc.profile.table import ProfileTable, profile_filename, save_profile
-from scepsy_hpc.sim.core import MIN_KV_TOKENS
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
 
@@ -54,7 +54,7 @@ def plan_jobs(wf: Workflow, models: Mapping[str, ModelSpec], gpus: Mapping[str, 
                 path = out_dir / profile_filename(probe)
                 skip = None
                 try:
-                    EnginePerf(cfg).check_fits(MIN_KV_TOKENS, label=f"{llm} at tp={tp}, gpu_frac={f:g}")
+                    check_fit(cfg, label=f"{llm} at tp={tp}, gpu_frac={f:g}")
                 except ScepsyError as e:
                     skip = f"does not fit: {e}"
                 if skip is None and path.exists() and not force:

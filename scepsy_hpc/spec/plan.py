@@ -89,9 +89,11 @@ def gpus_needed(allocation: dict[str, LLMAlloc]) -> int:
 
 
 def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[str, ModelSpec],
-               gpus: dict[str, GPUSpec], min_kv_tokens: int = 256) -> list[str]:
+               gpus: dict[str, GPUSpec]) -> list[str]:
     """Problems of a plan against its workflow, the catalogs and its own GPU budget."""
-    from scepsy_hpc.perf.model import EngineConfig, EnginePerf  # perf sits above spec in the import order
+    # The memory fit is perf's (one check for every caller), and perf sits above spec: imported
+    # here, when a plan is checked against the catalogs, an exception the layer contract lists.
+    from scepsy_hpc.perf.fit import check_fit, engine_config
 
     problems: list[str] = []
     if plan.gpus.type not in gpus:
@@ -111,9 +113,7 @@ def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[st
                 continue
             model = resolve_model(wf, llm, models)
             try:
-                kw = {k: v for k, v in (("max_num_seqs", alloc.max_num_seqs), ("max_batched_tokens", alloc.max_batched_tokens)) if v}
-                EnginePerf(EngineConfig(model, gpus[plan.gpus.type], tp=alloc.tp, gpu_frac=alloc.gpu_frac, **kw)).check_fits(
-                    min_kv_tokens, label=f"LLM {llm!r} ({model.hf_id}) on {plan.gpus.type}")
+                check_fit(engine_config(alloc, model, gpus[plan.gpus.type]), label=f"LLM {llm!r} ({model.hf_id}) on {plan.gpus.type}")
             except (InfeasibleError, ValueError) as exc:
                 problems.append(f"{smap.where(('allocation', llm))}: allocation.{llm}: {exc}")
     problems += _check_placement(plan, smap)

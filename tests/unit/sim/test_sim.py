@@ -9,7 +9,7 @@ import pytest
 
 from scepsy_hpc.perf.model import EnginePerf
 from scepsy_hpc.sim import simulate
-from scepsy_hpc.sim.core import PRIO_ARRIVAL, PRIO_ENGINE, PRIO_TOOL, EventLoop, engine_config
+from scepsy_hpc.perf.fit import engine_config
 from scepsy_hpc.workload.sampler import Call, sample_request, unloaded_latency
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import load_workflow, workflow_from_text
@@ -86,15 +86,6 @@ def test_degenerate_case_matches_mmc(models, gpus, c, rho):
     got = sum(r.latency_mean_s for r in sims) / len(sims)
     assert abs(got - expected) / expected < 0.05, (got, expected)
     assert all(r.completed == 25_000 for r in sims)
-
-
-def test_event_loop_tie_break_order():
-    loop, seen = EventLoop(), []
-    for prio, tag in [(PRIO_ENGINE, "engine-1"), (PRIO_TOOL, "tool"), (PRIO_ENGINE, "engine-2"), (PRIO_ARRIVAL, "arrival")]:
-        loop.at(1.0, prio, lambda t, x: seen.append(x), tag)
-    loop.at(0.5, PRIO_ENGINE, lambda t, x: seen.append(x), "earlier")
-    loop.run()
-    assert seen == ["earlier", "arrival", "tool", "engine-1", "engine-2"]
 
 
 def test_tie_break_is_used_an_arrival_at_a_boundary_joins_that_boundary(models, gpus):
