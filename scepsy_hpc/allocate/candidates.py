@@ -20,16 +20,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from scepsy_hpc.allocate.milp import QUARTERS, Candidate
+from scepsy_hpc.allocate.milp import Candidate
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.perf.fit import check_fit
 from scepsy_hpc.perf.model import EngineConfig
 from scepsy_hpc.predict.alp import pooled_point
 from scepsy_hpc.profile.table import ProfilePoint, ProfileTable
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
+from scepsy_hpc.spec.fractions import QUARTERS, SLOTS, quarter
 from scepsy_hpc.trace.graph import CALL, RequestGraph
 
-FRACTIONS = (0.25, 0.5, 0.75)
+FRACTIONS = tuple(QUARTERS)  # the quarter grid: 0.25, 0.5, 0.75
 MIN_GAIN_S = 0.01   # a candidate using more GPUs must shorten the critical path by ≥ 10 ms per request
 
 
@@ -140,7 +141,7 @@ class Config:
         """Most replicas `budget` GPUs hold (fractions pack k/4 per quarter)."""
         if self.gpu_frac >= 1.0:
             return budget // self.tp
-        return (4 * budget) // QUARTERS[round(self.gpu_frac, 4)]
+        return (SLOTS * budget) // quarter(self.gpu_frac)
 
 
 def latency_candidates(gpu: str, configs: Sequence[Config], load_rps: float, budget: int, max_util: float,
