@@ -20,16 +20,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from scepsy_hpc.allocate.milp import QUARTERS, Candidate
+from scepsy_hpc.allocate.milp import Candidate
 from scepsy_hpc.errors import InfeasibleError
-from scepsy_hpc.perf.model import EngineConfig, EnginePerf
+from scepsy_hpc.perf.fit import check_fit
+from scepsy_hpc.perf.model import EngineConfig
 from scepsy_hpc.predict.alp import pooled_point
 from scepsy_hpc.profile.table import ProfilePoint, ProfileTable
-from scepsy_hpc.sim.core import MIN_KV_TOKENS
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
+from scepsy_hpc.spec.fractions import QUARTERS, SLOTS, quarter
 from scepsy_hpc.trace.graph import CALL, RequestGraph
 
-FRACTIONS = (0.25, 0.5, 0.75)
+FRACTIONS = tuple(QUARTERS)  # the quarter grid: 0.25, 0.5, 0.75
 MIN_GAIN_S = 0.01   # a candidate using more GPUs must shorten the critical path by ≥ 10 ms per request
 
 
@@ -48,7 +49,7 @@ def fitting_configs(model: ModelSpec, gpu: GPUSpec, max_tp: int, fractions: Iter
     out = []
     for tp, f in [(1, q) for q in sorted(fractions) if q < 1.0] + [(t, 1.0) for t in tp_degrees(max_tp)]:
         try:
-            EnginePerf(EngineConfig(model, gpu, tp=tp, gpu_frac=f)).check_fits(MIN_KV_TOKENS)
+            check_fit(EngineConfig(model, gpu, tp=tp, gpu_frac=f))
         except (InfeasibleError, ValueError):
             continue
         out.append((tp, f))
@@ -58,7 +59,7 @@ def fitting_configs(model: ModelSpec, gpu: GPUSpec, max_tp: int, fractions: Iter
 def no_fit_message(label: str, model: ModelSpec, gpu_name: str, gpu: GPUSpec, max_tp: int) -> str:
     """Why `model` fits no configuration, from the largest one tried."""
     try:
-        EnginePerf(EngineConfig(model, gpu, tp=max_tp, gpu_frac=1.0)).check_fits(MIN_KV_TOKENS, label=label)
+        check_fit(EngineConfig(model, gpu, tp=max_tp, gpu_frac=1.0), label=label)
     except (InfeasibleError, ValueError) as e:
         return f"{e} (tp is capped at {max_tp}, the NVLink domain of a {gpu_name} node)"
     return f"{label} fits no configuration on {gpu_name}"
@@ -140,7 +141,7 @@ class Config:
         """Most replicas `budget` GPUs hold (fractions pack k/4 per quarter)."""
         if self.gpu_frac >= 1.0:
             return budget // self.tp
-        return (4 * budget) // QUARTERS[round(self.gpu_frac, 4)]
+        return (SLOTS * budget) // quarter(self.gpu_frac)
 
 
 def latency_candidates(gpu: str, configs: Sequence[Config], load_rps: float, budget: int, max_util: float,

@@ -63,8 +63,7 @@ from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.errors import InfeasibleError, SolverError
 from scepsy_hpc.allocate.solver import solve_highs
-
-QUARTERS = {0.25: 1, 0.5: 2, 0.75: 3}
+from scepsy_hpc.spec.fractions import LARGE_SHARE, SLOTS, quarter, quarter_gpus
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class Candidate:
     @property
     def quarter(self) -> int:
         """k when this is r instances of size k/4 < 1, else 0."""
-        return 0 if self.gpu_frac >= 1.0 else QUARTERS[round(self.gpu_frac, 4)]
+        return quarter(self.gpu_frac)
 
     @property
     def gpus(self) -> float:
@@ -139,9 +138,9 @@ def _model(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, i
     for j, g in enumerate(types):
         on_g = [(m, i, c) for m, cs in candidates.items() for i, c in enumerate(cs) if c.gpu == g]
         prob += pulp.lpSum(c.whole_gpus * x[m, i] for m, i, c in on_g) + s[g] <= budget.get(g, 0), f"c2_gpus_{j}"
-        prob += 4 * s[g] >= pulp.lpSum(c.quarter * c.replicas * x[m, i] for m, i, c in on_g if c.quarter), f"c3_quarters_{j}"
-        prob += s[g] >= pulp.lpSum((1.0 if c.quarter == 3 else 0.5) * c.replicas * x[m, i]
-                                   for m, i, c in on_g if c.quarter in (2, 3)), f"c4_pairs_{j}"
+        prob += SLOTS * s[g] >= pulp.lpSum(c.quarter * c.replicas * x[m, i] for m, i, c in on_g if c.quarter), f"c3_quarters_{j}"
+        prob += s[g] >= pulp.lpSum(LARGE_SHARE[c.quarter] * c.replicas * x[m, i]
+                                   for m, i, c in on_g if c.quarter in LARGE_SHARE), f"c4_pairs_{j}"
     for t, cap in sorted((domain_caps or {}).items()):
         groups = [((c.tp // t) * c.replicas, m, i) for m, cs in candidates.items() for i, c in enumerate(cs)
                   if c.gpu_frac >= 1.0 and c.tp >= t]
@@ -277,7 +276,4 @@ def shared_gpus_needed(choice: Mapping[str, Candidate]) -> dict[str, int]:
         if c.quarter:
             k = n.setdefault(c.gpu, [0, 0, 0, 0])
             k[c.quarter] += c.replicas
-    out = {}
-    for g, (_, n1, n2, n3) in n.items():
-        out[g] = max(n3 + (n2 + 1) // 2, (3 * n3 + 2 * n2 + n1 + 3) // 4)
-    return out
+    return {g: quarter_gpus(n1, n2, n3) for g, (_, n1, n2, n3) in n.items()}

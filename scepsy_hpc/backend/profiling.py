@@ -8,13 +8,14 @@ stops the engine. The same function runs in-process for the local backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from scepsy_hpc.errors import EngineError, SlurmError
 from scepsy_hpc.profile.run import Job
@@ -42,13 +43,24 @@ class ProfileTask:
     health_timeout_s: float = 1800.0
 
 
+@contextlib.contextmanager
+def sim_engine(job: Job, gpu_name: str, time_scale: float, log_dir: Path, seed: int) -> Iterator[str]:
+    """A local simulated engine serving `job`'s configuration (profile.run.EngineStarter): its base URL."""
+    from scepsy_hpc.engine.local import SimEngineSpec, sim_engines
+
+    spec = SimEngineSpec(model=job.model_name, gpu=gpu_name, tp=job.tp, gpu_frac=job.gpu_frac, served_model_name=job.llm)
+    with sim_engines([spec], time_scale, log_dir, seed=seed) as (engine,):
+        yield engine.url
+
+
 def run_task(task: ProfileTask) -> dict[str, Any]:
     """Profile one configuration on this node's GPUs and save it; its summary."""
     from scepsy_hpc.profile.run import run_local, save
 
     if task.engine == "sim":
         t = run_local(task.job, task.model, task.gpu, task.gpu_name, list(task.mix), task.n_calls, task.seed, task.workflow,
-                      task.time_scale, Path(task.log_dir), start_frac=task.start_frac, fractions=task.fractions)
+                      task.time_scale, Path(task.log_dir), start_frac=task.start_frac, fractions=task.fractions,
+                      start_engine=sim_engine)
         t = replace(t, command=f"scepsy profile {task.workflow} --engine sim")
     else:
         t = _run_real(task)

@@ -89,9 +89,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 bar.advance(task)
                 continue
             else:
+                from scepsy_hpc.backend.profiling import sim_engine
+
                 t = run_local(job, model, gpus[args.gpu], args.gpu, mix, args.calls, args.seed, wf.name,
                               args.time_scale, Path(args.log_dir) if args.log_dir else None,
-                              start_frac=args.start_frac, fractions=fractions)
+                              start_frac=args.start_frac, fractions=fractions, start_engine=sim_engine)
             path = save(t, out_dir)
             done.append({"llm": t.llm, "tp": t.tp, "gpu_frac": t.gpu_frac, "capacity_rps": t.capacity_rps,
                          "points": len(t.points), "path": str(path), "source": t.source})

@@ -64,8 +64,8 @@ def print_stats(stats, name: str, calls: int, failed_calls: int) -> None:
 def default_allocation(wf, models, gpu, gpu_name: str) -> dict:
     """One replica per LLM at the smallest tp whose memory fits on whole GPUs."""
     from scepsy_hpc.errors import InfeasibleError, ScepsyError
-    from scepsy_hpc.perf.model import TP_DEGREES, EngineConfig, EnginePerf
-    from scepsy_hpc.sim.core import MIN_KV_TOKENS
+    from scepsy_hpc.perf.fit import check_fit
+    from scepsy_hpc.perf.model import TP_DEGREES, EngineConfig
     from scepsy_hpc.spec.plan import LLMAlloc
     from scepsy_hpc.spec.workflow import resolve_model
 
@@ -74,7 +74,7 @@ def default_allocation(wf, models, gpu, gpu_name: str) -> dict:
         model = resolve_model(wf, llm, models)
         for tp in TP_DEGREES:
             try:
-                EnginePerf(EngineConfig(model, gpu, tp=tp)).check_fits(MIN_KV_TOKENS)
+                check_fit(EngineConfig(model, gpu, tp=tp))
             except ScepsyError:
                 continue
             out[llm] = LLMAlloc(tp=tp, gpu_frac=1.0, replicas=1)

@@ -17,7 +17,7 @@ from scepsy_hpc.drive.core import (
     REQUEST_HEADER, ROLE_HEADER, DriveResult, RequestResult, SpanReporter, make_session, normalize_base,
     request_id, run_arrivals,
 )
-from scepsy_hpc.sim.workload import Call, RequestSampler, Tool
+from scepsy_hpc.workload.sampler import Call, RequestSampler, Tool
 from scepsy_hpc.spec.workflow import Workflow
 
 ID_STYLES = ("header", "path")

@@ -1,6 +1,6 @@
 """The iteration scheduler of the simulated engine server: pure, no I/O, no clock of its own.
 
-It makes the same decisions as `scepsy_hpc.sim.engine.SimEngine` (vLLM V1 scheduling), one
+It makes the same decisions as `scepsy_hpc.perf.engine.SimEngine` (vLLM V1 scheduling), one
 iteration at a time so that a real-time driver can hand out tokens as they are produced:
 
 - FCFS waiting queue. At an iteration boundary `now`, the head of the queue (if it arrived by

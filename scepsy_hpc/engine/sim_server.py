@@ -3,7 +3,7 @@
     python -m scepsy_hpc.engine.sim_server --model llama-3.1-8b-instruct --gpu h100-sxm --port 8001
 
 It stands in for a real engine where there is no GPU. Requests are scheduled by `Batcher`
-(continuous batching as in `scepsy_hpc.sim.engine`) on a virtual clock in model seconds; a driver
+(continuous batching as in `scepsy_hpc.perf.engine`) on a virtual clock in model seconds; a driver
 task sleeps so that wall time tracks virtual time × `--time-scale` (0.01: 100× faster than the
 modelled GPU); iterations shorter than a timer tick are computed ahead and their tokens handed out
 together, at most ~1 ms late. Every reported number (usage, /metrics) is in model seconds and tokens. Requests
@@ -35,12 +35,12 @@ from scepsy_hpc.engine.batcher import ABORTED, Batcher, Iteration, SimRequest
 from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE, EngineMetrics, engine_registry
 from scepsy_hpc.engine.openai_protocol import SSE_DONE, ApiError, ParsedRequest, ResponseWriter, parse_request
 from scepsy_hpc.errors import InfeasibleError, SpecError, run_entry
+from scepsy_hpc.perf.fit import check_fit
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 
 MIN_SLEEP_S = 0.001  # below this a sleep is mostly timer overshoot: run more iterations first
 OUTPUT_CV = 0.5
 MAX_BODY_BYTES = 64 * 2**20  # aiohttp's 1 MiB default is below a long prompt sent as token ids
-MIN_KV_TOKENS = 256  # the simulator's floor (scepsy_hpc.sim.core.MIN_KV_TOKENS) for "the model fits"
 
 
 class _Handle:
@@ -342,12 +342,15 @@ def build_server(args: argparse.Namespace) -> SimEngineServer:
                            max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
-    perf = EnginePerf(cfg)
+    label = f"{args.model} on {args.gpu}"
     if args.max_model_len is not None and not 1 < args.max_model_len <= model.max_model_len:
         raise SpecError(f"--max-model-len {args.max_model_len} must be in [2, {model.max_model_len}] for {args.model}")
     try:
         # vLLM refuses to start if one full sequence won't fit
-        perf.check_fits(args.max_model_len or MIN_KV_TOKENS, label=f"{args.model} on {args.gpu}")
+        if args.max_model_len is not None:
+            perf = check_fit(cfg, min_kv_tokens=args.max_model_len, label=label)
+        else:
+            perf = check_fit(cfg, label=label)
     except InfeasibleError as exc:
         # To the server, flags the model cannot fit under are bad arguments: exit 2, like argparse's.
         raise SpecError(str(exc)) from None

@@ -31,7 +31,6 @@ from typing import Any
 import math
 from dataclasses import dataclass, field
 
-from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.spec.catalog import GIB, GPUSpec, ModelSpec
 
 TP_DEGREES = (1, 2, 4, 8, 16)
@@ -221,18 +220,6 @@ class EnginePerf:
             return ttft
         series = self.decode_series(batch, batch * (prompt_tokens + 1))
         return ttft + series.total(output_tokens - 1)
-
-    def check_fits(self, min_tokens: int, label: str = "") -> None:
-        """Raise InfeasibleError if the KV cache cannot hold `min_tokens` tokens."""
-        if self.kv_capacity_tokens < min_tokens:
-            cfg = self.cfg
-            need = (cfg.model.weight_bytes + min_tokens * self.kv_bytes_per_token) / GIB
-            have = cfg.tp * (cfg.gpu_frac * cfg.gpu.mem_gib * cfg.mem_util - cfg.gpu.reserved_gib)
-            raise InfeasibleError(
-                f"{label or cfg.model.hf_id}: tp={cfg.tp} gpu_frac={cfg.gpu_frac:g} gives {have:.1f} GiB for weights and KV "
-                f"but needs {need:.1f} GiB ({cfg.model.weight_bytes / GIB:.1f} GiB weights + {min_tokens} KV tokens); "
-                f"raise tp or gpu_frac"
-            )
 
 
 def chunk_prefills(prefilling: Any, budget: int) -> tuple[list[tuple[int, int]], list[Any]]:

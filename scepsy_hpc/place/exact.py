@@ -21,9 +21,10 @@ from typing import Any, Sequence
 
 from scepsy_hpc.allocate.solver import solve_highs
 from scepsy_hpc.place.placement import Want, _leaf
+from scepsy_hpc.spec.fractions import LARGE_SHARE, QUARTERS, SLOTS, on_quarter_grid, quarter
 from scepsy_hpc.topology.model import Node
 
-_QUARTERS = {0.25: 1, 0.5: 2, 0.75: 3}
+SIZES = tuple(QUARTERS.values())  # K
 
 
 def place_exact(wants: Sequence[Want], nodes: Sequence[Node], *, max_nodes: int | None = None,
@@ -33,7 +34,7 @@ def place_exact(wants: Sequence[Want], nodes: Sequence[Node], *, max_nodes: int 
     import pulp
 
     fr = [w for w in wants if w.gpu_frac < 1.0]
-    if any(round(w.gpu_frac, 4) not in _QUARTERS for w in fr):
+    if not all(on_quarter_grid(w.gpu_frac) for w in fr):
         return None
     groups = [w for w in wants if w.gpu_frac >= 1.0]
     tps = sorted({w.tp for w in groups}, reverse=True)
@@ -44,17 +45,17 @@ def place_exact(wants: Sequence[Want], nodes: Sequence[Node], *, max_nodes: int 
     v = {lf: prob.add_variable(f"v_{j}", cat="Binary") for j, lf in enumerate(leaves)}
     z = {(t, j): prob.add_variable(f"z_{t}_{j}", lowBound=0, cat="Integer")
          for t in tps for j, (_, _, d) in enumerate(doms) if len(d) >= t}
-    q = {(k, j): prob.add_variable(f"q_{k}_{j}", lowBound=0, cat="Integer") for k in (1, 2, 3) for j in range(len(doms))}
+    q = {(k, j): prob.add_variable(f"q_{k}_{j}", lowBound=0, cat="Integer") for k in SIZES for j in range(len(doms))}
     f = {j: prob.add_variable(f"F_{j}", lowBound=0, cat="Integer") for j in range(len(doms))}
     prob += (len(leaves) + 1) * pulp.lpSum(u) + pulp.lpSum(v.values())
     for t in tps:
         prob += pulp.lpSum(var for (tt, _), var in z.items() if tt == t) == sum(1 for w in groups if w.tp == t)
-    for k in (1, 2, 3):
-        prob += pulp.lpSum(q[k, j] for j in range(len(doms))) == sum(1 for w in fr if _QUARTERS[round(w.gpu_frac, 4)] == k)
+    for k in SIZES:
+        prob += pulp.lpSum(q[k, j] for j in range(len(doms))) == sum(1 for w in fr if quarter(w.gpu_frac) == k)
     for j, (ni, _, d) in enumerate(doms):
         prob += pulp.lpSum(t * z[t, j] for t in tps if (t, j) in z) + f[j] <= len(d) * u[ni]
-        prob += 4 * f[j] >= q[1, j] + 2 * q[2, j] + 3 * q[3, j]
-        prob += f[j] >= q[3, j] + 0.5 * q[2, j]
+        prob += SLOTS * f[j] >= pulp.lpSum(k * q[k, j] for k in SIZES)
+        prob += f[j] >= pulp.lpSum(share * q[k, j] for k, share in LARGE_SHARE.items())
     for ni, n in enumerate(nodes):
         prob += v[_leaf(n)] >= u[ni]
     if max_nodes is not None:
@@ -74,7 +75,7 @@ def _unpack(nodes: Sequence[Node], doms: list, groups: Sequence[Want], fr: Seque
     used = [ni for ni in range(len(nodes)) if _val(u[ni])]
     index = {ni: i for i, ni in enumerate(used)}
     todo_g = {t: [w for w in groups if w.tp == t] for t in tps}
-    todo_f = {k: [w for w in fr if _QUARTERS[round(w.gpu_frac, 4)] == k] for k in (1, 2, 3)}
+    todo_f = {k: [w for w in fr if quarter(w.gpu_frac) == k] for k in SIZES}
     out: list[tuple[Want, int, tuple[int, ...]]] = []
     for j, (ni, _, d) in enumerate(doms):
         gpus = list(d)
@@ -83,9 +84,9 @@ def _unpack(nodes: Sequence[Node], doms: list, groups: Sequence[Want], fr: Seque
                 out.append((todo_g[t].pop(0), index[ni], tuple(gpus[:t])))
                 gpus = gpus[t:]
         bins: list[list[Any]] = [[0, g] for g in gpus[:_val(f[j])]]
-        for k in (3, 2, 1):
+        for k in reversed(SIZES):
             for _ in range(_val(q[k, j])):
-                b = max((b for b in bins if b[0] + k <= 4), key=lambda b: b[0])
+                b = max((b for b in bins if b[0] + k <= SLOTS), key=lambda b: b[0])
                 b[0] += k
                 out.append((todo_f[k].pop(0), index[ni], (b[1],)))
     return [nodes[ni] for ni in used], out

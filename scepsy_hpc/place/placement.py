@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.perf.model import MEM_UTIL
+from scepsy_hpc.spec.fractions import EPS as _EPS, fraction_bins, gpus_for_fractions
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.topology.model import Node, Topology
 
@@ -118,20 +119,6 @@ def wants_of(allocation: Mapping[str, LLMAlloc]) -> list[Want]:
     return [Want(llm, r, a.tp, a.gpu_frac) for llm, a in allocation.items() for r in range(a.replicas)]
 
 
-def fraction_bins(fracs: Sequence[float]) -> list[list[int]]:
-    """Best-fit decreasing: indices into `fracs` per shared GPU, fullest first."""
-    order = sorted(range(len(fracs)), key=lambda i: -fracs[i])
-    bins: list[tuple[float, list[int]]] = []
-    for i in order:
-        fits = [b for b in range(len(bins)) if bins[b][0] + fracs[i] <= 1.0 + _EPS]
-        if fits:
-            b = max(fits, key=lambda b: bins[b][0])
-            bins[b] = (bins[b][0] + fracs[i], bins[b][1] + [i])
-        else:
-            bins.append((fracs[i], [i]))
-    return [b for _, b in bins]
-
-
 def eligible_nodes(topo: Topology, gpu_type: str | None) -> list[Node]:
     """Nodes with GPUs of the plan's type, at least one free."""
     return [n for n in topo.nodes if (gpu_type is None or n.gpu_type == gpu_type) and any(n.free())]
@@ -139,7 +126,7 @@ def eligible_nodes(topo: Topology, gpu_type: str | None) -> list[Node]:
 
 def _gpus_needed(wants: Sequence[Want]) -> int:
     fracs = [w.gpu_frac for w in wants if w.gpu_frac < 1.0]
-    return sum(w.tp for w in wants if w.gpu_frac >= 1.0) + len(fraction_bins(fracs))
+    return sum(w.tp for w in wants if w.gpu_frac >= 1.0) + gpus_for_fractions(fracs)
 
 
 def _cap(node: Node) -> int:
@@ -186,21 +173,21 @@ def _pack(nodes: Sequence[Node], wants: Sequence[Want]) -> tuple[list[tuple[Want
         take, free[ni][di] = free[ni][di][:w.tp], free[ni][di][w.tp:]
         out.append((w, ni, tuple(take)))
     fr = [w for w in wants if w.gpu_frac < 1.0]
-    shared: list[list[Any]] = []     # [used, node index, gpu]
-    for w in sorted(fr, key=lambda w: -w.gpu_frac):
-        fits = [b for b in shared if b[0] + w.gpu_frac <= 1.0 + _EPS]
-        if fits:
-            b = max(fits, key=lambda b: b[0])
-        else:
+    # The one packer decides which instances share a GPU; here each shared GPU, when its first
+    # (largest) instance comes, takes a free GPU from the smallest free domain.
+    bin_of = {i: b for b, members in enumerate(fraction_bins([w.gpu_frac for w in fr])) for i in members}
+    shared: list[tuple[int, int]] = []     # per shared GPU: (node index, gpu)
+    for i in sorted(range(len(fr)), key=lambda i: -fr[i].gpu_frac):
+        w, b = fr[i], bin_of[i]
+        if b == len(shared):
             opened = min(((len(d), ni, di) for ni, doms in enumerate(free) for di, d in enumerate(doms) if d),
                          default=None)
             if opened is None:
                 return None, w, sum(1 for p, _, _ in out if p.gpu_frac == w.gpu_frac)
             _, ni, di = opened
-            b = [0.0, ni, free[ni][di].pop(0)]
-            shared.append(b)
-        b[0] += w.gpu_frac
-        out.append((w, b[1], (b[2],)))
+            shared.append((ni, free[ni][di].pop(0)))
+        ni, g = shared[b]
+        out.append((w, ni, (g,)))
     return out, None, 0
 
 
@@ -337,4 +324,4 @@ def lower_bound_nodes(allocation: Mapping[str, LLMAlloc], topo: Topology, gpu_ty
 
 
 __all__ = ["Placement", "PlacedInstance", "PlacementError", "Fragmentation", "Want", "place", "wants_of",
-           "domain_caps", "largest_domain", "fraction_bins", "lower_bound_nodes"]
+           "domain_caps", "largest_domain", "lower_bound_nodes"]

@@ -16,11 +16,11 @@ from typing import Any, Mapping, Sequence
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.profile.synthetic import synthetic_profile
 from scepsy_hpc.profile.table import ProfileTable, load_profiles
-from scepsy_hpc.sim.core import engine_config
-from scepsy_hpc.sim.workload import RequestSampler, iter_calls
+from scepsy_hpc.workload.sampler import RequestSampler, iter_calls
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
+from scepsy_hpc.perf.fit import engine_config
 from scepsy_hpc.perf.model import EnginePerf
 from scepsy_hpc.trace.graph import CALL, Node, RequestGraph, from_sample
 from scepsy_hpc.trace.stats import call_patterns

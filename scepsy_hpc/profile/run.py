@@ -2,7 +2,8 @@
 
 Backends: `synthetic` sweeps in the simulator (the performance model); `local` starts one simulated
 engine server per configuration on this machine and sweeps it over HTTP, exactly as a real engine
-is profiled (Slurm array jobs come with the Slurm backend). Every configuration writes one profile
+is profiled (Slurm array jobs come with the Slurm backend). Engines sit above profiling in the
+layers, so the caller hands `run_local` the function that starts one (`EngineStarter`). Every configuration writes one profile
 file; one that exists already is skipped (resumable) unless `force`.
 """
 
@@ -10,17 +11,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import tempfile
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from scepsy_hpc import __version__
 from scepsy_hpc.errors import ScepsyError
-from scepsy_hpc.perf.model import EngineConfig, EnginePerf
+from scepsy_hpc.perf.fit import check_fit
+from scepsy_hpc.perf.model import EngineConfig
 from scepsy_hpc.profile.synthetic import capacity_guess, synthetic_profile
 from scepsy_hpc.profile.sweep import FRACTIONS, sweep
 from scepsy_hpc.profile.table import ProfileTable, profile_filename, save_profile
-from scepsy_hpc.sim.core import MIN_KV_TOKENS
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
 
@@ -40,6 +42,12 @@ class Job:
     skip: str | None = None  # why it is not profiled (does not fit, already done)
 
 
+# start_engine(job, gpu_name, time_scale, log_dir, seed): a simulated engine serving the job's
+# configuration (served as the job's LLM), pacing `time_scale`, logging under `log_dir`; a context
+# manager that yields its base URL and stops it on exit.
+EngineStarter = Callable[[Job, str, float, Path, int], AbstractContextManager[str]]
+
+
 def plan_jobs(wf: Workflow, models: Mapping[str, ModelSpec], gpus: Mapping[str, GPUSpec], gpu_name: str,
               llms: Sequence[str], tps: Sequence[int], fracs: Sequence[float], out_dir: Path, force: bool) -> list[Job]:
     """Every (llm, tp, frac) asked for; fractions apply to tp=1 only (a TP group holds whole GPUs)."""
@@ -54,7 +62,7 @@ def plan_jobs(wf: Workflow, models: Mapping[str, ModelSpec], gpus: Mapping[str, 
                 path = out_dir / profile_filename(probe)
                 skip = None
                 try:
-                    EnginePerf(cfg).check_fits(MIN_KV_TOKENS, label=f"{llm} at tp={tp}, gpu_frac={f:g}")
+                    check_fit(cfg, label=f"{llm} at tp={tp}, gpu_frac={f:g}")
                 except ScepsyError as e:
                     skip = f"does not fit: {e}"
                 if skip is None and path.exists() and not force:
@@ -76,9 +84,8 @@ def run_synthetic(job: Job, model: ModelSpec, gpu: GPUSpec, gpu_name: str, mix: 
 def run_local(job: Job, model: ModelSpec, gpu: GPUSpec, gpu_name: str, mix: Sequence[tuple[int, int]],
               n_calls: int, seed: int, workflow: str, time_scale: float | None, log_dir: Path | None,
               on_point: Callable[[float], None] | None = None, start_frac: float = 0.1,
-              fractions: Sequence[float] = FRACTIONS) -> ProfileTable:
-    """Profile one configuration against a local simulated engine server, over HTTP."""
-    from scepsy_hpc.engine.local import SimEngineSpec
+              fractions: Sequence[float] = FRACTIONS, *, start_engine: EngineStarter) -> ProfileTable:
+    """Profile one configuration against a local simulated engine server (`start_engine`), over HTTP."""
     from scepsy_hpc.profile.replay import EngineLagError
 
     cfg = EngineConfig(model, gpu, tp=job.tp, gpu_frac=job.gpu_frac)
@@ -87,11 +94,11 @@ def run_local(job: Job, model: ModelSpec, gpu: GPUSpec, gpu_name: str, mix: Sequ
     # its time scale on a small machine; if it still falls behind, slow it down and start over.
     scale = max(time_scale or 0.0, guess / WALL_CALLS_PER_S)
     horizon_s = 3.0 * n_calls / guess
-    spec = SimEngineSpec(model=job.model_name, gpu=gpu_name, tp=job.tp, gpu_frac=job.gpu_frac, served_model_name=job.llm)
     logs = log_dir or Path(tempfile.mkdtemp(prefix="scepsy-profile-"))
     for attempt in range(LAG_RETRIES + 1):
         try:
-            res = _sweep_local(spec, job, mix, n_calls, seed, scale, horizon_s, guess, logs, on_point, start_frac, fractions)
+            res = _sweep_local(start_engine, job, gpu_name, mix, n_calls, seed, scale, horizon_s, guess, logs, on_point,
+                               start_frac, fractions)
             break
         except EngineLagError as e:
             if attempt == LAG_RETRIES:
@@ -110,15 +117,14 @@ def run_local(job: Job, model: ModelSpec, gpu: GPUSpec, gpu_name: str, mix: Sequ
         command=f"scepsy profile {workflow} --backend local")
 
 
-def _sweep_local(spec, job: Job, mix, n_calls: int, seed: int, scale: float, horizon_s: float, guess: float,
-                 logs: Path, on_point, start_frac: float, fractions: Sequence[float]):
-    from scepsy_hpc.engine.local import sim_engines
+def _sweep_local(start_engine: EngineStarter, job: Job, gpu_name: str, mix, n_calls: int, seed: int, scale: float,
+                 horizon_s: float, guess: float, logs: Path, on_point, start_frac: float, fractions: Sequence[float]):
     from scepsy_hpc.profile.replay import measure_http
 
-    with sim_engines([spec], scale, logs, seed=seed) as (engine,):
+    with start_engine(job, gpu_name, scale, logs, seed) as url:
         def measure(rate: float):
             n = max(min(n_calls, 100), min(n_calls, int(rate * horizon_s)))
-            p = measure_http(engine.url, job.llm, mix, n, time_scale=scale, seed=seed)(rate)
+            p = measure_http(url, job.llm, mix, n, time_scale=scale, seed=seed)(rate)
             if on_point is not None:
                 on_point(rate)
             return p

@@ -13,11 +13,11 @@ from dataclasses import replace
 from typing import Sequence
 
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
+from scepsy_hpc.perf.replay import replay_calls
 from scepsy_hpc.profile.sweep import FRACTIONS, sweep
 from scepsy_hpc.profile.table import CallSample, ProfilePoint, ProfileTable, summarise
-from scepsy_hpc.sim.core import poisson_arrivals
-from scepsy_hpc.sim.replay import replay_calls
-from scepsy_hpc.sim.workload import Call
+from scepsy_hpc.workload.arrivals import poisson_arrivals
+from scepsy_hpc.workload.sampler import Call
 
 WARMUP_FRAC = 0.1
 STEADY_FRAC = 0.25

@@ -1,12 +1,13 @@
 """The discrete-event simulator: workflow requests × gateway routing × continuous-batching engines.
 
-Routing (the gateway's policy): a call goes to the replica of its LLM with the fewest outstanding
-calls (lowest index on ties). A replica holding `max_num_seqs` calls is full; when every replica
-is full the gateway holds the call in one FIFO per LLM and hands it to the first replica that frees
-a slot — a shared queue, so c replicas behave as one c-server station rather than c separate queues.
+Routing (the gateway's policy, `perf.engine.EnginePool`): a call goes to the replica of its LLM
+with the fewest outstanding calls (round-robin on ties). A replica holding `max_num_seqs` calls is
+full; when every replica is full the gateway holds the call in one FIFO per LLM and hands it to the
+first replica that frees a slot — a shared queue, so c replicas behave as one c-server station
+rather than c separate queues.
 
-Event loop: a heap of (time, priority, sequence number). At equal timestamps events run in this
-order, and within a class in the order they were scheduled:
+Event loop (`perf.events.EventLoop`): a heap of (time, priority, sequence number). At equal
+timestamps events run in this order, and within a class in the order they were scheduled:
     PRIO_ARRIVAL (0)  a new workflow request arrives
     PRIO_TOOL    (1)  a tool wait ends
     PRIO_ENGINE  (2)  an engine iteration (or run of decode iterations) ends
@@ -20,69 +21,21 @@ same result bit for bit.
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.errors import InfeasibleError
-from scepsy_hpc.perf.model import EngineConfig, EnginePerf
-from scepsy_hpc.sim.engine import SimEngine, Seq
-from scepsy_hpc.sim.workload import Call, RequestSampler, Tool
+from scepsy_hpc.perf.engine import CallRecord, EnginePool, Seq, SimEngine
+from scepsy_hpc.perf.events import PRIO_ARRIVAL, PRIO_ENGINE, PRIO_TOOL, EventLoop
+from scepsy_hpc.perf.fit import check_fit, engine_config
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
-
-PRIO_ARRIVAL, PRIO_TOOL, PRIO_ENGINE = 0, 1, 2
-MIN_KV_TOKENS = 256
-
-
-class EventLoop:
-    """A heap of timed callbacks `fn(t, arg)`, ordered by (time, priority, insertion order)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, int, Callable[[float, Any], None], Any]] = []
-        self._n = 0
-        self.now = 0.0
-        self.events = 0
-
-    def at(self, t: float, priority: int, fn: Callable[[float, Any], None], arg: Any = None) -> None:
-        """Run `fn(t, arg)` at time `t`."""
-        self._n += 1
-        heapq.heappush(self._heap, (t, priority, self._n, fn, arg))
-
-    def run(self, horizon: float = math.inf) -> None:
-        """Process events in order until none is left or the next is after `horizon`."""
-        heap, pop = self._heap, heapq.heappop
-        n = 0
-        while heap:
-            if heap[0][0] > horizon:
-                break
-            t, _, _, fn, arg = pop(heap)
-            self.now = t
-            fn(t, arg)
-            n += 1
-        self.events += n
-
-
-@dataclass(frozen=True)
-class CallRecord:
-    """One simulated LLM call (kept when `record_calls=True`)."""
-
-    request: int
-    llm: str
-    role: str | None
-    replica: int
-    prompt_tokens: int
-    output_tokens: int
-    t_submit: float
-    t_admit: float
-    t_first: float
-    t_end: float
-
+from scepsy_hpc.workload.arrivals import poisson_arrivals
+from scepsy_hpc.workload.sampler import Call, RequestSampler, Tool
 
 @dataclass(frozen=True)
 class RequestRecord:
@@ -205,27 +158,18 @@ class _Group:
 
 
 class _Sim:
-    def __init__(self, engines: dict[str, list[SimEngine]], record_calls: bool) -> None:
-        self.loop = engines and next(iter(engines.values()))[0].loop
-        self.engines = engines
+    def __init__(self, pools: dict[str, EnginePool], record_calls: bool) -> None:
+        self.loop = pools and next(iter(pools.values())).replicas[0].loop
+        self.pools = pools
         self.completed = 0
         self.record_calls = record_calls
         self.calls: list[CallRecord] = []
-        self.stats: dict[str, list[float]] = {llm: [0, 0.0, 0.0, 0.0, 0] for llm in engines}
-        self.rr: dict[str, int] = {}
-
-    def _route(self, llm: str, replicas: list[SimEngine]) -> SimEngine:
-        return _route_least_outstanding(self, llm, replicas)
+        self.stats: dict[str, list[float]] = {llm: [0, 0.0, 0.0, 0.0, 0] for llm in pools}
 
     def call(self, call: Call, t: float, lane: _Lane) -> None:
-        replicas = self.engines[call.llm]
-        engine = replicas[0] if len(replicas) == 1 else self._route(call.llm, replicas)
-        prompt, output, cut = engine.clamp(call.prompt_tokens, call.output_tokens)
         root = lane.root
         root.calls += 1
         stats = self.stats[call.llm]
-        if cut:
-            stats[4] += 1
 
         def done(t_end: float, s: Seq) -> None:
             stats[0] += 1
@@ -233,48 +177,12 @@ class _Sim:
             stats[2] += s.t_first - s.t_submit
             stats[3] += s.t_admit - s.t_submit
             if self.record_calls:
-                self.calls.append(CallRecord(root.id, s.llm, s.role, replicas.index(engine), s.prompt, s.output,
+                self.calls.append(CallRecord(root.id, s.llm, s.role, s.replica, s.prompt, s.output,
                                              s.t_submit, s.t_admit, s.t_first, t_end))
             lane.resume(t_end, None)
 
-        seq = Seq(call.llm, call.role, prompt, output, t, done)
-        if engine.outstanding >= engine.max_seqs:
-            engine.backlog.append(seq)  # every replica is full: the gateway holds the call (FIFO)
-        else:
-            engine.submit(seq, t)
-
-
-def _route_least_outstanding(sim: "_Sim", llm: str, replicas: list[SimEngine]) -> SimEngine:
-    """Least outstanding calls; ties go round-robin, as the gateway breaks them (always taking the
-    first would pile short calls on replica 0 whenever all are idle)."""
-    n = len(replicas)
-    start = sim.rr.get(llm, 0)
-    best, best_k = None, 1 << 60
-    for j in range(n):
-        e = replicas[(start + j) % n]
-        if e.outstanding < best_k:
-            best, best_k = e, e.outstanding
-    sim.rr[llm] = (replicas.index(best) + 1) % n
-    return best
-
-
-def poisson_arrivals(rate_rps: float, n: int, rng: random.Random) -> list[float]:
-    """`n` Poisson arrival times at `rate_rps`, starting after an exponential gap."""
-    t, out = 0.0, []
-    for _ in range(n):
-        t += rng.expovariate(rate_rps)
-        out.append(t)
-    return out
-
-
-def engine_config(alloc: LLMAlloc, model: ModelSpec, gpu: GPUSpec) -> EngineConfig:
-    """The engine configuration an allocation entry describes."""
-    kw: dict[str, Any] = {}
-    if alloc.max_num_seqs is not None:
-        kw["max_num_seqs"] = alloc.max_num_seqs
-    if alloc.max_batched_tokens is not None:
-        kw["max_batched_tokens"] = alloc.max_batched_tokens
-    return EngineConfig(model, gpu, tp=alloc.tp, gpu_frac=alloc.gpu_frac, **kw)
+        if self.pools[call.llm].submit(call.llm, call.role, call.prompt_tokens, call.output_tokens, t, done):
+            stats[4] += 1
 
 
 def simulate(
@@ -307,13 +215,9 @@ def simulate(
     engines: dict[str, list[SimEngine]] = {}
     for llm in wf.llms:
         alloc = allocation[llm]
-        perf = EnginePerf(engine_config(alloc, resolve_model(wf, llm, models), gpu))
-        perf.check_fits(MIN_KV_TOKENS, label=f"LLM {llm!r}")
+        perf = check_fit(engine_config(alloc, resolve_model(wf, llm, models), gpu), label=f"LLM {llm!r}")
         engines[llm] = [SimEngine(loop, perf, f"{llm}/{r}", PRIO_ENGINE) for r in range(alloc.replicas)]
-        backlog: deque[Seq] = deque()
-        for engine in engines[llm]:
-            engine.backlog = backlog
-    sim = _Sim(engines, record_calls)
+    sim = _Sim({llm: EnginePool(reps) for llm, reps in engines.items()}, record_calls)
     sampler = RequestSampler(wf)
     program_rng = random.Random(f"{seed}/programs")
     roots: list[_Root] = []

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.spec.base import SpecModel
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
+from scepsy_hpc.spec.fractions import EPS, gpus_for_fractions
 from scepsy_hpc.spec.source import SourceMap, load_yaml, parse_document, suggest
 from scepsy_hpc.spec.workflow import Target, Workflow, resolve_model
 
@@ -68,30 +69,19 @@ class Plan(SpecModel):
     notes: str = ""
 
 
-def pack_fractions(fracs: list[float]) -> int:
-    """GPUs needed to pack fractional instances (first-fit decreasing; each GPU holds Σ ≤ 1)."""
-    bins: list[float] = []
-    for f in sorted(fracs, reverse=True):
-        for i, used in enumerate(bins):
-            if used + f <= 1.0 + 1e-9:
-                bins[i] = used + f
-                break
-        else:
-            bins.append(f)
-    return len(bins)
-
-
 def gpus_needed(allocation: dict[str, LLMAlloc]) -> int:
     """Whole GPUs an allocation occupies: tp·replicas for whole instances plus packed fractions."""
     whole = sum(a.tp * a.replicas for a in allocation.values() if a.gpu_frac >= 1.0)
     fracs = [a.gpu_frac for a in allocation.values() if a.gpu_frac < 1.0 for _ in range(a.replicas)]
-    return whole + pack_fractions(fracs)
+    return whole + gpus_for_fractions(fracs)
 
 
 def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[str, ModelSpec],
-               gpus: dict[str, GPUSpec], min_kv_tokens: int = 256) -> list[str]:
+               gpus: dict[str, GPUSpec]) -> list[str]:
     """Problems of a plan against its workflow, the catalogs and its own GPU budget."""
-    from scepsy_hpc.perf.model import EngineConfig, EnginePerf  # perf sits above spec in the import order
+    # The memory fit is perf's (one check for every caller), and perf sits above spec: imported
+    # here, when a plan is checked against the catalogs, an exception the layer contract lists.
+    from scepsy_hpc.perf.fit import check_fit, engine_config
 
     problems: list[str] = []
     if plan.gpus.type not in gpus:
@@ -111,9 +101,7 @@ def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[st
                 continue
             model = resolve_model(wf, llm, models)
             try:
-                kw = {k: v for k, v in (("max_num_seqs", alloc.max_num_seqs), ("max_batched_tokens", alloc.max_batched_tokens)) if v}
-                EnginePerf(EngineConfig(model, gpus[plan.gpus.type], tp=alloc.tp, gpu_frac=alloc.gpu_frac, **kw)).check_fits(
-                    min_kv_tokens, label=f"LLM {llm!r} ({model.hf_id}) on {plan.gpus.type}")
+                check_fit(engine_config(alloc, model, gpus[plan.gpus.type]), label=f"LLM {llm!r} ({model.hf_id}) on {plan.gpus.type}")
             except (InfeasibleError, ValueError) as exc:
                 problems.append(f"{smap.where(('allocation', llm))}: allocation.{llm}: {exc}")
     problems += _check_placement(plan, smap)
@@ -150,7 +138,7 @@ def _check_placement(plan: Plan, smap: SourceMap) -> list[str]:
         for g in gpus:
             key = (str(entry.get("node")), g)
             share[key] = share.get(key, 0.0) + a.gpu_frac
-            if share[key] > 1.0 + 1e-9:
+            if share[key] > 1.0 + EPS:
                 problems.append(f"{where}: placement[{k}]: GPU {g} of node {key[0]} is given out beyond its whole "
                                 f"(Σ gpu_frac = {share[key]:g})")
     missing = [f"{m}·{r}" for m, a in plan.allocation.items() for r in range(a.replicas) if (m, r) not in seen]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from scepsy_hpc.sim.workload import Call, Tool
+from scepsy_hpc.workload.sampler import Call, Tool
 from scepsy_hpc.trace.records import CallRecord, SpanRecord, Trace
 
 CALL, TOOL = "call", "tool"
@@ -75,7 +75,7 @@ class RequestGraph:
 
 
 def from_sample(request: str, seq: list[Any], call_duration: Callable[[Call], float]) -> RequestGraph:
-    """The graph of one sampled request (see sim.workload); calls take `call_duration(call)`."""
+    """The graph of one sampled request (see workload.sampler); calls take `call_duration(call)`."""
     nodes: list[Node] = []
 
     def walk(items: list[Any], deps: tuple[int, ...]) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import pytest
 
 from scepsy_hpc.drive import DriveResult, drive_entrypoint, drive_program, read_inputs
 from scepsy_hpc.gateway import start_gateway
-from scepsy_hpc.sim.workload import Call, RequestSampler, Tool
+from scepsy_hpc.workload.sampler import Call, RequestSampler, Tool
 from scepsy_hpc.spec.workflow import Workflow, load_workflow, workflow_from_text
 from scepsy_hpc.trace.records import Trace, read_trace
 

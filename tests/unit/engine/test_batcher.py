@@ -8,8 +8,8 @@ import pytest
 
 from scepsy_hpc.engine.batcher import ABORTED, Batcher
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
-from scepsy_hpc.sim.replay import replay_calls
-from scepsy_hpc.sim.workload import Call
+from scepsy_hpc.perf.replay import replay_calls
+from scepsy_hpc.workload.sampler import Call
 from scepsy_hpc.spec.catalog import GIB
 
 MODEL, GPU = "llama-3.1-8b-instruct", "h100-sxm"
@@ -102,7 +102,7 @@ def test_arrivals_are_admitted_only_once_they_have_happened(models, gpus):
 
 
 def test_matches_the_discrete_event_simulator(models, gpus):
-    """Same decisions as scepsy_hpc.sim.engine on a loaded random trace: admission, first token, end."""
+    """Same decisions as scepsy_hpc.perf.engine on a loaded random trace: admission, first token, end."""
     cfg = EngineConfig(models[MODEL], gpus[GPU], max_num_seqs=8, max_batched_tokens=2048)
     rng = random.Random(7)
     calls = [Call("m", None, rng.randint(50, 3000), rng.randint(1, 400)) for _ in range(60)]

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from scepsy_hpc.place.exact import place_exact
-from scepsy_hpc.place.placement import (PlacementError, domain_caps, fraction_bins, lower_bound_nodes, place,
+from scepsy_hpc.place.placement import (PlacementError, domain_caps, lower_bound_nodes, place,
                                         wants_of)
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.topology.model import Network, Node, Switch, Topology
@@ -238,4 +238,3 @@ def test_domain_caps_and_bounds() -> None:
     # free domains: 6 GPUs (node 0), two pairs, a pair and a single
     assert caps == {1: 6 + 4 + 3, 2: 3 + 2 + 1, 4: 1, 8: 0}
     assert lower_bound_nodes({"a": LLMAlloc(tp=2, replicas=4)}, topo) == 2
-    assert fraction_bins([0.75, 0.5, 0.25, 0.5, 0.25]) == [[0, 2], [1, 3], [4]]

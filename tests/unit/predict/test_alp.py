@@ -9,7 +9,7 @@ import pytest
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.predict.alp import pooling_factor, predict, predict_cp, predict_paper
 from scepsy_hpc.profile.table import ProfilePoint, ProfileTable
-from scepsy_hpc.sim.workload import Call, Tool
+from scepsy_hpc.workload.sampler import Call, Tool
 from scepsy_hpc.trace.graph import from_sample
 from scepsy_hpc.trace.stats import aggregate
 

@@ -9,8 +9,8 @@ import pytest
 
 from scepsy_hpc.perf.model import EnginePerf
 from scepsy_hpc.sim import simulate
-from scepsy_hpc.sim.core import PRIO_ARRIVAL, PRIO_ENGINE, PRIO_TOOL, EventLoop, engine_config
-from scepsy_hpc.sim.workload import Call, iter_calls, sample_request, unloaded_latency
+from scepsy_hpc.perf.fit import engine_config
+from scepsy_hpc.workload.sampler import Call, sample_request, unloaded_latency
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import load_workflow, workflow_from_text
 from scepsy_hpc.spec.catalog import config_dir
@@ -86,15 +86,6 @@ def test_degenerate_case_matches_mmc(models, gpus, c, rho):
     got = sum(r.latency_mean_s for r in sims) / len(sims)
     assert abs(got - expected) / expected < 0.05, (got, expected)
     assert all(r.completed == 25_000 for r in sims)
-
-
-def test_event_loop_tie_break_order():
-    loop, seen = EventLoop(), []
-    for prio, tag in [(PRIO_ENGINE, "engine-1"), (PRIO_TOOL, "tool"), (PRIO_ENGINE, "engine-2"), (PRIO_ARRIVAL, "arrival")]:
-        loop.at(1.0, prio, lambda t, x: seen.append(x), tag)
-    loop.at(0.5, PRIO_ENGINE, lambda t, x: seen.append(x), "earlier")
-    loop.run()
-    assert seen == ["earlier", "arrival", "tool", "engine-1", "engine-2"]
 
 
 def test_tie_break_is_used_an_arrival_at_a_boundary_joins_that_boundary(models, gpus):
@@ -192,29 +183,6 @@ program:
     res = simulate(wf, {"m": LLMAlloc()}, gpus[H100], models, arrivals=[0.0], warmup_frac=0.0, record_calls=True)
     call = res.call_records[0]
     assert math.isclose(res.request_records[0].t_end, call.t_end + 7.5)
-
-
-def test_recursion_is_bounded_by_max_depth(models):
-    text = """name: rec
-llms: {m: {model: llama-3.1-8b-instruct}}
-max_depth: 3
-define:
-  again:
-    - {call: m, prompt_tokens: 1, output_tokens: 1}
-    - use: again
-program:
-  - use: again
-"""
-    wf = workflow_from_text(text, models)
-    tree = sample_request(wf, random.Random(0))
-    assert len(list(iter_calls(tree))) == 3
-
-
-def test_sampled_call_counts_vary_per_request_for_beam_search(models):
-    wf = _wf("beam_search", models)
-    rng = random.Random(1)
-    counts = [sum(1 for c in iter_calls(sample_request(wf, rng)) if c.llm == "generator") for _ in range(300)]
-    assert min(counts) < 60 and max(counts) > 300  # tens to hundreds of generator calls
 
 
 def test_missing_allocation_is_an_infeasible_error(models, gpus):

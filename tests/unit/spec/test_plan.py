@@ -6,7 +6,7 @@ import pytest
 
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.catalog import config_dir
-from scepsy_hpc.spec.plan import LLMAlloc, Plan, gpus_needed, load_plan, pack_fractions, parse_plan
+from scepsy_hpc.spec.plan import LLMAlloc, Plan, gpus_needed, load_plan, parse_plan
 from scepsy_hpc.spec.source import parse_yaml
 from scepsy_hpc.spec.workflow import load_workflow
 
@@ -199,29 +199,6 @@ def test_plan_unknown_top_level_key(wf, models, gpus):
 
 
 # --- GPU counting ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("fracs,expected", [
-    ([], 0),
-    ([0.5], 1),
-    ([0.5, 0.5], 1),
-    ([0.5, 0.5, 0.5], 2),
-    ([0.6, 0.6, 0.4, 0.4], 2),
-    ([0.4, 0.6, 0.4, 0.6], 2),
-    ([1 / 3] * 3, 1),
-    ([0.34] * 3, 2),
-    ([0.7, 0.7, 0.7], 3),
-    ([0.25] * 8, 2),
-    ([0.9, 0.1, 0.8, 0.2, 0.5, 0.5], 3),
-])
-def test_pack_fractions(fracs, expected):
-    assert pack_fractions(fracs) == expected
-
-
-def test_pack_fractions_does_not_mutate_input():
-    fracs = [0.2, 0.9, 0.5]
-    pack_fractions(fracs)
-    assert fracs == [0.2, 0.9, 0.5]
-
 
 def test_llm_alloc_gpus_property():
     assert LLMAlloc(tp=4, replicas=2).gpus == 8

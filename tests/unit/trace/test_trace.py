@@ -7,7 +7,7 @@ import math
 import pytest
 
 from scepsy_hpc.errors import SpecError
-from scepsy_hpc.sim.workload import Call, Tool
+from scepsy_hpc.workload.sampler import Call, Tool
 from scepsy_hpc.trace.graph import from_sample, from_trace
 from scepsy_hpc.trace.records import CallRecord, SpanRecord, Trace, read_trace, write_trace
 from scepsy_hpc.trace.stats import aggregate, call_mix

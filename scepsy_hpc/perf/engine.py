@@ -9,18 +9,19 @@ token comes at the end of the iteration that completes its prefill; each later i
 Runs of decode-only iterations are advanced in one event with `DecodeSeries` (exact at iteration
 granularity); an arrival during such a run cuts it at the end of the iteration in progress, which
 is exactly when a real scheduler would see the new request.
+
+`EnginePool` puts the replicas of one deployment behind the gateway's routing and queue.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from scepsy_hpc.perf.events import EventLoop
 from scepsy_hpc.perf.model import EnginePerf, chunk_prefills
-
-if TYPE_CHECKING:
-    from scepsy_hpc.sim.core import EventLoop
 
 IDLE, STEP, EPOCH, BOUNDARY = 0, 1, 2, 3
 
@@ -29,7 +30,7 @@ class Seq:
     """One call in flight at an engine."""
 
     __slots__ = ("llm", "role", "prompt", "output", "t_submit", "t_admit", "t_first", "t_end",
-                 "prefilled", "start_iter", "kv", "done")
+                 "prefilled", "start_iter", "kv", "done", "replica")
 
     def __init__(self, llm: str, role: str | None, prompt: int, output: int, t_submit: float,
                  done: Callable[[float, "Seq"], None]) -> None:
@@ -40,12 +41,13 @@ class Seq:
         self.start_iter = 0
         self.kv = 0
         self.done = done
+        self.replica = 0  # index of the replica its pool routed it to
 
 
 class SimEngine:
     """One engine instance; `submit` hands it a call, `Seq.done` is called when the call ends."""
 
-    def __init__(self, loop: "EventLoop", perf: EnginePerf, name: str, priority: int) -> None:
+    def __init__(self, loop: EventLoop, perf: EnginePerf, name: str, priority: int) -> None:
         self.loop, self.perf, self.name, self.priority = loop, perf, name, priority
         cfg = perf.cfg
         self.max_seqs = cfg.max_num_seqs
@@ -178,3 +180,64 @@ class SimEngine:
         else:
             self.mode = IDLE
             self.busy_s += t - self._busy_since
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One simulated LLM call (kept when records are asked for)."""
+
+    request: int
+    llm: str
+    role: str | None
+    replica: int
+    prompt_tokens: int
+    output_tokens: int
+    t_submit: float
+    t_admit: float
+    t_first: float
+    t_end: float
+
+
+class EnginePool:
+    """The replicas of one deployment behind the gateway (its policy): a call goes to the replica
+    with the fewest outstanding calls, ties round-robin. A replica holding `max_num_seqs` calls is
+    full; when every replica is full the call waits in one FIFO they share and goes to the first
+    replica that frees a slot, so c replicas behave as one c-server station, not c queues."""
+
+    def __init__(self, replicas: list[SimEngine]) -> None:
+        self.replicas = replicas
+        self._rr = 0
+        backlog: deque[Seq] = deque()
+        for engine in replicas:
+            engine.backlog = backlog
+
+    def _route(self) -> int:
+        """Least outstanding calls; ties go round-robin, as the gateway breaks them (always taking the
+        first would pile short calls on replica 0 whenever all are idle)."""
+        replicas = self.replicas
+        n = len(replicas)
+        if n == 1:
+            return 0
+        start = self._rr
+        best, best_k = 0, 1 << 60
+        for j in range(n):
+            i = (start + j) % n
+            if replicas[i].outstanding < best_k:
+                best, best_k = i, replicas[i].outstanding
+        self._rr = (best + 1) % n
+        return best
+
+    def submit(self, llm: str, role: str | None, prompt_tokens: int, output_tokens: int, t: float,
+               done: Callable[[float, Seq], None]) -> bool:
+        """Route one call arriving at `t`; `done(t_end, seq)` when it ends (`seq.replica` says where).
+        True when the call was cut to fit the KV cache."""
+        i = self._route()
+        engine = self.replicas[i]
+        prompt, output, cut = engine.clamp(prompt_tokens, output_tokens)
+        seq = Seq(llm, role, prompt, output, t, done)
+        seq.replica = i
+        if engine.outstanding >= engine.max_seqs:
+            engine.backlog.append(seq)  # every replica is full: the gateway holds the call (FIFO)
+        else:
+            engine.submit(seq, t)
+        return cut

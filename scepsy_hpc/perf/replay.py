@@ -1,0 +1,58 @@
+"""Replaying single LLM calls on simulated engines: what a profiling run measures, without an engine."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, Sequence
+
+from scepsy_hpc.perf.engine import CallRecord, EnginePool, Seq, SimEngine
+from scepsy_hpc.perf.events import PRIO_ARRIVAL, PRIO_ENGINE, EventLoop
+from scepsy_hpc.perf.fit import check_fit
+from scepsy_hpc.perf.model import EngineConfig
+
+
+class LLMCall(Protocol):
+    """One call's LLM and sizes (a sampled `workload.sampler.Call` is one)."""
+
+    @property
+    def llm(self) -> str: ...
+    @property
+    def role(self) -> str | None: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+
+
+def replay_calls(
+    cfg: EngineConfig,
+    calls: Sequence[LLMCall],
+    arrivals: Sequence[float],
+    *,
+    replicas: int = 1,
+    horizon_s: float = math.inf,
+) -> list[CallRecord]:
+    """Replay single LLM calls, arriving at `arrivals` (model seconds), on `replicas` engines of
+    configuration `cfg` behind one gateway queue; returns the finished calls' records, call i as
+    request i. This is what a profiling run measures on a real engine, done in the simulator."""
+    if len(calls) != len(arrivals):
+        raise ValueError("one arrival time per call")
+    loop = EventLoop()
+    perf = check_fit(cfg, label=f"model {cfg.model.hf_id}")
+    llm = calls[0].llm if calls else "llm"
+    pool = EnginePool([SimEngine(loop, perf, f"{llm}/{r}", PRIO_ENGINE) for r in range(replicas)])
+    out: list[CallRecord] = []
+
+    def arrive(t: float, i: int) -> None:
+        def done(t_end: float, s: Seq) -> None:
+            out.append(CallRecord(i, s.llm, s.role, s.replica, s.prompt, s.output, s.t_submit, s.t_admit, s.t_first, t_end))
+
+        c = calls[i]
+        pool.submit(c.llm, c.role, c.prompt_tokens, c.output_tokens, t, done)
+        if i + 1 < len(arrivals):
+            loop.at(arrivals[i + 1], PRIO_ARRIVAL, arrive, i + 1)
+
+    if arrivals:
+        loop.at(arrivals[0], PRIO_ARRIVAL, arrive, 0)
+    loop.run(horizon_s)
+    return out
