@@ -11,7 +11,7 @@ import pytest
 
 from scepsy_hpc.allocate import policies
 from scepsy_hpc.allocate.candidates import path_weights, pareto
-from scepsy_hpc.allocate.milp import Candidate, choice_key, shared_gpus_needed
+from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed
 from scepsy_hpc.allocate.planner import Demand, Planner, used_gpus
 from scepsy_hpc.errors import InfeasibleError, SpecError
 from scepsy_hpc.predict.alp import pooled_point
