@@ -35,7 +35,7 @@ tp and domain sizes, (2) and (6) make every solution placeable; a placement that
 K_t to what it could place and the planner solves again.
 Constraint (7), with γ_c = tp·r·f the GPU share of c and γ*_k the shares of an earlier solution k,
 yields the next-best allocation that splits the GPUs differently (`solve(..., exclude=...)`): the
-planner's simulator check asks for a few such alternatives (allocate.simcheck.shortlist).
+planner's simulator check asks for a few such alternatives (planning.simcheck.shortlist).
 With s_g integral, (3) and (4) give exactly the fewest GPUs that pack the quarter-sized instances
 (each 3/4 takes a GPU, perhaps with one 1/4; halves pair; quarters fill the gaps), so every
 solution packs onto whole GPUs. Capacity needs no constraint: candidates that cannot carry their

@@ -24,8 +24,9 @@ an allocation repeats and keeps the one alp-cp ranks best.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from scepsy_hpc.allocate import candidates as cand
@@ -67,9 +68,9 @@ class Deployment:
     calls: float = 0.0       # calls per request-scale unit: Σ_w weight_w · n_w,llm
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
-    """A policy's allocation and what the predictor says of it."""
+    """A policy's allocation and what the predictor says of it (a value: changed by `dataclasses.replace`)."""
 
     choice: dict[str, Candidate]
     rates: dict[str, float]
@@ -78,16 +79,21 @@ class Outcome:
     solve_time_s: float = 0.0
     iterations: int = 0
     candidates: int = 0
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
     milp: MILPResult | None = None
     theta: float = 1.0                                   # the rate scale planned for
     priced: dict[str, list[Candidate]] | None = None     # milp: the candidates its MILP chose from
-    checked: list[Any] = field(default_factory=list)     # simcheck.Checked rows of the simulator check
+    checked: tuple[Any, ...] = ()                        # planning.simcheck.Checked rows of the simulator check
     check_time_s: float = 0.0
 
     @property
     def latency_s(self) -> float:
+        """Σ over the workflows of the predicted mean latency."""
         return sum(p.latency_s for p in self.predictions.values())
+
+    def noted(self, *notes: str) -> "Outcome":
+        """This outcome with `notes` appended."""
+        return replace(self, notes=(*self.notes, *notes))
 
 
 class Planner:
@@ -107,7 +113,8 @@ class Planner:
             raise SpecError(f"--max-util {max_util:g}: the utilisation cap must lie in [0.1, 1]")
         if not 0.0 <= throughput_tol < 0.5:
             raise SpecError(f"--throughput-tol {throughput_tol:g}: give a fraction in [0, 0.5), e.g. 0.03")
-        self.demands = list(demands)
+        # copies: the planner completes each demand's graphs and statistics without touching the caller's
+        self.demands = [replace(dm, graphs=list(dm.graphs)) for dm in demands]
         self.models, self.gpus, self.gpu_name, self.n_gpus = models, gpus, gpu_name, n_gpus
         self.max_tp, self.fractions, self.max_util = max_tp, tuple(fractions), max_util
         self.throughput_tol = throughput_tol
@@ -115,13 +122,23 @@ class Planner:
         # K_t of MILP constraint (6): tp-t groups the NVLink domains hold; set from a topology
         self.domain_caps: dict[int, int] = {}
         self.progress = progress or (lambda _msg: None)
-        self.check: Any = None  # a simcheck.SimCheck: the milp policy's final plan is checked in the simulator
         self.deployments = self._deployments()
         self.dep_of = {(i, llm): d.name for d in self.deployments.values() for i, llm in d.members}
         self._sources = {d.name: self._source(d, profiles_dir, seed, n_calls) for d in self.deployments.values()}
         for d in self.deployments.values():
             d.configs = self._configs(d)
         self._finish_demands()
+
+    def with_budget(self, *, n_gpus: int | None = None, domain_caps: Mapping[int, int] | None = None) -> "Planner":
+        """A planner over the same demands and profiles for `n_gpus` GPUs and/or NVLink-domain caps
+        `domain_caps` (constraint (6)); this one is left as it is. The profiles are shared: they do
+        not depend on the budget."""
+        if n_gpus is not None and n_gpus < 1:
+            raise SpecError(f"--gpus {n_gpus}: plan for at least one GPU")
+        out = copy.copy(self)
+        out.n_gpus = self.n_gpus if n_gpus is None else n_gpus
+        out.domain_caps = dict(self.domain_caps if domain_caps is None else domain_caps)
+        return out
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -199,12 +216,13 @@ class Planner:
 
     def _finish_demands(self) -> None:
         for i, dm in enumerate(self.demands):
-            if dm.seqs is not None and not dm.graphs:
+            graphs = dm.graphs
+            if dm.seqs is not None and not graphs:
                 ref = {llm: self.deployments[self.dep_of[i, llm]].configs[0].profile for llm in dm.wf.llms
                        if self.deployments[self.dep_of[i, llm]].configs[0].profile is not None}
-                dm.graphs = program_graphs(dm.seqs, ref)
-            dm.graphs = [g for g in dm.graphs if g.ok]
-            dm.stats = aggregate(dm.graphs, dm.wf.name)
+                graphs = program_graphs(dm.seqs, ref)
+            graphs = [g for g in graphs if g.ok]
+            self.demands[i] = replace(dm, graphs=graphs, stats=aggregate(graphs, dm.wf.name))
         for d in self.deployments.values():
             d.calls = sum(self.demands[i].weight_rps * self._n(i, llm) for i, llm in d.members)
 
@@ -219,6 +237,7 @@ class Planner:
         return {name: theta * d.calls for name, d in self.deployments.items()}
 
     def rates(self, theta: float) -> dict[str, float]:
+        """Requests/s per workflow at rate scale θ."""
         return {dm.wf.name: theta * dm.weight_rps for dm in self.demands}
 
     def evaluate(self, choice: Mapping[str, Candidate], theta: float, predictor: str = "alp-cp",
@@ -324,12 +343,12 @@ class Planner:
                 best = out
             paths = {i: preds[dm.wf.name].paths for i, dm in enumerate(self.demands)}
         assert best is not None
-        best.solve_time_s, best.iterations = solve_time, it
+        best = replace(best, solve_time_s=solve_time, iterations=it)
         if best.milp is not None and best.milp.time_limit_hit:
-            best.notes.append(f"HiGHS stopped at its time limit ({self.time_limit_s:g} s) with a feasible, "
+            best = best.noted(f"HiGHS stopped at its time limit ({self.time_limit_s:g} s) with a feasible, "
                               f"not proven optimal, allocation")
         if any(p.saturated for p in best.predictions.values()):
-            best.status = "under-capacity"
+            best = replace(best, status="under-capacity")
         return best
 
     def max_scale(self) -> tuple[float, MILPResult]:

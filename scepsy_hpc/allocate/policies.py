@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Callable
 
 from scepsy_hpc.allocate.candidates import Config
@@ -218,11 +219,12 @@ def paper_enum(p: Planner, theta: float, cap_s: float = PAPER_ENUM_CAP_S) -> Out
     out = p.outcome(best[1], theta, "feasible (time cap)" if capped else "optimal (enumerated)",
                     solve_time_s=time.perf_counter() - t0, candidates=evaluated)
     if capped:
-        out.notes.append(f"paper-enum stopped at its {cap_s:g} s cap after {evaluated} allocations")
+        out = out.noted(f"paper-enum stopped at its {cap_s:g} s cap after {evaluated} allocations")
     return out
 
 
 def milp(p: Planner, theta: float) -> Outcome:
+    """The MILP policy's plan at rate scale θ (planner.Planner.milp_latency)."""
     return p.milp_latency(theta)
 
 
@@ -251,17 +253,15 @@ def max_throughput(p: Planner, policy: str, rel_tol: float = 0.01) -> Outcome:
     top, res = p.max_scale()
     if policy == "milp":
         out = p.milp_latency(top * (1 - p.throughput_tol) * p.max_util * (1 - 1e-9))
-        out.solve_time_s += res.solve_time_s
+        out = replace(out, solve_time_s=out.solve_time_s + res.solve_time_s)
         tol = f", the lowest-latency allocation within {p.throughput_tol:.0%} of that capacity," if p.throughput_tol > 0 else ""
-        out.notes.append(f"the GPUs carry at most {top:.4g}× the target rates at full utilisation (max-rate MILP, "
+        return out.noted(f"the GPUs carry at most {top:.4g}× the target rates at full utilisation (max-rate MILP, "
                          f"{res.status}); planned{tol} at {p.max_util:.0%} of it")
-        return out
     if policy == "equal":  # load-blind: the allocation is fixed; operate at max_util of its capacity
         o = equal(p, 1.0)
         th = p.throughput_scale(o.predictions) * p.max_util
         o = equal(p, th)
-        o.solve_time_s = time.perf_counter() - t0
-        return o
+        return replace(o, solve_time_s=time.perf_counter() - t0)
     lo, hi, best = 0.0, top, None
     mid = top * p.max_util
     for _ in range(40):
@@ -279,8 +279,7 @@ def max_throughput(p: Planner, policy: str, rel_tol: float = 0.01) -> Outcome:
         mid = 0.5 * (lo + hi)
     if best is None:
         raise InfeasibleError(f"{policy}: no rate could be carried on {p.n_gpus} {p.gpu_name}")
-    best.solve_time_s = time.perf_counter() - t0
-    return best
+    return replace(best, solve_time_s=time.perf_counter() - t0)
 
 
 def under_slo(p: Planner, policy: str, slo_s: float, rel_tol: float = 0.01) -> Outcome:
@@ -296,8 +295,7 @@ def under_slo(p: Planner, policy: str, slo_s: float, rel_tol: float = 0.01) -> O
     hi = top * p.max_util * (1 - 1e-9)
     o = _try(p, policy, hi)
     if o is not None and meets(o):
-        o.solve_time_s = time.perf_counter() - t0
-        return o
+        return replace(o, solve_time_s=time.perf_counter() - t0)
     lo_th = hi * 1e-3
     low = _try(p, policy, lo_th)
     if low is None or not meets(low):
@@ -312,8 +310,7 @@ def under_slo(p: Planner, policy: str, slo_s: float, rel_tol: float = 0.01) -> O
             lo, best = mid, o
         else:
             hi = mid
-    best.solve_time_s = time.perf_counter() - t0
-    return best
+    return replace(best, solve_time_s=time.perf_counter() - t0)
 
 
 def _try(p: Planner, policy: str, theta: float) -> Outcome | None:
@@ -324,28 +321,19 @@ def _try(p: Planner, policy: str, theta: float) -> Outcome | None:
 
 
 def run(p: Planner, policy: str, mode: str, slo_s: float | None = None) -> Outcome:
-    """`policy` under goal `mode` ("target" | "max-throughput" | "slo"); milp's final plan then goes
-    through the planner's simulator check (`p.check`, see allocate.simcheck) when one is set."""
+    """`policy` under goal `mode` ("target" | "max-throughput" | "slo"), as the predictor sees it (the
+    simulator check of the milp plan is planning's: planning.policy.run)."""
     if policy not in FUNCS:
         raise SpecError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if mode == "target":
-        return checked(p, policy, plan_at(p, policy, 1.0))
+        return plan_at(p, policy, 1.0)
     if mode == "max-throughput":
-        return checked(p, policy, max_throughput(p, policy), goal="throughput")
+        return max_throughput(p, policy)
     if mode == "slo":
         if slo_s is None:
             raise SpecError("the slo goal needs --latency-slo SECONDS")
-        return checked(p, policy, under_slo(p, policy, slo_s))
+        return under_slo(p, policy, slo_s)
     raise SpecError(f"unknown goal {mode!r}; one of target, max-throughput, slo")
 
 
-def checked(p: Planner, policy: str, o: Outcome, goal: str = "latency") -> Outcome:
-    """`o` after the simulator check when the policy is milp and the planner has one (else `o`);
-    `goal` "throughput" judges the allocations by simulated maximum sustainable rate, "latency" by
-    simulated mean latency at the planned rate."""
-    from scepsy_hpc.allocate.simcheck import run_check
-
-    return run_check(p, o, goal) if policy == "milp" and p.check is not None else o
-
-
-__all__ = ["POLICIES", "run", "checked", "plan_at", "max_throughput", "under_slo", "equal", "independent", "paper_enum", "milp"]
+__all__ = ["POLICIES", "run", "plan_at", "max_throughput", "under_slo", "equal", "independent", "paper_enum", "milp"]

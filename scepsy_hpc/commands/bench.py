@@ -22,11 +22,13 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from typing import Any
 
+from scepsy_hpc.commands.argtypes import choice_list, int_list, name_list, non_negative_int, positive_int
 from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 from scepsy_hpc.errors import InfeasibleError, SpecError
+from scepsy_hpc.planning.request import DEFAULT_GPU_TYPE, DEFAULT_MAX_TP, POLICIES, PlanRequest
 
 COMMON_FRACTION = 0.9
 
@@ -95,26 +97,47 @@ def short_allocation(choice: Any) -> str:
     return " ".join(f"{d}:{c.replicas}x" + (f"tp{c.tp}" if c.gpu_frac >= 1 else f"{c.gpu_frac:g}") for d, c in choice.items())
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def add_arguments(sub: Any) -> None:
+    """The `bench` subcommand's arguments."""
+    from scepsy_hpc.commands.plan import tuning_arguments
+
+    be = sub.add_parser("bench", help="simulated throughput and latency of milp vs. the baselines per workflow and GPU count")
+    be.add_argument("--workflows", type=name_list, default="rag_rerank,deep_research,coding_agent,mixture_of_agents,beam_search",
+                    metavar="W,W,...", help="shipped names or files (default: all shipped)")
+    be.add_argument("--gpus", dest="gpu_counts", type=int_list(positive_int, "8,16"), default="8,16", metavar="N,N,...",
+                    help="GPU counts (default 8,16)")
+    be.add_argument("--gpu-type", default=DEFAULT_GPU_TYPE, metavar="TYPE", help="GPU type (default h100-sxm)")
+    be.add_argument("--max-tp", type=positive_int, default=DEFAULT_MAX_TP, metavar="TP",
+                    help="largest tp, the NVLink domain (default 8)")
+    be.add_argument("--policies", type=choice_list(POLICIES, required=("milp",)), default="milp,equal,independent,paper-enum",
+                    metavar="P,P,...")
+    be.add_argument("--requests", type=positive_int, default=1200, metavar="N", help="requests per simulation run (default 1200)")
+    be.add_argument("--jobs", type=non_negative_int, default=0, metavar="J", help="parallel processes (default: CPU count)")
+    be.add_argument("--plot", metavar="OUT.png", help="plot mean latency vs. rate per policy (matplotlib)")
+    be.add_argument("--json", action="store_true", help="print one JSON object")
+    tuning_arguments(be)
+    be.set_defaults(run=run)
+
+
+def request_for(args: argparse.Namespace, wf: Any, models: Any, gpus: Any, n: int, policy: str) -> PlanRequest:
+    """The max-throughput PlanRequest of one bench cell: `wf` at weight 1 rps on `n` GPUs by `policy`."""
+    return PlanRequest(workflows=(wf,), models=models, gpus=gpus, policy=policy, goal="max-throughput",
+                       target_rps={wf.name: 1.0}, gpu_type=args.gpu_type, gpu_count=n, max_tp=args.max_tp,
+                       max_util=args.max_util, throughput_tol=args.throughput_tol, time_limit_s=args.time_limit, gap=args.gap,
+                       samples=args.samples, seed=args.seed, sim_check=args.sim_check,
+                       sim_check_throughput=args.sim_check_throughput)
+
+
+def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print (or plot) it."""
-    from scepsy_hpc.allocate import policies
-    from scepsy_hpc.allocate.planner import Demand, Planner
-    from scepsy_hpc.commands.plan import attach_check
-    from scepsy_hpc.predict.inputs import sample_mix, sample_program
+    from concurrent.futures import ProcessPoolExecutor
+
+    from scepsy_hpc.planning import plan, prepare
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.workflow import load_workflow
 
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
-    try:
-        counts = [int(x) for x in args.gpu_counts.split(",") if x.strip()]
-    except ValueError:
-        raise SpecError(f"--gpus {args.gpu_counts}: give GPU counts like 8,16") from None
-    if not counts or min(counts) < 1:
-        raise SpecError(f"--gpus {args.gpu_counts}: GPU counts must be positive")
-    pols = [p.strip() for p in args.policies.split(",") if p.strip()]
-    bad = [p for p in pols if p not in policies.POLICIES]
-    if bad or "milp" not in pols:
-        raise SpecError(f"--policies {args.policies}: choose from {', '.join(policies.POLICIES)}, milp included")
+    counts, pols = list(args.gpu_counts), list(args.policies)
     if args.gpu_type not in gpus:
         raise SpecError(f"--gpu-type {args.gpu_type}: unknown GPU type; the catalog has {', '.join(gpus)}")
     gpu = gpus[args.gpu_type]
@@ -123,19 +146,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     cells = []
-    for name in [w.strip() for w in args.workflows.split(",") if w.strip()]:
+    for name in args.workflows:
         wf = load_workflow(resolve_input(name, "workflows"), models)
-        seqs = sample_program(wf, args.samples, args.seed)
-        planner = None
+        base = None   # one planner per workflow: its profiles serve every GPU count and policy
         for n in counts:
             try:
-                if planner is None:
-                    planner = Planner([Demand(wf, 1.0, sample_mix(seqs), seqs)], models, gpus, args.gpu_type, n,
-                                      max_tp=args.max_tp, max_util=args.max_util, seed=args.seed,
-                                      throughput_tol=args.throughput_tol,
-                                      time_limit_s=args.time_limit, gap=args.gap)
-                    attach_check(planner, args)
-                planner.n_gpus = n
+                if base is None:
+                    base = prepare(request_for(args, wf, models, gpus, n, "milp"))
+                planner = base.with_budget(n_gpus=n)
                 fluid = fluid_bound(planner)
                 bound = instance_bound_rps(planner)
             except InfeasibleError as e:
@@ -145,12 +163,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                     "policies": {}, "wf": wf}
             for pol in pols:
                 try:
-                    o = policies.checked(planner, pol, policies.max_throughput(planner, pol), goal="throughput")
+                    req = request_for(args, wf, models, gpus, n, pol)
+                    o = plan(req, planner=planner).outcome
                     cell["policies"][pol] = {"plan": o, "predicted_rps": next(iter(o.predictions.values())).throughput_rps,
-                                             "solve_time_s": o.solve_time_s}
+                                             "solve_time_s": o.solve_time_s, "request": req}
                 except InfeasibleError as e:
                     cell["policies"][pol] = {"error": str(e)}
-            cell["planner"] = planner if n == counts[-1] else None
             cell["_planner"] = planner
             cells.append(cell)
             console.print(f"[dim]planned {wf.name} on {n} GPUs ({time.perf_counter() - t_start:.0f} s)[/dim]")
@@ -173,12 +191,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             # as long as the longest capacity run of the cell: a run too short to fill reads low latency
             c["common_requests"] = n_common = max(v["sim"]["max_requests"] for v in c["policies"].values() if "sim" in v)
             planner = c["_planner"]
-            planner.n_gpus = c["gpus"]
             for pol, v in c["policies"].items():
                 if "plan" not in v:
                     continue
-                try:
-                    o = policies.checked(planner, pol, policies.plan_at(planner, pol, common))
+                try:   # the policy's plan for the common rate (weight 1 rps × rate scale `common`)
+                    o = plan(replace(v["request"], goal="target", rate_scale=common), planner=planner).outcome
                 except InfeasibleError:
                     o = v["plan"]
                 v["common_plan"] = o

@@ -1,4 +1,5 @@
-"""`scepsy plan`: allocate GPUs to the LLMs of one or several workflows, by the MILP or a baseline."""
+"""`scepsy plan`: allocate GPUs to the LLMs of one or several workflows, by the MILP or a baseline
+(planning.plan), and print, write, place, draw or simulate the plan."""
 
 from __future__ import annotations
 
@@ -9,221 +10,144 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scepsy_hpc.commands.common import jsonable, load_workload, make_console, resolve_input
-from scepsy_hpc.commands.placing import check_plot_args, plan_and_place, print_placement
-from scepsy_hpc.errors import ScepsyError, SpecError
+from scepsy_hpc.commands.argtypes import (non_negative_float, non_negative_int, positive_float, positive_int, rates)
+from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
+from scepsy_hpc.errors import SpecError
+from scepsy_hpc.planning.request import (DEFAULT_GAP, DEFAULT_MAX_UTIL, DEFAULT_SAMPLES, DEFAULT_SIMULATE_REQUESTS,
+                                         DEFAULT_THROUGHPUT_TOL, DEFAULT_TIME_LIMIT_S, POLICIES, PlanRequest, PlanResult)
 
 
-def budget_from_args(args: argparse.Namespace, gpus: dict[str, Any]) -> tuple[str, int, int, Any]:
-    """(GPU type, GPU count, largest tp, topology or None) from --cluster or --gpus/--gpu-type."""
-    from scepsy_hpc.spec.cluster import load_cluster
-    from scepsy_hpc.topology.build import from_cluster
-
-    gpu_type, count, max_tp, topo = args.gpu_type, args.gpu_count, args.max_tp, None
-    if args.cluster:
-        spec = load_cluster(resolve_input(args.cluster, "clusters"), gpus)
-        topo = from_cluster(spec, gpus) if spec.node_groups else discovered_topology(spec, gpus, gpu_type)
-        counts: dict[str, int] = {}
-        for n in topo.nodes:
-            counts[n.gpu_type] = counts.get(n.gpu_type, 0) + sum(len(d) for d in n.free())
-        if gpu_type is None:
-            if len(counts) > 1:
-                raise SpecError(f"{args.cluster}: the cluster has GPU types {', '.join(f'{g} ({n})' for g, n in counts.items())}; "
-                                f"a plan uses one type: pick it with --gpu-type")
-            gpu_type = next(iter(counts))
-        if gpu_type not in counts:
-            raise SpecError(f"--gpu-type {gpu_type}: cluster {spec.name!r} has no such GPUs; it has {', '.join(counts)}")
-        count = min(count, counts[gpu_type]) if count else counts[gpu_type]
-        domain = max(len(d) for n in topo.nodes if n.gpu_type == gpu_type for d in n.free())
-        max_tp = min(max_tp or domain, domain)
-    if not count:
-        raise SpecError("give the GPUs to plan on: --gpus N (with --gpu-type TYPE) or --cluster CLUSTER.yaml")
-    gpu_type = gpu_type or "h100-sxm"
-    if gpu_type not in gpus:
-        from scepsy_hpc.spec.source import suggest
-        raise SpecError(f"--gpu-type {gpu_type}: unknown GPU type; {suggest(gpu_type, gpus)}")
-    return gpu_type, count, max_tp or 8, topo
+def add_arguments(sub: Any) -> None:
+    """The `plan` subcommand's arguments."""
+    pl = sub.add_parser("plan", help="allocate GPUs to a workflow's LLMs: tp, GPU fraction and replicas per LLM")
+    pl.add_argument("workflows", nargs="+", metavar="WORKFLOW",
+                    help="workflow file(s) or shipped name(s); several share deployments of the same model")
+    budget_arguments(pl)
+    goal = pl.add_mutually_exclusive_group()
+    goal.add_argument("--target-rps", type=rates, metavar="RPS", help="lowest latency at this rate (or WORKFLOW=RPS,...; default: "
+                      "each workflow's target)")
+    goal.add_argument("--latency-slo", type=positive_float, metavar="S",
+                      help="highest rate whose predicted mean latency is ≤ S seconds")
+    goal.add_argument("--max-throughput", action="store_true", help="highest rate the GPUs carry, then lowest latency there")
+    pl.add_argument("--policy", choices=POLICIES, default="milp",
+                    help="milp (default), or a baseline: equal split, independent per-LLM, the paper's enumeration")
+    pl.add_argument("-o", "--output", metavar="PLAN.yaml", help="write the plan file")
+    pl.add_argument("--trace", metavar="FILE", help="statistics from this trace (one workflow; default: sample the program)")
+    pl.add_argument("--profiles", metavar="DIR", help="measured profiles (default: synthesise from the performance model)")
+    pl.add_argument("--simulate", action="store_true", help="also simulate the plan at its rate and print what it measures")
+    pl.add_argument("--plot", metavar="PLACEMENT.png", help="with --cluster: draw the placement (nodes, GPUs coloured by LLM)")
+    pl.add_argument("--requests", type=positive_int, default=DEFAULT_SIMULATE_REQUESTS, metavar="N",
+                    help="requests for --simulate (default 500)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(run=run)
 
 
-def discovered_topology(spec: Any, gpus: dict[str, Any], gpu_type: str | None) -> Any:
-    """The usable GPU nodes of the cluster spec's Slurm partition, with their free GPUs."""
-    from scepsy_hpc.topology.build import catalog_type, from_slurm
-    from scepsy_hpc.topology.discover import discover
-    from scepsy_hpc.topology.model import Topology
-
-    network, nodes = discover(partition=spec.slurm.partition)
-    parts, unmapped = [], []
-    for sn in nodes:
-        if sn.gpus <= 0 or not sn.usable:
-            continue
-        try:
-            kind = catalog_type(sn.gpu_type, gpus, spec.slurm.gpu_types)
-        except ScepsyError as exc:
-            unmapped.append(exc)
-            continue
-        if gpu_type is None or kind == gpu_type:
-            parts += from_slurm([sn], network, kind, gpus[kind].mem_gib, default_nvlink=spec.slurm.nvlink).nodes
-    if not parts and unmapped:
-        raise unmapped[0]
-    if not parts:
-        raise SpecError(f"partition {spec.slurm.partition!r} of cluster {spec.name!r} has no usable GPU nodes"
-                        + (f" with {gpu_type}" if gpu_type else "") + " (see `scepsy topology show --slurm`)")
-    return Topology(tuple(parts), network)
+def budget_arguments(p: argparse.ArgumentParser) -> None:
+    """--gpus, --gpu-type, --cluster, --max-tp and the tuning flags."""
+    p.add_argument("--gpus", dest="gpu_count", type=positive_int, metavar="N", help="GPUs to plan on (with --gpu-type)")
+    p.add_argument("--gpu-type", metavar="TYPE", help="GPU type of the catalog (default h100-sxm, or the cluster's)")
+    p.add_argument("--cluster", metavar="CLUSTER.yaml", help="plan on a cluster spec's GPUs and place the plan on its nodes "
+                   "(NVLink domains cap tp; the placement goes into the plan file)")
+    p.add_argument("--max-tp", type=positive_int, default=None, metavar="TP", help="largest tp (default: the NVLink domain, or 8)")
+    tuning_arguments(p)
 
 
-def _parse_rates(arg: str | None, names: list[str]) -> dict[str, float]:
-    """--target-rps: one number for every workflow, or NAME=RPS pairs."""
-    if arg is None:
-        return {}
+def tuning_arguments(p: argparse.ArgumentParser) -> None:
+    """The planner's tuning flags (plan and bench)."""
+    p.add_argument("--max-util", type=positive_float, default=DEFAULT_MAX_UTIL, metavar="U",
+                   help="highest planned utilisation of any LLM (default 0.9: 10%% headroom)")
+    p.add_argument("--throughput-tol", type=non_negative_float, default=DEFAULT_THROUGHPUT_TOL, metavar="F",
+                   help="--max-throughput (milp): take the lowest-latency allocation whose predicted capacity is "
+                        "within F of the most (default 0.03; 0: the most capacity, whatever its latency)")
+    p.add_argument("--time-limit", type=positive_float, default=DEFAULT_TIME_LIMIT_S, metavar="S",
+                   help="MILP time limit per solve (default 30 s)")
+    p.add_argument("--gap", type=non_negative_float, default=DEFAULT_GAP, metavar="G",
+                   help="MILP relative optimality gap (default 1e-6)")
+    p.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, metavar="N",
+                   help="program samples per workflow (default 1000)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--no-sim-check", dest="sim_check", action="store_false",
+                   help="skip the simulator check of the milp plan (its optimum and a shortlist of other allocations "
+                        "run in the simulator at the planned rate; the fastest is kept)")
+    p.add_argument("--sim-check-throughput", dest="sim_check_throughput", action="store_true",
+                   help="with --max-throughput, also race the milp plan against other allocations by simulated "
+                        "maximum sustainable rate (minutes on large step-synchronous workflows; off by default)")
+
+
+def target_rates(given: list[tuple[str | None, float]] | None, names: list[str], text: str) -> dict[str, float]:
+    """--target-rps as a rate per workflow: one rate for all, or NAME=RPS pairs naming given workflows."""
     out: dict[str, float] = {}
-    for part in arg.split(","):
-        name, _, val = part.rpartition("=")
-        try:
-            x = float(val)
-        except ValueError:
-            raise SpecError(f"--target-rps {arg}: {val!r} is not a number; give RPS or WORKFLOW=RPS,...") from None
-        if x <= 0:
-            raise SpecError(f"--target-rps {arg}: rates must be positive")
+    for name, x in given or []:
         if name and name not in names:
-            raise SpecError(f"--target-rps {arg}: no workflow {name!r} among {', '.join(names)}")
+            raise SpecError(f"--target-rps {text}: no workflow {name!r} among {', '.join(names)}")
         for n in ([name] if name else names):
             out[n] = x
     return out
 
 
-def build_planner(args: argparse.Namespace, workflows: list[Any], models: Any, gpus: Any, gpu_type: str, count: int,
-                  max_tp: int, weights: dict[str, float], progress: Any = None) -> Any:
-    """A Planner over the workflows' sampled programs (or the trace, for one workflow)."""
-    from scepsy_hpc.allocate.planner import Demand, Planner
-
-    demands = []
-    for wf in workflows:
-        work = load_workload(wf, getattr(args, "trace", None), args.samples, args.seed)
-        demands.append(Demand(wf, weights[wf.name], work.mix, work.seqs, list(work.graphs)))
-    planner = Planner(demands, models, gpus, gpu_type, count, max_tp=max_tp, max_util=args.max_util,
-                      throughput_tol=args.throughput_tol,
-                      profiles_dir=getattr(args, "profiles", None), seed=args.seed, time_limit_s=args.time_limit,
-                      gap=args.gap, progress=progress)
-    attach_check(planner, args)
-    return planner
-
-
-def attach_check(planner: Any, args: argparse.Namespace) -> None:
-    """Give the planner its simulator check unless --no-sim-check (allocate.simcheck); the
-    throughput goal's race only with --sim-check-throughput."""
-    from scepsy_hpc.allocate.simcheck import SimCheck
-
-    if getattr(args, "sim_check", True):
-        planner.check = SimCheck(seed=getattr(args, "seed", 0), throughput=getattr(args, "sim_check_throughput", False))
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    """Plan an allocation and print/write it."""
-    from scepsy_hpc.allocate import policies
+def request_from_args(args: argparse.Namespace) -> PlanRequest:
+    """The PlanRequest `scepsy plan` ARGS ask for."""
     from scepsy_hpc.spec.catalog import load_gpus, load_models
+    from scepsy_hpc.spec.cluster import load_cluster
     from scepsy_hpc.spec.workflow import load_workflow
 
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
-    workflows = [load_workflow(resolve_input(w, "workflows"), models) for w in args.workflows]
+    paths = [resolve_input(w, "workflows") for w in args.workflows]
+    workflows = tuple(load_workflow(p, models) for p in paths)
     names = [wf.name for wf in workflows]
     if len(set(names)) != len(names):
         raise SpecError(f"workflow {', '.join(sorted({n for n in names if names.count(n) > 1}))} is given twice")
     if args.trace and len(workflows) > 1:
         raise SpecError("--trace describes one workflow; plan several workflows from their programs")
-    check_plot_args(args)
-    gpu_type, count, max_tp, topo = budget_from_args(args, gpus)
-    cli_rates = _parse_rates(args.target_rps, names)
-    mode, slo = _mode(args, workflows, cli_rates)
-    weights = {wf.name: cli_rates.get(wf.name) or (wf.target.throughput_rps if wf.target and wf.target.throughput_rps else 1.0)
-               for wf in workflows}
+    if args.plot and not args.cluster:
+        raise SpecError("--plot draws the placement: give --cluster CLUSTER.yaml to place the plan")
+    cluster = load_cluster(resolve_input(args.cluster, "clusters"), gpus) if args.cluster else None
+    text = ",".join(f"{n}={x:g}" if n else f"{x:g}" for n, x in args.target_rps or [])
+    goal = "max-throughput" if args.max_throughput else "slo" if args.latency_slo is not None else None
+    return PlanRequest(workflows=workflows, models=models, gpus=gpus, policy=args.policy, goal=goal,
+                       latency_slo_s=args.latency_slo, target_rps=target_rates(args.target_rps, names, text),
+                       gpu_type=args.gpu_type, gpu_count=args.gpu_count, max_tp=args.max_tp, cluster=cluster,
+                       cluster_ref=args.cluster, max_util=args.max_util, throughput_tol=args.throughput_tol,
+                       time_limit_s=args.time_limit, gap=args.gap, samples=args.samples, seed=args.seed, trace=args.trace,
+                       profiles_dir=args.profiles, sim_check=args.sim_check, sim_check_throughput=args.sim_check_throughput,
+                       simulate_requests=args.requests if args.simulate else None,
+                       workflow_files=tuple(str(p.resolve()) for p in paths))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan an allocation and print/write it."""
+    from scepsy_hpc.planning import plan
+
+    request = request_from_args(args)
     console = make_console(stderr=True)
     quiet = args.json or not sys.stderr.isatty()
-    planner = build_planner(args, workflows, models, gpus, gpu_type, count, max_tp, weights,
-                            progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
-    placement = None
-    if topo is not None:
-        out, placement = plan_and_place(planner, args.policy, mode, slo, topo)
-    else:
-        out = policies.run(planner, args.policy, mode, slo)
-    plan = to_plan(planner, out, args.policy, mode, slo, args)
-    summary = summarise(planner, out, args.policy, mode)
-    if placement is not None:
-        plan = plan.model_copy(update={"placement": placement.as_list()})
-        summary["placement"] = placement.as_list()
-        summary["fragmentation"] = placement.fragmentation.as_dict()
-        summary["cluster"] = args.cluster
-        if args.plot:
-            from scepsy_hpc.place.plot import plot_placement
-
-            summary["plot"] = str(plot_placement(placement, topo, args.plot,
-                                                 title=f"{', '.join(names)} on {args.cluster} ({args.policy})"))
-    if args.output:
-        write_plan(plan, args.output)
-        summary["plan_file"] = args.output
-    sim = simulate_plan(planner, plan, out, args) if args.simulate else None
-    if sim is not None:
-        summary["simulated"] = sim
-    if args.json:
-        print(json.dumps(jsonable(summary), indent=2))
-    else:
-        print_summary(planner, out, summary, args)
-        if placement is not None:
-            print_placement(placement, topo)
-        if "plot" in summary:
-            make_console().print(f"placement drawn in {summary['plot']}")
+    result = plan(request, progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
+    show(result, json_out=args.json, output=args.output, plot=args.plot)
     return 0
 
 
-def _mode(args: argparse.Namespace, workflows: list[Any], cli_rates: dict[str, float]) -> tuple[str, float | None]:
-    chosen = [m for m, on in (("max-throughput", args.max_throughput), ("slo", args.latency_slo is not None)) if on]
-    if len(chosen) > 1:
-        raise SpecError("give one goal: --target-rps, --latency-slo or --max-throughput")
-    if chosen:
-        return chosen[0], args.latency_slo
-    if cli_rates:
-        return "target", None
-    no_rate = [wf.name for wf in workflows if not (wf.target and wf.target.throughput_rps)]
-    if not no_rate:
-        return "target", None
-    slos = {wf.target.latency_slo_s for wf in workflows if wf.target and wf.target.latency_slo_s}
-    if len(slos) == 1 and len(no_rate) == len(workflows):
-        return "slo", slos.pop()
-    raise SpecError(f"workflow(s) {', '.join(no_rate)} have no target throughput_rps; give --target-rps RPS, "
-                    f"--latency-slo SECONDS or --max-throughput")
+def show(result: PlanResult, *, json_out: bool = False, output: str | None = None, plot: str | None = None) -> dict[str, Any]:
+    """Draw the placement (`plot`), write the plan file (`output`), print the plan (as JSON with
+    `json_out`); the summary printed."""
+    drawn = None
+    if plot and result.placement is not None:
+        from scepsy_hpc.place.plot import plot_placement
 
-
-def to_plan(planner: Any, out: Any, policy: str, mode: str, slo: float | None, args: argparse.Namespace) -> Any:
-    """The plan file content."""
-    from scepsy_hpc.spec.plan import GPUBudget, LLMAlloc, Plan
-    from scepsy_hpc.spec.workflow import Target
-
-    single = len(planner.demands) == 1
-    alloc = {d: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for d, c in out.choice.items()}
-    names = [dm.wf.name for dm in planner.demands]
-    rate = out.rates[names[0]]
-    target = Target(throughput_rps=round(rate, 6), latency_slo_s=slo) if single else None
-    routes = None if single else {dm.wf.name: {llm: planner.dep_of[i, llm] for llm in dm.wf.llms}
-                                  for i, dm in enumerate(planner.demands)}
-    predicted = {w: {"rate_rps": round(out.rates[w], 6), "latency_s": _r(p.latency_s), "throughput_rps": _r(p.throughput_rps),
-                     "bottleneck": p.bottleneck_llm, "predictor": p.predictor} for w, p in out.predictions.items()}
-    solver = {"policy": policy, "goal": mode, "status": out.status, "solve_time_s": round(out.solve_time_s, 4),
-              "iterations": out.iterations, "candidates": out.candidates, "max_util": planner.max_util,
-              "time_limit_s": planner.time_limit_s, "notes": list(out.notes)}
-    if out.checked:
-        solver["sim_check_s"] = round(out.check_time_s, 2)
-    provenance = {"profiles": getattr(args, "profiles", None) or "synthetic (performance model)",
-                  "statistics": getattr(args, "trace", None) or f"program samples ({args.samples}, seed {args.seed})",
-                  "workflow_file": [str(resolve_input(w, "workflows").resolve()) for w in args.workflows]}
-    if single:
-        provenance["workflow_file"] = provenance["workflow_file"][0]
-    return Plan(workflow=names[0] if single else None, workflows=None if single else names,
-                gpus=GPUBudget(type=planner.gpu_name, count=planner.n_gpus), allocation=alloc, target=target,
-                predicted=predicted[names[0]] if single else predicted, solver=solver, routes=routes, provenance=provenance,
-                notes=f"planned by `scepsy plan --policy {policy}` ({mode})")
-
-
-def _r(x: float) -> float | None:
-    return round(x, 4) if math.isfinite(x) else None
+        names = ", ".join(dm.wf.name for dm in result.planner.demands)
+        drawn = str(plot_placement(result.placement, result.topology, plot,
+                                   title=f"{names} on {result.request.cluster_ref} ({result.request.policy})"))
+    if output:
+        write_plan(result.to_plan(), output)
+    summary = result.summary(plot=drawn, plan_file=output)
+    if json_out:
+        print(json.dumps(jsonable(summary), indent=2))
+    else:
+        print_summary(result, summary)
+        if result.placement is not None:
+            print_placement(result.placement, result.topology)
+        if "plot" in summary:
+            make_console().print(f"placement drawn in {summary['plot']}")
+    return summary
 
 
 def write_plan(plan: Any, path: str) -> None:
@@ -236,55 +160,11 @@ def write_plan(plan: Any, path: str) -> None:
                           + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
-def summarise(planner: Any, out: Any, policy: str, mode: str) -> dict[str, Any]:
-    """The JSON form: status, allocation, predicted, gpus_used, solve_time_s, per-LLM rows."""
-    from scepsy_hpc.allocate.planner import used_gpus
-
-    used = used_gpus(out.choice)
-    per_llm = []
-    for d, c in out.choice.items():
-        dep = planner.deployments[d]
-        i, llm = dep.members[0]
-        p = out.predictions[planner.demands[i].wf.name].per_llm.get(llm)
-        spec = planner.demands[i].wf.llms[llm].model
-        per_llm.append({"llm": d, "model": spec if isinstance(spec, str) else dep.model.hf_id, "tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas,
-                        "gpus": c.gpus, "load_rps": p.load_rps * c.replicas if p else 0.0,
-                        "capacity_rps": p.capacity_rps if p else 0.0, "utilisation": p.utilisation if p else 0.0,
-                        "call_latency_s": p.call_latency_s if p else 0.0,
-                        "critical_path_s": sum(out.predictions[planner.demands[j].wf.name].per_llm[m].stage_s
-                                               for j, m in dep.members if m in out.predictions[planner.demands[j].wf.name].per_llm)})
-    preds = {w: {"rate_rps": out.rates[w], "latency_s": p.latency_s, "throughput_rps": p.throughput_rps,
-                 "bottleneck": p.bottleneck_llm, "tool_s": p.tool_s} for w, p in out.predictions.items()}
-    first = next(iter(preds.values()))
-    return {
-        "status": out.status, "policy": policy, "goal": mode,
-        "allocation": {d: {"tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas} for d, c in out.choice.items()},
-        "predicted": {"latency_s": first["latency_s"], "throughput_rps": first["throughput_rps"],
-                      "rate_rps": first["rate_rps"], "per_workflow": preds},
-        "gpus_used": used, "gpus_free": planner.n_gpus - used, "gpus_total": planner.n_gpus, "gpu_type": planner.gpu_name,
-        "solve_time_s": out.solve_time_s, "iterations": out.iterations, "candidates": out.candidates,
-        "per_llm": per_llm, "notes": out.notes,
-        "sim_check": {"time_s": out.check_time_s, "allocations": [c.to_dict() for c in out.checked]} if out.checked else None,
-    }
-
-
-def simulate_plan(planner: Any, plan: Any, out: Any, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Run the simulator on the plan at its planned rate (one workflow)."""
-    from scepsy_hpc.sim import simulate
-
-    if len(planner.demands) != 1:
-        raise SpecError("--simulate runs one workflow; plan them one at a time to simulate")
-    wf = planner.demands[0].wf
-    rate = out.rates[wf.name]
-    res = simulate(wf, plan.allocation, planner.gpus[planner.gpu_name], planner.models, rate_rps=rate,
-                   n_requests=args.requests, seed=args.seed)
-    return {"rate_rps": rate, "requests": res.requests, "completed": res.completed, "throughput_rps": res.throughput_rps,
-            "latency_mean_s": res.latency_mean_s, "latency_p99_s": res.latency_p99_s}
-
-
-def print_summary(planner: Any, out: Any, s: dict[str, Any], args: argparse.Namespace) -> None:
+def print_summary(result: PlanResult, s: dict[str, Any]) -> None:
+    """The plan as a table per LLM, the predicted figures, the solver's notes."""
     from rich.table import Table
 
+    planner = result.planner
     c = make_console()
     names = ", ".join(dm.wf.name for dm in planner.demands)
     t = Table(title=f"{names}: {s['policy']} ({s['goal']}) on {planner.n_gpus}× {planner.gpu_name}")
@@ -318,3 +198,43 @@ def print_summary(planner: Any, out: Any, s: dict[str, Any], args: argparse.Name
                 f"{s['predicted']['latency_s']:.2f} s")
     if "plan_file" in s:
         c.print(f"plan written to {s['plan_file']}")
+
+
+def placement_rows(placement: Any, topo: Any) -> list[tuple[str, str, str]]:
+    """(node, leaf, GPU → instances) per node used, for the human table."""
+    rows = []
+    for name in placement.nodes():
+        node = topo.node(name)
+        per_gpu: dict[int, list[str]] = {}
+        for p in placement.instances:
+            if p.node == name:
+                for g in p.gpus:
+                    per_gpu.setdefault(g, []).append(f"{p.llm}·{p.replica}" + (f" ({p.gpu_frac:g})" if p.gpu_frac < 1 else ""))
+        cells, run = [], []   # consecutive GPUs with the same instances print as one range
+        for g in sorted(per_gpu) + [None]:
+            if run and (g is None or g != run[-1] + 1 or per_gpu[g] != per_gpu[run[0]]):
+                span = str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
+                cells.append(f"{span}: {' + '.join(per_gpu[run[0]])}")
+                run = []
+            if g is not None:
+                run.append(g)
+        rows.append((name, str(node.leaf or "-"), "   ".join(cells)))
+    return rows
+
+
+def print_placement(placement: Any, topo: Any) -> None:
+    """The placement as a table per node, and its fragmentation."""
+    from rich.table import Table
+
+    c = make_console()
+    t = Table(title="placement (instance = LLM·replica; GPU fraction in brackets)")
+    t.add_column("node", no_wrap=True)
+    t.add_column("leaf", no_wrap=True)
+    t.add_column("GPU: instances")
+    for row in placement_rows(placement, topo):
+        t.add_row(*row)
+    c.print(t)
+    f = placement.fragmentation
+    c.print(f"nodes {f.nodes_used} (lower bound {f.nodes_min}), leaf switches {f.leaves_used} (lower bound {f.leaves_min}), "
+            f"{f.partial_gpus} partly used GPU(s), {f.idle_gpus_on_used_nodes} idle GPU(s) on used nodes, "
+            f"{f.free_whole_nodes} whole node(s) left free; placed in {placement.solve_time_s * 1000:.1f} ms ({placement.method})")

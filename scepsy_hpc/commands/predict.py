@@ -4,21 +4,39 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
-from scepsy_hpc.commands.common import graphs_for, jsonable, load_workload, make_console, profile_source, resolve_input
-from scepsy_hpc.errors import SpecError
+from scepsy_hpc.commands.argtypes import non_negative_int, positive_float, positive_int
+from scepsy_hpc.commands.common import graphs_for, jsonable, make_console, profile_source, resolve_input
+from scepsy_hpc.planning.request import DEFAULT_SAMPLES
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def add_arguments(sub: Any) -> None:
+    """The `predict` subcommand's arguments."""
+    pr = sub.add_parser("predict", help="predict workflow latency and throughput for a plan at a rate (ALP)")
+    pr.add_argument("workflow", metavar="WORKFLOW", help="workflow file or shipped name")
+    pr.add_argument("--plan", required=True, help="plan file or shipped name")
+    pr.add_argument("--rate", type=positive_float, required=True, metavar="RPS", help="workflow arrival rate, requests per second")
+    pr.add_argument("--predictor", choices=("alp-cp", "alp-paper"), default="alp-cp",
+                    help="alp-cp (ours: critical path, tools, per-call sizes; default) or alp-paper (Σ L·n/p)")
+    pr.add_argument("--trace", metavar="FILE", help="statistics from this trace (default: sample the program unloaded)")
+    pr.add_argument("--profiles", metavar="DIR", help="measured profiles (default: synthesise from the performance model)")
+    pr.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, metavar="N",
+                    help="program samples without --trace (default 1000)")
+    pr.add_argument("--seed", type=non_negative_int, default=0)
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
     """Predict workflow latency and throughput under a plan at a rate."""
+    from scepsy_hpc.planning.inputs import load_workload
     from scepsy_hpc.predict.alp import predict
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.plan import load_plan
     from scepsy_hpc.spec.workflow import load_workflow
     from scepsy_hpc.trace.stats import aggregate
 
-    if args.rate <= 0:
-        raise SpecError(f"--rate {args.rate:g}: the arrival rate must be positive (requests per second)")
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     wf = load_workflow(resolve_input(args.workflow, "workflows"), models)
     plan = load_plan(resolve_input(args.plan, "plans"), wf, models, gpus)
@@ -40,7 +58,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(pred, plan, source: str, profiles_dir: str | None) -> None:
+def _print(pred: Any, plan: Any, source: str, profiles_dir: str | None) -> None:
     from rich.table import Table
 
     c = make_console()

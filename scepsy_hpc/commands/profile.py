@@ -6,26 +6,62 @@ import argparse
 import json
 from pathlib import Path
 
-from scepsy_hpc.commands.common import jsonable, load_workload, make_console, resolve_input
+from typing import Any
+
+from scepsy_hpc.commands.argtypes import (float_list, fraction, int_list, name_list, non_negative_int, open_fraction,
+                                          positive_float, positive_int, walltime)
+from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 from scepsy_hpc.errors import SlurmError, SpecError
+from scepsy_hpc.planning.request import DEFAULT_SAMPLES
 
 
-def _numbers(text: str, kind: type, flag: str) -> list:
-    try:
-        vals = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SpecError(f"{flag} {text!r}: give a comma-separated list of numbers, e.g. {flag} 1,2,4") from None
-    if not vals:
-        raise SpecError(f"{flag}: give at least one value")
-    return vals
+def add_arguments(sub: Any) -> None:
+    """The `profile` subcommand's arguments."""
+    pf = sub.add_parser("profile", help="profile each LLM's latency vs. load at several (tp, gpu_frac)")
+    pf.add_argument("workflow", metavar="WORKFLOW", help="workflow file or shipped name")
+    pf.add_argument("--tp", type=int_list(positive_int, "1,2,4"), default="1,2,4",
+                    help="tensor-parallel degrees (default 1,2,4)")
+    pf.add_argument("--gpu-frac", type=float_list(fraction, "0.25,0.5,1"), default="0.25,0.5,1",
+                    help="GPU fractions for tp=1 (default 0.25,0.5,1)")
+    pf.add_argument("--gpu", default="h100-sxm", help="GPU type of configs/gpus.yaml (default h100-sxm)")
+    pf.add_argument("--backend", choices=("synthetic", "local", "slurm"), default="synthetic",
+                    help="synthetic: the performance model (default); local: engine servers on this machine, over HTTP; "
+                    "slurm: one array job per tp on the cluster, each task holding tp GPUs")
+    pf.add_argument("--engine", choices=("sim", "vllm", "sglang"), default="sim",
+                    help="engine profiled by the local and slurm backends (default sim; vllm/sglang load dummy weights)")
+    pf.add_argument("--cluster", default="local", metavar="CLUSTER.yaml",
+                    help="slurm backend: partition, account, QOS, walltime and GRES types (default: the shipped local)")
+    pf.add_argument("--partition", help="slurm backend: override the cluster spec's partition")
+    pf.add_argument("--time", type=walltime, metavar="WALLTIME", help="slurm backend: walltime per task (default: the cluster spec's)")
+    pf.add_argument("--launch-prefix", metavar="CMD", help="put before each engine command (modules, apptainer exec --nv …)")
+    pf.add_argument("--llms", type=name_list, help="profile only these LLMs (comma-separated)")
+    pf.add_argument("--trace", metavar="FILE", help="replay the calls of this trace (default: sample the program)")
+    pf.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, metavar="N",
+                    help="program samples without --trace (default 1000)")
+    pf.add_argument("--calls", type=positive_int, default=None, metavar="N",
+                    help="calls replayed per rate (default 2000 synthetic, 1200 local: several times max_num_seqs, or an overloaded engine is one batch)")
+    pf.add_argument("--time-scale", type=positive_float, default=None, metavar="S",
+                    help="local engines run S wall seconds per model second (default: chosen per model)")
+    pf.add_argument("--fractions", type=float_list(open_fraction, "0.15,0.5,0.9"), metavar="F,F,...",
+                    help="after finding the capacity, also measure at these fractions of it (default 0.15,...,0.93)")
+    pf.add_argument("--start-frac", type=open_fraction, default=0.1, metavar="F",
+                    help="local backend: start the climb at F x the estimated capacity (default 0.1)")
+    pf.add_argument("-o", "--output", metavar="DIR", help="profile directory (default profiles/WORKFLOW-GPU)")
+    pf.add_argument("--force", action="store_true", help="re-profile configurations already in DIR")
+    pf.add_argument("--log-dir", metavar="DIR", help="where local engines write their logs (default: a temp dir)")
+    pf.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    pf.add_argument("--seed", type=non_negative_int, default=0)
+    pf.add_argument("--json", action="store_true", help="print one JSON object")
+    pf.set_defaults(run=run)
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Profile every LLM of a workflow at each asked (tp, gpu_frac)."""
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from scepsy_hpc.perf.model import TP_DEGREES
+    from scepsy_hpc.planning.inputs import load_workload
     from scepsy_hpc.profile.run import plan_jobs, run_local, run_synthetic, save
     from scepsy_hpc.profile.sweep import FRACTIONS
     from scepsy_hpc.spec.catalog import load_gpus, load_models
@@ -33,28 +69,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     wf = load_workflow(resolve_input(args.workflow, "workflows"), models)
-    tps = _numbers(args.tp, int, "--tp")
+    tps, fracs = list(args.tp), list(args.gpu_frac)
     bad = [t for t in tps if t not in TP_DEGREES]
     if bad:
-        raise SpecError(f"--tp {args.tp}: tensor-parallel degrees must be among {', '.join(map(str, TP_DEGREES))}")
-    fracs = _numbers(args.gpu_frac, float, "--gpu-frac")
-    if any(not 0 < f <= 1 for f in fracs):
-        raise SpecError(f"--gpu-frac {args.gpu_frac}: fractions must lie in (0, 1]")
+        raise SpecError(f"--tp {','.join(map(str, tps))}: tensor-parallel degrees must be among {', '.join(map(str, TP_DEGREES))}")
     if args.gpu not in gpus:
         raise SpecError(f"--gpu {args.gpu}: unknown GPU type; known: {', '.join(gpus)}")
-    llms = args.llms.split(",") if args.llms else list(wf.llms)
+    llms = list(args.llms) if args.llms else list(wf.llms)
     unknown = [m for m in llms if m not in wf.llms]
     if unknown:
         raise SpecError(f"--llms: workflow {wf.name!r} has no LLM {', '.join(unknown)}; it has {', '.join(wf.llms)}")
-    fractions = _numbers(args.fractions, float, "--fractions") if args.fractions else FRACTIONS
-    if any(not 0 < f < 1 for f in fractions):
-        raise SpecError(f"--fractions {args.fractions}: fractions of the capacity lie in (0, 1)")
-    if not 0 < args.start_frac < 1:
-        raise SpecError(f"--start-frac {args.start_frac:g}: give a fraction of the estimated capacity in (0, 1)")
-    if args.calls is None:
-        args.calls = 2000 if args.backend == "synthetic" else 1200
-    if args.calls < 20:
-        raise SpecError(f"--calls {args.calls}: replay at least 20 calls per rate")
+    fractions = list(args.fractions) if args.fractions else FRACTIONS
+    calls = args.calls if args.calls is not None else 2000 if args.backend == "synthetic" else 1200
+    if calls < 20:
+        raise SpecError(f"--calls {calls}: replay at least 20 calls per rate")
     if args.engine != "sim" and args.backend == "synthetic":
         raise SpecError(f"--engine {args.engine}: the synthetic backend has no engine; use --backend local or slurm")
     work = load_workload(wf, args.trace, args.samples, args.seed)
@@ -65,7 +93,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     done: list[dict] = []
     failed: list[dict] = []
     if args.backend == "slurm" and todo:
-        done, failed = _profile_on_slurm(args, wf, models, gpus, work, todo, out_dir, fractions, console)
+        done, failed = _profile_on_slurm(args, wf, models, gpus, work, todo, out_dir, fractions, calls, console)
         todo = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=args.json or not console.is_terminal and not args.progress) as bar:
@@ -77,11 +105,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
             if not mix:
                 raise SpecError(f"LLM {job.llm!r} has no calls in {work.source}: nothing to replay")
             if args.backend == "synthetic":
-                t = run_synthetic(job, model, gpus[args.gpu], args.gpu, mix, args.calls, args.seed, wf.name, fractions)
+                t = run_synthetic(job, model, gpus[args.gpu], args.gpu, mix, calls, args.seed, wf.name, fractions)
             elif args.engine != "sim":
                 from scepsy_hpc.backend.profiling import ProfileTask, run_task
 
-                row = run_task(ProfileTask(job, model, gpus[args.gpu], args.gpu, tuple(mix), args.calls, args.seed, wf.name,
+                row = run_task(ProfileTask(job, model, gpus[args.gpu], args.gpu, tuple(mix), calls, args.seed, wf.name,
                                            engine=args.engine, fractions=tuple(fractions), start_frac=args.start_frac,
                                            out_dir=str(out_dir), log_dir=args.log_dir or str(out_dir / "logs"),
                                            launch_prefix=args.launch_prefix or ""))
@@ -91,7 +119,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             else:
                 from scepsy_hpc.backend.profiling import sim_engine
 
-                t = run_local(job, model, gpus[args.gpu], args.gpu, mix, args.calls, args.seed, wf.name,
+                t = run_local(job, model, gpus[args.gpu], args.gpu, mix, calls, args.seed, wf.name,
                               args.time_scale, Path(args.log_dir) if args.log_dir else None,
                               start_frac=args.start_frac, fractions=fractions, start_engine=sim_engine)
             path = save(t, out_dir)
@@ -117,7 +145,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _profile_on_slurm(args: argparse.Namespace, wf, models, gpus, work, todo, out_dir: Path, fractions, console):
+def _profile_on_slurm(args: argparse.Namespace, wf, models, gpus, work, todo, out_dir: Path, fractions, calls: int, console):
     """One array per tp on the cluster spec's partition; a progress bar over tasks; (profiled, failed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -147,7 +175,7 @@ def _profile_on_slurm(args: argparse.Namespace, wf, models, gpus, work, todo, ou
         mix = work.mix.get(job.llm)
         if not mix:
             raise SpecError(f"LLM {job.llm!r} has no calls in {work.source}: nothing to replay")
-        tasks.append(ProfileTask(job, resolve_model(wf, job.llm, models), gpus[args.gpu], args.gpu, tuple(mix), args.calls,
+        tasks.append(ProfileTask(job, resolve_model(wf, job.llm, models), gpus[args.gpu], args.gpu, tuple(mix), calls,
                                  args.seed, wf.name, engine=args.engine, time_scale=args.time_scale,
                                  fractions=tuple(fractions), start_frac=args.start_frac, out_dir=str(out_dir),
                                  log_dir=str(log_dir), launch_prefix=args.launch_prefix or ""))

@@ -9,7 +9,6 @@ that ends by itself (scancel from outside, walltime, a node failure) ends `up` w
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -18,10 +17,80 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scepsy_hpc.commands.argtypes import non_negative_int, port, positive_float, positive_int, walltime
 from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 from scepsy_hpc.errors import EngineError, InfeasibleError, ScepsyError, SlurmError, SpecError
 
 HEALTH_TIMEOUT_S = {"sim": 120.0, "vllm": 1800.0, "sglang": 1800.0}
+
+
+def add_arguments(sub: Any) -> None:
+    """The `up`, `status`, `down` and `drive` subcommands' arguments."""
+    up = sub.add_parser("up", help="serve a plan (or a workflow, planned first) in one allocation behind the gateway; "
+                        "runs in the foreground, Ctrl-C stops it")
+    up.add_argument("target", metavar="PLAN|WORKFLOW", help="plan file (with placement), or a workflow to plan on --cluster")
+    up.add_argument("--backend", choices=("local", "slurm"), default="local",
+                    help="local: processes on this machine (default); slurm: one sbatch job on the cluster")
+    up.add_argument("--engine", choices=("sim", "vllm", "sglang"), default="sim", help="engine to start (default sim)")
+    up.add_argument("--cluster", default="local", metavar="CLUSTER.yaml",
+                    help="cluster spec: Slurm partition/account/qos/walltime and GRES types (default: the shipped local)")
+    up.add_argument("--name", help="session name (default: the plan's or workflow's file name)")
+    up.add_argument("--partition", help="override the cluster spec's Slurm partition")
+    up.add_argument("--account", help="override the cluster spec's Slurm account")
+    up.add_argument("--qos", help="override the cluster spec's Slurm QOS")
+    up.add_argument("--time", type=walltime, metavar="WALLTIME", help="override the cluster spec's walltime (e.g. 4:00:00)")
+    up.add_argument("--switches", type=positive_int, metavar="N",
+                    help="at most N leaf switches (default: as many as the placement spans)")
+    up.add_argument("--switches-wait", type=walltime, default="5:00", metavar="T",
+                    help="how long Slurm may wait for --switches (default 5:00)")
+    up.add_argument("--target-rps", type=positive_float, metavar="RPS", help="when planning a workflow: its target rate")
+    up.add_argument("--launch-prefix", metavar="CMD",
+                    help="put before each engine command, e.g. 'apptainer exec --nv vllm.sif' or 'module load cuda &&'")
+    up.add_argument("--engine-arg", action="append", metavar="ARG", help="extra engine argument (repeatable)")
+    up.add_argument("--time-scale", type=positive_float, default=1.0, metavar="S",
+                    help="sim engine: wall seconds per model second (default 1: real time)")
+    up.add_argument("--health-timeout", type=positive_float, metavar="S",
+                    help="per engine start-up limit (default sim 120 s, vllm/sglang 1800 s)")
+    up.add_argument("--start-timeout", type=positive_float, default=3600.0, metavar="S",
+                    help="limit on pending + start-up before giving up (default 3600 s)")
+    up.add_argument("--gateway-host", default="127.0.0.1", help="gateway listen address (default 127.0.0.1)")
+    up.add_argument("--gateway-port", type=port, default=0, help="gateway port (default: a free one)")
+    up.add_argument("--poll", type=positive_float, default=1.0, metavar="S", help="how often the job state is checked (default 1 s)")
+    up.add_argument("--state-dir", metavar="DIR", help="sessions directory (default $SCEPSY_STATE_DIR or ~/.scepsy/sessions)")
+    up.add_argument("--seed", type=non_negative_int, default=0)
+    up.set_defaults(run=run)
+
+    stt = sub.add_parser("status", help="a session's job, engines (node, GPUs, health) and gateway URL; exit 0 when all serve")
+    stt.add_argument("name", nargs="?", help="session name (default: the only live one)")
+    stt.add_argument("--json", action="store_true", help="print one JSON object")
+    stt.add_argument("--state-dir", metavar="DIR")
+    stt.set_defaults(run=run)
+
+    dn = sub.add_parser("down", help="stop a session: cancel its job, stop its gateway")
+    dn.add_argument("name", nargs="?", help="session name (default: the only live one)")
+    dn.add_argument("--timeout", type=positive_float, default=90.0, metavar="S",
+                    help="wait this long for the job to leave the queue")
+    dn.add_argument("--state-dir", metavar="DIR")
+    dn.set_defaults(run=run)
+
+    dr = sub.add_parser("drive", help="run a workflow's requests through a serving session's gateway (load test)")
+    dr.add_argument("name", nargs="?", help="session name (default: the only live one)")
+    dr.add_argument("--workflow", help="workflow to sample requests from (default: the session's)")
+    dr.add_argument("--gateway", metavar="URL", help="drive this gateway instead of a session's")
+    dr.add_argument("--requests", type=positive_int, default=20, metavar="N", help="requests to run (default 20)")
+    dr.add_argument("--rate", type=positive_float, metavar="RPS", help="open-loop Poisson arrivals (model time); default closed loop")
+    dr.add_argument("--concurrency", type=positive_int, default=4, metavar="C", help="requests in flight without --rate (default 4)")
+    dr.add_argument("--time-scale", type=positive_float, default=None, metavar="S", help="tool pacing (default: the session's)")
+    dr.add_argument("--prefix", default="d", help="request id prefix (default d)")
+    dr.add_argument("--state-dir", metavar="DIR")
+    dr.add_argument("--seed", type=non_negative_int, default=0)
+    dr.add_argument("--json", action="store_true", help="print one JSON object")
+    dr.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`scepsy up`, `status`, `down` or `drive`."""
+    return {"up": cmd_up, "status": cmd_status, "down": cmd_down, "drive": cmd_drive}[args.command](args)
 
 
 def make_backend(kind: str, root: Path) -> Any:
@@ -35,8 +104,9 @@ def make_backend(kind: str, root: Path) -> Any:
     return LocalBackend(root / ".local-jobs")
 
 
-def _load_inputs(args: argparse.Namespace, session: Any, models: Any, gpus: Any) -> tuple[Any, Any, Path]:
-    """(plan, workflow, plan path): the plan given, or one planned now for the workflow given."""
+def _load_inputs(args: argparse.Namespace, session: Any, models: Any, gpus: Any, cluster: Any) -> tuple[Any, Any, Path]:
+    """(plan, workflow, plan path): the plan given, or one planned now (planning.plan) for the
+    workflow given, on `cluster`, with `scepsy plan`'s defaults."""
     from scepsy_hpc.spec.plan import load_plan
     from scepsy_hpc.spec.source import load_yaml
     from scepsy_hpc.spec.workflow import load_workflow
@@ -59,17 +129,20 @@ def _load_inputs(args: argparse.Namespace, session: Any, models: Any, gpus: Any)
         wf = load_workflow(wf_path, models)
         return load_plan(path, wf, models, gpus), wf, path
     wf = load_workflow(path, models)
-    from scepsy_hpc.cli import build_parser
-    from scepsy_hpc.commands.plan import cmd_plan
+    from scepsy_hpc.commands.plan import show
+    from scepsy_hpc.planning import PlanRequest, plan
 
     plan_path = session.dir / "plan.yaml"
-    argv = ["plan", str(path), "--cluster", args.cluster, "-o", str(plan_path)]
+    same = ["plan", str(path), "--cluster", args.cluster, "-o", str(plan_path)]
     if args.target_rps:
-        argv += ["--target-rps", str(args.target_rps)]
-    make_console(stderr=True).print(f"[dim]planning {wf.name} on {args.cluster}: scepsy {' '.join(argv)}[/dim]")
-    plan_args = build_parser().parse_args(argv)
-    plan_args.models, plan_args.gpu_catalog = args.models, args.gpu_catalog
-    cmd_plan(plan_args)
+        same += ["--target-rps", str(args.target_rps)]
+    err = make_console(stderr=True)
+    err.print(f"[dim]planning {wf.name} on {args.cluster}: scepsy {' '.join(same)}[/dim]")
+    request = PlanRequest(workflows=(wf,), models=models, gpus=gpus, cluster=cluster, cluster_ref=args.cluster,
+                          target_rps={wf.name: args.target_rps} if args.target_rps else {},
+                          workflow_files=(str(path.resolve()),))
+    result = plan(request, progress=(lambda m: err.print(f"[dim]{m}[/dim]")) if sys.stderr.isatty() else None)
+    show(result, output=str(plan_path))
     return load_plan(plan_path, wf, models, gpus), wf, plan_path
 
 
@@ -149,6 +222,7 @@ def preflight(backend: Any, partition: str | None, placement: list[dict[str, Any
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Submit, wait for healthy engines, serve the gateway, watch the job."""
+    import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
     from scepsy_hpc.backend.base import NodeJob
     from scepsy_hpc.backend.session import open_session, state_root
     from scepsy_hpc.spec.catalog import load_gpus, load_models
@@ -156,8 +230,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     args.gpus_catalog = gpus
-    if args.time_scale <= 0:
-        raise SpecError(f"--time-scale {args.time_scale:g}: must be positive (wall seconds per model second)")
     root = state_root(args.state_dir)
     name = args.name or Path(args.target).stem
     session = open_session(name, root)
@@ -174,7 +246,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for stale in list((session.dir / "agents").glob("*.json")) + [session.dir / "endpoints.yaml"]:
         stale.unlink(missing_ok=True)
     cluster = load_cluster(resolve_input(args.cluster, "clusters"), gpus)
-    plan, wf, plan_path = _load_inputs(args, session, models, gpus)
+    plan, wf, plan_path = _load_inputs(args, session, models, gpus, cluster)
     placement = _placement(plan, cluster, gpus)
     config = serve_config(plan, wf, models, placement, args)
     slurm = cluster.slurm
@@ -227,6 +299,7 @@ def _leaves(placement: list[dict[str, Any]], cluster: Any, gpus: Any) -> int | N
 
 
 async def _serve(args: argparse.Namespace, session: Any, backend: Any, job_id: str, config: dict[str, Any], err: Any) -> int:
+    import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
     from scepsy_hpc.gateway.app import start_gateway
 
     await _wait_ready(session, backend, job_id, config, args.start_timeout, err)
@@ -282,6 +355,7 @@ def _write_endpoints(session: Any, path: Path, time_scale: float | None) -> None
 
 async def _wait_ready(session: Any, backend: Any, job_id: str, config: dict[str, Any], timeout_s: float, err: Any) -> None:
     """Until every node agent reports ready; EngineError naming the log of an engine that failed."""
+    import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
     nodes = sorted({i["node"] for i in config["instances"]})
     deadline = time.monotonic() + timeout_s
     said = ""
@@ -423,13 +497,12 @@ def _pid_alive(pid: int) -> bool:
 
 def cmd_drive(args: argparse.Namespace) -> int:
     """Run a workflow's requests through a serving session's gateway (or any gateway URL)."""
+    import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
     from scepsy_hpc.backend.session import find_session, state_root
     from scepsy_hpc.drive.synthetic import drive_program
     from scepsy_hpc.spec.catalog import load_models
     from scepsy_hpc.spec.workflow import load_workflow
 
-    if args.requests < 1:
-        raise SpecError(f"--requests {args.requests}: drive at least one request")
     url, scale, wf_arg = args.gateway, args.time_scale, args.workflow
     if url is None:
         info = find_session(args.name, state_root(args.state_dir)).info()

@@ -11,6 +11,24 @@ from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 from scepsy_hpc.errors import SpecError
 
 
+def add_arguments(sub: Any) -> None:
+    """The `topology show` subcommand's arguments."""
+    to = sub.add_parser("topology", help="show what a topology source says: switches, blocks, nodes, NVLink domains")
+    tsub = to.add_subparsers(dest="topology_command", required=True, metavar="SUBCOMMAND")
+    ts = tsub.add_parser("show", help="print the topology as a tree (or --json)")
+    src = ts.add_mutually_exclusive_group(required=True)
+    src.add_argument("--slurm", action="store_true", help="ask the live Slurm (scontrol show topology / node)")
+    src.add_argument("--topology-conf", metavar="FILE", help="a topology.conf (tree or block), or topology.yaml (Slurm ≥ 25.05)")
+    src.add_argument("--scontrol", metavar="FILE", help="saved `scontrol show topology` output")
+    src.add_argument("--nvsmi", metavar="FILE", help="saved `nvidia-smi topo -m` output of one node")
+    src.add_argument("--gres", metavar="FILE", help="gres.conf, or `slurmd -G` output (Links= per GPU)")
+    src.add_argument("--nvml", action="store_true", help="probe this node's GPUs with NVML (needs nvidia-ml-py)")
+    src.add_argument("--cluster", metavar="CLUSTER.yaml", help="a cluster spec's static description")
+    ts.add_argument("--partition", metavar="P", help="with --slurm: only this partition's nodes")
+    ts.add_argument("--json", action="store_true", help="print one JSON object")
+    ts.set_defaults(run=run)
+
+
 def _read(path: str) -> str:
     try:
         return Path(path).read_text(errors="replace")
@@ -153,8 +171,8 @@ def _compress(names: list[str]) -> str:
     return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:3])}, … {names[-1]}"
 
 
-def cmd_topology(args: argparse.Namespace) -> int:
-    """Show a topology source."""
+def run(args: argparse.Namespace) -> int:
+    """Show a topology source (`scepsy topology show`)."""
     d = gather(args)
     if args.json:
         print(json.dumps(jsonable(d), indent=2))

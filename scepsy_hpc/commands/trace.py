@@ -5,8 +5,42 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from typing import Any
 
+from scepsy_hpc.commands.argtypes import non_negative_int, positive_float, positive_int
 from scepsy_hpc.commands.common import jsonable, make_console
+
+
+def add_arguments(sub: Any) -> None:
+    """The `trace` and `stats` subcommands' arguments."""
+    tr = sub.add_parser("trace", help="run a workflow through the gateway against local simulated engines; write its trace")
+    tr.add_argument("workflow", metavar="WORKFLOW", help="workflow file or shipped name")
+    tr.add_argument("--requests", type=positive_int, default=20, metavar="N", help="requests to run (default 20)")
+    tr.add_argument("--rate", type=positive_float, metavar="RPS", help="open-loop Poisson arrivals (model time); default closed loop")
+    tr.add_argument("--concurrency", type=positive_int, default=4, metavar="C", help="requests in flight without --rate (default 4)")
+    tr.add_argument("--driver", choices=("program", "entrypoint"),
+                    help="run the spec's program, or its driver.entrypoint (real code); default: entrypoint if the spec has one")
+    tr.add_argument("--plan", help="engines per this plan (default: one replica per LLM at the smallest tp that fits)")
+    tr.add_argument("--gpu", default="h100-sxm", help="GPU type the simulated engines model without --plan (default h100-sxm)")
+    tr.add_argument("--time-scale", type=positive_float, default=0.05, metavar="S",
+                    help="wall seconds per model second for engines and tools (default 0.05: 20x faster)")
+    tr.add_argument("--id-style", choices=("header", "path"), default="header",
+                    help="send the request id as X-Scepsy-Request header or /r/ID/v1 path prefix (program driver)")
+    tr.add_argument("-o", "--output", metavar="FILE", help="trace file (default WORKFLOW.trace.jsonl)")
+    tr.add_argument("--append", action="store_true", help="append to an existing trace instead of replacing it")
+    tr.add_argument("--log-dir", metavar="DIR", help="engine logs (default: a temp dir)")
+    tr.add_argument("--seed", type=non_negative_int, default=0)
+    tr.set_defaults(run=run)
+
+    st = sub.add_parser("stats", help="per-LLM statistics of a trace (n, p, tokens, shares, critical path)")
+    st.add_argument("trace", metavar="TRACE", help="JSONL trace (from `scepsy trace`, the gateway or `simulate --trace`)")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`scepsy trace` or `scepsy stats`."""
+    return cmd_trace(args) if args.command == "trace" else cmd_stats(args)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -100,12 +134,6 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from scepsy_hpc.spec.plan import load_plan
     from scepsy_hpc.spec.workflow import load_workflow
 
-    if args.requests < 1:
-        raise SpecError(f"--requests {args.requests}: trace at least one request")
-    if args.rate is not None and args.rate <= 0:
-        raise SpecError(f"--rate {args.rate:g}: give a positive rate, or leave it out for closed-loop --concurrency")
-    if args.time_scale <= 0:
-        raise SpecError(f"--time-scale {args.time_scale:g}: must be positive (wall seconds per model second)")
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     wf_path = resolve_input(args.workflow, "workflows")
     wf = load_workflow(wf_path, models)

@@ -24,6 +24,9 @@ piling up; runs still filling are lengthened). The race is opt-in (`throughput=T
 plans of one GPU split sustain the same rate within the judge's few percent, it mostly picks
 among sample-path noise (README, "Measured").
 
+It sits in planning, above allocate, because it runs the simulator (allocate's planner and
+policies import no simulator); `planning.policy.checked` applies it to the milp policy's plan.
+
 The check runs on the planner's GPU type with the engine performance model, with its own seed
 (not that of any later `scepsy simulate` or `scepsy bench` run). It applies to one workflow with
 a program: several workflows sharing deployments, a trace without a program, and measured
@@ -42,7 +45,7 @@ from scepsy_hpc.spec.plan import LLMAlloc
 
 if TYPE_CHECKING:
     from scepsy_hpc.allocate.milp import Candidate
-    from scepsy_hpc.allocate.planner import Planner
+    from scepsy_hpc.allocate.planner import Outcome, Planner
 
 DEFAULT_ALTERNATIVES = 3
 DEFAULT_CAPS = (0.75, 0.6, 0.45)
@@ -62,6 +65,7 @@ class Checked:
     refused_rps: float | None = None     # throughput goal: the rate at which it fell out (None: still in at the end)
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as `plan --json` prints it under sim_check.allocations."""
         out = {"label": self.label, "allocation": {m: {"tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas} for m, c in self.choice.items()},
                "predicted_latency_s": self.predicted_s,
                "simulated_latency_s": self.simulated_s if math.isfinite(self.simulated_s) else None,
@@ -170,8 +174,13 @@ class SimCheck:
         return out
 
 
-def shortlist(planner: "Planner", best: Any, check: SimCheck) -> list[tuple[str, dict[str, "Candidate"]]]:
-    """(label, allocation) to simulate, duplicates dropped:
+def shortlist(planner: "Planner", best: "Outcome", check: SimCheck) -> list[tuple[str, dict[str, "Candidate"]]]:
+    """(label, allocation) to simulate, duplicates dropped (see `shortlist_timed`)."""
+    return shortlist_timed(planner, best, check)[0]
+
+
+def shortlist_timed(planner: "Planner", best: "Outcome", check: SimCheck) -> tuple[list[tuple[str, dict[str, "Candidate"]]], float]:
+    """(the shortlist, `best.solve_time_s` plus the solve time of the MILPs that made it). The shortlist:
     - the MILP's optimum;
     - its optimum with every LLM held to each lower utilisation cap of `check.caps`, and with one
       LLM at a time held to the lowest (the predictor is optimistic under bursty load, so the check
@@ -186,6 +195,7 @@ def shortlist(planner: "Planner", best: Any, check: SimCheck) -> list[tuple[str,
 
     out: list[tuple[str, dict[str, "Candidate"]]] = []
     seen: set[tuple[Any, ...]] = set()
+    solve_time_s = best.solve_time_s
 
     def keep(label: str, choice: Mapping[str, "Candidate"]) -> None:
         if choice_key(choice) not in seen:
@@ -195,12 +205,13 @@ def shortlist(planner: "Planner", best: Any, check: SimCheck) -> list[tuple[str,
     budget = {planner.gpu_name: planner.n_gpus}
 
     def milp(cands: Mapping[str, list["Candidate"]], exclude: list[dict[str, float]]) -> dict[str, "Candidate"] | None:
+        nonlocal solve_time_s
         try:
             res = solve(cands, budget, time_limit_s=planner.time_limit_s, gap=planner.gap,
                         domain_caps=planner.domain_caps, exclude=exclude, delta=check.delta)
         except (InfeasibleError, SolverError):
             return None
-        best.solve_time_s += res.solve_time_s
+        solve_time_s += res.solve_time_s
         return dict(res.choice)
 
     theta = best.theta
@@ -229,7 +240,7 @@ def shortlist(planner: "Planner", best: Any, check: SimCheck) -> list[tuple[str,
             break
         keep(f"split {k + 2}", got)
         shares.append({m: c.gpus for m, c in got.items()})
-    return out
+    return out, solve_time_s
 
 
 def spread_out(planner: "Planner", choice: Mapping[str, "Candidate"], theta: float) -> dict[str, "Candidate"] | None:
@@ -254,26 +265,25 @@ def spread_out(planner: "Planner", choice: Mapping[str, "Candidate"], theta: flo
     return out if changed else None
 
 
-def run_check(planner: "Planner", best: Any, goal: str = "latency") -> Any:
+def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = "latency") -> "Outcome":
     """Simulate `best` (the milp policy's Outcome) and its shortlist at its rate scale; return the
-    Outcome to keep (see the module docstring). `goal` "throughput" runs `run_throughput_check`."""
-    check = planner.check
-    if check is None or best.priced is None:
+    Outcome to keep (see the module docstring), a new value. `goal` "throughput" runs `run_throughput_check`."""
+    if best.priced is None:
         return best
     why = check.skip_reason(planner)
     if why is not None:
-        best.notes.append(why)
-        return best
+        return best.noted(why)
     if goal == "throughput":
         if not check.throughput:
-            best.notes.append("simulator check: off for the max-throughput goal (--sim-check-throughput races the plan "
+            return best.noted("simulator check: off for the max-throughput goal (--sim-check-throughput races the plan "
                               "against other allocations by simulated sustainable rate)")
-            return best
-        return run_throughput_check(planner, best)
+        return run_throughput_check(planner, check, best)
     t0 = time.perf_counter()
     theta = best.theta
     checked = []
-    for label, choice in shortlist(planner, best, check):
+    items, solve_time_s = shortlist_timed(planner, best, check)
+    best = replace(best, solve_time_s=solve_time_s)
+    for label, choice in items:
         planner.progress(f"simulator check: {label}")
         pred = sum(p.latency_s for p in planner.evaluate(choice, theta).values())
         lat, thr = check.simulate(planner, choice, theta)
@@ -284,17 +294,15 @@ def run_check(planner: "Planner", best: Any, goal: str = "latency") -> Any:
     out = best
     if win is not base and win.simulated_s < base.simulated_s * (1 - check.margin):
         out = _outcome(planner, best, dict(win.choice), theta)
-        out.notes.append(f"simulator check: the MILP's optimum simulates at {base.simulated_s:.3g} s mean latency; "
+        out = out.noted(f"simulator check: the MILP's optimum simulates at {base.simulated_s:.3g} s mean latency; "
                          f"the {win.label} allocation simulates at {win.simulated_s:.3g} s and is kept "
                          f"({len(checked)} allocations, {check.requests_for(_calls(planner))} requests each, {elapsed:.1f} s)")
     else:
         others = min((c.simulated_s for c in checked[1:]), default=math.nan)
-        out.notes.append(f"simulator check: the MILP's optimum simulates at {base.simulated_s:.3g} s mean latency, "
+        out = out.noted(f"simulator check: the MILP's optimum simulates at {base.simulated_s:.3g} s mean latency, "
                          f"the best of {len(checked) - 1} others at {others:.3g} s; kept "
                          f"({check.requests_for(_calls(planner))} requests each, {elapsed:.1f} s)")
-    out.checked = checked
-    out.check_time_s = elapsed
-    return out
+    return replace(out, checked=tuple(checked), check_time_s=elapsed)
 
 
 def neighbours(planner: "Planner", choice: Mapping[str, "Candidate"], delta: float,
@@ -328,7 +336,7 @@ def neighbours(planner: "Planner", choice: Mapping[str, "Candidate"], delta: flo
     return [(label, c) for _, label, c in out]
 
 
-def run_throughput_check(planner: "Planner", best: Any) -> Any:
+def run_throughput_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "Outcome":
     """The max-throughput goal's check (module docstring; `run_check` decides whether it runs): bisect the optimum's simulated
     sustainable rate, race the shortlist rebuilt at that rate and the leaders' neighbours upward
     from it, and keep the allocation that sustained the highest rate (the optimum unless another
@@ -337,7 +345,6 @@ def run_throughput_check(planner: "Planner", best: Any) -> Any:
     from scepsy_hpc.errors import InfeasibleError
     from scepsy_hpc.sim.capacity import bisect_rate
 
-    check = planner.check
     t0 = time.perf_counter()
     w = planner.demands[0].weight_rps
     sims = 0
@@ -373,7 +380,7 @@ def run_throughput_check(planner: "Planner", best: Any) -> Any:
 
     lo, hi = bisect_rate(ok, best.theta * w, rel_tol=check.step, max_runs=max(2, check.max_sims // 3), step=1.5)
     if lo <= 0:
-        best.notes.append(f"simulator check: the MILP's optimum sustains no rate down to {hi:.3g} rps in the simulator; kept")
+        best = best.noted(f"simulator check: the MILP's optimum sustains no rate down to {hi:.3g} rps in the simulator; kept")
         return _finish(best, rows, t0)
     # 2. contenders: the shortlist rebuilt at the first rate of the race, and the optimum's neighbours
     rate = lo * (1 + check.step)
@@ -381,8 +388,9 @@ def run_throughput_check(planner: "Planner", best: Any) -> Any:
     contenders: list[tuple[str, dict[str, "Candidate"]]] = []
     try:
         base = planner.milp_latency(theta)
-        contenders += [(f"at {rate:.3g} rps: {label}", c) for label, c in shortlist(planner, base, check)]
-        best.solve_time_s += base.solve_time_s
+        items, base_solve_s = shortlist_timed(planner, base, check)
+        contenders += [(f"at {rate:.3g} rps: {label}", c) for label, c in items]
+        best = replace(best, solve_time_s=best.solve_time_s + base_solve_s)
     except InfeasibleError:
         pass
     waits = last["optimum"].waits if "optimum" in last else None
@@ -419,29 +427,28 @@ def run_throughput_check(planner: "Planner", best: Any) -> Any:
     elapsed = time.perf_counter() - t0
     n_req = check.requests_for(_calls(planner))
     if leader is opt:
-        best.notes.append(f"simulator check (throughput): the MILP's optimum sustains {lo:.3g} rps in the simulator "
+        best = best.noted(f"simulator check (throughput): the MILP's optimum sustains {lo:.3g} rps in the simulator "
                           f"(the predictor says {best.theta * w / planner.max_util:.3g}); no other of {len(rows) - 1} "
                           f"allocations sustained {lo * (1 + check.step):.3g}; kept ({sims} judgements of {check.paths}×{n_req} requests, {elapsed:.1f} s)")
         return _finish(best, rows, t0)
     choice = dict(leader.choice)
     top = planner.throughput_scale(planner.evaluate(choice, best.theta))
     out = _outcome(planner, best, choice, min(best.theta, top * planner.max_util))
-    out.notes.append(f"simulator check (throughput): the MILP's optimum sustains {lo:.3g} rps in the simulator; "
+    out = out.noted(f"simulator check (throughput): the MILP's optimum sustains {lo:.3g} rps in the simulator; "
                      f"the {leader.label} allocation sustains {lead_rate:.3g} rps and is kept ({len(rows)} allocations, "
                      f"{sims} judgements of {check.paths}×{n_req} requests, {elapsed:.1f} s)")
     return _finish(out, rows, t0)
 
 
-def _outcome(planner: "Planner", best: Any, choice: dict[str, "Candidate"], theta: float) -> Any:
+def _outcome(planner: "Planner", best: "Outcome", choice: dict[str, "Candidate"], theta: float) -> "Outcome":
     """`best` with `choice` in place of its allocation, priced at θ; solver figures and notes kept."""
     return planner.outcome(choice, theta, best.status, solve_time_s=best.solve_time_s, iterations=best.iterations,
-                           candidates=best.candidates, notes=list(best.notes), milp=best.milp, priced=best.priced)
+                           candidates=best.candidates, notes=best.notes, milp=best.milp, priced=best.priced)
 
 
-def _finish(out: Any, rows: Mapping[Any, Checked], t0: float) -> Any:
-    out.checked = sorted(rows.values(), key=lambda r: (r.label != "optimum", -(r.sustained_rps or 0.0)))
-    out.check_time_s = time.perf_counter() - t0
-    return out
+def _finish(out: "Outcome", rows: Mapping[Any, Checked], t0: float) -> "Outcome":
+    return replace(out, checked=tuple(sorted(rows.values(), key=lambda r: (r.label != "optimum", -(r.sustained_rps or 0.0)))),
+                   check_time_s=time.perf_counter() - t0)
 
 
 def _with_replicas(c: "Candidate", r: int) -> "Candidate":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CAPTURES = ROOT.parent / "shared" / "reference" / "topology-captures"
 DATA = ROOT / "tests" / "data" / "topology"
 

@@ -1,0 +1,94 @@
+"""A PlanResult as a plan file (`Plan`) and as the JSON summary `scepsy plan --json` prints."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scepsy_hpc.planning.request import PlanResult
+    from scepsy_hpc.spec.plan import Plan
+
+
+def to_plan(result: PlanResult) -> Plan:
+    """The plan file content."""
+    from scepsy_hpc.spec.plan import GPUBudget, LLMAlloc, Plan
+    from scepsy_hpc.spec.workflow import Target
+
+    planner, out, req = result.planner, result.outcome, result.request
+    policy, mode, slo = req.policy, result.goal, result.latency_slo_s
+    single = len(planner.demands) == 1
+    alloc = {d: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for d, c in out.choice.items()}
+    names = [dm.wf.name for dm in planner.demands]
+    rate = out.rates[names[0]]
+    target = Target(throughput_rps=round(rate, 6), latency_slo_s=slo) if single else None
+    routes = None if single else {dm.wf.name: {llm: planner.dep_of[i, llm] for llm in dm.wf.llms}
+                                  for i, dm in enumerate(planner.demands)}
+    predicted = {w: {"rate_rps": round(out.rates[w], 6), "latency_s": _r(p.latency_s), "throughput_rps": _r(p.throughput_rps),
+                     "bottleneck": p.bottleneck_llm, "predictor": p.predictor} for w, p in out.predictions.items()}
+    solver = {"policy": policy, "goal": mode, "status": out.status, "solve_time_s": round(out.solve_time_s, 4),
+              "iterations": out.iterations, "candidates": out.candidates, "max_util": planner.max_util,
+              "time_limit_s": planner.time_limit_s, "notes": list(out.notes)}
+    if out.checked:
+        solver["sim_check_s"] = round(out.check_time_s, 2)
+    provenance: dict[str, Any] = {"profiles": req.profiles_dir or "synthetic (performance model)",
+                                  "statistics": req.trace or f"program samples ({req.samples}, seed {req.seed})"}
+    if req.workflow_files:
+        provenance["workflow_file"] = req.workflow_files[0] if single else list(req.workflow_files)
+    plan = Plan(workflow=names[0] if single else None, workflows=None if single else names,
+                gpus=GPUBudget(type=planner.gpu_name, count=planner.n_gpus), allocation=alloc, target=target,
+                predicted=predicted[names[0]] if single else predicted, solver=solver, routes=routes, provenance=provenance,
+                notes=f"planned by `scepsy plan --policy {policy}` ({mode})")
+    if result.placement is not None:
+        plan = plan.model_copy(update={"placement": result.placement.as_list()})
+    return plan
+
+
+def _r(x: float) -> float | None:
+    return round(x, 4) if math.isfinite(x) else None
+
+
+def summarise(result: PlanResult, plot: str | None = None, plan_file: str | None = None) -> dict[str, Any]:
+    """The JSON form: status, allocation, predicted, gpus_used, solve_time_s, per-LLM rows; the
+    placement and its fragmentation with a cluster; where the CLI drew the placement (`plot`) and
+    wrote the plan (`plan_file`); the simulated figures when asked for."""
+    from scepsy_hpc.allocate.planner import used_gpus
+
+    planner, out = result.planner, result.outcome
+    used = used_gpus(out.choice)
+    per_llm = []
+    for d, c in out.choice.items():
+        dep = planner.deployments[d]
+        i, llm = dep.members[0]
+        p = out.predictions[planner.demands[i].wf.name].per_llm.get(llm)
+        spec = planner.demands[i].wf.llms[llm].model
+        per_llm.append({"llm": d, "model": spec if isinstance(spec, str) else dep.model.hf_id, "tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas,
+                        "gpus": c.gpus, "load_rps": p.load_rps * c.replicas if p else 0.0,
+                        "capacity_rps": p.capacity_rps if p else 0.0, "utilisation": p.utilisation if p else 0.0,
+                        "call_latency_s": p.call_latency_s if p else 0.0,
+                        "critical_path_s": sum(out.predictions[planner.demands[j].wf.name].per_llm[m].stage_s
+                                               for j, m in dep.members if m in out.predictions[planner.demands[j].wf.name].per_llm)})
+    preds = {w: {"rate_rps": out.rates[w], "latency_s": p.latency_s, "throughput_rps": p.throughput_rps,
+                 "bottleneck": p.bottleneck_llm, "tool_s": p.tool_s} for w, p in out.predictions.items()}
+    first = next(iter(preds.values()))
+    summary: dict[str, Any] = {
+        "status": out.status, "policy": result.request.policy, "goal": result.goal,
+        "allocation": {d: {"tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas} for d, c in out.choice.items()},
+        "predicted": {"latency_s": first["latency_s"], "throughput_rps": first["throughput_rps"],
+                      "rate_rps": first["rate_rps"], "per_workflow": preds},
+        "gpus_used": used, "gpus_free": planner.n_gpus - used, "gpus_total": planner.n_gpus, "gpu_type": planner.gpu_name,
+        "solve_time_s": out.solve_time_s, "iterations": out.iterations, "candidates": out.candidates,
+        "per_llm": per_llm, "notes": list(out.notes),
+        "sim_check": {"time_s": out.check_time_s, "allocations": [c.to_dict() for c in out.checked]} if out.checked else None,
+    }
+    if result.placement is not None:
+        summary["placement"] = result.placement.as_list()
+        summary["fragmentation"] = result.placement.fragmentation.as_dict()
+        summary["cluster"] = result.request.cluster_ref
+        if plot is not None:
+            summary["plot"] = plot
+    if plan_file is not None:
+        summary["plan_file"] = plan_file
+    if result.simulated is not None:
+        summary["simulated"] = dict(result.simulated)
+    return summary

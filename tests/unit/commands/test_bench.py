@@ -1,0 +1,62 @@
+"""`scepsy bench` as a user runs it (a real subprocess), and its table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def scepsy(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scepsy_hpc.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return str(Path(__file__).resolve().parents[2] / "data" / "small_rag.yaml")
+
+
+def test_bench_runs_and_plots(small, tmp_path):
+    png = tmp_path / "b.png"
+    out = scepsy("bench", "--workflows", small, "--gpus", "2", "--requests", "120", "--policies", "milp,equal",
+                 "--samples", "200", "--plot", str(png), "--json", timeout=600)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    cell = d["cells"][0]
+    assert cell["gpus"] == 2 and set(cell["policies"]) == {"milp", "equal"}
+    m, e = cell["policies"]["milp"], cell["policies"]["equal"]
+    assert m["sim_max_rps"] > 0 and e["sim_max_rps"] > 0
+    assert m["milp_throughput_ratio"] == pytest.approx(1.0)
+    assert e["milp_throughput_ratio"] == pytest.approx(m["sim_max_rps"] / e["sim_max_rps"])
+    assert cell["common_rps"] == pytest.approx(0.9 * min(m["sim_max_rps"], e["sim_max_rps"]))
+    # the bisection brackets each capacity; every run took at least the requests asked for
+    assert m["sim_refused_rps"] > m["sim_max_rps"] and e["sim_refused_rps"] > e["sim_max_rps"]
+    assert all(len(r) == 5 and r[4] >= 120 for r in m["capacity_runs"]) and m["capacity_max_requests"] >= 120
+    assert cell["common_requests"] == max(m["capacity_max_requests"], e["capacity_max_requests"])
+    assert 0 < cell["milp_fluid_fraction"] <= 1.05
+    # the instance bound sits between milp's exact optimum (one configuration per LLM) and the fluid bound
+    assert m["predicted_max_rps"] <= cell["instance_bound_rps"] * (1 + 1e-6) <= cell["fluid_rps"] * (1 + 1e-6)
+    assert cell["milp_instance_fraction"] == pytest.approx(m["sim_max_rps"] / cell["instance_bound_rps"])
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_table_piped_keeps_every_column_whole(capsys):
+    """Piped (not a terminal), the bench table is printed wide: no column is clipped, the bounds included."""
+    import argparse
+
+    from scepsy_hpc.commands import bench
+
+    alloc = "qwen72:2xtp8 llama70:2xtp4 mixtral:1xtp4 qwen32:1xtp4"
+    pol = {"allocation": alloc, "predicted_max_rps": 3.67, "sim_max_rps": 3.43, "sim_refused_rps": 3.5,
+           "milp_throughput_ratio": 1.0, "capacity_max_requests": 4800, "latency_mean_s": 31.6, "latency_p99_s": 80.2,
+           "latency_ratio_vs_milp": 1.0}
+    row = {"workflow": "mixture_of_agents", "gpus": 32, "fluid_rps": 4.46, "instance_bound_rps": 3.67, "common_rps": 0.298,
+           "milp_fluid_fraction": 0.77, "milp_instance_fraction": 0.935, "policies": {"milp": pol}}
+    bench._print([row], argparse.Namespace(gpu_type="h100-sxm", requests=1200, seed=0), 10.0)
+    out = capsys.readouterr().out
+    for text in ("inst. bound", "milp/inst.", "94%", "77%", "max-throughput allocation", alloc, "mixture_of_agents"):
+        assert text in out
+    assert "…" not in out

@@ -1,0 +1,220 @@
+"""The simulator check of the milp plan (planning.simcheck): the shortlist, the latency check and
+the throughput goal's race, with the simulator replaced at its seams and for real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scepsy_hpc.allocate import policies
+from scepsy_hpc.allocate.milp import choice_key
+from scepsy_hpc.allocate.planner import Demand, Planner, used_gpus
+from scepsy_hpc.planning import policy
+from scepsy_hpc.planning.simcheck import RaceRun, SimCheck, neighbours, shortlist
+from scepsy_hpc.predict.inputs import sample_mix, sample_program
+from scepsy_hpc.spec.source import parse_yaml
+from scepsy_hpc.spec.workflow import parse_workflow
+
+SMALL = (Path(__file__).resolve().parents[2] / "data" / "small_rag.yaml").read_text()
+
+
+def parse_workflow_text(text, name, models):
+    data, smap = parse_yaml(text, name)
+    return parse_workflow(data, smap, models)
+
+
+def make_planner(models, gpus, n_gpus, text=SMALL, weight=None, max_tp=4):
+    wf = parse_workflow_text(text, "small.yaml", models)
+    seqs = sample_program(wf, 300, 0)
+    w = weight or wf.target.throughput_rps
+    return Planner([Demand(wf, w, sample_mix(seqs), seqs)], models, gpus, "h100-sxm", n_gpus, max_tp=max_tp,
+                   n_calls=500)
+
+
+# ---- the simulator check of the milp plan ----
+
+
+key = choice_key
+
+
+@pytest.fixture(scope="module")
+def planner6(models, gpus):
+    return make_planner(models, gpus, 6)
+
+
+def test_shortlist_is_distinct_fits_and_carries_the_load(planner6):
+    check = SimCheck()
+    best = policies.plan_at(planner6, "milp", 1.0)
+    items = shortlist(planner6, best, check)
+    assert items[0] == ("optimum", best.choice)
+    assert len(items) >= 3, items  # lower caps, spread instances or other splits exist on 6 GPUs
+    assert len({key(c) for _, c in items}) == len(items)
+    loads = planner6.loads(1.0)
+    for label, choice in items:
+        assert used_gpus(choice) <= planner6.n_gpus, label
+        for m, c in choice.items():
+            mu = next(k.profile.capacity_rps for k in planner6.deployments[m].configs
+                      if k.tp == c.tp and k.gpu_frac == c.gpu_frac)
+            assert c.replicas * mu * planner6.max_util >= loads[m] - 1e-9, (label, m)
+
+
+def fake_simulate(latencies):
+    """SimCheck.simulate replaced at its seam: a latency per allocation, recorded calls."""
+    seen = []
+
+    def simulate(self, planner, choice, theta):
+        seen.append(key(choice))
+        return latencies(key(choice), len(seen)), theta
+
+    return simulate, seen
+
+
+def test_check_keeps_the_optimum_unless_beaten_by_the_margin(planner6, monkeypatch):
+    check = SimCheck(margin=0.05)
+    best = policies.plan_at(planner6, "milp", 1.0)
+    # every other allocation 3% faster: within the margin, the optimum stays
+    sim, seen = fake_simulate(lambda k, i: 10.0 if i == 1 else 9.7)
+    monkeypatch.setattr(SimCheck, "simulate", sim)
+    out = policy.checked(planner6, check, "milp", policies.plan_at(planner6, "milp", 1.0))
+    assert key(out.choice) == key(best.choice)
+    assert seen[0] == key(best.choice) and len(seen) == len(out.checked) >= 3
+    assert out.checked[0].label == "optimum" and out.checked[0].simulated_s == 10.0
+    assert "simulator check" in out.notes[-1] and "kept" in out.notes[-1]
+    # the third allocation 20% faster: it replaces the optimum, with its own prediction
+    sim, seen = fake_simulate(lambda k, i: 8.0 if i == 3 else 10.0)
+    monkeypatch.setattr(SimCheck, "simulate", sim)
+    out = policy.checked(planner6, check, "milp", policies.plan_at(planner6, "milp", 1.0))
+    assert key(out.choice) == seen[2] != key(best.choice)
+    assert out.checked[2].label in out.notes[-1] and "8 s" in out.notes[-1]
+    assert out.predictions["small_rag"].latency_s == pytest.approx(out.checked[2].predicted_s)
+    assert out.check_time_s > 0
+
+
+def test_check_runs_the_real_simulator(planner6):
+    check = SimCheck(alternatives=1, caps=(0.6,), calls=3000, min_requests=150)
+    out = policy.run(planner6, "milp", "target", check=check)
+    assert out.checked and all(c.simulated_s > 0 and c.throughput_rps > 0 for c in out.checked)
+    best = min(c.simulated_s for c in out.checked)
+    kept = next(c for c in out.checked if key(c.choice) == key(out.choice))
+    assert kept.simulated_s <= best / (1 - check.margin) + 1e-9
+    assert out.status in ("optimal", "feasible")
+
+
+def test_baselines_are_not_checked(planner6, monkeypatch):
+    check = SimCheck()
+    sim, seen = fake_simulate(lambda k, i: 1.0)
+    monkeypatch.setattr(SimCheck, "simulate", sim)
+    out = policy.run(planner6, "equal", "target", check=check)
+    assert not seen and not out.checked
+
+
+def test_check_is_off_with_several_workflows(models, gpus):
+    other = SMALL.replace("name: small_rag", "name: other")
+    demands = []
+    for i, text in enumerate((SMALL, other)):
+        wf = parse_workflow_text(text, f"{i}.yaml", models)
+        seqs = sample_program(wf, 200, 0)
+        demands.append(Demand(wf, 2.0, sample_mix(seqs), seqs))
+    p = Planner(demands, models, gpus, "h100-sxm", 6, max_tp=4, n_calls=400)
+    check = SimCheck()
+    out = policy.run(p, "milp", "target", check=check)
+    assert not out.checked
+    assert any("one workflow at a time" in n for n in out.notes)
+
+
+def test_requests_follow_the_calls_budget():
+    c = SimCheck(calls=100_000, min_requests=500, max_requests=2000)
+    assert c.requests_for(300.0) == 500       # many calls per request: the floor
+    assert c.requests_for(80.0) == 1250
+    assert c.requests_for(5.0) == 2000        # few calls per request: the ceiling
+
+
+# ---- the throughput goal's check: simulated maximum sustainable rate ----
+
+
+def fake_race(capacity):
+    """SimCheck.race replaced at its seam: an allocation sustains every rate up to capacity(choice)."""
+    seen = []
+
+    def race(self, planner, choices, rate):
+        out = []
+        for c in choices:
+            seen.append((key(c), rate))
+            cap = capacity(c)
+            out.append(RaceRun(rate <= cap, 10.0 * rate / cap, min(rate, cap), {m: 0.0 for m in c}))
+        return out
+
+    return race, seen
+
+
+def test_neighbours_move_a_gpu_and_fit(planner6):
+    best = policies.max_throughput(planner6, "milp")
+    names = list(best.choice)
+    waits = {names[0]: 0.0, names[1]: 5.0}
+    got = neighbours(planner6, best.choice, 1.0, waits)
+    assert got, "a 6-GPU plan of two LLMs has a move"
+    for label, c in got:
+        assert planner6.fits(c), label
+        moved = [m for m in names if c[m] != best.choice[m]]
+        assert len(moved) == 2, label
+        giver, taker = sorted(moved, key=lambda m: c[m].gpus - best.choice[m].gpus)
+        assert best.choice[giver].gpus - c[giver].gpus >= 1.0 - 1e-9 and c[taker].gpus > best.choice[taker].gpus
+        assert (c[giver].tp, c[giver].gpu_frac) == (best.choice[giver].tp, best.choice[giver].gpu_frac)
+        assert c[giver].replicas >= 1
+    # the LLM that waited longest receives first
+    first = got[0][1]
+    assert first[names[1]].gpus > best.choice[names[1]].gpus
+
+
+def test_throughput_check_climbs_to_the_better_split(planner6, monkeypatch):
+    best = policies.max_throughput(planner6, "milp")
+    names = list(best.choice)
+    x0 = best.choice[names[1]].gpus
+    r0 = 0.6 * best.theta * planner6.demands[0].weight_rps   # the simulator below the predictor, as on beam_search
+    # capacity grows with the GPUs of the second LLM: r0 at the optimum, +20% per GPU more
+    race, seen = fake_race(lambda c: r0 * (1.0 + 0.2 * (c[names[1]].gpus - x0)))
+    monkeypatch.setattr(SimCheck, "race", race)
+    check = SimCheck(jobs=1, max_sims=40, throughput=True)
+    out = policy.run(planner6, "milp", "max-throughput", check=check)
+    assert out.choice[names[1]].gpus > x0 + 1.0 - 1e-9      # more than one move up the gradient
+    kept = next(r for r in out.checked if key(r.choice) == key(out.choice))
+    opt = out.checked[0]
+    assert opt.label == "optimum" and opt.sustained_rps == pytest.approx(r0, rel=0.04)
+    assert kept.sustained_rps >= opt.sustained_rps * (1 + check.step) - 1e-9
+    assert kept.sustained_rps <= r0 * (1.0 + 0.2 * (out.choice[names[1]].gpus - x0)) + 1e-9   # never above its capacity
+    assert len(seen) <= check.max_sims
+    assert "simulator check (throughput)" in out.notes[-1] and "is kept" in out.notes[-1]
+    assert planner6.fits(out.choice) and out.status != "under-capacity"
+    assert out.check_time_s > 0 and out.checked[0].to_dict()["sustained_rps"] == opt.sustained_rps
+
+
+def test_throughput_check_keeps_the_optimum_within_a_step(planner6, monkeypatch):
+    best = policies.max_throughput(planner6, "milp")
+    r0 = 0.6 * best.theta * planner6.demands[0].weight_rps
+    race, seen = fake_race(lambda c: r0 * (1.0 if key(c) == key(best.choice) else 1.01))
+    monkeypatch.setattr(SimCheck, "race", race)
+    check = SimCheck(jobs=1, throughput=True)
+    out = policy.run(planner6, "milp", "max-throughput", check=check)
+    assert key(out.choice) == key(best.choice)
+    assert len({k for k, _ in seen}) >= 3                      # the optimum and at least two contenders ran
+    assert "kept" in out.notes[-1] and "no other" in out.notes[-1]
+
+
+def test_throughput_check_runs_the_real_simulator(planner6):
+    check = SimCheck(calls=2000, min_requests=200, max_requests=300, max_sims=16, jobs=2, alternatives=1, caps=(0.6,),
+                     throughput=True)
+    out = policy.run(planner6, "milp", "max-throughput", check=check)
+    assert out.checked and out.checked[0].label == "optimum"
+    assert out.checked[0].sustained_rps > 0
+    assert all(r.refused_rps is None or r.refused_rps > (r.sustained_rps or 0.0) for r in out.checked)
+    assert planner6.fits(out.choice)
+
+
+def test_throughput_race_is_opt_in(planner6, monkeypatch):
+    race, seen = fake_race(lambda c: 1.0)
+    monkeypatch.setattr(SimCheck, "race", race)
+    check = SimCheck()
+    out = policy.run(planner6, "milp", "max-throughput", check=check)
+    assert not seen and not out.checked
+    assert "--sim-check-throughput" in out.notes[-1]
