@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
 
 # Slurm's walltime forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (the cluster spec's pattern)
 WALLTIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
@@ -105,9 +107,9 @@ def _items(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def int_list(each: Callable[[str], int] = positive_int, example: str = "8,16") -> Callable[[str], list[int]]:
-    """A comma list of whole numbers, each checked by `each`; at least one."""
-    def parse(text: str) -> list[int]:
+def comma_list(each: Callable[[str], T], example: str) -> Callable[[str], list[T]]:
+    """A comma list of values, each checked by `each`; at least one."""
+    def parse(text: str) -> list[T]:
         items = _items(text)
         if not items:
             raise argparse.ArgumentTypeError(f"{text!r}: give a comma list like {example}")
@@ -116,19 +118,16 @@ def int_list(each: Callable[[str], int] = positive_int, example: str = "8,16") -
         except argparse.ArgumentTypeError as exc:
             raise argparse.ArgumentTypeError(f"{text}: {exc}; give a comma list like {example}") from None
     return parse
+
+
+def int_list(each: Callable[[str], int] = positive_int, example: str = "8,16") -> Callable[[str], list[int]]:
+    """A comma list of whole numbers, each checked by `each`; at least one."""
+    return comma_list(each, example)
 
 
 def float_list(each: Callable[[str], float] = positive_float, example: str = "0.25,0.5,1") -> Callable[[str], list[float]]:
     """A comma list of numbers, each checked by `each`; at least one."""
-    def parse(text: str) -> list[float]:
-        items = _items(text)
-        if not items:
-            raise argparse.ArgumentTypeError(f"{text!r}: give a comma list like {example}")
-        try:
-            return [each(x) for x in items]
-        except argparse.ArgumentTypeError as exc:
-            raise argparse.ArgumentTypeError(f"{text}: {exc}; give a comma list like {example}") from None
-    return parse
+    return comma_list(each, example)
 
 
 def name_list(text: str) -> list[str]:
