@@ -148,7 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = to_plan(planner, out, args.policy, mode, slo, args)
     summary = summarise(planner, out, args.policy, mode)
     if placement is not None:
-        plan = plan.model_copy(update={"placement": placement.as_list()})
+        plan = plan.model_copy(update={"placement": placement.entries()})
         summary["placement"] = placement.as_list()
         summary["fragmentation"] = placement.fragmentation.as_dict()
         summary["cluster"] = args.cluster
