@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from scepsy_hpc.errors import EngineError
 
 LOG_TAIL_LINES = 20
+KILL_WAIT_S = 5.0   # how long a SIGKILLed group may take to disappear (a process in D state takes longer)
 Health = Callable[[], bool]
 
 # Engines are on our network: never route the health probe through an http_proxy from the environment.
@@ -128,6 +129,13 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass   # gone already (a PermissionError here is a recycled id: not ours to signal)
 
 
+def _await_gone(pgids: Sequence[int], poll_s: float, limit_s: float = KILL_WAIT_S) -> None:
+    # SIGKILL is delivered when the process next runs: give the members of the groups a moment to die
+    deadline = time.monotonic() + limit_s
+    while any(group_alive(g) for g in pgids) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+
+
 def stop_group(pgid: int, grace_s: float = 10.0, poll_s: float = 0.1) -> None:
     """TERM process group `pgid`, KILL what is left after `grace_s`; works for groups started by another process."""
     if not group_alive(pgid):
@@ -139,7 +147,7 @@ def stop_group(pgid: int, grace_s: float = 10.0, poll_s: float = 0.1) -> None:
             return
         time.sleep(poll_s)
     _signal_group(pgid, signal.SIGKILL)
-    group_alive(pgid)   # reaps the leader if it is ours
+    _await_gone([pgid], poll_s)
 
 
 @dataclass
@@ -239,3 +247,4 @@ def stop_all(procs: Iterable[Process], grace_s: float = 10.0, poll_s: float = 0.
         _signal_group(p.pid, signal.SIGKILL)
     for p in live:
         p.popen.wait()
+    _await_gone([p.pid for p in live], poll_s)
