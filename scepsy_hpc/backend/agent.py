@@ -15,22 +15,24 @@ MPS control daemon runs for the node and each engine gets its thread percentage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from scepsy_hpc.backend.records import RERUN, AgentReport, InstanceReport, InstanceState, ServeConfig
 from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env
-from scepsy_hpc.engine.local import is_healthy
+from scepsy_hpc.engine.supervisor import Process, free_port, port_free, start, stop_all
+from scepsy_hpc.errors import EngineError
+from scepsy_hpc.spec.records import read_record, write_record
 
-LOG_TAIL_LINES = 15
 PORT_LOCK = Path("/tmp/scepsy-agent-ports.lock")
 
 
@@ -43,43 +45,27 @@ class Instance:
     gpus: list[int]                  # physical GPU indices on the node (as the plan or Slurm number them)
     gpu_frac: float
     mps_pct: int
-    launch: dict[str, Any]
+    launch: EngineLaunch
     cuda_visible_devices: str = ""
     port: int = 0
     url: str = ""
     log: str = ""
     pid: int | None = None
     healthy: bool = False
-    state: str = "waiting"           # waiting, starting, healthy, failed, exited, stopped
+    state: InstanceState = "waiting"
     error: str = ""
     remapped: bool = False
-    started: float = 0.0             # monotonic time the engine was spawned
-    started_at: float = 0.0          # the same as Unix time, for the report
+    started_at: float = 0.0          # Unix time the engine was spawned, for the report
     healthy_at: float = 0.0          # Unix time /health first answered
-    proc: Any = field(default=None, repr=False)
+    proc: Process | None = field(default=None, repr=False)
 
-
-def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the engines bind: TIME_WAIT is no obstacle
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+    def report(self) -> InstanceReport:
+        """What the agent's report says of this engine."""
+        return InstanceReport(llm=self.llm, replica=self.replica, gpus=self.gpus, gpu_frac=self.gpu_frac,
+                              mps_pct=self.mps_pct, cuda_visible_devices=self.cuda_visible_devices, port=self.port,
+                              url=self.url, log=self.log, pid=self.pid, healthy=self.healthy, state=self.state,
+                              error=self.error, remapped=self.remapped, started_at=self.started_at,
+                              healthy_at=self.healthy_at)
 
 
 def map_gpus(planned: Sequence[int], env: dict[str, str]) -> tuple[dict[int, tuple[int, str]], bool]:
@@ -122,7 +108,7 @@ def colocation_chains(instances: Sequence[Instance]) -> list[list[Instance]]:
 class Agent:
     """Starts, watches and stops the engines of one node."""
 
-    def __init__(self, session: Path, node: str, config: dict[str, Any], env: dict[str, str]) -> None:
+    def __init__(self, session: Path, node: str, config: ServeConfig, env: dict[str, str]) -> None:
         self.session, self.node, self.config, self.env = session, node, config, env
         self.host = env.get("SCEPSY_ADVERTISE_HOST") or socket.gethostname()
         self.report_path = session / "agents" / f"{node}.json"
@@ -131,20 +117,14 @@ class Agent:
         self.error = ""
         self.stop_requested = False
         self.mps_env: dict[str, str] = {}
-        planned = [i for i in config["instances"] if i["node"] == node]
-        self.instances = [Instance(i["llm"], i["replica"], list(i["gpus"]), i["gpu_frac"], i["mps_pct"], i["launch"],
-                                   port=i["port"]) for i in planned]
+        self.instances = [Instance(i.llm, i.replica, list(i.gpus), i.gpu_frac, i.mps_pct, i.launch, port=i.port)
+                          for i in config.instances if i.node == node]
 
     def write(self) -> None:
         """The report, replaced atomically."""
-        self.report_path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"node": self.node, "host": self.host, "pid": os.getpid(), "state": self.state, "error": self.error,
-                "job_id": self.env.get("SLURM_JOB_ID", ""), "updated": time.time(),
-                "instances": [{f.name: getattr(i, f.name) for f in fields(i) if f.name not in ("proc", "launch", "started")}
-                              for i in self.instances]}
-        tmp = self.report_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.report_path)
+        write_record(self.report_path, AgentReport(
+            node=self.node, host=self.host, pid=os.getpid(), state=self.state, error=self.error,
+            job_id=self.env.get("SLURM_JOB_ID", ""), updated=time.time(), instances=[i.report() for i in self.instances]))
 
     def fail(self, inst: Instance | None, why: str) -> None:
         """Record a failure (naming the engine's log) and stop everything."""
@@ -170,7 +150,7 @@ class Agent:
         if not self.start_mps():
             return 1
         chains = colocation_chains(self.instances)
-        timeout_s = float(self.config.get("health_timeout_s", 600))
+        timeout_s = self.config.health_timeout_s
         while not self.stop_requested:
             pending = False
             for chain in chains:
@@ -183,18 +163,16 @@ class Agent:
                     self.write()
                     if self.state == "failed":
                         return 1
-                elif current.proc.poll() is not None:
-                    self.fail(current, f"engine {current.llm}·{current.replica} on {self.node} GPUs {current.cuda_visible_devices} "
-                                       f"exited with code {current.proc.returncode} while starting; see {current.log}:\n"
-                                       f"{_tail(current.log)}")
+                    continue
+                assert current.proc is not None   # started above
+                try:
+                    ready = current.proc.ready(timeout_s)
+                except EngineError as exc:
+                    self.fail(current, str(exc))
                     return 1
-                elif is_healthy(current.url, timeout_s=2.0):
+                if ready:
                     current.state, current.healthy, current.healthy_at = "healthy", True, time.time()
                     self.write()
-                elif time.monotonic() - current.started > timeout_s:
-                    self.fail(current, f"engine {current.llm}·{current.replica} on {self.node} not healthy after "
-                                       f"{timeout_s:g} s; see {current.log}:\n{_tail(current.log)}")
-                    return 1
             if not pending:
                 break
             time.sleep(0.2)
@@ -206,7 +184,7 @@ class Agent:
         while not self.stop_requested:   # watch: an engine that dies is reported, the others keep serving
             changed = False
             for inst in self.instances:
-                if inst.healthy and inst.proc.poll() is not None:
+                if inst.healthy and inst.proc is not None and inst.proc.poll() is not None:
                     inst.healthy, inst.state = False, "exited"
                     inst.error = f"exited with code {inst.proc.returncode}; see {inst.log}"
                     changed = True
@@ -218,35 +196,36 @@ class Agent:
 
     def start(self, inst: Instance) -> None:
         """Spawn one engine on its GPUs and port (ports chosen under a lock: agents may share a host)."""
-        fields = dict(inst.launch)
         log = self.log_dir / f"engine-{inst.llm}-{inst.replica}.log"
         inst.log = str(log)
         env = dict(os.environ)
         env.update(self.mps_env)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        what = f"engine {inst.llm}·{inst.replica} on {self.node} GPUs {inst.cuda_visible_devices}"
         with open(PORT_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                port = inst.port if inst.port and _port_free(inst.port) else _free_port()
-                launch = EngineLaunch(**{**fields, "port": port, "extra_args": tuple(fields.get("extra_args", ()))})
+                port = inst.port if inst.port and port_free(inst.port) else free_port("0.0.0.0")
+                launch = dataclasses.replace(inst.launch, port=port)
                 env.update(engine_env(launch, inst.cuda_visible_devices.split(","), inst.mps_pct))
-                prefix = self.config.get("launch_prefix", "")
+                prefix = self.config.launch_prefix
                 argv = ["bash", "-c", engine_command(launch, prefix)] if prefix else engine_argv(launch)
-                with open(log, "ab") as out:
-                    inst.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 env=env, start_new_session=True)
-                inst.port, inst.pid, inst.state = port, inst.proc.pid, "starting"
-                inst.url = f"http://{self.host}:{port}"
-                inst.started, inst.started_at = time.monotonic(), time.time()
+                url = f"http://{self.host}:{port}"
+                try:
+                    inst.proc = start(argv, log, what=what, health=url, env=env, append=True)
+                except EngineError as exc:
+                    self.fail(inst, str(exc))
+                    return
+                inst.port, inst.pid, inst.state, inst.url = port, inst.proc.pid, "starting", url
+                inst.started_at = time.time()
                 deadline = time.monotonic() + 5.0   # hold the lock until the engine holds its port
-                while _port_free(port) and inst.proc.poll() is None and time.monotonic() < deadline:
+                while port_free(port) and inst.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.05)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def start_mps(self) -> bool:
         """An MPS control daemon when this node shares GPUs between real engines."""
-        if self.config.get("engine") == "sim" or all(i.gpu_frac >= 1 for i in self.instances):
+        if self.config.engine == "sim" or all(i.gpu_frac >= 1 for i in self.instances):
             return True
         base = self.session / "mps" / self.node
         self.mps_env = {"CUDA_MPS_PIPE_DIRECTORY": str(base / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(base / "log")}
@@ -263,22 +242,7 @@ class Agent:
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         """SIGTERM every engine's process group, SIGKILL what is left after `grace_s`; stop MPS."""
-        live = [i for i in self.instances if i.proc is not None and i.proc.poll() is None]
-        for inst in live:
-            try:
-                os.killpg(inst.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        for inst in live:
-            try:
-                inst.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(inst.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                inst.proc.wait()
+        stop_all([i.proc for i in self.instances if i.proc is not None], grace_s)
         for inst in self.instances:
             if inst.state in ("healthy", "starting"):
                 inst.state, inst.healthy = "stopped", False
@@ -298,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--node", help="this node's name (default: $SLURMD_NODENAME, else the host name)")
     args = ap.parse_args(argv)
     node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    config = json.loads((args.session / "serve.json").read_text())
+    config = read_record(args.session / "serve.json", ServeConfig, RERUN)
     agent = Agent(args.session, node, config, dict(os.environ))
 
     def stop(signum: int, _frame: Any) -> None:

@@ -10,12 +10,14 @@ Slurm commands in unit tests.
 from __future__ import annotations
 
 import re
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
-from scepsy_hpc.errors import SpecError
+from scepsy_hpc.errors import ScepsyError, SpecError
+from scepsy_hpc.spec.placement_entry import PlacementEntry
 
 # Slurm's job states (sacct/squeue long names). A job in ACTIVE may still run; the rest are final.
 ACTIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
@@ -62,6 +64,16 @@ class JobStatus:
 
 
 @dataclass(frozen=True)
+class PartitionInfo:
+    """A partition jobs can be submitted to (sinfo's view; the local backend has one: this machine)."""
+
+    name: str
+    default: bool
+    available: bool
+    nodes: int
+
+
+@dataclass(frozen=True)
 class NodeJob:
     """Run `command` once on each node in `nodes` (in order), each holding `gpus_per_node` GPUs."""
 
@@ -99,6 +111,35 @@ class ClusterBackend(ABC):
     @abstractmethod
     def cancel(self, job_id: str) -> None:
         """Cancel the job (a job already finished is not an error)."""
+
+    @abstractmethod
+    def in_queue(self, job_id: str) -> bool:
+        """Whether the job is still pending or running (so a cancel has not yet taken effect)."""
+
+    @abstractmethod
+    def partitions(self) -> dict[str, PartitionInfo]:
+        """Partitions by name, the default one marked."""
+
+    @abstractmethod
+    def preflight(self, partition: str | None, placement: Sequence[PlacementEntry]) -> str | None:
+        """Check that `placement` can run on `partition` before anything is submitted; the partition to use."""
+
+    def cancel_and_wait(self, job_id: str, timeout_s: float = 90.0, *,
+                        sleep: Callable[[float], None] = time.sleep) -> bool:
+        """Cancel and wait until the job has left the queue; whether it did within `timeout_s`."""
+        try:
+            self.cancel(job_id)
+        except ScepsyError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if not self.in_queue(job_id):
+                    return True
+            except ScepsyError:
+                return True   # the backend no longer knows the job: it is not queued
+            sleep(0.5)
+        return False
 
     def script_path(self, job: NodeJob) -> Path:
         """Where the rendered script of `job` is kept: beside its logs."""

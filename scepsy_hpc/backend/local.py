@@ -8,43 +8,18 @@ run as other processes). States use Slurm's names.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
+import shutil
 from pathlib import Path
+from typing import Sequence
 
-from scepsy_hpc.backend.base import ClusterBackend, JobStatus, NodeJob
+from scepsy_hpc.backend.base import ClusterBackend, JobStatus, NodeJob, PartitionInfo
 from scepsy_hpc.backend.templates import quote, render_local
-from scepsy_hpc.errors import SlurmError
+from scepsy_hpc.engine.supervisor import group_alive, start, stop_group
+from scepsy_hpc.errors import SlurmError, SpecError
+from scepsy_hpc.spec.placement_entry import PlacementEntry
+from scepsy_hpc.spec.records import write_atomic
 
-
-def _alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process of the job's process group remains.
-
-    A zombie still answers killpg(…, 0); under a PID 1 that never reaps (a container without an
-    init) the cancelled script's shell would look alive forever, so /proc decides where it exists."""
-    try:
-        os.waitpid(pgid, os.WNOHANG)   # reap the leader if it is our own child
-    except ChildProcessError:
-        pass
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue   # exited while we looked
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+LOCAL_PARTITION = "local"   # the one partition the local backend has: this machine
 
 
 class LocalBackend(ClusterBackend):
@@ -57,20 +32,16 @@ class LocalBackend(ClusterBackend):
 
     def submit(self, job: NodeJob) -> str:
         """Write the script beside the logs and start it in its own session."""
-        job.log_dir.mkdir(parents=True, exist_ok=True)
         script = self.script_path(job)
-        script.write_text(render_local(job))
+        write_atomic(script, render_local(job))
         rc_path = job.log_dir / f"{job.name}.rc"
         rc_path.unlink(missing_ok=True)
-        out = open(job.log_dir / "job-local.out", "ab")
         # the wrapper shell records the exit code even when the script is killed by a signal
         wrapper = f"bash {quote(script)}; echo $? > {quote(rc_path)}"
-        proc = subprocess.Popen(["bash", "-c", wrapper], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=str(job.workdir))
-        out.close()
+        proc = start(["bash", "-c", wrapper], job.log_dir / "job-local.out", what=f"local job {job.name}",
+                     cwd=job.workdir, append=True)
         job_id = f"local-{proc.pid}"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        (self.jobs_dir / job_id).write_text(f"{job.log_dir}\n{job.name}\n{','.join(job.nodes)}\n")
+        write_atomic(self.jobs_dir / job_id, f"{job.log_dir}\n{job.name}\n{','.join(job.nodes)}\n")
         return job_id
 
     def _record(self, job_id: str) -> tuple[int, Path, str, str]:
@@ -85,7 +56,7 @@ class LocalBackend(ClusterBackend):
     def status(self, job_id: str) -> JobStatus:
         """RUNNING while the process group lives; then COMPLETED, FAILED or CANCELLED."""
         pid, log_dir, name, nodes = self._record(job_id)
-        if _alive(pid):
+        if group_alive(pid):
             return JobStatus(job_id, "RUNNING", "", nodes, "", "local")
         cancelled = (log_dir / f"{name}.cancelled").exists()
         try:
@@ -98,23 +69,23 @@ class LocalBackend(ClusterBackend):
     def cancel(self, job_id: str, grace_s: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL what is left after `grace_s`."""
         pid, log_dir, name, _ = self._record(job_id)
-        if not _alive(pid):
+        if not group_alive(pid):
             return
         (log_dir / f"{name}.cancelled").touch()
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.1)
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(pid, grace_s)
 
     def in_queue(self, job_id: str) -> bool:
         """Whether the job still runs."""
         return self.status(job_id).active
+
+    def partitions(self) -> dict[str, PartitionInfo]:
+        """This machine, as the one default partition."""
+        return {LOCAL_PARTITION: PartitionInfo(LOCAL_PARTITION, True, True, 1)}
+
+    def preflight(self, partition: str | None, placement: Sequence[PlacementEntry]) -> str | None:
+        """What a local run needs: something to run and bash for the job script; the partition is not used here."""
+        if not placement:
+            raise SpecError("the placement is empty: nothing to start")
+        if shutil.which("bash") is None:
+            raise SpecError("the local backend runs its job script with bash, which is not on PATH here")
+        return partition

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from scepsy_hpc.errors import EngineError, SlurmError
+from scepsy_hpc.errors import SlurmError
 from scepsy_hpc.profile.run import Job
 
 
@@ -75,18 +74,20 @@ def _run_real(task: ProfileTask) -> Any:
     import datetime as dt
 
     from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env
-    from scepsy_hpc.engine.local import free_port
+    from scepsy_hpc.engine.supervisor import free_port, start, wait_healthy
     from scepsy_hpc.perf.model import EngineConfig
     from scepsy_hpc.profile.replay import measure_http
     from scepsy_hpc.profile.synthetic import capacity_guess
     from scepsy_hpc.profile.sweep import sweep
     from scepsy_hpc.profile.table import ProfileTable
+    from scepsy_hpc.spec.placement_entry import default_mem_frac
 
     job = task.job
     cfg = EngineConfig(task.model, task.gpu, tp=job.tp, gpu_frac=job.gpu_frac)
     launch = EngineLaunch(engine=task.engine, model=job.model_name, hf_id=task.model.hf_id, served_name=job.llm,
-                          gpu=task.gpu_name, tp=job.tp, gpu_frac=job.gpu_frac, mem_frac=round(0.9 * job.gpu_frac, 4),
-                          max_num_seqs=cfg.max_num_seqs, port=free_port(), host="127.0.0.1", dummy_weights=True)
+                          gpu=task.gpu_name, tp=job.tp, gpu_frac=job.gpu_frac,
+                          mem_frac=round(default_mem_frac(job.gpu_frac), 4), max_num_seqs=cfg.max_num_seqs, port=free_port(),
+                          host="127.0.0.1", dummy_weights=True)
     visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g] or [str(i) for i in range(job.tp)]
     env = {**os.environ, **engine_env(launch, visible[:job.tp], max(1, round(100 * job.gpu_frac)))}
     log = Path(task.log_dir) / f"engine-{job.llm}-tp{job.tp}-f{job.gpu_frac:g}.log"
@@ -99,28 +100,19 @@ def _run_real(task: ProfileTask) -> Any:
             (pipe / d).mkdir(parents=True, exist_ok=True)
         subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True, timeout=30)
     argv = ["bash", "-c", engine_command(launch, task.launch_prefix)] if task.launch_prefix else engine_argv(launch)
-    with open(log, "ab") as out:
-        try:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
-        except FileNotFoundError:
-            node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
-            raise EngineError(f"`{argv[0]}` is not installed on {node}: install {task.engine} there, or give a "
-                              f"--launch-prefix that provides it (module load …, apptainer exec --nv IMAGE)") from None
+    node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
     url = f"http://127.0.0.1:{launch.port}"
+    proc = None
     try:
-        _wait_healthy(proc, url, log, task.health_timeout_s, f"{task.engine} for {job.llm} tp={job.tp} f={job.gpu_frac:g}")
+        proc = start(argv, log, what=f"{task.engine} for {job.llm} tp={job.tp} f={job.gpu_frac:g}", health=url, env=env,
+                     append=True, missing_hint=f"install {task.engine} on {node}, or give a --launch-prefix that provides "
+                                               f"it (module load …, apptainer exec --nv IMAGE)")
+        wait_healthy([proc], task.health_timeout_s, poll_s=1.0)
         res = sweep(measure_http(url, job.llm, list(task.mix), task.n_calls, seed=task.seed),
                     max(capacity_guess(cfg, task.mix) * task.start_frac, 1e-4), fractions=task.fractions, bracket=True)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if proc is not None:
+            proc.stop(grace_s=30.0)
         if mps:
             subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=env, timeout=30, check=False)
     return ProfileTable(llm=job.llm, model=job.model_name, gpu=task.gpu_name, tp=job.tp, gpu_frac=job.gpu_frac,
@@ -130,21 +122,6 @@ def _run_real(task: ProfileTask) -> Any:
                                   "seed": task.seed, "weights": "dummy"},
                         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         command=f"scepsy profile {task.workflow} --engine {task.engine}")
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float, what: str) -> None:
-    from scepsy_hpc.engine.local import is_healthy
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-            raise EngineError(f"{what} exited with code {proc.returncode} while starting; see {log}:\n{tail}")
-        if is_healthy(url, timeout_s=2.0):
-            return
-        if time.monotonic() > deadline:
-            raise EngineError(f"{what} not healthy after {timeout_s:g} s; see {log}")
-        time.sleep(1.0)
 
 
 def walltime_minutes(text: str) -> int:

@@ -14,15 +14,16 @@ system the compute nodes share (home directories are).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from scepsy_hpc.backend.base import check_name
-from scepsy_hpc.errors import ScepsyError, SpecError
+from scepsy_hpc.backend.records import RERUN, AgentReport, ServeConfig, SessionRecord
+from scepsy_hpc.errors import SpecError
+from scepsy_hpc.spec.records import read_record, write_record
 
 
 def state_root(arg: str | None = None) -> Path:
@@ -38,42 +39,58 @@ class Session:
 
     @property
     def name(self) -> str:
+        """The session's name (its directory's)."""
         return self.dir.name
 
     @property
     def info_path(self) -> Path:
+        """session.json."""
         return self.dir / "session.json"
 
     @property
+    def serve_path(self) -> Path:
+        """serve.json."""
+        return self.dir / "serve.json"
+
+    @property
+    def endpoints_path(self) -> Path:
+        """The gateway's endpoints file."""
+        return self.dir / "endpoints.yaml"
+
+    @property
     def log_dir(self) -> Path:
+        """Job script, job and agent output, engine logs."""
         return self.dir / "logs"
 
-    def info(self) -> dict[str, Any]:
-        """session.json ({} before `up` wrote it)."""
+    def info(self) -> SessionRecord:
+        """session.json (an empty record before `up` wrote it)."""
         try:
-            return json.loads(self.info_path.read_text())
+            return read_record(self.info_path, SessionRecord, f"remove {self.dir} to start over")
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise ScepsyError(f"{self.info_path}: unreadable session record ({exc}); remove the directory to start over") from None
+            return SessionRecord()
 
-    def update(self, **fields: Any) -> dict[str, Any]:
-        """Merge `fields` into session.json (atomically)."""
-        data = {**self.info(), **fields, "updated": time.time()}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.info_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.info_path)
-        return data
+    def update(self, **fields: Any) -> SessionRecord:
+        """Merge `fields` into session.json (atomically, readable by its owner only)."""
+        record = SessionRecord.model_validate({**self.info().model_dump(), **fields, "updated": time.time()})
+        write_record(self.info_path, record)
+        return record
 
-    def agents(self) -> dict[str, dict[str, Any]]:
+    def serve_config(self) -> ServeConfig:
+        """serve.json."""
+        return read_record(self.serve_path, ServeConfig, RERUN)
+
+    def write_serve_config(self, config: ServeConfig) -> None:
+        """Write serve.json (atomically, readable by its owner only)."""
+        write_record(self.serve_path, config)
+
+    def agents(self) -> dict[str, AgentReport]:
         """Each node agent's latest report, by node."""
         out = {}
         for p in sorted((self.dir / "agents").glob("*.json")):
             try:
-                out[p.stem] = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue  # being replaced right now: read it next time
+                out[p.stem] = read_record(p, AgentReport, RERUN)
+            except FileNotFoundError:
+                continue  # removed by a new `up` while we looked
         return out
 
 
@@ -90,7 +107,7 @@ def find_session(name: str | None, root: Path) -> Session:
             raise SpecError(f"no session {name!r} in {root}; sessions there: {', '.join(list_sessions(root)) or 'none'}")
         return s
     names = list_sessions(root)
-    live = [n for n in names if Session(root / n).info().get("state") not in ("down", "ended", "failed")]
+    live = [n for n in names if Session(root / n).info().state not in ("down", "ended", "failed")]
     pick = live or names
     if len(pick) == 1:
         return Session(root / pick[0])
@@ -102,17 +119,3 @@ def find_session(name: str | None, root: Path) -> Session:
 def list_sessions(root: Path) -> list[str]:
     """Session names under `root`."""
     return sorted(p.parent.name for p in root.glob("*/session.json"))
-
-
-def endpoints_from_agents(agents: Mapping[str, Mapping[str, Any]], time_scale: float | None) -> dict[str, Any]:
-    """The gateway's endpoints file content: each LLM's healthy replicas."""
-    llms: dict[str, dict[str, Any]] = {}
-    for report in agents.values():
-        for inst in report.get("instances", []):
-            entry = llms.setdefault(inst["llm"], {"served_model": inst["llm"], "replicas": []})
-            if inst.get("healthy") and inst.get("url"):
-                entry["replicas"].append(inst["url"])
-    out: dict[str, Any] = {"llms": llms}
-    if time_scale:
-        out["time_scale"] = time_scale
-    return out

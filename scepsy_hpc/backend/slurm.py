@@ -11,27 +11,19 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
-from scepsy_hpc.backend.base import ClusterBackend, JobStatus, NodeJob, normalise_state
+from scepsy_hpc.backend.base import ClusterBackend, JobStatus, NodeJob, PartitionInfo, normalise_state
 from scepsy_hpc.backend.templates import render_sbatch
-from scepsy_hpc.errors import SlurmError
-from scepsy_hpc.topology.discover import Runner, run_command
+from scepsy_hpc.errors import InfeasibleError, SlurmError, SpecError
+from scepsy_hpc.spec.placement_entry import PlacementEntry
+from scepsy_hpc.topology.discover import Runner, discover, run_command
+
+__all__ = ["PartitionInfo", "SlurmBackend"]
 
 SACCT_FIELDS = "JobID,State,ExitCode,NodeList,Reason"
 SQUEUE_FORMAT = "%i|%T|%N|%r"
 _ARRAY_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
-
-
-@dataclass(frozen=True)
-class PartitionInfo:
-    """What sinfo says about one partition."""
-
-    name: str
-    default: bool
-    available: bool
-    nodes: int
 
 
 def _expand_array(job_id: str) -> list[str]:
@@ -120,6 +112,38 @@ class SlurmBackend(ClusterBackend):
             nodes = int(parts[2]) if parts[2].isdigit() else 0
             out[name] = PartitionInfo(name, default, parts[1] == "up", nodes + (prev.nodes if prev else 0))
         return out
+
+    def preflight(self, partition: str | None, placement: Sequence[PlacementEntry]) -> str:
+        """Check the partition and the placement against the live Slurm before anything is submitted; the partition used."""
+        parts = self.partitions()
+        if partition is None:
+            partition = next((p.name for p in parts.values() if p.default), None)
+            if partition is None:
+                raise SlurmError("Slurm has no default partition: set slurm.partition in the cluster spec or pass --partition")
+        if partition not in parts:
+            raise SlurmError(f"partition {partition!r} does not exist on this cluster (it has {', '.join(sorted(parts)) or 'none'}); "
+                             f"fix slurm.partition in the cluster spec or pass --partition; nothing was submitted")
+        _, nodes = discover(self.run, partition)
+        by_name = {n.name: n for n in nodes}
+        used = {(p.node, g) for p in placement for g in p.gpus}
+        have = sum(n.gpus for n in nodes)
+        if len(used) > have:
+            raise InfeasibleError(f"the plan needs {len(used)} GPUs; partition {partition!r} has {have} ({len(nodes)} node(s)); "
+                                  f"nothing was submitted: re-plan with `scepsy plan --cluster` for this partition")
+        for node in sorted({p.node for p in placement}):
+            n = by_name.get(node)
+            if n is None:
+                raise SpecError(f"the placement uses node {node!r}, which partition {partition!r} does not have "
+                                f"({', '.join(sorted(by_name)) or 'no nodes'}); re-plan with `scepsy plan --cluster`; "
+                                f"nothing was submitted")
+            top = max((g for nn, g in used if nn == node), default=-1)
+            if top >= n.gpus:
+                raise SpecError(f"the placement uses GPU {top} of node {node!r}, which has {n.gpus} GPU(s); re-plan; "
+                                f"nothing was submitted")
+            if not n.usable:
+                raise SlurmError(f"node {node!r} is {n.state}: re-plan without it (`scepsy plan --cluster` skips such nodes); "
+                                 f"nothing was submitted")
+        return partition
 
     def _sacct(self, job_id: str) -> tuple[dict[str, JobStatus], str]:
         try:

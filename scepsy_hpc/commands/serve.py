@@ -15,13 +15,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scepsy_hpc.commands.argtypes import non_negative_int, port, positive_float, positive_int, walltime
 from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
-from scepsy_hpc.errors import EngineError, InfeasibleError, ScepsyError, SlurmError, SpecError
+from scepsy_hpc.errors import ScepsyError, SpecError
 
-HEALTH_TIMEOUT_S = {"sim": 120.0, "vllm": 1800.0, "sglang": 1800.0}
+if TYPE_CHECKING:
+    from scepsy_hpc.backend.base import ClusterBackend
+    from scepsy_hpc.backend.records import ServeConfig
+    from scepsy_hpc.backend.session import Session
 
 
 def add_arguments(sub: Any) -> None:
@@ -93,15 +96,11 @@ def run(args: argparse.Namespace) -> int:
     return {"up": cmd_up, "status": cmd_status, "down": cmd_down, "drive": cmd_drive}[args.command](args)
 
 
-def make_backend(kind: str, root: Path) -> Any:
+def make_backend(kind: str, root: Path) -> ClusterBackend:
     """The ClusterBackend called `kind`."""
-    if kind == "slurm":
-        from scepsy_hpc.backend.slurm import SlurmBackend
+    from scepsy_hpc.backend.serving import make_backend
 
-        return SlurmBackend()
-    from scepsy_hpc.backend.local import LocalBackend
-
-    return LocalBackend(root / ".local-jobs")
+    return make_backend(kind, root)
 
 
 def _load_inputs(args: argparse.Namespace, session: Any, models: Any, gpus: Any, cluster: Any) -> tuple[Any, Any, Path]:
@@ -159,74 +158,32 @@ def _placement(plan: Any, cluster: Any, gpus: Any) -> list[dict[str, Any]]:
     return place(plan.allocation, from_cluster(cluster, gpus), gpu_type=plan.gpus.type).as_list()
 
 
-def serve_config(plan: Any, wf: Any, models: Any, placement: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def serve_config(plan: Any, wf: Any, models: Any, placement: list[Any], args: argparse.Namespace) -> ServeConfig:
     """serve.json: every engine of the placement with its launch fields."""
-    from scepsy_hpc.engine.adapters import EngineLaunch, check_launch, parse_prefix
-    from scepsy_hpc.perf.model import EngineConfig
-    from scepsy_hpc.spec.workflow import resolve_model
+    from scepsy_hpc.backend.serving import serve_config
+    from scepsy_hpc.spec.placement_entry import placement_entries
 
-    instances = []
-    extra = tuple(args.engine_arg or ())
-    for p in placement:
-        llm, alloc = p["llm"], plan.allocation[p["llm"]]
-        ref = wf.llms[llm].model
-        if args.engine == "sim" and not isinstance(ref, str):
-            raise SpecError(f"LLM {llm!r} has an inline model; the sim engine needs a model of the catalog by name")
-        model = resolve_model(wf, llm, models)
-        seqs = alloc.max_num_seqs or EngineConfig(model, args.gpus_catalog[plan.gpus.type], tp=alloc.tp,
-                                                  gpu_frac=alloc.gpu_frac).max_num_seqs
-        launch = EngineLaunch(engine=args.engine, model=ref if isinstance(ref, str) else model.hf_id, hf_id=model.hf_id,
-                              served_name=llm, gpu=plan.gpus.type, tp=alloc.tp, gpu_frac=alloc.gpu_frac,
-                              mem_frac=float(p.get("mem_frac", 0.9 * alloc.gpu_frac)), max_num_seqs=int(seqs),
-                              port=int(p.get("port", 8100)), time_scale=args.time_scale, seed=args.seed, extra_args=extra)
-        check_launch(launch)
-        instances.append({"llm": llm, "replica": int(p["replica"]), "node": str(p["node"]), "gpus": list(p["gpus"]),
-                          "gpu_frac": alloc.gpu_frac, "mps_pct": int(p.get("mps_pct", round(100 * alloc.gpu_frac))),
-                          "port": launch.port, "launch": {k: getattr(launch, k) for k in launch.__dataclass_fields__}})
-    return {"engine": args.engine, "launch_prefix": parse_prefix(args.launch_prefix or ""),
-            "health_timeout_s": args.health_timeout or HEALTH_TIMEOUT_S[args.engine], "instances": instances}
+    return serve_config(plan, wf, models, args.gpus_catalog, placement_entries(placement), engine=args.engine,
+                        engine_args=tuple(args.engine_arg or ()), launch_prefix=args.launch_prefix or "",
+                        health_timeout_s=args.health_timeout, time_scale=args.time_scale, seed=args.seed)
 
 
-def preflight(backend: Any, partition: str | None, placement: list[dict[str, Any]]) -> str:
-    """Check the partition and the placement against the live Slurm before anything is submitted; the partition used."""
-    from scepsy_hpc.topology.discover import discover
+def preflight(backend: ClusterBackend, partition: str | None, placement: list[Any]) -> str | None:
+    """Check the partition and the placement against the backend before anything is submitted; the partition used."""
+    from scepsy_hpc.spec.placement_entry import placement_entries
 
-    parts = backend.partitions()
-    if partition is None:
-        partition = next((p.name for p in parts.values() if p.default), None)
-        if partition is None:
-            raise SlurmError("Slurm has no default partition: set slurm.partition in the cluster spec or pass --partition")
-    if partition not in parts:
-        raise SlurmError(f"partition {partition!r} does not exist on this cluster (it has {', '.join(sorted(parts)) or 'none'}); "
-                         f"fix slurm.partition in the cluster spec or pass --partition; nothing was submitted")
-    _, nodes = discover(backend.run, partition)
-    by_name = {n.name: n for n in nodes}
-    used = {(p["node"], g) for p in placement for g in p["gpus"]}
-    have = sum(n.gpus for n in nodes)
-    if len(used) > have:
-        raise InfeasibleError(f"the plan needs {len(used)} GPUs; partition {partition!r} has {have} ({len(nodes)} node(s)); "
-                              f"nothing was submitted: re-plan with `scepsy plan --cluster` for this partition")
-    for node in sorted({p["node"] for p in placement}):
-        n = by_name.get(node)
-        if n is None:
-            raise SpecError(f"the placement uses node {node!r}, which partition {partition!r} does not have "
-                            f"({', '.join(sorted(by_name)) or 'no nodes'}); re-plan with `scepsy plan --cluster`; nothing was submitted")
-        top = max((g for nn, g in used if nn == node), default=-1)
-        if top >= n.gpus:
-            raise SpecError(f"the placement uses GPU {top} of node {node!r}, which has {n.gpus} GPU(s); re-plan; nothing was submitted")
-        if not n.usable:
-            raise SlurmError(f"node {node!r} is {n.state}: re-plan without it (`scepsy plan --cluster` skips such nodes); "
-                             f"nothing was submitted")
-    return partition
+    return backend.preflight(partition, placement_entries(placement))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Submit, wait for healthy engines, serve the gateway, watch the job."""
     import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
     from scepsy_hpc.backend.base import NodeJob
+    from scepsy_hpc.backend.serving import claim_session, placement_nodes, write_serve_files
     from scepsy_hpc.backend.session import open_session, state_root
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.cluster import load_cluster
+    from scepsy_hpc.spec.placement_entry import placement_entries
 
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     args.gpus_catalog = gpus
@@ -234,31 +191,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     name = args.name or Path(args.target).stem
     session = open_session(name, root)
     backend = make_backend(args.backend, root)
-    prev = session.info()
-    if prev.get("job_id") and prev.get("state") in ("starting", "serving"):
-        try:
-            alive = backend.status(prev["job_id"]).active
-        except ScepsyError:
-            alive = False
-        if alive:
-            raise SpecError(f"session {name!r} is already up (job {prev['job_id']}); `scepsy down {name}` first, or --name another")
-    session.dir.mkdir(parents=True, exist_ok=True)
-    for stale in list((session.dir / "agents").glob("*.json")) + [session.dir / "endpoints.yaml"]:
-        stale.unlink(missing_ok=True)
+    claim_session(session, backend)
     cluster = load_cluster(resolve_input(args.cluster, "clusters"), gpus)
     plan, wf, plan_path = _load_inputs(args, session, models, gpus, cluster)
-    placement = _placement(plan, cluster, gpus)
+    placement = placement_entries(_placement(plan, cluster, gpus))
     config = serve_config(plan, wf, models, placement, args)
     slurm = cluster.slurm
-    partition = args.partition or (slurm.partition if slurm else None)
-    if args.backend == "slurm":
-        partition = preflight(backend, partition, placement)
-    (session.dir / "serve.json").write_text(json.dumps(config, indent=1))
-    if plan_path.resolve() != (session.dir / "plan.yaml").resolve():
-        (session.dir / "plan.yaml").write_text(plan_path.read_text())
-    per_node: dict[str, set[int]] = {}
-    for p in placement:
-        per_node.setdefault(p["node"], set()).update(p["gpus"])
+    partition = preflight(backend, args.partition or (slurm.partition if slurm else None), placement)
+    write_serve_files(session, config, plan_path)
+    per_node = placement_nodes(placement)
     gres_type = next((k for k, v in (slurm.gpu_types if slurm else {}).items() if v == plan.gpus.type), None)
     job = NodeJob(name=f"scepsy-{name}", nodes=tuple(sorted(per_node)),
                   command=(sys.executable, "-m", "scepsy_hpc.backend.agent", "--session", str(session.dir)),
@@ -274,12 +215,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     session.update(name=name, backend=args.backend, job_id=job_id, state="starting", engine=args.engine,
                    up_pid=os.getpid(), plan=str(session.dir / "plan.yaml"), workflow=wf.name, gateway_url=None,
                    script=str(backend.script_path(job)), created=time.time(), time_scale=args.time_scale)
-    err.print(f"submitted job {job_id} ({args.backend}): {len(config['instances'])} engine(s) on {', '.join(job.nodes)}; "
+    err.print(f"submitted job {job_id} ({args.backend}): {len(config.instances)} engine(s) on {', '.join(job.nodes)}; "
               f"script {backend.script_path(job)}")
     try:
         return asyncio.run(_serve(args, session, backend, job_id, config, err))
     except BaseException as exc:
-        _cancel_and_wait(backend, job_id)
+        backend.cancel_and_wait(job_id)
         session.update(state="failed" if isinstance(exc, ScepsyError) else "down", error=str(exc))
         if isinstance(exc, KeyboardInterrupt):
             err.print(f"interrupted: job {job_id} cancelled")
@@ -287,23 +228,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise
 
 
-def _leaves(placement: list[dict[str, Any]], cluster: Any, gpus: Any) -> int | None:
+def _leaves(placement: list[Any], cluster: Any, gpus: Any) -> int | None:
     """Leaf switches the placement spans (for --switches), when the cluster spec knows its switches."""
     if not cluster.node_groups:
         return None
     from scepsy_hpc.topology.build import from_cluster
 
     topo = from_cluster(cluster, gpus)
-    leaves = {topo.node(p["node"]).leaf for p in placement if p["node"] in {n.name for n in topo.nodes}}
+    leaves = {topo.node(p.node).leaf for p in placement if p.node in {n.name for n in topo.nodes}}
     return len(leaves) if leaves and None not in leaves else None
 
 
-async def _serve(args: argparse.Namespace, session: Any, backend: Any, job_id: str, config: dict[str, Any], err: Any) -> int:
+async def _serve(args: argparse.Namespace, session: Session, backend: ClusterBackend, job_id: str, config: ServeConfig,
+                 err: Any) -> int:
     import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
     from scepsy_hpc.gateway.app import start_gateway
 
     await _wait_ready(session, backend, job_id, config, args.start_timeout, err)
-    eps = session.dir / "endpoints.yaml"
+    eps = session.endpoints_path
     _write_endpoints(session, eps, args.time_scale if args.engine == "sim" else None)
     gw = await start_gateway(eps, session.dir / "trace.jsonl", host=args.gateway_host, port=args.gateway_port)
     url = f"http://{args.gateway_host}:{gw.port}"
@@ -334,100 +276,37 @@ async def _serve(args: argparse.Namespace, session: Any, backend: Any, job_id: s
     finally:
         await gw.close()
     if rc == 0:
-        await asyncio.to_thread(_cancel_and_wait, backend, job_id)
+        await asyncio.to_thread(backend.cancel_and_wait, job_id)
         session.update(state="down")
         err.print(f"job {job_id} cancelled; session {session.name} is down")
     return rc
 
 
-def _write_endpoints(session: Any, path: Path, time_scale: float | None) -> None:
+def _write_endpoints(session: Session, path: Path, time_scale: float | None) -> None:
     """endpoints.yaml from the agents' reports, rewritten only when it changes (the gateway reloads it)."""
-    import yaml
+    from scepsy_hpc.gateway.endpoints import endpoints_from_agents, write_endpoints
 
-    from scepsy_hpc.backend.session import endpoints_from_agents
-
-    text = yaml.safe_dump(endpoints_from_agents(session.agents(), time_scale), sort_keys=True)
-    if not path.exists() or path.read_text() != text:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_endpoints(path, endpoints_from_agents(session.agents(), time_scale))
 
 
-async def _wait_ready(session: Any, backend: Any, job_id: str, config: dict[str, Any], timeout_s: float, err: Any) -> None:
+async def _wait_ready(session: Session, backend: ClusterBackend, job_id: str, config: ServeConfig, timeout_s: float,
+                      err: Any) -> None:
     """Until every node agent reports ready; EngineError naming the log of an engine that failed."""
-    import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
-    nodes = sorted({i["node"] for i in config["instances"]})
-    deadline = time.monotonic() + timeout_s
-    said = ""
-    while True:
-        agents = session.agents()
-        failed = [a for a in agents.values() if a.get("state") == "failed"]
-        if failed:
-            raise EngineError(f"node {failed[0]['node']}: {failed[0].get('error') or 'the agent failed'}")
-        if all(agents.get(n, {}).get("state") == "ready" for n in nodes):
-            return
-        st = await asyncio.to_thread(backend.status, job_id)
-        if not st.active:
-            out = session.log_dir / f"job-{job_id}.out"
-            raise SlurmError(f"job {job_id} ended ({st.state}{', ' + st.reason if st.reason else ''}) before its engines were "
-                             f"healthy; see {out if out.exists() else session.log_dir}")
-        healthy = sum(1 for a in agents.values() for i in a.get("instances", []) if i.get("healthy"))
-        now = f"job {job_id} {st.state}{' (' + st.reason + ')' if st.reason and st.state == 'PENDING' else ''}: " \
-              f"{healthy}/{len(config['instances'])} engine(s) healthy"
-        if now != said:
-            err.print(f"[dim]{now}[/dim]")
-            said = now
-        if time.monotonic() > deadline:
-            raise EngineError(f"not every engine was healthy after {timeout_s:g} s ({now}); engine logs in {session.log_dir}")
-        await asyncio.sleep(0.5)
+    from scepsy_hpc.backend.serving import wait_ready
+
+    await wait_ready(session, backend, job_id, config, timeout_s, lambda line: err.print(f"[dim]{line}[/dim]"))
 
 
-def _cancel_and_wait(backend: Any, job_id: str, timeout_s: float = 90.0) -> bool:
+def _cancel_and_wait(backend: ClusterBackend, job_id: str, timeout_s: float = 90.0) -> bool:
     """Cancel and wait until the job has left the queue; whether it did in time."""
-    try:
-        backend.cancel(job_id)
-    except ScepsyError:
-        pass
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if not backend.in_queue(job_id):
-                return True
-        except ScepsyError:
-            return True
-        time.sleep(0.5)
-    return False
+    return backend.cancel_and_wait(job_id, timeout_s)
 
 
-def _healthy(url: str | None) -> bool:
-    from scepsy_hpc.engine.local import is_healthy
-
-    return is_healthy(url, timeout_s=2.0)
-
-
-def session_status(session: Any, backend: Any) -> dict[str, Any]:
+def session_status(session: Session, backend: ClusterBackend) -> dict[str, Any]:
     """The session as `status --json` prints it."""
-    info = session.info()
-    job_id = info.get("job_id")
-    job: dict[str, Any] = {}
-    if job_id:
-        try:
-            st = backend.status(job_id)
-            job = {"job_state": st.state, "job_reason": st.reason, "job_nodes": st.nodes}
-        except ScepsyError as exc:
-            job = {"job_state": "ERROR", "job_reason": str(exc)}
-    instances = []
-    for node, report in session.agents().items():
-        for i in report.get("instances", []):
-            instances.append({"llm": i["llm"], "replica": i["replica"], "node": node, "gpus": i["gpus"],
-                              "cuda_visible_devices": i.get("cuda_visible_devices", ""), "url": i.get("url", ""),
-                              "state": i.get("state", ""), "healthy": bool(i.get("healthy")) and _healthy(i.get("url")),
-                              "pid": i.get("pid"), "log": i.get("log", ""), "error": i.get("error", "")})
-    instances.sort(key=lambda i: (i["llm"], i["replica"]))
-    gw = info.get("gateway_url")
-    return {"name": session.name, "state": info.get("state"), "backend": info.get("backend"), "job_id": job_id, **job,
-            "gateway_url": gw, "gateway_healthy": _healthy(gw), "workflow": info.get("workflow"), "engine": info.get("engine"),
-            "instances": instances, "session_dir": str(session.dir), "script": info.get("script"), "error": info.get("error")}
+    from scepsy_hpc.backend.serving import session_status
+
+    return session_status(session, backend)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -436,7 +315,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     root = state_root(args.state_dir)
     session = find_session(args.name, root)
-    s = session_status(session, make_backend(session.info().get("backend", "local"), root))
+    s = session_status(session, make_backend(session.info().backend, root))
     ok = s["state"] == "serving" and s["gateway_healthy"] and bool(s["instances"]) and all(i["healthy"] for i in s["instances"])
     if args.json:
         print(json.dumps(jsonable(s), indent=2))
@@ -461,38 +340,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     """Stop the `up` process (it cancels its job) and make sure the job has left the queue."""
+    from scepsy_hpc.backend.serving import take_down
     from scepsy_hpc.backend.session import find_session, state_root
 
     root = state_root(args.state_dir)
     session = find_session(args.name, root)
-    info = session.info()
-    backend = make_backend(info.get("backend", "local"), root)
-    pid = info.get("up_pid")
-    if pid and pid != os.getpid() and _pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + args.timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    job_id = info.get("job_id")
-    gone = _cancel_and_wait(backend, job_id, args.timeout) if job_id else True
-    session.update(state="down")
-    if not gone:
-        raise SlurmError(f"job {job_id} is still in the queue {args.timeout:g} s after scancel; check `squeue -j {job_id}`")
+    job_id = take_down(session, make_backend(session.info().backend, root), args.timeout)
     print(f"session {session.name} is down: job {job_id} is no longer queued or running")
     return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # /proc says whether it is a zombie
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
 
 
 def cmd_drive(args: argparse.Namespace) -> int:
@@ -506,11 +361,11 @@ def cmd_drive(args: argparse.Namespace) -> int:
     url, scale, wf_arg = args.gateway, args.time_scale, args.workflow
     if url is None:
         info = find_session(args.name, state_root(args.state_dir)).info()
-        if info.get("state") != "serving" or not info.get("gateway_url"):
-            raise SpecError(f"session {info.get('name')!r} is {info.get('state')}, not serving: nothing to drive")
-        url = info["gateway_url"]
-        scale = scale or info.get("time_scale") or 1.0
-        wf_arg = wf_arg or info.get("workflow")
+        if info.state != "serving" or not info.gateway_url:
+            raise SpecError(f"session {info.name!r} is {info.state}, not serving: nothing to drive")
+        url = info.gateway_url
+        scale = scale or info.time_scale or 1.0
+        wf_arg = wf_arg or info.workflow
     if not wf_arg:
         raise SpecError("give the workflow to drive (--workflow)")
     wf = load_workflow(resolve_input(wf_arg, "workflows"), load_models(args.models))

@@ -1,6 +1,7 @@
 """The gateway's endpoints file: which replicas serve each LLM, reloaded when the file changes.
 
 ```yaml
+schema_version: 1          # optional; another value is refused (the file is from another scepsy)
 time_scale: 1.0            # optional; the engines' time scale, so trace times are model seconds
 llms:
   planner:
@@ -13,7 +14,8 @@ llms:
 
 JSON with the same shape is accepted too (JSON is YAML), and errors name ``file:line`` either way.
 Replicas and caps follow the file while the gateway runs; `time_scale` is read once at start (the
-trace clock must not jump).
+trace clock must not jump). `scepsy up` writes the file from the node agents' reports
+(`endpoints_from_agents`, `write_endpoints`).
 """
 
 from __future__ import annotations
@@ -23,17 +25,20 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Mapping
 
 from pydantic import Field, field_validator
 
+from scepsy_hpc.backend.records import AgentReport
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.base import SpecModel
+from scepsy_hpc.spec.records import PRIVATE, write_atomic
 from scepsy_hpc.spec.source import SourceMap, load_yaml, parse_document
 
 log = logging.getLogger("scepsy_hpc.gateway")
 
 DEFAULT_MAX_OUTSTANDING = 256
+SCHEMA_VERSION = 1
 
 
 class Replica(SpecModel):
@@ -77,6 +82,7 @@ class LLMEndpoint(SpecModel):
 class Endpoints(SpecModel):
     """Every LLM of a deployment and its replicas."""
 
+    schema_version: int = SCHEMA_VERSION
     time_scale: Annotated[float, Field(gt=0)] | None = None
     llms: dict[str, LLMEndpoint]
 
@@ -87,6 +93,10 @@ class Endpoints(SpecModel):
 
 def _check(eps: Endpoints, smap: SourceMap) -> list[str]:
     problems: list[str] = []
+    if eps.schema_version != SCHEMA_VERSION:
+        problems.append(f"{smap.where(('schema_version',))}: schema_version: {eps.schema_version} is not the one this "
+                        f"scepsy reads ({SCHEMA_VERSION}); the file was written by another version: re-run `scepsy up`, "
+                        f"or write schema_version: {SCHEMA_VERSION}")
     for name, llm in eps.llms.items():
         if not name.strip():
             problems.append(f"{smap.where(('llms', name), key=True)}: llms: an LLM name must not be empty")
@@ -109,6 +119,34 @@ def load_endpoints(path: str | Path) -> Endpoints:
     """Load and validate an endpoints file (YAML or JSON)."""
     data, smap = load_yaml(path)
     return parse_endpoints(data, smap)
+
+
+def endpoints_from_agents(agents: Mapping[str, AgentReport], time_scale: float | None) -> Endpoints:
+    """Each LLM the agents run, with its healthy replicas (an LLM none serves yet has none)."""
+    replicas: dict[str, list[str]] = {}
+    for report in agents.values():
+        for inst in report.instances:
+            urls = replicas.setdefault(inst.llm, [])
+            if inst.healthy and inst.url:
+                urls.append(inst.url)
+    return Endpoints(time_scale=time_scale or None,
+                     llms={llm: LLMEndpoint(served_model=llm, replicas=[Replica(url=u) for u in urls])
+                           for llm, urls in replicas.items()})
+
+
+def write_endpoints(path: str | Path, eps: Endpoints) -> bool:
+    """Write `eps` as the endpoints file, only when it changes (the gateway reloads on change); whether it did."""
+    import yaml
+
+    path = Path(path)
+    text = yaml.safe_dump(eps.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
+    write_atomic(path, text, mode=PRIVATE)
+    return True
 
 
 @dataclass(frozen=True)

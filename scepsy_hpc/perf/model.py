@@ -32,13 +32,10 @@ import math
 from dataclasses import dataclass, field
 
 from scepsy_hpc.spec.catalog import GIB, GPUSpec, ModelSpec
+from scepsy_hpc.spec.placement_entry import MEM_UTIL
 
 TP_DEGREES = (1, 2, 4, 8, 16)
 
-
-# --gpu-memory-utilization as a share of an instance's memory: vLLM refuses to start unless that much
-# is free, so instances sharing a GPU together ask for at most 0.9 of it (placement uses it too)
-MEM_UTIL = 0.9
 
 
 @dataclass(frozen=True)

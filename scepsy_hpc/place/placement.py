@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.errors import InfeasibleError
-from scepsy_hpc.perf.model import MEM_UTIL
 from scepsy_hpc.spec.fractions import EPS as _EPS, fraction_bins, gpus_for_fractions
+from scepsy_hpc.spec.placement_entry import BASE_PORT, PlacementEntry, default_mem_frac, default_mps_pct
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.topology.model import Node, Topology
 
 EXHAUSTIVE_NODES = 10   # up to this many eligible nodes, every k-subset is tried
 EXACT_NODES = 8         # up to this many, the exact MILP settles what the heuristic cannot
-BASE_PORT = 8100
 _EPS = 1e-9
 
 
@@ -61,11 +60,14 @@ class PlacedInstance:
     mps_pct: int          # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; 100 for a whole-GPU instance
     port: int
 
+    def entry(self) -> PlacementEntry:
+        """The plan file's entry for this instance."""
+        return PlacementEntry(llm=self.llm, replica=self.replica, node=self.node, gpus=list(self.gpus),
+                              gpu_frac=self.gpu_frac, mem_frac=round(self.mem_frac, 4), mps_pct=self.mps_pct, port=self.port)
+
     def as_dict(self) -> dict[str, Any]:
         """The plan file / JSON form."""
-        return {"llm": self.llm, "replica": self.replica, "node": self.node, "gpus": list(self.gpus),
-                "gpu_frac": self.gpu_frac, "mem_frac": round(self.mem_frac, 4), "mps_pct": self.mps_pct,
-                "port": self.port}
+        return self.entry().model_dump()
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,10 @@ class Placement:
     def as_list(self) -> list[dict[str, Any]]:
         """The plan file's `placement:` list."""
         return [i.as_dict() for i in self.instances]
+
+    def entries(self) -> list[PlacementEntry]:
+        """The plan's `placement` entries."""
+        return [i.entry() for i in self.instances]
 
 
 class PlacementError(InfeasibleError):
@@ -228,8 +234,8 @@ def _instances(nodes: Sequence[Node], packed: Sequence[tuple[Want, int, tuple[in
         name = nodes[ni].name
         port = next_port.get(name, base_port)   # unique per node: co-located engines never collide
         next_port[name] = port + 1
-        placed.append(PlacedInstance(w.llm, w.replica, name, gpus, w.gpu_frac, w.gpu_frac * MEM_UTIL,
-                                     100 if w.gpu_frac >= 1.0 else round(100 * w.gpu_frac), port))
+        placed.append(PlacedInstance(w.llm, w.replica, name, gpus, w.gpu_frac, default_mem_frac(w.gpu_frac),
+                                     default_mps_pct(w.gpu_frac), port))
     return tuple(placed)
 
 

@@ -40,7 +40,7 @@ def to_plan(result: PlanResult) -> Plan:
                 predicted=predicted[names[0]] if single else predicted, solver=solver, routes=routes, provenance=provenance,
                 notes=f"planned by `scepsy plan --policy {policy}` ({mode})")
     if result.placement is not None:
-        plan = plan.model_copy(update={"placement": result.placement.as_list()})
+        plan = plan.model_copy(update={"placement": result.placement.entries()})
     return plan
 
 

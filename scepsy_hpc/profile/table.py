@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from scepsy_hpc.errors import SpecError
+from scepsy_hpc.spec.records import write_atomic
 
 SOURCES = ("measured", "synthetic")
 ARRIVALS = ("poisson", "requests")
@@ -223,9 +224,7 @@ def save_profile(t: ProfileTable, directory: str | Path) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     p = d / profile_filename(t)
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(t.to_dict(), indent=1, allow_nan=True) + "\n")
-    tmp.replace(p)  # never leave a half-written profile behind
+    write_atomic(p, json.dumps(t.to_dict(), indent=1, allow_nan=True) + "\n")  # never a half-written profile
     return p
 
 

@@ -15,6 +15,7 @@ from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.spec.base import SpecModel
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.fractions import EPS, gpus_for_fractions
+from scepsy_hpc.spec.placement_entry import PlacementEntry
 from scepsy_hpc.spec.source import SourceMap, load_yaml, parse_document, suggest
 from scepsy_hpc.spec.workflow import Target, Workflow, resolve_model
 
@@ -62,7 +63,7 @@ class Plan(SpecModel):
     target: Target | None = None
     predicted: dict[str, Any] | None = None
     solver: dict[str, Any] | None = None
-    placement: list[dict[str, Any]] | None = None
+    placement: list[PlacementEntry] | None = None
     # several workflows: per workflow, which deployment (allocation key) serves each of its LLMs
     routes: dict[str, dict[str, str]] | None = None
     provenance: dict[str, Any] | None = None
@@ -122,21 +123,21 @@ def _check_placement(plan: Plan, smap: SourceMap) -> list[str]:
     share: dict[tuple[str, int], float] = {}
     for k, entry in enumerate(plan.placement):
         where = smap.where(("placement", k))
-        llm, rep, gpus = entry.get("llm"), entry.get("replica"), entry.get("gpus")
+        llm, rep, gpus = entry.llm, entry.replica, entry.gpus
         if llm not in plan.allocation:
             problems.append(f"{where}: placement[{k}].llm: {llm!r} is not in the allocation; {suggest(str(llm), plan.allocation)}")
             continue
         a = plan.allocation[llm]
-        if not isinstance(rep, int) or not 0 <= rep < a.replicas or (llm, rep) in seen:
+        if not 0 <= rep < a.replicas or (llm, rep) in seen:
             problems.append(f"{where}: placement[{k}].replica: {rep!r} is not a free replica number of {llm!r} "
                             f"(0..{a.replicas - 1}, each once)")
             continue
         seen.add((llm, rep))
-        if not isinstance(gpus, list) or len(gpus) != a.tp or not all(isinstance(g, int) and g >= 0 for g in gpus):
+        if len(gpus) != a.tp:
             problems.append(f"{where}: placement[{k}].gpus: {gpus!r} must list {a.tp} GPU index(es) for tp={a.tp}")
             continue
         for g in gpus:
-            key = (str(entry.get("node")), g)
+            key = (entry.node, g)
             share[key] = share.get(key, 0.0) + a.gpu_frac
             if share[key] > 1.0 + EPS:
                 problems.append(f"{where}: placement[{k}]: GPU {g} of node {key[0]} is given out beyond its whole "

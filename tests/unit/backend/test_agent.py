@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scepsy_hpc.backend.agent import Instance, colocation_chains, map_gpus
+from scepsy_hpc.engine.adapters import EngineLaunch
 
 
 def test_without_slurm_the_planned_indices_are_used_as_they_are() -> None:
@@ -36,7 +37,7 @@ def test_a_job_holding_fewer_gpus_than_planned_is_an_error_naming_both() -> None
 
 
 def _inst(llm: str, replica: int, gpus: list[int], frac: float = 1.0) -> Instance:
-    return Instance(llm, replica, gpus, frac, round(100 * frac), {})
+    return Instance(llm, replica, gpus, frac, round(100 * frac), EngineLaunch("sim", llm, llm, llm, "h100-sxm"))
 
 
 def test_engines_sharing_a_gpu_form_one_chain_largest_share_first_others_start_alone() -> None:

@@ -1,4 +1,4 @@
-"""SlurmBackend and `scepsy up`'s preflight against FakeSlurm: submission, state from sacct then squeue, retries
+"""SlurmBackend and its preflight (before `scepsy up` submits) against FakeSlurm: submission, state from sacct then squeue, retries
 that never end in a silent UNKNOWN, cancel, arrays, partitions."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from scepsy_hpc.backend.base import NodeJob, normalise_state
 from scepsy_hpc.backend.fake import FakeSlurm
 from scepsy_hpc.backend.slurm import PartitionInfo, SlurmBackend
 from scepsy_hpc.backend.templates import render_sbatch
-from scepsy_hpc.commands.serve import preflight
 from scepsy_hpc.errors import InfeasibleError, SlurmError, SpecError
+from scepsy_hpc.spec.placement_entry import PlacementEntry
 
 PY = "/opt/venv/bin/python"
 
@@ -286,15 +286,15 @@ def test_the_fake_refuses_a_command_line_it_does_not_model() -> None:
 # -- preflight ------------------------------------------------------------------------------------------
 
 
-def _entry(node: str, gpus: list[int], replica: int = 0) -> dict[str, Any]:
-    return {"llm": "gen", "replica": replica, "node": node, "gpus": gpus, "gpu_frac": 1.0, "mem_frac": 0.9,
-            "mps_pct": 100, "port": 8100 + replica}
+def _entry(node: str, gpus: list[int], replica: int = 0) -> PlacementEntry:
+    return PlacementEntry(llm="gen", replica=replica, node=node, gpus=gpus, gpu_frac=1.0, mem_frac=0.9, mps_pct=100,
+                          port=8100 + replica)
 
 
 def test_preflight_passes_a_placement_that_fits_and_submits_nothing() -> None:
     fake = FakeSlurm()
     backend, _ = _backend(fake)
-    assert preflight(backend, "gpu", [_entry("node1", [0, 1]), _entry("node2", [0, 1, 2, 3], 1)]) == "gpu"
+    assert backend.preflight("gpu", [_entry("node1", [0, 1]), _entry("node2", [0, 1, 2, 3], 1)]) == "gpu"
     assert fake.submitted() == []
 
 
@@ -302,7 +302,7 @@ def test_preflight_names_an_unknown_partition_and_the_ones_there() -> None:
     fake = FakeSlurm(partitions={"gpu": ["node1"], "debug": ["node2"]})
     backend, _ = _backend(fake)
     with pytest.raises(SlurmError) as err:
-        preflight(backend, "gpu-big", [_entry("node1", [0])])
+        backend.preflight("gpu-big", [_entry("node1", [0])])
     msg = str(err.value)
     assert "'gpu-big'" in msg and "debug, gpu" in msg
     assert "nothing was submitted" in msg
@@ -314,7 +314,7 @@ def test_preflight_refuses_more_gpus_than_the_partition_has() -> None:
     backend, _ = _backend(fake)
     placement = [_entry(f"node{i}", [0, 1, 2, 3], i) for i in range(1, 6)]
     with pytest.raises(InfeasibleError) as err:
-        preflight(backend, "gpu", placement)
+        backend.preflight("gpu", placement)
     assert "needs 20 GPUs" in str(err.value) and "has 16 (4 node(s))" in str(err.value)
     assert fake.submitted() == []
 
@@ -322,7 +322,7 @@ def test_preflight_refuses_more_gpus_than_the_partition_has() -> None:
 def test_preflight_refuses_a_node_outside_the_partition() -> None:
     backend, _ = _backend(FakeSlurm(partitions={"gpu": ["node1", "node2"], "cpu": ["node9"]}))
     with pytest.raises(SpecError) as err:
-        preflight(backend, "gpu", [_entry("node1", [0]), _entry("node9", [0], 1)])
+        backend.preflight("gpu", [_entry("node1", [0]), _entry("node9", [0], 1)])
     assert "node 'node9'" in str(err.value) and "partition 'gpu'" in str(err.value)
     assert "node1, node2" in str(err.value)
 
@@ -330,26 +330,26 @@ def test_preflight_refuses_a_node_outside_the_partition() -> None:
 def test_preflight_refuses_a_gpu_index_beyond_the_node() -> None:
     backend, _ = _backend(FakeSlurm(gpus_per_node=4))
     with pytest.raises(SpecError) as err:
-        preflight(backend, "gpu", [_entry("node1", [3, 4])])
+        backend.preflight("gpu", [_entry("node1", [3, 4])])
     assert "GPU 4 of node 'node1', which has 4 GPU(s)" in str(err.value)
 
 
 def test_preflight_refuses_a_drained_node() -> None:
     backend, _ = _backend(FakeSlurm(node_states={"node2": "IDLE+DRAIN"}))
-    assert preflight(backend, "gpu", [_entry("node1", [0])]) == "gpu"
+    assert backend.preflight("gpu", [_entry("node1", [0])]) == "gpu"
     with pytest.raises(SlurmError) as err:
-        preflight(backend, "gpu", [_entry("node1", [0]), _entry("node2", [0], 1)])
+        backend.preflight("gpu", [_entry("node1", [0]), _entry("node2", [0], 1)])
     assert "node 'node2' is idle+drain" in str(err.value)
 
 
 def test_preflight_uses_the_default_partition_when_none_is_given() -> None:
     fake = FakeSlurm(partitions={"gpu": ["node1"], "big": ["node1", "node2"]}, default_partition="big")
     backend, _ = _backend(fake)
-    assert preflight(backend, None, [_entry("node2", [0])]) == "big"
+    assert backend.preflight(None, [_entry("node2", [0])]) == "big"
 
 
 def test_preflight_without_partition_and_without_default_says_how_to_choose() -> None:
     backend, _ = _backend(FakeSlurm(default_partition=None))
     with pytest.raises(SlurmError) as err:
-        preflight(backend, None, [_entry("node1", [0])])
+        backend.preflight(None, [_entry("node1", [0])])
     assert "no default partition" in str(err.value) and "--partition" in str(err.value)

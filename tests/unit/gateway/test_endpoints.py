@@ -148,3 +148,34 @@ def test_load_of_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         EndpointsWatcher(tmp_path / "nope.yaml").load()
     assert "no such file" in str(info.value)
+
+
+# -- written by `scepsy up` from the agents' reports -------------------------------------------------
+
+
+def test_another_schema_version_is_refused_naming_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "ep.yaml"
+    _write(p, "schema_version: 3\n" + GOOD)
+    with pytest.raises(SpecError) as err:
+        load_endpoints(p)
+    assert f"{p}:1: schema_version: 3" in str(err.value) and "re-run `scepsy up`" in str(err.value)
+
+
+def test_endpoints_from_agents_lists_healthy_replicas_and_round_trips(tmp_path: Path) -> None:
+    from scepsy_hpc.backend.records import AgentReport, InstanceReport
+    from scepsy_hpc.gateway.endpoints import endpoints_from_agents, write_endpoints
+
+    def inst(llm: str, rep: int, healthy: bool) -> InstanceReport:
+        return InstanceReport(llm=llm, replica=rep, gpus=[rep], gpu_frac=1.0, mps_pct=100, url=f"http://n1:{8100 + rep}",
+                              healthy=healthy, state="healthy" if healthy else "starting")
+
+    report = AgentReport(node="n1", host="n1", pid=1, state="starting", updated=0.0,
+                         instances=[inst("gen", 0, True), inst("gen", 1, False), inst("rr", 2, False)])
+    eps = endpoints_from_agents({"n1": report}, 0.05)
+    assert {n: [r.url for r in e.replicas] for n, e in eps.llms.items()} == {"gen": ["http://n1:8100"], "rr": []}
+    assert eps.llms["gen"].served_model == "gen" and eps.time_scale == 0.05
+    p = tmp_path / "endpoints.yaml"
+    assert write_endpoints(p, eps) is True
+    assert write_endpoints(p, eps) is False   # unchanged: not rewritten, so the gateway does not reload
+    assert load_endpoints(p) == eps
+    assert p.stat().st_mode & 0o077 == 0
