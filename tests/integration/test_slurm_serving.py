@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+ROOT = Path(__file__).resolve().parents[2]
+
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 SCEPSY = [sys.executable, "-m", "scepsy_hpc.cli"]
@@ -90,7 +92,7 @@ def served_plan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     again = json.loads(scepsy("profile", "rag_rerank", "--trace", str(trace), "--backend", "slurm", "--tp", "1,4",
                               "--gpu-frac", "1", "-o", str(profiles), "--json").stdout)
     assert again["profiled"] == [] and sum("already profiled" in s["why"] for s in again["skipped"]) == 5
-    scepsy("plan", "rag_rerank", "--cluster", "configs/clusters/local.yaml", "--profiles", str(profiles),
+    scepsy("plan", "rag_rerank", "--cluster", str(ROOT / "configs" / "clusters" / "local.yaml"), "--profiles", str(profiles),
            "--trace", str(trace), "--target-rps", "0.5", "-o", str(plan))
     return {"plan": plan, "work": work}
 

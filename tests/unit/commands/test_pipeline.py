@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 import subprocess
 import sys
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def scepsy(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -102,7 +106,7 @@ def test_profile_local_engine_over_http_agrees_with_the_model(tmp_path):
 
 def test_trace_command_runs_the_openai_example_through_the_gateway(tmp_path):
     t = tmp_path / "oa.jsonl"
-    out = scepsy("trace", "examples/openai_fanout/workflow.yaml", "--requests", "3", "--time-scale", "0.02",
+    out = scepsy("trace", str(ROOT / "examples" / "openai_fanout" / "workflow.yaml"), "--requests", "3", "--time-scale", "0.02",
                  "-o", str(t))
     assert out.returncode == 0, out.stderr
     lines = [json.loads(x) for x in t.read_text().splitlines()]
