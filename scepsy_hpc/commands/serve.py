@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from scepsy_hpc.backend.base import ClusterBackend
     from scepsy_hpc.backend.records import ServeConfig
     from scepsy_hpc.backend.session import Session
+    from scepsy_hpc.spec.placement_entry import PlacementEntry
 
 
 def add_arguments(sub: Any) -> None:
@@ -96,13 +97,6 @@ def run(args: argparse.Namespace) -> int:
     return {"up": cmd_up, "status": cmd_status, "down": cmd_down, "drive": cmd_drive}[args.command](args)
 
 
-def make_backend(kind: str, root: Path) -> ClusterBackend:
-    """The ClusterBackend called `kind`."""
-    from scepsy_hpc.backend.serving import make_backend
-
-    return make_backend(kind, root)
-
-
 def _load_inputs(args: argparse.Namespace, session: Any, models: Any, gpus: Any, cluster: Any) -> tuple[Any, Any, Path]:
     """(plan, workflow, plan path): the plan given, or one planned now (planning.plan) for the
     workflow given, on `cluster`, with `scepsy plan`'s defaults."""
@@ -145,7 +139,7 @@ def _load_inputs(args: argparse.Namespace, session: Any, models: Any, gpus: Any,
     return load_plan(plan_path, wf, models, gpus), wf, plan_path
 
 
-def _placement(plan: Any, cluster: Any, gpus: Any) -> list[dict[str, Any]]:
+def _placement(plan: Any, cluster: Any, gpus: Any) -> list[PlacementEntry]:
     """The plan's placement, or one made now on the cluster spec's nodes."""
     if plan.placement:
         return list(plan.placement)
@@ -155,38 +149,19 @@ def _placement(plan: Any, cluster: Any, gpus: Any) -> list[dict[str, Any]]:
     if not cluster.node_groups:
         raise SpecError("the plan has no placement: plan it with `scepsy plan --cluster CLUSTER` (or give a cluster spec "
                         "with node_groups to place it on)")
-    return place(plan.allocation, from_cluster(cluster, gpus), gpu_type=plan.gpus.type).as_list()
-
-
-def serve_config(plan: Any, wf: Any, models: Any, placement: list[Any], args: argparse.Namespace) -> ServeConfig:
-    """serve.json: every engine of the placement with its launch fields."""
-    from scepsy_hpc.backend.serving import serve_config
-    from scepsy_hpc.spec.placement_entry import placement_entries
-
-    return serve_config(plan, wf, models, args.gpus_catalog, placement_entries(placement), engine=args.engine,
-                        engine_args=tuple(args.engine_arg or ()), launch_prefix=args.launch_prefix or "",
-                        health_timeout_s=args.health_timeout, time_scale=args.time_scale, seed=args.seed)
-
-
-def preflight(backend: ClusterBackend, partition: str | None, placement: list[Any]) -> str | None:
-    """Check the partition and the placement against the backend before anything is submitted; the partition used."""
-    from scepsy_hpc.spec.placement_entry import placement_entries
-
-    return backend.preflight(partition, placement_entries(placement))
+    return place(plan.allocation, from_cluster(cluster, gpus), gpu_type=plan.gpus.type).entries()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Submit, wait for healthy engines, serve the gateway, watch the job."""
     import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
     from scepsy_hpc.backend.base import NodeJob
-    from scepsy_hpc.backend.serving import claim_session, placement_nodes, write_serve_files
+    from scepsy_hpc.backend.serving import claim_session, make_backend, placement_nodes, serve_config, write_serve_files
     from scepsy_hpc.backend.session import open_session, state_root
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.cluster import load_cluster
-    from scepsy_hpc.spec.placement_entry import placement_entries
 
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
-    args.gpus_catalog = gpus
     root = state_root(args.state_dir)
     name = args.name or Path(args.target).stem
     session = open_session(name, root)
@@ -194,10 +169,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     claim_session(session, backend)
     cluster = load_cluster(resolve_input(args.cluster, "clusters"), gpus)
     plan, wf, plan_path = _load_inputs(args, session, models, gpus, cluster)
-    placement = placement_entries(_placement(plan, cluster, gpus))
-    config = serve_config(plan, wf, models, placement, args)
+    placement = _placement(plan, cluster, gpus)
+    config = serve_config(plan, wf, models, gpus, placement, engine=args.engine,
+                          engine_args=tuple(args.engine_arg or ()), launch_prefix=args.launch_prefix or "",
+                          health_timeout_s=args.health_timeout, time_scale=args.time_scale, seed=args.seed)
     slurm = cluster.slurm
-    partition = preflight(backend, args.partition or (slurm.partition if slurm else None), placement)
+    partition = backend.preflight(args.partition or (slurm.partition if slurm else None), placement)
     write_serve_files(session, config, plan_path)
     per_node = placement_nodes(placement)
     gres_type = next((k for k, v in (slurm.gpu_types if slurm else {}).items() if v == plan.gpus.type), None)
@@ -297,20 +274,9 @@ async def _wait_ready(session: Session, backend: ClusterBackend, job_id: str, co
     await wait_ready(session, backend, job_id, config, timeout_s, lambda line: err.print(f"[dim]{line}[/dim]"))
 
 
-def _cancel_and_wait(backend: ClusterBackend, job_id: str, timeout_s: float = 90.0) -> bool:
-    """Cancel and wait until the job has left the queue; whether it did in time."""
-    return backend.cancel_and_wait(job_id, timeout_s)
-
-
-def session_status(session: Session, backend: ClusterBackend) -> dict[str, Any]:
-    """The session as `status --json` prints it."""
-    from scepsy_hpc.backend.serving import session_status
-
-    return session_status(session, backend)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the session's job, engines and gateway; exit 0 only when everything serves."""
+    from scepsy_hpc.backend.serving import make_backend, session_status
     from scepsy_hpc.backend.session import find_session, state_root
 
     root = state_root(args.state_dir)
@@ -340,7 +306,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     """Stop the `up` process (it cancels its job) and make sure the job has left the queue."""
-    from scepsy_hpc.backend.serving import take_down
+    from scepsy_hpc.backend.serving import make_backend, take_down
     from scepsy_hpc.backend.session import find_session, state_root
 
     root = state_root(args.state_dir)

@@ -29,7 +29,6 @@ from scepsy_hpc.topology.model import Node, Topology
 
 EXHAUSTIVE_NODES = 10   # up to this many eligible nodes, every k-subset is tried
 EXACT_NODES = 8         # up to this many, the exact MILP settles what the heuristic cannot
-_EPS = 1e-9
 
 
 @dataclass(frozen=True)
