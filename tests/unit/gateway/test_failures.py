@@ -54,7 +54,8 @@ async def test_upstream_500_is_reported_with_llm_replica_and_message(stack: Any)
         again = await s.client().chat.completions.create(model="planner", messages=CHAT)
         trace = await s.close_gateway()
     assert info.value.status_code == 500
-    assert info.value.message.endswith(f"llm 'planner': replica {eng.url} returned HTTP 500: CUDA out of memory")
+    assert info.value.body == {"message": f"llm 'planner': replica {eng.url} returned HTTP 500: CUDA out of memory",
+                               "type": "upstream_error", "code": 500}
     assert again.choices[0].message.content == "Hello world"
     assert [(c.status, c.http_status) for c in trace.calls] == [("error", 500), ("ok", 200)]
     assert "CUDA out of memory" in (trace.calls[0].error or "")
