@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from scepsy_hpc.backend.records import RERUN, AgentReport, InstanceReport, InstanceState, ServeConfig
 from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env
 from scepsy_hpc.engine.supervisor import Process, free_port, port_free, start, stop_all
-from scepsy_hpc.errors import EngineError
+from scepsy_hpc.errors import EngineError, run_entry
 from scepsy_hpc.spec.records import read_record, write_record
 
 PORT_LOCK = Path("/tmp/scepsy-agent-ports.lock")
@@ -262,8 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--node", help="this node's name (default: $SLURMD_NODENAME, else the host name)")
     args = ap.parse_args(argv)
     node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    config = read_record(args.session / "serve.json", ServeConfig, RERUN)
-    agent = Agent(args.session, node, config, dict(os.environ))
+    return run_entry(lambda: _run_agent(args.session, node), prog=f"agent on {node}")
+
+
+def _run_agent(session: Path, node: str) -> int:
+    """Read serve.json, start this node's engines and keep them until told to stop; the exit status."""
+    config = read_record(session / "serve.json", ServeConfig, RERUN)
+    agent = Agent(session, node, config, dict(os.environ))
 
     def stop(signum: int, _frame: Any) -> None:
         agent.stop_requested = True

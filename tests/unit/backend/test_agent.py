@@ -53,3 +53,14 @@ def test_chains_are_transitive_across_gpus() -> None:
     chains = colocation_chains([x, y, z])
     assert len(chains) == 1
     assert [i.llm for i in chains[0]] == ["z", "x", "y"]
+
+
+def test_agent_main_reports_a_foreign_serve_json_as_one_line_not_a_traceback(tmp_path, capsys):
+    from scepsy_hpc.backend.agent import main
+
+    (tmp_path / "serve.json").write_text('{"schema_version": 99}')
+    rc = main(["--session", str(tmp_path), "--node", "n1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "agent on n1:" in err and "schema_version 99" in err and "re-run `scepsy up`" in err
+    assert "Traceback" not in err
