@@ -22,11 +22,9 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -35,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 
 from scepsy_hpc.engine.local import SimEngineSpec, free_port, sim_engines  # noqa: E402
+from scepsy_hpc.engine import supervisor  # noqa: E402
 
 LLM = "bench"
 
@@ -92,21 +91,6 @@ def _cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gateway exited with code {proc.returncode}")
-        try:
-            with opener.open(url + "/health", timeout=1.0) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"gateway at {url} not healthy after {timeout_s} s")
 
 
 async def _measure(args: argparse.Namespace, engine_url: str, gateway_url: str, served: str) -> list[dict[str, Any]]:
@@ -178,17 +162,16 @@ def main() -> int:
                 env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
                 cmd = [sys.executable, "-m", "scepsy_hpc.gateway", "--endpoints", str(ep), "--port", str(port)]
                 cmd += [] if args.no_trace else ["--trace", str(trace)]
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                url = f"http://127.0.0.1:{port}"
+                proc = supervisor.start(cmd, tmp / "logs" / "gateway.log", what="gateway", health=url, env=env)
                 try:
-                    url = f"http://127.0.0.1:{port}"
-                    _wait_healthy(url, proc)
+                    supervisor.wait_healthy([proc], timeout_s=20.0)
                     cpu0 = _cpu_s(proc.pid), _cpu_s(eng.process.pid)
                     rows = asyncio.run(_measure(args, eng.url, url, served))
                     cpu1 = _cpu_s(proc.pid), _cpu_s(eng.process.pid)
                     mode = "subprocess"
                 finally:
-                    proc.terminate()
-                    proc.wait(timeout=10)
+                    proc.stop()
             traced = sum(1 for line in trace.read_text().splitlines() if '"kind":"call"' in line) if trace.exists() else 0
 
     print(f"gateway overhead: {args.model} sim engine at time scale {args.time_scale}, gateway {mode}, "
