@@ -100,12 +100,11 @@ def _run_real(task: ProfileTask) -> Any:
             (pipe / d).mkdir(parents=True, exist_ok=True)
         subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True, timeout=30)
     argv = ["bash", "-c", engine_command(launch, task.launch_prefix)] if task.launch_prefix else engine_argv(launch)
-    node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
     url = f"http://127.0.0.1:{launch.port}"
     proc = None
     try:
         proc = start(argv, log, what=f"{task.engine} for {job.llm} tp={job.tp} f={job.gpu_frac:g}", health=url, env=env,
-                     append=True, missing_hint=f"install {task.engine} on {node}, or give a --launch-prefix that provides "
+                     append=True, missing_hint=f"install {task.engine} there, or give a --launch-prefix that provides "
                                                f"it (module load …, apptainer exec --nv IMAGE)")
         wait_healthy([proc], task.health_timeout_s, poll_s=1.0)
         res = sweep(measure_http(url, job.llm, list(task.mix), task.n_calls, seed=task.seed),

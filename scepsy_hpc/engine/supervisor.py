@@ -218,6 +218,10 @@ def start(argv: Sequence[str], log_path: str | Path, *, what: str, health: str |
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=dict(env) if env is not None else None, cwd=str(cwd) if cwd else None,
                                      start_new_session=True)
+        except FileNotFoundError:
+            host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+            raise EngineError(f"{what}: `{argv[0]}` is not installed on {host}"
+                              + (f": {missing_hint}" if missing_hint else "")) from None
         except OSError as exc:
             raise EngineError(f"{what}: cannot run `{argv[0]}` ({exc.strerror or exc})"
                               + (f"; {missing_hint}" if missing_hint else "")) from None

@@ -99,4 +99,13 @@ def test_stop_group_stops_a_group_it_did_not_start(tmp_path: Path) -> None:
 def test_a_command_that_does_not_exist_is_an_engine_error_with_the_hint(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as err:
         start(["/nonexistent/vllm", "serve"], tmp_path / "x.log", what="vllm for gen", missing_hint="install vllm")
-    assert "vllm for gen: cannot run `/nonexistent/vllm`" in str(err.value) and "install vllm" in str(err.value)
+    host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    assert f"vllm for gen: `/nonexistent/vllm` is not installed on {host}: install vllm" in str(err.value)
+
+
+def test_a_command_that_cannot_be_executed_says_why(tmp_path: Path) -> None:
+    script = tmp_path / "engine.sh"
+    script.write_text("#!/bin/sh\necho hi\n")  # not executable
+    with pytest.raises(EngineError) as err:
+        start([str(script)], tmp_path / "x.log", what="sim engine")
+    assert f"sim engine: cannot run `{script}` (Permission denied)" in str(err.value)
