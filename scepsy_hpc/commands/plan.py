@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 from scepsy_hpc.commands.argtypes import (non_negative_float, non_negative_int, positive_float, positive_int, rates)
@@ -154,10 +153,11 @@ def write_plan(plan: Any, path: str) -> None:
     """Write the plan as YAML (readable back by `load_plan`)."""
     import yaml
 
+    from scepsy_hpc.spec.records import write_atomic
+
     data = plan.model_dump(exclude_none=True, mode="json")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("# written by `scepsy plan`; edit freely: a hand-edited plan is validated like any other\n"
-                          + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    write_atomic(path, "# written by `scepsy plan`; edit freely: a hand-edited plan is validated like any other\n"
+                 + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def print_summary(result: PlanResult, s: dict[str, Any]) -> None:

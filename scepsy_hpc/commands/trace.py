@@ -129,6 +129,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     from scepsy_hpc.commands.common import resolve_input
     from scepsy_hpc.engine.local import SimEngineSpec, sim_engines
+    from scepsy_hpc.spec.records import write_atomic
     from scepsy_hpc.errors import SpecError
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.plan import load_plan
@@ -171,7 +172,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         for llm, eng in zip(owners, engines):
             llms.setdefault(llm, {"served_model": llm, "replicas": []})["replicas"].append(eng.url)
         endpoints = work / "endpoints.yaml"
-        endpoints.write_text(yaml.safe_dump({"time_scale": args.time_scale, "llms": llms}, sort_keys=False))
+        write_atomic(endpoints, yaml.safe_dump({"time_scale": args.time_scale, "llms": llms}, sort_keys=False))
         result = asyncio.run(_drive(args, wf, wf_path, driver, endpoints, out))
         behind = _lagging(engines, args.time_scale)
     err.print(result.summary())

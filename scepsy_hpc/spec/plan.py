@@ -53,9 +53,14 @@ class GPUBudget(SpecModel):
     count: Annotated[int, Field(ge=1)]
 
 
+PLAN_SCHEMA_VERSION = 1
+
+
 class Plan(SpecModel):
     """A plan file. Sections beyond the allocation are written by later stages and kept as given."""
 
+    # written into every plan; a hand-made plan may leave it out (it is then this version)
+    schema_version: int = PLAN_SCHEMA_VERSION
     workflow: str | None = None
     workflows: list[str] | None = None
     gpus: GPUBudget
@@ -85,6 +90,11 @@ def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[st
     from scepsy_hpc.perf.fit import check_fit, engine_config
 
     problems: list[str] = []
+    if plan.schema_version != PLAN_SCHEMA_VERSION:
+        problems.append(f"{smap.where(('schema_version',))}: schema_version: {plan.schema_version} is not the plan format "
+                        f"this scepsy reads ({PLAN_SCHEMA_VERSION}); re-plan with `scepsy plan`, or write "
+                        f"schema_version: {PLAN_SCHEMA_VERSION}")
+        return problems
     if plan.gpus.type not in gpus:
         problems.append(f"{smap.where(('gpus', 'type'))}: gpus.type: unknown GPU type {plan.gpus.type!r}; {suggest(plan.gpus.type, gpus)}")
         return problems

@@ -225,3 +225,11 @@ def test_gpus_needed_mixes_whole_and_fractional():
     assert gpus_needed(alloc) == 4 + 1 + 2
     # fractions of different LLMs share GPUs: 0.6 + 0.4 on one GPU
     assert gpus_needed({"a": LLMAlloc(gpu_frac=0.6), "b": LLMAlloc(gpu_frac=0.4), "c": LLMAlloc(tp=4)}) == 5
+
+
+def test_plan_schema_version_defaults_and_is_checked(wf, models, gpus):
+    assert plan_of(OK, wf, models, gpus).schema_version == 1
+    assert plan_of("schema_version: 1\n" + OK, wf, models, gpus).schema_version == 1
+    msg = only_problem("schema_version: 3\n" + OK, wf, models, gpus)
+    assert msg.startswith(f"{PATH}:1: schema_version: 3 is not the plan format this scepsy reads (1)")
+    assert "re-plan with `scepsy plan`" in msg
