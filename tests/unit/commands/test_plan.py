@@ -121,3 +121,4 @@ def test_the_readme_main_command_works_as_written():
     assert out.returncode == 0, out.stderr
     assert "status optimal" in out.stdout and "simulated 60 requests" in out.stdout
     assert "placement" in out.stdout and "node1" in out.stdout
+    assert "Running HiGHS" not in out.stdout + out.stderr, "the solver's banner leaked into the main command's output"
