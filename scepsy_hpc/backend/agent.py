@@ -23,11 +23,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from scepsy_hpc.backend.records import RERUN, AgentReport, InstanceReport, InstanceState, ServeConfig
+from pydantic import ConfigDict, Field
+
+from scepsy_hpc.backend.records import RERUN, AgentReport, InstanceReport, ServeConfig
 from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env
 from scepsy_hpc.engine.supervisor import Process, free_port, port_free, start, stop_all
 from scepsy_hpc.errors import EngineError, run_entry
@@ -36,36 +37,18 @@ from scepsy_hpc.spec.records import read_record, write_record
 PORT_LOCK = Path("/tmp/scepsy-agent-ports.lock")
 
 
-@dataclass
-class Instance:
-    """One engine of this node: what the plan says and what became of it."""
+class Instance(InstanceReport):
+    """One engine of this node: what the plan says and what became of it — its report, which the agent
+    updates in place — plus how to start it and the running process (neither is reported)."""
 
-    llm: str
-    replica: int
-    gpus: list[int]                  # physical GPU indices on the node (as the plan or Slurm number them)
-    gpu_frac: float
-    mps_pct: int
-    launch: EngineLaunch
-    cuda_visible_devices: str = ""
-    port: int = 0
-    url: str = ""
-    log: str = ""
-    pid: int | None = None
-    healthy: bool = False
-    state: InstanceState = "waiting"
-    error: str = ""
-    remapped: bool = False
-    started_at: float = 0.0          # Unix time the engine was spawned, for the report
-    healthy_at: float = 0.0          # Unix time /health first answered
-    proc: Process | None = field(default=None, repr=False)
+    model_config = ConfigDict(frozen=False, extra="forbid", arbitrary_types_allowed=True)
+
+    launch: EngineLaunch = Field(exclude=True)
+    proc: Process | None = Field(default=None, exclude=True, repr=False)
 
     def report(self) -> InstanceReport:
         """What the agent's report says of this engine."""
-        return InstanceReport(llm=self.llm, replica=self.replica, gpus=self.gpus, gpu_frac=self.gpu_frac,
-                              mps_pct=self.mps_pct, cuda_visible_devices=self.cuda_visible_devices, port=self.port,
-                              url=self.url, log=self.log, pid=self.pid, healthy=self.healthy, state=self.state,
-                              error=self.error, remapped=self.remapped, started_at=self.started_at,
-                              healthy_at=self.healthy_at)
+        return InstanceReport.model_validate(self.model_dump())
 
 
 def map_gpus(planned: Sequence[int], env: dict[str, str]) -> tuple[dict[int, tuple[int, str]], bool]:
@@ -117,7 +100,8 @@ class Agent:
         self.error = ""
         self.stop_requested = False
         self.mps_env: dict[str, str] = {}
-        self.instances = [Instance(i.llm, i.replica, list(i.gpus), i.gpu_frac, i.mps_pct, i.launch, port=i.port)
+        self.instances = [Instance(llm=i.llm, replica=i.replica, gpus=list(i.gpus), gpu_frac=i.gpu_frac, mps_pct=i.mps_pct,
+                                   launch=i.launch, port=i.port)
                           for i in config.instances if i.node == node]
 
     def write(self) -> None:

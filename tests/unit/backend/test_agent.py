@@ -37,7 +37,8 @@ def test_a_job_holding_fewer_gpus_than_planned_is_an_error_naming_both() -> None
 
 
 def _inst(llm: str, replica: int, gpus: list[int], frac: float = 1.0) -> Instance:
-    return Instance(llm, replica, gpus, frac, round(100 * frac), EngineLaunch("sim", llm, llm, llm, "h100-sxm"))
+    return Instance(llm=llm, replica=replica, gpus=gpus, gpu_frac=frac, mps_pct=round(100 * frac),
+                    launch=EngineLaunch("sim", llm, llm, llm, "h100-sxm"))
 
 
 def test_engines_sharing_a_gpu_form_one_chain_largest_share_first_others_start_alone() -> None:
