@@ -1,0 +1,1 @@
+"""The login-node daemon: durable state, control API, reconcile loop."""
