@@ -1,6 +1,7 @@
 """The node agent: runs once per node inside the serving job and starts that node's engines.
 
     python -m scepsy_hpc.backend.agent --session DIR [--node NAME]
+    job_main(DIR)      the same, as the function a submitit job runs once per node
 
 It reads `DIR/serve.json` (written by `scepsy up`), takes the instances placed on its node
 (`--node`, else $SLURMD_NODENAME, else the host name), maps their planned GPU indices onto the GPUs the
@@ -8,8 +9,16 @@ job holds there, and starts each engine with its CUDA_VISIBLE_DEVICES. Engines s
 after another, each once the previous one answers /health (two engines loading at once would both see
 the whole GPU free); engines on different GPUs start together. With fractions and a real engine, an
 MPS control daemon runs for the node and each engine gets its thread percentage. Progress goes to
-`DIR/agents/NODE.json` (state starting → ready, or failed with the engine's log); on SIGTERM (scancel,
-`scepsy down`) the engines are stopped and the agent exits.
+`DIR/agents/NODE.json` (state starting → ready, or failed with the engine's log), rewritten at least
+every HEARTBEAT_S even when nothing changed, so that a reader on another node can tell a live agent from
+a dead one by its `updated` time (`report_stale`). On SIGTERM (scancel, `scepsy down`) the engines are
+stopped and the agent exits; SIGUSR1 (the walltime warning) is only logged.
+
+Engines die with their agent: each is started with PR_SET_PDEATHSIG, so even `kill -9` of the agent
+takes them down. An engine is the leader of its own process group (its reported `pid` is also the
+group's id) and carries SCEPSY_ENGINE_ID in its environment, which lets `reap_engines` stop on this
+host whatever of a deployment is left — what an engine forked outlives the death signal — while
+refusing a process that merely got a recycled pid.
 """
 
 from __future__ import annotations
@@ -18,28 +27,70 @@ import argparse
 import dataclasses
 import fcntl
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pydantic import ConfigDict, Field
 
 from scepsy_hpc.backend.records import RERUN, AgentReport, InstanceReport, ServeConfig
-from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env
-from scepsy_hpc.engine.supervisor import Process, free_port, port_free, start, stop_all
+from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env, parse_prefix
+from scepsy_hpc.engine.supervisor import (Process, free_port, group_members, port_free, process_environ, start,
+                                          stop_all, stop_groups)
 from scepsy_hpc.errors import EngineError, run_entry
 from scepsy_hpc.spec.records import read_record, write_record
 
 PORT_LOCK = Path("/tmp/scepsy-agent-ports.lock")
+HEARTBEAT_S = 5.0                            # the report is rewritten at least this often
+HEARTBEAT_ENV = "SCEPSY_AGENT_HEARTBEAT_S"   # overrides HEARTBEAT_S (tests)
+STALE_AFTER_S = 3 * HEARTBEAT_S              # a live agent's report is never older than this
+ENGINE_ID_ENV = "SCEPSY_ENGINE_ID"           # in every engine's environment: which engine of which agent it is
+
+
+def engine_id(agent_pid: int, node: str, inst: InstanceReport) -> str:
+    """The value of SCEPSY_ENGINE_ID for engine `inst` started by agent `agent_pid` on `node`: everything
+    in it is in the agent's report, and its start time makes it unique to this one start."""
+    return f"{node}/{agent_pid}/{inst.llm}/{inst.replica}/{inst.started_at:.6f}"
+
+
+def shell_line(launch: EngineLaunch, prefix: str, which: Callable[[str], str | None] = shutil.which) -> str:
+    """The `bash -c` line that runs the engine after a launch prefix, with `exec` where that is unambiguous
+    so that the shell becomes the engine: the reported pid is then the engine's, and so is the process
+    the agent's death signal reaches (the kernel does not pass it on to children).
+
+    A prefix ending in `&&` or `;` (`module load vllm &&`) gets `exec` before the engine; a lone command
+    that is a program on PATH (`apptainer exec --nv img.sif`) gets `exec` before the prefix. Anything
+    else (`module load x && apptainer exec img`, an assignment, a shell function) is left as it is:
+    bash 5.1 and later exec the last command of such a line by themselves; an older bash keeps the
+    engine as its child, and `reap_engines` finds it by its SCEPSY_ENGINE_ID."""
+    line = engine_command(launch)
+    prefix = parse_prefix(prefix)
+    if not prefix:
+        return line
+    try:
+        lexer = shlex.shlex(prefix, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+    except ValueError:   # unbalanced quotes: bash will say what is wrong
+        return f"{prefix} {line}"
+    operators = [w for w in words if set(w) <= set("();<>|&")]
+    if words and words[-1] in ("&&", ";"):
+        return f"{prefix} exec {line}"
+    if words and not operators and "=" not in words[0] and which(words[0]):
+        return f"exec {prefix} {line}"
+    return f"{prefix} {line}"
 
 
 class Instance(InstanceReport):
     """One engine of this node: what the plan says and what became of it — its report, which the agent
-    updates in place — plus how to start it and the running process (neither is reported)."""
+    updates in place — plus how to start it and the running process (neither is reported). Its `pid`,
+    written as soon as it is spawned, is also its process group's id."""
 
     model_config = ConfigDict(frozen=False, extra="forbid", arbitrary_types_allowed=True)
 
@@ -100,6 +151,8 @@ class Agent:
         self.error = ""
         self.stop_requested = False
         self.mps_env: dict[str, str] = {}
+        self.heartbeat_s = float(env.get(HEARTBEAT_ENV) or HEARTBEAT_S)
+        self.written = 0.0   # time.monotonic() of the last write
         self.instances = [Instance(llm=i.llm, replica=i.replica, gpus=list(i.gpus), gpu_frac=i.gpu_frac, mps_pct=i.mps_pct,
                                    launch=i.launch, port=i.port)
                           for i in config.instances if i.node == node]
@@ -109,6 +162,12 @@ class Agent:
         write_record(self.report_path, AgentReport(
             node=self.node, host=self.host, pid=os.getpid(), state=self.state, error=self.error,
             job_id=self.env.get("SLURM_JOB_ID", ""), updated=time.time(), instances=[i.report() for i in self.instances]))
+        self.written = time.monotonic()
+
+    def beat(self) -> None:
+        """Rewrite the report if the last write is `heartbeat_s` old: its `updated` says the agent lives."""
+        if time.monotonic() - self.written >= self.heartbeat_s:
+            self.write()
 
     def fail(self, inst: Instance | None, why: str) -> None:
         """Record a failure (naming the engine's log) and stop everything."""
@@ -157,6 +216,7 @@ class Agent:
                 if ready:
                     current.state, current.healthy, current.healthy_at = "healthy", True, time.time()
                     self.write()
+                self.beat()   # after each probe: one that hangs takes seconds, and there may be many
             if not pending:
                 break
             time.sleep(0.2)
@@ -174,7 +234,8 @@ class Agent:
                     changed = True
             if changed:
                 self.write()
-            time.sleep(0.5)
+            self.beat()
+            time.sleep(min(0.5, self.heartbeat_s))
         self.stop_all()
         return 0
 
@@ -192,15 +253,16 @@ class Agent:
                 launch = dataclasses.replace(inst.launch, port=port)
                 env.update(engine_env(launch, inst.cuda_visible_devices.split(","), inst.mps_pct))
                 prefix = self.config.launch_prefix
-                argv = ["bash", "-c", engine_command(launch, prefix)] if prefix else engine_argv(launch)
+                argv = ["bash", "-c", shell_line(launch, prefix)] if prefix else engine_argv(launch)
                 url = f"http://{self.host}:{port}"
+                inst.started_at = time.time()
+                env[ENGINE_ID_ENV] = engine_id(os.getpid(), self.node, inst)
                 try:
-                    inst.proc = start(argv, log, what=what, health=url, env=env, append=True)
+                    inst.proc = start(argv, log, what=what, health=url, env=env, append=True, die_with_parent=True)
                 except EngineError as exc:
                     self.fail(inst, str(exc))
                     return
                 inst.port, inst.pid, inst.state, inst.url = port, inst.proc.pid, "starting", url
-                inst.started_at = time.time()
                 deadline = time.monotonic() + 5.0   # hold the lock until the engine holds its port
                 while port_free(port) and inst.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -239,6 +301,35 @@ class Agent:
         self.write()
 
 
+def report_stale(report: AgentReport, now: float | None = None) -> bool:
+    """Whether a report that says its agent is still at work (starting, ready) is too old for a live agent:
+    then the agent is gone (killed, its node lost) and what it says of its engines is no longer true."""
+    age_s = (time.time() if now is None else now) - report.updated
+    return report.state in ("starting", "ready") and age_s > STALE_AFTER_S
+
+
+def reap_engines(reports: Iterable[AgentReport], grace_s: float = 10.0) -> list[int]:
+    """Stop on this host every engine of `reports` whose process group still runs; the groups stopped.
+
+    For whoever stops a deployment on the host its agents ran on (the local backend, the daemon): an
+    agent that died by `kill -9` took its engines down with it, but not what they forked (vLLM's
+    workers), and an engine started where prctl is missing stays up. A reported pid is a process group
+    id; the group is only stopped if one of its live members has the engine's own SCEPSY_ENGINE_ID in
+    its environment (agent pid, node, engine and spawn time to the microsecond, all from the report).
+    A recycled pid — an unrelated process, or a new group led by a process that got the old id —
+    cannot carry it, and a member that outlived its leader still does, which a start-time comparison
+    of the leader could not tell. Processes of other users cannot be read, so they are never ours.
+    Without /proc (not Linux) nothing can be checked and nothing is stopped. TERM goes to every group
+    at once, KILL to those left after `grace_s`."""
+    wanted = {inst.pid: engine_id(report.pid, report.node, inst)
+              for report in reports for inst in report.instances if inst.pid}
+    members = group_members(wanted)
+    ours = [pgid for pgid, marker in wanted.items()
+            if any(process_environ(pid).get(ENGINE_ID_ENV) == marker for pid in members[pgid])]
+    stop_groups(ours, grace_s)
+    return ours
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point inside the job."""
     ap = argparse.ArgumentParser(prog="python -m scepsy_hpc.backend.agent", description=__doc__.splitlines()[0])
@@ -249,16 +340,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_entry(lambda: _run_agent(args.session, node), prog=f"agent on {node}")
 
 
-def _run_agent(session: Path, node: str) -> int:
-    """Read serve.json, start this node's engines and keep them until told to stop; the exit status."""
+def job_main(session: str) -> int:
+    """The function a submitit job runs once per node (tasks_per_node=1): this node's agent; its exit status.
+
+    Submitit has installed its own handlers by the time it calls us — SIGTERM only logged, its preemption
+    signal (SIGUSR2 unless $SUBMITIT_PREEMPT_SIGNAL) checkpointing or requeueing the job — and ours
+    replace them: SIGTERM stops the engines, and the preemption signal is only logged like SIGUSR1 (a
+    serving job has nothing to checkpoint; Slurm's SIGTERM follows)."""
+    warnings = [signal.SIGUSR1]
+    try:
+        import submitit
+
+        job = submitit.JobEnvironment()
+        node = job.hostnames[job.node]
+        name = job.USR_SIG if job.USR_SIG.startswith("SIG") else f"SIG{job.USR_SIG}"
+        warnings += [getattr(signal, name)] if hasattr(signal, name) else []
+    except Exception:   # not installed, not a submitit job, a node list it cannot parse: as main() does
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    return run_entry(lambda: _run_agent(Path(session), node, warnings), prog=f"agent on {node}")
+
+
+def _run_agent(session: Path, node: str, warnings: Sequence[int] = (signal.SIGUSR1,)) -> int:
+    """Read serve.json, start this node's engines and keep them until told to stop; the exit status.
+
+    SIGTERM and SIGINT stop it; each of `warnings` (the walltime warning) is logged and changes nothing."""
     config = read_record(session / "serve.json", ServeConfig, RERUN)
     agent = Agent(session, node, config, dict(os.environ))
 
     def stop(signum: int, _frame: Any) -> None:
         agent.stop_requested = True
 
+    def warned(signum: int, _frame: Any) -> None:
+        # os.write, not print: a handler that prints while the main code prints breaks the buffered stdout
+        name = signal.Signals(signum).name
+        os.write(1, f"agent on {node}: got {name}; the engines keep serving until SIGTERM\n".encode())
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    for sig in warnings:
+        signal.signal(sig, warned)
     print(f"agent on {node}: {len(agent.instances)} engine(s); report {agent.report_path}", flush=True)
     rc = agent.run()
     print(f"agent on {node}: {agent.state}" + (f": {agent.error}" if agent.error else ""), flush=True)

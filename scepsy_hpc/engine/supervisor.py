@@ -4,21 +4,24 @@ wait for it to be healthy while noticing an early exit, stop it with TERM then K
 Every engine (the sim engines of `engine.local`, the node agent's engines, profiling engines) and the
 local backend's jobs run through it. A failure is an `EngineError` that names the log and quotes its
 end, since that is where the reason is. The process group matters: vLLM and a job script start
-children of their own, and a TERM to the group reaches all of them.
+children of their own, and a TERM to the group reaches all of them. With `die_with_parent` (the node
+agent's engines) the kernel SIGKILLs the started process when its parent dies, even by `kill -9`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 from scepsy_hpc.errors import EngineError
 
@@ -94,6 +97,37 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def _proc_stats() -> Iterable[tuple[int, int, str]]:
+    """(pid, process group, state letter) of every process /proc shows."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue   # exited while we looked
+        yield int(stat.parent.name), int(fields[2]), fields[0]
+
+
+def group_members(pgids: Collection[int]) -> dict[int, list[int]]:
+    """The live (not zombie) processes of each process group in `pgids`, in one pass over /proc
+    (every group empty where there is no /proc)."""
+    members: dict[int, list[int]] = {g: [] for g in pgids}
+    if (Path("/proc") / "self" / "stat").exists():
+        for pid, pgid, state in _proc_stats():
+            if pgid in members and state != "Z":
+                members[pgid].append(pid)
+    return members
+
+
+def process_environ(pid: int) -> dict[str, str]:
+    """The environment process `pid` was started with ({} when it is gone or not ours to read)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (entry.decode(errors="replace").partition("=") for entry in raw.split(b"\0") if entry)
+    return {k: v for k, _, v in pairs}
+
+
 def group_alive(pgid: int) -> bool:
     """Whether a live (not zombie) process of process group `pgid` remains.
 
@@ -103,8 +137,7 @@ def group_alive(pgid: int) -> bool:
         os.waitpid(pgid, os.WNOHANG)   # reap the leader if it is our own child
     except ChildProcessError:
         pass
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
+    if not (Path("/proc") / "self" / "stat").exists():
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -112,14 +145,7 @@ def group_alive(pgid: int) -> bool:
         except PermissionError:
             return True
         return True
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue   # exited while we looked
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return any(g == pgid and state != "Z" for _, g, state in _proc_stats())
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -138,16 +164,49 @@ def _await_gone(pgids: Sequence[int], poll_s: float, limit_s: float = KILL_WAIT_
 
 def stop_group(pgid: int, grace_s: float = 10.0, poll_s: float = 0.1) -> None:
     """TERM process group `pgid`, KILL what is left after `grace_s`; works for groups started by another process."""
-    if not group_alive(pgid):
-        return
-    _signal_group(pgid, signal.SIGTERM)
+    stop_groups([pgid], grace_s, poll_s)
+
+
+def stop_groups(pgids: Iterable[int], grace_s: float = 10.0, poll_s: float = 0.1) -> None:
+    """TERM every process group in `pgids` at once, KILL those left after `grace_s` in all (groups started
+    by another process too: nothing is reaped here but our own children)."""
+    live = [g for g in pgids if group_alive(g)]
+    for g in live:
+        _signal_group(g, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not group_alive(pgid):
-            return
-        time.sleep(poll_s)
-    _signal_group(pgid, signal.SIGKILL)
-    _await_gone([pgid], poll_s)
+    while live and time.monotonic() < deadline:
+        live = [g for g in live if group_alive(g)]
+        if live:
+            time.sleep(poll_s)
+    for g in live:
+        _signal_group(g, signal.SIGKILL)
+    _await_gone(live, poll_s)
+
+
+PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
+
+
+def _die_with(parent_pid: int) -> Callable[[], None] | None:
+    """A preexec_fn that makes the child die (SIGKILL) when `parent_pid`, its parent, dies; None where the
+    kernel cannot do it (not Linux, no prctl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+
+    args = (ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
+            ctypes.c_ulong(0))
+
+    def preexec() -> None:
+        prctl(*args)   # should it fail, the child runs without it: whoever stops the deployment reaps it
+        # The parent may have died between fork and prctl: then no death signal ever comes, and we
+        # have been re-parented (to init or a subreaper). Die now, as the signal would have made us.
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 @dataclass
@@ -200,11 +259,21 @@ class Process:
 
 def start(argv: Sequence[str], log_path: str | Path, *, what: str, health: str | Health | None = None,
           env: Mapping[str, str] | None = None, cwd: str | Path | None = None, append: bool = False,
-          missing_hint: str = "") -> Process:
+          missing_hint: str = "", die_with_parent: bool = False) -> Process:
     """Start `argv` in a new process group (stdout and stderr to `log_path`, no stdin).
 
     `health` is a base URL (healthy once GET /health answers 200) or a predicate. A command that cannot
-    be executed is an EngineError naming it (`missing_hint` says how to provide it)."""
+    be executed is an EngineError naming it (`missing_hint` says how to provide it).
+
+    `die_with_parent`: the kernel SIGKILLs the started process when this process dies, `kill -9` included
+    (Linux PR_SET_PDEATHSIG, set between fork and exec; the child checks that its parent is still the
+    same right after, so a parent that died in between is noticed too). Only the started process gets
+    it, not what it forks (the kernel clears the setting in children), and it survives exec except into
+    a setuid program. Two cautions: it fires when the *thread* that called `start` ends, so call it from
+    a thread that lives as long as the process (the node agent's main thread); and it uses preexec_fn,
+    which may deadlock a process that runs other threads (a lock held by one at the fork), so use it
+    only in a single-threaded process, as the node agent is. Where there is no prctl (not Linux) it does
+    nothing."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     check: Health | None
@@ -217,7 +286,8 @@ def start(argv: Sequence[str], log_path: str | Path, *, what: str, health: str |
         try:
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=dict(env) if env is not None else None, cwd=str(cwd) if cwd else None,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=_die_with(os.getpid()) if die_with_parent else None)
         except FileNotFoundError:
             host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
             raise EngineError(f"{what}: `{argv[0]}` is not installed on {host}"
