@@ -1,7 +1,8 @@
-"""The gateway: one OpenAI-compatible endpoint for every LLM of a deployment, tracing each call."""
+"""The gateway: one OpenAI-compatible endpoint for every LLM of one or more deployments, tracing each call."""
 
 from scepsy_hpc.gateway.app import Gateway, main, make_app, run_gateway, start_gateway
-from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher, LLMEndpoint, Replica, load_endpoints, parse_endpoints
+from scepsy_hpc.gateway.endpoints import (Endpoints, EndpointsWatcher, LLMEndpoint, Replica, load_endpoints,
+                                         merge_endpoints, parse_endpoints)
 
 __all__ = ["Endpoints", "EndpointsWatcher", "Gateway", "LLMEndpoint", "Replica", "load_endpoints", "main", "make_app",
-           "parse_endpoints", "run_gateway", "start_gateway"]
+           "merge_endpoints", "parse_endpoints", "run_gateway", "start_gateway"]

@@ -1,21 +1,28 @@
-"""The gateway: one OpenAI-compatible endpoint for every LLM of a deployment, tracing each call.
+"""The gateway: one OpenAI-compatible endpoint for every LLM of one or more deployments, tracing each call.
 
-Routes (also under `/r/{request_id}` for clients that can only set a base URL):
+Routes (also under `/r/{request_id}`, `/d/{deployment}` and `/d/{deployment}/r/{request_id}`, for
+clients that can only set a base URL):
   POST /v1/chat/completions, POST /v1/completions, GET /v1/models
-  GET /health, GET /metrics, POST /scepsy/v1/spans
+  GET /health, GET /metrics, GET /scepsy/v1/stats, POST /scepsy/v1/spans
 
-A call's workflow request id comes from the path prefix or the `X-Scepsy-Request` header (the
-path wins); its role from `X-Scepsy-Role` or the body's `metadata.scepsy_role`.
+A call's `model` is an LLM key or alias of the endpoints file; under `/d/{deployment}` it is first
+tried as `{deployment}/{model}`, so a workflow's own LLM names work unchanged with the base URL
+`http://gateway/d/{deployment}/v1`. A call's workflow request id comes from the path prefix or the
+`X-Scepsy-Request` header (the path wins); its role from `X-Scepsy-Role` or the body's
+`metadata.scepsy_role`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import itertools
 import json
 import logging
+import os
 import signal
+import time
 from functools import partial
 from pathlib import Path
 from typing import IO, Sequence
@@ -27,10 +34,12 @@ from prometheus_client import generate_latest
 from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE
 from scepsy_hpc.errors import ScepsyError, SpecError, run_entry
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
-from scepsy_hpc.gateway.metrics import gateway_registry
+from scepsy_hpc.gateway.metrics import CallWindow, gateway_registry, gateway_stats
+from scepsy_hpc.gateway.names import listing, names_in_scope, resolve, unknown_model_message
 from scepsy_hpc.gateway.proxy import HOP_HEADERS, Call, Forwarder, error_response
 from scepsy_hpc.gateway.routing import Router
 from scepsy_hpc.gateway.tracing import ModelClock, SpanBook, SpanError, TraceSink, meta_record
+from scepsy_hpc.spec.records import write_atomic
 from scepsy_hpc.trace.records import CallRecord, TraceWriter
 
 log = logging.getLogger("scepsy_hpc.gateway")
@@ -40,7 +49,9 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 # Below the 5 s keep-alive of uvicorn (vLLM, SGLang), so a pooled connection is never reused just as
 # the engine closes it (which would fail a call that was never received).
 KEEPALIVE_S = 4.0
-WATCH_EVERY_S = 0.2
+WATCH_EVERY_S = 0.2  # one stat() of the endpoints file per interval when idle
+# Routes are served at the root and under each of these (a request id, a deployment, or both).
+PREFIXES = ("", "/r/{request_id}", "/d/{deployment}", "/d/{deployment}/r/{request_id}")
 
 
 class GatewayState:
@@ -55,8 +66,10 @@ class GatewayState:
         self.sink = TraceSink(trace_writer)
         self.spans = SpanBook()
         self.connect_timeout_s = connect_timeout_s
-        self.calls: dict[str, int] = {}
+        self.calls: dict[str, int] = {}   # per LLM key
         self.errors: dict[str, int] = {}
+        self.windows: dict[str, CallWindow] = {}  # the last minute of completed calls, per LLM key
+        self.started = time.monotonic()
         self.span_records = 0
         self._ids = itertools.count(1)
         self.session: aiohttp.ClientSession | None = None
@@ -68,11 +81,16 @@ class GatewayState:
         """Count and trace one finished call."""
         if rec.status != "ok":
             self.errors[rec.llm] = self.errors.get(rec.llm, 0) + 1
+        window = self.windows.get(rec.llm)
+        if window is None:
+            window = self.windows[rec.llm] = CallWindow()
+        window.add(time.monotonic(), rec)
         self.sink.put(rec)
 
     async def startup(self, app: web.Application) -> None:
         """Open the pooled client session, the trace thread and the endpoints watch."""
         self.clock = ModelClock(self.time_scale)  # t0 = when the gateway starts serving
+        self.started = self.clock.t0
         self.router.sync()
         # No total timeout: a long generation may stream for minutes; only connecting is bounded.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
@@ -128,14 +146,15 @@ async def _handle_call(upstream_path: str, request: web.Request) -> web.StreamRe
     if not isinstance(body, dict):
         return _bad_request(f"request body must be a JSON object, got {type(body).__name__}", "invalid_json")
     model = body.get("model")
-    if not isinstance(model, str) or not model:
-        return _bad_request("the request has no 'model'; set it to one of the LLM names of this gateway "
-                            f"({', '.join(st.router.names())})", "missing_model", "model")
+    deployment = request.match_info.get("deployment")
     st.router.sync()
-    pool = st.router.pool(model)
+    if not isinstance(model, str) or not model:
+        names = listing(names_in_scope(st.router.accepted_names(), deployment))
+        return _bad_request(f"the request has no 'model'; set it to one of the LLM names of this gateway ({names})",
+                            "missing_model", "model")
+    pool = resolve(st.router, model, deployment)
     if pool is None:
-        return error_response(404, f"unknown model {model!r}; this gateway serves: {', '.join(st.router.names())}",
-                              "invalid_request_error", "model_not_found", "model")
+        return _unknown_model(st.router.accepted_names(), model, deployment)
     request_id = request.match_info.get("request_id") or request.headers.get("X-Scepsy-Request") or None
     role = request.headers.get("X-Scepsy-Role") or None
     changed = False
@@ -160,12 +179,17 @@ async def _handle_call(upstream_path: str, request: web.Request) -> web.StreamRe
     headers = {k: v for k, v in request.headers.items()
                if k.lower() not in HOP_HEADERS and not k.lower().startswith("x-scepsy-")}
     headers["Content-Type"] = "application/json"
-    st.calls[model] = st.calls.get(model, 0) + 1
-    call = Call(llm=model, pool=pool, path=upstream_path, body=json.dumps(body).encode() if changed else raw,
+    st.calls[pool.name] = st.calls.get(pool.name, 0) + 1
+    call = Call(llm=pool.name, pool=pool, path=upstream_path, body=json.dumps(body).encode() if changed else raw,
                 headers=headers, stream=stream, drop_usage=drop_usage, request_id=request_id, role=role,
                 model=pool.served_model, call_id=st.next_call_id())
     assert st.forwarder is not None  # set on startup
     return await st.forwarder.forward(request, call)
+
+
+def _unknown_model(accepted: dict[str, str], model: str | None, deployment: str | None) -> web.Response:
+    return error_response(404, unknown_model_message(accepted, model, deployment), "invalid_request_error",
+                          "model_not_found", "model")
 
 
 async def _handle_not_served(request: web.Request) -> web.Response:
@@ -177,7 +201,13 @@ async def _handle_not_served(request: web.Request) -> web.Response:
 async def _handle_models(request: web.Request) -> web.Response:
     st = request.app[STATE]
     st.router.sync()
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "scepsy"} for name in st.router.names()]
+    deployment = request.match_info.get("deployment")
+    accepted = st.router.accepted_names()
+    names = names_in_scope(accepted, deployment)
+    if deployment is not None and not names:
+        return _unknown_model(accepted, None, deployment)
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "scepsy",
+             **({"scepsy_target": key} if key != name else {})} for name, key in names.items()]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -192,6 +222,12 @@ async def _handle_metrics(request: web.Request) -> web.Response:
     st.router.sync()
     return web.Response(body=generate_latest(st.registry),
                         headers={"Content-Type": PROMETHEUS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
+
+
+async def _handle_stats(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    st.router.sync()
+    return web.json_response(gateway_stats(st))
 
 
 async def _handle_span(request: web.Request) -> web.Response:
@@ -219,13 +255,14 @@ def make_app(endpoints_source: Endpoints | EndpointsWatcher, trace_writer: Trace
     st = GatewayState(endpoints_source, trace_writer, time_scale, connect_timeout_s=connect_timeout_s,
                       down_for_s=down_for_s)
     app[STATE] = st
-    for prefix in ("", "/r/{request_id}"):
+    for prefix in PREFIXES:
         app.router.add_post(prefix + "/v1/chat/completions", partial(_handle_call, "/v1/chat/completions"))
         app.router.add_post(prefix + "/v1/completions", partial(_handle_call, "/v1/completions"))
         app.router.add_get(prefix + "/v1/models", _handle_models)
         app.router.add_route("*", prefix + "/v1/{tail:.*}", _handle_not_served)
     app.router.add_get("/health", _handle_health)
     app.router.add_get("/metrics", _handle_metrics)
+    app.router.add_get("/scepsy/v1/stats", _handle_stats)
     app.router.add_post("/scepsy/v1/spans", _handle_span)
     app.on_startup.append(st.startup)
     app.on_cleanup.append(st.cleanup)
@@ -297,44 +334,77 @@ async def start_gateway(endpoints_path: str | Path, trace_path: str | Path | Non
         await runner.cleanup()
         if trace_file is not None:
             trace_file.close()
-        raise ScepsyError(f"gateway cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ScepsyError(f"gateway cannot listen on {host}:{port}: {_bind_reason(exc)}") from None
     bound = runner.addresses[0][1] if runner.addresses else port  # the real port when port=0
     return Gateway(runner, host, bound, trace_file)
 
 
+def _bind_reason(exc: OSError) -> str:
+    """Why binding failed, in a few words (asyncio wraps the errno in a long sentence with the address)."""
+    if isinstance(exc.errno, int) and exc.errno > 0:
+        reason = os.strerror(exc.errno).lower()
+        if exc.errno == errno.EADDRINUSE:
+            reason += " (another process listens there: stop it or choose another --port)"
+        return reason
+    return exc.strerror or str(exc)  # e.g. a host name that does not resolve
+
+
+def _write_pid_file(path: Path) -> None:
+    try:
+        write_atomic(path, f"{os.getpid()}\n")
+    except OSError as exc:
+        raise ScepsyError(f"{path}: cannot write the pid file: {exc.strerror or exc}") from None
+
+
+def _remove_pid_file(path: Path) -> None:
+    """Remove the pid file if it still names this process (a successor may have replaced it)."""
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
+
+
 async def _serve(endpoints_path: str | Path, trace_path: str | Path | None, host: str, port: int,
-                 time_scale: float | None) -> None:
+                 time_scale: float | None, pid_file: str | Path | None = None) -> None:
     gw = await start_gateway(endpoints_path, trace_path, host, port, time_scale)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     st = gw.state
-    log.info("gateway serving %s on %s/v1 (time scale %g)%s", ", ".join(st.router.names()), gw.url, st.time_scale,
-             f", tracing to {trace_path}" if trace_path else "")
     try:
+        if pid_file is not None:  # after binding, so a pid file means the port answers
+            _write_pid_file(Path(pid_file))
+        log.info("gateway serving %s on %s/v1 (time scale %g)%s", listing(st.router.names()), gw.url,
+                 st.time_scale, f", tracing to {trace_path}" if trace_path else "")
         await stop.wait()
     finally:
         await gw.close()
+        if pid_file is not None:
+            _remove_pid_file(Path(pid_file))
         log.info("gateway stopped")
 
 
 def run_gateway(endpoints_path: str | Path, trace_path: str | Path | None = None, host: str = "127.0.0.1",
-                port: int = 8000, time_scale: float | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (blocking)."""
-    asyncio.run(_serve(endpoints_path, trace_path, host, port, time_scale))
+                port: int = 8000, time_scale: float | None = None, *, pid_file: str | Path | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (blocking); `pid_file` holds this process's id while the port is bound."""
+    asyncio.run(_serve(endpoints_path, trace_path, host, port, time_scale, pid_file))
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The gateway's command-line options (also used by `scepsy gateway`)."""
-    p = parser or argparse.ArgumentParser(prog="scepsy gateway",
-                                          description="OpenAI-compatible gateway for all LLMs of a deployment; traces every call.")
+    p = parser or argparse.ArgumentParser(
+        prog="scepsy gateway",
+        description="OpenAI-compatible gateway for the LLMs of one or more deployments; traces every call.")
     p.add_argument("--endpoints", required=True, help="endpoints file (YAML or JSON); reloaded when it changes")
     p.add_argument("--trace", default=None, help="append call and span records to this JSONL file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     p.add_argument("--time-scale", type=float, default=None,
                    help="the engines' time scale, so trace times are model seconds (default: the file's, else 1)")
+    p.add_argument("--pid-file", default=None,
+                   help="write this process's id here once the port is bound; removed on a clean exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log reloads and debug detail")
     return p
 
@@ -349,6 +419,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale)
+        run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale, pid_file=args.pid_file)
 
     return run_entry(serve)

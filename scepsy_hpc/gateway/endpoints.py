@@ -6,6 +6,7 @@ time_scale: 1.0            # optional; the engines' time scale, so trace times a
 llms:
   planner:
     served_model: llama-3.1-8b-instruct   # optional; the name the engines serve (default: the llm key)
+    aliases: [plan]                       # optional; other names clients may use for this same LLM
     max_outstanding: 256                  # optional per-replica cap
     replicas:
       - http://127.0.0.1:8001
@@ -16,6 +17,11 @@ JSON with the same shape is accepted too (JSON is YAML), and errors name ``file:
 Replicas and caps follow the file while the gateway runs; `time_scale` is read once at start (the
 trace clock must not jump). `scepsy up` writes the file from the node agents' reports
 (`endpoints_from_agents`, `write_endpoints`).
+
+An alias is another name for the same LLM, not a second pool: its calls share the replicas, the
+outstanding counts and the FIFO. A name (key or alias) stands for one LLM only. One gateway serving
+several deployments keys each LLM `deployment/llm` (`merge_endpoints`); clients address a
+deployment's LLMs by their own names under `/d/{deployment}/v1`.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class LLMEndpoint(SpecModel):
     """The replicas of one LLM and how its calls are addressed to them."""
 
     served_model: str | None = None
+    aliases: list[str] = []
     max_outstanding: Annotated[int, Field(ge=1)] = DEFAULT_MAX_OUTSTANDING
     replicas: list[Replica] = []
 
@@ -87,8 +94,59 @@ class Endpoints(SpecModel):
     llms: dict[str, LLMEndpoint]
 
     def names(self) -> list[str]:
-        """The LLM names clients may put in `model`, sorted."""
+        """The LLM keys, sorted (each names one pool)."""
         return sorted(self.llms)
+
+    def accepted_names(self) -> dict[str, str]:
+        """Every name clients may put in `model` (keys and aliases) → its LLM key, sorted by name.
+
+        On a conflict (only in endpoints built without `_check`) a key wins over an alias, and the
+        first LLM in key order over a later one."""
+        names = {key: key for key in self.llms}
+        for key in sorted(self.llms):
+            for alias in self.llms[key].aliases:
+                names.setdefault(alias, key)
+        return dict(sorted(names.items()))
+
+
+@dataclass(frozen=True)
+class _Conflict:
+    """An alias that is not a name of its LLM alone: `llms.<key>.aliases[<index>]`, and the other use."""
+
+    key: str
+    index: int
+    what: str
+    other: str = ""                         # the other use, named as in the file
+    other_loc: tuple[Any, ...] | None = None
+    fix: str = ""
+
+    def message(self, other_line: int | None = None) -> str:
+        """The problem, naming both uses (the other with its line when known)."""
+        at = f" (line {other_line})" if other_line else ""
+        return f"llms.{self.key}.aliases[{self.index}]: {self.what}{self.other}{at}{self.fix}"
+
+
+def _name_conflicts(eps: Endpoints) -> list[_Conflict]:
+    """Each alias that is empty, its own LLM's key, another LLM's key or another alias (after the first use)."""
+    owner: dict[str, tuple[str, int]] = {}  # alias -> (key, index) of its first use, in file order
+    out: list[_Conflict] = []
+    one = "; a name stands for one LLM, so "
+    for key, llm in eps.llms.items():
+        for i, alias in enumerate(llm.aliases):
+            if not alias.strip():
+                out.append(_Conflict(key, i, "an alias must not be empty"))
+            elif alias == key:
+                out.append(_Conflict(key, i, f"alias {alias!r} is the LLM's own key; remove it"))
+            elif alias in eps.llms:
+                out.append(_Conflict(key, i, f"alias {alias!r} is also the key of ", f"llms.{alias}", ("llms", alias),
+                                     one + "rename or remove the alias"))
+            elif alias in owner:
+                first_key, first_i = owner[alias]
+                out.append(_Conflict(key, i, f"alias {alias!r} is also ", f"llms.{first_key}.aliases[{first_i}]",
+                                     ("llms", first_key, "aliases", first_i), one + "keep one"))
+            else:
+                owner[alias] = (key, i)
+    return out
 
 
 def _check(eps: Endpoints, smap: SourceMap) -> list[str]:
@@ -106,6 +164,9 @@ def _check(eps: Endpoints, smap: SourceMap) -> list[str]:
                 problems.append(f"{smap.where(('llms', name, 'replicas', i))}: llms.{name}.replicas[{i}]: "
                                 f"duplicate replica {r.url!r} (also replicas[{seen[r.url]}]); list each engine once")
             seen.setdefault(r.url, i)
+    for c in _name_conflicts(eps):
+        line = smap.line_of(c.other_loc, key=len(c.other_loc) == 2) if c.other_loc else None
+        problems.append(f"{smap.where(('llms', c.key, 'aliases', c.index))}: {c.message(line)}")
     return problems
 
 
@@ -134,12 +195,52 @@ def endpoints_from_agents(agents: Mapping[str, AgentReport], time_scale: float |
                            for llm, urls in replicas.items()})
 
 
+def merge_endpoints(deployments: Mapping[str, Endpoints], time_scale: float | None) -> Endpoints:
+    """One gateway's endpoints for several deployments: each deployment's LLM `x` becomes key `dep/x`.
+
+    Aliases: `dep/a` for each alias `a` of a deployment's LLM; the bare name (`x`, `a`) too when it
+    is a name of exactly one deployment and not a key, so a name two deployments share is only
+    reachable scoped (`dep/x`, or `x` under `/d/dep/v1`). Ordered by key, aliases sorted.
+    """
+    for dep in deployments:
+        if not dep or "/" in dep:
+            # Keys split at the first '/': a deployment named 'a/b' could collide with LLM 'b/x' of 'a'.
+            raise SpecError(f"deployment name {dep!r} must be non-empty and contain no '/'")
+    bare_uses: dict[str, set[str]] = {}
+    for dep, eps in deployments.items():
+        for name, llm in eps.llms.items():
+            for bare in (name, *llm.aliases):
+                bare_uses.setdefault(bare, set()).add(dep)
+    keys = {f"{dep}/{name}" for dep, eps in deployments.items() for name in eps.llms}
+    scoped = {f"{dep}/{a}" for dep, eps in deployments.items() for llm in eps.llms.values() for a in llm.aliases}
+    taken = keys | scoped  # a bare name never shadows a scoped one (possible only when names hold '/')
+    llms: dict[str, LLMEndpoint] = {}
+    for dep in sorted(deployments):
+        eps = deployments[dep]
+        for name in sorted(eps.llms):
+            llm = eps.llms[name]
+            key = f"{dep}/{name}"
+            aliases = {f"{dep}/{a}" for a in llm.aliases}
+            aliases.update(b for b in (name, *llm.aliases) if len(bare_uses[b]) == 1 and b not in taken)
+            llms[key] = llm.model_copy(update={"served_model": llm.served_model or name,
+                                               "aliases": sorted(aliases - {key})})
+    merged = Endpoints(time_scale=time_scale or None, llms=llms)
+    conflicts = _name_conflicts(merged)
+    if conflicts:  # only from inputs that skipped `_check` (built in code, not read from a file)
+        raise SpecError([c.message() for c in conflicts])
+    return merged
+
+
 def write_endpoints(path: str | Path, eps: Endpoints) -> bool:
     """Write `eps` as the endpoints file, only when it changes (the gateway reloads on change); whether it did."""
     import yaml
 
     path = Path(path)
-    text = yaml.safe_dump(eps.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    doc = eps.model_dump(mode="json", exclude_none=True)
+    for llm in doc["llms"].values():
+        if not llm["aliases"]:
+            del llm["aliases"]  # the common case: keep files without aliases as they were
+    text = yaml.safe_dump(doc, sort_keys=True)
     try:
         if path.read_text() == text:
             return False

@@ -1,4 +1,5 @@
-"""The gateway's own Prometheus metrics: a collector that reads the gateway's live state at each scrape.
+"""The gateway's own metrics: a Prometheus collector that reads the gateway's live state at each scrape,
+and the JSON stats of `GET /scepsy/v1/stats` (recent rates and latencies, for `scepsy status --watch`).
 
 Families are built from the state when scraped (no instrument is updated on the request path), so
 the exposed names are exactly these (prometheus_client's own Counter would add `_created` series)
@@ -8,12 +9,15 @@ one process.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from scepsy_hpc.gateway.endpoints import EndpointsWatcher
+from scepsy_hpc.trace.records import CallRecord
 
 if TYPE_CHECKING:
     from scepsy_hpc.gateway.app import GatewayState
@@ -68,3 +72,75 @@ def gateway_registry(state: GatewayState) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(state))
     return registry
+
+
+STATS_WINDOW_S = 60.0
+STATS_WINDOW_MAX_CALLS = 10_000
+
+
+class CallWindow:
+    """The completed calls of one LLM in the last `window_s` wall seconds, at most `max_calls` of them.
+
+    Each entry is (monotonic end, ok, latency, ttft); latencies are the trace's model seconds.
+    Old entries leave on every `add` and `summary`, so memory is bounded by both limits; past
+    `max_calls` in a window the rate and means are those of the newest `max_calls` calls."""
+
+    def __init__(self, window_s: float = STATS_WINDOW_S, max_calls: int = STATS_WINDOW_MAX_CALLS) -> None:
+        self.window_s = window_s
+        self._calls: deque[tuple[float, bool, float, float | None]] = deque(maxlen=max_calls)
+        self._evicted_end = float("-inf")  # end of the newest call pushed out by the cap, not by age
+
+    def _prune(self, now: float) -> None:
+        calls, oldest = self._calls, now - self.window_s
+        while calls and calls[0][0] < oldest:
+            calls.popleft()
+
+    def add(self, now: float, rec: CallRecord) -> None:
+        """Count one finished call (`now` in monotonic seconds)."""
+        self._prune(now)
+        if len(self._calls) == self._calls.maxlen:
+            self._evicted_end = self._calls[0][0]
+        ttft = rec.t_first - rec.t_start if rec.t_first is not None else None
+        self._calls.append((now, rec.status == "ok", rec.t_end - rec.t_start, ttft))
+
+    def summary(self, now: float, span_s: float) -> dict[str, float | None]:
+        """Completed calls per second over the last `span_s` (≤ window) and the mean latency and TTFT of
+        the successful ones (None without any)."""
+        self._prune(now)
+        calls = self._calls
+        if self._evicted_end >= now - self.window_s:
+            # The cap dropped calls of this window: the entries left cover only the time since then.
+            span_s = min(span_s, max(now - self._evicted_end, 1e-3))
+        lat = [c[2] for c in calls if c[1]]
+        ttft = [t for _, ok, _, t in calls if ok and t is not None]
+        return {"rate_rps_60s": len(calls) / span_s,
+                "latency_mean_s_60s": sum(lat) / len(lat) if lat else None,
+                "ttft_mean_s_60s": sum(ttft) / len(ttft) if ttft else None}
+
+
+def gateway_stats(state: GatewayState) -> dict[str, Any]:
+    """`GET /scepsy/v1/stats`: uptime, and per LLM key its counters, load, replicas and last minute.
+
+    `{"uptime_s", "time_scale", "models": {key: {"calls", "errors", "outstanding", "queued", "replicas",
+    "replicas_up", "rate_rps_60s", "latency_mean_s_60s", "ttft_mean_s_60s"}}}`: calls and errors since
+    start; outstanding and queued now; replicas_up those not marked down by a refused connection;
+    the rate (completed calls, per wall second) divides by the window, or by the uptime while that is
+    shorter (at least 1 s); the means (model seconds, of successful calls; TTFT of streams only) are
+    null without such calls."""
+    st = state
+    now = time.monotonic()
+    uptime_s = now - st.started
+    span_s = max(1.0, min(STATS_WINDOW_S, uptime_s))
+    models: dict[str, Any] = {}
+    pools = st.router.pools()
+    for gone in set(st.windows) - {p.name for p in pools}:
+        del st.windows[gone]  # an LLM removed from the endpoints file
+    for p in pools:
+        window = st.windows.get(p.name)
+        recent = window.summary(now, span_s) if window is not None else {
+            "rate_rps_60s": 0.0, "latency_mean_s_60s": None, "ttft_mean_s_60s": None}
+        models[p.name] = {"calls": st.calls.get(p.name, 0), "errors": st.errors.get(p.name, 0),
+                          "outstanding": sum(r.outstanding for r in p.replicas), "queued": p.queue_length(),
+                          "replicas": len(p.replicas), "replicas_up": sum(1 for r in p.replicas if r.down_until <= now),
+                          **recent}
+    return {"uptime_s": uptime_s, "time_scale": st.time_scale, "models": models}

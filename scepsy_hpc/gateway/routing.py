@@ -1,5 +1,7 @@
 """Which replica gets a call: least outstanding, ties round-robin; one FIFO per LLM when all are full.
 
+A pool is an LLM key of the endpoints file; its aliases are other names for the same pool.
+
 The same policy as the simulator's gateway (sim/), so measured and simulated queueing agree.
 """
 
@@ -66,6 +68,7 @@ class Router:
         self.source = source
         self.down_for_s = down_for_s
         self._pools: dict[str, LLMPool] = {}
+        self._by_name: dict[str, LLMPool] = {}  # keys and aliases
         self._states: dict[tuple[str, str], ReplicaState] = {}
         self._applied: Endpoints | None = None
 
@@ -112,16 +115,21 @@ class Router:
             pool.waiters.clear()
         for key in [k for k, st in self._states.items() if not st.active and st.outstanding == 0]:
             del self._states[key]
+        self._by_name = {name: self._pools[key] for name, key in eps.accepted_names().items()}
 
     # -- lookups ---------------------------------------------------------------------------------
 
     def pool(self, name: str) -> LLMPool | None:
-        """The pool of an LLM name, or None when unknown."""
-        return self._pools.get(name)
+        """The pool of an LLM key or alias, or None when unknown."""
+        return self._by_name.get(name)
 
     def names(self) -> list[str]:
-        """Known LLM names, sorted."""
+        """Known LLM keys, sorted."""
         return sorted(self._pools)
+
+    def accepted_names(self) -> dict[str, str]:
+        """Every name a call may give (keys and aliases) → its LLM key, sorted by name."""
+        return {name: pool.name for name, pool in self._by_name.items()}
 
     def pools(self) -> list[LLMPool]:
         """Every pool, by name."""

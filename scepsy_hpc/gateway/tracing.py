@@ -36,21 +36,25 @@ def meta_record(time_scale: float) -> dict[str, Any]:
 class TraceSink:
     """Hands records to a TraceWriter on a thread, so a slow disk (NFS on clusters) never stalls the loop.
 
-    The loop only appends to a deque; the thread wakes every `batch_s` (or on close) and writes
-    what has gathered, so a busy gateway does not pay a thread wake-up per call.
+    The loop only appends to a deque. While records come, the thread writes what has gathered every
+    `batch_s`, so a busy gateway does not pay a thread wake-up per call; when none are left it
+    sleeps until the next `put` wakes it (an idle gateway costs no CPU).
     """
 
     def __init__(self, writer: TraceWriter | None, *, batch_s: float = 0.05) -> None:
         self.writer = writer
         self.batch_s = batch_s
         self._pending: deque[Any] = deque()
-        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._idle = False      # the thread sleeps until woken: the next put must wake it
+        self._stopping = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the writer thread (no-op without a writer)."""
         if self.writer is not None and self._thread is None:
-            self._stop.clear()
+            self._stopping = False
+            self._wake.clear()
             self._thread = threading.Thread(target=self._run, name="scepsy-gateway-trace", daemon=True)
             self._thread.start()
 
@@ -58,6 +62,8 @@ class TraceSink:
         """Queue one record (never blocks)."""
         if self.writer is not None:
             self._pending.append(rec)  # deque.append is atomic: no lock shared with the thread
+            if self._idle:
+                self._wake.set()  # once per idle spell, not per record
 
     def _drain(self) -> None:
         assert self.writer is not None
@@ -72,14 +78,27 @@ class TraceSink:
                 log.exception("cannot write a trace record")
 
     def _run(self) -> None:
-        while not self._stop.wait(self.batch_s):
+        while not self._stopping:
+            if not self._pending:
+                # Announce the sleep, then look again: a put that came before the flag is seen here,
+                # one that comes after it sees the flag and wakes us.
+                self._idle = True
+                if not self._pending and not self._stopping:
+                    self._wake.wait()
+                self._idle = False
+                self._wake.clear()
+                continue
             self._drain()
+            self._wake.clear()  # a wake-up from a put that saw `_idle` late must not end the next wait
+            if not self._stopping:
+                self._wake.wait(self.batch_s)  # let a batch gather; close() ends the wait at once
         self._drain()
 
     def close(self) -> None:
         """Write everything queued, then stop the thread (blocks until done)."""
         if self._thread is not None:
-            self._stop.set()
+            self._stopping = True
+            self._wake.set()
             self._thread.join()
             self._thread = None
         elif self.writer is not None:

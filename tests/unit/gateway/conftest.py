@@ -215,29 +215,32 @@ class _StackFactory:
         self.tmp = tmp
 
     def __call__(self, llms: dict[str, int], *, caps: dict[str, int] | None = None, dead: dict[str, int] | None = None,
-                 served: dict[str, str] | None = None, time_scale: float = 1.0) -> "_StackCM":
-        return _StackCM(self.tmp, llms, caps or {}, dead or {}, served or {}, time_scale)
+                 served: dict[str, str] | None = None, aliases: dict[str, list[str]] | None = None,
+                 time_scale: float = 1.0) -> "_StackCM":
+        return _StackCM(self.tmp, llms, caps or {}, dead or {}, served or {}, aliases or {}, time_scale)
 
 
 class _StackCM:
     def __init__(self, tmp: Path, llms: dict[str, int], caps: dict[str, int], dead: dict[str, int],
-                 served: dict[str, str], time_scale: float) -> None:
+                 served: dict[str, str], aliases: dict[str, list[str]], time_scale: float) -> None:
         self.stack = Stack(tmp)
-        self.args = (llms, caps, dead, served, time_scale)
+        self.args = (llms, caps, dead, served, aliases, time_scale)
 
     async def __aenter__(self) -> Stack:
-        llms, caps, dead, served, time_scale = self.args
+        llms, caps, dead, served, aliases, time_scale = self.args
         s = self.stack
-        lines = [f"time_scale: {time_scale}", "llms:"]
+        lines = [f"time_scale: {time_scale}", "llms:" if llms else "llms: {}"]
         for name, n in llms.items():
-            s.engines[name] = [FakeEngine(f"{name}-{i}") for i in range(n)]
+            s.engines[name] = [FakeEngine(f"{name}-{i}") for i in range(n)]  # name: an LLM key, e.g. "dep/planner"
             urls = [dead_url() for _ in range(dead.get(name, 0))] + [await e.start() for e in s.engines[name]]
             lines.append(f"  {name}:")
             if name in served:
                 lines.append(f"    served_model: {served[name]}")
             if name in caps:
                 lines.append(f"    max_outstanding: {caps[name]}")
-            lines.append("    replicas:")
+            if name in aliases:
+                lines.append(f"    aliases: [{', '.join(aliases[name])}]")
+            lines.append("    replicas:" if urls else "    replicas: []")
             lines += [f"      - {u}" for u in urls]
         s.write_endpoints("\n".join(lines) + "\n")
         s.gw = await start_gateway(s.endpoints_path, s.trace_path, watch_interval_s=0.0, shutdown_timeout_s=1.0)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from scepsy_hpc.errors import SpecError
-from scepsy_hpc.gateway.endpoints import DEFAULT_MAX_OUTSTANDING, EndpointsWatcher, load_endpoints
+from scepsy_hpc.gateway.endpoints import (DEFAULT_MAX_OUTSTANDING, Endpoints, EndpointsWatcher, LLMEndpoint, Replica,
+                                          load_endpoints, merge_endpoints, write_endpoints)
 
 GOOD = """\
 time_scale: 0.05
@@ -163,7 +164,7 @@ def test_another_schema_version_is_refused_naming_the_line(tmp_path: Path) -> No
 
 def test_endpoints_from_agents_lists_healthy_replicas_and_round_trips(tmp_path: Path) -> None:
     from scepsy_hpc.backend.records import AgentReport, InstanceReport
-    from scepsy_hpc.gateway.endpoints import endpoints_from_agents, write_endpoints
+    from scepsy_hpc.gateway.endpoints import endpoints_from_agents
 
     def inst(llm: str, rep: int, healthy: bool) -> InstanceReport:
         return InstanceReport(llm=llm, replica=rep, gpus=[rep], gpu_frac=1.0, mps_pct=100, url=f"http://n1:{8100 + rep}",
@@ -179,3 +180,104 @@ def test_endpoints_from_agents_lists_healthy_replicas_and_round_trips(tmp_path: 
     assert write_endpoints(p, eps) is False   # unchanged: not rewritten, so the gateway does not reload
     assert load_endpoints(p) == eps
     assert p.stat().st_mode & 0o077 == 0
+
+
+# -- aliases, and one file for several deployments ----------------------------------------------------
+
+
+def test_aliases_are_accepted_names_of_their_llm(tmp_path: Path) -> None:
+    p = tmp_path / "ep.yaml"
+    _write(p, "llms:\n  dep/planner:\n    aliases: [planner, plan]\n    replicas: [http://h:1]\n"
+              "  dep/coder:\n    replicas: [http://h:2]\n")
+    eps = load_endpoints(p)
+    assert eps.names() == ["dep/coder", "dep/planner"]  # the keys: one per pool
+    assert eps.accepted_names() == {"dep/coder": "dep/coder", "dep/planner": "dep/planner", "plan": "dep/planner",
+                                    "planner": "dep/planner"}
+
+
+def test_alias_conflicts_name_both_uses_with_their_lines(tmp_path: Path) -> None:
+    p = tmp_path / "ep.yaml"
+    _write(p, "llms:\n"
+              "  planner:\n"
+              "    aliases:\n"
+              "      - plan\n"
+              "      - coder\n"             # line 5: another LLM's key (line 7)
+              "    replicas: [http://h:1]\n"
+              "  coder:\n"
+              "    aliases:\n"
+              "      - plan\n"              # line 9: another LLM's alias (line 4)
+              "      - coder\n"             # line 10: its own key
+              "      - ''\n"                # line 11
+              "    replicas: [http://h:2]\n")
+    with pytest.raises(SpecError) as info:
+        load_endpoints(p)
+    assert info.value.problems == [
+        f"{p}:5: llms.planner.aliases[1]: alias 'coder' is also the key of llms.coder (line 7); "
+        "a name stands for one LLM, so rename or remove the alias",
+        f"{p}:9: llms.coder.aliases[0]: alias 'plan' is also llms.planner.aliases[0] (line 4); "
+        "a name stands for one LLM, so keep one",
+        f"{p}:10: llms.coder.aliases[1]: alias 'coder' is the LLM's own key; remove it",
+        f"{p}:11: llms.coder.aliases[2]: an alias must not be empty",
+    ]
+
+
+def _deployment(*llms: str, aliases: dict[str, list[str]] | None = None,
+                served: dict[str, str] | None = None) -> Endpoints:
+    aliases, served = aliases or {}, served or {}
+    return Endpoints(llms={n: LLMEndpoint(served_model=served.get(n), aliases=aliases.get(n, []),
+                                          replicas=[Replica(url=f"http://{n}:1")]) for n in llms})
+
+
+def test_merge_keys_each_llm_by_deployment_with_bare_names_only_when_unique() -> None:
+    merged = merge_endpoints({
+        "rag": _deployment("retriever", "planner", aliases={"planner": ["plan", "boss"]}, served={"planner": "llama"}),
+        "agent": _deployment("planner", "coder", aliases={"coder": ["boss"]}),
+    }, 0.5)
+    assert list(merged.llms) == ["agent/coder", "agent/planner", "rag/planner", "rag/retriever"]
+    assert {k: v.aliases for k, v in merged.llms.items()} == {
+        "agent/coder": ["agent/boss", "coder"],   # 'boss' is an alias in both deployments: scoped only
+        "agent/planner": [],                       # 'planner' is an LLM of both: no bare alias
+        "rag/planner": ["plan", "rag/boss", "rag/plan"],
+        "rag/retriever": ["retriever"],
+    }
+    assert merged.llms["rag/planner"].served_model == "llama"
+    assert merged.llms["agent/planner"].served_model == "planner"  # the engines still serve the bare name
+    assert merged.llms["rag/retriever"].replicas == [Replica(url="http://retriever:1")]
+    assert merged.time_scale == 0.5
+    names = merged.accepted_names()
+    assert "planner" not in names and names["plan"] == names["rag/plan"] == "rag/planner"
+    again = merge_endpoints({"agent": _deployment("planner", "coder", aliases={"coder": ["boss"]}),
+                             "rag": _deployment("retriever", "planner", aliases={"planner": ["plan", "boss"]},
+                                                served={"planner": "llama"})}, 0.5)
+    assert again == merged and list(again.llms) == list(merged.llms)  # input order does not matter
+
+
+def test_merge_never_lets_a_bare_name_shadow_a_key() -> None:
+    # LLM 'b/x' of deployment 'a' is keyed 'a/b/x'; the bare 'b/x' would be unique, but deployment 'b'
+    # has LLM 'x' keyed 'b/x' already.
+    merged = merge_endpoints({"a": _deployment("b/x"), "b": _deployment("x")}, None)
+    assert merged.accepted_names() == {"a/b/x": "a/b/x", "b/x": "b/x", "x": "b/x"}
+    assert merged.time_scale is None
+
+
+def test_merge_refuses_deployment_names_with_a_slash() -> None:
+    with pytest.raises(SpecError) as info:
+        merge_endpoints({"a/b": _deployment("x")}, None)
+    assert "deployment name 'a/b'" in str(info.value) and "no '/'" in str(info.value)
+
+
+def test_merged_endpoints_round_trip_through_the_file(tmp_path: Path) -> None:
+    merged = merge_endpoints({"rag": _deployment("planner", aliases={"planner": ["plan"]}),
+                              "agent": _deployment("planner")}, 1.0)
+    p = tmp_path / "endpoints.yaml"
+    assert write_endpoints(p, merged) is True
+    text = p.read_text()
+    assert load_endpoints(p) == merged
+    assert "aliases: []" not in text and "aliases:" in text  # empty lists are left out of the file
+
+
+def test_endpoints_without_aliases_are_written_as_before(tmp_path: Path) -> None:
+    p = tmp_path / "endpoints.yaml"
+    write_endpoints(p, _deployment("gen"))
+    assert p.read_text() == ("llms:\n  gen:\n    max_outstanding: 256\n    replicas:\n    - url: http://gen:1\n"
+                             "schema_version: 1\n")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,3 +75,52 @@ def test_bad_time_scale_exits_2_and_debug_keeps_the_traceback(tmp_path: Path, ca
     with pytest.raises(SpecError) as exc:
         main(["--endpoints", str(tmp_path / "missing.yaml")])
     assert "missing.yaml" in str(exc.value)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "gateway did not come up"
+        time.sleep(0.05)
+
+
+def test_pid_file_is_written_once_bound_and_removed_on_sigterm(tmp_path: Path) -> None:
+    ep = tmp_path / "ep.yaml"
+    ep.write_text("llms:\n  d/a:\n    aliases: [a]\n    replicas: [http://127.0.0.1:9]\n")
+    pid_file = tmp_path / "run" / "gateway.pid"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "scepsy_hpc.gateway", "--endpoints", str(ep), "--port", str(port),
+                             "--pid-file", str(pid_file)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        _wait_for(pid_file, proc)
+        written = pid_file.read_text()
+        with opener.open(f"http://127.0.0.1:{port}/d/d/v1/models", timeout=2) as r:  # bound before the pid file
+            models = json.load(r)
+        with opener.open(f"http://127.0.0.1:{port}/scepsy/v1/stats", timeout=2) as r:
+            stats = json.load(r)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out.decode()
+    assert written == f"{proc.pid}\n" and not pid_file.exists()
+    assert [m["id"] for m in models["data"]] == ["a"]
+    assert stats["models"]["d/a"]["calls"] == 0 and stats["models"]["d/a"]["replicas"] == 1
+    assert b"gateway stopped" in out and b"Traceback" not in out
+
+
+def test_busy_port_exits_1_with_one_line(tmp_path: Path) -> None:
+    ep = tmp_path / "ep.yaml"
+    ep.write_text("llms:\n  a:\n    replicas: [http://127.0.0.1:9]\n")
+    pid_file = tmp_path / "gateway.pid"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "scepsy_hpc.gateway", "--endpoints", str(ep), "--port", str(port),
+                               "--pid-file", str(pid_file)], cwd=ROOT, capture_output=True, timeout=30,
+                              env={**os.environ, "SCEPSY_DEBUG": "0"})
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == (f"error: gateway cannot listen on 127.0.0.1:{port}: address already in use "
+                                    "(another process listens there: stop it or choose another --port)\n")
+    assert proc.stdout == b"" and not pid_file.exists()

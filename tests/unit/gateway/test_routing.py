@@ -162,3 +162,22 @@ async def test_down_replica_is_a_last_resort() -> None:
     assert [r.url for r in got] == [URLS[1]] * 3  # r0 is idle but refused connections a moment ago
     router.mark_up(pool.replicas[0])
     assert (await router.acquire(pool)).url == URLS[0]
+
+
+async def test_aliases_name_the_same_pool_and_follow_reloads() -> None:
+    def eps(alias_of: str) -> Endpoints:
+        return Endpoints.model_validate({"llms": {
+            "d/a": {"replicas": URLS[:1], "aliases": ["x"] if alias_of == "d/a" else []},
+            "d/b": {"replicas": URLS[1:2], "aliases": ["x"] if alias_of == "d/b" else []}}})
+
+    router = Router(eps("d/a"))
+    router.sync()
+    pool_a = router.pool("d/a")
+    assert router.pool("x") is pool_a and router.names() == ["d/a", "d/b"]
+    held = await router.acquire(router.pool("x"))  # a call by alias counts against the key's pool
+    assert held.url == URLS[0] and sum(r.outstanding for r in pool_a.replicas) == 1
+    router.apply(eps("d/b"))
+    assert router.pool("x") is router.pool("d/b") and router.pool("d/a") is pool_a
+    assert router.accepted_names() == {"d/a": "d/a", "d/b": "d/b", "x": "d/b"}
+    router.release(held)
+    assert held.outstanding == 0
