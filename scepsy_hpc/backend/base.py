@@ -1,14 +1,20 @@
 """The `ClusterBackend` seam: where jobs run (a Slurm cluster, or processes on this machine).
 
-A backend runs a `NodeJob` — one command started once on each of a set of nodes, holding GPUs there —
-and reports its state, normalised to Slurm's job state names. `slurm` asks a real Slurm (sbatch,
-sacct with squeue as fallback, scancel); `local` runs the same command as processes here, one per
-node name, which is the embedded default; `scepsy_hpc.backend.fake.FakeSlurm` stands in for the
-Slurm commands in unit tests.
+A backend runs a `NodeJob` — one command (or, on Slurm, the node agent of a session) started once on
+each of a set of nodes, holding GPUs there — and reports its state, normalised to Slurm's job state
+names. `slurm` asks a real Slurm (submitit's sbatch, sacct with squeue as fallback, scancel); `local`
+runs the command as processes here, one per node name, which is the embedded default;
+`scepsy_hpc.backend.fake.FakeSlurm` stands in for the Slurm commands in unit tests.
+
+A daemon watching many jobs asks `poll(refs)`: one answer for all of them (on Slurm one squeue, plus
+one sacct for those that left the queue), and `owned(ref, status)` tells whether the job under an id
+is still the one it submitted — Slurm reuses job ids (after a controller reset they start again at 1).
+Every external command a backend runs is counted in `calls`, so the caller can see its load on Slurm.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 import time
 from abc import ABC, abstractmethod
@@ -51,6 +57,9 @@ class JobStatus:
     nodes: str = ""            # hostlist the job runs on
     reason: str = ""           # why it is pending, or who cancelled it
     source: str = ""           # sacct, squeue, local
+    name: str = ""             # the job's name
+    submit: str = ""           # when it was submitted, as Slurm prints it (2026-12-06T01:50:00, local time)
+    end: str = ""              # when it ended (or, while it runs, when its time limit ends it); "" if unknown
 
     @property
     def active(self) -> bool:
@@ -61,6 +70,21 @@ class JobStatus:
     def running(self) -> bool:
         """Started and not finished."""
         return self.state in ("RUNNING", "COMPLETING", "CONFIGURING")
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """A job as its submitter knows it: the id, and the name and submit time that make the id its own."""
+
+    job_id: str
+    name: str
+    submit: str = ""           # as in JobStatus.submit; "" while not yet known (then only id and name are compared)
+
+
+def owned(ref: JobRef, status: JobStatus) -> bool:
+    """Whether `status` is the job `ref` submitted, not another job that got the same id later."""
+    return (status.job_id == ref.job_id and status.name == ref.name
+            and (ref.submit == "" or status.submit == ref.submit))
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,12 @@ class NodeJob:
     gres_type: str | None = None       # the GRES type to ask for (gpu:TYPE:N); None: any GPU
     cpus_per_node: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    # the session directory: when given, a Slurm job runs the session's node agent in submitit's task
+    # (scepsy_hpc.backend.agent.job_main) instead of `command`; the local backend always runs `command`
+    session: Path | None = None
+
+
+CALLS_KEPT = 10_000   # how many of the latest backend commands `ClusterBackend.calls` remembers
 
 
 class ClusterBackend(ABC):
@@ -100,9 +130,26 @@ class ClusterBackend(ABC):
 
     name: str = ""
 
+    def __init__(self) -> None:
+        # (time.monotonic(), command word) of every external command this backend ran, newest last
+        self.calls: collections.deque[tuple[float, str]] = collections.deque(maxlen=CALLS_KEPT)
+
+    def count_call(self, word: str) -> None:
+        """Note that the external command `word` (sbatch, squeue, …) is being run."""
+        self.calls.append((time.monotonic(), word))
+
+    def calls_in(self, window_s: float) -> int:
+        """How many external commands this backend ran in the last `window_s` seconds."""
+        since, n = time.monotonic() - window_s, 0
+        for t, _ in reversed(self.calls):   # newest first: stop at the first one outside the window
+            if t < since:
+                break
+            n += 1
+        return n
+
     @abstractmethod
     def submit(self, job: NodeJob) -> str:
-        """Start `job` (render its script beside its logs first); return its job id."""
+        """Start `job`, its script kept beside its logs (`script_path`); return its job id."""
 
     @abstractmethod
     def status(self, job_id: str) -> JobStatus:
@@ -115,6 +162,19 @@ class ClusterBackend(ABC):
     @abstractmethod
     def in_queue(self, job_id: str) -> bool:
         """Whether the job is still pending or running (so a cancel has not yet taken effect)."""
+
+    def poll(self, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        """What the backend knows of each ref's job id, by id (an id it does not know is absent).
+
+        The answer for an id may be another job that got the id later: check it with `owned`. This
+        default asks `status` once per job; a backend that can answer many jobs at once overrides it."""
+        out: dict[str, JobStatus] = {}
+        for job_id in dict.fromkeys(r.job_id for r in refs):
+            try:
+                out[job_id] = self.status(job_id)
+            except ScepsyError:
+                pass
+        return out
 
     @abstractmethod
     def partitions(self) -> dict[str, PartitionInfo]:

@@ -1,28 +1,39 @@
 """`FakeSlurm`: an in-memory Slurm for unit tests of code that talks to Slurm through a runner.
 
 It is a `Runner` (argv → stdout, raising SlurmError like `run_command`), so it drops in for
-`SlurmBackend(run=fake)` and `discover(run=fake)`. It answers exactly the command lines our code sends
-(sbatch --parsable, squeue/sacct with our formats, scancel, sinfo, scontrol show node/topology) the way
-Slurm 23-24 prints them; any other command line raises, so a test notices an unexpected command.
+`SlurmBackend(run=fake)` and `discover(run=fake)`, and its `submitter` drops in for submitit
+(`SlurmBackend(run=fake, submitter=fake.submitter)`: submitit's script, submitted with sbatch through
+the fake, nothing pickled). It answers exactly the command lines our code sends (sbatch --parsable,
+squeue/sacct with our formats — by job id, and every job of a user for `poll` — scancel, sinfo,
+scontrol show node/topology) the way Slurm 22-24 prints them; any other command line raises, so a test
+notices an unexpected command.
 
-Limits: jobs only move when the test says so (`start`, `finish`, `forget`): there is no scheduler, no
-clock, no walltime, no array throttle and no GPU accounting across jobs. sbatch reads `#SBATCH --key=value`
-lines only (not `-p gpu`, not command-line options) and checks the partition, --nodes, --nodelist and
---gres against the configured nodes; every other option is only recorded in `FakeJob.options`.
+Limits: jobs only move when the test says so (`start`, `finish`, `forget`, `recycle`): there is no
+scheduler, no walltime, no array throttle and no GPU accounting across jobs. The clock (submit and end
+times) moves one second per submission and when a test calls `advance`. sbatch reads `#SBATCH
+--key=value` lines only (values unquoted as sbatch does; not `-p gpu`, not command-line options) and
+checks the partition, --nodes, --nodelist and --gres against the configured nodes; every other option
+is only recorded in `FakeJob.options`. squeue's %e (a running job's expected end) is always N/A.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
 import itertools
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from hostlist import collect_hostlist
 
 from scepsy_hpc.backend.base import ACTIVE
 from scepsy_hpc.errors import SlurmError
 from scepsy_hpc.spec.hostlist import expand_hostlist
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"   # how Slurm prints times (SLURM_TIME_FORMAT unset)
+
 
 def _ranges(numbers: Iterable[int]) -> str:
     """1,2,3,5 → '1-3,5' (Slurm's range form)."""
@@ -46,6 +57,7 @@ class FakeTask:
     exit_code: str = "0:0"
     nodes: tuple[str, ...] = ()
     reason: str = "Resources"
+    end: str = ""             # when it ended (the fake clock's time); "" while active
 
 
 @dataclass
@@ -60,6 +72,10 @@ class FakeJob:
     throttle: str = ""
     sacct_queries: int = 0
     forgotten: bool = False   # squeue no longer knows it (MinJobAge passed); sacct still does
+    name: str = ""
+    submit: str = ""          # the fake clock's time at sbatch
+    user: str = ""
+    entry: tuple[Any, ...] = ()   # (fn, *args) a submitter was asked to run (nothing runs it)
 
 
 @dataclass
@@ -75,7 +91,10 @@ class FakeSlurm:
     accounting_lag: int = 0          # sacct prints nothing for a job's first N queries (slurmdbd lags)
     accounting_enabled: bool = True
     cluster: str | None = None       # sbatch --parsable prints "ID;cluster" when set
+    user: str = field(default_factory=getpass.getuser)   # who submits (squeue --me, sacct -u)
+    clock: dt.datetime = dt.datetime(2026, 12, 6, 1, 50, 0)
     jobs: dict[int, FakeJob] = field(default_factory=dict)
+    retired: list[FakeJob] = field(default_factory=list)   # jobs whose id was given to another (sacct keeps them)
     calls: list[list[str]] = field(default_factory=list)
 
     def __call__(self, argv: Sequence[str]) -> str:
@@ -87,8 +106,15 @@ class FakeSlurm:
                 return self._sbatch(args, Path(script))
             case ["squeue", "-h", "-j", job_id, "-o", "%i|%T|%N|%r"]:
                 return self._squeue(args, job_id)
+            case ["squeue", "--me", "-h", "-o", "%i|%j|%T|%V|%N|%r|%e"]:
+                return self._squeue_user(self.user)
+            case ["squeue", "-u", user, "-h", "-o", "%i|%j|%T|%V|%N|%r|%e"]:
+                return self._squeue_user(user)
             case ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State,ExitCode,NodeList,Reason"]:
                 return self._sacct(args, job_id)
+            case ["sacct", "-u", user, "-X", "-n", "-P", "-S", since, "-o",
+                  "JobID,JobName,State,Submit,NodeList,Reason,ExitCode,End"]:
+                return self._sacct_user(args, user, since)
             case ["scancel", job_id]:
                 return self._scancel(job_id)
             case ["sinfo", "-h", "-o", "%P|%a|%D"]:
@@ -117,10 +143,47 @@ class FakeSlurm:
         for _, t in self._select(job, task):
             if t.state in ACTIVE:
                 t.state, t.exit_code, t.reason = state, exit_code, "None"
+                t.end = "" if state in ACTIVE else self.now()
 
     def forget(self, job_id: str | int) -> None:
         """squeue no longer knows the job (slurmctld purged it after MinJobAge); sacct still does."""
         self.jobs[int(job_id)].forgotten = True
+
+    def recycle(self, job_id: str | int, name: str, user: str | None = None) -> None:
+        """Give the id to another job (named `name`, submitted a minute later, by `user` or by this user), as
+        Slurm does after its id counter wraps or its state is reset; sacct keeps the old job."""
+        old = self.jobs[int(job_id)]
+        old.forgotten = True
+        self.retired.append(old)
+        self.advance(60)
+        self.jobs[int(job_id)] = FakeJob(int(job_id), old.script, {"job-name": name}, old.partition, {None: FakeTask()},
+                                         name=name, submit=self.now(), user=user or self.user)
+
+    def advance(self, seconds: float) -> None:
+        """Move the fake clock on."""
+        self.clock += dt.timedelta(seconds=seconds)
+
+    def now(self) -> str:
+        """The fake clock's time, as Slurm prints times."""
+        return self.clock.strftime(TIME_FORMAT)
+
+    def submitter(self, folder: Path, parameters: Mapping[str, Any], fn: Callable[..., Any], *args: Any) -> str:
+        """A SlurmBackend Submitter: the script submitit would write, submitted with `sbatch --parsable`
+        through this fake and kept where submitit keeps it (FOLDER/ID_submission.sh); `fn(*args)` is only
+        recorded in the job's `entry`."""
+        from scepsy_hpc.backend.templates import sbatch_text
+
+        base = Path(*itertools.takewhile(lambda part: "%j" not in part, Path(folder).absolute().parts))
+        base.mkdir(parents=True, exist_ok=True)
+        pending = base / f".submission_file_{len(self.calls)}.sh"
+        pending.write_text(sbatch_text(folder, parameters))
+        job_id = self(["sbatch", "--parsable", str(pending)]).strip().split(";")[0]
+        final = Path(str(Path(folder).absolute()).replace("%j", job_id))
+        final.mkdir(parents=True, exist_ok=True)
+        job = self.jobs[int(job_id)]
+        job.script = pending.rename(final / f"{job_id}_submission.sh")
+        job.entry = (fn, *args)
+        return job_id
 
     def submitted(self) -> list[list[str]]:
         """The sbatch calls seen so far."""
@@ -141,7 +204,7 @@ class FakeSlurm:
         for line in text.splitlines()[1:]:   # sbatch reads #SBATCH lines up to the first command
             if line.startswith("#SBATCH"):
                 key, _, value = line[len("#SBATCH"):].strip().lstrip("-").partition("=")
-                opts[key] = value
+                opts[key] = " ".join(shlex.split(value))   # sbatch keeps a quoted value together, quotes removed
             elif line.strip() and not line.startswith("#"):
                 break
         refuse = "sbatch: error: Batch job submission failed: "
@@ -165,8 +228,10 @@ class FakeSlurm:
             for part in spec.split(","):
                 lo, _, hi = part.partition("-")
                 keys += range(int(lo), int(hi or lo) + 1)
-        job_id = max(self.jobs, default=0) + 1
-        self.jobs[job_id] = FakeJob(job_id, script, opts, partition, {k: FakeTask() for k in keys}, throttle)
+        job_id = max([*self.jobs, *(j.job_id for j in self.retired)], default=0) + 1
+        self.jobs[job_id] = FakeJob(job_id, script, opts, partition, {k: FakeTask() for k in keys}, throttle,
+                                    name=opts.get("job-name") or script.name, submit=self.now(), user=self.user)
+        self.advance(1)
         return f"{job_id}{';' + self.cluster if self.cluster else ''}\n"
 
     def _squeue(self, args: list[str], job_id: str) -> str:
@@ -175,6 +240,41 @@ class FakeSlurm:
             raise self._fail(args, "slurm_load_jobs error: Invalid job id specified")
         return "".join(f"{jid}|{t.state}|{hostlist(t.nodes)}|{t.reason}\n"
                        for jid, t in self._rows(job) if t.state in ACTIVE)
+
+    def _squeue_user(self, user: str) -> str:
+        rows = []
+        for job in self.jobs.values():
+            if job.user != user or job.forgotten:
+                continue
+            for jid, t in self._rows(job):
+                if t.state in ACTIVE:
+                    reason = t.reason if t.state == "PENDING" else "None"
+                    rows.append(f"{jid}|{job.name}|{t.state}|{job.submit}|{hostlist(t.nodes)}|{reason}|N/A\n")
+        return "".join(rows)
+
+    def _sacct_user(self, args: list[str], user: str, since: str) -> str:
+        if not self.accounting_enabled:
+            raise self._fail(args, "Slurm accounting storage is disabled")
+        try:
+            dt.datetime.strptime(since, TIME_FORMAT)
+        except ValueError:
+            raise self._fail(args, f"sacct: error: Invalid time specification (pos=0): {since}") from None
+        rows = []
+        for job in [*self.retired, *self.jobs.values()]:
+            if job.user != user:
+                continue
+            job.sacct_queries += 1
+            if job.sacct_queries <= self.accounting_lag:
+                continue
+            for jid, t in self._rows(job):
+                # sacct -S lists the jobs that were pending or running at or after that time
+                if t.state not in ACTIVE and max(job.submit, t.end) < since:
+                    continue
+                state = "CANCELLED by 0" if t.state == "CANCELLED" else t.state
+                reason = t.reason if t.state == "PENDING" else "None"
+                rows.append(f"{jid}|{job.name}|{state}|{job.submit}|{hostlist(t.nodes) or 'None assigned'}|{reason}|"
+                            f"{t.exit_code}|{t.end or 'Unknown'}\n")
+        return "".join(rows)
 
     def _sacct(self, args: list[str], job_id: str) -> str:
         if not self.accounting_enabled:
@@ -198,7 +298,7 @@ class FakeSlurm:
         for _, t in self._select(job, None) if job else []:
             if t.state in ACTIVE:
                 t.state, t.exit_code = "CANCELLED", "0:15" if t.nodes else "0:0"
-                t.reason = "None"
+                t.reason, t.end = "None", self.now()
         return ""
 
     def _topology(self, args: list[str]) -> str:

@@ -1,14 +1,19 @@
 """The local backend: a job is a process group on this machine, one command per node name.
 
 The rendered script (slurm/local.sh.tmpl) is kept beside the logs like an sbatch script. The job id is
-`local-PID`; a wrapper records the exit code in `<log_dir>/<name>.rc`, and a cancel leaves a
-`.cancelled` mark, so the state survives the process that submitted it (`scepsy status` and `down`
-run as other processes). States use Slurm's names.
+`local-PID`; its record in `jobs_dir` holds the log directory, the name, the node names and the submit
+time; a wrapper records the exit code in `<log_dir>/<name>.rc`, and a cancel leaves a `.cancelled`
+mark, so the state survives the process that submitted it (`scepsy status` and `down` run as other
+processes). States use Slurm's names. `poll` (the seam's default: `status` per job) reads the records
+and runs no command; a reused PID rewrites the record, so `owned` tells the new job from the old.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -22,12 +27,29 @@ from scepsy_hpc.spec.records import write_atomic
 LOCAL_PARTITION = "local"   # the one partition the local backend has: this machine
 
 
+def _iso(timestamp: float) -> str:
+    """A POSIX time as Slurm prints times: local, to the second (2026-12-06T01:50:00)."""
+    return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What `submit` wrote about a job in jobs_dir."""
+
+    pid: int
+    log_dir: Path
+    name: str
+    nodes: str
+    submit: str
+
+
 class LocalBackend(ClusterBackend):
     """Jobs as local process groups; `jobs_dir` maps job ids to their log directories."""
 
     name = "local"
 
     def __init__(self, jobs_dir: Path) -> None:
+        super().__init__()
         self.jobs_dir = jobs_dir
 
     def submit(self, job: NodeJob) -> str:
@@ -38,41 +60,49 @@ class LocalBackend(ClusterBackend):
         rc_path.unlink(missing_ok=True)
         # the wrapper shell records the exit code even when the script is killed by a signal
         wrapper = f"bash {quote(script)}; echo $? > {quote(rc_path)}"
+        self.count_call("bash")
         proc = start(["bash", "-c", wrapper], job.log_dir / "job-local.out", what=f"local job {job.name}",
                      cwd=job.workdir, append=True)
         job_id = f"local-{proc.pid}"
-        write_atomic(self.jobs_dir / job_id, f"{job.log_dir}\n{job.name}\n{','.join(job.nodes)}\n")
+        write_atomic(self.jobs_dir / job_id,
+                     f"{job.log_dir}\n{job.name}\n{','.join(job.nodes)}\n{_iso(time.time())}\n")
         return job_id
 
-    def _record(self, job_id: str) -> tuple[int, Path, str, str]:
+    def _record(self, job_id: str) -> _Record:
         path = self.jobs_dir / job_id
         try:
-            log_dir, name, nodes = path.read_text().splitlines()[:3]
+            lines = path.read_text().splitlines()
+            log_dir, name, nodes = lines[:3]
+            # records written before the submit time was kept have three lines: the record's own time stands in
+            submit = lines[3] if len(lines) > 3 else _iso(path.stat().st_mtime)
             pid = int(job_id.split("-", 1)[1])
         except (OSError, ValueError, IndexError):
             raise SlurmError(f"local job {job_id!r} is unknown here (no record in {self.jobs_dir})") from None
-        return pid, Path(log_dir), name, nodes
+        return _Record(pid, Path(log_dir), name, nodes, submit)
 
     def status(self, job_id: str) -> JobStatus:
         """RUNNING while the process group lives; then COMPLETED, FAILED or CANCELLED."""
-        pid, log_dir, name, nodes = self._record(job_id)
-        if group_alive(pid):
-            return JobStatus(job_id, "RUNNING", "", nodes, "", "local")
-        cancelled = (log_dir / f"{name}.cancelled").exists()
+        rec = self._record(job_id)
+        if group_alive(rec.pid):
+            return JobStatus(job_id, "RUNNING", "", rec.nodes, "", "local", name=rec.name, submit=rec.submit)
+        cancelled = (rec.log_dir / f"{rec.name}.cancelled").exists()
+        rc_path = rec.log_dir / f"{rec.name}.rc"
         try:
-            code = int((log_dir / f"{name}.rc").read_text().strip() or "-1")
+            code = int(rc_path.read_text().strip() or "-1")
+            end = _iso(rc_path.stat().st_mtime)
         except (OSError, ValueError):
-            code = -1  # killed together with its wrapper
+            code, end = -1, ""  # killed together with its wrapper
         state = "CANCELLED" if cancelled else "COMPLETED" if code == 0 else "FAILED"
-        return JobStatus(job_id, state, f"{code}:0", nodes, "cancelled by scepsy down" if cancelled else "", "local")
+        return JobStatus(job_id, state, f"{code}:0", rec.nodes, "cancelled by scepsy down" if cancelled else "", "local",
+                         name=rec.name, submit=rec.submit, end=end)
 
     def cancel(self, job_id: str, grace_s: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL what is left after `grace_s`."""
-        pid, log_dir, name, _ = self._record(job_id)
-        if not group_alive(pid):
+        rec = self._record(job_id)
+        if not group_alive(rec.pid):
             return
-        (log_dir / f"{name}.cancelled").touch()
-        stop_group(pid, grace_s)
+        (rec.log_dir / f"{rec.name}.cancelled").touch()
+        stop_group(rec.pid, grace_s)
 
     def in_queue(self, job_id: str) -> bool:
         """Whether the job still runs."""

@@ -1,9 +1,16 @@
-"""Job scripts rendered from the templates in `slurm/`, with every value checked or shell-quoted.
+"""Job scripts, with every value checked or shell-quoted: the Slurm job's submission script (submitit's),
+and the local backend's script rendered from the templates in `slurm/`.
 
-Placeholders are `{{name}}`; rendering fails on a missing or unused value, so a template and its
-caller cannot drift apart silently. Values reach a script in two ways: `#SBATCH` directives, which
-sbatch reads itself (no shell: only names, numbers and paths without whitespace or quotes are
-allowed there), and the script body, where every word is quoted with `shlex.quote`.
+The Slurm serving job is submitted with submitit (`SlurmExecutor`); `submission_parameters` turns a
+`NodeJob` into the executor's parameters and `submission_script` renders the sbatch script submitit
+writes for them, without submitting (the golden test compares it; FakeSlurm submits it). Values reach a
+script in two ways: `#SBATCH` directives, which sbatch reads itself without a shell (only names,
+numbers and absolute paths without quotes, backslashes, control characters or '%' go there; submitit
+quotes a value with spaces, which sbatch understands), and the script body, where every word is quoted
+with `shlex.quote`.
+
+Local templates use `{{name}}` placeholders; rendering fails on a missing or unused value, so a template
+and its caller cannot drift apart silently.
 """
 
 from __future__ import annotations
@@ -11,16 +18,26 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.backend.base import NodeJob, check_name
 from scepsy_hpc.errors import SpecError
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+_DIRECTIVE_UNSAFE = re.compile(r"['\"\\%\x00-\x1f\x7f]")
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.&|\[\]()*-]+")
+
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# 120 s before the time limit Slurm sends USR1 to the batch shell only (B:), which has no trap for it: the
+# shell ends, and the job with it, its agents getting SIGTERM. submitit's default, USR2@90 to every task,
+# is answered by submitit's task runner (end or requeue the task), not by the node agent.
+SIGNAL = "B:USR1@120"
+COMMENT_PREFIX = "scepsy:"   # the job's comment (squeue %k) is "scepsy:NAME": a person sees what the job is
 
 
 def template_dir() -> Path:
@@ -58,12 +75,16 @@ def quote_argv(argv: Sequence[str]) -> str:
 
 
 def directive_path(path: Path, what: str) -> str:
-    """A path for an #SBATCH line: absolute, no whitespace or quotes; '%' doubled (Slurm's filename patterns)."""
+    """A path for an #SBATCH line: absolute, without quotes, backslashes, control characters or '%'.
+
+    sbatch reads these lines without a shell (it keeps a quoted value with spaces together, which is how
+    submitit writes one) and expands '%' patterns in them; submitit puts its own %j there."""
     text = str(path)
-    if not path.is_absolute() or re.search(r"[\s'\"\\]", text):
-        raise SpecError(f"{what} {text!r}: Slurm reads this path from an #SBATCH line, which cannot carry whitespace, "
-                        f"quotes or backslashes, and it must be absolute; choose a directory without them (--state-dir)")
-    return text.replace("%", "%%")
+    if not path.is_absolute() or _DIRECTIVE_UNSAFE.search(text):
+        raise SpecError(f"{what} {text!r}: Slurm reads this path from an #SBATCH line, which cannot carry quotes, "
+                        f"backslashes, control characters or '%', and it must be absolute; choose a directory without "
+                        f"them (--state-dir)")
+    return text
 
 
 def check_walltime(value: str) -> str:
@@ -90,44 +111,60 @@ def exports(env: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def sbatch_directives(job: NodeJob) -> list[str]:
-    """The #SBATCH lines of a NodeJob."""
+def submitit_folder(log_dir: Path) -> Path:
+    """submitit's folder for a job logging to `log_dir`: one subfolder per job id (%j), beside the logs."""
+    return log_dir / "submitit" / "%j"
+
+
+def submission_parameters(job: NodeJob) -> dict[str, Any]:
+    """`submitit.SlurmExecutor.update_parameters(**these)` for `job`, every value checked."""
+    from scepsy_hpc.backend.profiling import walltime_minutes
+
     check_name(job.name, "job name")
     if not job.nodes:
         raise SpecError(f"job {job.name}: no nodes to run on (the placement is empty)")
-    lines = [f"--job-name={job.name}", f"--nodes={len(job.nodes)}", "--ntasks-per-node=1",
-             f"--nodelist={','.join(check_node(n) for n in job.nodes)}",
-             f"--output={directive_path(job.log_dir, 'log directory')}/job-%j.out"]
+    directive_path(job.log_dir, "log directory")
+    setup = ["export PYTHONUNBUFFERED=1", *filter(None, exports(job.env).splitlines()), f"cd {quote(job.workdir)}"]
+    extra: dict[str, str] = {"signal": SIGNAL}
+    params: dict[str, Any] = dict(
+        job_name=job.name, nodes=len(job.nodes), ntasks_per_node=1,
+        nodelist=",".join(check_node(n) for n in job.nodes),
+        # explicit even when None: submitit's own default is 5 minutes; None leaves it to the partition's default
+        time=walltime_minutes(check_walltime(job.time)) if job.time else None,
+        comment=f"{COMMENT_PREFIX}{job.name}", wckey=None, setup=setup,
+        # an agent that fails takes the job down, so the one watching it sees at once
+        srun_args=["--kill-on-bad-exit=1"], additional_parameters=extra)
     if job.gpus_per_node > 0:
         kind = f"{check_name(job.gres_type, 'GRES type')}:" if job.gres_type else ""
-        lines.append(f"--gres=gpu:{kind}{int(job.gpus_per_node)}")
+        params["gres"] = f"gpu:{kind}{int(job.gpus_per_node)}"
     for flag, value in (("partition", job.partition), ("account", job.account), ("qos", job.qos)):
         if value:
-            lines.append(f"--{flag}={check_name(value, flag)}")
-    if job.time:
-        lines.append(f"--time={check_walltime(job.time)}")
+            params[flag] = check_name(value, flag)
     if job.constraint:
-        if not re.fullmatch(r"[A-Za-z0-9_.&|\[\]()*-]+", job.constraint):
+        if not _CONSTRAINT.fullmatch(job.constraint):
             raise SpecError(f"constraint {job.constraint!r}: features joined by & | [] () only")
-        lines.append(f"--constraint={job.constraint}")
+        params["constraint"] = job.constraint
     if job.switches:
         wait = f"@{check_walltime(job.switches_wait)}" if job.switches_wait else ""
-        lines.append(f"--switches={int(job.switches)}{wait}")
+        extra["switches"] = f"{int(job.switches)}{wait}"
     if job.cpus_per_node:
-        lines.append(f"--cpus-per-task={int(job.cpus_per_node)}")
-    return [f"#SBATCH {ln}" for ln in lines]
+        params["cpus_per_task"] = int(job.cpus_per_node)
+    return params
 
 
-def render_sbatch(job: NodeJob) -> str:
-    """The serving job's sbatch script."""
-    return render("serve.sbatch.tmpl", {
-        "directives": "\n".join(sbatch_directives(job)),
-        "exports": exports(job.env),
-        "workdir": quote(job.workdir),
-        "n_nodes": str(len(job.nodes)),
-        "step_output": quote(f"{directive_path(job.log_dir, 'log directory')}/agent-%N.out"),
-        "command": quote_argv(job.command),
-    })
+def sbatch_text(folder: Path, parameters: Mapping[str, Any], python: str = sys.executable) -> str:
+    """The sbatch script submitit writes for `parameters` in `folder`, running its task with `python`."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = Path(folder).absolute()
+    # what SlurmExecutor._submitit_command_str builds: the task runner loads the job's pickle from `folder`
+    command = " ".join([quote(python), "-u -m submitit.core._submit", quote(folder)])
+    return str(_make_sbatch_string(command=command, folder=folder, **parameters))
+
+
+def submission_script(job: NodeJob, python: str = sys.executable) -> str:
+    """The sbatch script submitit writes for `job` (nothing is submitted)."""
+    return sbatch_text(submitit_folder(job.log_dir), submission_parameters(job), python)
 
 
 def render_local(job: NodeJob) -> str:

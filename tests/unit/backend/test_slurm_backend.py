@@ -1,17 +1,24 @@
-"""SlurmBackend and its preflight (before `scepsy up` submits) against FakeSlurm: submission, state from sacct then squeue, retries
-that never end in a silent UNKNOWN, cancel, arrays, partitions."""
+"""SlurmBackend and its preflight (before `scepsy up` submits) against FakeSlurm: submission (through FakeSlurm's
+submitter, and through submitit itself with a stand-in sbatch), state from sacct then squeue, retries that never end in a
+silent UNKNOWN, cancel, arrays, partitions, the commands counted."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from scepsy_hpc.backend.base import NodeJob, normalise_state
+from scepsy_hpc.backend import agent
+from scepsy_hpc.backend.base import CALLS_KEPT, NodeJob, normalise_state
 from scepsy_hpc.backend.fake import FakeSlurm
-from scepsy_hpc.backend.slurm import PartitionInfo, SlurmBackend
-from scepsy_hpc.backend.templates import render_sbatch
+from scepsy_hpc.backend.slurm import PartitionInfo, SlurmBackend, _agent_entry, _command_entry
+from scepsy_hpc.backend.templates import submission_script, submitit_folder
 from scepsy_hpc.errors import InfeasibleError, SlurmError, SpecError
 from scepsy_hpc.spec.placement_entry import PlacementEntry
 
@@ -37,7 +44,7 @@ def _job(tmp_path: Path, nodes: tuple[str, ...] = ("node1", "node2"), **kw: Any)
 
 def _backend(fake: FakeSlurm, retries: int = 3) -> tuple[SlurmBackend, Sleeps]:
     sleeps = Sleeps()
-    return SlurmBackend(run=fake, retries=retries, retry_wait_s=0.5, sleep=sleeps), sleeps
+    return SlurmBackend(run=fake, submitter=fake.submitter, retries=retries, retry_wait_s=0.5, sleep=sleeps), sleeps
 
 
 def _array(fake: FakeSlurm, tmp_path: Path, spec: str = "0-3") -> str:
@@ -50,18 +57,31 @@ def _array(fake: FakeSlurm, tmp_path: Path, spec: str = "0-3") -> str:
 # -- submit ---------------------------------------------------------------------------------------------
 
 
-def test_submit_writes_the_rendered_script_beside_the_logs_and_returns_the_id(tmp_path: Path) -> None:
+def test_submit_keeps_submitit_s_script_beside_the_logs_and_returns_the_id(tmp_path: Path) -> None:
     fake = FakeSlurm()
     backend, _ = _backend(fake)
     job = _job(tmp_path, partition="gpu")
     first, second = backend.submit(job), backend.submit(job)
     script = backend.script_path(job)
     assert (first, second) == ("1", "2")
-    assert script.parent == job.log_dir
-    assert script.read_text() == render_sbatch(job)
-    assert fake.submitted() == [["sbatch", "--parsable", str(script)]] * 2
+    assert script.parent == job.log_dir and script.is_symlink()
+    assert script.resolve() == job.log_dir / "submitit" / "2" / "2_submission.sh"
+    assert script.read_text() == submission_script(job)
+    assert [c[:2] for c in fake.submitted()] == [["sbatch", "--parsable"]] * 2
     assert fake.jobs[1].options["nodelist"] == "node1,node2"
     assert fake.jobs[1].options["gres"] == "gpu:4"
+    assert (fake.jobs[1].name, fake.jobs[1].options["comment"]) == ("scepsy-demo", "scepsy:scepsy-demo")
+    assert [w for _, w in backend.calls] == ["sbatch", "sbatch"]
+
+
+def test_a_job_with_a_session_runs_the_node_agent_else_its_command(tmp_path: Path) -> None:
+    fake = FakeSlurm()
+    backend, _ = _backend(fake)
+    session = tmp_path / "sessions" / "demo"
+    with_session = backend.submit(_job(tmp_path, session=session))
+    without = backend.submit(_job(tmp_path))
+    assert fake.jobs[int(with_session)].entry == (_agent_entry, str(session))
+    assert fake.jobs[int(without)].entry == (_command_entry, _job(tmp_path).command)
 
 
 def test_submit_takes_the_id_before_the_cluster_name(tmp_path: Path) -> None:
@@ -69,8 +89,8 @@ def test_submit_takes_the_id_before_the_cluster_name(tmp_path: Path) -> None:
     assert backend.submit(_job(tmp_path)) == "1"
 
 
-def test_submit_refuses_output_that_is_no_job_id(tmp_path: Path) -> None:
-    backend = SlurmBackend(run=lambda argv: "Submitted batch job\n")
+def test_submit_refuses_an_answer_that_is_no_job_id(tmp_path: Path) -> None:
+    backend = SlurmBackend(run=FakeSlurm(), submitter=lambda *args: "Submitted batch job")
     with pytest.raises(SlurmError) as err:
         backend.submit(_job(tmp_path))
     assert "'Submitted batch job'" in str(err.value)
@@ -81,6 +101,7 @@ def test_submit_refuses_output_that_is_no_job_id(tmp_path: Path) -> None:
     (dict(partition="nope"), "Invalid partition name specified"),
     (dict(nodes=tuple(f"node{i}" for i in range(1, 6))), "Requested node configuration is not available"),
     (dict(gpus_per_node=8), "Requested node configuration is not available"),
+    (dict(gres_type="a100"), "Invalid generic resource (gres) specification"),
 ])
 def test_a_submission_sbatch_refuses_carries_sbatch_s_reason(tmp_path: Path, kw: dict, slurm_says: str) -> None:
     fake = FakeSlurm()
@@ -90,6 +111,90 @@ def test_a_submission_sbatch_refuses_carries_sbatch_s_reason(tmp_path: Path, kw:
     assert slurm_says in str(err.value)
     assert "sbatch --parsable" in str(err.value)
     assert fake.jobs == {}
+
+
+# -- submit through submitit itself (a stand-in sbatch and srun on PATH) ---------------------------------
+
+
+def _stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sbatch: str, srun: bool = True) -> Path:
+    """`sbatch` (and `srun`, which submitit looks for) as scripts first on PATH; sbatch copies what it gets to seen.sh."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {"sbatch": f"#!/bin/bash\ncp \"$1\" {tmp_path}/seen.sh\n{sbatch}\n"}
+    if srun:
+        tools["srun"] = "#!/bin/bash\nexit 0\n"
+    for name, text in tools.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    # without srun, nothing else is on PATH either (the real srun may be in /usr/bin)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}" if srun else str(bin_dir))
+    return tmp_path / "seen.sh"
+
+
+def test_submitit_submits_the_agent_with_the_script_we_render(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _stand_ins(tmp_path, monkeypatch, "echo 'Submitted batch job 4242'")
+    backend = SlurmBackend(run=FakeSlurm())
+    job = _job(tmp_path, session=tmp_path / "sessions" / "demo", time="1:00:00")
+    assert backend.submit(job) == "4242"
+    folder = job.log_dir / "submitit" / "4242"
+    assert seen.read_text() == submission_script(job) == (folder / "4242_submission.sh").read_text()
+    assert backend.script_path(job).resolve() == folder / "4242_submission.sh"
+    with open(folder / "4242_submitted.pkl", "rb") as f:
+        delayed = pickle.load(f)
+    assert (delayed.function, delayed.args) == (_agent_entry, (str(job.session),))
+    assert [w for _, w in backend.calls] == ["sbatch"]
+
+
+def test_a_refusal_through_submitit_is_a_slurm_error_with_sbatch_s_words(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _stand_ins(tmp_path, monkeypatch, "echo 'sbatch: error: Batch job submission failed: Invalid account' >&2; exit 1")
+    with pytest.raises(SlurmError) as err:
+        SlurmBackend().submit(_job(tmp_path, account="nope"))
+    assert "sbatch refused job scepsy-demo" in str(err.value)
+    assert "Batch job submission failed: Invalid account" in str(err.value)
+
+
+def test_submitit_without_srun_here_is_a_slurm_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _stand_ins(tmp_path, monkeypatch, "exit 0", srun=False)
+    with pytest.raises(SlurmError) as err:
+        SlurmBackend().submit(_job(tmp_path))
+    assert "srun" in str(err.value)
+
+
+def test_reattach_finds_each_node_s_logs(tmp_path: Path) -> None:
+    folder = submitit_folder(tmp_path / "logs")
+    job = SlurmBackend().reattach("77", folder, nodes=2)
+    assert job.job_id == "77"
+    assert [job.task(i).paths.stdout for i in range(2)] == [tmp_path / "logs" / "submitit" / "77" / f"77_{i}_log.out"
+                                                           for i in range(2)]
+    assert job.paths.submission_file == tmp_path / "logs" / "submitit" / "77" / "77_submission.sh"
+
+
+# -- what runs on the nodes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rc", [0, 3])
+def test_the_agent_entry_passes_the_session_and_fails_the_task_on_a_non_zero_code(rc: int,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    monkeypatch.setattr(agent, "job_main", lambda session: seen.append(session) or rc, raising=False)
+    if rc:
+        with pytest.raises(SystemExit) as stop:
+            _agent_entry("/s/demo")
+        assert stop.value.code == rc
+    else:
+        assert _agent_entry("/s/demo") == 0
+    assert seen == ["/s/demo"]
+
+
+def test_the_command_entry_becomes_the_command_with_its_exit_code() -> None:
+    code = "from scepsy_hpc.backend.slurm import _command_entry; _command_entry(['sh', '-c', 'echo on; exit 7'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (done.returncode, done.stdout) == (7, "on\n")
+    with pytest.raises(SlurmError) as err:
+        _command_entry(["/no/such/agent", "--session", "x"])
+    assert "'/no/such/agent'" in str(err.value)
 
 
 # -- status ---------------------------------------------------------------------------------------------
@@ -281,6 +386,21 @@ def test_the_fake_refuses_a_command_line_it_does_not_model() -> None:
         fake(["squeue", "-u", "me"])
     assert "fake Slurm does not know `squeue -u me`" in str(err.value)
     assert fake.calls == [["squeue", "-u", "me"]]
+
+
+def test_every_slurm_command_is_counted_with_its_word(tmp_path: Path) -> None:
+    fake = FakeSlurm()
+    backend, _ = _backend(fake)
+    job_id = backend.submit(_job(tmp_path))
+    backend.status(job_id)
+    backend.cancel(job_id)
+    backend.preflight("gpu", [_entry("node1", [0])])
+    words = [w for _, w in backend.calls]
+    assert words[:3] == ["sbatch", "sacct", "scancel"]
+    assert words[3:] and set(words[3:]) <= {"sinfo", "scontrol"}
+    assert len(words) == len(fake.calls)
+    assert backend.calls_in(60) == len(words)
+    assert backend.calls.maxlen == CALLS_KEPT
 
 
 # -- preflight ------------------------------------------------------------------------------------------
