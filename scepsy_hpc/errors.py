@@ -48,6 +48,11 @@ class EngineError(ScepsyError):
     """An inference engine failed to start or to answer."""
 
 
+def error_document(exc: ScepsyError) -> dict[str, dict[str, object]]:
+    """`{"error": {type, message, exit_code}}`: how `--json` and the daemon's API report a ScepsyError."""
+    return {"error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}}
+
+
 def run_entry(body: Callable[[], int | None], *, json_errors: bool = False, prog: str = "") -> int:
     """Run an entry point's body and return its exit status, reporting a `ScepsyError` in one place.
 
@@ -67,8 +72,7 @@ def run_entry(body: Callable[[], int | None], *, json_errors: bool = False, prog
         lines = exc.problems if isinstance(exc, SpecError) else [f"error: {exc}"]
         print("\n".join(label + line for line in lines), file=sys.stderr)
         if json_errors:
-            print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc),
-                                        "exit_code": exc.exit_code}}, indent=2))
+            print(json.dumps(error_document(exc), indent=2))
         return exc.exit_code
     except KeyboardInterrupt:
         if os.environ.get("SCEPSY_DEBUG") == "1":

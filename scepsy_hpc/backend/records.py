@@ -1,8 +1,7 @@
-"""What crosses the file boundary between `scepsy up`, the node agents and `status`/`down`/`drive`.
+"""What crosses the file boundary between the daemon and the node agents (a deployment's session directory).
 
-    serve.json       ServeConfig    written by `up`, read by every node agent
-    agents/N.json    AgentReport    written by the agent of node N, read by `up` and `status`
-    session.json     SessionRecord  written by `up` and `down`, read by every command on the session
+    serve.json       ServeConfig    written by the daemon for `scepsy up`, read by every node agent
+    agents/N.json    AgentReport    written by the agent of node N, read by the daemon
 
 Each is a `Record` (spec.records): frozen, unknown keys rejected, a `schema_version`; a file that is
 not one this scepsy can read is a SpecError naming the file and the field, saying to re-run `scepsy up`.
@@ -21,8 +20,6 @@ RERUN = "re-run `scepsy up` to write it again"
 
 AgentState = Literal["starting", "ready", "failed", "stopped"]
 InstanceState = Literal["waiting", "starting", "healthy", "failed", "exited", "stopped"]
-SessionState = Literal["starting", "serving", "down", "ended", "failed"]
-BackendName = Literal["local", "slurm"]
 
 
 class _Part(BaseModel):
@@ -85,23 +82,3 @@ class AgentReport(Record):
     job_id: str = ""
     updated: float
     instances: list[InstanceReport]
-
-
-class SessionRecord(Record):
-    """session.json: what `up` started, for the commands run later in other processes."""
-
-    name: str = ""
-    backend: BackendName = "local"
-    job_id: str | None = None
-    state: SessionState | None = None
-    job_state: str | None = None     # the backend's final state once the job ended by itself
-    engine: str | None = None
-    up_pid: int | None = None        # the `up` process, which `down` stops first
-    plan: str | None = None
-    workflow: str | None = None
-    gateway_url: str | None = None
-    script: str | None = None
-    time_scale: float | None = None
-    error: str | None = None
-    created: float | None = None
-    updated: float | None = None

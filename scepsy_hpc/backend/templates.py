@@ -33,10 +33,11 @@ _WALLTIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# 120 s before the time limit Slurm sends USR1 to the batch shell only (B:), which has no trap for it: the
-# shell ends, and the job with it, its agents getting SIGTERM. submitit's default, USR2@90 to every task,
-# is answered by submitit's task runner (end or requeue the task), not by the node agent.
-SIGNAL = "B:USR1@120"
+# 120 s before the time limit Slurm sends USR1 to every task of the job's steps: the node agents, which log
+# it as the walltime warning and keep serving (the cut-over to a new job hangs on it). Not to the batch
+# shell (`B:`): bash has no trap for USR1, so it would end there and take the job down 2 minutes early.
+# submitit's default, USR2@90 to every task, would make submitit's task runner end or requeue the task.
+SIGNAL = "USR1@120"
 COMMENT_PREFIX = "scepsy:"   # the job's comment (squeue %k) is "scepsy:NAME": a person sees what the job is
 
 

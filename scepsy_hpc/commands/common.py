@@ -6,24 +6,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from scepsy_hpc.errors import SpecError
-
 if TYPE_CHECKING:
     from scepsy_hpc.planning.inputs import Workload
 
 
 def resolve_input(arg: str, kind: str) -> Path:
-    """A path as given, or the name of a shipped file under configs/<kind>/."""
-    from scepsy_hpc.spec.catalog import config_dir
+    """A path as given, or the name of a shipped file (`spec.catalog.resolve_input`, imported when called so that
+    `scepsy --help` loads no pydantic)."""
+    from scepsy_hpc.spec.catalog import resolve_input as resolve
 
-    p = Path(arg)
-    if p.exists() or p.suffix in (".yaml", ".yml"):
-        return p
-    shipped = config_dir() / kind / f"{arg}.yaml"
-    if shipped.exists():
-        return shipped
-    names = sorted(q.stem for q in (config_dir() / kind).glob("*.yaml"))
-    raise SpecError(f"{arg}: no such file, and no shipped {kind[:-1]} of that name; shipped: {', '.join(names) or 'none'}")
+    return resolve(arg, kind)
 
 
 def jsonable(x: Any) -> Any:

@@ -136,6 +136,8 @@ def show(result: PlanResult, *, json_out: bool = False, output: str | None = Non
         drawn = str(plot_placement(result.placement, result.topology, plot,
                                    title=f"{names} on {result.request.cluster_ref} ({result.request.policy})"))
     if output:
+        from scepsy_hpc.planning.render import write_plan
+
         write_plan(result.to_plan(), output)
     summary = result.summary(plot=drawn, plan_file=output)
     if json_out:
@@ -147,17 +149,6 @@ def show(result: PlanResult, *, json_out: bool = False, output: str | None = Non
         if "plot" in summary:
             make_console().print(f"placement drawn in {summary['plot']}")
     return summary
-
-
-def write_plan(plan: Any, path: str) -> None:
-    """Write the plan as YAML (readable back by `load_plan`)."""
-    import yaml
-
-    from scepsy_hpc.spec.records import write_atomic
-
-    data = plan.model_dump(exclude_none=True, mode="json")
-    write_atomic(path, "# written by `scepsy plan`; edit freely: a hand-edited plan is validated like any other\n"
-                 + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def print_summary(result: PlanResult, s: dict[str, Any]) -> None:

@@ -1,44 +1,39 @@
-"""`scepsy up`, `scepsy status`, `scepsy down`: serve a plan in one allocation, behind the gateway.
+"""`scepsy up`, `ls`, `status`, `down`, `events`, `logs`, `drive`: clients of the daemon's control API.
 
-`up` runs in the foreground: it submits one job for the plan's placement (a node agent per node
-starts the engines on their GPUs), waits until every engine answers /health, serves the gateway on
-this host and watches the job. Ctrl-C (or `scepsy down` from another shell) cancels the job; a job
-that ends by itself (scancel from outside, walltime, a node failure) ends `up` within seconds.
+`up` starts the daemon if none runs and asks it for a deployment; without `--detach` it follows the
+deployment's events until Ctrl-C, which stops the deployment (as a foreground command would). Every
+deployment is served through the one gateway as `NAME/LLM` (or `LLM` where that name is unique), and
+under `GATEWAY/d/NAME/v1` by its own LLM names.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from scepsy_hpc.commands.argtypes import non_negative_int, port, positive_float, positive_int, walltime
-from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
-from scepsy_hpc.errors import ScepsyError, SpecError
+from scepsy_hpc.commands.argtypes import non_negative_int, positive_float, positive_int, walltime
+from scepsy_hpc.commands.common import jsonable, make_console
+from scepsy_hpc.commands.daemon import add_state_dir
 
-if TYPE_CHECKING:
-    from scepsy_hpc.backend.base import ClusterBackend
-    from scepsy_hpc.backend.records import ServeConfig
-    from scepsy_hpc.backend.session import Session
-    from scepsy_hpc.spec.placement_entry import PlacementEntry
+DONE_STATES = ("stopped", "failed")
 
 
 def add_arguments(sub: Any) -> None:
-    """The `up`, `status`, `down` and `drive` subcommands' arguments."""
-    up = sub.add_parser("up", help="serve a plan (or a workflow, planned first) in one allocation behind the gateway; "
-                        "runs in the foreground, Ctrl-C stops it")
+    """The `up`, `ls`, `status`, `down`, `events`, `logs` and `drive` subcommands' arguments."""
+    up = sub.add_parser("up", help="serve a plan (or a workflow, planned first) through the daemon; follows it until "
+                        "Ctrl-C (which stops it) unless --detach")
     up.add_argument("target", metavar="PLAN|WORKFLOW", help="plan file (with placement), or a workflow to plan on --cluster")
+    up.add_argument("--name", help="deployment name (default: the plan's or workflow's file name)")
+    up.add_argument("--detach", action="store_true", help="return once the job is submitted; the daemon keeps it served")
     up.add_argument("--backend", choices=("local", "slurm"), default="local",
-                    help="local: processes on this machine (default); slurm: one sbatch job on the cluster")
+                    help="local: processes on this machine (default); slurm: one job on the cluster (submitit)")
     up.add_argument("--engine", choices=("sim", "vllm", "sglang"), default="sim", help="engine to start (default sim)")
     up.add_argument("--cluster", default="local", metavar="CLUSTER.yaml",
                     help="cluster spec: Slurm partition/account/qos/walltime and GRES types (default: the shipped local)")
-    up.add_argument("--name", help="session name (default: the plan's or workflow's file name)")
     up.add_argument("--partition", help="override the cluster spec's Slurm partition")
     up.add_argument("--account", help="override the cluster spec's Slurm account")
     up.add_argument("--qos", help="override the cluster spec's Slurm QOS")
@@ -56,289 +51,330 @@ def add_arguments(sub: Any) -> None:
     up.add_argument("--health-timeout", type=positive_float, metavar="S",
                     help="per engine start-up limit (default sim 120 s, vllm/sglang 1800 s)")
     up.add_argument("--start-timeout", type=positive_float, default=3600.0, metavar="S",
-                    help="limit on pending + start-up before giving up (default 3600 s)")
-    up.add_argument("--gateway-host", default="127.0.0.1", help="gateway listen address (default 127.0.0.1)")
-    up.add_argument("--gateway-port", type=port, default=0, help="gateway port (default: a free one)")
-    up.add_argument("--poll", type=positive_float, default=1.0, metavar="S", help="how often the job state is checked (default 1 s)")
-    up.add_argument("--state-dir", metavar="DIR", help="sessions directory (default $SCEPSY_STATE_DIR or ~/.scepsy/sessions)")
+                    help="limit on start-up, counted from the job's start (default 3600 s)")
     up.add_argument("--seed", type=non_negative_int, default=0)
+    up.add_argument("--json", action="store_true", help="print the deployment's status as one JSON object (implies --detach)")
+    add_state_dir(up)
     up.set_defaults(run=run)
 
-    stt = sub.add_parser("status", help="a session's job, engines (node, GPUs, health) and gateway URL; exit 0 when all serve")
-    stt.add_argument("name", nargs="?", help="session name (default: the only live one)")
+    ls = sub.add_parser("ls", help="every deployment: state, job, engines healthy, gateway URL")
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    add_state_dir(ls)
+    ls.set_defaults(run=run)
+
+    stt = sub.add_parser("status", help="a deployment's job, engines (node, GPUs, health) and gateway URL; exit 0 when all serve")
+    stt.add_argument("name", nargs="?", help="deployment name (default: every deployment)")
     stt.add_argument("--json", action="store_true", help="print one JSON object")
-    stt.add_argument("--state-dir", metavar="DIR")
+    stt.add_argument("--watch", action="store_true", help="a live view of every deployment: per LLM rate, latency, queue, "
+                     "KV use, replicas healthy (Ctrl-C to leave)")
+    stt.add_argument("--interval", type=positive_float, default=2.0, metavar="S", help="--watch refresh (default 2 s)")
+    add_state_dir(stt)
     stt.set_defaults(run=run)
 
-    dn = sub.add_parser("down", help="stop a session: cancel its job, stop its gateway")
-    dn.add_argument("name", nargs="?", help="session name (default: the only live one)")
-    dn.add_argument("--timeout", type=positive_float, default=90.0, metavar="S",
-                    help="wait this long for the job to leave the queue")
-    dn.add_argument("--state-dir", metavar="DIR")
+    dn = sub.add_parser("down", help="stop a deployment: cancel its job, wait until it left the queue")
+    dn.add_argument("name", nargs="?", help="deployment name")
+    dn.add_argument("--all", action="store_true", help="stop every deployment")
+    dn.add_argument("--timeout", type=positive_float, default=120.0, metavar="S",
+                    help="wait this long for the job to leave the queue (default 120 s)")
+    dn.add_argument("--no-wait", action="store_true", help="return once the stop is recorded")
+    add_state_dir(dn)
     dn.set_defaults(run=run)
 
-    dr = sub.add_parser("drive", help="run a workflow's requests through a serving session's gateway (load test)")
-    dr.add_argument("name", nargs="?", help="session name (default: the only live one)")
-    dr.add_argument("--workflow", help="workflow to sample requests from (default: the session's)")
-    dr.add_argument("--gateway", metavar="URL", help="drive this gateway instead of a session's")
+    ev = sub.add_parser("events", help="a deployment's events (state changes, jobs, engines), oldest first")
+    ev.add_argument("name", nargs="?", help="deployment name (default: every event, the daemon's included)")
+    ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events until Ctrl-C")
+    ev.add_argument("--json", action="store_true", help="one JSON object (with --follow: one JSON object per line)")
+    ev.add_argument("--limit", type=positive_int, default=1000, metavar="N", help="at most N past events (default 1000)")
+    add_state_dir(ev)
+    ev.set_defaults(run=run)
+
+    lg = sub.add_parser("logs", help="the end of a deployment's logs (job, agents; or one LLM's engines)")
+    lg.add_argument("name", help="deployment name")
+    lg.add_argument("--llm", help="only this LLM's engine logs")
+    lg.add_argument("--replica", type=non_negative_int, help="only this replica's engine log")
+    lg.add_argument("--lines", "-n", type=positive_int, default=100, metavar="N", help="last N lines of each (default 100)")
+    add_state_dir(lg)
+    lg.set_defaults(run=run)
+
+    dr = sub.add_parser("drive", help="run a workflow's requests through a deployment's gateway (load test)")
+    dr.add_argument("name", nargs="?", help="deployment name (default: the only serving one)")
+    dr.add_argument("--workflow", help="workflow to sample requests from (default: the deployment's)")
+    dr.add_argument("--gateway", metavar="URL", help="drive this gateway instead of a deployment's (models by LLM name)")
     dr.add_argument("--requests", type=positive_int, default=20, metavar="N", help="requests to run (default 20)")
     dr.add_argument("--rate", type=positive_float, metavar="RPS", help="open-loop Poisson arrivals (model time); default closed loop")
     dr.add_argument("--concurrency", type=positive_int, default=4, metavar="C", help="requests in flight without --rate (default 4)")
-    dr.add_argument("--time-scale", type=positive_float, default=None, metavar="S", help="tool pacing (default: the session's)")
+    dr.add_argument("--time-scale", type=positive_float, default=None, metavar="S", help="tool pacing (default: the deployment's)")
     dr.add_argument("--prefix", default="d", help="request id prefix (default d)")
-    dr.add_argument("--state-dir", metavar="DIR")
     dr.add_argument("--seed", type=non_negative_int, default=0)
     dr.add_argument("--json", action="store_true", help="print one JSON object")
+    add_state_dir(dr)
     dr.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """`scepsy up`, `status`, `down` or `drive`."""
-    return {"up": cmd_up, "status": cmd_status, "down": cmd_down, "drive": cmd_drive}[args.command](args)
+    """Dispatch to the command."""
+    return {"up": cmd_up, "ls": cmd_ls, "status": cmd_status, "down": cmd_down, "events": cmd_events,
+            "logs": cmd_logs, "drive": cmd_drive}[args.command](args)
 
 
-def _load_inputs(args: argparse.Namespace, session: Any, models: Any, gpus: Any, cluster: Any) -> tuple[Any, Any, Path]:
-    """(plan, workflow, plan path): the plan given, or one planned now (planning.plan) for the
-    workflow given, on `cluster`, with `scepsy plan`'s defaults."""
-    from scepsy_hpc.spec.plan import load_plan
-    from scepsy_hpc.spec.source import load_yaml
-    from scepsy_hpc.spec.workflow import load_workflow
+def _client(args: argparse.Namespace) -> Any:
+    from scepsy_hpc.service.client import DaemonClient
+    from scepsy_hpc.service.paths import StatePaths
 
-    path = Path(args.target)
-    if not path.exists():
-        for kind in ("plans", "workflows"):
-            try:
-                path = resolve_input(args.target, kind)
-                break
-            except SpecError:
-                continue
-        else:
-            raise SpecError(f"{args.target}: no such plan or workflow file, and no shipped one of that name")
-    data, _ = load_yaml(path)
-    if isinstance(data, dict) and "allocation" in data:
-        prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
-        src = prov.get("workflow_file")
-        wf_path = Path(src) if isinstance(src, str) and Path(src).exists() else resolve_input(str(data.get("workflow")), "workflows")
-        wf = load_workflow(wf_path, models)
-        return load_plan(path, wf, models, gpus), wf, path
-    wf = load_workflow(path, models)
-    from scepsy_hpc.commands.plan import show
-    from scepsy_hpc.planning import PlanRequest, plan
-
-    plan_path = session.dir / "plan.yaml"
-    same = ["plan", str(path), "--cluster", args.cluster, "-o", str(plan_path)]
-    if args.target_rps:
-        same += ["--target-rps", str(args.target_rps)]
-    err = make_console(stderr=True)
-    err.print(f"[dim]planning {wf.name} on {args.cluster}: scepsy {' '.join(same)}[/dim]")
-    request = PlanRequest(workflows=(wf,), models=models, gpus=gpus, cluster=cluster, cluster_ref=args.cluster,
-                          target_rps={wf.name: args.target_rps} if args.target_rps else {},
-                          workflow_files=(str(path.resolve()),))
-    result = plan(request, progress=(lambda m: err.print(f"[dim]{m}[/dim]")) if sys.stderr.isatty() else None)
-    show(result, output=str(plan_path))
-    return load_plan(plan_path, wf, models, gpus), wf, plan_path
+    return DaemonClient(StatePaths.of(args.state_dir))
 
 
-def _placement(plan: Any, cluster: Any, gpus: Any) -> list[PlacementEntry]:
-    """The plan's placement, or one made now on the cluster spec's nodes."""
-    if plan.placement:
-        return list(plan.placement)
-    from scepsy_hpc.place.placement import place
-    from scepsy_hpc.topology.build import from_cluster
-
-    if not cluster.node_groups:
-        raise SpecError("the plan has no placement: plan it with `scepsy plan --cluster CLUSTER` (or give a cluster spec "
-                        "with node_groups to place it on)")
-    return place(plan.allocation, from_cluster(cluster, gpus), gpu_type=plan.gpus.type).entries()
+def _absolute(value: str | None) -> str | None:
+    """A path the daemon can open from its own directory (names of shipped files stay as they are)."""
+    if value is None:
+        return None
+    p = Path(value)
+    return str(p.resolve()) if p.exists() or p.suffix in (".yaml", ".yml") else value
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Submit, wait for healthy engines, serve the gateway, watch the job."""
-    import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
-    from scepsy_hpc.backend.base import NodeJob
-    from scepsy_hpc.backend.serving import claim_session, make_backend, placement_nodes, serve_config, write_serve_files
-    from scepsy_hpc.backend.session import open_session, state_root
-    from scepsy_hpc.spec.catalog import load_gpus, load_models
-    from scepsy_hpc.spec.cluster import load_cluster
+    """Ask the daemon (started if needed) for the deployment, then follow it unless detached."""
+    from scepsy_hpc.backend.base import check_name
+    from scepsy_hpc.service.deploy import UpRequest
+    from scepsy_hpc.service.launch import start_daemon
 
-    models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
-    root = state_root(args.state_dir)
-    name = args.name or Path(args.target).stem
-    session = open_session(name, root)
-    backend = make_backend(args.backend, root)
-    claim_session(session, backend)
-    cluster = load_cluster(resolve_input(args.cluster, "clusters"), gpus)
-    plan, wf, plan_path = _load_inputs(args, session, models, gpus, cluster)
-    placement = _placement(plan, cluster, gpus)
-    config = serve_config(plan, wf, models, gpus, placement, engine=args.engine,
-                          engine_args=tuple(args.engine_arg or ()), launch_prefix=args.launch_prefix or "",
-                          health_timeout_s=args.health_timeout, time_scale=args.time_scale, seed=args.seed)
-    slurm = cluster.slurm
-    partition = backend.preflight(args.partition or (slurm.partition if slurm else None), placement)
-    write_serve_files(session, config, plan_path)
-    per_node = placement_nodes(placement)
-    gres_type = next((k for k, v in (slurm.gpu_types if slurm else {}).items() if v == plan.gpus.type), None)
-    job = NodeJob(name=f"scepsy-{name}", nodes=tuple(sorted(per_node)),
-                  command=(sys.executable, "-m", "scepsy_hpc.backend.agent", "--session", str(session.dir)),
-                  gpus_per_node=max(len(g) for g in per_node.values()), log_dir=session.log_dir, workdir=Path.cwd(),
-                  partition=partition, account=args.account or (slurm.account if slurm else None),
-                  qos=args.qos or (slurm.qos if slurm else None), time=args.time or (slurm.time if slurm else None),
-                  constraint=slurm.constraint if slurm else None, switches=args.switches or _leaves(placement, cluster, gpus),
-                  switches_wait=args.switches_wait, gres_type=gres_type,
-                  env={"PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
-                                                                 os.environ.get("PYTHONPATH")) if p)})
+    client = _client(args)
+    name = check_name(args.name or Path(args.target).stem, "deployment name")
+    req = UpRequest(name=name, target=_absolute(args.target) or args.target, backend=args.backend, engine=args.engine,
+                    cluster=_absolute(args.cluster) or "local", partition=args.partition, account=args.account, qos=args.qos,
+                    time=args.time, switches=args.switches, switches_wait=args.switches_wait, target_rps=args.target_rps,
+                    launch_prefix=args.launch_prefix or "", engine_args=list(args.engine_arg or ()),
+                    time_scale=args.time_scale, health_timeout_s=args.health_timeout, start_timeout_s=args.start_timeout,
+                    seed=args.seed, models=_absolute(args.models), gpu_catalog=_absolute(args.gpu_catalog))
+    start_daemon(client.paths, reuse=True)
+    since = _last_seq(client)
+    doc = client.request("POST", "/v1/deployments", req.model_dump(), timeout_s=900.0)
     err = make_console(stderr=True)
-    job_id = backend.submit(job)
-    session.update(name=name, backend=args.backend, job_id=job_id, state="starting", engine=args.engine,
-                   up_pid=os.getpid(), plan=str(session.dir / "plan.yaml"), workflow=wf.name, gateway_url=None,
-                   script=str(backend.script_path(job)), created=time.time(), time_scale=args.time_scale)
-    err.print(f"submitted job {job_id} ({args.backend}): {len(config.instances)} engine(s) on {', '.join(job.nodes)}; "
-              f"script {backend.script_path(job)}")
+    if args.json:
+        print(json.dumps(jsonable(doc), indent=2))
+        return 0
+    err.print(f"deployment {name}: job {doc['job_id']} submitted ({args.backend}); daemon {doc['daemon_pid']}")
+    if args.detach:
+        print(f"{name}: {doc['state']}; gateway {doc['base_url']}; `scepsy status {name}`, `scepsy events {name} -f`, "
+              f"`scepsy down {name}`")
+        return 0
+    return _follow_up(client, name, since, err)
+
+
+def _last_seq(client: Any) -> int:
+    return int(client.request("GET", "/v1/daemon").get("last_event_seq", 0))
+
+
+def _follow_up(client: Any, name: str, since: int, err: Any) -> int:
+    """Print the deployment's events until it fails or is stopped elsewhere; Ctrl-C stops it."""
+    served = False
     try:
-        return asyncio.run(_serve(args, session, backend, job_id, config, err))
-    except BaseException as exc:
-        backend.cancel_and_wait(job_id)
-        session.update(state="failed" if isinstance(exc, ScepsyError) else "down", error=str(exc))
-        if isinstance(exc, KeyboardInterrupt):
-            err.print(f"interrupted: job {job_id} cancelled")
-            return 130
-        raise
+        while True:
+            got = client.request("GET", "/v1/events", query={"deployment": name, "after": since, "wait": 10},
+                                 timeout_s=40.0)
+            for e in got["events"]:
+                err.print(f"{_when(e['ts'])} {e['message']}", soft_wrap=True, highlight=False, markup=False)
+            since = got["last"]
+            doc = client.request("GET", f"/v1/deployments/{name}")
+            if doc["state"] == "serving" and not served:
+                served = True
+                print(f"serving {name}: {doc['base_url']} (models: {', '.join(sorted({i['llm'] for i in doc['instances']}))}); "
+                      f"`scepsy status {name}`, `scepsy down {name}`; Ctrl-C stops it", flush=True)
+            if doc["state"] == "failed":
+                err.print(f"{name} failed: {doc['error']}", style="red", soft_wrap=True, highlight=False, markup=False)
+                return 1
+            if doc["state"] == "stopped":
+                err.print(f"{name} was stopped")
+                return 0
+    except KeyboardInterrupt:
+        err.print(f"interrupted: stopping {name}")
+        client.request("DELETE", f"/v1/deployments/{name}")
+        _wait_done(client, [name], 120.0)
+        err.print(f"{name} stopped")
+        return 130
 
 
-def _leaves(placement: list[Any], cluster: Any, gpus: Any) -> int | None:
-    """Leaf switches the placement spans (for --switches), when the cluster spec knows its switches."""
-    if not cluster.node_groups:
-        return None
-    from scepsy_hpc.topology.build import from_cluster
-
-    topo = from_cluster(cluster, gpus)
-    leaves = {topo.node(p.node).leaf for p in placement if p.node in {n.name for n in topo.nodes}}
-    return len(leaves) if leaves and None not in leaves else None
+def _when(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
-async def _serve(args: argparse.Namespace, session: Session, backend: ClusterBackend, job_id: str, config: ServeConfig,
-                 err: Any) -> int:
-    import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
-    from scepsy_hpc.gateway.app import start_gateway
+def _wait_done(client: Any, names: list[str], timeout_s: float) -> list[dict[str, Any]]:
+    """Until each deployment is stopped or failed (its job out of the queue); their last status."""
+    from scepsy_hpc.errors import ScepsyError
 
-    await _wait_ready(session, backend, job_id, config, args.start_timeout, err)
-    eps = session.endpoints_path
-    _write_endpoints(session, eps, args.time_scale if args.engine == "sim" else None)
-    gw = await start_gateway(eps, session.dir / "trace.jsonl", host=args.gateway_host, port=args.gateway_port)
-    url = f"http://{args.gateway_host}:{gw.port}"
-    session.update(state="serving", gateway_url=url)
-    print(f"serving {session.name}: gateway {url}/v1 (job {job_id}); `scepsy status {session.name}`, "
-          f"`scepsy down {session.name}`", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    rc = 0
-    try:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=args.poll)
-            except asyncio.TimeoutError:
-                pass
-            if stop.is_set():
-                break
-            st = await asyncio.to_thread(backend.status, job_id)
-            if not st.active:
-                err.print(f"[red]job {job_id} ended: {st.state}{' (' + st.reason + ')' if st.reason else ''}; "
-                          f"the engines are gone; logs in {session.log_dir}[/red]")
-                session.update(state="ended", job_state=st.state, error=f"job ended: {st.state} {st.reason}".strip())
-                rc = 1
-                break
-            _write_endpoints(session, eps, args.time_scale if args.engine == "sim" else None)
-    finally:
-        await gw.close()
-    if rc == 0:
-        await asyncio.to_thread(backend.cancel_and_wait, job_id)
-        session.update(state="down")
-        err.print(f"job {job_id} cancelled; session {session.name} is down")
-    return rc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        docs = [client.request("GET", f"/v1/deployments/{n}") for n in names]
+        if all(d["state"] in DONE_STATES for d in docs):
+            return docs
+        if time.monotonic() > deadline:
+            left = ", ".join(f"{d['name']} ({d['state']}, job {d['job_id']} {d['job_state']})" for d in docs
+                             if d["state"] not in DONE_STATES)
+            raise ScepsyError(f"still not stopped after {timeout_s:g} s: {left}; the daemon keeps trying; "
+                              f"`scepsy events NAME` shows why")
+        time.sleep(0.2)
 
 
-def _write_endpoints(session: Session, path: Path, time_scale: float | None) -> None:
-    """endpoints.yaml from the agents' reports, rewritten only when it changes (the gateway reloads it)."""
-    from scepsy_hpc.gateway.endpoints import endpoints_from_agents, write_endpoints
+def cmd_ls(args: argparse.Namespace) -> int:
+    """Every deployment, one line each."""
+    doc = _client(args).request("GET", "/v1/deployments")
+    if args.json:
+        print(json.dumps(jsonable(doc), indent=2))
+        return 0
+    from rich.table import Table
 
-    write_endpoints(path, endpoints_from_agents(session.agents(), time_scale))
+    t = Table()
+    for col in ("NAME", "STATE", "BACKEND", "JOB", "ENGINES", "GATEWAY"):
+        t.add_column(col, no_wrap=True)
+    for d in doc["deployments"]:
+        healthy = sum(1 for i in d["instances"] if i["healthy"])
+        t.add_row(d["name"], _state(d["state"]), d["backend"] or "-", f"{d['job_id'] or '-'} {d['job_state'] or ''}",
+                  f"{healthy}/{len(d['instances'])}", d["base_url"] or "-")
+    make_console().print(t if doc["deployments"] else "no deployments: `scepsy up PLAN|WORKFLOW` starts one")
+    return 0
 
 
-async def _wait_ready(session: Session, backend: ClusterBackend, job_id: str, config: ServeConfig, timeout_s: float,
-                      err: Any) -> None:
-    """Until every node agent reports ready; EngineError naming the log of an engine that failed."""
-    from scepsy_hpc.backend.serving import wait_ready
-
-    await wait_ready(session, backend, job_id, config, timeout_s, lambda line: err.print(f"[dim]{line}[/dim]"))
+def _state(state: str) -> str:
+    colour = {"serving": "green", "degraded": "yellow", "failed": "red", "starting": "cyan", "pending": "cyan"}.get(state)
+    return f"[{colour}]{state}[/{colour}]" if colour else state
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the session's job, engines and gateway; exit 0 only when everything serves."""
-    from scepsy_hpc.backend.serving import make_backend, session_status
-    from scepsy_hpc.backend.session import find_session, state_root
+    """One deployment's (or every deployment's) status; exit 0 only when everything shown serves."""
+    client = _client(args)
+    if args.watch:
+        from scepsy_hpc.service.view import watch
 
-    root = state_root(args.state_dir)
-    session = find_session(args.name, root)
-    s = session_status(session, make_backend(session.info().backend, root))
-    ok = s["state"] == "serving" and s["gateway_healthy"] and bool(s["instances"]) and all(i["healthy"] for i in s["instances"])
+        return watch(client, args.interval)
+    docs = ([client.request("GET", f"/v1/deployments/{args.name}")] if args.name
+            else client.request("GET", "/v1/deployments")["deployments"])
+    ok = bool(docs) and all(d["state"] == "serving" and all(i["healthy"] for i in d["instances"]) for d in docs)
     if args.json:
-        print(json.dumps(jsonable(s), indent=2))
+        print(json.dumps(jsonable(docs[0] if args.name else {"deployments": docs}), indent=2))
         return 0 if ok else 1
     from rich.table import Table
 
     c = make_console()
-    c.print(f"session {s['name']}: {s['state']}   job {s['job_id']} ({s['backend']}) {s.get('job_state', '?')}"
-            + (f" {s['job_reason']}" if s.get("job_reason") else ""))
-    c.print(f"gateway {s['gateway_url'] or '-'} " + ("[green]healthy[/green]" if s["gateway_healthy"] else "[red]not answering[/red]"))
-    t = Table()
-    for col in ("LLM", "replica", "node", "GPUs", "CUDA_VISIBLE_DEVICES", "URL", "health"):
-        t.add_column(col, no_wrap=True)
-    for i in s["instances"]:
-        t.add_row(i["llm"], str(i["replica"]), i["node"], ",".join(map(str, i["gpus"])), i["cuda_visible_devices"], i["url"],
-                  "[green]healthy[/green]" if i["healthy"] else f"[red]{i['state'] or 'down'}[/red]")
-    c.print(t)
-    if s.get("error"):
-        c.print(f"[red]{s['error']}[/red]")
+    if not docs:
+        c.print("no deployments: `scepsy up PLAN|WORKFLOW` starts one")
+    for s in docs:
+        c.print(f"[bold]{s['name']}[/bold]: {_state(s['state'])}   job {s['job_id'] or '-'} ({s['backend']}) "
+                f"{s['job_state'] or ''}" + (f" {s['job_reason']}" if s.get("job_reason") else ""))
+        c.print(f"  gateway {s['base_url'] or '-'}" + (f"\n  [red]{s['error']}[/red]" if s.get("error") else ""))
+        t = Table()
+        for col in ("LLM", "replica", "node", "GPUs", "URL", "pid", "health"):
+            t.add_column(col, no_wrap=True)
+        for i in s["instances"]:
+            t.add_row(i["llm"], str(i["replica"]), i["node"], ",".join(map(str, i["gpus"])), i["url"], str(i["pid"] or "-"),
+                      "[green]healthy[/green]" if i["healthy"] else f"[red]{i['state'] or 'down'}[/red]")
+        if s["instances"]:
+            c.print(t)
     return 0 if ok else 1
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    """Stop the `up` process (it cancels its job) and make sure the job has left the queue."""
-    from scepsy_hpc.backend.serving import make_backend, take_down
-    from scepsy_hpc.backend.session import find_session, state_root
+    """Stop one deployment (or all) and wait until each job has left the queue."""
+    from scepsy_hpc.errors import SpecError
 
-    root = state_root(args.state_dir)
-    session = find_session(args.name, root)
-    job_id = take_down(session, make_backend(session.info().backend, root), args.timeout)
-    print(f"session {session.name} is down: job {job_id} is no longer queued or running")
+    client = _client(args)
+    if args.all == bool(args.name):
+        raise SpecError("down: name one deployment, or give --all")
+    if args.all:
+        names = [d["name"] for d in client.request("GET", "/v1/deployments")["deployments"] if d["state"] not in DONE_STATES]
+    else:
+        names = [args.name]
+    for n in names:
+        client.request("DELETE", f"/v1/deployments/{n}")
+    if args.no_wait:
+        print(f"stopping {', '.join(names) or 'nothing'}")
+        return 0
+    docs = _wait_done(client, names, args.timeout)
+    for d in docs:
+        print(f"{d['name']} is {d['state']}: job {d['job_id'] or '-'} is no longer queued or running")
+    if not docs:
+        print("no deployment was running")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Past events, then (with --follow) new ones as they come."""
+    client = _client(args)
+    q: dict[str, Any] = {"deployment": args.name, "after": 0, "limit": args.limit}
+    got = client.request("GET", "/v1/events", query=q)
+    if args.json and not args.follow:
+        print(json.dumps(got, indent=2))
+        return 0
+    c = make_console()
+
+    def show(events: list[dict[str, Any]]) -> None:
+        for e in events:
+            if args.json:
+                print(json.dumps(e), flush=True)
+            else:
+                c.print(f"{_when(e['ts'])} {e['deployment'] or 'daemon'} {e['kind']}: {e['message']}", highlight=False,
+                        markup=False, soft_wrap=True)
+
+    show(got["events"])
+    if not args.follow:
+        return 0
+    try:
+        while True:
+            got = client.request("GET", "/v1/events", query={**q, "after": got["last"], "wait": 20}, timeout_s=60.0)
+            show(got["events"])
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The end of each log."""
+    got = _client(args).request("GET", f"/v1/deployments/{args.name}/logs",
+                                query={"llm": args.llm, "replica": args.replica, "lines": args.lines})
+    for entry in got["logs"]:
+        print(f"==> {entry['path']} <==")
+        print(entry["text"])
+    if not got["logs"]:
+        print(f"no logs yet for {args.name}", file=sys.stderr)
     return 0
 
 
 def cmd_drive(args: argparse.Namespace) -> int:
-    """Run a workflow's requests through a serving session's gateway (or any gateway URL)."""
+    """Run a workflow's requests through a deployment's gateway (or any gateway URL)."""
     import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
-    from scepsy_hpc.backend.session import find_session, state_root
+
     from scepsy_hpc.drive.synthetic import drive_program
-    from scepsy_hpc.spec.catalog import load_models
+    from scepsy_hpc.errors import SpecError
+    from scepsy_hpc.spec.catalog import load_models, resolve_input
     from scepsy_hpc.spec.workflow import load_workflow
 
-    url, scale, wf_arg = args.gateway, args.time_scale, args.workflow
+    url, scale, wf_arg, prefix = args.gateway, args.time_scale, args.workflow, ""
     if url is None:
-        info = find_session(args.name, state_root(args.state_dir)).info()
-        if info.state != "serving" or not info.gateway_url:
-            raise SpecError(f"session {info.name!r} is {info.state}, not serving: nothing to drive")
-        url = info.gateway_url
-        scale = scale or info.time_scale or 1.0
-        wf_arg = wf_arg or info.workflow
+        client = _client(args)
+        if args.name:
+            doc = client.request("GET", f"/v1/deployments/{args.name}")
+        else:
+            serving = [d for d in client.request("GET", "/v1/deployments")["deployments"] if d["state"] == "serving"]
+            if len(serving) != 1:
+                raise SpecError(f"{len(serving)} deployments are serving ({', '.join(d['name'] for d in serving) or 'none'}): "
+                                f"name one")
+            doc = serving[0]
+        if doc["state"] not in ("serving", "degraded") or not doc["gateway_url"]:
+            raise SpecError(f"deployment {doc['name']!r} is {doc['state']}, not serving: nothing to drive")
+        url = doc["gateway_url"]
+        scale = scale or doc.get("time_scale") or 1.0
+        wfs = doc.get("workflows") or []
+        wf_arg = wf_arg or (wfs[0] if len(wfs) == 1 else None)
+        if wf_arg is None:
+            raise SpecError(f"deployment {doc['name']!r} serves {', '.join(wfs)}: give --workflow")
+        prefix = f"{doc['name']}/" + (f"{wf_arg}/" if len(wfs) > 1 else "")
     if not wf_arg:
         raise SpecError("give the workflow to drive (--workflow)")
     wf = load_workflow(resolve_input(wf_arg, "workflows"), load_models(args.models))
     res = asyncio.run(drive_program(wf, url, n_requests=args.requests, rate_rps=args.rate,
                                     concurrency=None if args.rate else args.concurrency, seed=args.seed,
-                                    time_scale=scale or 1.0, request_prefix=args.prefix))
+                                    time_scale=scale or 1.0, request_prefix=args.prefix, model_prefix=prefix))
     summary = {"gateway_url": url, "requests": len(res.requests), "ok": res.n_ok, "errors": res.n_error,
+               "latency_mean_s": (sum(r.latency_s for r in res.requests.values()) / len(res.requests)) if res.requests else None,
+               "duration_s": res.duration_s,
                "first_errors": res.errors()[:5]}
     if args.json:
         print(json.dumps(jsonable(summary), indent=2))

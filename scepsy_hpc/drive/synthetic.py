@@ -39,8 +39,9 @@ class _Request:
     """Executes one sampled request against the server; collects its errors and call count."""
 
     def __init__(self, session: Any, base: str, rid: str, id_style: str, spans: SpanReporter,
-                 time_scale: float, rng: random.Random) -> None:
+                 time_scale: float, rng: random.Random, model_prefix: str = "") -> None:
         self.session, self.spans, self.rid, self.time_scale, self.rng = session, spans, rid, time_scale, rng
+        self.model_prefix = model_prefix
         self.url = f"{base}/r/{rid}/v1/completions" if id_style == "path" else f"{base}/v1/completions"
         self.headers = {REQUEST_HEADER: rid} if id_style == "header" else {}
         self.n_calls = 0
@@ -63,7 +64,7 @@ class _Request:
     async def call(self, c: Call) -> None:
         """One streamed completion, read to the end of the stream."""
         self.n_calls += 1
-        body = {"model": c.llm, "prompt": prompt_ids(c.prompt_tokens, self.rng.randrange(_TOKEN_SPAN)),
+        body = {"model": self.model_prefix + c.llm, "prompt": prompt_ids(c.prompt_tokens, self.rng.randrange(_TOKEN_SPAN)),
                 "max_tokens": c.output_tokens, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         headers = dict(self.headers)
@@ -120,9 +121,11 @@ async def _read_sse(resp: Any, what: str) -> None:
 
 async def drive_program(wf: Workflow, base_url: str, *, n_requests: int, rate_rps: float | None = None,
                         concurrency: int | None = None, seed: int = 0, time_scale: float = 1.0,
-                        id_style: str = "header", request_prefix: str = "r") -> DriveResult:
+                        id_style: str = "header", request_prefix: str = "r", model_prefix: str = "") -> DriveResult:
     """Sample `n_requests` requests of `wf.program` and execute them against a gateway (or bare engine).
 
+    Each call names its LLM as `model_prefix + llm` (a gateway serving several deployments knows
+    deployment `d`'s LLM `x` as `d/x`).
     Open loop (Poisson, `rate_rps` in model time) when `rate_rps` is given, else closed loop with
     `concurrency` requests in flight (default 1). `base_url` is the server root (a trailing /v1 is accepted).
     """
@@ -138,7 +141,8 @@ async def drive_program(wf: Workflow, base_url: str, *, n_requests: int, rate_rp
             rid = request_id(request_prefix, i)
             rng = random.Random(f"{seed}/request/{i}")
             seq = sampler.sample(rng)
-            req = _Request(session, base, rid, id_style, spans, time_scale, random.Random(f"{seed}/prompt/{i}"))
+            req = _Request(session, base, rid, id_style, spans, time_scale, random.Random(f"{seed}/prompt/{i}"),
+                           model_prefix)
             t0 = time.monotonic()
             await spans.event("request", "start", rid, name=wf.name, errors=req.errors)
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -92,3 +93,14 @@ def summarise(result: PlanResult, plot: str | None = None, plan_file: str | None
     if result.simulated is not None:
         summary["simulated"] = dict(result.simulated)
     return summary
+
+
+def write_plan(plan: Plan, path: str | Path) -> None:
+    """Write the plan as YAML (readable back by `load_plan`)."""
+    import yaml
+
+    from scepsy_hpc.spec.records import write_atomic
+
+    data = plan.model_dump(exclude_none=True, mode="json")
+    write_atomic(path, "# written by `scepsy plan`; edit freely: a hand-edited plan is validated like any other\n"
+                 + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

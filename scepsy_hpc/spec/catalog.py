@@ -109,6 +109,18 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "configs"
 
 
+def resolve_input(arg: str, kind: str) -> Path:
+    """A path as given, or the name of a shipped file under configs/<kind>/ (kind: workflows, plans, clusters)."""
+    p = Path(arg)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return p
+    shipped = config_dir() / kind / f"{arg}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(q.stem for q in (config_dir() / kind).glob("*.yaml"))
+    raise SpecError(f"{arg}: no such file, and no shipped {kind[:-1]} of that name; shipped: {', '.join(names) or 'none'}")
+
+
 def _load_catalog(path: Path, root: type[Any], what: str) -> dict[str, Any]:
     data, smap = load_yaml(path)
     if not isinstance(data, dict) or not data:

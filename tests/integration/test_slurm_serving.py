@@ -1,4 +1,5 @@
-"""End to end on the real local Slurm: trace → profile arrays → plan → up → drive → status → down, and failures.
+"""End to end on the real local Slurm: trace → profile arrays → plan → the daemon serving deployments → drive →
+status → kill -9 of the daemon and adoption → down, and failures.
 
 Every step is the `scepsy` command a site user types. The cluster is scripts/slurm-local.sh's (node1..4, 4 fake
 H100s each); these tests assume they have it to themselves.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -44,26 +44,6 @@ def _jobs_submitted() -> set[str]:
     return {ln.strip() for ln in out.splitlines() if ln.strip()}
 
 
-def _start_up(*args: str, log: Path) -> subprocess.Popen[str]:
-    out = open(log, "w")
-    return subprocess.Popen([*SCEPSY, "up", *args], stdout=out, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_serving(state_dir: Path, name: str, proc: subprocess.Popen[str], log: Path, timeout_s: float = 180.0) -> dict[str, Any]:
-    info_path = state_dir / name / "session.json"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"scepsy up exited {proc.returncode} before serving:\n{log.read_text()[-3000:]}")
-        if info_path.exists():
-            info = json.loads(info_path.read_text())
-            if info.get("state") == "serving":
-                return info
-        time.sleep(0.5)
-    proc.terminate()
-    pytest.fail(f"not serving after {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(x.decode().split("=", 1) for x in raw if b"=" in x)
@@ -97,69 +77,147 @@ def served_plan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"plan": plan, "work": work}
 
 
-def test_up_slurm_serves_the_plan_through_the_gateway_then_down_leaves_no_job(served_plan: dict[str, Path]) -> None:
-    state, plan = served_plan["work"] / "state", served_plan["plan"]
-    log = served_plan["work"] / "up.log"
-    proc = _start_up(str(plan), "--backend", "slurm", "--engine", "sim", "--time-scale", TIME_SCALE, "--name", "e2e",
-                     "--state-dir", str(state), log=log)
-    try:
-        info = _wait_serving(state, "e2e", proc, log)
-        job_id = info["job_id"]
+def _state_cmd(state: Path, *args: str, check: bool = True, timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
+    return scepsy(*args, "--state-dir", str(state), check=check, timeout_s=timeout_s)
+
+
+def _status(state: Path, name: str) -> dict[str, Any]:
+    return json.loads(_state_cmd(state, "status", name, "--json", check=False).stdout)
+
+
+def _wait(state: Path, name: str, want: tuple[str, ...], timeout_s: float = 180.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    doc: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        doc = _status(state, name)
+        if doc.get("state") in want:
+            return doc
+        time.sleep(0.5)
+    events = _state_cmd(state, "events", name, check=False).stdout
+    pytest.fail(f"{name} not {want} after {timeout_s} s: {json.dumps(doc)[:1500]}\n{events[-3000:]}")
+
+
+def _hand_plan(out: Path, nodes: tuple[str, str]) -> Path:
+    """rag_rerank on two nodes: the generator at tp=4 on the first, the other two sharing GPU 1 of the second."""
+    a, b = nodes
+    data = {"workflow": "rag_rerank", "gpus": {"type": "h100-sxm", "count": 5},
+            "allocation": {"generator": {"tp": 4}, "rewriter": {"gpu_frac": 0.5}, "reranker": {"gpu_frac": 0.5}},
+            "placement": [{"llm": "generator", "replica": 0, "node": a, "gpus": [0, 1, 2, 3]},
+                          {"llm": "rewriter", "replica": 0, "node": b, "gpus": [1]},
+                          {"llm": "reranker", "replica": 0, "node": b, "gpus": [1]}]}
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Any:
+    """A daemon on a fresh state dir (poll 1 s); at the end every deployment and the gateway are stopped."""
+    state = tmp_path / "state"
+    _state_cmd(state, "daemon", "start", "--poll", "1")
+    yield state
+    _state_cmd(state, "daemon", "stop", "--all", check=False, timeout_s=240)
+
+
+def test_two_deployments_on_slurm_survive_a_daemon_kill9_and_down_all_leaves_no_job(tmp_path: Path, daemon: Path) -> None:
+    import threading
+
+    from openai import OpenAI
+
+    state = daemon
+    plans = {"e2e": _hand_plan(tmp_path / "e2e.yaml", ("node1", "node2")),
+             "e2f": _hand_plan(tmp_path / "e2f.yaml", ("node3", "node4"))}
+    for name, p in plans.items():
+        _state_cmd(state, "up", str(p), "--backend", "slurm", "--time-scale", TIME_SCALE, "--name", name, "--detach")
+    docs = {n: _wait(state, n, ("serving",)) for n in ("e2e", "e2f")}
+    for name, doc in docs.items():
+        job_id = doc["job_id"]
         assert "RUNNING" in _squeue(job_id)
-        assert (state / "e2e" / "logs" / "scepsy-e2e.sh").read_text().startswith("#!/bin/bash")   # kept beside the logs
-
-        drive = json.loads(scepsy("drive", "e2e", "--state-dir", str(state), "--requests", "12", "--json").stdout)
-        assert (drive["requests"], drive["ok"], drive["errors"]) == (12, 12, 0)
-        calls = [json.loads(ln) for ln in (state / "e2e" / "trace.jsonl").read_text().splitlines() if ln.strip()]
-        assert {c.get("llm") for c in calls if c.get("kind", "call") == "call"} >= {"rewriter", "generator", "reranker"}
-
-        status = json.loads(scepsy("status", "e2e", "--state-dir", str(state), "--json").stdout)
-        assert status["job_id"] == job_id and status["job_state"] == "RUNNING" and status["gateway_healthy"]
-        planned = {(p["llm"], p["replica"]): p for p in yaml.safe_load(plan.read_text())["placement"]}
-        got = {(i["llm"], i["replica"]): i for i in status["instances"]}
+        scripts = list((state / "deployments" / name / "logs").rglob("*.sh"))   # submitit's script, beside the logs
+        assert scripts and "#SBATCH" in scripts[0].read_text()
+        planned = {(p["llm"], p["replica"]): p for p in yaml.safe_load((Path(doc["plan"])).read_text())["placement"]}
+        got = {(i["llm"], i["replica"]): i for i in doc["instances"]}
         assert got.keys() == planned.keys()
         for key, inst in got.items():
             assert inst["healthy"], inst
             assert (inst["node"], inst["gpus"]) == (planned[key]["node"], planned[key]["gpus"])
-            # the engine process really runs with the placement's GPUs
-            env = _environ(inst["pid"])
+            env = _environ(inst["pid"])   # the engine really runs in the job, with the placement's GPUs
             assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, planned[key]["gpus"]))
             assert env["SLURM_JOB_ID"] == job_id and env["SLURMD_NODENAME"] == planned[key]["node"]
+        client = OpenAI(base_url=doc["base_url"], api_key="unused", max_retries=0, timeout=60)
+        out = client.chat.completions.create(model="generator", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert out.choices[0].message.content is not None
 
-        scepsy("down", "e2e", "--state-dir", str(state))
-        assert _squeue(job_id) == ""
-        assert proc.wait(timeout=30) == 0
-        after = json.loads(scepsy("status", "e2e", "--state-dir", str(state), "--json", check=False).stdout)
-        assert after["state"] == "down" and after["job_state"] == "CANCELLED"
+    drive = json.loads(_state_cmd(state, "drive", "e2e", "--requests", "8", "--json").stdout)   # the trace's workflow
+    assert (drive["requests"], drive["ok"], drive["errors"]) == (8, 8, 0)
+
+    pid = json.loads(_state_cmd(state, "daemon", "status", "--json").stdout)["pid"]
+    failures: list[str] = []
+    sent = [0]
+    stop = threading.Event()
+
+    def load() -> None:
+        c = OpenAI(base_url=docs["e2f"]["gateway_url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+        while not stop.is_set():
+            try:
+                c.chat.completions.create(model="e2f/reranker", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+                sent[0] += 1
+            except Exception as exc:   # every failure is the finding
+                failures.append(str(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        subprocess.run(["kill", "-9", str(pid)], check=True)
+        time.sleep(2.0)
+        _state_cmd(state, "daemon", "start", "--poll", "1")
+        time.sleep(2.0)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert failures == [] and sent[0] > 0
+    again = {n: _wait(state, n, ("serving",)) for n in ("e2e", "e2f")}
+    for n in ("e2e", "e2f"):
+        assert again[n]["job_id"] == docs[n]["job_id"]
+        assert {(i["llm"], i["replica"]): i["pid"] for i in again[n]["instances"]} == \
+               {(i["llm"], i["replica"]): i["pid"] for i in docs[n]["instances"]}
+
+    _state_cmd(state, "down", "--all")
+    for n in ("e2e", "e2f"):
+        assert _squeue(docs[n]["job_id"]) == ""
+        assert _status(state, n)["state"] == "stopped"
+        for inst in docs[n]["instances"]:
+            assert not Path(f"/proc/{inst['pid']}").exists()
 
 
-def test_an_engine_that_fails_to_start_is_reported_with_its_log_and_the_job_is_cancelled(served_plan: dict[str, Path]) -> None:
-    state = served_plan["work"] / "state-fail"
-    done = scepsy("up", str(served_plan["plan"]), "--backend", "slurm", "--engine", "sim", "--name", "broken",
-                  "--engine-arg=--no-such-flag", "--state-dir", str(state), check=False, timeout_s=240)
-    assert done.returncode == 1
-    assert "exited with code 2 while starting" in done.stderr
-    logs = re.findall(r"see (/\S+\.log)", done.stderr)
-    assert logs, done.stderr
-    assert "unrecognized arguments: --no-such-flag" in Path(logs[0]).read_text()
-    job_id = json.loads((state / "broken" / "session.json").read_text())["job_id"]
-    assert _squeue(job_id) == ""
+def test_an_engine_that_fails_to_start_fails_the_deployment_naming_its_log_and_the_job_is_cancelled(
+        served_plan: dict[str, Path], daemon: Path) -> None:
+    _state_cmd(daemon, "up", str(served_plan["plan"]), "--backend", "slurm", "--name", "broken", "--detach",
+               "--engine-arg=--no-such-flag")
+    doc = _wait(daemon, "broken", ("failed",))
+    assert "exited with code 2 while starting" in doc["error"], doc["error"]
+    logs = re.findall(r"see (/\S+\.log)", doc["error"])
+    assert logs and "unrecognized arguments: --no-such-flag" in Path(logs[0]).read_text()
+    deadline = time.monotonic() + 60
+    while _squeue(doc["job_id"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _squeue(doc["job_id"]) == ""
 
 
-def test_a_partition_that_does_not_exist_is_refused_before_anything_is_submitted(served_plan: dict[str, Path]) -> None:
+def test_a_partition_that_does_not_exist_is_refused_before_anything_is_submitted(served_plan: dict[str, Path],
+                                                                                 daemon: Path) -> None:
     before = _jobs_submitted()
-    done = scepsy("up", str(served_plan["plan"]), "--backend", "slurm", "--partition", "nope", "--name", "nopart",
-                  "--state-dir", str(served_plan["work"] / "state-np"), check=False)
+    done = _state_cmd(daemon, "up", str(served_plan["plan"]), "--backend", "slurm", "--partition", "nope", "--name",
+                      "nopart", "--detach", check=False)
     assert done.returncode == 1
     assert "partition 'nope' does not exist on this cluster (it has gpu)" in done.stderr
     assert _jobs_submitted() == before
+    assert "no deployment 'nopart'" in _state_cmd(daemon, "status", "nopart", check=False).stderr
 
 
-def test_more_gpus_than_the_partition_has_is_refused_before_anything_is_submitted(tmp_path: Path) -> None:
+def test_more_gpus_than_the_partition_has_is_refused_before_anything_is_submitted(tmp_path: Path, daemon: Path) -> None:
     placement = [{"llm": "generator", "replica": r, "node": f"node{r + 1}", "gpus": [0, 1, 2, 3], "gpu_frac": 1.0,
                   "mem_frac": 0.9, "mps_pct": 100, "port": 8100} for r in range(5)]
     placement += [{"llm": m, "replica": 0, "node": "node6", "gpus": [k], "gpu_frac": 1.0, "mem_frac": 0.9, "mps_pct": 100,
@@ -170,30 +228,48 @@ def test_more_gpus_than_the_partition_has_is_refused_before_anything_is_submitte
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(plan))
     before = _jobs_submitted()
-    done = scepsy("up", str(path), "--backend", "slurm", "--name", "big", "--state-dir", str(tmp_path / "s"), check=False)
+    done = _state_cmd(daemon, "up", str(path), "--backend", "slurm", "--name", "big", "--detach", check=False)
     assert done.returncode == 3, done.stderr
     assert "the plan needs 22 GPUs; partition 'gpu' has 16 (4 node(s))" in done.stderr
     assert "nothing was submitted" in done.stderr
     assert _jobs_submitted() == before
 
 
-def test_a_job_cancelled_from_outside_ends_up_within_seconds(served_plan: dict[str, Path]) -> None:
-    state, log = served_plan["work"] / "state-scancel", served_plan["work"] / "up-scancel.log"
-    proc = _start_up(str(served_plan["plan"]), "--backend", "slurm", "--time-scale", TIME_SCALE, "--name", "victim",
-                     "--state-dir", str(state), log=log)
+def test_a_job_cancelled_from_outside_fails_the_deployment_with_slurms_reason(served_plan: dict[str, Path],
+                                                                               daemon: Path) -> None:
+    _state_cmd(daemon, "up", str(served_plan["plan"]), "--backend", "slurm", "--time-scale", TIME_SCALE, "--name", "victim",
+               "--detach")
+    job_id = _wait(daemon, "victim", ("serving",))["job_id"]
+    t0 = time.monotonic()
+    subprocess.run(["scancel", job_id], check=True)
+    doc = _wait(daemon, "victim", ("failed",), timeout_s=60)
+    noticed_s = time.monotonic() - t0
+    assert noticed_s < 15, f"scancel noticed after {noticed_s:.1f} s"
+    assert f"job {job_id} ended: CANCELLED" in doc["error"]
+    assert not any(i["healthy"] for i in doc["instances"])
+
+
+def test_a_recycled_job_id_in_the_state_is_not_adopted(tmp_path: Path) -> None:
+    """The state names our job by an id Slurm now gives to another job: the daemon must not take (or cancel) it."""
+    from scepsy_hpc.service.state import Deployment, Job, StateStore
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    other = subprocess.run(["sbatch", "--parsable", "-J", "someone-else", "-p", "gpu", "--wrap", "sleep 300"],
+                           capture_output=True, text=True, check=True).stdout.strip()
     try:
-        job_id = _wait_serving(state, "victim", proc, log)["job_id"]
-        t0 = time.monotonic()
-        subprocess.run(["scancel", job_id], check=True)
-        rc = proc.wait(timeout=30)
-        noticed_s = time.monotonic() - t0
-        assert rc == 1
-        assert noticed_s < 10, f"scancel noticed after {noticed_s:.1f} s"
-        assert f"job {job_id} ended: CANCELLED" in log.read_text()
-        assert json.loads((state / "victim" / "session.json").read_text())["state"] == "ended"
+        with StateStore(state / "state.db") as store:
+            store.add_deployment(Deployment(name="old", state="serving", session_dir=str(state / "deployments" / "old")))
+            store.add_job(Job(job_id=other, deployment="old", backend="slurm", name="scepsy-old-abc123",
+                              submit_time="2026-01-01T00:00:00", state="RUNNING", created=time.time() - 3600))
+        _state_cmd(state, "daemon", "start", "--poll", "1")
+        doc = _wait(state, "old", ("failed",), timeout_s=30)
+        assert f"job id {other} now belongs to another job (someone-else" in doc["error"], doc["error"]
+        assert "not ours, not adopted" in doc["error"]
+        assert "RUNNING" in _squeue(other) or "PENDING" in _squeue(other)   # left alone
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _state_cmd(state, "daemon", "stop", "--all", check=False)
+        subprocess.run(["scancel", other], check=False)
 
 
 def test_a_failed_profiling_task_is_named_with_its_log_files(tmp_path: Path) -> None:

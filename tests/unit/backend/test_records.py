@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scepsy_hpc.backend.records import AgentReport, InstanceReport, ServeConfig, ServeInstance, SessionRecord
+from scepsy_hpc.backend.records import AgentReport, InstanceReport, ServeConfig, ServeInstance
 from scepsy_hpc.backend.session import Session
 from scepsy_hpc.engine.adapters import EngineLaunch
 from scepsy_hpc.errors import SpecError
@@ -43,28 +43,6 @@ def test_agent_reports_round_trip_by_node(tmp_path: Path) -> None:
     session = Session(tmp_path / "demo")
     write_record(session.dir / "agents" / "n1.json", _report())
     assert session.agents() == {"n1": _report()}
-
-
-def test_session_update_merges_fields_and_validates_them(tmp_path: Path) -> None:
-    session = Session(tmp_path / "demo")
-    assert session.info() == SessionRecord()   # nothing written yet
-    session.update(name="demo", backend="local", job_id="local-1", state="starting", up_pid=7)
-    rec = session.update(state="serving", gateway_url="http://h:9000")
-    assert (rec.name, rec.job_id, rec.state, rec.gateway_url, rec.up_pid) == ("demo", "local-1", "serving", "http://h:9000", 7)
-    assert session.info() == rec and rec.updated is not None
-    with pytest.raises(ValueError):
-        session.update(state="dancing")
-    assert session.info().state == "serving"
-
-
-def test_a_session_record_of_another_version_says_to_start_over(tmp_path: Path) -> None:
-    session = Session(tmp_path / "demo")
-    session.dir.mkdir()
-    session.info_path.write_text(json.dumps({"schema_version": 2, "name": "demo"}))
-    with pytest.raises(SpecError) as err:
-        session.info()
-    assert str(session.info_path) in str(err.value) and "schema_version 2" in str(err.value)
-    assert f"remove {session.dir}" in str(err.value)
 
 
 def test_serve_json_from_another_version_says_to_rerun_up(tmp_path: Path) -> None:

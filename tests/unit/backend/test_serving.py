@@ -1,5 +1,5 @@
-"""The steps of `scepsy up/status/down` as library calls: serve.json from a placement (defaults from
-the one place), a session already up is refused, status and down read the typed records."""
+"""A deployment's session files: serve.json from a placement (defaults from the one place), the plan copied
+owner-only."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scepsy_hpc.backend.local import LocalBackend
-from scepsy_hpc.backend.serving import HEALTH_TIMEOUT_S, claim_session, serve_config, session_status, take_down, write_serve_files
+from scepsy_hpc.backend.serving import HEALTH_TIMEOUT_S, serve_config, write_serve_files
 from scepsy_hpc.backend.session import Session
-from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models
 from scepsy_hpc.spec.placement_entry import PlacementEntry
 from scepsy_hpc.spec.plan import parse_plan
@@ -40,38 +38,6 @@ def test_a_hand_written_placement_gets_the_default_memory_fraction_mps_share_and
     assert (rew.launch.mem_frac, rew.mps_pct, rew.port) == (pytest.approx(0.45), 50, 8100)
     assert (rer.launch.mem_frac, rer.mps_pct, rer.port) == (0.4, 50, 9000)
     assert cfg.health_timeout_s == HEALTH_TIMEOUT_S["sim"] and rew.launch.time_scale == 0.5
-
-
-def test_claim_refuses_a_session_whose_job_runs_and_clears_stale_files(tmp_path: Path) -> None:
-    session = Session(tmp_path / "demo")
-    backend = LocalBackend(tmp_path / ".local-jobs")
-    (session.dir / "agents").mkdir(parents=True)
-    (session.dir / "agents" / "n1.json").write_text("{}")
-    session.endpoints_path.write_text("llms: {}")
-    claim_session(session, backend)   # no record yet: nothing runs
-    assert not (session.dir / "agents" / "n1.json").exists() and not session.endpoints_path.exists()
-    from scepsy_hpc.backend.base import NodeJob
-
-    job_id = backend.submit(NodeJob(name="scepsy-demo", command=("sleep", "60"), nodes=("n1",), gpus_per_node=1,
-                                    log_dir=session.log_dir, workdir=tmp_path))
-    try:
-        session.update(name="demo", job_id=job_id, state="serving")
-        with pytest.raises(SpecError) as err:
-            claim_session(session, backend)
-        assert f"already up (job {job_id})" in str(err.value)
-        assert take_down(session, backend, timeout_s=20.0) == job_id
-        assert session.info().state == "down" and not backend.in_queue(job_id)
-        claim_session(session, backend)   # the job is gone: the name is free again
-    finally:
-        backend.cancel(job_id, grace_s=1.0)
-
-
-def test_status_reads_the_records(tmp_path: Path) -> None:
-    session = Session(tmp_path / "demo")
-    session.update(name="demo", backend="local", state="starting", workflow="rag_rerank")
-    s = session_status(session, LocalBackend(tmp_path / ".local-jobs"))
-    assert (s["name"], s["state"], s["backend"], s["workflow"], s["instances"]) == ("demo", "starting", "local", "rag_rerank", [])
-    assert s["gateway_healthy"] is False
 
 
 def test_write_serve_files_copies_the_plan_owner_only(tmp_path: Path, inputs) -> None:

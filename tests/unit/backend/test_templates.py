@@ -77,7 +77,7 @@ def test_a_minimal_job_has_no_optional_directives_and_no_submitit_defaults() -> 
     assert _directives(_script(gpus_per_node=0)) == [
         "#SBATCH --comment=scepsy:scepsy-demo", f"#SBATCH --error={logs}/%j_0_log.err", "#SBATCH --job-name=scepsy-demo",
         "#SBATCH --nodelist=node1,node2", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --open-mode=append",
-        f"#SBATCH --output={logs}/%j_0_log.out", "#SBATCH --signal=B:USR1@120"]   # no --time=5, no --wckey=submitit
+        f"#SBATCH --output={logs}/%j_0_log.out", "#SBATCH --signal=USR1@120"]   # no --time=5, no --wckey=submitit
 
 
 def test_the_task_runs_on_every_node_killing_the_job_when_one_fails_in_the_workdir_with_the_env() -> None:

@@ -15,7 +15,7 @@
 #SBATCH --output=/scratch/u/sessions/demo/logs/submitit/%j/%j_0_log.out
 #SBATCH --partition=gpu
 #SBATCH --qos=high
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=USR1@120
 #SBATCH --switches=1@0:30:00
 #SBATCH --time=240
 

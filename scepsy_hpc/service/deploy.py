@@ -1,0 +1,212 @@
+"""From `scepsy up TARGET` to a job ready to submit: the request that crosses the control API, and the
+steps the daemon takes for it (in a worker thread: planning can take seconds).
+
+    UpRequest ─ prepare() ─▶ plan.yaml + serve.json in the deployment's session directory, a NodeJob
+
+The target is a plan file (placed, or placed now on the cluster spec) or a workflow, planned now with
+`scepsy plan`'s defaults on the cluster spec. A plan of several workflows is served as one
+deployment: each allocation key is one LLM of the gateway, and every workflow's own LLM names are
+aliases of the key the plan's `routes` give them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from scepsy_hpc.backend.base import ClusterBackend, NodeJob, check_name
+from scepsy_hpc.backend.records import ServeConfig
+from scepsy_hpc.errors import SpecError
+from scepsy_hpc.spec.placement_entry import PlacementEntry
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+class UpRequest(BaseModel):
+    """What `scepsy up` asks the daemon for (paths absolute: the daemon runs elsewhere)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    target: str
+    backend: Literal["local", "slurm"] = "local"
+    engine: Literal["sim", "vllm", "sglang"] = "sim"
+    cluster: str = "local"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    switches: int | None = Field(default=None, ge=1)
+    switches_wait: str = "5:00"
+    target_rps: float | None = Field(default=None, gt=0)
+    launch_prefix: str = ""
+    engine_args: list[str] = []
+    time_scale: float = Field(default=1.0, gt=0)
+    health_timeout_s: float | None = Field(default=None, gt=0)
+    start_timeout_s: float = Field(default=3600.0, gt=0)
+    seed: int = Field(default=0, ge=0)
+    models: str | None = None
+    gpu_catalog: str | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A deployment ready to submit."""
+
+    plan_path: Path
+    workflows: tuple[str, ...]
+    spec_paths: tuple[str, ...]
+    config: ServeConfig
+    job: NodeJob
+    aliases: Mapping[str, tuple[str, ...]]   # allocation key → other names its workflows call it by
+
+
+def job_name(name: str) -> str:
+    """`scepsy-NAME-NONCE`: the nonce tells this submission from an earlier one of the same deployment."""
+    return f"scepsy-{name[:40]}-{secrets.token_hex(3)}"
+
+
+def _find_target(target: str) -> Path:
+    from scepsy_hpc.spec.catalog import resolve_input
+
+    path = Path(target)
+    if path.exists():
+        return path
+    for kind in ("plans", "workflows"):
+        try:
+            return resolve_input(target, kind)
+        except SpecError:
+            continue
+    raise SpecError(f"{target}: no such plan or workflow file, and no shipped one of that name")
+
+
+def _workflow_files(data: Mapping[str, Any]) -> list[Path]:
+    """The workflow files a plan names (its provenance), else the shipped workflows of its names."""
+    from scepsy_hpc.spec.catalog import resolve_input
+
+    prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    src = prov.get("workflow_file")
+    files = [src] if isinstance(src, str) else list(src) if isinstance(src, list) else []
+    names = [data["workflow"]] if data.get("workflow") else list(data.get("workflows") or [])
+    if files and all(isinstance(f, str) and Path(f).exists() for f in files):
+        return [Path(f) for f in files]
+    if not names:
+        raise SpecError("the plan names no workflow (key workflow or workflows): add it, so the engines' models are known")
+    return [resolve_input(str(n), "workflows") for n in names]
+
+
+def load_target(req: UpRequest, session_dir: Path, models: Any, gpus: Any, cluster: Any,
+                say: Callable[[str], None]) -> tuple[Any, list[Any], Path, list[Path]]:
+    """(plan, workflows, plan path, workflow files): the plan given, or one planned now for the workflow given."""
+    from scepsy_hpc.spec.plan import load_plan
+    from scepsy_hpc.spec.source import load_yaml
+    from scepsy_hpc.spec.workflow import load_workflow
+
+    path = _find_target(req.target)
+    data, _ = load_yaml(path)
+    if isinstance(data, dict) and "allocation" in data:
+        files = _workflow_files(data)
+        wfs = [load_workflow(f, models) for f in files]
+        return load_plan(path, wfs[0] if len(wfs) == 1 else None, models, gpus), wfs, path, files
+    wf = load_workflow(path, models)
+    from scepsy_hpc.planning import PlanRequest, plan
+    from scepsy_hpc.planning.render import write_plan
+
+    plan_path = session_dir / "plan.yaml"
+    say(f"planning {wf.name} on {req.cluster} (as `scepsy plan {path} --cluster {req.cluster}"
+        + (f" --target-rps {req.target_rps:g}" if req.target_rps else "") + "`)")
+    request = PlanRequest(workflows=(wf,), models=models, gpus=gpus, cluster=cluster, cluster_ref=req.cluster,
+                          target_rps={wf.name: req.target_rps} if req.target_rps else {},
+                          workflow_files=(str(path.resolve()),))
+    write_plan(plan(request).to_plan(), plan_path)
+    return load_plan(plan_path, wf, models, gpus), [wf], plan_path, [path]
+
+
+def placement_of(plan: Any, cluster: Any, gpus: Any) -> list[PlacementEntry]:
+    """The plan's placement, or one made now on the cluster spec's nodes."""
+    if plan.placement:
+        return list(plan.placement)
+    from scepsy_hpc.place.placement import place
+    from scepsy_hpc.topology.build import from_cluster
+
+    if not cluster.node_groups:
+        raise SpecError("the plan has no placement: plan it with `scepsy plan --cluster CLUSTER` (or give a cluster spec "
+                        "with node_groups to place it on)")
+    return place(plan.allocation, from_cluster(cluster, gpus), gpu_type=plan.gpus.type).entries()
+
+
+def leaf_switches(placement: Sequence[PlacementEntry], cluster: Any, gpus: Any) -> int | None:
+    """Leaf switches the placement spans (for --switches), when the cluster spec knows its switches."""
+    if not cluster.node_groups:
+        return None
+    from scepsy_hpc.topology.build import from_cluster
+
+    topo = from_cluster(cluster, gpus)
+    leaves = {topo.node(p.node).leaf for p in placement if p.node in {n.name for n in topo.nodes}}
+    return len(leaves) if leaves and None not in leaves else None
+
+
+def aliases_of(plan: Any, workflows: Sequence[Any]) -> dict[str, tuple[str, ...]]:
+    """Per allocation key, the names a workflow's code uses for it: `WORKFLOW/LLM` for every route, and the
+    bare LLM name where it names one key only (a plan of one workflow needs none: its keys are its names)."""
+    if not plan.routes:
+        return {}
+    bare: dict[str, set[str]] = {}
+    out: dict[str, list[str]] = {k: [] for k in plan.allocation}
+    for wf in workflows:
+        for llm, key in plan.routes.get(wf.name, {}).items():
+            out.setdefault(key, []).append(f"{wf.name}/{llm}")
+            bare.setdefault(llm, set()).add(key)
+    for llm, keys in bare.items():
+        (key,) = keys if len(keys) == 1 else (None,)
+        if key is not None and llm not in plan.allocation:
+            out[key].append(llm)
+    return {k: tuple(sorted(set(v))) for k, v in out.items() if v}
+
+
+def prepare(req: UpRequest, session_dir: Path, backend: ClusterBackend, say: Callable[[str], None]) -> Prepared:
+    """Plan (if needed), place, check against the backend, write plan.yaml and serve.json; the job to submit."""
+    from scepsy_hpc.backend.serving import placement_nodes, serve_config, write_serve_files
+    from scepsy_hpc.backend.session import Session
+    from scepsy_hpc.spec.catalog import load_gpus, load_models, resolve_input
+    from scepsy_hpc.spec.cluster import load_cluster
+
+    check_name(req.name, "deployment name")
+    models, gpus = load_models(req.models), load_gpus(req.gpu_catalog)
+    cluster = load_cluster(resolve_input(req.cluster, "clusters"), gpus)
+    session = Session(session_dir)
+    session_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    plan, wfs, plan_path, wf_files = load_target(req, session_dir, models, gpus, cluster, say)
+    placement = placement_of(plan, cluster, gpus)
+    config = serve_config(plan, wfs, models, gpus, placement, engine=req.engine, engine_args=tuple(req.engine_args),
+                          launch_prefix=req.launch_prefix, health_timeout_s=req.health_timeout_s,
+                          time_scale=req.time_scale, seed=req.seed)
+    slurm = cluster.slurm
+    partition = backend.preflight(req.partition or (slurm.partition if slurm else None), placement)
+    write_serve_files(session, config, plan_path)
+    copy = session_dir / "plan.yaml"
+    per_node = placement_nodes(placement)
+    gres_type = next((k for k, v in (slurm.gpu_types if slurm else {}).items() if v == plan.gpus.type), None)
+    pythonpath = os.pathsep.join(p for p in (str(_REPO), os.environ.get("PYTHONPATH")) if p)
+    job = NodeJob(name=job_name(req.name), nodes=tuple(sorted(per_node)),
+                  command=(sys.executable, "-m", "scepsy_hpc.backend.agent", "--session", str(session_dir)),
+                  gpus_per_node=max(len(g) for g in per_node.values()), log_dir=session.log_dir, workdir=session_dir,
+                  partition=partition, account=req.account or (slurm.account if slurm else None),
+                  qos=req.qos or (slurm.qos if slurm else None), time=req.time or (slurm.time if slurm else None),
+                  constraint=slurm.constraint if slurm else None,
+                  switches=req.switches or leaf_switches(placement, cluster, gpus), switches_wait=req.switches_wait,
+                  gres_type=gres_type, env={"PYTHONPATH": pythonpath}, **_session_field(session_dir))
+    return Prepared(plan_path=copy, workflows=tuple(w.name for w in wfs),
+                    spec_paths=tuple(str(f.resolve()) for f in [_find_target(req.target), *wf_files]),
+                    config=config, job=job, aliases=aliases_of(plan, wfs))
+
+
+def _session_field(session_dir: Path) -> dict[str, Any]:
+    """NodeJob's `session` (the directory a Slurm job's agents run on), where this NodeJob has that field."""
+    return {"session": session_dir} if "session" in NodeJob.__dataclass_fields__ else {}

@@ -1,0 +1,153 @@
+"""The daemon on the local backend, end to end with real processes: two deployments through one gateway,
+`kill -9` of the daemon under load (no request fails) and adoption of the same jobs and engines, a killed
+node agent seen within one poll, `down --all` leaving no process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+POLL = "0.5"
+
+
+def _chat(base_url: str, model: str) -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+    out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+    return out.choices[0].message.content or ""
+
+
+def _engine_pids(doc: dict) -> dict[tuple[str, int], int]:
+    return {(i["llm"], i["replica"]): i["pid"] for i in doc["instances"]}
+
+
+def test_two_deployments_survive_a_daemon_kill9_under_load_and_down_all_leaves_nothing(tmp_path: Path, state: Path,
+                                                                                       sv: Any) -> None:
+    scepsy, status, wait_state, small_plan, alive = sv.scepsy, sv.status, sv.wait_state, sv.small_plan, sv.alive
+    started = scepsy(state, "daemon", "start", "--poll", POLL, "--json")
+    assert started.returncode == 0, started.stderr
+    first = json.loads(started.stdout)
+    again = scepsy(state, "daemon", "start")
+    assert again.returncode == 1 and f"pid {first['pid']}" in again.stderr, again.stderr
+
+    for name, nodes in (("alpha", ("n1", "n2")), ("beta", ("n3", "n4"))):
+        up = scepsy(state, "up", str(small_plan(tmp_path / f"{name}.yaml", nodes=nodes)), "--name", name, "--detach",
+                    "--time-scale", "0.05")
+        assert up.returncode == 0, up.stderr
+    docs = {n: wait_state(state, n, "serving") for n in ("alpha", "beta")}
+    gateway = docs["alpha"]["gateway_url"]
+    assert gateway == docs["beta"]["gateway_url"]
+    # each deployment through the one gateway: by its own names under /d/NAME, and as NAME/LLM at the root
+    assert _chat(f"{gateway}/d/alpha/v1", "generator")
+    assert _chat(f"{gateway}/v1", "beta/rewriter")
+    jobs = {n: d["job_id"] for n, d in docs.items()}
+    pids = {n: _engine_pids(d) for n, d in docs.items()}
+
+    failures: list[str] = []
+    done = threading.Event()
+    count = [0]
+
+    def load() -> None:
+        while not done.is_set():
+            for name in ("alpha", "beta"):
+                try:
+                    _chat(f"{gateway}/d/{name}/v1", "reranker")
+                    count[0] += 1
+                except Exception as exc:   # every failure is the test's finding
+                    failures.append(f"{name}: {exc}")
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        os.kill(first["pid"], signal.SIGKILL)
+        time.sleep(2.0)
+        during = count[0]
+        restarted = scepsy(state, "daemon", "start", "--poll", POLL, "--json")
+        assert restarted.returncode == 0, restarted.stderr
+        time.sleep(1.5)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not failures, failures[:5]
+    assert count[0] > during > 0
+    again_docs = {n: wait_state(state, n, "serving") for n in ("alpha", "beta")}
+    assert {n: d["job_id"] for n, d in again_docs.items()} == jobs
+    assert {n: _engine_pids(d) for n, d in again_docs.items()} == pids
+    assert json.loads(restarted.stdout)["gateway"]["pid"] == first["gateway"]["pid"]
+    events = scepsy(state, "events").stdout
+    assert "adopting 2 job(s)" in events and "adopted the gateway" in events
+
+    agents = [json.loads(p.read_text())["pid"] for p in state.glob("deployments/*/agents/*.json")]
+    down = scepsy(state, "down", "--all")
+    assert down.returncode == 0, down.stderr
+    for n in ("alpha", "beta"):
+        assert status(state, n)["state"] == "stopped"
+    stop = scepsy(state, "daemon", "stop", "--all")
+    assert stop.returncode == 0, stop.stderr
+    left = [p for d in pids.values() for p in d.values()] + agents + [json.loads(restarted.stdout)["pid"],
+                                                                      first["gateway"]["pid"]]
+    assert [p for p in left if alive(p)] == []
+    assert [p for p in (int(j.split("-")[1]) for j in jobs.values()) if alive(p)] == []
+
+
+def test_a_killed_node_agent_shows_unhealthy_within_a_poll_and_down_stops_its_engines(tmp_path: Path, state: Path,
+                                                                                      sv: Any) -> None:
+    scepsy, wait_state, small_plan, alive = sv.scepsy, sv.wait_state, sv.small_plan, sv.alive
+    assert scepsy(state, "daemon", "start", "--poll", POLL).returncode == 0
+    up = scepsy(state, "up", str(small_plan(tmp_path / "p.yaml")), "--name", "solo", "--detach", "--time-scale", "0.05")
+    assert up.returncode == 0, up.stderr
+    doc = wait_state(state, "solo", "serving")
+    report = json.loads((state / "deployments" / "solo" / "agents" / "n2.json").read_text())
+    on_n2 = {i["pid"] for i in report["instances"]}
+    os.kill(report["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    after = wait_state(state, "solo", "degraded", timeout_s=10)
+    assert time.monotonic() - t0 < 3 * float(POLL) + 2.0
+    bad = {i["pid"] for i in after["instances"] if not i["healthy"]}
+    assert bad == on_n2 and all(i["healthy"] for i in after["instances"] if i["pid"] not in on_n2)
+    down = scepsy(state, "down", "solo")
+    assert down.returncode == 0, down.stderr
+    assert [p for p in (i["pid"] for i in doc["instances"]) if alive(p)] == []
+
+
+def test_up_follows_the_deployment_and_ctrl_c_stops_it(tmp_path: Path, state: Path, sv: Any) -> None:
+    status, small_plan = sv.status, sv.small_plan
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "scepsy_hpc.cli", "up", str(small_plan(tmp_path / "p.yaml")),
+                             "--name", "fg", "--time-scale", "0.05", "--state-dir", str(state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith("serving fg:"), line + (proc.stderr.read() if proc.stderr else "")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert status(state, "fg")["state"] == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("args, code, said", [
+    (("status", "nope"), 2, "no deployment 'nope'"),
+    (("down", "nope"), 2, "no deployment 'nope'"),
+    (("logs", "nope"), 2, "no deployment 'nope'"),
+])
+def test_an_unknown_deployment_is_named_with_the_ones_there_are(state: Path, sv: Any, args: tuple[str, ...], code: int,
+                                                                said: str) -> None:
+    scepsy = sv.scepsy
+    assert scepsy(state, "daemon", "start").returncode == 0
+    done = scepsy(state, *args)
+    assert done.returncode == code and said in done.stderr and "deployments: none" in done.stderr, done.stderr
