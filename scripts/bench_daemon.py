@@ -70,7 +70,7 @@ def commands_per_cycle(counts: list[int], real: bool) -> list[dict[str, Any]]:
                 backend = SlurmBackend()
                 for i in range(n):
                     name = f"scepsy-bench{i}-{os.getpid()}"
-                    out = subprocess.run(["sbatch", "--parsable", "-J", name, "-p", "gpu", "--hold", "--wrap", "sleep 600"],
+                    out = subprocess.run(["sbatch", "--parsable", "-J", name, "-p", "gpu", "--hold", "-o", "/dev/null", "--wrap", "sleep 600"],
                                          capture_output=True, text=True, check=True).stdout.strip()
                     ids.append((out.split(";")[0], name))
             else:

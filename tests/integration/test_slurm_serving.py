@@ -255,7 +255,7 @@ def test_a_recycled_job_id_in_the_state_is_not_adopted(tmp_path: Path) -> None:
 
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    other = subprocess.run(["sbatch", "--parsable", "-J", "someone-else", "-p", "gpu", "--wrap", "sleep 300"],
+    other = subprocess.run(["sbatch", "--parsable", "-J", "someone-else", "-p", "gpu", "-o", "/dev/null", "--wrap", "sleep 300"],
                            capture_output=True, text=True, check=True).stdout.strip()
     try:
         with StateStore(state / "state.db") as store:
