@@ -98,7 +98,10 @@ def add_arguments(sub: Any) -> None:
 
     dr = sub.add_parser("drive", help="run a workflow's requests through a deployment's gateway (load test)")
     dr.add_argument("name", nargs="?", help="deployment name (default: the only serving one)")
-    dr.add_argument("--workflow", help="workflow to sample requests from (default: the deployment's)")
+    dr.add_argument("--workflow", help="workflow to drive (default: the deployment's)")
+    dr.add_argument("--driver", choices=("program", "entrypoint"), default="program",
+                    help="program: sample the spec's program (default); entrypoint: run the workflow's real code "
+                         "(driver.entrypoint, e.g. openai-SDK or LangGraph code) with the deployment's base URL")
     dr.add_argument("--gateway", metavar="URL", help="drive this gateway instead of a deployment's (models by LLM name)")
     dr.add_argument("--requests", type=positive_int, default=20, metavar="N", help="requests to run (default 20)")
     dr.add_argument("--rate", type=positive_float, metavar="RPS", help="open-loop Poisson arrivals (model time); default closed loop")
@@ -340,41 +343,49 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_drive(args: argparse.Namespace) -> int:
     """Run a workflow's requests through a deployment's gateway (or any gateway URL)."""
     import asyncio  # here, not at the top: `scepsy --help` builds this module's parsers
+    import os
 
+    from scepsy_hpc.drive.entrypoint import drive_entrypoint
     from scepsy_hpc.drive.synthetic import drive_program
     from scepsy_hpc.errors import SpecError
     from scepsy_hpc.spec.catalog import load_models, resolve_input
     from scepsy_hpc.spec.workflow import load_workflow
 
-    url, scale, wf_arg, prefix = args.gateway, args.time_scale, args.workflow, ""
+    url, scale, wf_arg, prefix, files = args.gateway, args.time_scale, args.workflow, "", []
+    name = None
     if url is None:
-        client = _client(args)
-        if args.name:
-            doc = client.request("GET", f"/v1/deployments/{args.name}")
-        else:
-            serving = [d for d in client.request("GET", "/v1/deployments")["deployments"] if d["state"] == "serving"]
-            if len(serving) != 1:
-                raise SpecError(f"{len(serving)} deployments are serving ({', '.join(d['name'] for d in serving) or 'none'}): "
-                                f"name one")
-            doc = serving[0]
-        if doc["state"] not in ("serving", "degraded") or not doc["gateway_url"]:
-            raise SpecError(f"deployment {doc['name']!r} is {doc['state']}, not serving: nothing to drive")
-        url = doc["gateway_url"]
+        doc = _deployment_to_drive(_client(args), args.name)
+        name, url = doc["name"], doc["gateway_url"]
         scale = scale or doc.get("time_scale") or 1.0
-        wfs = doc.get("workflows") or []
+        wfs, files = doc.get("workflows") or [], doc.get("spec_paths") or []
         wf_arg = wf_arg or (wfs[0] if len(wfs) == 1 else None)
         if wf_arg is None:
-            raise SpecError(f"deployment {doc['name']!r} serves {', '.join(wfs)}: give --workflow")
-        prefix = f"{doc['name']}/" + (f"{wf_arg}/" if len(wfs) > 1 else "")
+            raise SpecError(f"deployment {name!r} serves {', '.join(wfs)}: give --workflow")
+        prefix = f"{name}/" + (f"{wf_arg}/" if len(wfs) > 1 else "")
     if not wf_arg:
         raise SpecError("give the workflow to drive (--workflow)")
-    wf = load_workflow(resolve_input(wf_arg, "workflows"), load_models(args.models))
-    res = asyncio.run(drive_program(wf, url, n_requests=args.requests, rate_rps=args.rate,
-                                    concurrency=None if args.rate else args.concurrency, seed=args.seed,
-                                    time_scale=scale or 1.0, request_prefix=args.prefix, model_prefix=prefix))
-    summary = {"gateway_url": url, "requests": len(res.requests), "ok": res.n_ok, "errors": res.n_error,
-               "latency_mean_s": (sum(r.latency_s for r in res.requests.values()) / len(res.requests)) if res.requests else None,
-               "duration_s": res.duration_s,
+    models = load_models(args.models)
+    path = next((Path(f) for f in files if Path(f).exists() and Path(f).suffix in (".yaml", ".yml")
+                 and _workflow_name(f) == wf_arg), None) or resolve_input(wf_arg, "workflows")
+    wf = load_workflow(path, models)
+    if args.driver == "entrypoint":
+        # the real code names its LLMs as the workflow does: /d/NAME scopes them to the deployment
+        os.environ["SCEPSY_TIME_SCALE"] = str(scale or 1.0)   # the examples pace their tools alike
+        base = f"{url}/d/{name}" if name else url
+        res = asyncio.run(drive_entrypoint(wf, path.parent, base, n_requests=args.requests, rate_rps=args.rate,
+                                           concurrency=args.concurrency, seed=args.seed, time_scale=scale or 1.0,
+                                           request_prefix=args.prefix))
+    else:
+        res = asyncio.run(drive_program(wf, url, n_requests=args.requests, rate_rps=args.rate,
+                                        concurrency=None if args.rate else args.concurrency, seed=args.seed,
+                                        time_scale=scale or 1.0, request_prefix=args.prefix, model_prefix=prefix))
+    lat = sorted(r.latency_s for r in res.requests.values() if r.status == "ok")
+    summary = {"gateway_url": url, "workflow": wf.name, "driver": args.driver, "requests": len(res.requests),
+               "ok": res.n_ok, "errors": res.n_error, "duration_s": res.duration_s,
+               "latency_mean_s": sum(lat) / len(lat) if lat else None,
+               "latency_p50_s": lat[len(lat) // 2] if lat else None,
+               "latency_p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))] if lat else None,
+               "throughput_rps": res.n_ok / res.duration_s if res.duration_s > 0 else None,
                "first_errors": res.errors()[:5]}
     if args.json:
         print(json.dumps(jsonable(summary), indent=2))
@@ -383,3 +394,32 @@ def cmd_drive(args: argparse.Namespace) -> int:
         for e in res.errors()[:5]:
             print(f"  {e}")
     return 0 if res.n_ok == len(res.requests) else 1
+
+
+def _workflow_name(path: str) -> str | None:
+    """The `name:` of a workflow file (None when it is not one)."""
+    from scepsy_hpc.errors import ScepsyError
+    from scepsy_hpc.spec.source import load_yaml
+
+    try:
+        data, _ = load_yaml(path)
+    except (ScepsyError, OSError):   # an unreadable file is simply not the workflow asked for
+        return None
+    return data.get("name") if isinstance(data, dict) and "program" in data else None
+
+
+def _deployment_to_drive(client: Any, name: str | None) -> dict[str, Any]:
+    """The named deployment, or the only one serving; it must be serving."""
+    from scepsy_hpc.errors import SpecError
+
+    if name:
+        doc = client.request("GET", f"/v1/deployments/{name}")
+    else:
+        serving = [d for d in client.request("GET", "/v1/deployments")["deployments"] if d["state"] == "serving"]
+        if len(serving) != 1:
+            raise SpecError(f"{len(serving)} deployments are serving ({', '.join(d['name'] for d in serving) or 'none'}): "
+                            f"name one")
+        doc = serving[0]
+    if doc["state"] not in ("serving", "degraded") or not doc["gateway_url"]:
+        raise SpecError(f"deployment {doc['name']!r} is {doc['state']}, not serving: nothing to drive")
+    return dict(doc)

@@ -97,6 +97,7 @@ def deployment_doc(daemon: Daemon, d: Deployment) -> dict[str, Any]:
                        "healthy": r.healthy, "state": r.state, "pid": r.pid, "restarts": r.restarts, "error": r.error}
                       for r in daemon.store.instances(d.name)],
         "daemon_pid": os.getpid(), "workflows": opts.get("workflows", []), "target": d.target, "plan": d.plan_path,
+        "spec_paths": d.spec_paths,
         "session_dir": d.session_dir, "time_scale": opts.get("time_scale"), "error": d.error,
         "created": d.created, "updated": d.updated,
     }

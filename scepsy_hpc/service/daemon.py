@@ -360,6 +360,8 @@ class Daemon:
         expected = len(lv.config.instances)
         healthy = sum(1 for r in rows if r.healthy)
         if healthy == expected and expected:
+            if d.state != "serving" and not await self._routed(d.name, rows):
+                return   # serving means reachable: wait until the gateway has loaded the routes
             if not lv.served:
                 lv.served = True
                 self.event(d.name, "serving", f"all {expected} engine(s) healthy; gateway {self.gateway.url}/d/{d.name}/v1")
@@ -416,6 +418,22 @@ class Daemon:
             rows[idx] = dataclasses.replace(r, healthy=ok, state="healthy" if ok else "unhealthy",
                                             error="" if ok else f"{r.url}/health does not answer")
         return rows, failed
+
+    async def _routed(self, name: str, rows: list[InstanceRow]) -> bool:
+        """Whether the gateway routes to every healthy engine of the deployment (the endpoints file is
+        written first; the gateway reloads it within a moment)."""
+        self.write_endpoints()
+        if not self.gateway.url:
+            return False
+        try:
+            async with self._http.get(f"{self.gateway.url}/scepsy/v1/stats") as resp:
+                models = (await resp.json()).get("models", {}) if resp.status == 200 else {}
+        except Exception:   # a gateway that does not answer routes nothing yet
+            return False
+        want: dict[str, int] = {}
+        for r in rows:
+            want[f"{name}/{r.llm}"] = want.get(f"{name}/{r.llm}", 0) + 1
+        return all(isinstance(models.get(k), dict) and models[k].get("replicas") == n for k, n in want.items())
 
     def _agent_alive(self, report: AgentReport, now: float) -> bool:
         if report.state in ("failed", "stopped"):

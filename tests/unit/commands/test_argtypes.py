@@ -41,7 +41,7 @@ def refused(capsys, *argv: str) -> str:
     (("profile", "w", "--gpu-frac", "0.5,1.5"), "--gpu-frac", "0.5,1.5"),
     (("profile", "w", "--start-frac", "1"), "--start-frac", "1"),
     (("up", "w", "--time", "four hours"), "--time", "four hours"),
-    (("up", "w", "--gateway-port", "70000"), "--gateway-port", "70000"),
+    (("daemon", "start", "--gateway-port", "70000"), "--gateway-port", "70000"),
     (("up", "w", "--time-scale", "0"), "--time-scale", "0"),
     (("down", "--timeout", "-5"), "--timeout", "-5"),
     (("drive", "--concurrency", "0"), "--concurrency", "0"),
@@ -61,7 +61,7 @@ def test_good_values_parse_to_plain_values():
     f = build_parser().parse_args(["profile", "w"])
     assert (f.tp, f.gpu_frac) == ([1, 2, 4], [0.25, 0.5, 1.0])   # string defaults go through the type
     u = build_parser().parse_args(["up", "w", "--time", "1-12:00:00"])
-    assert u.time == "1-12:00:00" and u.switches_wait == "5:00" and u.gateway_port == 0
+    assert u.time == "1-12:00:00" and u.switches_wait == "5:00" and u.detach is False
 
 
 @pytest.mark.parametrize("fn,text", [(argtypes.positive_float, "nan"), (argtypes.positive_float, "inf"),

@@ -117,10 +117,24 @@ def test_profile_json_synthetic(tmp_path):
     assert [p["llm"] for p in d["profiled"]] == ["rewriter"] and not d["failed"]
 
 
-def test_status_json_without_sessions(tmp_path):
+def test_status_json_without_a_daemon(tmp_path):
     out = scepsy("status", "--state-dir", str(tmp_path), "--json")
     d = whole_json(out)
-    assert out.returncode == 2 and "scepsy up" in d["error"]["message"]
+    assert out.returncode == 1 and d["error"]["type"] == "DaemonNotRunning" and "scepsy daemon start" in d["error"]["message"]
+
+
+def test_daemon_ls_and_status_json_are_one_document_each(tmp_path):
+    state = str(tmp_path / "state")
+    try:
+        started = scepsy("daemon", "start", "--json", "--state-dir", state)
+        assert whole_json(started)["pid"] > 0
+        assert whole_json(scepsy("daemon", "status", "--json", "--state-dir", state))["deployments"] == 0
+        assert whole_json(scepsy("ls", "--json", "--state-dir", state))["deployments"] == []
+        assert whole_json(scepsy("events", "--json", "--state-dir", state))["events"][0]["kind"] == "daemon"
+        missing = scepsy("status", "nope", "--json", "--state-dir", state)
+        assert missing.returncode == 2 and "no deployment 'nope'" in whole_json(missing)["error"]["message"]
+    finally:
+        scepsy("daemon", "stop", "--all", "--state-dir", state)
 
 
 def test_a_failure_under_json_is_one_json_error_document():

@@ -109,16 +109,35 @@ def test_plan_on_a_cluster_spec_caps_tp_at_its_nvlink_domain(small):
     assert d["gpus_total"] == 16 and all(a["tp"] <= 4 for a in d["allocation"].values())
 
 
-def test_the_readme_main_command_works_as_written():
-    """The README's first command (run the main job on the embedded default) succeeds."""
+def test_the_readme_planning_command_works_as_written():
+    """The README's planning-only command (plan, place, simulate on the embedded default) succeeds."""
     import re
     import shlex
 
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    line = next(l for l in readme.splitlines() if "scepsy plan" in l and "&&" in l)
+    line = next(l for l in readme.splitlines() if ".venv/bin/scepsy plan deep_research" in l)
     cmd = shlex.split(re.sub(r"^.*\.venv/bin/scepsy ", "", line))
     out = scepsy(*cmd, "--requests", "60")
     assert out.returncode == 0, out.stderr
     assert "status optimal" in out.stdout and "simulated 60 requests" in out.stdout
     assert "placement" in out.stdout and "node1" in out.stdout
     assert "Running HiGHS" not in out.stdout + out.stderr, "the solver's banner leaked into the main command's output"
+
+
+def test_the_readme_main_command_serves_drives_and_compares_as_written(tmp_path):
+    """The README's main command: plan, serve with the daemon, drive the openai-SDK example, measured vs predicted."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    line = next(l for l in (root / "README.md").read_text().splitlines() if "&&" in l and "scripts/serve_demo.py" in l)
+    script = re.search(r"(scripts/serve_demo\.py.*)$", line).group(1).split()
+    env = {**os.environ, "SCEPSY_STATE_DIR": str(tmp_path / "state")}
+    out = subprocess.run([sys.executable, str(root / script[0]), *script[1:], "--requests", "20", "--stop"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"latency mean \(s\)\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+", out.stdout), out.stdout
+    assert "20/20 requests ok" in out.stdout and "serving after" in out.stdout
+    assert "Running HiGHS" not in out.stdout + out.stderr
