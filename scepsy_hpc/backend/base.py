@@ -176,6 +176,11 @@ class ClusterBackend(ABC):
                 pass
         return out
 
+    def find_by_name(self, name: str) -> JobStatus | None:
+        """The job called `name` (job names carry a nonce, so at most one is ours), or None. For a daemon that
+        stopped between submitting a job and recording its id; this default cannot tell."""
+        return None
+
     @abstractmethod
     def partitions(self) -> dict[str, PartitionInfo]:
         """Partitions by name, the default one marked."""

@@ -80,6 +80,18 @@ class LocalBackend(ClusterBackend):
             raise SlurmError(f"local job {job_id!r} is unknown here (no record in {self.jobs_dir})") from None
         return _Record(pid, Path(log_dir), name, nodes, submit)
 
+    def find_by_name(self, name: str) -> JobStatus | None:
+        """The job recorded under `name` (the newest if several), or None."""
+        found = []
+        for path in self.jobs_dir.glob("local-*"):
+            try:
+                st = self.status(path.name)
+            except SlurmError:
+                continue
+            if st.name == name:
+                found.append((st.submit, st))
+        return max(found, key=lambda x: x[0])[1] if found else None
+
     def status(self, job_id: str) -> JobStatus:
         """RUNNING while the process group lives; then COMPLETED, FAILED or CANCELLED."""
         rec = self._record(job_id)

@@ -187,6 +187,10 @@ class SlurmBackend(ClusterBackend):
                 out[job_id] = found[-1]   # the latest
         return out
 
+    def find_by_name(self, name: str) -> JobStatus | None:
+        """Our queued or running job called `name` (one `squeue --me`), or None."""
+        return next((st for st in self._poll_squeue() if st.name == name), None)
+
     def _poll_squeue(self) -> list[JobStatus]:
         found = []
         for line in self._run(["squeue", "--me", "-h", "-o", POLL_SQUEUE_FORMAT]).splitlines():

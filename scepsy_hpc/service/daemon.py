@@ -331,6 +331,8 @@ class Daemon:
             await self._finish_stop(d, session, lv)
             return
         if not live:
+            if not jobs and (d.options or {}).get("submitting") and await self._adopt_unrecorded(d):
+                return
             last = jobs[-1] if jobs else None
             why = (f"job {last.job_id} ended: {last.state}" + (f" ({last.reason})" if last.reason else "")
                    if last else "no job was submitted (the daemon stopped while submitting): run `scepsy up` again")
@@ -378,6 +380,27 @@ class Daemon:
             await asyncio.to_thread(self._cancel, job)
             return
         self._set_state(d, "starting")
+
+    async def _adopt_unrecorded(self, d: Deployment) -> bool:
+        """A daemon stopped between submitting the deployment's job and recording its id: find the job by its
+        name (which carries a nonce) and record it; whether there was one."""
+        opts = d.options or {}
+        name, kind = opts.get("job_name"), opts.get("backend", "local")
+        if not name:
+            return False
+        try:
+            st = await asyncio.to_thread(self.backend(kind).find_by_name, name)
+        except ScepsyError:
+            return False
+        if st is None:
+            return False
+        self.store.add_job(Job(job_id=st.job_id, deployment=d.name, backend=kind, name=name, role="serve",
+                               submit_time=st.submit, nodes=st.nodes, folder=str(Path(d.session_dir) / "logs"),
+                               state=st.state, reason=st.reason))
+        self.store.update_deployment(d.name, options={**opts, "submitting": False})
+        self.event(d.name, "job", f"adopted job {st.job_id} ({name}): submitted just before the last daemon stopped, "
+                   f"never recorded", job_id=st.job_id)
+        return True
 
     async def _instances(self, d: Deployment, lv: _Live,
                          reports: dict[str, AgentReport]) -> tuple[list[InstanceRow], str]:
@@ -542,7 +565,7 @@ class Daemon:
             self.store.update_deployment(req.name, plan_path=str(prepared.plan_path), spec_paths=list(prepared.spec_paths),
                                          options={**req.model_dump(), "workflows": list(prepared.workflows),
                                                   "aliases": {k: list(v) for k, v in prepared.aliases.items()},
-                                                  "job_name": prepared.job.name})
+                                                  "job_name": prepared.job.name, "submitting": True})
             self.event(req.name, "submit", f"submitting job {prepared.job.name}: {len(prepared.config.instances)} engine(s) "
                        f"on {', '.join(prepared.job.nodes)}")
             try:
@@ -555,6 +578,8 @@ class Daemon:
                                    role="serve", submit_time="", walltime_end=None, nodes=",".join(prepared.job.nodes),
                                    folder=str(prepared.job.log_dir), state="PENDING", reason="", exit_code="",
                                    created=time.time(), updated=time.time(), ended=None))
+            d = self.store.get_deployment(req.name)
+            self.store.update_deployment(req.name, options={**(d.options if d else {}), "submitting": False})
             self.event(req.name, "job", f"submitted job {job_id} ({req.backend}); script beside the logs in "
                        f"{prepared.job.log_dir}", job_id=job_id)
         finally:

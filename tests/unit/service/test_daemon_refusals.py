@@ -103,3 +103,33 @@ def _refused_peer(sv: Any, top: Path, state: Path) -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
     os.chmod(state, 0o700)
     assert "403" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_job_submitted_just_before_the_daemon_died_is_found_by_its_name_not_orphaned(tmp_path: Path, state: Path,
+                                                                                       sv: Any) -> None:
+    """The state says a submission was under way (the job's name, with its nonce) but holds no job id."""
+    import time
+
+    from scepsy_hpc.backend.base import NodeJob
+    from scepsy_hpc.backend.local import LocalBackend
+    from scepsy_hpc.service.state import Deployment, StateStore
+
+    state.mkdir(mode=0o700)
+    session = state / "deployments" / "lost"
+    backend = LocalBackend(state / ".local-jobs")
+    job_id = backend.submit(NodeJob(name="scepsy-lost-abc123", command=("sleep", "300"), nodes=("n1",), gpus_per_node=1,
+                                    log_dir=session / "logs", workdir=tmp_path))
+    with StateStore(state / "state.db") as store:
+        store.add_deployment(Deployment(name="lost", state="pending", session_dir=str(session),
+                                        options={"backend": "local", "job_name": "scepsy-lost-abc123",
+                                                 "submitting": True}))
+    assert sv.scepsy(state, "daemon", "start", "--poll", "0.5").returncode == 0
+    doc = sv.wait_state(state, "lost", ("starting", "failed", "stopping", "stopped"), check=lambda d: d["job_id"])
+    assert doc["job_id"] == job_id
+    assert f"adopted job {job_id} (scepsy-lost-abc123)" in sv.scepsy(state, "events", "lost").stdout
+    down = sv.scepsy(state, "down", "lost")   # adopted, so `down` reaches it: nothing is left running
+    assert down.returncode == 0, down.stderr
+    deadline = time.monotonic() + 20
+    while backend.status(job_id).active and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not backend.status(job_id).active
