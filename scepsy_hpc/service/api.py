@@ -91,7 +91,7 @@ def deployment_doc(daemon: Daemon, d: Deployment) -> dict[str, Any]:
         "name": d.name, "state": d.state, "desired": d.desired, "backend": opts.get("backend"),
         "engine": opts.get("engine"), "job_id": job.job_id if job else None, "job_ids": [j.job_id for j in jobs],
         "job_state": job.state if job else None, "job_reason": job.reason if job else None,
-        "job_nodes": job.nodes if job else None,
+        "job_nodes": job.nodes if job else None, "walltime_end": job.walltime_end if job else None,
         "gateway_url": gw, "base_url": f"{gw}/d/{d.name}/v1" if gw else None,
         "instances": [{"llm": r.llm, "replica": r.replica, "node": r.node, "gpus": r.gpus, "url": r.url,
                        "healthy": r.healthy, "state": r.state, "pid": r.pid, "restarts": r.restarts, "error": r.error}

@@ -7,7 +7,7 @@ dir, held by a lock. Three kinds of process, so that no single failure stops tra
 (control plane), the gateway (data plane, its own process), and the jobs' node agents and engines.
 
 **Reconcile loop**, every `poll_s` (1 s while only local deployments live, 10 s with Slurm ones, 5 s
-with none):
+with none; 1 s while a deployment starts or stops, its backend still polled at its own period):
 1. *Jobs*: one `poll()` per backend in use, whatever the number of deployments (on Slurm one
    `squeue --me`, plus one batched `sacct` for jobs that left the queue). A job is ours only if id,
    name (it carries a nonce) and submit time all match; a recycled id is an event, never adopted.
@@ -55,6 +55,7 @@ log = logging.getLogger("scepsy_hpc.service")
 
 POLL_S = {"slurm": 10.0, "local": 1.0}
 IDLE_POLL_S = 5.0
+FAST_S = 1.0                  # cycle period while a deployment starts or stops (no more Slurm calls: see cycle)
 HEALTH_CONCURRENCY = 16
 HEALTH_TIMEOUT_S = 2.0
 UNKNOWN_GRACE_S = 60.0        # a job younger than this that no Slurm command lists yet is not lost (accounting lag)
@@ -76,6 +77,16 @@ class _Live:
     cancelled_at: float = 0.0
     health: dict[tuple[str, int], bool] = field(default_factory=dict)
     reaped: bool = False
+
+
+def _unix(text: str) -> float | None:
+    """Slurm's local time text (2026-12-06T01:50:00) as Unix seconds; None for '', Unknown, N/A."""
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def acquire_lock(paths: StatePaths) -> int:
@@ -116,6 +127,8 @@ class Daemon:
         self.backend_errors = 0
         self.hostname = socket.gethostname()
         self._wake: asyncio.Event | None = None
+        self._force = True
+        self._polled: dict[str, float] = {}
         self._events: asyncio.Condition | None = None
         self._http: Any = None
 
@@ -149,7 +162,8 @@ class Daemon:
                 pass   # called from a worker thread: followers see it on their next wake-up
 
     def wake(self) -> None:
-        """Run a reconcile cycle now."""
+        """Run a reconcile cycle now, polling every backend."""
+        self._force = True
         if self._wake is not None:
             self._wake.set()
 
@@ -162,13 +176,19 @@ class Daemon:
             except asyncio.TimeoutError:
                 pass
 
+    def backend_poll_s(self, kind: str) -> float:
+        """Seconds between two polls of one backend's job states (`--poll`, else 1 s local, 10 s Slurm)."""
+        return self.fixed_poll_s or POLL_S.get(kind, 1.0)
+
     @property
     def poll_s(self) -> float:
-        """Seconds between cycles: the fastest any live deployment's backend needs."""
-        if self.fixed_poll_s:
-            return self.fixed_poll_s
+        """Seconds between cycles: the fastest any live deployment's backend needs, and no more than
+        FAST_S while a deployment is on its way up or down (its engines are watched, not Slurm)."""
         kinds = {j.backend for j in self.store.jobs(live_only=True)}
-        return min((POLL_S.get(k, 1.0) for k in kinds), default=IDLE_POLL_S)
+        every = min((self.backend_poll_s(k) for k in kinds), default=self.fixed_poll_s or IDLE_POLL_S)
+        if any(d.state in ("pending", "starting", "stopping") for d in self.store.deployments()):
+            every = min(every, FAST_S)
+        return every
 
     def _live(self, name: str) -> _Live:
         return self.live.setdefault(name, _Live())
@@ -213,8 +233,9 @@ class Daemon:
         try:
             while not self.stopping:
                 t0 = time.monotonic()
+                force, self._force = self._force, False
                 try:
-                    await self.cycle()
+                    await self.cycle(force=force)
                 except Exception:   # a bug in one cycle must not end the service; it is logged with its traceback
                     log.exception("reconcile cycle failed")
                 self.last_cycle_s = time.monotonic() - t0
@@ -255,13 +276,18 @@ class Daemon:
                    f"{self.gateway.url}")
 
     # ---- the cycle -----------------------------------------------------------------------------
-    async def cycle(self) -> None:
-        """One reconcile pass: jobs, instances and states, routes, the gateway."""
+    async def cycle(self, force: bool = True) -> None:
+        """One reconcile pass: jobs (each backend at most every `backend_poll_s`, unless `force`), instances
+        and states, routes, the gateway."""
         live = self.store.jobs(live_only=True)
         by_backend: dict[str, list[Job]] = {}
         for j in live:
             by_backend.setdefault(j.backend, []).append(j)
+        now = time.monotonic()
         for kind, jobs in by_backend.items():
+            if not force and now - self._polled.get(kind, -1e9) < self.backend_poll_s(kind) - 0.05:
+                continue
+            self._polled[kind] = now
             backend = self.backend(kind)
             refs = [JobRef(j.job_id, j.name, j.submit_time) for j in jobs]
             try:
@@ -298,6 +324,9 @@ class Daemon:
         fields: dict[str, Any] = {}
         if not j.submit_time and st.submit:
             fields["submit_time"] = st.submit
+        end = _unix(st.end) if st.state == "RUNNING" else None
+        if end is not None and end != j.walltime_end:
+            fields["walltime_end"] = end   # squeue's expected end of a running job: its walltime
         if st.state != j.state or st.reason != j.reason or (st.nodes and st.nodes != j.nodes):
             fields.update(state=st.state, reason=st.reason, nodes=st.nodes or j.nodes, exit_code=st.exit_code)
             if st.state in FINAL:
@@ -336,11 +365,19 @@ class Daemon:
             last = jobs[-1] if jobs else None
             why = (f"job {last.job_id} ended: {last.state}" + (f" ({last.reason})" if last.reason else "")
                    if last else "no job was submitted (the daemon stopped while submitting): run `scepsy up` again")
+            if last is not None and d.state != "failed":   # the agent that took the job down says why
+                reports = await asyncio.to_thread(session.agents)
+                bad = next((r for r in reports.values() if r.state == "failed" and r.job_id in ("", last.job_id)), None)
+                if bad is not None:
+                    why += f"; node {bad.node}: {bad.error or 'the node agent failed'}"
             await self._mark_instances_down(d, session, "the job ended")
             self._set_state(d, "failed", why)
             return
         job = live[-1]
-        if job.state not in ("RUNNING", "COMPLETING", "CONFIGURING"):
+        reports = await asyncio.to_thread(session.agents)
+        # agents that report run in the job: it runs, whatever the last poll of the queue said
+        started = any(r.job_id in ("", job.job_id) for r in reports.values())
+        if job.state not in ("RUNNING", "COMPLETING", "CONFIGURING") and not started:
             self._set_state(d, "pending")
             return
         if lv.running_since is None:
@@ -352,7 +389,6 @@ class Daemon:
                 self._set_state(d, "failed", f"cannot read {session.serve_path}: {exc}")
                 await asyncio.to_thread(self._cancel, job)
                 return
-        reports = await asyncio.to_thread(session.agents)
         rows, failed = await self._instances(d, lv, reports)
         self._write_instances(d, rows, lv)
         if failed:
@@ -362,6 +398,8 @@ class Daemon:
         expected = len(lv.config.instances)
         healthy = sum(1 for r in rows if r.healthy)
         if healthy == expected and expected:
+            if d.state == "pending":   # every engine came up within one poll
+                d = self._set_state(d, "starting")
             if d.state != "serving" and not await self._routed(d.name, rows):
                 return   # serving means reachable: wait until the gateway has loaded the routes
             if not lv.served:
