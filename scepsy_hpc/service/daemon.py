@@ -402,9 +402,9 @@ class Daemon:
                 d = self._set_state(d, "starting")
             if d.state != "serving" and not await self._routed(d.name, rows):
                 return   # serving means reachable: wait until the gateway has loaded the routes
-            if not lv.served:
-                lv.served = True
+            if d.state != "serving":
                 self.event(d.name, "serving", f"all {expected} engine(s) healthy; gateway {self.gateway.url}/d/{d.name}/v1")
+            lv.served = True
             self._set_state(d, "serving", "")
             return
         if lv.served or d.state in ("serving", "degraded"):
