@@ -191,6 +191,29 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
+def _job_logs(daemon: Daemon, name: str) -> list[Path]:
+    """The output of each node's task of the deployment's Slurm jobs, found through submitit's handle on the job
+    (re-attached by id, as after a daemon restart)."""
+    from scepsy_hpc.backend.slurm import SlurmBackend
+    from scepsy_hpc.backend.templates import submitit_folder
+    from scepsy_hpc.spec.hostlist import expand_hostlist
+
+    out: list[Path] = []
+    for j in daemon.store.jobs(name):
+        backend = daemon.backend(j.backend)
+        if not isinstance(backend, SlurmBackend) or not j.folder:
+            continue
+        try:
+            nodes = max(1, len(expand_hostlist(j.nodes)))
+        except ValueError:
+            nodes = 1
+        handle = backend.reattach(j.job_id, submitit_folder(Path(j.folder)), nodes=nodes)
+        for task in range(nodes):
+            paths = handle.task(task).paths if nodes > 1 else handle.paths
+            out += [p for p in (paths.stdout, paths.stderr) if p.exists()]
+    return out
+
+
 async def _logs(request: web.Request) -> web.Response:
     daemon = request.app[_DAEMON]
     d = daemon.require(request.match_info["name"])
@@ -208,6 +231,7 @@ async def _logs(request: web.Request) -> web.Response:
         files = [log_dir / f"engine-{r.llm}-{r.replica}.log" for r in rows]
     else:
         files = sorted(p for p in log_dir.glob("*") if p.is_file() and p.suffix in (".out", ".log", ".err"))
+        files = await asyncio.to_thread(_job_logs, daemon, d.name) + files
     out = await asyncio.to_thread(lambda: [{"path": str(p), "text": _tail(p, lines)} for p in files])
     return web.json_response({"deployment": d.name, "logs": out})
 

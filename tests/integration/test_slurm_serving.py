@@ -147,6 +147,8 @@ def test_two_deployments_on_slurm_survive_a_daemon_kill9_and_down_all_leaves_no_
         out = client.chat.completions.create(model="generator", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert out.choices[0].message.content is not None
 
+    logs = _state_cmd(state, "logs", "e2e").stdout   # each node's task output, through submitit's handle on the job
+    assert "submitit" in logs and "_0_log.out" in logs and "_1_log.out" in logs, logs[:2000]
     drive = json.loads(_state_cmd(state, "drive", "e2e", "--requests", "8", "--json").stdout)   # the trace's workflow
     assert (drive["requests"], drive["ok"], drive["errors"]) == (8, 8, 0)
 

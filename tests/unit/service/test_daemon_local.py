@@ -151,3 +151,23 @@ def test_an_unknown_deployment_is_named_with_the_ones_there_are(state: Path, sv:
     assert scepsy(state, "daemon", "start").returncode == 0
     done = scepsy(state, *args)
     assert done.returncode == code and said in done.stderr and "deployments: none" in done.stderr, done.stderr
+
+
+def test_a_dead_gateway_is_restarted_on_the_same_port(state: Path, sv: Any) -> None:
+    import urllib.request
+
+    started = sv.scepsy(state, "daemon", "start", "--poll", POLL, "--json")
+    assert started.returncode == 0, started.stderr
+    gw = json.loads(started.stdout)["gateway"]
+    os.kill(gw["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    now = gw
+    while time.monotonic() < deadline:
+        now = json.loads(sv.scepsy(state, "daemon", "status", "--json").stdout)["gateway"]
+        if now["pid"] != gw["pid"] and now["alive"]:
+            break
+        time.sleep(0.2)
+    assert now["pid"] != gw["pid"] and now["url"] == gw["url"]
+    with urllib.request.urlopen(f"{gw['url']}/health", timeout=5) as resp:
+        assert resp.status == 200
+    assert "restarted the gateway" in sv.scepsy(state, "events").stdout
