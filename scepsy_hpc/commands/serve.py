@@ -170,6 +170,8 @@ def _last_seq(client: Any) -> int:
 
 def _follow_up(client: Any, name: str, since: int, err: Any) -> int:
     """Print the deployment's events until it fails or is stopped elsewhere; Ctrl-C stops it."""
+    from scepsy_hpc.service.client import DaemonNotRunning
+
     served = False
     try:
         while True:
@@ -189,6 +191,10 @@ def _follow_up(client: Any, name: str, since: int, err: Any) -> int:
             if doc["state"] == "stopped":
                 err.print(f"{name} was stopped")
                 return 0
+    except DaemonNotRunning:
+        err.print(f"the scepsy daemon stopped; {name} keeps serving (its job, engines and the gateway run on): "
+                  f"`scepsy daemon start` adopts it, `scepsy events {name} -f` follows it again", soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         err.print(f"interrupted: stopping {name}")
         client.request("DELETE", f"/v1/deployments/{name}")

@@ -94,6 +94,9 @@ class DaemonClient:
         except (ConnectionRefusedError, FileNotFoundError):
             raise DaemonNotRunning(f"no scepsy daemon answers on {sock} (a stale socket: the daemon is gone); start it with "
                                    f"`scepsy daemon start`") from None
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            raise DaemonNotRunning(f"the scepsy daemon on {sock} went away during {method} {path}; see {self.paths.log}, "
+                                   f"and start it again with `scepsy daemon start`") from None
         except (socket.timeout, TimeoutError):
             raise ScepsyError(f"the scepsy daemon on {sock} did not answer {method} {path} within "
                               f"{timeout_s or self.timeout_s:g} s; see {self.paths.log}") from None

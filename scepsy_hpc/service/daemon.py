@@ -60,6 +60,8 @@ HEALTH_CONCURRENCY = 16
 HEALTH_TIMEOUT_S = 2.0
 UNKNOWN_GRACE_S = 60.0        # a job younger than this that no Slurm command lists yet is not lost (accounting lag)
 RECANCEL_S = 30.0
+EVENTS_KEPT = 200_000         # the event log keeps this many of the newest events (pruned once an hour)
+PRUNE_EVERY_S = 3600.0
 LIVE_STATES = ("pending", "starting", "serving", "degraded", "stopping")
 
 
@@ -129,6 +131,7 @@ class Daemon:
         self._wake: asyncio.Event | None = None
         self._force = True
         self._polled: dict[str, float] = {}
+        self._pruned = -PRUNE_EVERY_S
         self._events: asyncio.Condition | None = None
         self._http: Any = None
 
@@ -304,6 +307,9 @@ class Daemon:
             if d.state in LIVE_STATES or d.name in self.starting:
                 await self._observe_deployment(d)
         self.write_endpoints()
+        if time.monotonic() - self._pruned > PRUNE_EVERY_S:
+            self._pruned = time.monotonic()
+            await asyncio.to_thread(self.store.prune_events, EVENTS_KEPT)
         if not self.gateway.alive() and not self.stopping:
             try:
                 await asyncio.to_thread(self._gateway_up)

@@ -486,6 +486,13 @@ class StateStore:
             return self._select(_EVENTS, "seq > ?", (after, limit), " LIMIT ?")
         return self._select(_EVENTS, "seq > ? AND deployment = ?", (after, deployment, limit), " LIMIT ?")
 
+    def prune_events(self, keep: int) -> int:
+        """Delete all but the newest `keep` events (seq numbers never repeat); how many went."""
+        with self.transaction():
+            cur = self._conn.execute("DELETE FROM events WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM events) - ?",
+                                     (max(0, keep),))
+        return int(cur.rowcount or 0)
+
     def last_event_seq(self) -> int:
         """The seq of the newest event (0 when there is none)."""
         with self._lock:

@@ -171,3 +171,25 @@ def test_a_dead_gateway_is_restarted_on_the_same_port(state: Path, sv: Any) -> N
     with urllib.request.urlopen(f"{gw['url']}/health", timeout=5) as resp:
         assert resp.status == 200
     assert "restarted the gateway" in sv.scepsy(state, "events").stdout
+
+
+def test_up_following_a_deployment_says_it_keeps_serving_when_the_daemon_dies(tmp_path: Path, state: Path,
+                                                                              sv: Any) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "scepsy_hpc.cli", "up", str(sv.small_plan(tmp_path / "p.yaml")),
+                             "--name", "fol", "--time-scale", "0.05", "--state-dir", str(state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith("serving fol:"), line + (proc.stderr.read() if proc.stderr else "")
+        pid = int((state / "daemon.lock").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        assert "fol keeps serving" in (proc.stderr.read() if proc.stderr else "")
+        assert sv.scepsy(state, "daemon", "start").returncode == 0
+        assert sv.status(state, "fol")["state"] == "serving"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -352,3 +352,13 @@ def test_a_file_it_cannot_use_is_refused_and_left_untouched(tmp_path: Path, make
     assert message.startswith(str(path)) and says in message
     if make is not _newer:
         assert f"`mv {path} {path}.bad`" in message and message.endswith("nothing was changed")
+
+
+def test_pruning_keeps_the_newest_events_and_their_numbers(tmp_path: Path) -> None:
+    with StateStore(tmp_path / "state.db") as store:
+        for i in range(10):
+            store.add_event(None, "k", f"m{i}")
+        assert store.prune_events(3) == 7
+        assert [e.message for e in store.events()] == ["m7", "m8", "m9"]
+        assert store.add_event(None, "k", "m10").seq == 11   # numbers never repeat
+        assert store.prune_events(100) == 0
