@@ -1,7 +1,10 @@
 """Forwarding one LLM call: pick a replica, fail over if it is unreachable, relay the answer, trace it.
 
-Every failure becomes an OpenAI-style error for the client and a traced call with status "error";
-none may escape and take the gateway down.
+A replica that refuses the connection is skipped for another (the call never reached it). A call that
+failed before any byte reached the client (the replica answered 5xx, or closed the connection before
+or while answering a non-streamed call) is retried once on another replica; a stream that already
+sent bytes never is. Every failure left becomes an OpenAI-style error for the client and a traced call
+with status "error"; none may escape and take the gateway down.
 """
 
 from __future__ import annotations
@@ -109,6 +112,10 @@ class _Outcome:
         if http_status is not None:
             self.http_status = http_status
 
+    def retried(self) -> None:
+        """The call goes to another replica: what the first one did is no longer the outcome."""
+        self.status, self.error, self.http_status, self.t_first, self.usage = "ok", None, None, None, None
+
 
 def _tokens(usage: dict[str, Any] | None, key: str) -> int | None:
     v = usage.get(key) if usage else None
@@ -148,10 +155,15 @@ class Forwarder:
     async def _forward(self, request: web.Request, call: Call, out: _Outcome) -> web.StreamResponse:
         tried: list[tuple[str, str]] = []
         headers = {"X-Scepsy-Call": call.call_id}
+        first_failure: tuple[web.Response, str, int | None] | None = None   # kept while its one retry runs
         while True:
             try:
                 replica = await self.router.acquire(call.pool, frozenset(u for u, _ in tried))
             except NoReplicaError as exc:
+                if first_failure is not None:   # no other replica for the retry: the first answer stands
+                    resp, msg, status = first_failure
+                    out.fail(msg, status)
+                    return resp
                 if tried:
                     what = ", ".join(f"{u} unreachable ({why})" for u, why in tried)
                     msg = f"llm {call.llm!r}: replica{'s' if len(tried) > 1 else ''} {what}; no other replica"
@@ -171,7 +183,13 @@ class Forwarder:
                 self.router.release(replica)
                 msg = f"llm {call.llm!r}: replica {replica.url} closed the connection before answering ({_describe(exc)})"
                 out.fail(msg, 502)
-                return error_response(502, msg, "upstream_error", 502, headers=headers)
+                resp = error_response(502, msg, "upstream_error", 502, headers=headers)
+                if first_failure is None:
+                    first_failure = (resp, msg, 502)
+                    tried.append((replica.url, "closed the connection"))
+                    out.retried()
+                    continue
+                return resp
             except BaseException:
                 self.router.release(replica)
                 raise
@@ -179,24 +197,32 @@ class Forwarder:
             try:
                 if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
                     return await self._relay_stream(request, call, upstream, replica, out, headers)
-                return await self._relay_unary(call, upstream, replica, out, headers)
+                resp, retriable = await self._relay_unary(call, upstream, replica, out, headers)
             finally:
                 upstream.release()
                 self.router.release(replica)
+            if retriable and first_failure is None:   # nothing reached the client yet: once more, elsewhere
+                first_failure = (resp, out.error or "", out.http_status)
+                tried.append((replica.url, f"answered {out.http_status}"))
+                out.retried()
+                continue
+            return resp
 
     async def _relay_unary(self, call: Call, upstream: aiohttp.ClientResponse, replica: ReplicaState,
-                           out: _Outcome, headers: dict[str, str]) -> web.Response:
+                           out: _Outcome, headers: dict[str, str]) -> tuple[web.Response, bool]:
+        """The client's response to a whole (non-streamed) answer, and whether another replica may retry it
+        (a failure of the replica's, with nothing sent to the client yet)."""
         status = out.http_status = upstream.status
         try:
             data = await upstream.read()
         except _LINK_ERRORS as exc:
             msg = f"llm {call.llm!r}: replica {replica.url} closed the connection mid-response ({_describe(exc)})"
             out.fail(msg, 502)
-            return error_response(502, msg, "upstream_error", 502, headers=headers)
+            return error_response(502, msg, "upstream_error", 502, headers=dict(headers)), True
         if status >= 500:
             msg = f"llm {call.llm!r}: replica {replica.url} returned HTTP {status}: {upstream_message(data)}"
             out.fail(msg)
-            return error_response(status, msg, "upstream_error", status, headers=headers)
+            return error_response(status, msg, "upstream_error", status, headers=dict(headers)), True
         if status >= 400:
             out.fail(upstream_message(data))  # the engine's own complaint about the request: passed through as is
         else:
@@ -206,8 +232,8 @@ class Forwarder:
                 obj = None
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                 out.usage = obj["usage"]
-        headers["Content-Type"] = upstream.headers.get("Content-Type", "application/json")
-        return web.Response(status=status, body=data, headers=headers)
+        return web.Response(status=status, body=data,
+                            headers={**headers, "Content-Type": upstream.headers.get("Content-Type", "application/json")}), False
 
     async def _relay_stream(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
                             replica: ReplicaState, out: _Outcome, headers: dict[str, str]) -> web.StreamResponse:

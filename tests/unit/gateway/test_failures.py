@@ -156,3 +156,43 @@ async def test_client_leaving_right_after_done_is_not_an_error(stack: Any) -> No
     (call,) = trace.calls
     assert call.status == "ok", call.error
     assert call.completion_tokens and call.completion_tokens > 0
+
+
+async def test_a_500_before_any_byte_is_retried_once_on_another_replica(stack: Any) -> None:
+    async with stack({"planner": 2}) as s:
+        bad, good = s.engines["planner"]
+        bad.fault = "http500"
+        client = s.client()
+        for i in range(4):   # least-outstanding with round-robin ties: the bad replica is tried first half the time
+            r = await client.chat.completions.create(model="planner", messages=CHAT, extra_headers={"X-Scepsy-Request": f"r{i}"})
+            assert r.choices[0].message.content == "Hello world"
+        trace = await s.close_gateway()
+    assert len(bad.calls) >= 1 and len(good.calls) == 4
+    assert all((c.status, c.http_status, c.replica) == ("ok", 200, good.url) for c in trace.calls)
+
+
+async def test_a_unary_call_cut_mid_response_is_retried_once_and_a_second_failure_is_returned(stack: Any) -> None:
+    async with stack({"planner": 2}) as s:
+        first, second = s.engines["planner"]
+        first.fault = "cut"
+        ok, _ = await s.post("/r/r-1/v1/chat/completions", {"model": "planner", "messages": CHAT})
+        second.fault = "http500"
+        status, body = await s.post("/r/r-2/v1/chat/completions", {"model": "planner", "messages": CHAT})
+        trace = await s.close_gateway()
+    assert ok == 200
+    assert status in (500, 502) and body["error"]["type"] == "upstream_error"   # tried once each, then given up
+    assert len(first.calls) + len(second.calls) == 4
+    assert [(c.request, c.status) for c in trace.calls] == [("r-1", "ok"), ("r-2", "error")]
+
+
+async def test_a_stream_cut_after_bytes_reached_the_client_is_not_retried(stack: Any) -> None:
+    async with stack({"planner": 2}) as s:
+        for eng in s.engines["planner"]:
+            eng.fault = "cut"
+        stream = await s.client().chat.completions.create(model="planner", messages=CHAT, stream=True)
+        with pytest.raises(openai.APIError):
+            async for _ in stream:
+                pass
+        trace = await s.close_gateway()
+    assert sum(len(e.calls) for e in s.engines["planner"]) == 1   # the cut call went to one replica only
+    assert trace.calls[0].status == "error" and "mid-stream" in (trace.calls[0].error or "")
