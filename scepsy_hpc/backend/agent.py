@@ -47,6 +47,7 @@ from scepsy_hpc.errors import EngineError, run_entry
 from scepsy_hpc.spec.records import read_record, write_record
 
 PORT_LOCK = Path("/tmp/scepsy-agent-ports.lock")
+RESTART_BACKOFF_MAX_S = 30.0                 # the longest wait before restarting an engine that exited
 HEARTBEAT_S = 5.0                            # the report is rewritten at least this often
 HEARTBEAT_ENV = "SCEPSY_AGENT_HEARTBEAT_S"   # overrides HEARTBEAT_S (tests)
 STALE_AFTER_S = 3 * HEARTBEAT_S              # a live agent's report is never older than this
@@ -96,6 +97,8 @@ class Instance(InstanceReport):
 
     launch: EngineLaunch = Field(exclude=True)
     proc: Process | None = Field(default=None, exclude=True, repr=False)
+    exits: list[float] = Field(default_factory=list, exclude=True)   # monotonic times it exited while serving
+    restart_at: float | None = Field(default=None, exclude=True)     # when the next restart is due
 
     def report(self) -> InstanceReport:
         """What the agent's report says of this engine."""
@@ -225,19 +228,57 @@ class Agent:
             return 0
         self.state = "ready"
         self.write()
-        while not self.stop_requested:   # watch: an engine that dies is reported, the others keep serving
+        while not self.stop_requested:   # watch: an engine that dies is restarted, the others keep serving
             changed = False
             for inst in self.instances:
-                if inst.healthy and inst.proc is not None and inst.proc.poll() is not None:
-                    inst.healthy, inst.state = False, "exited"
-                    inst.error = f"exited with code {inst.proc.returncode}; see {inst.log}"
-                    changed = True
+                changed = self.watch(inst) or changed
+                if self.state == "failed":
+                    return 1
             if changed:
                 self.write()
             self.beat()
             time.sleep(min(0.5, self.heartbeat_s))
         self.stop_all()
         return 0
+
+    def watch(self, inst: Instance) -> bool:
+        """One look at a serving engine: an exit is restarted after a backoff (1 s, doubling up to
+        RESTART_BACKOFF_MAX_S), unless it exited more than `max_restarts` times in `restart_window_s`,
+        when it is left failed; a restart is healthy once it answers /health. Whether the report changed."""
+        if inst.proc is None or inst.state in ("failed", "stopped"):
+            return False
+        now = time.monotonic()
+        if inst.state == "exited":
+            if inst.restart_at is not None and now >= inst.restart_at:
+                inst.restart_at = None
+                inst.restarts += 1
+                self.start(inst)
+                return True
+            return False
+        if inst.state == "starting":   # a restart coming up
+            try:
+                if not inst.proc.ready(self.config.health_timeout_s):
+                    return False
+            except EngineError as exc:
+                return self._exited(inst, now, str(exc))
+            inst.state, inst.healthy, inst.healthy_at, inst.error = "healthy", True, time.time(), ""
+            return True
+        if inst.proc.poll() is not None:
+            return self._exited(inst, now, f"exited with code {inst.proc.returncode}; see {inst.log}")
+        return False
+
+    def _exited(self, inst: Instance, now: float, why: str) -> bool:
+        window = self.config.restart_window_s
+        inst.exits = [t for t in inst.exits if now - t < window] + [now]
+        inst.healthy = False
+        if len(inst.exits) > self.config.max_restarts:
+            inst.state = "failed"
+            inst.error = (f"{why}; it exited {len(inst.exits)} times within {window:g} s, more than the "
+                          f"{self.config.max_restarts} restarts allowed: not restarted again")
+            return True
+        delay = min(RESTART_BACKOFF_MAX_S, 2.0 ** (len(inst.exits) - 1))
+        inst.state, inst.error, inst.restart_at = "exited", f"{why}; restarting in {delay:g} s", now + delay
+        return True
 
     def start(self, inst: Instance) -> None:
         """Spawn one engine on its GPUs and port (ports chosen under a lock: agents may share a host)."""

@@ -47,6 +47,8 @@ class ServeConfig(Record):
     engine: str                      # sim, vllm or sglang
     launch_prefix: str = ""          # run engines through this shell prefix (module load …, apptainer exec …)
     health_timeout_s: float          # how long one engine may take to answer /health
+    max_restarts: int = 5            # an engine that exits is restarted, at most this many times …
+    restart_window_s: float = 600.0  # … within this window; then it is left failed
     instances: list[ServeInstance]
 
 
@@ -68,7 +70,8 @@ class InstanceReport(_Part):
     error: str = ""
     remapped: bool = False           # Slurm gave other GPUs than planned
     started_at: float = 0.0          # Unix time the engine was spawned
-    healthy_at: float = 0.0          # Unix time /health first answered
+    healthy_at: float = 0.0          # Unix time /health last turned healthy
+    restarts: int = 0                # times the agent restarted it after it exited
 
 
 class AgentReport(Record):

@@ -476,7 +476,8 @@ class Daemon:
                 state, error = "lost", f"the node agent on {inst.node} (pid {report.pid}) is gone"
             rows.append(InstanceRow(deployment=d.name, llm=inst.llm, replica=inst.replica, node=inst.node,
                                     gpus=list(got.gpus if got else inst.gpus), url=got.url if got else "", state=state,
-                                    healthy=False, pid=got.pid if got else None, restarts=0, error=error, updated=now))
+                                    healthy=False, pid=got.pid if got else None, restarts=got.restarts if got else 0,
+                                    error=error, updated=now))
             if got is not None and got.healthy and agent_ok and got.url:
                 probes.append((len(rows) - 1, probe(got.url)))
         results = await asyncio.gather(*(p for _, p in probes))
@@ -515,7 +516,8 @@ class Daemon:
         for r in rows:
             old = before.get((r.llm, r.replica))
             key = (r.llm, r.replica)
-            if old is None or (old.state, old.healthy, old.url, old.pid) != (r.state, r.healthy, r.url, r.pid):
+            if old is None or (old.state, old.healthy, old.url, old.pid, old.restarts) != \
+                    (r.state, r.healthy, r.url, r.pid, r.restarts):
                 changed = True
             if lv.health.get(key) is not None and lv.health[key] != r.healthy:
                 self.event(d.name, "instance", f"{r.llm}·{r.replica} on {r.node}: "

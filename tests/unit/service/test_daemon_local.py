@@ -193,3 +193,20 @@ def test_up_following_a_deployment_says_it_keeps_serving_when_the_daemon_dies(tm
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_an_engine_killed_under_a_deployment_is_restarted_and_it_serves_again(tmp_path: Path, state: Path,
+                                                                               sv: Any) -> None:
+    assert sv.scepsy(state, "daemon", "start", "--poll", POLL).returncode == 0
+    up = sv.scepsy(state, "up", str(sv.small_plan(tmp_path / "p.yaml")), "--name", "rs", "--detach", "--time-scale", "0.05")
+    assert up.returncode == 0, up.stderr
+    doc = sv.wait_state(state, "rs", "serving")
+    gen = next(i for i in doc["instances"] if i["llm"] == "generator")
+    os.killpg(gen["pid"], signal.SIGKILL)
+    again = sv.wait_state(state, "rs", "serving", timeout_s=30,
+                          check=lambda d: any(i["llm"] == "generator" and i["restarts"] == 1 for i in d["instances"]))
+    back = next(i for i in again["instances"] if i["llm"] == "generator")
+    assert back["pid"] != gen["pid"] and back["url"] == gen["url"] and back["healthy"]
+    assert _chat(f"{again['gateway_url']}/d/rs/v1", "generator")
+    events = sv.scepsy(state, "events", "rs").stdout
+    assert "serving → degraded" in events and "degraded → serving" in events
