@@ -52,6 +52,11 @@ def add_arguments(sub: Any) -> None:
                     help="per engine start-up limit (default sim 120 s, vllm/sglang 1800 s)")
     up.add_argument("--start-timeout", type=positive_float, default=3600.0, metavar="S",
                     help="limit on start-up, counted from the job's start (default 3600 s)")
+    up.add_argument("--max-resubmits", type=non_negative_int, default=3, metavar="N",
+                    help="a job that ends (scancel, walltime, a lost node) is resubmitted at most N times within "
+                         "--resubmit-window, then the deployment fails (default 3; 0: never)")
+    up.add_argument("--resubmit-window", type=positive_float, default=1800.0, metavar="S",
+                    help="the circuit breaker's window (default 1800 s)")
     up.add_argument("--seed", type=non_negative_int, default=0)
     up.add_argument("--json", action="store_true", help="print the deployment's status as one JSON object (implies --detach)")
     add_state_dir(up)
@@ -148,7 +153,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                     time=args.time, switches=args.switches, switches_wait=args.switches_wait, target_rps=args.target_rps,
                     launch_prefix=args.launch_prefix or "", engine_args=list(args.engine_arg or ()),
                     time_scale=args.time_scale, health_timeout_s=args.health_timeout, start_timeout_s=args.start_timeout,
-                    seed=args.seed, models=_absolute(args.models), gpu_catalog=_absolute(args.gpu_catalog))
+                    seed=args.seed, models=_absolute(args.models), gpu_catalog=_absolute(args.gpu_catalog),
+                    max_resubmits=args.max_resubmits, resubmit_window_s=args.resubmit_window)
     start_daemon(client.paths, reuse=True)
     since = _last_seq(client)
     doc = client.request("POST", "/v1/deployments", req.model_dump(), timeout_s=900.0)

@@ -371,12 +371,16 @@ class Daemon:
             last = jobs[-1] if jobs else None
             why = (f"job {last.job_id} ended: {last.state}" + (f" ({last.reason})" if last.reason else "")
                    if last else "no job was submitted (the daemon stopped while submitting): run `scepsy up` again")
+            bad = None
             if last is not None and d.state != "failed":   # the agent that took the job down says why
                 reports = await asyncio.to_thread(session.agents)
                 bad = next((r for r in reports.values() if r.state == "failed" and r.job_id in ("", last.job_id)), None)
                 if bad is not None:
                     why += f"; node {bad.node}: {bad.error or 'the node agent failed'}"
             await self._mark_instances_down(d, session, "the job ended")
+            if last is not None and bad is None and d.plan_path:
+                await self._resubmit(d, why)   # scancel from outside, walltime, a lost node: serve on in a new job
+                return
             self._set_state(d, "failed", why)
             return
         job = live[-1]
@@ -608,32 +612,72 @@ class Daemon:
                 self.store.delete_deployment(req.name)
                 self.event(req.name, "up", f"refused, nothing submitted: {exc}")
                 raise
-            self.store.update_deployment(req.name, plan_path=str(prepared.plan_path), spec_paths=list(prepared.spec_paths),
-                                         options={**req.model_dump(), "workflows": list(prepared.workflows),
-                                                  "aliases": {k: list(v) for k, v in prepared.aliases.items()},
-                                                  "job_name": prepared.job.name, "submitting": True})
-            self.event(req.name, "submit", f"submitting job {prepared.job.name}: {len(prepared.config.instances)} engine(s) "
-                       f"on {', '.join(prepared.job.nodes)}")
-            try:
-                job_id = await asyncio.to_thread(backend.submit, prepared.job)
-            except ScepsyError as exc:
-                self._set_state(self.store.get_deployment(req.name), "failed", f"submission failed: {exc}")
-                self.store.update_deployment(req.name, desired="stopped")
-                raise
-            self.store.add_job(Job(job_id=job_id, deployment=req.name, backend=req.backend, name=prepared.job.name,
-                                   role="serve", submit_time="", walltime_end=None, nodes=",".join(prepared.job.nodes),
-                                   folder=str(prepared.job.log_dir), state="PENDING", reason="", exit_code="",
-                                   created=time.time(), updated=time.time(), ended=None))
-            d = self.store.get_deployment(req.name)
-            self.store.update_deployment(req.name, options={**(d.options if d else {}), "submitting": False})
-            self.event(req.name, "job", f"submitted job {job_id} ({req.backend}); script beside the logs in "
-                       f"{prepared.job.log_dir}", job_id=job_id)
+            await self._submit(req, prepared, backend)
         finally:
             self.starting.discard(req.name)
             self.wake()
         dep = self.store.get_deployment(req.name)
         assert dep is not None
         return dep
+
+    async def _submit(self, req: UpRequest, prepared: Any, backend: ClusterBackend) -> str:
+        """Record the prepared job's name (so that a daemon killed meanwhile finds it), submit, record its id."""
+        d = self.store.get_deployment(req.name)
+        self.store.update_deployment(req.name, plan_path=str(prepared.plan_path), spec_paths=list(prepared.spec_paths),
+                                     options={**(d.options if d else {}), **req.model_dump(),
+                                              "workflows": list(prepared.workflows),
+                                              "aliases": {k: list(v) for k, v in prepared.aliases.items()},
+                                              "job_name": prepared.job.name, "submitting": True})
+        self.event(req.name, "submit", f"submitting job {prepared.job.name}: {len(prepared.config.instances)} engine(s) "
+                   f"on {', '.join(prepared.job.nodes)}")
+        try:
+            job_id = await asyncio.to_thread(backend.submit, prepared.job)
+        except ScepsyError as exc:
+            self._set_state(self.store.get_deployment(req.name), "failed", f"submission failed: {exc}")
+            self.store.update_deployment(req.name, desired="stopped")
+            raise
+        self.store.add_job(Job(job_id=job_id, deployment=req.name, backend=req.backend, name=prepared.job.name,
+                               role="serve", submit_time="", walltime_end=None, nodes=",".join(prepared.job.nodes),
+                               folder=str(prepared.job.log_dir), state="PENDING", reason="", exit_code="",
+                               created=time.time(), updated=time.time(), ended=None))
+        d = self.store.get_deployment(req.name)
+        self.store.update_deployment(req.name, options={**(d.options if d else {}), "submitting": False})
+        self.event(req.name, "job", f"submitted job {job_id} ({req.backend}); script beside the logs in "
+                   f"{prepared.job.log_dir}", job_id=job_id)
+        return job_id
+
+    async def _resubmit(self, d: Deployment, why: str) -> None:
+        """Submit the deployment's plan again (its placement, a new job), unless the circuit breaker is open:
+        `max_resubmits` resubmissions within `resubmit_window_s` already."""
+        opts = dict(d.options or {})
+        req = UpRequest.model_validate({**{k: v for k, v in opts.items() if k in UpRequest.model_fields},
+                                        "target": d.plan_path})
+        now = time.time()
+        history = [t for t in opts.get("resubmits", []) if now - t < req.resubmit_window_s]
+        if len(history) >= req.max_resubmits:
+            self.event(d.name, "breaker-open", f"{why}; {len(history)} resubmission(s) within "
+                       f"{req.resubmit_window_s:g} s already: not resubmitting (circuit breaker open); fix the cause "
+                       f"and `scepsy up` it again")
+            self._set_state(d, "failed", f"{why}; circuit breaker open after {len(history)} resubmission(s) within "
+                            f"{req.resubmit_window_s:g} s")
+            return
+        self.store.update_deployment(d.name, options={**opts, "resubmits": history + [now]})
+        self.event(d.name, "resubmit", f"{why}: resubmitting ({len(history) + 1} of at most {req.max_resubmits} within "
+                   f"{req.resubmit_window_s:g} s)")
+        for stale in (Path(d.session_dir) / "agents").glob("*.json"):
+            stale.unlink(missing_ok=True)
+        self.live.pop(d.name, None)
+        self._set_state(d, "pending")
+        backend = self.backend(req.backend)
+        self.starting.add(d.name)
+        try:
+            prepared = await asyncio.to_thread(prepare, req, Path(d.session_dir), backend,
+                                               lambda m: self.event(d.name, "plan", m))
+            await self._submit(req, prepared, backend)
+        except ScepsyError as exc:
+            self._set_state(self.store.get_deployment(d.name) or d, "failed", f"resubmission failed: {exc}")
+        finally:
+            self.starting.discard(d.name)
 
     def down(self, name: str) -> Deployment:
         """Ask for a deployment to stop (the cycle cancels its job and waits for it to leave the queue)."""

@@ -50,6 +50,8 @@ class UpRequest(BaseModel):
     time_scale: float = Field(default=1.0, gt=0)
     health_timeout_s: float | None = Field(default=None, gt=0)
     start_timeout_s: float = Field(default=3600.0, gt=0)
+    max_resubmits: int = Field(default=3, ge=0)          # a job that ends is resubmitted at most this many times …
+    resubmit_window_s: float = Field(default=1800.0, gt=0)   # … within this window (the circuit breaker)
     seed: int = Field(default=0, ge=0)
     models: str | None = None
     gpu_catalog: str | None = None

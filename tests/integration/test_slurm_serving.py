@@ -237,18 +237,29 @@ def test_more_gpus_than_the_partition_has_is_refused_before_anything_is_submitte
     assert _jobs_submitted() == before
 
 
-def test_a_job_cancelled_from_outside_fails_the_deployment_with_slurms_reason(served_plan: dict[str, Path],
-                                                                               daemon: Path) -> None:
+def test_a_job_cancelled_from_outside_is_resubmitted_then_the_breaker_fails_it_with_slurms_reason(
+        served_plan: dict[str, Path], daemon: Path) -> None:
     _state_cmd(daemon, "up", str(served_plan["plan"]), "--backend", "slurm", "--time-scale", TIME_SCALE, "--name", "victim",
-               "--detach")
-    job_id = _wait(daemon, "victim", ("serving",))["job_id"]
+               "--detach", "--max-resubmits", "1")
+    first = _wait(daemon, "victim", ("serving",))["job_id"]
     t0 = time.monotonic()
-    subprocess.run(["scancel", job_id], check=True)
-    doc = _wait(daemon, "victim", ("failed",), timeout_s=60)
-    noticed_s = time.monotonic() - t0
-    assert noticed_s < 15, f"scancel noticed after {noticed_s:.1f} s"
-    assert f"job {job_id} ended: CANCELLED" in doc["error"]
-    assert not any(i["healthy"] for i in doc["instances"])
+    subprocess.run(["scancel", first], check=True)
+    deadline = time.monotonic() + 180
+    doc = _status(daemon, "victim")
+    while not (doc.get("state") == "serving" and doc.get("job_id") != first) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        doc = _status(daemon, "victim")
+    assert doc["state"] == "serving" and doc["job_id"] != first, doc
+    print(f"outside scancel → serving again in job {doc['job_id']} after {time.monotonic() - t0:.1f} s")
+    assert _squeue(first) == ""
+    events = _state_cmd(daemon, "events", "victim").stdout
+    assert f"job {first} ended: CANCELLED" in events and "resubmitting (1 of at most 1" in events
+    t0 = time.monotonic()
+    subprocess.run(["scancel", doc["job_id"]], check=True)
+    failed = _wait(daemon, "victim", ("failed",), timeout_s=60)
+    assert time.monotonic() - t0 < 20
+    assert f"job {doc['job_id']} ended: CANCELLED" in failed["error"] and "circuit breaker open" in failed["error"]
+    assert not any(i["healthy"] for i in failed["instances"])
 
 
 def test_a_recycled_job_id_in_the_state_is_not_adopted(tmp_path: Path) -> None:

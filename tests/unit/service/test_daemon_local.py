@@ -210,3 +210,25 @@ def test_an_engine_killed_under_a_deployment_is_restarted_and_it_serves_again(tm
     assert _chat(f"{again['gateway_url']}/d/rs/v1", "generator")
     events = sv.scepsy(state, "events", "rs").stdout
     assert "serving → degraded" in events and "degraded → serving" in events
+
+
+def test_a_job_cancelled_from_outside_is_resubmitted_until_the_breaker_opens(tmp_path: Path, state: Path,
+                                                                              sv: Any) -> None:
+    from scepsy_hpc.backend.local import LocalBackend
+
+    assert sv.scepsy(state, "daemon", "start", "--poll", POLL).returncode == 0
+    up = sv.scepsy(state, "up", str(sv.small_plan(tmp_path / "p.yaml")), "--name", "rb", "--detach", "--time-scale", "0.05",
+                   "--max-resubmits", "1")
+    assert up.returncode == 0, up.stderr
+    first = sv.wait_state(state, "rb", "serving")
+    outside = LocalBackend(state / ".local-jobs")
+    outside.cancel(first["job_id"], grace_s=2.0)           # as an admin's scancel would
+    second = sv.wait_state(state, "rb", "serving", timeout_s=60, check=lambda d: d["job_id"] != first["job_id"])
+    assert second["job_ids"] == [first["job_id"], second["job_id"]]
+    assert _chat(f"{second['gateway_url']}/d/rb/v1", "generator")
+    outside.cancel(second["job_id"], grace_s=2.0)
+    failed = sv.wait_state(state, "rb", "failed", timeout_s=60)
+    assert "circuit breaker open after 1 resubmission(s)" in failed["error"], failed["error"]
+    events = sv.scepsy(state, "events", "rb").stdout
+    assert "resubmit: job" in events and "breaker-open" in events
+    assert not outside.status(second["job_id"]).active and len(failed["job_ids"]) == 2
