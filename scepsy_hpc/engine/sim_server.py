@@ -11,10 +11,17 @@ always behave as `ignore_eos: true`: `max_tokens` is the exact output length; wi
 is drawn from a lognormal (mean --default-output-tokens, cv 0.5, seeded) and the finish reason is
 "stop" as if the model had ended it. Token counting rules: `scepsy_hpc.engine.openai_protocol`.
 
-Test hook (for gateway tests; a real engine has no such thing): request header `X-Sim-Fault`
+Test hooks (for gateway and agent tests; a real engine has no such thing):
+  request header `X-Sim-Fault`
     http500          answer 500 with an error body, before any scheduling;
     abort-after:K    after K output tokens, close the connection abruptly — a stream has sent K
                      token chunks and no [DONE]; a non-streamed request gets no response at all.
+  `POST /scepsy/sim/fault` with JSON `{"wedge": true}` (`{"wedge": false}` clears it; the answer is
+  `{"wedged": …}`) wedges the engine as a vLLM can be wedged: /health still answers 200 and requests
+  are accepted and queue (`vllm:num_requests_waiting` counts them), but no iteration runs, so no token
+  is generated and the token counters freeze until the wedge is cleared;
+  environment `SCEPSY_SIM_FAULT=wedge@SECONDS` wedges it SECONDS after it starts (for an engine that
+  a job starts: every engine started with that environment, a restarted one included, wedges).
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import sys
 from itertools import count
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Mapping, Sequence
 
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -41,6 +49,8 @@ from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 MIN_SLEEP_S = 0.001  # below this a sleep is mostly timer overshoot: run more iterations first
 OUTPUT_CV = 0.5
 MAX_BODY_BYTES = 64 * 2**20  # aiohttp's 1 MiB default is below a long prompt sent as token ids
+FAULT_ENV = "SCEPSY_SIM_FAULT"  # wedge@SECONDS: the engine wedges SECONDS after it starts
+FAULT_PATH = "/scepsy/sim/fault"
 
 
 class _Handle:
@@ -59,7 +69,7 @@ class SimEngineServer:
     """The engine: a `Batcher` driven in real time, plus the OpenAI-compatible handlers."""
 
     def __init__(self, perf: EnginePerf, *, served_name: str, time_scale: float, max_model_len: int,
-                 default_output_tokens: int = 256, seed: int = 0) -> None:
+                 default_output_tokens: int = 256, seed: int = 0, wedge_after_s: float | None = None) -> None:
         if time_scale <= 0:
             raise ValueError(f"time_scale={time_scale} must be > 0")
         if max_model_len > perf.kv_capacity_tokens:
@@ -80,6 +90,21 @@ class SimEngineServer:
         self._t0 = 0.0  # loop time at which virtual time 0 was
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task[None] | None = None
+        self._unwedged: asyncio.Event | None = None  # clear while the engine is wedged (the fault hook)
+        self.wedge_after_s = wedge_after_s  # wedge this many wall seconds after start (SCEPSY_SIM_FAULT)
+
+    @property
+    def wedged(self) -> bool:
+        """Whether the wedge fault holds the engine (no iteration runs)."""
+        return self._unwedged is not None and not self._unwedged.is_set()
+
+    def set_wedged(self, wedged: bool) -> None:
+        """Wedge the engine (iterations stop, requests still queue) or let it go on; needs `start()` first."""
+        assert self._unwedged is not None
+        if wedged:
+            self._unwedged.clear()
+        else:
+            self._unwedged.set()
 
     def _load(self) -> tuple[int, int, float]:
         b = self.batcher
@@ -95,6 +120,10 @@ class SimEngineServer:
         """Start the driver task (virtual time 0 is now)."""
         self._t0 = asyncio.get_running_loop().time()
         self._wake = asyncio.Event()
+        self._unwedged = asyncio.Event()
+        self._unwedged.set()
+        if self.wedge_after_s is not None:
+            asyncio.get_running_loop().call_later(self.wedge_after_s, self.set_wedged, True)
         self._driver = asyncio.create_task(self._drive(), name="sim-engine-driver")
 
     async def stop(self) -> None:
@@ -108,10 +137,15 @@ class SimEngineServer:
 
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._wake is not None
+        assert self._wake is not None and self._unwedged is not None
         pending: list[Iteration] = []  # computed, their tokens not yet handed out
         last_yield = loop.time()
         while True:
+            if not self._unwedged.is_set():
+                await self._unwedged.wait()
+                # The model's clock went on while wedged; what was computed before goes out at once.
+                last_yield = loop.time()
+                self._vt = max(self._vt, self.model_now())
             it = self.batcher.step(self._vt)
             if it is not None:
                 self._vt = it.end_s
@@ -194,6 +228,7 @@ class SimEngineServer:
         app.router.add_get("/v1/models", self.handle_models)
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_post(FAULT_PATH, self.handle_fault)
 
         async def lifecycle(_: web.Application) -> AsyncIterator[None]:
             await self.start()
@@ -206,6 +241,18 @@ class SimEngineServer:
     async def handle_health(self, request: web.Request) -> web.Response:
         """GET /health: 200 while the server runs."""
         return web.Response(status=200)
+
+    async def handle_fault(self, request: web.Request) -> web.Response:
+        """POST /scepsy/sim/fault `{"wedge": bool}`: the wedge test hook; answers `{"wedged": bool}`."""
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if not (isinstance(body, dict) and set(body) == {"wedge"} and isinstance(body["wedge"], bool)):
+            return web.json_response(ApiError(400, f'{FAULT_PATH} takes {{"wedge": true}} or {{"wedge": false}}').body(),
+                                     status=400)
+        self.set_wedged(body["wedge"])
+        return web.json_response({"wedged": self.wedged})
 
     async def handle_models(self, request: web.Request) -> web.Response:
         """GET /v1/models: the served model, vLLM-shaped."""
@@ -324,9 +371,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_server(args: argparse.Namespace) -> SimEngineServer:
-    """The engine the parsed arguments describe; ScepsyError if they are inconsistent."""
+def parse_fault_env(value: str | None) -> float | None:
+    """The SECONDS of SCEPSY_SIM_FAULT=wedge@SECONDS (None when unset or empty); SpecError if malformed."""
+    if not value:
+        return None
+    head, _, seconds = value.partition("@")
+    try:
+        wedge_after_s = float(seconds) if head == "wedge" else -1.0
+    except ValueError:
+        wedge_after_s = -1.0
+    if not (wedge_after_s >= 0 and math.isfinite(wedge_after_s)):
+        raise SpecError(f"{FAULT_ENV}={value!r} is not a fault; use wedge@SECONDS (SECONDS >= 0), or unset it")
+    return wedge_after_s
+
+
+def build_server(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> SimEngineServer:
+    """The engine the parsed arguments (and SCEPSY_SIM_FAULT of `environ`) describe; ScepsyError if they are
+    inconsistent."""
     from scepsy_hpc.spec.catalog import load_gpus, load_models
+
+    wedge_after_s = parse_fault_env((environ or {}).get(FAULT_ENV))
 
     models, gpus = load_models(), load_gpus()
     if args.model not in models:
@@ -356,7 +420,8 @@ def build_server(args: argparse.Namespace) -> SimEngineServer:
         raise SpecError(str(exc)) from None
     max_len = args.max_model_len or min(model.max_model_len, perf.kv_capacity_tokens)
     return SimEngineServer(perf, served_name=args.served_model_name or args.model, time_scale=args.time_scale,
-                           max_model_len=max_len, default_output_tokens=args.default_output_tokens, seed=args.seed)
+                           max_model_len=max_len, default_output_tokens=args.default_output_tokens, seed=args.seed,
+                           wedge_after_s=wedge_after_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -366,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    server = build_server(args)
+    server = build_server(args, os.environ)
     perf = server.perf
     print(f"scepsy engine-sim: serving {server.served_name!r} ({args.model} on {args.gpu}, tp={args.tp}, "
           f"gpu_frac={args.gpu_frac:g}) at http://{args.host}:{args.port}/v1; max_model_len={server.max_model_len}, "
