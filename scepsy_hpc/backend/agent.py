@@ -12,7 +12,18 @@ MPS control daemon runs for the node and each engine gets its thread percentage.
 `DIR/agents/NODE.json` (state starting → ready, or failed with the engine's log), rewritten at least
 every HEARTBEAT_S even when nothing changed, so that a reader on another node can tell a live agent from
 a dead one by its `updated` time (`report_stale`). On SIGTERM (scancel, `scepsy down`) the engines are
-stopped and the agent exits; SIGUSR1 (the walltime warning) is only logged.
+stopped and the agent exits. SIGUSR1 (Slurm's walltime warning) and submitit's preemption signal set the
+report's `draining_since`, written at once: the job ends soon, so whoever routes stops sending new calls
+here, while the engines serve on (in-flight calls finish) until SIGTERM.
+
+While serving, an engine that exits is restarted on its port after a backoff, at most `max_restarts`
+times within `restart_window_s` (serve.json), then left failed while the others serve on. So is an engine
+that is wedged — alive, /health answering 200, yet making no progress, as a vLLM can be: every
+`progress_check_s` the agent reads each serving engine's /metrics (`engine.metrics.scrape_load`, at most
+SCRAPE_TIMEOUT_S; a page it cannot read proves nothing), and when requests wait or run while the token
+counters have not moved for `stall_timeout_s`, it kills the engine's process group and restarts it the
+same way. An idle engine's counters stand still by right and never count as a stall. Each engine's report
+says why and when it was last restarted (`last_restart_reason`, `last_restart_at`).
 
 Engines die with their agent: each is started with PR_SET_PDEATHSIG, so even `kill -9` of the agent
 takes them down. An engine is the leader of its own process group (its reported `pid` is also the
@@ -41,8 +52,9 @@ from pydantic import ConfigDict, Field
 
 from scepsy_hpc.backend.records import RERUN, AgentReport, InstanceReport, ServeConfig
 from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env, parse_prefix
-from scepsy_hpc.engine.supervisor import (Process, free_port, group_members, port_free, process_environ, start,
-                                          stop_all, stop_groups)
+from scepsy_hpc.engine.metrics import EngineLoad, scrape_load
+from scepsy_hpc.engine.supervisor import (Process, free_port, group_members, is_healthy, port_free, process_environ,
+                                          start, stop_all, stop_groups)
 from scepsy_hpc.errors import EngineError, run_entry
 from scepsy_hpc.spec.records import read_record, write_record
 
@@ -52,6 +64,40 @@ HEARTBEAT_S = 5.0                            # the report is rewritten at least 
 HEARTBEAT_ENV = "SCEPSY_AGENT_HEARTBEAT_S"   # overrides HEARTBEAT_S (tests)
 STALE_AFTER_S = 3 * HEARTBEAT_S              # a live agent's report is never older than this
 ENGINE_ID_ENV = "SCEPSY_ENGINE_ID"           # in every engine's environment: which engine of which agent it is
+SCRAPE_TIMEOUT_S = 2.0                       # the longest one read of an engine's /metrics holds the agent up
+WEDGED_STOP_GRACE_S = 2.0                    # a wedged engine may not act on SIGTERM: SIGKILL after this
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """The watchdog's memory of one engine: its token count, and when the count last moved (or the engine
+    was last seen idle: a wait for work is not a stall)."""
+
+    tokens: float
+    moved_at: float   # time.monotonic()
+
+
+def progress(prev: Progress | None, load: EngineLoad, now: float) -> Progress:
+    """The memory after one look at the engine's load at `now`."""
+    if prev is None or load.tokens != prev.tokens or not load.busy:
+        return Progress(load.tokens, now)
+    return prev
+
+
+def wedged_reason(prev: Progress | None, load: EngineLoad | None, now: float,
+                  stall_timeout_s: float) -> tuple[Progress | None, str]:
+    """One look of the watchdog: the new memory, and why the engine is wedged ('' when it is not).
+
+    An unreadable /metrics (`load` None) proves nothing and leaves the memory as it was; `stall_timeout_s`
+    0 judges nothing."""
+    if load is None:
+        return prev, ""
+    now_p = progress(prev, load, now)
+    stalled_s = now - now_p.moved_at
+    if stall_timeout_s <= 0 or not load.busy or stalled_s < stall_timeout_s:
+        return now_p, ""
+    return now_p, (f"wedged: {load.waiting} request(s) waiting and {load.running} running, "
+                   f"no token for {stalled_s:.0f} s")
 
 
 def engine_id(agent_pid: int, node: str, inst: InstanceReport) -> str:
@@ -99,6 +145,9 @@ class Instance(InstanceReport):
     proc: Process | None = Field(default=None, exclude=True, repr=False)
     exits: list[float] = Field(default_factory=list, exclude=True)   # monotonic times it exited while serving
     restart_at: float | None = Field(default=None, exclude=True)     # when the next restart is due
+    exit_reason: str = Field(default="", exclude=True)                # why it is to be restarted
+    progress: Progress | None = Field(default=None, exclude=True)    # the watchdog's memory (None: no look yet)
+    check_at: float = Field(default=0.0, exclude=True)               # monotonic time of the watchdog's next look
 
     def report(self) -> InstanceReport:
         """What the agent's report says of this engine."""
@@ -153,6 +202,9 @@ class Agent:
         self.state = "starting"
         self.error = ""
         self.stop_requested = False
+        self.draining_since: float | None = None   # Unix time the walltime/preemption warning came
+        self.writing = False                       # inside write(): a signal handler must not write too
+        self.reported_draining = False             # the last report written says draining_since
         self.mps_env: dict[str, str] = {}
         self.heartbeat_s = float(env.get(HEARTBEAT_ENV) or HEARTBEAT_S)
         self.written = 0.0   # time.monotonic() of the last write
@@ -162,14 +214,31 @@ class Agent:
 
     def write(self) -> None:
         """The report, replaced atomically."""
-        write_record(self.report_path, AgentReport(
-            node=self.node, host=self.host, pid=os.getpid(), state=self.state, error=self.error,
-            job_id=self.env.get("SLURM_JOB_ID", ""), updated=time.time(), instances=[i.report() for i in self.instances]))
-        self.written = time.monotonic()
+        self.writing = True
+        try:
+            report = AgentReport(
+                node=self.node, host=self.host, pid=os.getpid(), state=self.state, error=self.error,
+                job_id=self.env.get("SLURM_JOB_ID", ""), updated=time.time(), draining_since=self.draining_since,
+                instances=[i.report() for i in self.instances])
+            write_record(self.report_path, report)
+            self.reported_draining = report.draining_since is not None
+            self.written = time.monotonic()
+        finally:
+            self.writing = False
 
     def beat(self) -> None:
-        """Rewrite the report if the last write is `heartbeat_s` old: its `updated` says the agent lives."""
-        if time.monotonic() - self.written >= self.heartbeat_s:
+        """Rewrite the report if the last write is `heartbeat_s` old (its `updated` says the agent lives), or
+        if it does not say yet that the agent is draining."""
+        if time.monotonic() - self.written >= self.heartbeat_s or (
+                self.draining_since is not None and not self.reported_draining):
+            self.write()
+
+    def drain(self) -> None:
+        """The walltime or preemption warning came (a signal handler calls this): the report says so at once,
+        unless a write is under way — then the next beat does; the engines keep serving."""
+        if self.draining_since is None:
+            self.draining_since = time.time()
+        if not self.writing:
             self.write()
 
     def fail(self, inst: Instance | None, why: str) -> None:
@@ -217,7 +286,7 @@ class Agent:
                     self.fail(current, str(exc))
                     return 1
                 if ready:
-                    current.state, current.healthy, current.healthy_at = "healthy", True, time.time()
+                    self._healthy(current)
                     self.write()
                 self.beat()   # after each probe: one that hangs takes seconds, and there may be many
             if not pending:
@@ -231,9 +300,12 @@ class Agent:
         while not self.stop_requested:   # watch: an engine that dies is restarted, the others keep serving
             changed = False
             for inst in self.instances:
+                if self.stop_requested:
+                    break
                 changed = self.watch(inst) or changed
                 if self.state == "failed":
                     return 1
+                self.beat()   # after each look: reading /metrics may take up to SCRAPE_TIMEOUT_S
             if changed:
                 self.write()
             self.beat()
@@ -241,10 +313,16 @@ class Agent:
         self.stop_all()
         return 0
 
+    def _healthy(self, inst: Instance) -> None:
+        """`inst` answered /health: it serves, and the watchdog starts afresh."""
+        inst.state, inst.healthy, inst.healthy_at, inst.error = "healthy", True, time.time(), ""
+        inst.progress, inst.check_at = None, time.monotonic() + self.config.progress_check_s
+
     def watch(self, inst: Instance) -> bool:
-        """One look at a serving engine: an exit is restarted after a backoff (1 s, doubling up to
-        RESTART_BACKOFF_MAX_S), unless it exited more than `max_restarts` times in `restart_window_s`,
-        when it is left failed; a restart is healthy once it answers /health. Whether the report changed."""
+        """One look at a serving engine: an exit, or a wedge (`check_progress`), is restarted after a backoff
+        (1 s, doubling up to RESTART_BACKOFF_MAX_S), unless it went down more than `max_restarts` times in
+        `restart_window_s`, when it is left failed; a restart is healthy once it answers /health. Whether the
+        report changed."""
         if inst.proc is None or inst.state in ("failed", "stopped"):
             return False
         now = time.monotonic()
@@ -252,6 +330,7 @@ class Agent:
             if inst.restart_at is not None and now >= inst.restart_at:
                 inst.restart_at = None
                 inst.restarts += 1
+                inst.last_restart_reason, inst.last_restart_at = inst.exit_reason, time.time()
                 self.start(inst)
                 return True
             return False
@@ -260,20 +339,39 @@ class Agent:
                 if not inst.proc.ready(self.config.health_timeout_s):
                     return False
             except EngineError as exc:
-                return self._exited(inst, now, str(exc))
-            inst.state, inst.healthy, inst.healthy_at, inst.error = "healthy", True, time.time(), ""
+                return self._exited(inst, now, str(exc).splitlines()[0], str(exc))
+            self._healthy(inst)
             return True
         if inst.proc.poll() is not None:
-            return self._exited(inst, now, f"exited with code {inst.proc.returncode}; see {inst.log}")
+            reason = f"exited with code {inst.proc.returncode}"
+            return self._exited(inst, now, reason, f"{reason}; see {inst.log}")
+        if now >= inst.check_at:
+            inst.check_at = now + self.config.progress_check_s
+            reason = self.check_progress(inst, now)
+            if reason:
+                inst.proc.stop(WEDGED_STOP_GRACE_S)
+                return self._exited(inst, time.monotonic(), reason, f"{reason}; see {inst.log}")
         return False
 
-    def _exited(self, inst: Instance, now: float, why: str) -> bool:
+    def check_progress(self, inst: Instance, now: float) -> str:
+        """The watchdog's look at a serving engine's /metrics: why it is wedged, '' if it is not (or its
+        metrics cannot be read: that proves nothing)."""
+        inst.progress, reason = wedged_reason(inst.progress, scrape_load(inst.url, SCRAPE_TIMEOUT_S), now,
+                                              self.config.stall_timeout_s)
+        if not reason:
+            return ""
+        health = "although /health answered 200" if is_healthy(inst.url, 1.0) else "and /health does not answer"
+        return f"{reason} {health}"
+
+    def _exited(self, inst: Instance, now: float, reason: str, why: str) -> bool:
+        """`inst` went down at `now` for `reason` (`why` says it at length, naming the log): restart it later,
+        or leave it failed when it went down too often."""
         window = self.config.restart_window_s
         inst.exits = [t for t in inst.exits if now - t < window] + [now]
-        inst.healthy = False
+        inst.healthy, inst.exit_reason = False, reason
         if len(inst.exits) > self.config.max_restarts:
             inst.state = "failed"
-            inst.error = (f"{why}; it exited {len(inst.exits)} times within {window:g} s, more than the "
+            inst.error = (f"{why}; it went down {len(inst.exits)} times within {window:g} s, more than the "
                           f"{self.config.max_restarts} restarts allowed: not restarted again")
             return True
         delay = min(RESTART_BACKOFF_MAX_S, 2.0 ** (len(inst.exits) - 1))
@@ -386,7 +484,7 @@ def job_main(session: str) -> int:
 
     Submitit has installed its own handlers by the time it calls us — SIGTERM only logged, its preemption
     signal (SIGUSR2 unless $SUBMITIT_PREEMPT_SIGNAL) checkpointing or requeueing the job — and ours
-    replace them: SIGTERM stops the engines, and the preemption signal is only logged like SIGUSR1 (a
+    replace them: SIGTERM stops the engines, and the preemption signal starts draining like SIGUSR1 (a
     serving job has nothing to checkpoint; Slurm's SIGTERM follows)."""
     warnings = [signal.SIGUSR1]
     try:
@@ -404,7 +502,8 @@ def job_main(session: str) -> int:
 def _run_agent(session: Path, node: str, warnings: Sequence[int] = (signal.SIGUSR1,)) -> int:
     """Read serve.json, start this node's engines and keep them until told to stop; the exit status.
 
-    SIGTERM and SIGINT stop it; each of `warnings` (the walltime warning) is logged and changes nothing."""
+    SIGTERM and SIGINT stop it; each of `warnings` (the walltime warning, the preemption signal) is logged
+    and sets the report's `draining_since` at once; the engines keep serving."""
     config = read_record(session / "serve.json", ServeConfig, RERUN)
     agent = Agent(session, node, config, dict(os.environ))
 
@@ -414,7 +513,8 @@ def _run_agent(session: Path, node: str, warnings: Sequence[int] = (signal.SIGUS
     def warned(signum: int, _frame: Any) -> None:
         # os.write, not print: a handler that prints while the main code prints breaks the buffered stdout
         name = signal.Signals(signum).name
-        os.write(1, f"agent on {node}: got {name}; the engines keep serving until SIGTERM\n".encode())
+        os.write(1, f"agent on {node}: got {name}; draining: the engines keep serving until SIGTERM\n".encode())
+        agent.drain()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from scepsy_hpc.engine.adapters import EngineLaunch
 from scepsy_hpc.spec.records import Record
@@ -42,13 +42,18 @@ class ServeInstance(_Part):
 
 
 class ServeConfig(Record):
-    """serve.json: every engine of a placement, for the node agents."""
+    """serve.json: every engine of a placement, for the node agents. Times are wall seconds (none is scaled
+    by a sim engine's time scale: the agent's clock is the wall's)."""
 
     engine: str                      # sim, vllm or sglang
     launch_prefix: str = ""          # run engines through this shell prefix (module load …, apptainer exec …)
     health_timeout_s: float          # how long one engine may take to answer /health
-    max_restarts: int = 5            # an engine that exits is restarted, at most this many times …
+    max_restarts: int = 5            # an engine that exits (or is wedged) is restarted, at most this many times …
     restart_window_s: float = 600.0  # … within this window; then it is left failed
+    progress_check_s: float = Field(default=5.0, gt=0)   # how often the agent reads each engine's /metrics
+    stall_timeout_s: float = Field(default=120.0, ge=0)  # requests waiting or running and no token counted
+                                     # for this long: the engine is wedged although /health may answer 200;
+                                     # it is killed and restarted as if it had exited (0: never judged wedged)
     instances: list[ServeInstance]
 
 
@@ -71,7 +76,9 @@ class InstanceReport(_Part):
     remapped: bool = False           # Slurm gave other GPUs than planned
     started_at: float = 0.0          # Unix time the engine was spawned
     healthy_at: float = 0.0          # Unix time /health last turned healthy
-    restarts: int = 0                # times the agent restarted it after it exited
+    restarts: int = 0                # times the agent restarted it after it exited or was found wedged
+    last_restart_reason: str = ""    # why it was last restarted: "exited with code -9", "wedged: …"
+    last_restart_at: float | None = None   # Unix time of that restart
 
 
 class AgentReport(Record):
@@ -84,4 +91,6 @@ class AgentReport(Record):
     error: str = ""
     job_id: str = ""
     updated: float
+    draining_since: float | None = None   # Unix time the walltime/preemption warning came: the job ends soon,
+                                          # route nothing new here (the engines serve on until SIGTERM)
     instances: list[InstanceReport]

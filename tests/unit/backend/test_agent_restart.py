@@ -78,10 +78,13 @@ def agent(tmp_path: Path):
 def test_an_engine_killed_while_serving_is_restarted_on_the_same_url(agent) -> None:
     session = agent(["a"], max_restarts=3)
     first = _engine(session, "a")
+    assert first.last_restart_reason == "" and first.last_restart_at is None
+    killed_at = time.time()
     os.killpg(first.pid, signal.SIGKILL)
     again = _until(lambda: (e := _engine(session, "a")) is not None and e.restarts == 1 and e.healthy and e)
     assert again, _report(session)
     assert again.pid != first.pid and again.url == first.url and is_healthy(again.url)
+    assert again.last_restart_reason == "exited with code -9" and again.last_restart_at - killed_at >= 1.0   # backoff
     assert _report(session).state == "ready"
 
 
