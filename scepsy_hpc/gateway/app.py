@@ -10,6 +10,11 @@ tried as `{deployment}/{model}`, so a workflow's own LLM names work unchanged wi
 `http://gateway/d/{deployment}/v1`. A call's workflow request id comes from the path prefix or the
 `X-Scepsy-Request` header (the path wins); its role from `X-Scepsy-Role` or the body's
 `metadata.scepsy_role`.
+
+The endpoints file is followed while serving: a replica removed from it drains (no new calls, its
+in-flight ones finish; `GET /scepsy/v1/stats` lists it under `draining` until they have), and a
+call that finds no replica able to take it (an empty pool while engines restart, every replica
+refusing connections) holds for up to `hold_s` (`--hold-s`, default 60 s) before a 503.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 # the engine closes it (which would fail a call that was never received).
 KEEPALIVE_S = 4.0
 WATCH_EVERY_S = 0.2  # one stat() of the endpoints file per interval when idle
+# How long a call waits for a replica of its LLM when none can take it (engines restarting, a cut-over).
+DEFAULT_HOLD_S = 60.0
 # Routes are served at the root and under each of these (a request id, a deployment, or both).
 PREFIXES = ("", "/r/{request_id}", "/d/{deployment}", "/d/{deployment}/r/{request_id}")
 
@@ -58,9 +65,15 @@ class GatewayState:
     """Everything one gateway app holds: routing, the client session, counters, spans, the trace sink."""
 
     def __init__(self, source: Endpoints | EndpointsWatcher, trace_writer: TraceWriter | None, time_scale: float,
-                 *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0) -> None:
+                 *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0, hold_s: float = DEFAULT_HOLD_S) -> None:
+        if not 0 <= hold_s < float("inf"):
+            raise ValueError(f"hold_s={hold_s} must be finite and >= 0")
+        if hold_s > 0 and down_for_s <= 0:
+            # A refused connection is retried once its replica's down period passes: none would be a hot loop.
+            raise ValueError(f"down_for_s={down_for_s} must be > 0 when calls hold (hold_s={hold_s})")
         self.source = source
         self.router = Router(source, down_for_s=down_for_s)
+        self.hold_s = hold_s
         self.clock = ModelClock(time_scale)
         self.time_scale = time_scale
         self.sink = TraceSink(trace_writer)
@@ -96,7 +109,7 @@ class GatewayState:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        self.forwarder = Forwarder(self.session, self.router, self.clock, self.record)
+        self.forwarder = Forwarder(self.session, self.router, self.clock, self.record, hold_s=self.hold_s)
         if self.sink.writer is not None:
             self.sink.put(meta_record(self.time_scale))
         self.sink.start()
@@ -226,7 +239,7 @@ async def _handle_metrics(request: web.Request) -> web.Response:
 
 async def _handle_stats(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    st.router.sync()
+    st.router.sync(force=True)  # the daemon reads this right after writing the file: it must be reflected
     return web.json_response(gateway_stats(st))
 
 
@@ -249,11 +262,14 @@ async def _handle_span(request: web.Request) -> web.Response:
 
 
 def make_app(endpoints_source: Endpoints | EndpointsWatcher, trace_writer: TraceWriter | None = None,
-             time_scale: float = 1.0, *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0) -> web.Application:
-    """The gateway as an aiohttp application (a watcher must have been `load()`ed)."""
+             time_scale: float = 1.0, *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0,
+             hold_s: float = DEFAULT_HOLD_S) -> web.Application:
+    """The gateway as an aiohttp application (a watcher must have been `load()`ed).
+
+    `hold_s`: how long a call waits for a replica when none can take it (0: it fails at once)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     st = GatewayState(endpoints_source, trace_writer, time_scale, connect_timeout_s=connect_timeout_s,
-                      down_for_s=down_for_s)
+                      down_for_s=down_for_s, hold_s=hold_s)
     app[STATE] = st
     for prefix in PREFIXES:
         app.router.add_post(prefix + "/v1/chat/completions", partial(_handle_call, "/v1/chat/completions"))
@@ -309,7 +325,8 @@ class Gateway:
 
 async def start_gateway(endpoints_path: str | Path, trace_path: str | Path | None = None, host: str = "127.0.0.1",
                         port: int = 0, time_scale: float | None = None, *, connect_timeout_s: float = 5.0,
-                        watch_interval_s: float = 0.2, shutdown_timeout_s: float = 30.0) -> Gateway:
+                        watch_interval_s: float = 0.2, shutdown_timeout_s: float = 30.0, down_for_s: float = 1.0,
+                        hold_s: float = DEFAULT_HOLD_S) -> Gateway:
     """Load the endpoints file and serve; time_scale None takes the file's, else 1.0. Port 0 picks a free one.
 
     `close()` lets calls in flight finish for up to `shutdown_timeout_s`."""
@@ -324,7 +341,7 @@ async def start_gateway(endpoints_path: str | Path, trace_path: str | Path | Non
         except OSError as exc:
             raise ScepsyError(f"{trace_path}: cannot open the trace file for append: {exc.strerror}") from None
         writer = TraceWriter(trace_file)
-    app = make_app(watcher, writer, scale, connect_timeout_s=connect_timeout_s)
+    app = make_app(watcher, writer, scale, connect_timeout_s=connect_timeout_s, down_for_s=down_for_s, hold_s=hold_s)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s)
     try:
         await runner.setup()
@@ -366,8 +383,8 @@ def _remove_pid_file(path: Path) -> None:
 
 
 async def _serve(endpoints_path: str | Path, trace_path: str | Path | None, host: str, port: int,
-                 time_scale: float | None, pid_file: str | Path | None = None) -> None:
-    gw = await start_gateway(endpoints_path, trace_path, host, port, time_scale)
+                 time_scale: float | None, pid_file: str | Path | None = None, hold_s: float = DEFAULT_HOLD_S) -> None:
+    gw = await start_gateway(endpoints_path, trace_path, host, port, time_scale, hold_s=hold_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -387,9 +404,10 @@ async def _serve(endpoints_path: str | Path, trace_path: str | Path | None, host
 
 
 def run_gateway(endpoints_path: str | Path, trace_path: str | Path | None = None, host: str = "127.0.0.1",
-                port: int = 8000, time_scale: float | None = None, *, pid_file: str | Path | None = None) -> None:
+                port: int = 8000, time_scale: float | None = None, *, pid_file: str | Path | None = None,
+                hold_s: float = DEFAULT_HOLD_S) -> None:
     """Serve until SIGINT/SIGTERM (blocking); `pid_file` holds this process's id while the port is bound."""
-    asyncio.run(_serve(endpoints_path, trace_path, host, port, time_scale, pid_file))
+    asyncio.run(_serve(endpoints_path, trace_path, host, port, time_scale, pid_file, hold_s))
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -403,6 +421,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     p.add_argument("--time-scale", type=float, default=None,
                    help="the engines' time scale, so trace times are model seconds (default: the file's, else 1)")
+    p.add_argument("--hold-s", type=float, default=DEFAULT_HOLD_S,
+                   help="seconds a call waits for a replica of its LLM when none can take it (engines restarting, "
+                        f"a cut-over) before failing with 503 (default {DEFAULT_HOLD_S:g}; 0 fails at once)")
     p.add_argument("--pid-file", default=None,
                    help="write this process's id here once the port is bound; removed on a clean exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log reloads and debug detail")
@@ -416,9 +437,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def serve() -> None:
         if args.time_scale is not None and args.time_scale <= 0:
             raise SpecError(f"--time-scale {args.time_scale:g}: the time scale must be positive")
+        if not 0 <= args.hold_s < float("inf"):
+            raise SpecError(f"--hold-s {args.hold_s:g}: give 0 (fail at once) or a finite number of seconds")
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale, pid_file=args.pid_file)
+        run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale, pid_file=args.pid_file,
+                    hold_s=args.hold_s)
 
     return run_entry(serve)

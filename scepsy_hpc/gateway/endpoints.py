@@ -296,10 +296,10 @@ class EndpointsWatcher:
             raise RuntimeError("EndpointsWatcher.load() has not been called")
         return self._current
 
-    def poll(self) -> Endpoints:
-        """Reload if the file changed since the last look (rate-limited); return the current endpoints."""
+    def poll(self, *, force: bool = False) -> Endpoints:
+        """Reload if the file changed since the last look (rate-limited unless `force`); return the endpoints."""
         now = time.monotonic()
-        if now - self._last_stat < self.min_interval_s:
+        if not force and now - self._last_stat < self.min_interval_s:
             return self.current
         self._last_stat = now
         sig = self._stat()

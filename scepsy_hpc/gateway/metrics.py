@@ -55,9 +55,25 @@ class GatewayCollector(Collector):
                 caps.add_metric([p.name, r.url], r.cap)
         queue = GaugeMetricFamily("scepsy_gateway_queue_length",
                                   "Calls waiting because every replica of the LLM is full.", labels=["llm"])
+        held = GaugeMetricFamily("scepsy_gateway_held",
+                                 "Calls holding because no replica of the LLM can take them (none, or all down).",
+                                 labels=["llm"])
         for p in pools:
             queue.add_metric([p.name], p.queue_length())
-        yield from (calls, errors, outstanding, replica_calls, caps, queue)
+            held.add_metric([p.name], p.held_count())
+        held_calls = CounterMetricFamily("scepsy_gateway_held_calls_total",
+                                         "Calls that had to hold for a replica, per LLM.", labels=["llm"])
+        for name, n in sorted(st.router.held_calls.items()):
+            held_calls.add_metric([name], n)
+        hold_timeouts = CounterMetricFamily("scepsy_gateway_hold_timeouts_total",
+                                            "Held calls that failed when their hold ran out, per LLM.", labels=["llm"])
+        for name, n in sorted(st.router.hold_timeouts.items()):
+            hold_timeouts.add_metric([name], n)
+        draining = GaugeMetricFamily("scepsy_gateway_draining_outstanding",
+                                     "Calls in flight at replicas removed from the endpoints file.", labels=per_replica)
+        for r in st.router.draining():
+            draining.add_metric([r.llm, r.url], r.outstanding)
+        yield from (calls, errors, outstanding, replica_calls, caps, queue, held, held_calls, hold_timeouts, draining)
         yield GaugeMetricFamily("scepsy_gateway_open_spans", "Spans started and not yet ended.",
                                 value=st.spans.open_count())
         yield CounterMetricFamily("scepsy_gateway_spans_total", "Request and tool spans recorded.",
@@ -119,14 +135,21 @@ class CallWindow:
 
 
 def gateway_stats(state: GatewayState) -> dict[str, Any]:
-    """`GET /scepsy/v1/stats`: uptime, and per LLM key its counters, load, replicas and last minute.
+    """`GET /scepsy/v1/stats`: uptime, per LLM key its counters, load, replicas and last minute, and the
+    replicas still draining.
 
-    `{"uptime_s", "time_scale", "models": {key: {"calls", "errors", "outstanding", "queued", "replicas",
-    "replicas_up", "rate_rps_60s", "latency_mean_s_60s", "ttft_mean_s_60s"}}}`: calls and errors since
-    start; outstanding and queued now; replicas_up those not marked down by a refused connection;
-    the rate (completed calls, per wall second) divides by the window, or by the uptime while that is
-    shorter (at least 1 s); the means (model seconds, of successful calls; TTFT of streams only) are
-    null without such calls."""
+    `{"uptime_s", "time_scale", "models": {key: {"calls", "errors", "outstanding", "queued", "held",
+    "held_calls", "hold_timeouts", "replicas", "replicas_up", "replica_states", "rate_rps_60s",
+    "latency_mean_s_60s", "ttft_mean_s_60s"}}, "draining": {url: outstanding}}`: calls and errors
+    since start; outstanding (at the replicas in the endpoints file), queued (for a slot of a full
+    replica) and held (for any replica: none in the file, or all down) now; held_calls and
+    hold_timeouts since start; replicas counts those in the endpoints file, replicas_up those of them
+    not marked down by a refused connection; replica_states lists `{"url", "outstanding", "active",
+    "down"}` for each replica in the file (active true) and each removed one still draining (active
+    false); `draining` maps every removed replica with calls in flight (streams included) to their
+    number, so a replica is done once its URL leaves it. The rate (completed calls, per wall second)
+    divides by the window, or by the uptime while that is shorter (at least 1 s); the means (model
+    seconds, of successful calls; TTFT of streams only) are null without such calls."""
     st = state
     now = time.monotonic()
     uptime_s = now - st.started
@@ -141,6 +164,13 @@ def gateway_stats(state: GatewayState) -> dict[str, Any]:
             "rate_rps_60s": 0.0, "latency_mean_s_60s": None, "ttft_mean_s_60s": None}
         models[p.name] = {"calls": st.calls.get(p.name, 0), "errors": st.errors.get(p.name, 0),
                           "outstanding": sum(r.outstanding for r in p.replicas), "queued": p.queue_length(),
+                          "held": p.held_count(), "held_calls": st.router.held_calls.get(p.name, 0),
+                          "hold_timeouts": st.router.hold_timeouts.get(p.name, 0),
                           "replicas": len(p.replicas), "replicas_up": sum(1 for r in p.replicas if r.down_until <= now),
+                          "replica_states": [{"url": r.url, "outstanding": r.outstanding, "active": r.active,
+                                              "down": r.down_until > now} for r in st.router.replica_states(p)],
                           **recent}
-    return {"uptime_s": uptime_s, "time_scale": st.time_scale, "models": models}
+    draining: dict[str, int] = {}
+    for r in st.router.draining():
+        draining[r.url] = draining.get(r.url, 0) + r.outstanding
+    return {"uptime_s": uptime_s, "time_scale": st.time_scale, "models": models, "draining": draining}

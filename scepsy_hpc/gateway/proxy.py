@@ -1,10 +1,18 @@
 """Forwarding one LLM call: pick a replica, fail over if it is unreachable, relay the answer, trace it.
 
-A replica that refuses the connection is skipped for another (the call never reached it). A call that
-failed before any byte reached the client (the replica answered 5xx, or closed the connection before
-or while answering a non-streamed call) is retried once on another replica; a stream that already
-sent bytes never is. Every failure left becomes an OpenAI-style error for the client and a traced call
-with status "error"; none may escape and take the gateway down.
+A connection that was refused or failed before the request was sent never reached the engine, so it
+is always safe to retry: the replica is marked down and the call goes to another one that is not,
+or holds (`routing.Hold`, up to `hold_s`) until one is, which may be the same replica once its
+down period has passed, as often as it takes within the hold. A call that finds no replica at all
+(the LLM's pool is empty while its engines restart or move) holds the same way; when the hold runs
+out the client gets a 503 saying how long it waited. With `hold_s` 0 neither waits: a refused
+replica is skipped for an untried one and the call fails once every replica was tried.
+
+A call that failed after the request was sent and before any byte reached the client (the replica
+answered 5xx, or closed the connection before or while answering a non-streamed call) is retried
+once on another replica; a stream that already sent bytes never is. Every failure left becomes an
+OpenAI-style error for the client and a traced call with status "error"; none may escape and take
+the gateway down.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from scepsy_hpc.gateway.routing import LLMPool, NoReplicaError, ReplicaState, Router
+from scepsy_hpc.gateway.routing import Hold, LLMPool, NoReplicaError, ReplicaState, Router
 from scepsy_hpc.gateway.stream import SSEFilter, error_message
 from scepsy_hpc.trace.records import CallRecord
 
@@ -126,11 +134,12 @@ class Forwarder:
     """Sends calls to replicas through one pooled ClientSession and reports each as a CallRecord."""
 
     def __init__(self, session: aiohttp.ClientSession, router: Router, clock: Callable[[], float],
-                 on_record: Callable[[CallRecord], None]) -> None:
+                 on_record: Callable[[CallRecord], None], *, hold_s: float = 0.0) -> None:
         self.session = session
         self.router = router
         self.clock = clock
         self.on_record = on_record
+        self.hold_s = hold_s
 
     async def forward(self, request: web.Request, call: Call) -> web.StreamResponse:
         """Forward `call` and return the client's response; always emits one CallRecord."""
@@ -153,17 +162,25 @@ class Forwarder:
                 call_id=call.call_id))
 
     async def _forward(self, request: web.Request, call: Call, out: _Outcome) -> web.StreamResponse:
-        tried: list[tuple[str, str]] = []
+        tried: list[tuple[str, str]] = []   # replicas this call may not go to again, and why
+        refused: dict[str, str] = {}   # under a hold: replicas that refused the connection (retried once up)
+        hold = Hold(self.hold_s) if self.hold_s > 0 else None
         headers = {"X-Scepsy-Call": call.call_id}
         first_failure: tuple[web.Response, str, int | None] | None = None   # kept while its one retry runs
         while True:
             try:
-                replica = await self.router.acquire(call.pool, frozenset(u for u, _ in tried))
+                replica = await self.router.acquire(call.pool, frozenset(u for u, _ in tried),
+                                                    avoid_down=bool(refused), hold=hold)
             except NoReplicaError as exc:
                 if first_failure is not None:   # no other replica for the retry: the first answer stands
                     resp, msg, status = first_failure
                     out.fail(msg, status)
                     return resp
+                if exc.held_s is not None:
+                    last = "; ".join(f"{u} unreachable ({why})" for u, why in refused.items())
+                    msg = f"{exc.message}{f' (last tried: {last})' if last else ''}"
+                    out.fail(msg, 503)
+                    return error_response(503, msg, "upstream_unavailable", 503, headers=headers)
                 if tried:
                     what = ", ".join(f"{u} unreachable ({why})" for u, why in tried)
                     msg = f"llm {call.llm!r}: replica{'s' if len(tried) > 1 else ''} {what}; no other replica"
@@ -175,9 +192,13 @@ class Forwarder:
             try:
                 upstream = await self.session.post(replica.url + call.path, data=call.body, headers=call.headers)
             except _CONNECT_ERRORS as exc:
+                # The request was never sent: any replica may take it, this one too once it is up again.
                 self.router.release(replica)
                 self.router.mark_down(replica)
-                tried.append((replica.url, unreachable_reason(exc)))
+                if hold is None:
+                    tried.append((replica.url, unreachable_reason(exc)))
+                else:
+                    refused[replica.url] = unreachable_reason(exc)
                 continue
             except _LINK_ERRORS as exc:
                 self.router.release(replica)

@@ -3,6 +3,13 @@
 A pool is an LLM key of the endpoints file; its aliases are other names for the same pool.
 
 The same policy as the simulator's gateway (sim/), so measured and simulated queueing agree.
+
+A replica removed from the file drains: it takes no new calls and its state (the in-flight count)
+lives on until its last call ends, so `draining()` tells when it may be stopped. A call that finds
+no replica to take it (the pool is empty while engines restart, or every replica refused a
+connection a moment ago) waits under its `Hold` instead of failing: until a replica appears, a
+down period passes, or `hold_s` runs out (counted from the first time it found none, across its
+retries). A call queued because every replica is full waits without a limit, as before.
 """
 
 from __future__ import annotations
@@ -11,17 +18,36 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
 
 
 class NoReplicaError(Exception):
-    """No replica can take this call (none configured, all tried, or the LLM was removed)."""
+    """No replica can take this call (none configured, all tried, all down, its hold ran out, or the LLM was removed).
 
-    def __init__(self, message: str, *, exhausted: bool = False) -> None:
+    `exhausted`: every replica was excluded (tried already), so waiting cannot help. `retry_at`: every
+    replica left is marked down; the first may be tried again at this monotonic time. `held_s`: the
+    call waited its whole hold of this many seconds first."""
+
+    def __init__(self, message: str, *, exhausted: bool = False, retry_at: float | None = None,
+                 held_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.exhausted = exhausted
+        self.retry_at = retry_at
+        self.held_s = held_s
+
+
+@dataclass(eq=False)
+class Hold:
+    """One call's allowance for waiting while no replica can take it, shared by all its attempts.
+
+    The clock starts the first time the call finds no replica and never restarts, so a replica that
+    keeps refusing connections ends the call after `hold_s`, however many times it was retried."""
+
+    hold_s: float
+    since: float | None = None  # monotonic
 
 
 @dataclass(eq=False)
@@ -44,6 +70,22 @@ class ReplicaState:
 class _Waiter:
     fut: asyncio.Future[ReplicaState]
     exclude: frozenset[str]
+    avoid_down: bool = False  # a retry after a refused connection: only a replica not marked down will do
+    hold: Hold | None = None
+    held: bool = False  # waiting for a replica to appear or come up (not for a slot of a full one)
+    wake_at: float | None = None  # monotonic: look again then (a down period or the hold ends)
+    timer: asyncio.TimerHandle | None = None
+
+    def wake(self, at: float | None, callback: Callable[[], None]) -> None:
+        """Call `callback` at monotonic time `at` (None: never), replacing the previous timer."""
+        if at == self.wake_at:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.wake_at = at
+        if at is not None:
+            self.timer = asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), callback)
 
 
 @dataclass(eq=False)
@@ -57,8 +99,12 @@ class LLMPool:
     rr: int = 0
 
     def queue_length(self) -> int:
-        """Calls waiting for a slot."""
-        return sum(1 for w in self.waiters if not w.fut.done())
+        """Calls waiting for a slot of a full replica."""
+        return sum(1 for w in self.waiters if not w.fut.done() and not w.held)
+
+    def held_count(self) -> int:
+        """Calls holding: waiting for a replica to appear in the file or to come back up."""
+        return sum(1 for w in self.waiters if not w.fut.done() and w.held)
 
 
 class Router:
@@ -71,16 +117,19 @@ class Router:
         self._by_name: dict[str, LLMPool] = {}  # keys and aliases
         self._states: dict[tuple[str, str], ReplicaState] = {}
         self._applied: Endpoints | None = None
+        self.held_calls: dict[str, int] = {}     # per LLM key: calls that had to hold
+        self.hold_timeouts: dict[str, int] = {}  # per LLM key: held calls whose hold ran out
 
     # -- configuration ---------------------------------------------------------------------------
 
-    def endpoints(self) -> Endpoints:
-        """The endpoints in force (polling the watcher, rate-limited)."""
-        return self.source.poll() if isinstance(self.source, EndpointsWatcher) else self.source
+    def endpoints(self, *, force: bool = False) -> Endpoints:
+        """The endpoints in force (polling the watcher, rate-limited unless `force`)."""
+        return self.source.poll(force=force) if isinstance(self.source, EndpointsWatcher) else self.source
 
-    def sync(self) -> None:
-        """Apply the source's endpoints if they changed since the last call."""
-        eps = self.endpoints()
+    def sync(self, *, force: bool = False) -> None:
+        """Apply the source's endpoints if they changed since the last call (`force`: look at the file now,
+        not at most once per poll interval)."""
+        eps = self.endpoints(force=force)
         if eps is not self._applied:
             self.apply(eps)
 
@@ -135,10 +184,22 @@ class Router:
         """Every pool, by name."""
         return [self._pools[n] for n in sorted(self._pools)]
 
+    def draining(self) -> list[ReplicaState]:
+        """Replicas removed from the endpoints file with calls still in flight (streams included)."""
+        return [st for st in self._states.values() if not st.active and st.outstanding > 0]
+
+    def replica_states(self, pool: LLMPool) -> list[ReplicaState]:
+        """The pool's replicas in file order, then its draining ones."""
+        return pool.replicas + [st for st in self.draining() if st.llm == pool.name]
+
     # -- acquire / release -----------------------------------------------------------------------
 
-    def _pick(self, pool: LLMPool, exclude: frozenset[str]) -> ReplicaState | None:
-        """The free replica with the fewest outstanding calls (round-robin among equals), or None if all are full."""
+    def _pick(self, pool: LLMPool, exclude: frozenset[str], avoid_down: bool = False) -> ReplicaState | None:
+        """The free replica with the fewest outstanding calls (round-robin among equals), or None if all are full.
+
+        A replica marked down is a last resort, and with `avoid_down` no choice at all. Raises
+        NoReplicaError when no replica could take the call now: none in the file, all excluded, or
+        (with `avoid_down`) all marked down."""
         n = len(pool.replicas)
         if n == 0:
             raise NoReplicaError(f"llm {pool.name!r} has no replicas in the endpoints file")
@@ -148,12 +209,18 @@ class Router:
         fallback: ReplicaState | None = None  # a free replica that is marked down
         fallback_i = -1
         candidates = 0
+        up = 0  # candidates not marked down, free or full
+        first_up_at = float("inf")  # when the first candidate marked down may be tried again
         for k in range(n):
             i = (pool.rr + k) % n
             r = pool.replicas[i]
             if r.url in exclude:
                 continue
             candidates += 1
+            if r.down_until > now:
+                first_up_at = min(first_up_at, r.down_until)
+            else:
+                up += 1
             if r.outstanding >= r.cap:
                 continue
             if r.down_until > now:
@@ -163,11 +230,31 @@ class Router:
                 best, best_i = r, i
         if candidates == 0:
             raise NoReplicaError(f"llm {pool.name!r}: every replica was tried", exhausted=True)
-        if best is None:
+        if avoid_down and up == 0:
+            raise NoReplicaError(f"llm {pool.name!r}: every replica refused a connection in the last "
+                                 f"{self.down_for_s:g} s", retry_at=first_up_at)
+        if best is None and not avoid_down:
             best, best_i = fallback, fallback_i
         if best is not None:
             pool.rr = best_i + 1
         return best
+
+    def _hold_or_fail(self, pool: LLMPool, w: _Waiter, exc: NoReplicaError, now: float) -> NoReplicaError | None:
+        """None when `w` may wait for a replica (then `w.wake_at` says when to look again); else its error."""
+        h = w.hold
+        if h is None or h.hold_s <= 0 or exc.exhausted:
+            return exc
+        if h.since is None:
+            h.since = now
+            self.held_calls[pool.name] = self.held_calls.get(pool.name, 0) + 1
+        deadline = h.since + h.hold_s
+        if now >= deadline:
+            self.hold_timeouts[pool.name] = self.hold_timeouts.get(pool.name, 0) + 1
+            why = "every replica refused connections" if exc.retry_at is not None else "the endpoints file lists none"
+            return NoReplicaError(f"waited {h.hold_s:g} s for a replica of llm {pool.name!r}; {why}", held_s=h.hold_s)
+        w.held = True
+        w.wake(deadline if exc.retry_at is None else min(deadline, exc.retry_at), lambda: self._look_again(pool, w))
+        return None
 
     @staticmethod
     def _take(r: ReplicaState) -> ReplicaState:
@@ -175,12 +262,22 @@ class Router:
         r.calls += 1
         return r
 
-    async def acquire(self, pool: LLMPool, exclude: frozenset[str] = frozenset()) -> ReplicaState:
-        """A replica slot for one call of `pool` (waits in the LLM's FIFO when all replicas are full)."""
-        picked = self._pick(pool, exclude)  # raises when no replica could ever take the call
+    async def acquire(self, pool: LLMPool, exclude: frozenset[str] = frozenset(), *, avoid_down: bool = False,
+                      hold: Hold | None = None) -> ReplicaState:
+        """A replica slot for one call of `pool`: waits in the LLM's FIFO when all replicas are full, and
+        under `hold` while none can take it (see the module docstring); NoReplicaError when it cannot wait."""
+        if self._pools.get(pool.name) is not pool:  # a retry of a call whose LLM was removed meanwhile
+            raise NoReplicaError(f"llm {pool.name!r} was removed from the endpoints file while this call was in flight")
+        w = _Waiter(asyncio.get_running_loop().create_future(), exclude, avoid_down, hold)
+        try:
+            picked = self._pick(pool, exclude, avoid_down)
+        except NoReplicaError as exc:
+            err = self._hold_or_fail(pool, w, exc, time.monotonic())
+            if err is not None:
+                raise err from None
+            picked = None
         if picked is not None and not pool.waiters:  # FIFO: nobody overtakes a queued call
             return self._take(picked)
-        w = _Waiter(asyncio.get_running_loop().create_future(), exclude)
         pool.waiters.append(w)
         self._dispatch(pool)
         try:
@@ -189,11 +286,39 @@ class Router:
             # The caller went away: hand back a slot granted in the same instant, and leave the queue.
             if w.fut.done() and not w.fut.cancelled() and w.fut.exception() is None:
                 self.release(w.fut.result())
-            try:
-                pool.waiters.remove(w)
-            except ValueError:
-                pass
+            self._drop(pool, w)
             raise
+        finally:
+            w.wake(None, lambda: None)
+
+    def _look_again(self, pool: LLMPool, w: _Waiter) -> None:
+        """`w`'s timer ran out (a down period or its hold ended): serve the queue, then settle `w` itself."""
+        if w.fut.done():
+            return
+        w.timer = w.wake_at = None
+        self._dispatch(pool)
+        if w.fut.done():
+            return
+        try:
+            r = self._pick(pool, w.exclude, w.avoid_down)
+        except NoReplicaError as exc:
+            err = self._hold_or_fail(pool, w, exc, time.monotonic())
+            if err is not None:
+                w.fut.set_exception(err)
+                self._drop(pool, w)
+            return
+        if r is not None:  # free, yet not handed out: `w` sat behind a waiter that wants another replica
+            w.fut.set_result(self._take(r))
+            self._drop(pool, w)
+            return
+        w.held = False  # queued for a slot now: a release wakes it
+
+    @staticmethod
+    def _drop(pool: LLMPool, w: _Waiter) -> None:
+        try:
+            pool.waiters.remove(w)
+        except ValueError:
+            pass
 
     def release(self, r: ReplicaState) -> None:
         """Give a slot back; the first waiter of the LLM that this frees gets it."""
@@ -210,32 +335,43 @@ class Router:
         r.down_until = time.monotonic() + self.down_for_s
 
     def mark_up(self, r: ReplicaState) -> None:
-        """`r` answered: route to it normally again."""
+        """`r` answered: route to it normally again (calls holding for it go at once)."""
+        was_down = r.down_until > time.monotonic()
         r.down_until = 0.0
+        pool = self._pools.get(r.llm)
+        if was_down and pool is not None and pool.waiters and r.active:
+            self._dispatch(pool)
 
     def _dispatch(self, pool: LLMPool) -> None:
-        """Hand free slots to waiters in FIFO order."""
+        """Hand free slots to waiters in FIFO order; a waiter that can find no replica holds or fails."""
         while pool.waiters and pool.waiters[0].fut.done():
             pool.waiters.popleft()
         if not pool.waiters:
             return
         if pool.replicas and all(r.outstanding >= r.cap for r in pool.replicas):
             return  # the common case under load: nothing free, so no waiter can move
+        now = time.monotonic()
         waiting, remaining = pool.waiters, deque[_Waiter]()
         while waiting:
             w = waiting.popleft()
             if w.fut.done():
                 continue
             try:
-                r = self._pick(pool, w.exclude)
+                r = self._pick(pool, w.exclude, w.avoid_down)
             except NoReplicaError as exc:
-                w.fut.set_exception(exc)
+                err = self._hold_or_fail(pool, w, exc, now)
+                if err is None:
+                    remaining.append(w)
+                else:
+                    w.fut.set_exception(err)
                 continue
             if r is not None:
                 w.fut.set_result(self._take(r))
                 continue
+            w.held = False
+            w.wake(None, lambda: None)
             remaining.append(w)
-            if not w.exclude:
+            if not w.exclude and not w.avoid_down:
                 break  # every replica is full, so no later waiter can move either
         remaining.extend(waiting)
         pool.waiters = remaining

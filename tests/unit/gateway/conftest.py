@@ -23,6 +23,11 @@ from aiohttp import web
 from scepsy_hpc.gateway import Gateway, start_gateway
 from scepsy_hpc.trace.records import Trace, read_trace
 
+# The gateway's hold in tests: long enough to see calls held, short enough that a hold that runs out
+# costs a test little (the real default is 60 s).
+HOLD_S = 0.5
+
+
 async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
     """Wait for a condition that no event signals (gateway-internal state), checking every loop turn."""
     loop = asyncio.get_running_loop()
@@ -216,15 +221,18 @@ class _StackFactory:
 
     def __call__(self, llms: dict[str, int], *, caps: dict[str, int] | None = None, dead: dict[str, int] | None = None,
                  served: dict[str, str] | None = None, aliases: dict[str, list[str]] | None = None,
-                 time_scale: float = 1.0) -> "_StackCM":
-        return _StackCM(self.tmp, llms, caps or {}, dead or {}, served or {}, aliases or {}, time_scale)
+                 time_scale: float = 1.0, hold_s: float = HOLD_S, down_for_s: float = 1.0) -> "_StackCM":
+        return _StackCM(self.tmp, llms, caps or {}, dead or {}, served or {}, aliases or {}, time_scale, hold_s,
+                        down_for_s)
 
 
 class _StackCM:
     def __init__(self, tmp: Path, llms: dict[str, int], caps: dict[str, int], dead: dict[str, int],
-                 served: dict[str, str], aliases: dict[str, list[str]], time_scale: float) -> None:
+                 served: dict[str, str], aliases: dict[str, list[str]], time_scale: float, hold_s: float,
+                 down_for_s: float) -> None:
         self.stack = Stack(tmp)
         self.args = (llms, caps, dead, served, aliases, time_scale)
+        self.hold_s, self.down_for_s = hold_s, down_for_s
 
     async def __aenter__(self) -> Stack:
         llms, caps, dead, served, aliases, time_scale = self.args
@@ -243,7 +251,8 @@ class _StackCM:
             lines.append("    replicas:" if urls else "    replicas: []")
             lines += [f"      - {u}" for u in urls]
         s.write_endpoints("\n".join(lines) + "\n")
-        s.gw = await start_gateway(s.endpoints_path, s.trace_path, watch_interval_s=0.0, shutdown_timeout_s=1.0)
+        s.gw = await start_gateway(s.endpoints_path, s.trace_path, watch_interval_s=0.0, shutdown_timeout_s=1.0,
+                                   hold_s=self.hold_s, down_for_s=self.down_for_s)
         s.http = aiohttp.ClientSession(trust_env=False)
         return s
 

@@ -240,6 +240,10 @@ GATEWAY_FAMILIES = [
     ("scepsy_gateway_replica_calls_total", "counter"),
     ("scepsy_gateway_max_outstanding", "gauge"),
     ("scepsy_gateway_queue_length", "gauge"),
+    ("scepsy_gateway_held", "gauge"),
+    ("scepsy_gateway_held_calls_total", "counter"),
+    ("scepsy_gateway_hold_timeouts_total", "counter"),
+    ("scepsy_gateway_draining_outstanding", "gauge"),
     ("scepsy_gateway_open_spans", "gauge"),
     ("scepsy_gateway_spans_total", "counter"),
     ("scepsy_gateway_endpoints_reloads_total", "counter"),
@@ -259,7 +263,9 @@ async def test_metrics_parse_with_prometheus_client_under_the_recorded_names(sta
     assert content_type == "text/plain; version=0.0.4; charset=utf-8"
     assert [tuple(line.split()[2:4]) for line in text.splitlines() if line.startswith("# TYPE ")] == GATEWAY_FAMILIES
     samples = [x for fam in text_string_to_metric_families(text) for x in fam.samples]
-    assert {x.name for x in samples} == {name for name, _ in GATEWAY_FAMILIES}  # no `_created` series
+    unused = {"scepsy_gateway_held_calls_total", "scepsy_gateway_hold_timeouts_total",
+              "scepsy_gateway_draining_outstanding"}  # nothing held or drained here: no samples yet
+    assert {x.name for x in samples} == {name for name, _ in GATEWAY_FAMILIES} - unused  # no `_created` series
     value = {(x.name, tuple(sorted(x.labels.items()))): x.value for x in samples}
     assert value[("scepsy_gateway_calls_total", (("llm", "coder"),))] == 1
     assert value[("scepsy_gateway_calls_total", (("llm", "planner"),))] == 1
@@ -268,5 +274,6 @@ async def test_metrics_parse_with_prometheus_client_under_the_recorded_names(sta
     assert value[("scepsy_gateway_max_outstanding", (("llm", "planner"), ("replica", urls["planner"])))] == 3
     assert value[("scepsy_gateway_replica_calls_total", (("llm", "coder"), ("replica", urls["coder"])))] == 1
     assert value[("scepsy_gateway_outstanding", (("llm", "planner"), ("replica", urls["planner"])))] == 0
+    assert value[("scepsy_gateway_held", (("llm", "planner"),))] == 0
     assert value[("scepsy_gateway_open_spans", ())] == 1 and value[("scepsy_gateway_spans_total", ())] == 0
     assert value[("scepsy_gateway_endpoints_reloads_total", ())] == 0  # the file has not changed since start

@@ -29,8 +29,8 @@ async def test_unreachable_replica_fails_over_to_a_live_one(stack: Any) -> None:
     assert dead_state.connect_failures == 1  # marked down after the first refusal, so not retried each call
 
 
-async def test_only_replica_down_is_502_naming_it(stack: Any) -> None:
-    async with stack({"planner": 0, "coder": 1}, dead={"planner": 1}) as s:
+async def test_only_replica_down_is_502_naming_it_without_a_hold(stack: Any) -> None:
+    async with stack({"planner": 0, "coder": 1}, dead={"planner": 1}, hold_s=0) as s:
         dead = s.gw.state.router.pool("planner").replicas[0].url
         status, body = await s.post("/r/r-1/v1/chat/completions", {"model": "planner", "messages": CHAT})
         ok, _ = await s.post("/r/r-2/v1/chat/completions", {"model": "coder", "messages": CHAT})

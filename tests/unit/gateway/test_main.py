@@ -124,3 +124,12 @@ def test_busy_port_exits_1_with_one_line(tmp_path: Path) -> None:
     assert proc.stderr.decode() == (f"error: gateway cannot listen on 127.0.0.1:{port}: address already in use "
                                     "(another process listens there: stop it or choose another --port)\n")
     assert proc.stdout == b"" and not pid_file.exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_a_bad_hold_exits_2_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str) -> None:
+    ep = tmp_path / "ep.yaml"
+    ep.write_text("llms:\n  a:\n    replicas: [http://127.0.0.1:9]\n")
+    assert main(["--endpoints", str(ep), "--hold-s", value]) == 2
+    err = capsys.readouterr().err
+    assert f"--hold-s {value}" in err and "finite number of seconds" in err and "Traceback" not in err

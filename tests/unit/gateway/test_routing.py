@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from scepsy_hpc.gateway.endpoints import Endpoints
-from scepsy_hpc.gateway.routing import NoReplicaError, Router
+from scepsy_hpc.gateway.routing import Hold, NoReplicaError, Router
 
 # gateway scenarios take well under a second: a hang fails here instead of blocking the suite
 pytestmark = pytest.mark.timeout(10)
@@ -181,3 +182,124 @@ async def test_aliases_name_the_same_pool_and_follow_reloads() -> None:
     assert router.accepted_names() == {"d/a": "d/a", "d/b": "d/b", "x": "d/b"}
     router.release(held)
     assert held.outstanding == 0
+
+
+async def test_a_held_call_goes_when_a_replica_appears() -> None:
+    router = Router(_eps({"a": []}))
+    router.sync()
+    pool = router.pool("a")
+    assert pool is not None
+    call = asyncio.create_task(router.acquire(pool, hold=Hold(5.0)))
+    await asyncio.sleep(0)
+    assert not call.done() and pool.held_count() == 1 and pool.queue_length() == 0
+    router.apply(_eps({"a": URLS[:1]}))
+    assert (await call).url == URLS[0]
+    assert pool.held_count() == 0 and router.held_calls == {"a": 1} and router.hold_timeouts == {}
+
+
+async def test_a_hold_runs_out_with_a_message_naming_the_wait() -> None:
+    router = Router(_eps({"a": []}))
+    router.sync()
+    pool = router.pool("a")
+    assert pool is not None
+    t0 = time.monotonic()
+    with pytest.raises(NoReplicaError) as info:
+        await router.acquire(pool, hold=Hold(0.05))
+    assert time.monotonic() - t0 >= 0.05
+    assert info.value.message == "waited 0.05 s for a replica of llm 'a'; the endpoints file lists none"
+    assert info.value.held_s == 0.05 and pool.held_count() == 0 and not pool.waiters
+    assert router.hold_timeouts == {"a": 1}
+    with pytest.raises(NoReplicaError) as at_once:   # no hold: the old answer, at once
+        await router.acquire(pool)
+    assert "has no replicas" in at_once.value.message
+
+
+async def test_a_removed_llm_fails_its_held_calls_at_once() -> None:
+    router = Router(_eps({"a": [], "b": URLS[:1]}))
+    router.sync()
+    pool = router.pool("a")
+    assert pool is not None
+    call = asyncio.create_task(router.acquire(pool, hold=Hold(30.0)))
+    await asyncio.sleep(0)
+    router.apply(_eps({"b": URLS[:1]}))
+    with pytest.raises(NoReplicaError) as info:
+        await call
+    assert "removed from the endpoints file" in info.value.message
+    with pytest.raises(NoReplicaError):   # a retry of a call of the removed LLM does not hold either
+        await router.acquire(pool, hold=Hold(30.0))
+
+
+async def test_a_retry_after_a_refusal_waits_for_the_down_period_then_takes_the_same_replica() -> None:
+    router = Router(_eps({"a": URLS[:1]}), down_for_s=0.05)
+    router.sync()
+    pool = router.pool("a")
+    assert pool is not None
+    hold = Hold(5.0)
+    r = await router.acquire(pool, hold=hold)
+    router.release(r)
+    router.mark_down(r)   # the connection was refused
+    t0 = time.monotonic()
+    again = await router.acquire(pool, avoid_down=True, hold=hold)
+    assert again is r and time.monotonic() - t0 >= 0.04   # the same URL, once its down period passed
+    assert router.held_calls == {"a": 1} and hold.since is not None
+
+
+async def test_the_hold_clock_does_not_restart_between_retries() -> None:
+    router = Router(_eps({"a": URLS[:1]}), down_for_s=0.03)
+    router.sync()
+    pool = router.pool("a")
+    assert pool is not None
+    hold = Hold(0.1)
+    t0 = time.monotonic()
+    with pytest.raises(NoReplicaError) as info:
+        while True:   # a replica that refuses every connection
+            r = await router.acquire(pool, avoid_down=True, hold=hold)
+            router.release(r)
+            router.mark_down(r)
+    assert 0.1 <= time.monotonic() - t0 < 1.0
+    assert info.value.message == "waited 0.1 s for a replica of llm 'a'; every replica refused connections"
+    assert 2 <= pool.replicas[0].connect_failures <= 5   # retried after each down period, not in a hot loop
+
+
+async def test_a_retry_prefers_another_replica_that_is_up_and_mark_up_wakes_held_calls() -> None:
+    router = Router(_eps({"a": URLS[:2]}), down_for_s=3600)
+    router.sync()
+    pool = router.pool("a")
+    assert pool is not None
+    r0, r1 = pool.replicas
+    router.mark_down(r0)
+    assert (await router.acquire(pool, avoid_down=True, hold=Hold(5.0))) is r1
+    router.release(r1)
+    router.mark_down(r1)
+    call = asyncio.create_task(router.acquire(pool, avoid_down=True, hold=Hold(5.0)))
+    await asyncio.sleep(0)
+    assert not call.done() and pool.held_count() == 1
+    router.mark_up(r1)   # another call got through to r1: the held one goes at once
+    assert (await call) is r1
+
+
+async def test_a_cancelled_held_call_leaves_nothing_behind() -> None:
+    router = Router(_eps({"a": []}))
+    router.sync()
+    pool = router.pool("a")
+    assert pool is not None
+    call = asyncio.create_task(router.acquire(pool, hold=Hold(5.0)))
+    await asyncio.sleep(0)
+    (w,) = pool.waiters
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert not pool.waiters and w.timer is None
+
+
+async def test_draining_lists_removed_replicas_until_their_calls_end() -> None:
+    router = Router(_eps({"a": URLS[:2]}))
+    router.sync()
+    pool = router.pool("a")
+    assert pool is not None
+    r0 = await router.acquire(pool)
+    router.apply(_eps({"a": URLS[1:2]}))
+    assert router.draining() == [r0]
+    assert [(r.url, r.active) for r in router.replica_states(pool)] == [(URLS[1], True), (URLS[0], False)]
+    router.release(r0)
+    assert router.draining() == [] and [r.url for r in router.replica_states(pool)] == [URLS[1]]
