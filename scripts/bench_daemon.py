@@ -60,6 +60,14 @@ def commands_per_cycle(counts: list[int], real: bool) -> list[dict[str, Any]]:
     from scepsy_hpc.service.paths import StatePaths
     from scepsy_hpc.service.state import Deployment, Job
 
+    from scepsy_hpc.backend.records import ServeConfig, ServeInstance
+    from scepsy_hpc.backend.session import Session
+    from scepsy_hpc.engine.adapters import EngineLaunch
+
+    launch = EngineLaunch(engine="sim", model="llama-3.1-8b", hf_id="meta-llama/Llama-3.1-8B-Instruct",
+                          served_name="m", gpu="h100-sxm")
+    shape = ServeConfig(engine="sim", health_timeout_s=60.0, instances=[ServeInstance(
+        llm="m", replica=0, node="node1", gpus=[0], gpu_frac=1.0, mps_pct=100, port=8000, launch=launch)])
     rows = []
     for n in counts:
         with tempfile.TemporaryDirectory() as tmp:
@@ -85,8 +93,12 @@ def commands_per_cycle(counts: list[int], real: bool) -> list[dict[str, Any]]:
                     ids.append((fake(["sbatch", "--parsable", str(script)]).strip(), name))
             daemon = Daemon(paths, backends={"slurm": backend})
             for i, (job_id, name) in enumerate(ids):
-                daemon.store.add_deployment(Deployment(name=f"d{i}", state="pending", session_dir=str(paths.session_dir(f"d{i}"))))
-                daemon.store.add_job(Job(job_id=job_id, deployment=f"d{i}", backend="slurm", name=name, state="PENDING"))
+                session = Session(paths.session_dir(f"d{i}"))
+                session.dir.mkdir(parents=True)
+                session.write_serve_config(shape)   # one engine on node1: the job above serves it
+                daemon.store.add_deployment(Deployment(name=f"d{i}", state="pending", session_dir=str(session.dir)))
+                daemon.store.add_job(Job(job_id=job_id, deployment=f"d{i}", backend="slurm", name=name, state="PENDING",
+                                         unit="node1"))
 
             async def cycles() -> tuple[int, int]:
                 import aiohttp

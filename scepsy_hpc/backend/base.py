@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 from scepsy_hpc.errors import ScepsyError, SpecError
 from scepsy_hpc.spec.placement_entry import PlacementEntry
+from scepsy_hpc.topology.model import SlurmNode
 
 # Slurm's job states (sacct/squeue long names). A job in ACTIVE may still run; the rest are final.
 ACTIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
@@ -179,6 +180,11 @@ class ClusterBackend(ABC):
     def find_by_name(self, name: str) -> JobStatus | None:
         """The job called `name` (job names carry a nonce, so at most one is ours), or None. For a daemon that
         stopped between submitting a job and recording its id; this default cannot tell."""
+        return None
+
+    def nodes(self, partition: str | None) -> list[SlurmNode] | None:
+        """The partition's nodes with their state and the GPUs jobs hold there (one command), or None when the
+        backend has no nodes of its own to choose from (local: a node name is only a label)."""
         return None
 
     @abstractmethod

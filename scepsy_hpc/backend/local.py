@@ -15,16 +15,18 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from scepsy_hpc.backend.base import ClusterBackend, JobStatus, NodeJob, PartitionInfo
-from scepsy_hpc.backend.templates import quote, render_local
+from scepsy_hpc.backend.templates import quote, render_local, walltime_seconds
 from scepsy_hpc.engine.supervisor import group_alive, start, stop_group
 from scepsy_hpc.errors import SlurmError, SpecError
 from scepsy_hpc.spec.placement_entry import PlacementEntry
 from scepsy_hpc.spec.records import write_atomic
+from scepsy_hpc.topology.model import SlurmNode
 
 LOCAL_PARTITION = "local"   # the one partition the local backend has: this machine
+KILL_WAIT_S = 10            # after a walltime's SIGTERM, SIGKILL this much later (Slurm's KillWait)
 
 
 def _iso(timestamp: float) -> str:
@@ -41,6 +43,8 @@ class _Record:
     name: str
     nodes: str
     submit: str
+    limit: int | None = None     # walltime in seconds
+    gpus: int = 0                # GPUs per node it holds
 
 
 class LocalBackend(ClusterBackend):
@@ -48,9 +52,13 @@ class LocalBackend(ClusterBackend):
 
     name = "local"
 
-    def __init__(self, jobs_dir: Path) -> None:
+    def __init__(self, jobs_dir: Path, nodes: Mapping[str, int] | None = None) -> None:
+        """`nodes` (name → GPUs), when given, makes the backend answer `nodes()` like a cluster of that shape
+        whose GPUs are held by this backend's running jobs (`node_states` sets a node's state, e.g. "drained")."""
         super().__init__()
         self.jobs_dir = jobs_dir
+        self.capacity = dict(nodes) if nodes is not None else None
+        self.node_states: dict[str, str] = {}
 
     def submit(self, job: NodeJob) -> str:
         """Write the script beside the logs and start it in its own session."""
@@ -59,13 +67,18 @@ class LocalBackend(ClusterBackend):
         rc_path = job.log_dir / f"{job.name}.rc"
         rc_path.unlink(missing_ok=True)
         # the wrapper shell records the exit code even when the script is killed by a signal
-        wrapper = f"bash {quote(script)}; echo $? > {quote(rc_path)}"
+        limit = walltime_seconds(job.time) if job.time else None
+        # like Slurm, a walltime ends the job: SIGTERM at the limit, SIGKILL KILL_WAIT_S later (state TIMEOUT)
+        run = (f"timeout --foreground -k {KILL_WAIT_S} {limit} bash {quote(script)}" if limit  # stays in the job's group
+               else f"bash {quote(script)}")
+        wrapper = f"{run}; echo $? > {quote(rc_path)}"
         self.count_call("bash")
         proc = start(["bash", "-c", wrapper], job.log_dir / "job-local.out", what=f"local job {job.name}",
                      cwd=job.workdir, append=True)
         job_id = f"local-{proc.pid}"
         write_atomic(self.jobs_dir / job_id,
-                     f"{job.log_dir}\n{job.name}\n{','.join(job.nodes)}\n{_iso(time.time())}\n")
+                     f"{job.log_dir}\n{job.name}\n{','.join(job.nodes)}\n{_iso(time.time())}\n{limit or ''}\n"
+                     f"{job.gpus_per_node}\n")
         return job_id
 
     def _record(self, job_id: str) -> _Record:
@@ -75,10 +88,12 @@ class LocalBackend(ClusterBackend):
             log_dir, name, nodes = lines[:3]
             # records written before the submit time was kept have three lines: the record's own time stands in
             submit = lines[3] if len(lines) > 3 else _iso(path.stat().st_mtime)
+            limit = int(lines[4]) if len(lines) > 4 and lines[4] else None
+            gpus = int(lines[5]) if len(lines) > 5 and lines[5] else 0
             pid = int(job_id.split("-", 1)[1])
         except (OSError, ValueError, IndexError):
             raise SlurmError(f"local job {job_id!r} is unknown here (no record in {self.jobs_dir})") from None
-        return _Record(pid, Path(log_dir), name, nodes, submit)
+        return _Record(pid, Path(log_dir), name, nodes, submit, limit, gpus)
 
     def find_by_name(self, name: str) -> JobStatus | None:
         """The job recorded under `name` (the newest if several), or None."""
@@ -96,7 +111,8 @@ class LocalBackend(ClusterBackend):
         """RUNNING while the process group lives; then COMPLETED, FAILED or CANCELLED."""
         rec = self._record(job_id)
         if group_alive(rec.pid):
-            return JobStatus(job_id, "RUNNING", "", rec.nodes, "", "local", name=rec.name, submit=rec.submit)
+            end = _iso(dt.datetime.fromisoformat(rec.submit).timestamp() + rec.limit) if rec.limit else ""
+            return JobStatus(job_id, "RUNNING", "", rec.nodes, "", "local", name=rec.name, submit=rec.submit, end=end)
         cancelled = (rec.log_dir / f"{rec.name}.cancelled").exists()
         rc_path = rec.log_dir / f"{rec.name}.rc"
         try:
@@ -104,8 +120,10 @@ class LocalBackend(ClusterBackend):
             end = _iso(rc_path.stat().st_mtime)
         except (OSError, ValueError):
             code, end = -1, ""  # killed together with its wrapper
-        state = "CANCELLED" if cancelled else "COMPLETED" if code == 0 else "FAILED"
-        return JobStatus(job_id, state, f"{code}:0", rec.nodes, "cancelled by scepsy down" if cancelled else "", "local",
+        timed_out = rec.limit is not None and code in (124, 137) and not cancelled
+        state = "CANCELLED" if cancelled else "TIMEOUT" if timed_out else "COMPLETED" if code == 0 else "FAILED"
+        reason = "cancelled by scepsy" if cancelled else f"walltime of {rec.limit} s" if timed_out else ""
+        return JobStatus(job_id, state, f"{code}:0", rec.nodes, reason, "local",
                          name=rec.name, submit=rec.submit, end=end)
 
     def cancel(self, job_id: str, grace_s: float = 10.0) -> None:
@@ -119,6 +137,24 @@ class LocalBackend(ClusterBackend):
     def in_queue(self, job_id: str) -> bool:
         """Whether the job still runs."""
         return self.status(job_id).active
+
+    def nodes(self, partition: str | None) -> list[SlurmNode] | None:
+        """The nodes given to the constructor, each GPU held by a running job of this backend counted as allocated;
+        None without them (a node name is then only a label)."""
+        if self.capacity is None:
+            return None
+        used = dict.fromkeys(self.capacity, 0)
+        for path in self.jobs_dir.glob("local-*"):
+            try:
+                rec = self._record(path.name)
+            except SlurmError:
+                continue
+            if group_alive(rec.pid):
+                for node in rec.nodes.split(","):
+                    if node in used:
+                        used[node] += rec.gpus
+        return [SlurmNode(name=n, gpus=g, gpus_alloc=min(g, used[n]), state=self.node_states.get(n, "idle"),
+                          partitions=(LOCAL_PARTITION,)) for n, g in sorted(self.capacity.items())]
 
     def partitions(self) -> dict[str, PartitionInfo]:
         """This machine, as the one default partition."""

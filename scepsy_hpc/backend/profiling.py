@@ -125,14 +125,9 @@ def _run_real(task: ProfileTask) -> Any:
 
 def walltime_minutes(text: str) -> int:
     """Slurm walltime (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]) in whole minutes, rounded up."""
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:
-        h, m, s = (parts + [0, 0])[:3]
-        secs = int(days) * 86400 + h * 3600 + m * 60 + s
-    else:
-        secs = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1], 3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}[len(parts)](parts)
-    return max(1, -(-secs // 60))
+    from scepsy_hpc.backend.templates import walltime_seconds
+
+    return max(1, -(-walltime_seconds(text) // 60))
 
 
 @dataclass

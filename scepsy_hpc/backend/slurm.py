@@ -34,6 +34,7 @@ from scepsy_hpc.backend.templates import submission_parameters, submitit_folder
 from scepsy_hpc.errors import InfeasibleError, SlurmError, SpecError
 from scepsy_hpc.spec.placement_entry import PlacementEntry
 from scepsy_hpc.topology.discover import Runner, discover, run_command
+from scepsy_hpc.topology.model import SlurmNode
 
 if TYPE_CHECKING:
     import submitit
@@ -281,6 +282,14 @@ class SlurmBackend(ClusterBackend):
             nodes = int(parts[2]) if parts[2].isdigit() else 0
             out[name] = PartitionInfo(name, default, parts[1] == "up", nodes + (prev.nodes if prev else 0))
         return out
+
+    def nodes(self, partition: str | None) -> list[SlurmNode]:
+        """The partition's nodes (every node without one), their state and the GPUs allocated on each: one
+        `scontrol show node --oneliner`."""
+        from scepsy_hpc.topology.slurmnodes import parse_scontrol_nodes
+
+        nodes = parse_scontrol_nodes(self._run(["scontrol", "show", "node", "--oneliner"]), "scontrol show node")
+        return [n for n in nodes if partition is None or partition in n.partitions]
 
     def preflight(self, partition: str | None, placement: Sequence[PlacementEntry]) -> str:
         """Check the partition and the placement against the live Slurm before anything is submitted; the partition used."""

@@ -95,6 +95,17 @@ def check_walltime(value: str) -> str:
     return value
 
 
+def walltime_seconds(text: str) -> int:
+    """Slurm walltime (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]) in seconds."""
+    days, _, rest = check_walltime(text).rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        h, m, s = (parts + [0, 0])[:3]
+        return int(days) * 86400 + h * 3600 + m * 60 + s
+    return {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1],
+            3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}[len(parts)](parts)
+
+
 def check_node(value: str) -> str:
     """A node name as Slurm prints it."""
     if not _NODE.fullmatch(value):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scepsy_hpc.commands.argtypes import non_negative_int, positive_float, positive_int, walltime
+from scepsy_hpc.commands.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, walltime
 from scepsy_hpc.commands.common import jsonable, make_console
 from scepsy_hpc.commands.daemon import add_state_dir
 
@@ -38,10 +38,6 @@ def add_arguments(sub: Any) -> None:
     up.add_argument("--account", help="override the cluster spec's Slurm account")
     up.add_argument("--qos", help="override the cluster spec's Slurm QOS")
     up.add_argument("--time", type=walltime, metavar="WALLTIME", help="override the cluster spec's walltime (e.g. 4:00:00)")
-    up.add_argument("--switches", type=positive_int, metavar="N",
-                    help="at most N leaf switches (default: as many as the placement spans)")
-    up.add_argument("--switches-wait", type=walltime, default="5:00", metavar="T",
-                    help="how long Slurm may wait for --switches (default 5:00)")
     up.add_argument("--target-rps", type=positive_float, metavar="RPS", help="when planning a workflow: its target rate")
     up.add_argument("--launch-prefix", metavar="CMD",
                     help="put before each engine command, e.g. 'apptainer exec --nv vllm.sif' or 'module load cuda &&'")
@@ -57,6 +53,17 @@ def add_arguments(sub: Any) -> None:
                          "--resubmit-window, then the deployment fails (default 3; 0: never)")
     up.add_argument("--resubmit-window", type=positive_float, default=1800.0, metavar="S",
                     help="the circuit breaker's window (default 1800 s)")
+    up.add_argument("--no-cutover", action="store_true",
+                    help="do not replace a job before its walltime ends (it is resubmitted when it ends instead)")
+    up.add_argument("--cutover-margin", type=non_negative_float, default=60.0, metavar="S",
+                    help="ask for a job's replacement this long before its end, beyond the queue wait and the time to "
+                         "healthy engines the daemon measured (default 60 s)")
+    up.add_argument("--drain-grace", type=non_negative_float, default=120.0, metavar="S",
+                    help="calls in flight on a replaced job's engines (streams included) get this long to finish "
+                         "before it is cancelled (default 120 s)")
+    up.add_argument("--stall-timeout", type=non_negative_float, default=120.0, metavar="S",
+                    help="an engine with calls waiting or running whose token counters have not moved for S seconds "
+                         "(although /health answers) is restarted by its node agent (default 120; 0: never)")
     up.add_argument("--seed", type=non_negative_int, default=0)
     up.add_argument("--json", action="store_true", help="print the deployment's status as one JSON object (implies --detach)")
     add_state_dir(up)
@@ -88,7 +95,7 @@ def add_arguments(sub: Any) -> None:
     ev = sub.add_parser("events", help="a deployment's events (state changes, jobs, engines), oldest first")
     ev.add_argument("name", nargs="?", help="deployment name (default: every event, the daemon's included)")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events until Ctrl-C")
-    ev.add_argument("--json", action="store_true", help="one JSON object (with --follow: one JSON object per line)")
+    ev.add_argument("--json", action="store_true", help="a JSON list of {time, kind, detail, …} (with --follow: one such object per line)")
     ev.add_argument("--limit", type=positive_int, default=1000, metavar="N", help="at most N past events (default 1000)")
     add_state_dir(ev)
     ev.set_defaults(run=run)
@@ -150,11 +157,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     name = check_name(args.name or Path(args.target).stem, "deployment name")
     req = UpRequest(name=name, target=_absolute(args.target) or args.target, backend=args.backend, engine=args.engine,
                     cluster=_absolute(args.cluster) or "local", partition=args.partition, account=args.account, qos=args.qos,
-                    time=args.time, switches=args.switches, switches_wait=args.switches_wait, target_rps=args.target_rps,
+                    time=args.time, target_rps=args.target_rps,
                     launch_prefix=args.launch_prefix or "", engine_args=list(args.engine_arg or ()),
                     time_scale=args.time_scale, health_timeout_s=args.health_timeout, start_timeout_s=args.start_timeout,
                     seed=args.seed, models=_absolute(args.models), gpu_catalog=_absolute(args.gpu_catalog),
-                    max_resubmits=args.max_resubmits, resubmit_window_s=args.resubmit_window)
+                    max_resubmits=args.max_resubmits, resubmit_window_s=args.resubmit_window,
+                    cutover=not args.no_cutover, cutover_margin_s=args.cutover_margin, drain_grace_s=args.drain_grace,
+                    stall_timeout_s=args.stall_timeout)
     start_daemon(client.paths, reuse=True)
     since = _last_seq(client)
     doc = client.request("POST", "/v1/deployments", req.model_dump(), timeout_s=900.0)
@@ -311,20 +320,30 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _event_json(e: dict[str, Any]) -> dict[str, Any]:
+    """One event as `events --json` prints it: when (ISO 8601, with the UTC offset), what kind, the detail (why),
+    and the event's data."""
+    import datetime as dt
+
+    when = dt.datetime.fromtimestamp(e["ts"]).astimezone().isoformat(timespec="milliseconds")
+    return {"time": when, "ts": e["ts"], "seq": e["seq"], "deployment": e["deployment"], "kind": e["kind"],
+            "detail": e["message"], "data": e.get("data") or {}}
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     """Past events, then (with --follow) new ones as they come."""
     client = _client(args)
     q: dict[str, Any] = {"deployment": args.name, "after": 0, "limit": args.limit}
     got = client.request("GET", "/v1/events", query=q)
     if args.json and not args.follow:
-        print(json.dumps(got, indent=2))
+        print(json.dumps([_event_json(e) for e in got["events"]], indent=2))
         return 0
     c = make_console()
 
     def show(events: list[dict[str, Any]]) -> None:
         for e in events:
             if args.json:
-                print(json.dumps(e), flush=True)
+                print(json.dumps(_event_json(e)), flush=True)
             else:
                 c.print(f"{_when(e['ts'])} {e['deployment'] or 'daemon'} {e['kind']}: {e['message']}", highlight=False,
                         markup=False, soft_wrap=True)

@@ -81,9 +81,31 @@ def daemon_doc(daemon: Daemon) -> dict[str, Any]:
             "gateway": {"url": daemon.gateway.url, "pid": daemon.gateway.pid, "alive": daemon.gateway.alive()}}
 
 
+def continuity_doc(daemon: Daemon, d: Deployment, jobs: list[Any], rows: list[Any]) -> dict[str, Any]:
+    """The capacity now against the plan, and when the next cut-over starts (with its lead's parts)."""
+    from scepsy_hpc.service.units import llms_of
+
+    shape = daemon.live[d.name].shape if d.name in daemon.live else None
+    plan = llms_of(shape) if shape is not None else {}
+    capacity = {llm: {"now": sum(1 for r in rows if r.llm == llm and r.routed), "plan": n} for llm, n in plan.items()}
+    lead = daemon.lead(d)
+    live = [j for j in jobs if j.ended is None]
+    replaced = {j.replaces for j in live if j.replaces}
+    ends = [j.walltime_end for j in live if j.walltime_end is not None and j.drain_started is None
+            and j.job_id not in replaced]
+    opts = d.options or {}
+    return {"capacity": capacity, "walltime_end": min(ends) if ends else None,
+            "next_cutover": (min(ends) - lead.total_s) if ends and opts.get("cutover", True) else None,
+            "lead_s": round(lead.total_s, 3), "queue_wait_s": round(lead.queue_s, 3),
+            "time_to_healthy_s": round(lead.healthy_s, 3), "margin_s": lead.margin_s,
+            "drain_grace_s": opts.get("drain_grace_s"), "excluded_nodes": opts.get("excluded_nodes") or {},
+            "resubmits": len(opts.get("resubmits") or []), "max_resubmits": opts.get("max_resubmits")}
+
+
 def deployment_doc(daemon: Daemon, d: Deployment) -> dict[str, Any]:
     """`scepsy status NAME --json`."""
     jobs = daemon.store.jobs(d.name)
+    rows = daemon.store.instances(d.name)
     job = jobs[-1] if jobs else None
     gw = daemon.gateway.url
     opts = d.options or {}
@@ -93,9 +115,13 @@ def deployment_doc(daemon: Daemon, d: Deployment) -> dict[str, Any]:
         "job_state": job.state if job else None, "job_reason": job.reason if job else None,
         "job_nodes": job.nodes if job else None, "walltime_end": job.walltime_end if job else None,
         "gateway_url": gw, "base_url": f"{gw}/d/{d.name}/v1" if gw else None,
-        "instances": [{"llm": r.llm, "replica": r.replica, "node": r.node, "gpus": r.gpus, "url": r.url,
-                       "healthy": r.healthy, "state": r.state, "pid": r.pid, "restarts": r.restarts, "error": r.error}
-                      for r in daemon.store.instances(d.name)],
+        "jobs": [{"job_id": j.job_id, "name": j.name, "unit": j.unit, "nodes": j.nodes, "state": j.state,
+                  "reason": j.reason, "role": j.role, "replaces": j.replaces or None, "walltime_end": j.walltime_end,
+                  "started": j.started, "drain_started": j.drain_started, "ended": j.ended} for j in jobs],
+        "instances": [{"llm": r.llm, "replica": r.replica, "job_id": r.job_id, "node": r.node, "gpus": r.gpus,
+                       "url": r.url, "healthy": r.healthy, "routed": r.routed, "state": r.state, "pid": r.pid,
+                       "restarts": r.restarts, "error": r.error} for r in rows],
+        "continuity": continuity_doc(daemon, d, jobs, rows),
         "daemon_pid": os.getpid(), "workflows": opts.get("workflows", []), "target": d.target, "plan": d.plan_path,
         "spec_paths": d.spec_paths,
         "session_dir": d.session_dir, "time_scale": opts.get("time_scale"), "error": d.error,
@@ -220,7 +246,8 @@ async def _logs(request: web.Request) -> web.Response:
     llm = request.query.get("llm") or None
     replica = _int(request, "replica", -1, -1, 1_000_000)
     lines = _int(request, "lines", 100, 1, MAX_LOG_LINES)
-    log_dir = Path(d.session_dir) / "logs"
+    jobs = daemon.store.jobs(d.name)
+    log_dirs = {j.job_id: Path(j.session_dir or d.session_dir) / "logs" for j in jobs}
     files: list[Path]
     if llm is not None or replica >= 0:
         rows = [r for r in daemon.store.instances(d.name) if (llm is None or r.llm == llm) and (replica < 0 or r.replica == replica)]
@@ -228,9 +255,10 @@ async def _logs(request: web.Request) -> web.Response:
             have = sorted({f"{r.llm}·{r.replica}" for r in daemon.store.instances(d.name)})
             raise SpecError(f"deployment {d.name!r} has no instance {llm or '*'}·{replica if replica >= 0 else '*'}; "
                             f"it has {', '.join(have) or 'none yet'}")
-        files = [log_dir / f"engine-{r.llm}-{r.replica}.log" for r in rows]
+        files = [log_dirs.get(r.job_id, Path(d.session_dir) / "logs") / f"engine-{r.llm}-{r.replica}.log" for r in rows]
     else:
-        files = sorted(p for p in log_dir.glob("*") if p.is_file() and p.suffix in (".out", ".log", ".err"))
+        files = sorted(p for ld in dict.fromkeys(log_dirs.values()) for p in ld.glob("*")
+                       if p.is_file() and p.suffix in (".out", ".log", ".err"))
         files = await asyncio.to_thread(_job_logs, daemon, d.name) + files
     out = await asyncio.to_thread(lambda: [{"path": str(p), "text": _tail(p, lines)} for p in files])
     return web.json_response({"deployment": d.name, "logs": out})

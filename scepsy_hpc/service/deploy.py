@@ -42,8 +42,6 @@ class UpRequest(BaseModel):
     account: str | None = None
     qos: str | None = None
     time: str | None = None
-    switches: int | None = Field(default=None, ge=1)
-    switches_wait: str = "5:00"
     target_rps: float | None = Field(default=None, gt=0)
     launch_prefix: str = ""
     engine_args: list[str] = []
@@ -52,6 +50,10 @@ class UpRequest(BaseModel):
     start_timeout_s: float = Field(default=3600.0, gt=0)
     max_resubmits: int = Field(default=3, ge=0)          # a job that ends is resubmitted at most this many times …
     resubmit_window_s: float = Field(default=1800.0, gt=0)   # … within this window (the circuit breaker)
+    cutover: bool = True                                  # replace a job before its walltime ends
+    cutover_margin_s: float = Field(default=60.0, ge=0)   # lead = queue wait + time to healthy + this
+    drain_grace_s: float = Field(default=120.0, ge=0)     # in-flight calls of a drained job get this long
+    stall_timeout_s: float = Field(default=120.0, ge=0)   # an engine with calls and no token for this long is restarted
     seed: int = Field(default=0, ge=0)
     models: str | None = None
     gpu_catalog: str | None = None
@@ -64,14 +66,38 @@ class Prepared:
     plan_path: Path
     workflows: tuple[str, ...]
     spec_paths: tuple[str, ...]
-    config: ServeConfig
-    job: NodeJob
+    config: ServeConfig                      # every engine of the placement (the shape)
+    template: JobTemplate                    # what every job of the deployment asks Slurm for
     aliases: Mapping[str, tuple[str, ...]]   # allocation key → other names its workflows call it by
 
 
-def job_name(name: str) -> str:
-    """`scepsy-NAME-NONCE`: the nonce tells this submission from an earlier one of the same deployment."""
-    return f"scepsy-{name[:40]}-{secrets.token_hex(3)}"
+class JobTemplate(BaseModel):
+    """What each job of a deployment asks its backend for, beside its node and GPUs (kept in the state, so a
+    replacement is submitted like the first job)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    constraint: str | None = None
+    gres_type: str | None = None
+    env: dict[str, str] = {}
+    python: str = sys.executable
+
+    def job(self, name: str, node: str, gpus: int, session_dir: Path) -> NodeJob:
+        """The job that runs the node agent of `session_dir` on `node`, holding `gpus` GPUs."""
+        return NodeJob(name=name, nodes=(node,), gpus_per_node=gpus,
+                       command=(self.python, "-m", "scepsy_hpc.backend.agent", "--session", str(session_dir)),
+                       log_dir=session_dir / "logs", workdir=session_dir, partition=self.partition,
+                       account=self.account, qos=self.qos, time=self.time, constraint=self.constraint,
+                       gres_type=self.gres_type, env=dict(self.env), session=session_dir)
+
+
+def job_name(name: str, unit: str = "") -> str:
+    """`scepsy-NAME[-UNIT]-NONCE`: the nonce tells this submission from an earlier one of the same unit."""
+    return f"scepsy-{name[:40]}" + (f"-{unit[:16]}" if unit else "") + f"-{secrets.token_hex(3)}"
 
 
 def _find_target(target: str) -> Path:
@@ -143,17 +169,6 @@ def placement_of(plan: Any, cluster: Any, gpus: Any) -> list[PlacementEntry]:
     return place(plan.allocation, from_cluster(cluster, gpus), gpu_type=plan.gpus.type).entries()
 
 
-def leaf_switches(placement: Sequence[PlacementEntry], cluster: Any, gpus: Any) -> int | None:
-    """Leaf switches the placement spans (for --switches), when the cluster spec knows its switches."""
-    if not cluster.node_groups:
-        return None
-    from scepsy_hpc.topology.build import from_cluster
-
-    topo = from_cluster(cluster, gpus)
-    leaves = {topo.node(p.node).leaf for p in placement if p.node in {n.name for n in topo.nodes}}
-    return len(leaves) if leaves and None not in leaves else None
-
-
 def aliases_of(plan: Any, workflows: Sequence[Any]) -> dict[str, tuple[str, ...]]:
     """Per allocation key, the names a workflow's code uses for it: `WORKFLOW/LLM` for every route, and the
     bare LLM name where it names one key only (a plan of one workflow needs none: its keys are its names)."""
@@ -174,7 +189,7 @@ def aliases_of(plan: Any, workflows: Sequence[Any]) -> dict[str, tuple[str, ...]
 
 def prepare(req: UpRequest, session_dir: Path, backend: ClusterBackend, say: Callable[[str], None]) -> Prepared:
     """Plan (if needed), place, check against the backend, write plan.yaml and serve.json; the job to submit."""
-    from scepsy_hpc.backend.serving import placement_nodes, serve_config, write_serve_files
+    from scepsy_hpc.backend.serving import serve_config, write_serve_files
     from scepsy_hpc.backend.session import Session
     from scepsy_hpc.spec.catalog import load_gpus, load_models, resolve_input
     from scepsy_hpc.spec.cluster import load_cluster
@@ -189,26 +204,17 @@ def prepare(req: UpRequest, session_dir: Path, backend: ClusterBackend, say: Cal
     config = serve_config(plan, wfs, models, gpus, placement, engine=req.engine, engine_args=tuple(req.engine_args),
                           launch_prefix=req.launch_prefix, health_timeout_s=req.health_timeout_s,
                           time_scale=req.time_scale, seed=req.seed)
+    config = config.model_copy(update={"stall_timeout_s": req.stall_timeout_s})
     slurm = cluster.slurm
     partition = backend.preflight(req.partition or (slurm.partition if slurm else None), placement)
     write_serve_files(session, config, plan_path)
     copy = session_dir / "plan.yaml"
-    per_node = placement_nodes(placement)
     gres_type = next((k for k, v in (slurm.gpu_types if slurm else {}).items() if v == plan.gpus.type), None)
     pythonpath = os.pathsep.join(p for p in (str(_REPO), os.environ.get("PYTHONPATH")) if p)
-    job = NodeJob(name=job_name(req.name), nodes=tuple(sorted(per_node)),
-                  command=(sys.executable, "-m", "scepsy_hpc.backend.agent", "--session", str(session_dir)),
-                  gpus_per_node=max(len(g) for g in per_node.values()), log_dir=session.log_dir, workdir=session_dir,
-                  partition=partition, account=req.account or (slurm.account if slurm else None),
-                  qos=req.qos or (slurm.qos if slurm else None), time=req.time or (slurm.time if slurm else None),
-                  constraint=slurm.constraint if slurm else None,
-                  switches=req.switches or leaf_switches(placement, cluster, gpus), switches_wait=req.switches_wait,
-                  gres_type=gres_type, env={"PYTHONPATH": pythonpath}, **_session_field(session_dir))
+    template = JobTemplate(partition=partition, account=req.account or (slurm.account if slurm else None),
+                           qos=req.qos or (slurm.qos if slurm else None), time=req.time or (slurm.time if slurm else None),
+                           constraint=slurm.constraint if slurm else None, gres_type=gres_type,
+                           env={"PYTHONPATH": pythonpath})
     return Prepared(plan_path=copy, workflows=tuple(w.name for w in wfs),
                     spec_paths=tuple(str(f.resolve()) for f in [_find_target(req.target), *wf_files]),
-                    config=config, job=job, aliases=aliases_of(plan, wfs))
-
-
-def _session_field(session_dir: Path) -> dict[str, Any]:
-    """NodeJob's `session` (the directory a Slurm job's agents run on), where this NodeJob has that field."""
-    return {"session": session_dir} if "session" in NodeJob.__dataclass_fields__ else {}
+                    config=config, template=template, aliases=aliases_of(plan, wfs))

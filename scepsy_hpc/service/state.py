@@ -2,9 +2,10 @@
 
     meta(key, value)                          daemon-wide settings (the gateway's port, …)
     deployments(name, desired, state, …)      what the user asked for and where it stands
-    jobs(backend, job_id, deployment, …)      the job that serves a deployment (id, name and submit
-                                              time together identify it: Slurm recycles ids)
-    instances(deployment, llm, replica, …)    each engine and its health
+    jobs(backend, job_id, deployment, …)      the jobs that serve a deployment, one per node of its plan and
+                                              their replacements (id, name and submit time together
+                                              identify one: Slurm recycles ids)
+    instances(deployment, job_id, llm, …)     each engine, its health and whether the gateway routes to it
     events(seq, ts, deployment, kind, …)      append-only history; kept when a deployment is deleted
 
 Every write commits before its method returns, so a transition is on disk before the daemon acts on
@@ -34,7 +35,7 @@ from urllib.parse import quote
 
 from scepsy_hpc.errors import ScepsyError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "state.db"
 BUSY_TIMEOUT_MS = 5000
 MAX_EVENTS = 10_000                  # the most rows one `events()` call returns
@@ -68,6 +69,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, deployment TEXT,"
         " kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL)",
         "CREATE INDEX events_by_deployment ON events (deployment, seq)",
+    ),
+    (   # 1 -> 2: a deployment is served by several jobs (one per node of its plan, and their replacements);
+        # instances are derived from the agents' reports every cycle, so their table is rebuilt empty
+        "ALTER TABLE jobs ADD COLUMN session_dir TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE jobs ADD COLUMN unit TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE jobs ADD COLUMN replaces TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE jobs ADD COLUMN started REAL",
+        "ALTER TABLE jobs ADD COLUMN drain_started REAL",
+        "DROP TABLE instances",
+        "CREATE TABLE instances (deployment TEXT NOT NULL REFERENCES deployments(name) ON DELETE CASCADE,"
+        " llm TEXT NOT NULL, replica INTEGER NOT NULL, node TEXT NOT NULL, gpus TEXT NOT NULL,"
+        " url TEXT NOT NULL, state TEXT NOT NULL, healthy INTEGER NOT NULL, pid INTEGER,"
+        " restarts INTEGER NOT NULL, error TEXT NOT NULL, updated REAL NOT NULL, job_id TEXT NOT NULL,"
+        " routed INTEGER NOT NULL, PRIMARY KEY (deployment, job_id, llm, replica))",
     ),
 )
 
@@ -114,6 +129,11 @@ class Job:
     created: float = 0.0              # Unix seconds; 0 = stamped by `add_job`
     updated: float = 0.0
     ended: float | None = None        # None while the job is live
+    session_dir: str = ""             # the job's own session directory (serve.json, agents/, logs/); "" = the deployment's
+    unit: str = ""                    # the plan's node(s) this job serves (it may run them on other nodes)
+    replaces: str = ""                # the job id this one replaces (a walltime cut-over, a re-placement)
+    started: float | None = None      # Unix seconds the daemon first saw it run
+    drain_started: float | None = None   # Unix seconds its engines were taken out of the gateway's routes
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,8 @@ class InstanceRow:
     restarts: int = 0
     error: str = ""
     updated: float = 0.0
+    job_id: str = ""                  # the job whose agent runs it
+    routed: bool = False              # the gateway sends it calls (healthy, and its job is not draining)
 
 
 @dataclass(frozen=True)
@@ -178,9 +200,10 @@ _DEPLOYMENTS = _Table(name="deployments", row=Deployment, key=("name",), order="
                       json_columns=frozenset({"spec_paths", "options"}), fixed=frozenset({"name", "created", "updated"}))
 _JOBS = _Table(name="jobs", row=Job, key=("backend", "job_id"), order="created, backend, job_id",
                fixed=frozenset({"backend", "job_id", "deployment", "created", "updated"}))
-_INSTANCES = _Table(name="instances", row=InstanceRow, key=("deployment", "llm", "replica"),
-                    order="deployment, llm, replica", json_columns=frozenset({"gpus"}),
-                    bool_columns=frozenset({"healthy"}), fixed=frozenset({"deployment", "llm", "replica", "updated"}))
+_INSTANCES = _Table(name="instances", row=InstanceRow, key=("deployment", "job_id", "llm", "replica"),
+                    order="deployment, llm, replica, job_id", json_columns=frozenset({"gpus"}),
+                    bool_columns=frozenset({"healthy", "routed"}),
+                    fixed=frozenset({"deployment", "job_id", "llm", "replica", "updated"}))
 _EVENTS = _Table(name="events", row=Event, key=("seq",), order="seq", json_columns=frozenset({"data"}))
 
 
@@ -453,10 +476,10 @@ class StateStore:
             for row in rows:
                 self._insert(_INSTANCES, replace(row, updated=now))
 
-    def update_instance(self, deployment: str, llm: str, replica: int, **fields: Any) -> InstanceRow:
-        """Change some fields of one instance (stamping `updated`) and return it as stored."""
-        return self._update(_INSTANCES, (deployment, llm, replica), fields,
-                            f"instance {llm}/{replica} of deployment {deployment!r}")
+    def update_instance(self, deployment: str, llm: str, replica: int, job_id: str = "", **fields: Any) -> InstanceRow:
+        """Change some fields of one instance (of job `job_id`; stamping `updated`) and return it as stored."""
+        return self._update(_INSTANCES, (deployment, job_id, llm, replica), fields,
+                            f"instance {llm}/{replica} of deployment {deployment!r}" + (f" in job {job_id}" if job_id else ""))
 
     def instances(self, deployment: str | None = None) -> list[InstanceRow]:
         """The instances of `deployment` (None: of all), by deployment, LLM and replica."""

@@ -130,10 +130,11 @@ def test_two_deployments_on_slurm_survive_a_daemon_kill9_and_down_all_leaves_no_
         _state_cmd(state, "up", str(p), "--backend", "slurm", "--time-scale", TIME_SCALE, "--name", name, "--detach")
     docs = {n: _wait(state, n, ("serving",)) for n in ("e2e", "e2f")}
     for name, doc in docs.items():
-        job_id = doc["job_id"]
-        assert "RUNNING" in _squeue(job_id)
-        scripts = list((state / "deployments" / name / "logs").rglob("*.sh"))   # submitit's script, beside the logs
-        assert scripts and "#SBATCH" in scripts[0].read_text()
+        assert len(doc["job_ids"]) == 2   # one job per node of the plan
+        for job_id in doc["job_ids"]:
+            assert "RUNNING" in _squeue(job_id)
+        scripts = list((state / "deployments" / name / "jobs").rglob("*.sh"))   # submitit's script, beside the logs
+        assert len(scripts) == 2 and all("#SBATCH" in p.read_text() for p in scripts)
         planned = {(p["llm"], p["replica"]): p for p in yaml.safe_load((Path(doc["plan"])).read_text())["placement"]}
         got = {(i["llm"], i["replica"]): i for i in doc["instances"]}
         assert got.keys() == planned.keys()
@@ -142,13 +143,13 @@ def test_two_deployments_on_slurm_survive_a_daemon_kill9_and_down_all_leaves_no_
             assert (inst["node"], inst["gpus"]) == (planned[key]["node"], planned[key]["gpus"])
             env = _environ(inst["pid"])   # the engine really runs in the job, with the placement's GPUs
             assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, planned[key]["gpus"]))
-            assert env["SLURM_JOB_ID"] == job_id and env["SLURMD_NODENAME"] == planned[key]["node"]
+            assert env["SLURM_JOB_ID"] == inst["job_id"] and env["SLURMD_NODENAME"] == planned[key]["node"]
         client = OpenAI(base_url=doc["base_url"], api_key="unused", max_retries=0, timeout=60)
         out = client.chat.completions.create(model="generator", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert out.choices[0].message.content is not None
 
     logs = _state_cmd(state, "logs", "e2e").stdout   # each node's task output, through submitit's handle on the job
-    assert "submitit" in logs and "_0_log.out" in logs and "_1_log.out" in logs, logs[:2000]
+    assert "submitit" in logs and all(f"{j}_0_log.out" in logs for j in docs["e2e"]["job_ids"]), logs[:2000]
     drive = json.loads(_state_cmd(state, "drive", "e2e", "--requests", "8", "--json").stdout)   # the trace's workflow
     assert (drive["requests"], drive["ok"], drive["errors"]) == (8, 8, 0)
 
@@ -182,13 +183,13 @@ def test_two_deployments_on_slurm_survive_a_daemon_kill9_and_down_all_leaves_no_
     assert failures == [] and sent[0] > 0
     again = {n: _wait(state, n, ("serving",)) for n in ("e2e", "e2f")}
     for n in ("e2e", "e2f"):
-        assert again[n]["job_id"] == docs[n]["job_id"]
+        assert again[n]["job_ids"] == docs[n]["job_ids"]
         assert {(i["llm"], i["replica"]): i["pid"] for i in again[n]["instances"]} == \
                {(i["llm"], i["replica"]): i["pid"] for i in docs[n]["instances"]}
 
     _state_cmd(state, "down", "--all")
     for n in ("e2e", "e2f"):
-        assert _squeue(docs[n]["job_id"]) == ""
+        assert all(_squeue(j) == "" for j in docs[n]["job_ids"])
         assert _status(state, n)["state"] == "stopped"
         for inst in docs[n]["instances"]:
             assert not Path(f"/proc/{inst['pid']}").exists()
@@ -203,9 +204,9 @@ def test_an_engine_that_fails_to_start_fails_the_deployment_naming_its_log_and_t
     logs = re.findall(r"see (/\S+\.log)", doc["error"])
     assert logs and "unrecognized arguments: --no-such-flag" in Path(logs[0]).read_text()
     deadline = time.monotonic() + 60
-    while _squeue(doc["job_id"]) and time.monotonic() < deadline:
+    while any(_squeue(j) for j in doc["job_ids"]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _squeue(doc["job_id"]) == ""
+    assert [j for j in doc["job_ids"] if _squeue(j)] == []
 
 
 def test_a_partition_that_does_not_exist_is_refused_before_anything_is_submitted(served_plan: dict[str, Path],
@@ -253,7 +254,7 @@ def test_a_job_cancelled_from_outside_is_resubmitted_then_the_breaker_fails_it_w
     print(f"outside scancel → serving again in job {doc['job_id']} after {time.monotonic() - t0:.1f} s")
     assert _squeue(first) == ""
     events = _state_cmd(daemon, "events", "victim").stdout
-    assert f"job {first} ended: CANCELLED" in events and "resubmitting (1 of at most 1" in events
+    assert f"job {first} ended: CANCELLED" in events and "engines anew on" in events and "(1 of at most 1" in events
     t0 = time.monotonic()
     subprocess.run(["scancel", doc["job_id"]], check=True)
     failed = _wait(daemon, "victim", ("failed",), timeout_s=60)

@@ -47,7 +47,7 @@ def test_cancel_stops_the_group_and_cancel_and_wait_sees_it_leave(tmp_path: Path
     assert backend.cancel_and_wait(job_id, timeout_s=20.0)
     assert time.monotonic() - t0 < 15
     st = backend.status(job_id)
-    assert st.state == "CANCELLED" and "scepsy down" in st.reason
+    assert st.state == "CANCELLED" and "cancelled by scepsy" in st.reason
     backend.cancel(job_id)   # cancelling a finished job is no error
 
 
@@ -65,3 +65,59 @@ def test_partitions_describe_this_machine_and_preflight_checks_the_local_run(tmp
     assert backend.preflight("gpu", [entry]) == "gpu"   # a cluster spec's partition is not used here
     with pytest.raises(SpecError):
         backend.preflight(None, [])
+
+
+def _pids_running(pattern: str) -> list[int]:
+    import subprocess
+
+    done = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in done.stdout.split()]
+
+
+def test_a_walltime_ends_the_job_as_timeout_with_its_end_known_while_it_runs(tmp_path: Path) -> None:
+    import dataclasses
+    import datetime as dt
+
+    backend = LocalBackend(tmp_path / "jobs")
+    marker = f"sleep 3{time.monotonic_ns() % 1000:03d}"   # a command line no other test runs
+    job = dataclasses.replace(_job(tmp_path, ("bash", "-c", marker)), time="0:02")
+    job_id = backend.submit(job)
+    st = backend.status(job_id)
+    assert st.state == "RUNNING"
+    end = dt.datetime.fromisoformat(st.end).timestamp()
+    assert 0.5 < end - time.time() <= 2.5
+    assert _wait_final(backend, job_id, timeout_s=10) == "TIMEOUT"
+    assert "walltime" in backend.status(job_id).reason
+    time.sleep(0.3)
+    assert _pids_running(marker) == []   # the whole job ended, not only the shell that waited for it
+
+
+def test_cancel_stops_every_process_of_a_job_with_a_walltime(tmp_path: Path) -> None:
+    import dataclasses
+
+    backend = LocalBackend(tmp_path / "jobs")
+    marker = f"sleep 4{time.monotonic_ns() % 1000:03d}"
+    job_id = backend.submit(dataclasses.replace(_job(tmp_path, ("bash", "-c", marker)), time="10:00"))
+    deadline = time.monotonic() + 5
+    while not _pids_running(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _pids_running(marker)
+    assert backend.cancel_and_wait(job_id, timeout_s=20)
+    time.sleep(0.3)
+    assert backend.status(job_id).state == "CANCELLED" and _pids_running(marker) == []
+
+
+def test_nodes_of_a_given_shape_count_the_gpus_running_jobs_hold(tmp_path: Path) -> None:
+    import dataclasses
+
+    backend = LocalBackend(tmp_path / "jobs", nodes={"n1": 4, "n2": 4})
+    assert LocalBackend(tmp_path / "other").nodes(None) is None   # without a shape a node is only a label
+    job_id = backend.submit(dataclasses.replace(_job(tmp_path, ("sleep", "30")), gpus_per_node=3))
+    try:
+        got = {n.name: (n.gpus, n.gpus_alloc, n.usable) for n in backend.nodes(None)}
+        assert got == {"n1": (4, 3, True), "n2": (4, 3, True)}
+        backend.node_states["n2"] = "drained"
+        assert [n.name for n in backend.nodes(None) if not n.usable] == ["n2"]
+    finally:
+        backend.cancel(job_id, grace_s=2.0)
+    assert {n.gpus_alloc for n in backend.nodes(None)} == {0}

@@ -253,7 +253,7 @@ def test_cancel_stops_a_local_job_and_its_whole_process_group(tmp_path: Path) ->
             live.append(stat.parent.name)
     assert live == []
     assert ready.exists(), "the command never started, so the cancel proved nothing"
-    assert (status.state, status.reason) == ("CANCELLED", "cancelled by scepsy down")
+    assert (status.state, status.reason) == ("CANCELLED", "cancelled by scepsy")
     assert took_s < 4
 
 

@@ -61,7 +61,7 @@ def test_good_values_parse_to_plain_values():
     f = build_parser().parse_args(["profile", "w"])
     assert (f.tp, f.gpu_frac) == ([1, 2, 4], [0.25, 0.5, 1.0])   # string defaults go through the type
     u = build_parser().parse_args(["up", "w", "--time", "1-12:00:00"])
-    assert u.time == "1-12:00:00" and u.switches_wait == "5:00" and u.detach is False
+    assert u.time == "1-12:00:00" and u.cutover_margin == 60.0 and u.detach is False
 
 
 @pytest.mark.parametrize("fn,text", [(argtypes.positive_float, "nan"), (argtypes.positive_float, "inf"),

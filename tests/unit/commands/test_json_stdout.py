@@ -130,7 +130,8 @@ def test_daemon_ls_and_status_json_are_one_document_each(tmp_path):
         assert whole_json(started)["pid"] > 0
         assert whole_json(scepsy("daemon", "status", "--json", "--state-dir", state))["deployments"] == 0
         assert whole_json(scepsy("ls", "--json", "--state-dir", state))["deployments"] == []
-        assert whole_json(scepsy("events", "--json", "--state-dir", state))["events"][0]["kind"] == "daemon"
+        first = whole_json(scepsy("events", "--json", "--state-dir", state))[0]
+        assert first["kind"] == "daemon" and first["time"] and first["detail"]
         missing = scepsy("status", "nope", "--json", "--state-dir", state)
         assert missing.returncode == 2 and "no deployment 'nope'" in whole_json(missing)["error"]["message"]
     finally:

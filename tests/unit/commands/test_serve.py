@@ -53,7 +53,8 @@ def test_up_serves_the_placement_status_logs_drive_and_down(tmp_path: Path) -> N
         assert got == {("generator", "n1", (0, 1, 2, 3), True), ("rewriter", "n2", (0,), True),
                        ("reranker", "n2", (0,), True)}
         # co-located engines started one after another: the second spawned after the first was healthy
-        report = json.loads((state / "deployments" / "demo" / "agents" / "n2.json").read_text())
+        (report_path,) = (state / "deployments" / "demo" / "jobs").glob("*/agents/n2.json")   # one job per node
+        report = json.loads(report_path.read_text())
         first, second = sorted(report["instances"], key=lambda i: i["started_at"])
         assert second["started_at"] >= first["healthy_at"] > first["started_at"]
         ls = json.loads(scepsy("ls", "--json", "--state-dir", str(state)).stdout)

@@ -116,17 +116,18 @@ def test_a_job_submitted_just_before_the_daemon_died_is_found_by_its_name_not_or
 
     state.mkdir(mode=0o700)
     session = state / "deployments" / "lost"
+    part = session / "jobs" / "scepsy-lost-n1-abc123"
     backend = LocalBackend(state / ".local-jobs")
-    job_id = backend.submit(NodeJob(name="scepsy-lost-abc123", command=("sleep", "300"), nodes=("n1",), gpus_per_node=1,
-                                    log_dir=session / "logs", workdir=tmp_path))
+    job_id = backend.submit(NodeJob(name="scepsy-lost-n1-abc123", command=("sleep", "300"), nodes=("n1",),
+                                    gpus_per_node=1, log_dir=part / "logs", workdir=tmp_path))
     with StateStore(state / "state.db") as store:
         store.add_deployment(Deployment(name="lost", state="pending", session_dir=str(session),
-                                        options={"backend": "local", "job_name": "scepsy-lost-abc123",
-                                                 "submitting": True}))
+                                        options={"backend": "local", "pending_jobs": {"scepsy-lost-n1-abc123": {
+                                            "unit": "n1", "replaces": "", "session_dir": str(part), "node": "n1"}}}))
     assert sv.scepsy(state, "daemon", "start", "--poll", "0.5").returncode == 0
     doc = sv.wait_state(state, "lost", ("starting", "failed", "stopping", "stopped"), check=lambda d: d["job_id"])
     assert doc["job_id"] == job_id
-    assert f"adopted job {job_id} (scepsy-lost-abc123)" in sv.scepsy(state, "events", "lost").stdout
+    assert f"adopted job {job_id} (scepsy-lost-n1-abc123)" in sv.scepsy(state, "events", "lost").stdout
     down = sv.scepsy(state, "down", "lost")   # adopted, so `down` reaches it: nothing is left running
     assert down.returncode == 0, down.stderr
     deadline = time.monotonic() + 20
