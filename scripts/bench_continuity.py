@@ -294,6 +294,8 @@ def sc_lost_node(run: Run, work: Path) -> dict[str, Any]:
     run.mark_event()
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=bench_continuity"], check=True)
     try:
+        wait_for("the daemon saw the node's job end", lambda: not old & {
+            j["job_id"] for j in status(run.state, run.name)["jobs"] if j["ended"] is None}, 120)
         rec = run.recovered(180)
         time.sleep(10)
     finally:

@@ -9,8 +9,10 @@ out the client gets a 503 saying how long it waited. With `hold_s` 0 neither wai
 replica is skipped for an untried one and the call fails once every replica was tried.
 
 A call that failed after the request was sent and before any byte reached the client (the replica
-answered 5xx, or closed the connection before or while answering a non-streamed call) is retried
-once on another replica; a stream that already sent bytes never is. Every failure left becomes an
+answered 5xx, closed the connection before or while answering a non-streamed call, or ended a
+stream before its first byte: the client's 200 waits for the engine's first bytes) is retried once
+on another replica, or, under a hold, after a closed connection, on the same one when it is the only
+one (an engine restarting on its port); a stream that already sent bytes never is. Every failure left becomes an
 OpenAI-style error for the client and a traced call with status "error"; none may escape and take
 the gateway down.
 """
@@ -167,11 +169,19 @@ class Forwarder:
         hold = Hold(self.hold_s) if self.hold_s > 0 else None
         headers = {"X-Scepsy-Call": call.call_id}
         first_failure: tuple[web.Response, str, int | None] | None = None   # kept while its one retry runs
+        retry_same = False
+        link_cut = False    # the first failure was the connection closing (an engine that died), not an answer
         while True:
             try:
                 replica = await self.router.acquire(call.pool, frozenset(u for u, _ in tried),
                                                     avoid_down=bool(refused), hold=hold)
             except NoReplicaError as exc:
+                if first_failure is not None and hold is not None and tried and link_cut and not retry_same:
+                    # no other replica for the one retry: the same one may take it (an engine restarting on its port;
+                    # a refused connection holds until it is up, within the hold)
+                    retry_same = True
+                    tried = []
+                    continue
                 if first_failure is not None:   # no other replica for the retry: the first answer stands
                     resp, msg, status = first_failure
                     out.fail(msg, status)
@@ -206,7 +216,7 @@ class Forwarder:
                 out.fail(msg, 502)
                 resp = error_response(502, msg, "upstream_error", 502, headers=headers)
                 if first_failure is None:
-                    first_failure = (resp, msg, 502)
+                    first_failure, link_cut = (resp, msg, 502), True
                     tried.append((replica.url, "closed the connection"))
                     out.retried()
                     continue
@@ -217,7 +227,18 @@ class Forwarder:
             self.router.mark_up(replica)
             try:
                 if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
-                    return await self._relay_stream(request, call, upstream, replica, out, headers)
+                    try:
+                        return await self._relay_stream(request, call, upstream, replica, out, headers)
+                    except _NothingSent as cut:   # nothing reached the client: as a connection closed before answering
+                        out.fail(str(cut), 502)
+                        if first_failure is None:
+                            first_failure = (error_response(502, str(cut), "upstream_error", 502, headers=headers),
+                                             str(cut), 502)
+                            link_cut = True
+                            tried.append((replica.url, "closed the stream before its first byte"))
+                            out.retried()
+                            continue
+                        return first_failure[0]
                 resp, retriable = await self._relay_unary(call, upstream, replica, out, headers)
             finally:
                 upstream.release()
@@ -264,18 +285,25 @@ class Forwarder:
         resp = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream",
                                                        "Cache-Control": "no-cache"})
         failure: BaseException | None = None
+        chunks = upstream.content.iter_any().__aiter__()
+        try:   # the client's 200 waits for the engine's first bytes: a stream cut before them can still be retried
+            first = await chunks.__anext__()
+        except (StopAsyncIteration, *_LINK_ERRORS) as exc:
+            raise _NothingSent(f"llm {call.llm!r}: replica {replica.url} closed the stream before its first byte"
+                               + (f" ({_describe(exc)})" if not isinstance(exc, StopAsyncIteration) else "")) from None
         try:
             await resp.prepare(request)
-            chunks = upstream.content.iter_any().__aiter__()
+            data: bytes | None = first
             while True:
-                try:
-                    data = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                except _LINK_ERRORS as exc:
-                    failure = exc
-                    break
-                piece = sse.feed(data)
+                if data is None:
+                    try:
+                        data = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except _LINK_ERRORS as exc:
+                        failure = exc
+                        break
+                piece, data = sse.feed(data), None
                 if piece:
                     await resp.write(piece)  # as it arrives: no buffering of the whole answer
                     delivered_done = sse.done
@@ -299,6 +327,10 @@ class Forwarder:
             if not delivered_done:  # a client that hangs up once [DONE] is written has had the whole answer
                 out.fail(f"client disconnected mid-stream ({_describe(exc)})")
         return resp
+
+
+class _NothingSent(Exception):
+    """A stream that ended before its first byte reached the client (so it may be retried)."""
 
 
 def _describe(exc: BaseException) -> str:

@@ -1046,7 +1046,10 @@ class Daemon:
             if d.state not in ("starting", "serving", "degraded"):
                 continue
             aliases = (d.options or {}).get("aliases") or {}
-            keys = sorted({r.llm for r in rows if r.deployment == d.name})
+            # every LLM of the plan keeps its key while it has no engine (a node being replaced): the gateway holds
+            # its calls for --hold-s instead of answering "no such model"
+            shape = self.live[d.name].shape if d.name in self.live else None
+            keys = sorted({r.llm for r in rows if r.deployment == d.name} | set(llms_of(shape) if shape else ()))
             llms = {k: LLMEndpoint(served_model=k, aliases=list(aliases.get(k, [])),
                                    replicas=[Replica(url=u) for u in dict.fromkeys(
                                        r.url for r in rows if r.deployment == d.name and r.llm == k and r.routed and r.url)])

@@ -58,7 +58,8 @@ class Seen:
 
 @dataclass
 class FakeEngine:
-    """An OpenAI-ish engine; `fault` is None, 'http500', 'http400' or 'cut' (connection closed mid-answer)."""
+    """An OpenAI-ish engine; `fault` is None, 'http500', 'http400', 'cut' (connection closed mid-answer) or
+    'cut-first' (a stream closed after its headers, before its first event; 'cut-first-once': the next one)."""
 
     name: str
     tokens: list[str] = field(default_factory=lambda: ["Hel", "lo", " world"])
@@ -135,6 +136,11 @@ class FakeEngine:
         obj = "chat.completion.chunk" if chat else "text_completion"
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if self.fault in ("cut-first", "cut-first-once"):   # the 200 and headers, then the connection closes
+            self.fault = None if self.fault == "cut-first-once" else self.fault
+            assert request.transport is not None
+            request.transport.close()
+            return resp
 
         async def send(choices: list[dict[str, Any]], usage: Any = None) -> None:
             chunk = {**head, "object": obj, "choices": choices}

@@ -196,3 +196,34 @@ async def test_a_stream_cut_after_bytes_reached_the_client_is_not_retried(stack:
         trace = await s.close_gateway()
     assert sum(len(e.calls) for e in s.engines["planner"]) == 1   # the cut call went to one replica only
     assert trace.calls[0].status == "error" and "mid-stream" in (trace.calls[0].error or "")
+
+
+async def test_a_stream_cut_before_its_first_byte_is_retried_on_another_replica(stack: Any) -> None:
+    async with stack({"planner": 2}) as s:
+        for eng in s.engines["planner"]:
+            eng.fault = "cut-first"
+        bad, good = s.engines["planner"]
+        good.fault = None
+        client = s.client()
+        for i in range(4):   # half of them go to the bad replica first: the client never sees its cut
+            stream = await client.chat.completions.create(model="planner", messages=CHAT, stream=True,
+                                                          extra_headers={"X-Scepsy-Request": f"r{i}"})
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert text == "Hello world"
+        trace = await s.close_gateway()
+    assert len(bad.calls) >= 1 and len(good.calls) == 4
+    assert all(c.status == "ok" for c in trace.calls)
+
+
+async def test_a_call_cut_on_the_only_replica_is_retried_on_it_once_it_is_back(stack: Any) -> None:
+    async with stack({"planner": 1}, hold_s=5.0) as s:
+        eng = s.engines["planner"][0]
+        eng.fault = "cut-first-once"   # an engine that died under its first call and is back for the retry
+        stream = await s.client().chat.completions.create(model="planner", messages=CHAT, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        eng.fault = "cut-first"
+        status, body = await s.post("/r/r-2/v1/chat/completions", {"model": "planner", "messages": CHAT, "stream": True})
+        trace = await s.close_gateway()
+    assert text == "Hello world" and len(eng.calls) == 4   # one retry each: a second cut is returned
+    assert status == 502 and "before its first byte" in body["error"]["message"]
+    assert [c.status for c in trace.calls] == ["ok", "error"]
