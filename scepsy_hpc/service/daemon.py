@@ -6,7 +6,8 @@
 dir, held by a lock. Three kinds of process, so that no single failure stops traffic: this daemon
 (control plane), the gateway (data plane, its own process), and the jobs' node agents and engines.
 
-**Jobs.** A deployment is served by one job per node of its plan (a *unit*: service/units.py), so
+**Jobs.** A deployment is served by one job per node of its plan (a *unit*: service/units.py; the
+steps that replace jobs are service/continuity.py, mixed into `Daemon`), so
 that a node can be replaced alone; each job has its own session directory (serve.json, agents/,
 logs/) under the deployment's.
 
@@ -52,7 +53,6 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,9 +63,9 @@ from scepsy_hpc.backend.records import AgentReport, ServeConfig
 from scepsy_hpc.backend.session import Session
 from scepsy_hpc.engine.supervisor import pid_alive
 from scepsy_hpc.errors import ScepsyError, SlurmError, SpecError, run_entry
-from scepsy_hpc.service.deploy import JobTemplate, UpRequest, job_name, prepare
-from scepsy_hpc.service.units import (DEFAULT_HEALTHY_S, DEFAULT_QUEUE_S, Lead, choose_node, gpus_needed, llms_of,
-                                      part_dir, unit_config, units)
+from scepsy_hpc.service.continuity import SIGNAL_LEAD_S, Continuity, Live
+from scepsy_hpc.service.deploy import UpRequest, prepare
+from scepsy_hpc.service.units import llms_of, units
 from scepsy_hpc.service.gateway_proc import GatewayProcess
 from scepsy_hpc.service.paths import StatePaths, check_owned
 from scepsy_hpc.service.state import Deployment, InstanceRow, Job, StateStore
@@ -83,50 +83,10 @@ EVENTS_KEPT = 200_000         # the event log keeps this many of the newest even
 PRUNE_EVERY_S = 3600.0
 LIVE_STATES = ("pending", "starting", "serving", "degraded", "stopping")
 REQUEUED = frozenset({"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PENDING"})   # a job that ran and is queued again
-NO_ROOM_REPEAT_S = 60.0       # "no node can take it" is said again at most this often
-CUTOVER_RETRY_S = 30.0        # after a replacement failed, the next attempt waits this long
-SIGNAL_LEAD_S = 120.0         # jobs are sent USR1 this long before their walltime ends (backend.templates.SIGNAL)
-NODE_CHECK_S = 30.0           # nodes under running jobs are checked (drained, down) this often, for every deployment
-DRAIN_MIN_S = 1.0             # a drained job is cancelled no sooner (the gateway reloads its endpoints first)
 
 
 class DaemonRunning(ScepsyError):
     """Another daemon holds the state dir."""
-
-
-@dataclass
-class _Live:
-    """What the daemon keeps in memory per deployment (all of it can be rebuilt from the state)."""
-
-    shape: ServeConfig | None = None                              # every engine of the plan (serve.json)
-    configs: dict[str, ServeConfig] = field(default_factory=dict)   # job id → its serve.json
-    served: bool = False
-    routes_ok: bool = False
-    cancelled_at: float = 0.0
-    reaped: bool = False
-    healthy_jobs: set[str] = field(default_factory=set)
-    no_room: bool = False              # a cut-over found no room for two copies: node by node from now on
-    no_room_said: dict[str, float] = field(default_factory=dict)
-    retry_at: dict[str, float] = field(default_factory=dict)      # job id → no cut-over attempt before
-    rolled_back: set[str] = field(default_factory=set)
-    cutover_said: set[str] = field(default_factory=set)
-    drain_cancelled: set[str] = field(default_factory=set)
-    done_said: set[str] = field(default_factory=set)
-
-
-def _nodes_of(j: Job) -> list[str]:
-    """The nodes a job runs on (its hostlist expanded)."""
-    from scepsy_hpc.spec.hostlist import expand_hostlist
-
-    try:
-        return expand_hostlist(j.nodes) if j.nodes else []
-    except ValueError:
-        return [j.nodes]
-
-
-def _clock(ts: float) -> str:
-    """A Unix time as the login node's local clock time (HH:MM:SS)."""
-    return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
 def _unix(text: str) -> float | None:
@@ -156,7 +116,7 @@ def acquire_lock(paths: StatePaths) -> int:
     return fd
 
 
-class Daemon:
+class Daemon(Continuity):
     """The control plane of one state dir."""
 
     def __init__(self, paths: StatePaths, *, poll_s: float | None = None, gateway_host: str = "127.0.0.1",
@@ -168,7 +128,7 @@ class Daemon:
         self.backends: dict[str, ClusterBackend] = dict(backends or {})
         self.gateway = GatewayProcess(paths.gateway_dir, self.store, gateway_host, gateway_port, trace)
         self.started = time.time()
-        self.live: dict[str, _Live] = {}
+        self.live: dict[str, Live] = {}
         self.starting: set[str] = set()
         self.stopping = False
         self.stop_all = False
@@ -242,8 +202,8 @@ class Daemon:
             every = min(every, FAST_S)
         return every
 
-    def _live(self, name: str) -> _Live:
-        return self.live.setdefault(name, _Live())
+    def _live(self, name: str) -> Live:
+        return self.live.setdefault(name, Live())
 
     def _set_state(self, d: Deployment, state: str, error: str | None = None) -> Deployment:
         if d.state == state and (error is None or error == d.error):
@@ -406,28 +366,6 @@ class Daemon:
         self.event(j.deployment, "job", f"job {j.job_id} ended: {state}" + (f" ({reason})" if reason else ""),
                    state=state, reason=reason, job_id=j.job_id)
 
-    # ---- measured times (the cut-over lead) ------------------------------------------------------
-    def _ewma(self, key: str, value: float) -> None:
-        old = self.store.get_meta(key)
-        new = value if old is None else 0.5 * float(old) + 0.5 * value
-        self.store.set_meta(key, f"{new:.3f}")
-
-    def _note_queue_wait(self, j: Job, now: float) -> None:
-        d = self.store.get_deployment(j.deployment)
-        partition = ((d.options or {}).get("template") or {}).get("partition") if d else None
-        self._ewma(f"queue_wait_s:{j.backend}:{partition or ''}", max(0.0, now - j.created))
-
-    def lead(self, d: Deployment) -> Lead:
-        """How long before a job's end its replacement is asked for (measured on this backend and deployment)."""
-        opts = d.options or {}
-        kind = opts.get("backend", "local")
-        partition = (opts.get("template") or {}).get("partition") or ""
-        queue = self.store.get_meta(f"queue_wait_s:{kind}:{partition}")
-        healthy = self.store.get_meta(f"healthy_s:{d.name}")
-        return Lead(queue_s=float(queue) if queue is not None else DEFAULT_QUEUE_S.get(kind, 30.0),
-                    healthy_s=float(healthy) if healthy is not None else DEFAULT_HEALTHY_S,
-                    margin_s=float(opts.get("cutover_margin_s", 60.0)))
-
     # ---- one deployment ------------------------------------------------------------------------
     def _part(self, d: Deployment, j: Job) -> Session:
         """The session directory of job `j` (jobs recorded before there were several per deployment used the
@@ -519,7 +457,7 @@ class Daemon:
         for j in live:
             await asyncio.to_thread(self._cancel, j)
 
-    async def _job_failed(self, d: Deployment, lv: _Live, j: Job, why: str) -> None:
+    async def _job_failed(self, d: Deployment, lv: Live, j: Job, why: str) -> None:
         """One job cannot serve (an engine failed past its restarts, or did not start in time). Before the
         deployment ever served this is a mistake to fix (the deployment fails); after, the job is cancelled and
         its unit placed anew (behind the circuit breaker)."""
@@ -624,7 +562,7 @@ class Daemon:
             return pid_alive(report.pid)
         return not report_stale(report, now)
 
-    def _write_instances(self, d: Deployment, rows: list[InstanceRow], lv: _Live) -> None:
+    def _write_instances(self, d: Deployment, rows: list[InstanceRow], lv: Live) -> None:
         before = {(r.job_id, r.llm, r.replica): r for r in self.store.instances(d.name)}
         changed = len(before) != len(rows)
         for r in rows:
@@ -649,7 +587,7 @@ class Daemon:
         if changed:
             self.store.set_instances(d.name, rows)
 
-    def _capacity_state(self, d: Deployment, lv: _Live, rows: list[InstanceRow]) -> None:
+    def _capacity_state(self, d: Deployment, lv: Live, rows: list[InstanceRow]) -> None:
         """serving (every LLM has the plan's engines taking calls), degraded (fewer, after it served), starting."""
         assert lv.shape is not None
         plan = llms_of(lv.shape)
@@ -673,336 +611,7 @@ class Daemon:
             return
         self._set_state(d, "starting" if any(r.state != "waiting" for r in rows) else "pending")
 
-    # ---- units: every node of the plan served by a live job -------------------------------------
-    async def _cover_units(self, d: Deployment, lv: _Live, live: list[Job]) -> bool:
-        """Submit a job for every unit no live job serves: never submitted, drained by a cut-over without room,
-        or lost (its job ended: walltime, scancel, a failed node, preemption). False when the deployment failed."""
-        assert lv.shape is not None
-        covered: set[str] = set()
-        for j in live:
-            covered |= set(j.unit.split(",")) if j.unit else set(units(lv.shape))
-        jobs = self.store.jobs(d.name)
-        for unit in units(lv.shape):
-            if unit in covered:
-                continue
-            ended = [j for j in jobs if j.ended is not None and unit in (j.unit.split(",") if j.unit else units(lv.shape))]
-            last = ended[-1] if ended else None
-            if last is None:
-                await self._submit_unit(d, lv, unit, why="no job serves it yet")
-                continue
-            if last.drain_started is not None:   # a cut-over without room for both: the drained job is gone now
-                await self._submit_unit(d, lv, unit, replaces=last.job_id, cutover=True,
-                                        why=f"cut-over: job {last.job_id} was drained and has ended")
-                continue
-            why = f"job {last.job_id} ended: {last.state}" + (f" ({last.reason})" if last.reason else "")
-            reports = await asyncio.to_thread(self._part(d, last).agents)
-            bad = next((r for r in reports.values() if r.state == "failed" and r.job_id in ("", last.job_id)), None)
-            if bad is not None:   # the agent that took the job down says why
-                why += f"; node {bad.node}: {bad.error or 'the node agent failed'}"
-                if not lv.served and d.state not in ("serving", "degraded"):
-                    await self._fail(d, self.store.jobs(d.name, live_only=True), why)   # a mistake to fix, not a loss
-                    return False
-            if last.state in ("NODE_FAIL", "BOOT_FAIL") or (last.state == "LOST" and "agent" in last.reason):
-                for node in _nodes_of(last):
-                    self._exclude(d, node, f"job {last.job_id} on it ended {last.state}")
-            d = self.store.get_deployment(d.name) or d
-            if not d.plan_path:
-                await self._fail(d, self.store.jobs(d.name, live_only=True), why)
-                return False
-            if not self._breaker_allows(d, why):
-                await self._fail(self.store.get_deployment(d.name) or d, self.store.jobs(d.name, live_only=True),
-                                 f"{why}; circuit breaker open after {len((d.options or {}).get('resubmits', []))} "
-                                 f"resubmission(s) within {float((d.options or {}).get('resubmit_window_s', 1800)):g} s")
-                return False
-            nodes = await self._nodes(d)
-            self._exclude_bad(d, nodes, _nodes_of(last), f"job {last.job_id} on it ended {last.state}")
-            await self._submit_unit(d, lv, unit, why=why, count=True, nodes=nodes)
-            if (self.store.get_deployment(d.name) or d).state == "failed":
-                return False
-        return True
-
-    def _breaker_allows(self, d: Deployment, why: str) -> bool:
-        """Whether one more resubmission fits `max_resubmits` within `resubmit_window_s`; says so when it does not."""
-        opts = d.options or {}
-        window, most = float(opts.get("resubmit_window_s", 1800.0)), int(opts.get("max_resubmits", 3))
-        history = [t for t in opts.get("resubmits", []) if time.time() - t < window]
-        if len(history) < most:
-            return True
-        self.event(d.name, "breaker-open", f"{why}; {len(history)} resubmission(s) within {window:g} s already: not "
-                   "resubmitting (circuit breaker open); fix the cause and `scepsy up` it again",
-                   resubmits=len(history), window_s=window)
-        return False
-
-    def _exclude(self, d: Deployment, node: str, why: str) -> None:
-        """Place nothing of the deployment on `node` again."""
-        d = self.store.get_deployment(d.name) or d
-        excluded = dict((d.options or {}).get("excluded_nodes") or {})
-        if node in excluded:
-            return
-        excluded[node] = why
-        self.store.update_deployment(d.name, options={**(d.options or {}), "excluded_nodes": excluded})
-        self.event(d.name, "node-excluded", f"node {node} excluded: {why}", node=node, reason=why)
-
-    async def _nodes(self, d: Deployment, max_age_s: float = 0.0) -> list[Any] | None:
-        """The backend's nodes of the deployment's partition (None: the backend has none to choose from); an
-        answer up to `max_age_s` old is reused (one `scontrol show node` serves every deployment)."""
-        opts = d.options or {}
-        kind, partition = opts.get("backend", "local"), (opts.get("template") or {}).get("partition")
-        cached = self._node_cache.get((kind, partition))
-        if cached is not None and time.monotonic() - cached[0] <= max_age_s:
-            return cached[1]
-        try:
-            nodes = await asyncio.to_thread(self.backend(kind).nodes, partition)
-        except ScepsyError as exc:
-            self.event(d.name, "backend", f"cannot read the nodes' states: {exc}")
-            return []
-        self._node_cache[(kind, partition)] = (time.monotonic(), nodes)
-        return nodes
-
-    def _exclude_bad(self, d: Deployment, nodes: list[Any] | None, names: list[str], why: str) -> bool:
-        """Exclude those of `names` the backend says are down, drained or failing; whether any was."""
-        by_name = {n.name: n for n in nodes or []}
-        bad = [n for n in names if n in by_name and not by_name[n].usable]
-        for n in bad:
-            self._exclude(d, n, f"{why}; Slurm says it is {by_name[n].state}")
-        return bool(bad)
-
-    async def _submit_unit(self, d: Deployment, lv: _Live, unit: str, *, why: str, replaces: str = "",
-                           cutover: bool = False, count: bool = False, node: str | None = None,
-                           nodes: list[Any] | None | bool = False) -> str | None:
-        """Submit a job for `unit` on a free node (`node` if given; chosen among `nodes`, read now if not given);
-        its id, or None when no node can take it now."""
-        assert lv.shape is not None
-        d = self.store.get_deployment(d.name) or d
-        opts = d.options or {}
-        if node is None:
-            live_nodes = {n for j in self.store.jobs(d.name, live_only=True) for n in _nodes_of(j)}
-            node = choose_node(await self._nodes(d) if nodes is False else nodes, unit, gpus_needed(lv.shape, unit),
-                               exclude=(opts.get("excluded_nodes") or {}), avoid=live_nodes)
-        if node is None:
-            if time.monotonic() - lv.no_room_said.get(unit, -1e9) > NO_ROOM_REPEAT_S:
-                lv.no_room_said[unit] = time.monotonic()
-                self.event(d.name, "no-room", f"{why}; no node can take node {unit}'s engines now "
-                           f"({gpus_needed(lv.shape, unit)} GPU(s) free, usable"
-                           + (f", not {', '.join(sorted(opts.get('excluded_nodes') or {}))}" if opts.get("excluded_nodes") else "")
-                           + "): trying again every poll", unit=unit)
-            return None
-        if count:
-            now = time.time()
-            window = float(opts.get("resubmit_window_s", 1800.0))
-            history = [t for t in opts.get("resubmits", []) if now - t < window]
-            self.store.update_deployment(d.name, options={**opts, "resubmits": history + [now]})
-            self.event(d.name, "resubmit", f"{why}: placing node {unit}'s engines anew on {node} ({len(history) + 1} of at "
-                       f"most {int(opts.get('max_resubmits', 3))} within {window:g} s)", unit=unit, node=node)
-        template = JobTemplate.model_validate(opts.get("template") or {})
-        name = job_name(d.name, unit)
-        part = part_dir(Path(d.session_dir), name)
-        config = unit_config(lv.shape, unit, node)
-        session = Session(part)
-        part.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await asyncio.to_thread(session.write_serve_config, config)
-        job = template.job(name, node, gpus_needed(lv.shape, unit), part)
-        backend = self.backend(opts.get("backend", "local"))
-        pending = dict(opts.get("pending_jobs") or {})
-        pending[name] = {"unit": unit, "replaces": replaces, "session_dir": str(part), "node": node}
-        self.store.update_deployment(d.name, options={**(self.store.get_deployment(d.name) or d).options,
-                                                      "pending_jobs": pending})
-        if cutover:
-            self.event(d.name, "cutover-submit", f"{why}: submitting {name} for node {unit}'s engines on {node}",
-                       unit=unit, node=node, replaces=replaces)
-        else:
-            self.event(d.name, "submit", f"submitting job {name}: {len(config.instances)} engine(s) of node {unit} on "
-                       f"{node} ({why})", unit=unit, node=node)
-        try:
-            job_id = await asyncio.to_thread(backend.submit, job)
-        except ScepsyError as exc:
-            self._drop_pending(d.name, name)
-            if not lv.served:
-                await self._fail(self.store.get_deployment(d.name) or d, self.store.jobs(d.name, live_only=True),
-                                 f"submission failed: {exc}")
-                self.store.update_deployment(d.name, desired="stopped")
-            else:
-                self.event(d.name, "submit", f"submitting {name} failed: {exc}; trying again next poll")
-            return None
-        self.store.add_job(Job(job_id=job_id, deployment=d.name, backend=opts.get("backend", "local"), name=name,
-                               role="replacement" if replaces else "serve", nodes=node, folder=str(job.log_dir),
-                               state="PENDING", session_dir=str(part), unit=unit, replaces=replaces))
-        self._drop_pending(d.name, name)
-        self.event(d.name, "job", f"submitted job {job_id} for node {unit} on {node}; script beside the logs in "
-                   f"{job.log_dir}", job_id=job_id, unit=unit, node=node)
-        return job_id
-
-    def _drop_pending(self, name: str, job: str) -> None:
-        d = self.store.get_deployment(name)
-        if d is None:
-            return
-        pending = dict((d.options or {}).get("pending_jobs") or {})
-        if pending.pop(job, None) is not None:
-            self.store.update_deployment(name, options={**d.options, "pending_jobs": pending})
-
-    async def _adopt_unrecorded(self, d: Deployment) -> bool:
-        """A daemon stopped between submitting a job and recording its id: find each such job by its name (which
-        carries a nonce) and record it, or forget the submission when the backend has no such job; whether any
-        was adopted."""
-        opts = d.options or {}
-        pending = dict(opts.get("pending_jobs") or {})
-        kind = opts.get("backend", "local")
-        adopted = False
-        for name, info in pending.items():
-            try:
-                st = await asyncio.to_thread(self.backend(kind).find_by_name, name)
-            except ScepsyError:
-                continue
-            if st is not None:
-                self.store.add_job(Job(job_id=st.job_id, deployment=d.name, backend=kind, name=name,
-                                       role="replacement" if info.get("replaces") else "serve",
-                                       submit_time=st.submit, nodes=st.nodes or info.get("node", ""),
-                                       folder=str(Path(info["session_dir"]) / "logs"), state=st.state, reason=st.reason,
-                                       session_dir=info["session_dir"], unit=info.get("unit", ""),
-                                       replaces=info.get("replaces", "")))
-                self.event(d.name, "job", f"adopted job {st.job_id} ({name}): submitted just before the last daemon "
-                           "stopped, never recorded", job_id=st.job_id)
-                adopted = True
-            else:
-                self.event(d.name, "job", f"job {name} was being submitted when the last daemon stopped and the backend "
-                           "has no such job: submitting again if it is still needed")
-            self._drop_pending(d.name, name)
-        return adopted
-
-    # ---- cut-overs -------------------------------------------------------------------------------
-    async def _cutovers(self, d: Deployment, lv: _Live, live: list[Job], rows: list[InstanceRow]) -> None:
-        """Replace jobs before they end: their walltime is near, their agent was warned (walltime signal,
-        preemption), or their node is being drained. With room, make before break (the replacement serves
-        first, then the old job is drained); without, one node at a time, break before make."""
-        opts = d.options or {}
-        if not opts.get("cutover", True) or d.state not in ("serving", "degraded") or not lv.served:
-            return
-        now = time.time()
-        by_id = {j.job_id: j for j in live}
-        replaced = {j.replaces for j in live if j.replaces}
-        for r in live:   # replacements of jobs still live: drain the old one once the new one serves
-            if not r.replaces or r.replaces not in by_id:
-                continue
-            old = by_id[r.replaces]
-            mine = [x for x in rows if x.job_id == r.job_id]
-            config = lv.configs.get(r.job_id)
-            ready = config is not None and len(mine) == len(config.instances) and all(x.routed for x in mine)
-            if old.drain_started is None and ready and await self._routed(d.name, rows):
-                self.store.update_job(old.backend, old.job_id, drain_started=now)
-                self.event(d.name, "drain", f"job {r.job_id} serves node {r.unit}'s engines on {r.nodes}: draining job "
-                           f"{old.job_id} (no new calls; calls in flight get {float(opts.get('drain_grace_s', 120)):g} s)",
-                           job_id=old.job_id, replacement=r.job_id)
-        for j in self.store.jobs(d.name):   # replacements that ended before their old job
-            if j.ended is not None and j.replaces and j.replaces in by_id and by_id[j.replaces].drain_started is None \
-                    and j.job_id not in lv.rolled_back:
-                lv.rolled_back.add(j.job_id)
-                lv.retry_at[j.replaces] = now + CUTOVER_RETRY_S
-                self.event(d.name, "cutover-rollback", f"replacement job {j.job_id} ended ({j.state}) before it served; "
-                           f"job {j.replaces} serves on; trying again in {CUTOVER_RETRY_S:g} s", job_id=j.job_id)
-        if any(j.started is not None for j in live):   # nodes drained or down under running jobs
-            nodes = await self._nodes(d, max_age_s=NODE_CHECK_S)
-            for j in live:
-                if j.drain_started is None and j.job_id not in replaced:
-                    self._exclude_bad(d, nodes, _nodes_of(j), f"job {j.job_id} runs on it")
-            opts = (self.store.get_deployment(d.name) or d).options or {}
-        lead = self.lead(d)
-        due: list[tuple[Job, str]] = []
-        warned = {x.job_id for x in rows if "draining" in x.error}
-        sequential = lv.no_room and len(units(lv.shape)) > 1
-        for j in live:
-            if j.job_id in replaced or j.drain_started is not None or j.started is None or j.replaces in by_id:
-                continue
-            if now < lv.retry_at.get(j.job_id, 0.0):
-                continue
-            if j.walltime_end is not None and now >= j.walltime_end - lead.total_s * (len(units(lv.shape)) if sequential else 1):
-                due.append((j, f"job {j.job_id} ends at {_clock(j.walltime_end)} (in {max(0.0, j.walltime_end - now):.0f} s; "
-                               f"lead {lead.total_s:.0f} s = queue {lead.queue_s:.0f} + healthy {lead.healthy_s:.0f} + "
-                               f"margin {lead.margin_s:.0f})"))
-            elif j.job_id in warned and (j.walltime_end is None or j.walltime_end - now > SIGNAL_LEAD_S + 60):
-                due.append((j, f"job {j.job_id} was told by Slurm that it ends soon, well before its walltime "
-                               "(preemption)"))
-            elif any(n in (opts.get("excluded_nodes") or {}) for n in _nodes_of(j)):
-                due.append((j, f"job {j.job_id} runs on an excluded node ({j.nodes})"))
-        if not due:
-            return
-        covered = {u for x in live for u in (x.unit.split(",") if x.unit else units(lv.shape))}
-        # a node mid-replacement: drained and not yet ended, its unit uncovered, or a replacement not yet serving
-        busy = (any(x.drain_started is not None for x in live) or any(x.replaces in by_id for x in live)
-                or not set(units(lv.shape)) <= covered
-                or any(x.replaces and x.job_id not in lv.done_said for x in live))
-        for j, why in due:
-            if j.job_id in lv.cutover_said:
-                continue
-            unit = j.unit or units(lv.shape)[0]
-            started = await self._submit_unit(d, lv, unit, why=why, replaces=j.job_id, cutover=True) \
-                if not (lv.no_room and busy) else None
-            if started is not None:
-                lv.cutover_said.add(j.job_id)
-                self.event(d.name, "cutover-start", f"{why}: replacement job {started} for node {unit} submitted; job "
-                           f"{j.job_id} serves until the replacement's engines take calls", job_id=j.job_id,
-                           replacement=started)
-                continue
-            # no room for both copies: one node at a time, the others serving meanwhile
-            lv.no_room = True
-            if busy:
-                continue   # another node is being replaced: this one waits its turn
-            plan = llms_of(lv.shape)
-            left = {llm: sum(1 for x in rows if x.llm == llm and x.routed and x.job_id != j.job_id) for llm in plan}
-            zero = sorted(llm for llm, n in left.items() if n == 0 and llm in llms_of(lv.shape, unit))
-            self.store.update_job(j.backend, j.job_id, drain_started=now)
-            lv.cutover_said.add(j.job_id)
-            self.event(d.name, "cutover-start", f"{why}; no room for both copies: replacing node by node, draining job "
-                       f"{j.job_id} first, then its replacement starts on {j.nodes}; capacity meanwhile: "
-                       + ", ".join(f"{k} {left[k]}/{n}" for k, n in plan.items())
-                       + (f" — {', '.join(zero)} has no other engine: the gateway holds its calls until the replacement "
-                          "serves" if zero else ""), job_id=j.job_id, no_room=True)
-            self.event(d.name, "drain", f"draining job {j.job_id} (no new calls; calls in flight get "
-                       f"{float(opts.get('drain_grace_s', 120)):g} s)", job_id=j.job_id)
-            busy = True
-
-    async def _drains(self, d: Deployment, lv: _Live) -> None:
-        """Cancel each drained job once the gateway has no call in flight on its engines (or its grace passed)."""
-        live = [j for j in self.store.jobs(d.name, live_only=True) if j.drain_started is not None]
-        if not live:
-            return
-        grace = float((d.options or {}).get("drain_grace_s", 120.0))
-        stats = await self._gateway_stats()
-        draining = stats.get("draining") if isinstance(stats.get("draining"), dict) else None
-        rows = self.store.instances(d.name)
-        now = time.time()
-        for j in live:
-            if j.job_id in lv.drain_cancelled:
-                continue
-            urls = {r.url for r in rows if r.job_id == j.job_id and r.url}
-            in_flight = sum(int(draining.get(u, 0)) for u in urls) if draining is not None else None
-            waited = now - j.drain_started
-            if waited < DRAIN_MIN_S or (in_flight != 0 and waited < grace):
-                continue
-            lv.drain_cancelled.add(j.job_id)
-            self.event(d.name, "drained", f"job {j.job_id} drained in {waited:.1f} s"
-                       + (f" ({in_flight} call(s) still in flight after the {grace:g} s grace)" if in_flight else "")
-                       + "; cancelling it", job_id=j.job_id, in_flight=in_flight, waited_s=round(waited, 3))
-            await asyncio.to_thread(self._cancel, j)
-
-    def _note_cutover_done(self, d: Deployment, lv: _Live, rows: list[InstanceRow]) -> None:
-        """cutover-done once a replaced job has ended and every engine of its replacement takes calls."""
-        jobs = self.store.jobs(d.name)
-        by_id = {j.job_id: j for j in jobs}
-        for r in jobs:
-            old = by_id.get(r.replaces)
-            if r.ended is not None or old is None or old.ended is None or r.job_id in lv.done_said:
-                continue
-            config = lv.configs.get(r.job_id)
-            mine = [x for x in rows if x.job_id == r.job_id]
-            if config is None or len(mine) != len(config.instances) or not all(x.routed for x in mine):
-                continue
-            lv.done_said.add(r.job_id)
-            began = min(r.created, old.drain_started or r.created)
-            took = time.time() - began
-            self.event(d.name, "cutover-done", f"job {old.job_id} ({old.state}) replaced by job {r.job_id} on {r.nodes} "
-                       f"in {took:.1f} s", job_id=old.job_id, replacement=r.job_id, took_s=round(took, 3))
-
-    async def _finish_stop(self, d: Deployment, lv: _Live) -> None:
+    async def _finish_stop(self, d: Deployment, lv: Live) -> None:
         rows = self.store.instances(d.name)
         if any(r.healthy or r.routed or r.state not in ("stopped", "lost") for r in rows):
             self.store.set_instances(d.name, [dataclasses.replace(r, healthy=False, routed=False, state="stopped",
@@ -1010,7 +619,7 @@ class Daemon:
         await self._reap(d, lv)
         self._set_state(d, "stopped", "")
 
-    async def _reap(self, d: Deployment, lv: _Live) -> None:
+    async def _reap(self, d: Deployment, lv: Live) -> None:
         """Stop engines that outlived their agent on this host (each agent's report names its process groups), in
         the session directory of every job the deployment had."""
         if lv.reaped:
