@@ -206,6 +206,9 @@ class Agent:
         self.writing = False                       # inside write(): a signal handler must not write too
         self.reported_draining = False             # the last report written says draining_since
         self.mps_env: dict[str, str] = {}
+        # the signals Slurm sends every process of the job before it ends it: the engines ignore them (they would
+        # die of SIGUSR1), the agent drains on them (`_run_agent` sets them)
+        self.warnings: tuple[int, ...] = (signal.SIGUSR1,)
         self.heartbeat_s = float(env.get(HEARTBEAT_ENV) or HEARTBEAT_S)
         self.written = 0.0   # time.monotonic() of the last write
         self.instances = [Instance(llm=i.llm, replica=i.replica, gpus=list(i.gpus), gpu_frac=i.gpu_frac, mps_pct=i.mps_pct,
@@ -397,7 +400,8 @@ class Agent:
                 inst.started_at = time.time()
                 env[ENGINE_ID_ENV] = engine_id(os.getpid(), self.node, inst)
                 try:
-                    inst.proc = start(argv, log, what=what, health=url, env=env, append=True, die_with_parent=True)
+                    inst.proc = start(argv, log, what=what, health=url, env=env, append=True, die_with_parent=True,
+                                      ignore_signals=self.warnings)
                 except EngineError as exc:
                     self.fail(inst, str(exc))
                     return
@@ -506,6 +510,7 @@ def _run_agent(session: Path, node: str, warnings: Sequence[int] = (signal.SIGUS
     and sets the report's `draining_since` at once; the engines keep serving."""
     config = read_record(session / "serve.json", ServeConfig, RERUN)
     agent = Agent(session, node, config, dict(os.environ))
+    agent.warnings = tuple(warnings)
 
     def stop(signum: int, _frame: Any) -> None:
         agent.stop_requested = True

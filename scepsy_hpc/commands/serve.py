@@ -272,7 +272,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return watch(client, args.interval)
     docs = ([client.request("GET", f"/v1/deployments/{args.name}")] if args.name
             else client.request("GET", "/v1/deployments")["deployments"])
-    ok = bool(docs) and all(d["state"] == "serving" and all(i["healthy"] for i in d["instances"]) for d in docs)
+    ok = bool(docs) and all(d["state"] == "serving" and all(i["healthy"] for i in d["instances"] if i["routed"])
+                            for d in docs)
     if args.json:
         print(json.dumps(jsonable(docs[0] if args.name else {"deployments": docs}), indent=2))
         return 0 if ok else 1
@@ -282,15 +283,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not docs:
         c.print("no deployments: `scepsy up PLAN|WORKFLOW` starts one")
     for s in docs:
-        c.print(f"[bold]{s['name']}[/bold]: {_state(s['state'])}   job {s['job_id'] or '-'} ({s['backend']}) "
-                f"{s['job_state'] or ''}" + (f" {s['job_reason']}" if s.get("job_reason") else ""))
+        live = [j for j in s.get("jobs", []) if j["ended"] is None]
+        jobs = ", ".join(f"{j['job_id']} on {j['nodes'] or j['unit']} {j['state']}" + (" draining" if j["drain_started"]
+                         else "") for j in live) or "-"
+        c.print(f"[bold]{s['name']}[/bold]: {_state(s['state'])}   jobs ({s['backend']}): {jobs}")
         c.print(f"  gateway {s['base_url'] or '-'}" + (f"\n  [red]{s['error']}[/red]" if s.get("error") else ""))
+        cont = s.get("continuity") or {}
+        if cont.get("capacity"):
+            c.print("  capacity " + ", ".join(f"{k} {v['now']}/{v['plan']}" for k, v in cont["capacity"].items())
+                    + " (engines taking calls / planned)")
+        if cont.get("next_cutover"):
+            c.print(f"  next cut-over {_when(cont['next_cutover'])} (walltime ends {_when(cont['walltime_end'])}; lead "
+                    f"{cont['lead_s']:.0f} s = queue {cont['queue_wait_s']:.0f} + healthy {cont['time_to_healthy_s']:.0f} "
+                    f"+ margin {cont['margin_s']:.0f})")
+        if cont.get("excluded_nodes"):
+            c.print("  excluded nodes: " + "; ".join(f"{n} ({why})" for n, why in cont["excluded_nodes"].items()))
         t = Table()
-        for col in ("LLM", "replica", "node", "GPUs", "URL", "pid", "health"):
+        for col in ("LLM", "replica", "job", "node", "GPUs", "URL", "pid", "health"):
             t.add_column(col, no_wrap=True)
         for i in s["instances"]:
-            t.add_row(i["llm"], str(i["replica"]), i["node"], ",".join(map(str, i["gpus"])), i["url"], str(i["pid"] or "-"),
-                      "[green]healthy[/green]" if i["healthy"] else f"[red]{i['state'] or 'down'}[/red]")
+            health = ("[green]serving[/green]" if i["routed"] else "[yellow]healthy, drained[/yellow]") if i["healthy"] \
+                else f"[red]{i['state'] or 'down'}[/red]"
+            t.add_row(i["llm"], str(i["replica"]), i["job_id"], i["node"], ",".join(map(str, i["gpus"])), i["url"],
+                      str(i["pid"] or "-"), health)
         if s["instances"]:
             c.print(t)
     return 0 if ok else 1

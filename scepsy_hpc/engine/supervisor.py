@@ -209,6 +209,22 @@ def _die_with(parent_pid: int) -> Callable[[], None] | None:
     return preexec
 
 
+def _preexec(die_with: int | None, ignore_signals: Sequence[int]) -> Callable[[], None] | None:
+    """The child's preexec_fn: `_die_with(die_with)` (when given), and the signals to ignore."""
+    die = _die_with(die_with) if die_with is not None else None
+    ignore = tuple(ignore_signals)
+    if die is None and not ignore:
+        return None
+
+    def preexec() -> None:
+        for sig in ignore:
+            signal.signal(sig, signal.SIG_IGN)
+        if die is not None:
+            die()
+
+    return preexec
+
+
 @dataclass
 class Process:
     """A command running in its own process group (its id is the leader's pid), output in `log_path`."""
@@ -259,7 +275,7 @@ class Process:
 
 def start(argv: Sequence[str], log_path: str | Path, *, what: str, health: str | Health | None = None,
           env: Mapping[str, str] | None = None, cwd: str | Path | None = None, append: bool = False,
-          missing_hint: str = "", die_with_parent: bool = False) -> Process:
+          missing_hint: str = "", die_with_parent: bool = False, ignore_signals: Sequence[int] = ()) -> Process:
     """Start `argv` in a new process group (stdout and stderr to `log_path`, no stdin).
 
     `health` is a base URL (healthy once GET /health answers 200) or a predicate. A command that cannot
@@ -273,7 +289,11 @@ def start(argv: Sequence[str], log_path: str | Path, *, what: str, health: str |
     a thread that lives as long as the process (the node agent's main thread); and it uses preexec_fn,
     which may deadlock a process that runs other threads (a lock held by one at the fork), so use it
     only in a single-threaded process, as the node agent is. Where there is no prctl (not Linux) it does
-    nothing."""
+    nothing.
+
+    `ignore_signals`: set to ignored in the child before exec (an ignored signal stays ignored across exec,
+    a handled one does not): Slurm sends its walltime warning (`--signal`) to every process of a job step,
+    and an engine that does not handle SIGUSR1 would die of it."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     check: Health | None
@@ -287,7 +307,7 @@ def start(argv: Sequence[str], log_path: str | Path, *, what: str, health: str |
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=dict(env) if env is not None else None, cwd=str(cwd) if cwd else None,
                                      start_new_session=True,
-                                     preexec_fn=_die_with(os.getpid()) if die_with_parent else None)
+                                     preexec_fn=_preexec(os.getpid() if die_with_parent else None, ignore_signals))
         except FileNotFoundError:
             host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
             raise EngineError(f"{what}: `{argv[0]}` is not installed on {host}"

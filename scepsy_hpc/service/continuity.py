@@ -56,6 +56,7 @@ class Live:
     cutover_said: set[str] = field(default_factory=set)
     drain_cancelled: set[str] = field(default_factory=set)
     done_said: set[str] = field(default_factory=set)
+    slow_probes: dict[tuple[str, str, int], int] = field(default_factory=dict)   # /health timeouts in a row
 
 
 def nodes_of(j: Job) -> list[str]:
@@ -397,17 +398,22 @@ class Continuity:
         if not live:
             return
         grace = float((d.options or {}).get("drain_grace_s", 120.0))
+        self.write_endpoints()   # the drained engines out of the file before the gateway is asked about them
         stats = await self._gateway_stats()
-        draining = stats.get("draining") if isinstance(stats.get("draining"), dict) else None
+        states = [rs for m in (stats.get("models") or {}).values() if isinstance(m, dict)
+                  for rs in m.get("replica_states") or [] if isinstance(rs, dict)]
         rows = self.store.instances(d.name)
         now = time.time()
         for j in live:
             if j.job_id in lv.drain_cancelled:
                 continue
             urls = {r.url for r in rows if r.job_id == j.job_id and r.url}
-            in_flight = sum(int(draining.get(u, 0)) for u in urls) if draining is not None else None
+            mine = [rs for rs in states if rs.get("url") in urls]
+            # in flight: calls on its engines the gateway still counts (None: the gateway did not say)
+            in_flight = sum(int(rs.get("outstanding") or 0) for rs in mine) if states else None
+            routed = any(rs.get("active") for rs in mine)   # the gateway has not loaded the file without them yet
             waited = now - j.drain_started
-            if waited < DRAIN_MIN_S or (in_flight != 0 and waited < grace):
+            if waited < DRAIN_MIN_S or ((routed or in_flight != 0) and waited < grace):
                 continue
             lv.drain_cancelled.add(j.job_id)
             self.event(d.name, "drained", f"job {j.job_id} drained in {waited:.1f} s"

@@ -77,6 +77,7 @@ IDLE_POLL_S = 5.0
 FAST_S = 1.0                  # cycle period while a deployment starts or stops (no more Slurm calls: see cycle)
 HEALTH_CONCURRENCY = 16
 HEALTH_TIMEOUT_S = 2.0
+SLOW_PROBES = 3               # /health timing out this many cycles in a row makes an engine unhealthy
 UNKNOWN_GRACE_S = 60.0        # a job younger than this that no Slurm command lists yet is not lost (accounting lag)
 RECANCEL_S = 30.0
 EVENTS_KEPT = 200_000         # the event log keeps this many of the newest events (pruned once an hour)
@@ -477,13 +478,15 @@ class Daemon(Continuity):
         failed = ""
         sem = asyncio.Semaphore(HEALTH_CONCURRENCY)
 
-        async def probe(url: str) -> bool:
+        async def probe(url: str) -> str:
             async with sem:
                 try:
                     async with self._http.get(f"{url}/health") as resp:
-                        return resp.status == 200
-                except Exception:   # any transport failure means "not healthy"
-                    return False
+                        return "ok" if resp.status == 200 else f"answers {resp.status}"
+                except asyncio.TimeoutError:
+                    return "slow"
+                except Exception as exc:   # any other transport failure means "not healthy"
+                    return f"does not answer ({type(exc).__name__})"
 
         rows: list[InstanceRow] = []
         probes: list[tuple[int, Any]] = []
@@ -506,10 +509,17 @@ class Daemon(Continuity):
             if got is not None and got.healthy and agent_ok and got.url:
                 probes.append((len(rows) - 1, probe(got.url)))
         results = await asyncio.gather(*(p for _, p in probes))
-        for (idx, _), ok in zip(probes, results):
+        lv = self._live(d.name)
+        for (idx, _), said in zip(probes, results):
             r = rows[idx]
+            key = (r.job_id, r.llm, r.replica)
+            # a probe that timed out on a busy login node is not a dead engine: that takes SLOW_PROBES in a row (a
+            # refused connection or an error status counts at once; the gateway routes around a dead one anyway)
+            slow = lv.slow_probes[key] = lv.slow_probes.get(key, 0) + 1 if said == "slow" else 0
+            ok = said == "ok" or (said == "slow" and slow < SLOW_PROBES)
             rows[idx] = dataclasses.replace(r, healthy=ok, state="healthy" if ok else "unhealthy",
-                                            error=r.error if ok else f"{r.url}/health does not answer")
+                                            error=r.error if ok else f"{r.url}/health " + (
+                                                f"timed out {slow} times in a row" if said == "slow" else said))
         return rows, failed
 
     def _route(self, d: Deployment, rows: list[InstanceRow]) -> list[InstanceRow]:

@@ -196,6 +196,10 @@ def test_the_walltime_warning_marks_the_report_draining_at_once_and_the_engines_
     assert draining.state == "ready" and proc.poll() is None
     engine = draining.instances[0]
     assert engine.healthy and engine.pid == before.instances[0].pid
+    os.killpg(engine.pid, signal.SIGUSR1)   # Slurm signals every process of the job step: the engines ignore it
+    time.sleep(0.5)
+    after = _report(session).instances[0]
+    assert (after.pid, after.restarts, after.healthy) == (engine.pid, 0, True)
     _complete(engine.url)
     proc.send_signal(signal.SIGUSR1)   # a second warning keeps the first time
     time.sleep(0.3)

@@ -188,3 +188,46 @@ async def test_a_daemon_killed_during_a_cutover_completes_it_after_restart_witho
     assert sorted(j["unit"] for j in replacements if j["ended"] is None) == ["n1", "n2"]
     running = {p.name for p in (state / ".local-jobs").glob("local-*") if backend.status(p.name).active}
     assert running == {j["job_id"] for j in after["jobs"] if j["ended"] is None}
+
+
+async def test_a_drained_node_is_excluded_and_its_job_cut_over_to_another_node_failing_no_call(
+        tmp_path: Path, state: Path, sv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scepsy_hpc.backend.local import LocalBackend
+    from scepsy_hpc.service import continuity
+    from scepsy_hpc.service.daemon import Daemon
+    from scepsy_hpc.service.deploy import UpRequest
+    from scepsy_hpc.service.paths import StatePaths
+
+    monkeypatch.setattr(continuity, "NODE_CHECK_S", 1.0)   # the nodes' states read every second, not every 30 s
+    paths = StatePaths(state)
+    paths.ensure()
+    backend = LocalBackend(paths.local_jobs, nodes={"n1": 4, "n2": 4, "n3": 4})
+    daemon = Daemon(paths, poll_s=0.5, backends={"local": backend})
+    task = asyncio.create_task(daemon.run())
+    try:
+        while daemon._http is None:
+            await asyncio.sleep(0.05)
+        await daemon.up(UpRequest(name="dn", target=str(sv.small_plan(tmp_path / "p.yaml")), time_scale=0.05,
+                                  drain_grace_s=10.0))
+        deadline = time.monotonic() + 60
+        while daemon.store.get_deployment("dn").state != "serving" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        (on_n2,) = [j for j in daemon.store.jobs("dn", live_only=True) if j.nodes == "n2"]
+
+        def moved() -> bool:
+            live = daemon.store.jobs("dn", live_only=True)
+            return daemon.store.get_deployment("dn").state == "serving" and [j.nodes for j in live if j.unit == "n2"] == ["n3"]
+
+        backend.node_states["n2"] = "drained"   # an admin's `scontrol update nodename=n2 state=drain`
+        records = await drive_until(f"{daemon.gateway.url}/d/dn/v1", moved, timeout_s=60)
+        said = [f"{e.kind}: {e.message}" for e in daemon.store.events("dn")]
+        assert moved(), said[-30:]
+        assert summary(records)["failed"] == 0, summary(records)
+        assert any(k.startswith("node-excluded: node n2 excluded") and "drained" in k for k in said), said[-30:]
+        assert any(k.startswith("cutover-start") and "excluded node" in k for k in said), said[-30:]
+        assert daemon.store.get_deployment("dn").options["excluded_nodes"].keys() == {"n2"}
+        ended = {j.job_id: j for j in daemon.store.jobs("dn")}[on_n2.job_id]
+        assert ended.state == "CANCELLED" and ended.drain_started is not None   # drained first, then cancelled
+    finally:
+        daemon.request_stop(everything=True)
+        await asyncio.wait_for(task, 120)

@@ -362,3 +362,34 @@ def test_pruning_keeps_the_newest_events_and_their_numbers(tmp_path: Path) -> No
         assert [e.message for e in store.events()] == ["m7", "m8", "m9"]
         assert store.add_event(None, "k", "m10").seq == 11   # numbers never repeat
         assert store.prune_events(100) == 0
+
+
+def test_a_schema_1_file_migrates_to_2_keeping_its_deployments_jobs_and_events(tmp_path: Path) -> None:
+    from scepsy_hpc.service.state import MIGRATIONS
+
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)   # a state database as issue 19's daemon left it
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO deployments VALUES ('old', 'serving', 'serving', 'slurm', '/p.yaml', '[]', '{}', '/s', '',"
+                 " 1.0, 1.0)")
+    conn.execute("INSERT INTO jobs VALUES ('7', 'old', 'slurm', 'scepsy-old-abc123', 'serve', '2026-12-06T01:50:00', 9e9,"
+                 " 'node[1-2]', '/s/logs', 'RUNNING', '', '', 1.0, 1.0, NULL)")
+    conn.execute("INSERT INTO instances VALUES ('old', 'gen', 0, 'node1', '[0]', 'http://h:1', 'healthy', 1, 5, 0, '',"
+                 " 1.0)")
+    conn.execute("INSERT INTO events (ts, deployment, kind, message, data) VALUES (1.0, 'old', 'up', 'x', '{}')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with StateStore(path) as s:
+        (job,) = s.jobs("old")
+        assert (job.job_id, job.nodes, job.session_dir, job.unit, job.replaces, job.drain_started) == \
+            ("7", "node[1-2]", "", "", "", None)   # "" session dir: the deployment's own (one job for all nodes)
+        assert s.instances("old") == []   # derived from the agents' reports again on the next cycle
+        assert [e.kind for e in s.events("old")] == ["up"] and s.get_deployment("old").state == "serving"
+        s.set_instances("old", [InstanceRow(deployment="old", llm="gen", replica=0, job_id="7", routed=True),
+                                InstanceRow(deployment="old", llm="gen", replica=0, job_id="8")])   # one per job
+        assert [(r.job_id, r.routed) for r in s.instances("old")] == [("7", True), ("8", False)]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
