@@ -147,15 +147,33 @@ def _absolute(value: str | None) -> str | None:
     return str(p.resolve()) if p.exists() or p.suffix in (".yaml", ".yml") else value
 
 
+_FLAGS = {"cutover_margin_s": "--cutover-margin", "drain_grace_s": "--drain-grace", "stall_timeout_s": "--stall-timeout",
+          "resubmit_window_s": "--resubmit-window", "start_timeout_s": "--start-timeout",
+          "health_timeout_s": "--health-timeout", "time_scale": "--time-scale", "target_rps": "--target-rps"}
+
+
+def _up_request(**fields: Any) -> Any:
+    """The UpRequest of `up`'s arguments; a value out of range is a SpecError naming its flag."""
+    from pydantic import ValidationError
+
+    from scepsy_hpc.errors import SpecError
+    from scepsy_hpc.service.deploy import UpRequest
+
+    try:
+        return UpRequest(**fields)
+    except ValidationError as exc:
+        raise SpecError([f"up {_FLAGS.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))} "
+                         f"{e.get('input')!r}: {e['msg']}" for e in exc.errors()]) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Ask the daemon (started if needed) for the deployment, then follow it unless detached."""
     from scepsy_hpc.backend.base import check_name
-    from scepsy_hpc.service.deploy import UpRequest
     from scepsy_hpc.service.launch import start_daemon
 
     client = _client(args)
     name = check_name(args.name or Path(args.target).stem, "deployment name")
-    req = UpRequest(name=name, target=_absolute(args.target) or args.target, backend=args.backend, engine=args.engine,
+    req = _up_request(name=name, target=_absolute(args.target) or args.target, backend=args.backend, engine=args.engine,
                     cluster=_absolute(args.cluster) or "local", partition=args.partition, account=args.account, qos=args.qos,
                     time=args.time, target_rps=args.target_rps,
                     launch_prefix=args.launch_prefix or "", engine_args=list(args.engine_arg or ()),

@@ -344,6 +344,8 @@ class Continuity:
         for j in live:
             if j.job_id in replaced or j.drain_started is not None or j.started is None or j.replaces in by_id:
                 continue
+            if not j.unit:   # a job of every node, submitted by an older scepsy: its nodes are placed anew when it ends
+                continue
             if now < lv.retry_at.get(j.job_id, 0.0):
                 continue
             if j.walltime_end is not None and now >= j.walltime_end - lead.total_s * (len(units(lv.shape)) if sequential else 1):
@@ -365,7 +367,7 @@ class Continuity:
         for j, why in due:
             if j.job_id in lv.cutover_said:
                 continue
-            unit = j.unit or units(lv.shape)[0]
+            unit = j.unit
             started = await self._submit_unit(d, lv, unit, why=why, replaces=j.job_id, cutover=True) \
                 if not (lv.no_room and busy) else None
             if started is not None:

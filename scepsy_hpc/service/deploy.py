@@ -51,9 +51,12 @@ class UpRequest(BaseModel):
     max_resubmits: int = Field(default=3, ge=0)          # a job that ends is resubmitted at most this many times …
     resubmit_window_s: float = Field(default=1800.0, gt=0)   # … within this window (the circuit breaker)
     cutover: bool = True                                  # replace a job before its walltime ends
-    cutover_margin_s: float = Field(default=60.0, ge=0)   # lead = queue wait + time to healthy + this
-    drain_grace_s: float = Field(default=120.0, ge=0)     # in-flight calls of a drained job get this long
-    stall_timeout_s: float = Field(default=120.0, ge=0)   # an engine with calls and no token for this long is restarted
+    # lead = queue wait + time to healthy + this
+    cutover_margin_s: float = Field(default=60.0, ge=0, le=86400, allow_inf_nan=False)
+    # in-flight calls of a drained job get this long
+    drain_grace_s: float = Field(default=120.0, ge=0, le=86400, allow_inf_nan=False)
+    # an engine with calls and no token for this long is restarted (0: never)
+    stall_timeout_s: float = Field(default=120.0, ge=0, le=86400, allow_inf_nan=False)
     seed: int = Field(default=0, ge=0)
     models: str | None = None
     gpu_catalog: str | None = None

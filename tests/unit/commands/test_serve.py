@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 SCEPSY = [sys.executable, "-m", "scepsy_hpc.cli"]
@@ -100,3 +101,17 @@ def test_status_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> None:
     done = scepsy("status", "--state-dir", str(tmp_path))
     assert done.returncode == 1
     assert "no scepsy daemon runs" in done.stderr and "scepsy daemon start" in done.stderr
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--cutover-margin", "1e9", "up --cutover-margin 1000000000.0: Input should be less than or equal to 86400"),
+    ("--drain-grace", "inf", "argument --drain-grace: inf: give a number ≥ 0"),
+    ("--stall-timeout", "-1", "argument --stall-timeout: -1: give a number ≥ 0"),
+])
+def test_a_continuity_option_out_of_range_names_the_flag_before_any_daemon_starts(
+        tmp_path: Path, flag: str, value: str, said: str) -> None:
+    state = tmp_path / "state"
+    done = subprocess.run([*SCEPSY, "up", "rag_rerank", flag, value, "--state-dir", str(state)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (state / "daemon.sock").exists()
