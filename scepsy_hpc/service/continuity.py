@@ -104,7 +104,6 @@ class Continuity:
                     healthy_s=float(healthy) if healthy is not None else DEFAULT_HEALTHY_S,
                     margin_s=float(opts.get("cutover_margin_s", 60.0)))
 
-
     # ---- units: every node of the plan served by a live job -------------------------------------
     async def _cover_units(self, d: Deployment, lv: Live, live: list[Job]) -> bool:
         """Submit a job for every unit no live job serves: never submitted, drained by a cut-over without room,

@@ -68,10 +68,12 @@ async def collect(daemon: Daemon) -> dict[str, Any]:
         inst["load"] = engine_load(text.decode(errors="replace")) if text else {}
     for doc in docs:
         per: dict[str, Any] = {}
+        plan = (doc.get("continuity") or {}).get("capacity") or {}
         for inst in doc["instances"]:
-            row = per.setdefault(inst["llm"], {"replicas": 0, "healthy": 0, "running": 0.0, "waiting": 0.0, "kv_use": []})
-            row["replicas"] += 1
-            row["healthy"] += int(inst["healthy"])
+            # replicas: the plan's count; healthy: engines taking calls (a cut-over's old and new engines overlap)
+            row = per.setdefault(inst["llm"], {"replicas": plan.get(inst["llm"], {}).get("plan", 0), "healthy": 0,
+                                               "running": 0.0, "waiting": 0.0, "kv_use": []})
+            row["healthy"] += int(inst["routed"])
             load = inst.get("load") or {}
             row["running"] += load.get("running", 0.0)
             row["waiting"] += load.get("waiting", 0.0)
