@@ -303,9 +303,14 @@ def sc_lost_node(run: Run, work: Path) -> dict[str, Any]:
     records = run.stop_load()
     after = status(run.state, run.name)
     evs = events(run.state, run.name)
-    now_on = sorted({j["nodes"] for j in after["jobs"] if j["ended"] is None})
+    now_on = sorted({j["nodes"] for j in after["jobs"] if j["ended"] is None and j["role"] != "abandoned"})
     queue = after["continuity"]["queue_wait_s"]
-    return run.row(records, node=node, old_jobs=sorted(old), nodes_after=now_on,
+    time.sleep(5)   # a job Slurm requeued off the down node must be gone for good, not back once the node resumes
+    live = {j["job_id"] for j in status(run.state, run.name)["jobs"] if j["ended"] is None}
+    queued = subprocess.run(["squeue", "--me", "-h", "-o", "%i|%j"], capture_output=True, text=True).stdout.split()
+    orphans = sorted(line.split("|")[0] for line in queued if f"scepsy-{run.name}-" in line
+                     and line.split("|")[0] not in live)
+    return run.row(records, node=node, old_jobs=sorted(old), nodes_after=now_on, orphans=orphans,
                    excluded=list(after["continuity"]["excluded_nodes"]), queue_wait_s=queue,
                    within_60s_plus_queue=rec <= 60 + queue,
                    events=_kinds(evs, "node-excluded", "resubmit", "job"))

@@ -137,7 +137,8 @@ def submission_parameters(job: NodeJob) -> dict[str, Any]:
         raise SpecError(f"job {job.name}: no nodes to run on (the placement is empty)")
     directive_path(job.log_dir, "log directory")
     setup = ["export PYTHONUNBUFFERED=1", *filter(None, exports(job.env).splitlines()), f"cd {quote(job.workdir)}"]
-    extra: dict[str, str] = {"signal": SIGNAL}
+    # no-requeue: the daemon replaces a job that fails; one Slurm requeued would come back later as an orphan
+    extra: dict[str, Any] = {"signal": SIGNAL, "no_requeue": True}
     params: dict[str, Any] = dict(
         job_name=job.name, nodes=len(job.nodes), ntasks_per_node=1,
         nodelist=",".join(check_node(n) for n in job.nodes),

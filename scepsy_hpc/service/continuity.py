@@ -35,6 +35,7 @@ NO_ROOM_REPEAT_S = 60.0       # "no node can take it" is said again at most this
 CUTOVER_RETRY_S = 30.0        # after a replacement failed, the next attempt waits this long
 SIGNAL_LEAD_S = 120.0         # jobs are sent USR1 this long before their walltime ends (backend.templates.SIGNAL)
 NODE_CHECK_S = 30.0           # nodes under running jobs are checked (drained, down) this often, for every deployment
+ABANDONED = "abandoned"       # a job's role once the daemon gave up on it (cancelled again and again until it is gone)
 DRAIN_MIN_S = 1.0             # a drained job is cancelled no sooner (the gateway reloads its endpoints first)
 
 
@@ -111,13 +112,15 @@ class Continuity:
         assert lv.shape is not None
         covered: set[str] = set()
         for j in live:
-            covered |= set(j.unit.split(",")) if j.unit else set(units(lv.shape))
+            if j.role != ABANDONED:
+                covered |= set(j.unit.split(",")) if j.unit else set(units(lv.shape))
         jobs = self.store.jobs(d.name)
         for unit in units(lv.shape):
             if unit in covered:
                 continue
-            ended = [j for j in jobs if j.ended is not None and unit in (j.unit.split(",") if j.unit else units(lv.shape))]
-            last = ended[-1] if ended else None
+            gone = [j for j in jobs if (j.ended is not None or j.role == ABANDONED)
+                    and unit in (j.unit.split(",") if j.unit else units(lv.shape))]
+            last = gone[-1] if gone else None
             if last is None:
                 await self._submit_unit(d, lv, unit, why="no job serves it yet")
                 continue
@@ -125,7 +128,8 @@ class Continuity:
                 await self._submit_unit(d, lv, unit, replaces=last.job_id, cutover=True,
                                         why=f"cut-over: job {last.job_id} was drained and has ended")
                 continue
-            why = f"job {last.job_id} ended: {last.state}" + (f" ({last.reason})" if last.reason else "")
+            why = (f"job {last.job_id} ended: {last.state}" if last.ended is not None else f"job {last.job_id} abandoned") \
+                + (f" ({last.reason})" if last.reason else "")
             reports = await asyncio.to_thread(self._part(d, last).agents)
             bad = next((r for r in reports.values() if r.state == "failed" and r.job_id in ("", last.job_id)), None)
             if bad is not None:   # the agent that took the job down says why
@@ -315,6 +319,8 @@ class Continuity:
             if not r.replaces or r.replaces not in by_id:
                 continue
             old = by_id[r.replaces]
+            if old.role == ABANDONED:
+                continue
             mine = [x for x in rows if x.job_id == r.job_id]
             config = lv.configs.get(r.job_id)
             ready = config is not None and len(mine) == len(config.instances) and all(x.routed for x in mine)
@@ -341,7 +347,8 @@ class Continuity:
         warned = {x.job_id for x in rows if "draining" in x.error}
         sequential = lv.no_room and len(units(lv.shape)) > 1
         for j in live:
-            if j.job_id in replaced or j.drain_started is not None or j.started is None or j.replaces in by_id:
+            if j.job_id in replaced or j.drain_started is not None or j.started is None or j.replaces in by_id \
+                    or j.role == ABANDONED:
                 continue
             if not j.unit:   # a job of every node, submitted by an older scepsy: its nodes are placed anew when it ends
                 continue

@@ -63,7 +63,7 @@ from scepsy_hpc.backend.records import AgentReport, ServeConfig
 from scepsy_hpc.backend.session import Session
 from scepsy_hpc.engine.supervisor import pid_alive
 from scepsy_hpc.errors import ScepsyError, SlurmError, SpecError, run_entry
-from scepsy_hpc.service.continuity import SIGNAL_LEAD_S, Continuity, Live
+from scepsy_hpc.service.continuity import ABANDONED, SIGNAL_LEAD_S, Continuity, Live
 from scepsy_hpc.service.deploy import UpRequest, prepare
 from scepsy_hpc.service.units import llms_of, units
 from scepsy_hpc.service.gateway_proc import GatewayProcess
@@ -141,6 +141,7 @@ class Daemon(Continuity):
         self._force = True
         self._polled: dict[str, float] = {}
         self._node_cache: dict[tuple[str, str | None], tuple[float, Any]] = {}
+        self._recancelled: dict[str, float] = {}   # abandoned job id → when it was last cancelled
         self._pruned = -PRUNE_EVERY_S
         self._events: asyncio.Condition | None = None
         self._http: Any = None
@@ -351,16 +352,24 @@ class Daemon(Continuity):
             if st.state in FINAL:
                 self._end_job(j, st.state, st.reason, exit_code=st.exit_code)
                 return
-            if j.started is not None and st.state in REQUEUED:
-                # requeued (preempted, or its node failed with --requeue): its engines are gone; serve on elsewhere
-                self._end_job(j, st.state, f"requeued by Slurm ({st.reason or 'preempted or node failure'}); "
-                              "cancelled, its engines are placed anew")
-                self._cancel(j)
+            if j.started is not None and st.state in REQUEUED and j.role != ABANDONED:
+                # requeued (preempted, or its node failed): its engines are gone; serve on elsewhere, and cancel it
+                # until it has left the queue (a requeued job cancelled while completing would come back)
+                self._abandon(j, f"requeued by Slurm ({st.reason or 'preempted or node failure'})")
                 return
             self.event(j.deployment, "job", f"job {j.job_id}: {j.state or 'submitted'} → {st.state}"
                        + (f" ({st.reason})" if st.reason else "") + (f" on {st.nodes}" if st.nodes else ""))
         if fields:
             self.store.update_job(j.backend, j.job_id, **fields)
+
+    def _abandon(self, j: Job, why: str) -> None:
+        """Give up on a live job: it serves nothing from now on (its unit is placed anew) and is cancelled, again
+        every RECANCEL_S, until the backend says it ended."""
+        self.store.update_job(j.backend, j.job_id, role=ABANDONED, reason=why)
+        self.event(j.deployment, "job", f"job {j.job_id} abandoned: {why}; cancelling it, its engines are placed anew",
+                   job_id=j.job_id, reason=why)
+        self._recancelled[j.job_id] = time.monotonic()
+        self._cancel(j)
 
     def _end_job(self, j: Job, state: str, reason: str, exit_code: str = "") -> None:
         self.store.update_job(j.backend, j.job_id, state=state, reason=reason, exit_code=exit_code, ended=time.time())
@@ -401,6 +410,11 @@ class Daemon(Continuity):
         now = time.time()
         rows: list[InstanceRow] = []
         for j in live:
+            if j.role == ABANDONED:   # cancelled, not yet gone: cancel again now and then
+                if time.monotonic() - self._recancelled.get(j.job_id, 0.0) > RECANCEL_S:
+                    self._recancelled[j.job_id] = time.monotonic()
+                    await asyncio.to_thread(self._cancel, j)
+                continue
             part = self._part(d, j)
             reports = await asyncio.to_thread(part.agents)
             mine = {k: r for k, r in reports.items() if r.job_id in ("", j.job_id)}
@@ -466,10 +480,9 @@ class Daemon(Continuity):
             live = [x for x in self.store.jobs(d.name, live_only=True)]
             await self._fail(d, live, why)
             return
-        self.event(d.name, "instance-failed", f"job {j.job_id} on {j.nodes or j.unit}: {why}; cancelling it, its engines "
-                   "are placed anew", job_id=j.job_id, node=j.nodes or j.unit)
-        self._end_job(j, "FAILED", why)
-        await asyncio.to_thread(self._cancel, j)
+        self.event(d.name, "instance-failed", f"job {j.job_id} on {j.nodes or j.unit}: {why}", job_id=j.job_id,
+                   node=j.nodes or j.unit)
+        await asyncio.to_thread(self._abandon, j, why)
 
     async def _instances(self, d: Deployment, j: Job, config: ServeConfig,
                          reports: dict[str, AgentReport]) -> tuple[list[InstanceRow], str]:

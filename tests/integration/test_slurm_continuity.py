@@ -68,6 +68,7 @@ def test_a_wedged_engine_is_detected_and_restarted() -> None:
 def test_a_node_set_down_is_excluded_and_its_engines_placed_on_another_node_within_60_s_plus_the_queue() -> None:
     row = bench("lost-node", timeout_s=500)
     assert row["node"] in row["excluded"] and row["node"] not in row["nodes_after"], row
+    assert row["orphans"] == [], row   # a job Slurm requeued off the node is not left to come back
     assert row["within_60s_plus_queue"], row
     assert row["failed"] == 0, row["failures"]
 

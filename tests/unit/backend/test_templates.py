@@ -76,8 +76,9 @@ def test_a_minimal_job_has_no_optional_directives_and_no_submitit_defaults() -> 
     logs = f"{SESSION}/logs/submitit/%j"
     assert _directives(_script(gpus_per_node=0)) == [
         "#SBATCH --comment=scepsy:scepsy-demo", f"#SBATCH --error={logs}/%j_0_log.err", "#SBATCH --job-name=scepsy-demo",
-        "#SBATCH --nodelist=node1,node2", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --open-mode=append",
-        f"#SBATCH --output={logs}/%j_0_log.out", "#SBATCH --signal=USR1@120"]   # no --time=5, no --wckey=submitit
+        "#SBATCH --no-requeue", "#SBATCH --nodelist=node1,node2", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --open-mode=append", f"#SBATCH --output={logs}/%j_0_log.out",
+        "#SBATCH --signal=USR1@120"]   # no --time=5, no --wckey=submitit; --no-requeue: the daemon replaces lost jobs
 
 
 def test_the_task_runs_on_every_node_killing_the_job_when_one_fails_in_the_workdir_with_the_env() -> None:

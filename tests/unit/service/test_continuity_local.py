@@ -231,3 +231,63 @@ async def test_a_drained_node_is_excluded_and_its_job_cut_over_to_another_node_f
     finally:
         daemon.request_stop(everything=True)
         await asyncio.wait_for(task, 120)
+
+
+async def test_a_job_requeued_by_slurm_is_abandoned_cancelled_and_its_node_placed_anew(
+        tmp_path: Path, state: Path, sv: Any) -> None:
+    import dataclasses
+
+    from scepsy_hpc.backend.local import LocalBackend
+    from scepsy_hpc.service.daemon import Daemon
+    from scepsy_hpc.service.deploy import UpRequest
+    from scepsy_hpc.service.paths import StatePaths
+
+    class Requeueing(LocalBackend):
+        """The local backend, except that the jobs in `requeued` read as Slurm shows a requeued job."""
+
+        requeued: set[str] = set()
+        cancels: list[str] = []
+
+        def status(self, job_id: str) -> Any:
+            st = super().status(job_id)
+            return dataclasses.replace(st, state="PENDING", reason="BeginTime") if job_id in self.requeued and \
+                st.active else st
+
+        def cancel(self, job_id: str, grace_s: float = 10.0) -> None:
+            self.cancels.append(job_id)
+            super().cancel(job_id, grace_s)
+
+    paths = StatePaths(state)
+    paths.ensure()
+    backend = Requeueing(paths.local_jobs)
+    daemon = Daemon(paths, poll_s=0.5, backends={"local": backend})
+    task = asyncio.create_task(daemon.run())
+    try:
+        while daemon._http is None:
+            await asyncio.sleep(0.05)
+        await daemon.up(UpRequest(name="rq", target=str(sv.small_plan(tmp_path / "p.yaml")), time_scale=0.05))
+        deadline = time.monotonic() + 60
+        while daemon.store.get_deployment("rq").state != "serving" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        (victim,) = [j for j in daemon.store.jobs("rq", live_only=True) if j.unit == "n2"]
+        backend.requeued.add(victim.job_id)   # Slurm requeued it (preemption, a node failure)
+
+        def replaced() -> bool:
+            live = [j for j in daemon.store.jobs("rq", live_only=True) if j.role != "abandoned"]
+            return daemon.store.get_deployment("rq").state == "serving" and \
+                victim.job_id not in {j.job_id for j in live} and {j.unit for j in live} == {"n1", "n2"}
+
+        records = await drive_until(f"{daemon.gateway.url}/d/rq/v1", replaced, timeout_s=60)
+        said = [f"{e.kind}: {e.message}" for e in daemon.store.events("rq")]
+        assert replaced(), said[-20:]
+        assert any(f"job {victim.job_id} abandoned: requeued by Slurm" in m for m in said), said[-20:]
+        assert victim.job_id in backend.cancels and summary(records)["failed"] == 0
+        backend.requeued.discard(victim.job_id)   # now Slurm shows what the cancel did
+        deadline = time.monotonic() + 20
+        while {j.job_id: j for j in daemon.store.jobs("rq")}[victim.job_id].ended is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        gone = {j.job_id: j for j in daemon.store.jobs("rq")}[victim.job_id]
+        assert gone.ended is not None and gone.state == "CANCELLED" and gone.role == "abandoned"
+    finally:
+        daemon.request_stop(everything=True)
+        await asyncio.wait_for(task, 120)

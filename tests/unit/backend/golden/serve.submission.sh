@@ -8,6 +8,7 @@
 #SBATCH --error=/scratch/u/sessions/demo/logs/submitit/%j/%j_0_log.err
 #SBATCH --gres=gpu:h100:4
 #SBATCH --job-name=scepsy-demo
+#SBATCH --no-requeue
 #SBATCH --nodelist=node1,node2
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
