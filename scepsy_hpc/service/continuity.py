@@ -315,16 +315,18 @@ class Continuity:
         now = time.time()
         by_id = {j.job_id: j for j in live}
         replaced = {j.replaces for j in live if j.replaces}
+        def serving(job: Job) -> bool:   # every engine of the job takes calls
+            mine = [x for x in rows if x.job_id == job.job_id]
+            config = lv.configs.get(job.job_id)
+            return config is not None and len(mine) == len(config.instances) and all(x.routed for x in mine)
+
         for r in live:   # replacements of jobs still live: drain the old one once the new one serves
             if not r.replaces or r.replaces not in by_id:
                 continue
             old = by_id[r.replaces]
             if old.role == ABANDONED:
                 continue
-            mine = [x for x in rows if x.job_id == r.job_id]
-            config = lv.configs.get(r.job_id)
-            ready = config is not None and len(mine) == len(config.instances) and all(x.routed for x in mine)
-            if old.drain_started is None and ready and await self._routed(d.name, rows):
+            if old.drain_started is None and serving(r) and await self._routed(d.name, rows):
                 self.store.update_job(old.backend, old.job_id, drain_started=now)
                 self.event(d.name, "drain", f"job {r.job_id} serves node {r.unit}'s engines on {r.nodes}: draining job "
                            f"{old.job_id} (no new calls; calls in flight get {float(opts.get('drain_grace_s', 120)):g} s)",
@@ -334,6 +336,7 @@ class Continuity:
                     and j.job_id not in lv.rolled_back:
                 lv.rolled_back.add(j.job_id)
                 lv.retry_at[j.replaces] = now + CUTOVER_RETRY_S
+                lv.cutover_said.discard(j.replaces)   # its cut-over may start again
                 self.event(d.name, "cutover-rollback", f"replacement job {j.job_id} ended ({j.state}) before it served; "
                            f"job {j.replaces} serves on; trying again in {CUTOVER_RETRY_S:g} s", job_id=j.job_id)
         if any(j.started is not None for j in live):   # nodes drained or down under running jobs
@@ -369,7 +372,7 @@ class Continuity:
         # a node mid-replacement: drained and not yet ended, its unit uncovered, or a replacement not yet serving
         busy = (any(x.drain_started is not None for x in live) or any(x.replaces in by_id for x in live)
                 or not set(units(lv.shape)) <= covered
-                or any(x.replaces and x.job_id not in lv.done_said for x in live))
+                or any(x.replaces and x.role != ABANDONED and not serving(x) for x in live))
         for j, why in due:
             if j.job_id in lv.cutover_said:
                 continue

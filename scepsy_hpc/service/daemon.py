@@ -405,7 +405,12 @@ class Daemon(Continuity):
             try:
                 lv.shape = await asyncio.to_thread(session.serve_config)
             except (ScepsyError, OSError) as exc:
-                await self._fail(d, live, f"cannot read {session.serve_path}: {exc}")
+                jobs = self.store.jobs(d.name)
+                last = jobs[-1] if jobs and not live else None   # its end is the news; the missing file only why not again
+                await self._fail(d, live, (f"job {last.job_id} ended: {last.state}" + (f" ({last.reason})" if last.reason
+                                                                                      else "") + "; nothing to place again: "
+                                           if last is not None and last.ended is not None else "")
+                                 + f"cannot read {session.serve_path}: {exc}")
                 return
         now = time.time()
         rows: list[InstanceRow] = []
@@ -431,11 +436,11 @@ class Daemon(Continuity):
                     await self._job_failed(d, lv, j, f"cannot read {part.serve_path}: {exc}")
                     continue
             jrows, why = await self._instances(d, j, config, mine)
-            rows += jrows
-            healthy = sum(1 for r in jrows if r.healthy)
             if why:
                 await self._job_failed(d, lv, j, why)
                 continue
+            rows += jrows
+            healthy = sum(1 for r in jrows if r.healthy)
             if healthy == len(config.instances):
                 if j.job_id not in lv.healthy_jobs:
                     lv.healthy_jobs.add(j.job_id)

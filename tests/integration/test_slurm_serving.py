@@ -133,16 +133,18 @@ def test_two_deployments_on_slurm_survive_a_daemon_kill9_and_down_all_leaves_no_
         assert len(doc["job_ids"]) == 2   # one job per node of the plan
         for job_id in doc["job_ids"]:
             assert "RUNNING" in _squeue(job_id)
-        scripts = list((state / "deployments" / name / "jobs").rglob("*.sh"))   # submitit's script, beside the logs
-        assert len(scripts) == 2 and all("#SBATCH" in p.read_text() for p in scripts)
+        # each job's submission script (submitit's), linked beside the job's logs under the job's name
+        scripts = sorted((state / "deployments" / name / "jobs").glob("*/logs/scepsy-*.sh"))
+        assert len(scripts) == 2 and all("#SBATCH" in p.read_text() and "--no-requeue" in p.read_text() for p in scripts)
         planned = {(p["llm"], p["replica"]): p for p in yaml.safe_load((Path(doc["plan"])).read_text())["placement"]}
         got = {(i["llm"], i["replica"]): i for i in doc["instances"]}
         assert got.keys() == planned.keys()
         for key, inst in got.items():
             assert inst["healthy"], inst
-            assert (inst["node"], inst["gpus"]) == (planned[key]["node"], planned[key]["gpus"])
-            env = _environ(inst["pid"])   # the engine really runs in the job, with the placement's GPUs
-            assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, planned[key]["gpus"]))
+            # a node's job holds as many GPUs as its engines use; Slurm picks which, and the agent maps onto them
+            assert (inst["node"], len(inst["gpus"])) == (planned[key]["node"], len(planned[key]["gpus"]))
+            env = _environ(inst["pid"])   # the engine really runs in the job, with the GPUs the job holds
+            assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, inst["gpus"]))
             assert env["SLURM_JOB_ID"] == inst["job_id"] and env["SLURMD_NODENAME"] == planned[key]["node"]
         client = OpenAI(base_url=doc["base_url"], api_key="unused", max_retries=0, timeout=60)
         out = client.chat.completions.create(model="generator", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
