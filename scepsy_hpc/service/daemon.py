@@ -458,10 +458,10 @@ class Daemon(Continuity):
         live = self.store.jobs(d.name, live_only=True)
         if not await self._cover_units(d, lv, live):
             return
+        self._note_cutover_done(d, lv, rows)   # before the next node's cut-over starts: events in causal order
         live = self.store.jobs(d.name, live_only=True)
         await self._cutovers(d, lv, live, rows)
         await self._drains(d, lv)
-        self._note_cutover_done(d, lv, rows)
         d = self.store.get_deployment(d.name) or d
         if d.state != "serving":
             lv.routes_ok = await self._routed(d.name, rows)
