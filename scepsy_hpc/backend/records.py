@@ -54,6 +54,9 @@ class ServeConfig(Record):
     stall_timeout_s: float = Field(default=120.0, ge=0)  # requests waiting or running and no token counted
                                      # for this long: the engine is wedged although /health may answer 200;
                                      # it is killed and restarted as if it had exited (0: never judged wedged)
+    engine_secret: str | None = Field(default=None, repr=False)
+                                     # the job's engine secret: engines accept only calls that carry it
+                                     # (`Authorization: Bearer`); passed to them by environment, never argv
     instances: list[ServeInstance]
 
 

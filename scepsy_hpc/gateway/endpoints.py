@@ -3,14 +3,18 @@
 ```yaml
 schema_version: 1          # optional; another value is refused (the file is from another scepsy)
 time_scale: 1.0            # optional; the engines' time scale, so trace times are model seconds
+auth:                      # optional; when present every /v1 call needs `Authorization: Bearer KEY`
+  keys:
+    - {id: k1a2b3, sha256: <hex sha256 of the key>, deployments: [demo], max_concurrent: 64, rpm: 6000}
 llms:
   planner:
+    deployment: demo                      # optional; the deployment it belongs to (keys are scoped by it)
     served_model: llama-3.1-8b-instruct   # optional; the name the engines serve (default: the llm key)
     aliases: [plan]                       # optional; other names clients may use for this same LLM
     max_outstanding: 256                  # optional per-replica cap
     replicas:
       - http://127.0.0.1:8001
-      - {url: http://node2:8000, max_outstanding: 64}
+      - {url: http://node2:8000, max_outstanding: 64, api_key: <the engine's secret>}
 ```
 
 JSON with the same shape is accepted too (JSON is YAML), and errors name ``file:line`` either way.
@@ -48,10 +52,12 @@ SCHEMA_VERSION = 1
 
 
 class Replica(SpecModel):
-    """One engine serving an LLM: its base URL (without /v1) and an optional cap on calls in flight."""
+    """One engine serving an LLM: its base URL (without /v1), an optional cap on calls in flight, and the
+    engine's secret (its serving job's `--api-key`), which the gateway sends as `Authorization: Bearer`."""
 
     url: str
     max_outstanding: Annotated[int, Field(ge=1)] | None = None
+    api_key: str | None = Field(default=None, repr=False)
 
     @field_validator("url")
     @classmethod
@@ -68,6 +74,7 @@ class Replica(SpecModel):
 class LLMEndpoint(SpecModel):
     """The replicas of one LLM and how its calls are addressed to them."""
 
+    deployment: str | None = None   # the deployment it belongs to: client keys are scoped by deployment
     served_model: str | None = None
     aliases: list[str] = []
     max_outstanding: Annotated[int, Field(ge=1)] = DEFAULT_MAX_OUTSTANDING
@@ -86,11 +93,28 @@ class LLMEndpoint(SpecModel):
         return replica.max_outstanding or self.max_outstanding
 
 
+class ClientKey(SpecModel):
+    """One client key as the gateway checks it: never the key itself, only its SHA-256."""
+
+    id: str                                    # public id, shown by `scepsy keys list` and in logs
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    deployments: list[str]                     # the deployments whose LLMs it may call
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None   # calls in flight at once (None: no limit)
+    rpm: Annotated[int, Field(ge=1)] | None = None              # requests per minute (None: no limit)
+
+
+class Auth(SpecModel):
+    """Client keys: with this section present, every /v1 call needs `Authorization: Bearer KEY`."""
+
+    keys: list[ClientKey] = []
+
+
 class Endpoints(SpecModel):
     """Every LLM of a deployment and its replicas."""
 
     schema_version: int = SCHEMA_VERSION
     time_scale: Annotated[float, Field(gt=0)] | None = None
+    auth: Auth | None = None   # None: no key needed (a hand-run gateway); the daemon always writes it
     llms: dict[str, LLMEndpoint]
 
     def names(self) -> list[str]:
@@ -222,7 +246,7 @@ def merge_endpoints(deployments: Mapping[str, Endpoints], time_scale: float | No
             key = f"{dep}/{name}"
             aliases = {f"{dep}/{a}" for a in llm.aliases}
             aliases.update(b for b in (name, *llm.aliases) if len(bare_uses[b]) == 1 and b not in taken)
-            llms[key] = llm.model_copy(update={"served_model": llm.served_model or name,
+            llms[key] = llm.model_copy(update={"served_model": llm.served_model or name, "deployment": dep,
                                                "aliases": sorted(aliases - {key})})
     merged = Endpoints(time_scale=time_scale or None, llms=llms)
     conflicts = _name_conflicts(merged)
