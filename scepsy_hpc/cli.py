@@ -20,7 +20,7 @@ from typing import Sequence
 from scepsy_hpc.errors import run_entry
 
 # in the order of `scepsy --help`; the passthrough servers come after simulate
-COMMANDS = ("validate", "simulate", "trace", "predict", "profile", "plan", "topology", "daemon", "serve", "bench")
+COMMANDS = ("validate", "simulate", "trace", "predict", "profile", "plan", "topology", "daemon", "serve", "keys", "bench")
 PASSTHROUGH = {"gateway": ("scepsy_hpc.gateway.app", "main"), "engine-sim": ("scepsy_hpc.engine.sim_server", "main")}
 
 

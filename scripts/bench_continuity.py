@@ -49,8 +49,14 @@ class Failed(Exception):
     """A scenario could not run to its end (the row says why)."""
 
 
+# the wedged scenario wedges an engine through the sim engine's test hook, which works only for engines started for
+# tests: the daemon and its jobs inherit this environment
+HOOKS_ENV = {**os.environ, "SCEPSY_SIM_TEST_HOOKS": "1"}
+
+
 def scepsy(state: Path, *args: str, timeout_s: float = 300.0, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([*SCEPSY, *args, "--state-dir", str(state)], capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run([*SCEPSY, *args, "--state-dir", str(state)], capture_output=True, text=True, timeout=timeout_s,
+                          env=HOOKS_ENV)
     if check and done.returncode != 0:
         raise Failed(f"scepsy {' '.join(args)} failed ({done.returncode}): {(done.stderr + done.stdout).strip()[-1500:]}")
     return done
@@ -130,6 +136,7 @@ class Run:
         self.name = name
         self.rps = rps
         self.base = ""
+        self.key = ""
         self.t_event: float | None = None
         self.t_recovered: float | None = None
         self.min_capacity: dict[str, int] = {}
@@ -144,6 +151,7 @@ class Run:
         wait_for(f"{self.name} serving", lambda: status(self.state, self.name)["state"] == "serving", 240)
         doc = status(self.state, self.name)
         self.base = doc["base_url"]
+        self.key = scepsy(self.state, "keys", "show", self.name).stdout.strip()   # the owner key `up` made
         return doc
 
     def _sample(self) -> None:
@@ -159,7 +167,8 @@ class Run:
         from scepsy_hpc.drive.steady import SteadyLoad
 
         self.loop = asyncio.new_event_loop()
-        self.load = SteadyLoad(self.base, LLMS, self.rps, stream_share=0.5, max_tokens=8, timeout_s=120.0)
+        self.load = SteadyLoad(self.base, LLMS, self.rps, stream_share=0.5, max_tokens=8, timeout_s=120.0,
+                               api_key=self.key)
         started = threading.Event()
 
         def body() -> None:
@@ -271,8 +280,12 @@ def sc_wedged(run: Run, work: Path) -> dict[str, Any]:
     run.start_load()
     time.sleep(15)
     victim = _an_engine(doc, "reranker")
+    # straight to the engine, so with its job's engine secret (from the job's serve.json)
+    job = next(j for j in doc["jobs"] if j["job_id"] == victim["job_id"])
+    serve = json.loads((run.state / "deployments" / run.name / "jobs" / job["name"] / "serve.json").read_text())
     req = urllib.request.Request(f"{victim['url']}/scepsy/sim/fault", data=b'{"wedge": true}', method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {serve['engine_secret']}"})
     run.mark_event()
     urllib.request.urlopen(req, timeout=10).read()
     detect = wait_for("the wedged engine restarted", lambda: any(

@@ -70,7 +70,9 @@ def main() -> int:
             sys.exit(f"{args.name} did not serve: {doc.get('error') or doc.get('state')}")
         time.sleep(0.2)
     print(f"  serving after {time.monotonic() - t0:.1f} s: {doc['base_url']} "
-          f"({len(doc['instances'])} engines, job {doc['job_id']})")
+          f"({len(doc['instances'])} engines, job {doc['job_id']}); its key: "
+          f"`export OPENAI_API_KEY=$(scepsy keys show {args.name}{' --state-dir ' + args.state_dir if args.state_dir else ''})`"
+          " (`scepsy drive` fetches it itself)")
     drive = json.loads(scepsy("drive", args.name, "--driver", "entrypoint", "--requests", str(args.requests), "--rate",
                               f"{args.rate:g}", "--json", state=args.state_dir))
     # At an offered rate below capacity the plan predicts that every request is carried: throughput = the rate.

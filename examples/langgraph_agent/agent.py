@@ -5,10 +5,12 @@
 Calls per request with R = input["revisions"]: writer 1 + R (one draft, R revisions),
 critic 1 + R, formatter 1. The loop count is a counter in the graph state, so it is
 deterministic. Model names are the workflow's LLM keys (writer, critic, formatter).
+The key is $SCEPSY_API_KEY, else $OPENAI_API_KEY (`export OPENAI_API_KEY=$(scepsy keys show NAME)`).
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import TypedDict
 
@@ -78,7 +80,8 @@ def build_graph(client: openai.OpenAI):  # -> CompiledStateGraph
 def run(input: dict, base_url: str) -> str:
     """Draft, critique and revise input["task"] input["revisions"] times, then format the result."""
     revisions = int(input.get("revisions", 2))
-    client = _shared_client().with_options(base_url=base_url)
+    key = os.environ.get("SCEPSY_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    client = _shared_client().with_options(base_url=base_url, api_key=key)
     state = build_graph(client).invoke(
         {"task": input.get("task", "Explain continuous batching."), "draft": "", "critique": "",
          "revision": 0, "max_revisions": revisions, "answer": ""},

@@ -5,6 +5,7 @@
 Calls per request: 1 planner + k searcher (k = input["subtopics"]) + 1 writer. The model names
 are the workflow's LLM keys (planner, searcher, writer): the scepsy gateway maps them to its
 engines; against a bare server, serve each model under that name (vLLM --served-model-name).
+The key is $SCEPSY_API_KEY, else $OPENAI_API_KEY (`export OPENAI_API_KEY=$(scepsy keys show NAME)`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ SEARCH_LATENCY_S = 0.8  # a typical web-search API round trip
 _CLIENTS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = weakref.WeakKeyDictionary()
 
 
+def api_key() -> str:
+    """The gateway's client key: $SCEPSY_API_KEY, else $OPENAI_API_KEY (a bare engine may need none)."""
+    return os.environ.get("SCEPSY_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+
+
 def client_for(base_url: str) -> openai.AsyncOpenAI:
     """An async client for `base_url` sharing this event loop's connection pool."""
     loop = asyncio.get_running_loop()
     if loop not in _CLIENTS:
-        _CLIENTS[loop] = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0)
-    return _CLIENTS[loop].with_options(base_url=base_url)
+        _CLIENTS[loop] = openai.AsyncOpenAI(base_url=base_url, api_key=api_key(), max_retries=0)
+    return _CLIENTS[loop].with_options(base_url=base_url, api_key=api_key())
 
 
 def _time_scale() -> float:

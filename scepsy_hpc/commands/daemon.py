@@ -32,7 +32,7 @@ def add_arguments(sub: Any) -> None:
     st.add_argument("--gateway-host", default="127.0.0.1", help="the gateway's listen address (default 127.0.0.1)")
     st.add_argument("--gateway-port", type=port, default=None, metavar="P",
                     help="the gateway's port (default: a free one, kept in the state for every later start)")
-    st.add_argument("--trace", action="store_true", help="the gateway appends every call to STATE/gateway/trace.jsonl")
+    st.add_argument("--trace", action="store_true", help="the gateway writes every call to STATE/gateway/traces/gateway-UTC-PID.jsonl (one file per gateway start)")
     st.add_argument("--json", action="store_true", help="print the daemon's status as one JSON object")
     add_state_dir(st)
     sp = dsub.add_parser("stop", help="stop the daemon (deployments and the gateway keep serving unless --all)")

@@ -114,7 +114,8 @@ def add_arguments(sub: Any) -> None:
     dr.add_argument("--driver", choices=("program", "entrypoint"), default="program",
                     help="program: sample the spec's program (default); entrypoint: run the workflow's real code "
                          "(driver.entrypoint, e.g. openai-SDK or LangGraph code) with the deployment's base URL")
-    dr.add_argument("--gateway", metavar="URL", help="drive this gateway instead of a deployment's (models by LLM name)")
+    dr.add_argument("--gateway", metavar="URL", help="drive this gateway instead of a deployment's (models by LLM name; "
+                    "the key from $SCEPSY_API_KEY or $OPENAI_API_KEY)")
     dr.add_argument("--requests", type=positive_int, default=20, metavar="N", help="requests to run (default 20)")
     dr.add_argument("--rate", type=positive_float, metavar="RPS", help="open-loop Poisson arrivals (model time); default closed loop")
     dr.add_argument("--concurrency", type=positive_int, default=4, metavar="C", help="requests in flight without --rate (default 4)")
@@ -193,8 +194,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.detach:
         print(f"{name}: {doc['state']}; gateway {doc['base_url']}; `scepsy status {name}`, `scepsy events {name} -f`, "
               f"`scepsy down {name}`")
+        print(_key_hint(name, doc['base_url'], args.state_dir))
         return 0
     return _follow_up(client, name, since, err)
+
+
+def _key_hint(name: str, base_url: str | None, state_dir: str | None) -> str:
+    """How to call the deployment: its owner key (made by the daemon at `up`) and base URL."""
+    where = f" --state-dir {state_dir}" if state_dir else ""
+    return (f"  every call needs its key: export OPENAI_API_KEY=$(scepsy keys show {name}{where}) "
+            f"OPENAI_BASE_URL={base_url}")
 
 
 def _last_seq(client: Any) -> int:
@@ -218,6 +227,7 @@ def _follow_up(client: Any, name: str, since: int, err: Any) -> int:
                 served = True
                 print(f"serving {name}: {doc['base_url']} (models: {', '.join(sorted({i['llm'] for i in doc['instances']}))}); "
                       f"`scepsy status {name}`, `scepsy down {name}`; Ctrl-C stops it", flush=True)
+                print(_key_hint(name, doc["base_url"], str(client.paths.root)), flush=True)
             if doc["state"] == "failed":
                 err.print(f"{name} failed: {doc['error']}", style="red", soft_wrap=True, highlight=False, markup=False)
                 return 1
@@ -417,9 +427,13 @@ def cmd_drive(args: argparse.Namespace) -> int:
 
     url, scale, wf_arg, prefix, files = args.gateway, args.time_scale, args.workflow, "", []
     name = None
+    # a gateway given by URL: the key from the environment; a deployment's: its owner key, from the daemon
+    api_key = os.environ.get("SCEPSY_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
     if url is None:
-        doc = _deployment_to_drive(_client(args), args.name)
+        client = _client(args)
+        doc = _deployment_to_drive(client, args.name)
         name, url = doc["name"], doc["gateway_url"]
+        api_key = client.request("GET", f"/v1/deployments/{name}/owner-key")["secret"]
         scale = scale or doc.get("time_scale") or 1.0
         wfs, files = doc.get("workflows") or [], doc.get("spec_paths") or []
         wf_arg = wf_arg or (wfs[0] if len(wfs) == 1 else None)
@@ -435,14 +449,17 @@ def cmd_drive(args: argparse.Namespace) -> int:
     if args.driver == "entrypoint":
         # the real code names its LLMs as the workflow does: /d/NAME scopes them to the deployment
         os.environ["SCEPSY_TIME_SCALE"] = str(scale or 1.0)   # the examples pace their tools alike
+        if api_key:
+            os.environ["SCEPSY_API_KEY"] = api_key             # … and call the gateway with this key
         base = f"{url}/d/{name}" if name else url
         res = asyncio.run(drive_entrypoint(wf, path.parent, base, n_requests=args.requests, rate_rps=args.rate,
                                            concurrency=args.concurrency, seed=args.seed, time_scale=scale or 1.0,
-                                           request_prefix=args.prefix))
+                                           request_prefix=args.prefix, api_key=api_key))
     else:
         res = asyncio.run(drive_program(wf, url, n_requests=args.requests, rate_rps=args.rate,
                                         concurrency=None if args.rate else args.concurrency, seed=args.seed,
-                                        time_scale=scale or 1.0, request_prefix=args.prefix, model_prefix=prefix))
+                                        time_scale=scale or 1.0, request_prefix=args.prefix, model_prefix=prefix,
+                                        api_key=api_key))
     lat = sorted(r.latency_s for r in res.requests.values() if r.status == "ok")
     summary = {"gateway_url": url, "workflow": wf.name, "driver": args.driver, "requests": len(res.requests),
                "ok": res.n_ok, "errors": res.n_error, "duration_s": res.duration_s,

@@ -176,12 +176,19 @@ async def _closed_loop(run_one: Callable[[int], Awaitable[RequestResult]], n: in
     return [r for r in results if r is not None]
 
 
-def make_session(limit: int = MAX_CONNECTIONS) -> Any:
-    """The drive's one aiohttp session: no total timeout (generations can be long), many connections."""
+def make_session(limit: int = MAX_CONNECTIONS, api_key: str | None = None) -> Any:
+    """The drive's one aiohttp session: no total timeout (generations can be long), many connections; with
+    `api_key`, every call (spans included) carries `Authorization: Bearer` (the gateway's client key)."""
     import aiohttp
 
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit),
-                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+                                 headers=auth_headers(api_key))
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """`Authorization: Bearer KEY`, or nothing without a key."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def normalize_base(url: str) -> str:

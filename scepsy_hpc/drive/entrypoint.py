@@ -142,8 +142,10 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 
 async def drive_entrypoint(wf: Workflow, wf_dir: str | Path, gateway_url: str, *, n_requests: int,
                            rate_rps: float | None = None, concurrency: int = 1, seed: int = 0,
-                           time_scale: float = 1.0, request_prefix: str = "r") -> DriveResult:
-    """Run the workflow's real program once per request through the gateway, bracketed by request spans."""
+                           time_scale: float = 1.0, request_prefix: str = "r", api_key: str | None = None) -> DriveResult:
+    """Run the workflow's real program once per request through the gateway, bracketed by request spans (sent
+    with `api_key`, the gateway's client key; the program itself reads its key from its environment, as the
+    examples read SCEPSY_API_KEY or OPENAI_API_KEY)."""
     if wf.driver is None:
         raise SpecError(f"workflow {wf.name!r} has no driver; add 'driver: {{entrypoint: module:function}}' "
                         f"or drive its program instead")
@@ -156,7 +158,7 @@ async def drive_entrypoint(wf: Workflow, wf_dir: str | Path, gateway_url: str, *
     threads = min(_MAX_THREADS, max(1, n_requests if rate_rps is not None else concurrency))
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scepsy-drive") as executor:
-        async with make_session() as session:
+        async with make_session(api_key=api_key) as session:
             spans = SpanReporter(session, base)
 
             async def run_one(i: int) -> RequestResult:

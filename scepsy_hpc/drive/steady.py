@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -93,14 +94,16 @@ class SteadyLoad:
     Arrivals are evenly spaced (call k at k/rps) or, with `poisson`, a Poisson process seeded by
     `seed`. In each round over the models a share `stream_share` of the rounds is streamed (spread
     evenly, so every model sees both kinds). `base_url` ends in /v1, like the openai SDK's; `headers`
-    go with every call (e.g. the sim engine's `X-Sim-Fault` test hook). Use `await run(duration_s)`,
+    go with every call (e.g. the sim engine's `X-Sim-Fault` test hook), and `api_key` as `Authorization: Bearer`
+    (the gateway's client key). Use `await run(duration_s)`,
     or `start()` ... `stop()`, or `async with SteadyLoad(...) as load:` (runs until the block ends);
     stopping sends no more calls and waits for the outstanding ones (each bounded by `timeout_s`).
     """
 
     def __init__(self, base_url: str, models: Sequence[str], rps: float, *, stream_share: float = 0.5,
                  max_tokens: int = 16, prompt_tokens: int = 16, timeout_s: float = 120.0, max_in_flight: int = 256,
-                 seed: int = 0, poisson: bool = False, headers: dict[str, str] | None = None) -> None:
+                 seed: int = 0, poisson: bool = False, headers: dict[str, str] | None = None,
+                 api_key: str | None = None) -> None:
         if not models:
             raise ValueError("models is empty; name at least one model to call")
         if not rps > 0 or math.isinf(rps):
@@ -123,7 +126,7 @@ class SteadyLoad:
         self.max_in_flight = max_in_flight
         self.seed = seed
         self.poisson = poisson
-        self.headers = dict(headers or {})
+        self.headers = {**dict(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self._records: list[CallRecord] = []
         self._calls: set[asyncio.Task[None]] = set()
         self._arrivals: asyncio.Task[None] | None = None
@@ -465,6 +468,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE",
                    help="a header sent with every call (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.epilog = "The client key is read from $SCEPSY_API_KEY, else $OPENAI_API_KEY (never from the command line)."
     return p
 
 
@@ -502,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         load = SteadyLoad(args.url, args.model, args.rps, stream_share=args.stream_share, max_tokens=args.max_tokens,
                           prompt_tokens=args.prompt_tokens, timeout_s=args.timeout, max_in_flight=args.max_in_flight,
-                          seed=args.seed, poisson=args.poisson, headers=dict(args.header))
+                          seed=args.seed, poisson=args.poisson, headers=dict(args.header),
+                          api_key=os.environ.get("SCEPSY_API_KEY") or os.environ.get("OPENAI_API_KEY"))
         records = asyncio.run(load.run(args.duration))
         doc = {"url": args.url, "rps": args.rps, "duration_s": args.duration, "stream_share": args.stream_share,
                **report(records, list(dict.fromkeys(args.model)))}

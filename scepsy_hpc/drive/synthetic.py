@@ -121,20 +121,22 @@ async def _read_sse(resp: Any, what: str) -> None:
 
 async def drive_program(wf: Workflow, base_url: str, *, n_requests: int, rate_rps: float | None = None,
                         concurrency: int | None = None, seed: int = 0, time_scale: float = 1.0,
-                        id_style: str = "header", request_prefix: str = "r", model_prefix: str = "") -> DriveResult:
+                        id_style: str = "header", request_prefix: str = "r", model_prefix: str = "",
+                        api_key: str | None = None) -> DriveResult:
     """Sample `n_requests` requests of `wf.program` and execute them against a gateway (or bare engine).
 
     Each call names its LLM as `model_prefix + llm` (a gateway serving several deployments knows
     deployment `d`'s LLM `x` as `d/x`).
     Open loop (Poisson, `rate_rps` in model time) when `rate_rps` is given, else closed loop with
     `concurrency` requests in flight (default 1). `base_url` is the server root (a trailing /v1 is accepted).
+    `api_key`: the gateway's client key, sent with every call.
     """
     if id_style not in ID_STYLES:
         raise ValueError(f"id_style must be one of {', '.join(ID_STYLES)}, got {id_style!r}")
     base = normalize_base(base_url)
     sampler = RequestSampler(wf)
 
-    async with make_session() as session:
+    async with make_session(api_key=api_key) as session:
         spans = SpanReporter(session, base)
 
         async def run_one(i: int) -> RequestResult:

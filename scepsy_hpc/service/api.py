@@ -9,8 +9,12 @@
     GET    /v1/deployments/NAME/logs?llm=&replica=&lines=   the tails of its logs
     GET    /v1/events?deployment=&after=&wait=&limit=       events after seq `after` (long-poll up to `wait` s)
     GET    /v1/watch                           status plus per-LLM traffic (gateway) and engine load (/metrics)
+    GET    /v1/keys?deployment=                every client key (never the key nor its hash)
+    POST   /v1/keys  {deployment, label, max_concurrent, rpm}   a new key: its row and, this once, the key
+    DELETE /v1/keys/ID                         revoke it (the endpoints file is rewritten at once)
+    GET    /v1/deployments/NAME/owner-key      the owner key made at `up` (from NAME's owner.key)
 
-An error is `{"error": {type, message, exit_code}}` with status 400 (bad input), 404 (unknown deployment),
+An error is `{"error": {type, message, exit_code}}` with status 400 (bad input), 404 (unknown deployment or key),
 409, or 500; the client raises it again as the same ScepsyError.
 """
 
@@ -30,6 +34,7 @@ from pydantic import ValidationError
 from scepsy_hpc import __version__
 from scepsy_hpc.errors import ScepsyError, SpecError, error_document
 from scepsy_hpc.service.deploy import UpRequest
+from scepsy_hpc.service.keys import ClientKeyError, key_doc
 
 if TYPE_CHECKING:
     from scepsy_hpc.service.daemon import Daemon
@@ -65,6 +70,8 @@ async def _guard(request: web.Request, handler: Callable[[web.Request], Awaitabl
         raise
     except SpecError as exc:
         return _error(exc, 404 if "no deployment" in str(exc) else 400)
+    except ClientKeyError as exc:
+        return _error(exc, 404 if str(exc).startswith("no key") else 409)
     except ScepsyError as exc:
         return _error(exc, 409)
 
@@ -78,7 +85,8 @@ def daemon_doc(daemon: Daemon) -> dict[str, Any]:
             "deployments": len(deps), "serving": sum(1 for d in deps if d.state == "serving"),
             "slurm_calls_last_minute": daemon.slurm_calls(60.0), "poll_s": daemon.poll_s, "cycles": daemon.cycles,
             "last_cycle_s": round(daemon.last_cycle_s, 4), "last_event_seq": daemon.store.last_event_seq(),
-            "gateway": {"url": daemon.gateway.url, "pid": daemon.gateway.pid, "alive": daemon.gateway.alive()}}
+            "gateway": {"url": daemon.gateway.url, "pid": daemon.gateway.pid, "alive": daemon.gateway.alive(),
+                        "trace": str(daemon.gateway.current_trace()) if daemon.gateway.current_trace() else None}}
 
 
 def continuity_doc(daemon: Daemon, d: Deployment, jobs: list[Any], rows: list[Any]) -> dict[str, Any]:
@@ -271,6 +279,53 @@ async def _watch(request: web.Request) -> web.Response:
     return web.json_response(await collect(daemon))
 
 
+async def _keys(request: web.Request) -> web.Response:
+    daemon = request.app[_DAEMON]
+    name = request.query.get("deployment") or None
+    if name:
+        daemon.require(name)
+    return web.json_response({"keys": [key_doc(r) for r in daemon.store.keys(name)]})
+
+
+def _opt_int(body: dict[str, Any], key: str, flag: str) -> int | None:
+    value = body.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise SpecError(f"{flag} {value!r}: give a whole number ≥ 1 (or leave it out for no limit)")
+    return value
+
+
+async def _create_key(request: web.Request) -> web.Response:
+    daemon = request.app[_DAEMON]
+    body = await _body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("deployment"), str):
+        raise SpecError("POST /v1/keys: give {\"deployment\": NAME, \"label\", \"max_concurrent\", \"rpm\"}")
+    d = daemon.require(body["deployment"])
+    label = body.get("label") or ""
+    if not isinstance(label, str):
+        raise SpecError(f"--label {label!r}: give text")
+    row, key = daemon.keys.create(d.name, label=label, max_concurrent=_opt_int(body, "max_concurrent", "--max-concurrent"),
+                                  rpm=_opt_int(body, "rpm", "--rpm"))
+    daemon.write_endpoints()
+    daemon.event(d.name, "key", f"key {row.id} created" + (f" ({label})" if label else ""), key_id=row.id)
+    return web.json_response({"key": key_doc(row), "secret": key}, status=201)
+
+
+async def _revoke_key(request: web.Request) -> web.Response:
+    daemon = request.app[_DAEMON]
+    row = daemon.keys.revoke(request.match_info["key_id"])
+    daemon.write_endpoints()   # the gateway refuses the key once it reloads the file (within ~0.2 s)
+    daemon.event(row.deployment, "key", f"key {row.id} revoked", key_id=row.id)
+    return web.json_response({"key": key_doc(row)})
+
+
+async def _owner_key(request: web.Request) -> web.Response:
+    daemon = request.app[_DAEMON]
+    d = daemon.require(request.match_info["name"])
+    row, key = await asyncio.to_thread(daemon.keys.owner, d.name, d.session_dir)
+    gw = daemon.gateway.url
+    return web.json_response({"key": key_doc(row), "secret": key, "base_url": f"{gw}/d/{d.name}/v1" if gw else None})
+
+
 def make_app(daemon: Daemon) -> web.Application:
     """The API's aiohttp application."""
     app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY_BYTES)
@@ -284,4 +339,8 @@ def make_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/v1/deployments/{name}/logs", _logs)
     app.router.add_get("/v1/events", _events)
     app.router.add_get("/v1/watch", _watch)
+    app.router.add_get("/v1/keys", _keys)
+    app.router.add_post("/v1/keys", _create_key)
+    app.router.add_delete("/v1/keys/{key_id}", _revoke_key)
+    app.router.add_get("/v1/deployments/{name}/owner-key", _owner_key)
     return app

@@ -27,6 +27,8 @@ from scepsy_hpc.backend.records import ServeConfig
 from scepsy_hpc.backend.session import Session
 from scepsy_hpc.errors import ScepsyError
 from scepsy_hpc.service.deploy import JobTemplate, job_name
+from scepsy_hpc.service.keys import engine_secret
+from scepsy_hpc.service.paths import mkdir_private
 from scepsy_hpc.service.state import Deployment, InstanceRow, Job, StateStore
 from scepsy_hpc.service.units import (DEFAULT_HEALTHY_S, DEFAULT_QUEUE_S, Lead, choose_node, gpus_needed, llms_of,
                                       part_dir, unit_config, units)
@@ -232,9 +234,10 @@ class Continuity:
         template = JobTemplate.model_validate(opts.get("template") or {})
         name = job_name(d.name, unit)
         part = part_dir(Path(d.session_dir), name)
-        config = unit_config(lv.shape, unit, node)
+        secret = engine_secret()   # every job its own: a replacement never shares its predecessor's
+        config = unit_config(lv.shape, unit, node).model_copy(update={"engine_secret": secret})
         session = Session(part)
-        part.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mkdir_private(part)
         await asyncio.to_thread(session.write_serve_config, config)
         job = template.job(name, node, gpus_needed(lv.shape, unit), part)
         backend = self.backend(opts.get("backend", "local"))
@@ -261,7 +264,8 @@ class Continuity:
             return None
         self.store.add_job(Job(job_id=job_id, deployment=d.name, backend=opts.get("backend", "local"), name=name,
                                role="replacement" if replaces else "serve", nodes=node, folder=str(job.log_dir),
-                               state="PENDING", session_dir=str(part), unit=unit, replaces=replaces))
+                               state="PENDING", session_dir=str(part), unit=unit, replaces=replaces,
+                               engine_secret=secret))
         self._drop_pending(d.name, name)
         self.event(d.name, "job", f"submitted job {job_id} for node {unit} on {node}; script beside the logs in "
                    f"{job.log_dir}", job_id=job_id, unit=unit, node=node)
@@ -289,12 +293,16 @@ class Continuity:
             except ScepsyError:
                 continue
             if st is not None:
+                try:   # the secret is in the job's serve.json, written before it was submitted
+                    secret = (await asyncio.to_thread(Session(Path(info["session_dir"])).serve_config)).engine_secret
+                except (ScepsyError, OSError):
+                    secret = None
                 self.store.add_job(Job(job_id=st.job_id, deployment=d.name, backend=kind, name=name,
                                        role="replacement" if info.get("replaces") else "serve",
                                        submit_time=st.submit, nodes=st.nodes or info.get("node", ""),
                                        folder=str(Path(info["session_dir"]) / "logs"), state=st.state, reason=st.reason,
                                        session_dir=info["session_dir"], unit=info.get("unit", ""),
-                                       replaces=info.get("replaces", "")))
+                                       replaces=info.get("replaces", ""), engine_secret=secret or ""))
                 self.event(d.name, "job", f"adopted job {st.job_id} ({name}): submitted just before the last daemon "
                            "stopped, never recorded", job_id=st.job_id)
                 adopted = True

@@ -67,6 +67,7 @@ from scepsy_hpc.service.continuity import ABANDONED, SIGNAL_LEAD_S, Continuity, 
 from scepsy_hpc.service.deploy import UpRequest, prepare
 from scepsy_hpc.service.units import llms_of, units
 from scepsy_hpc.service.gateway_proc import GatewayProcess
+from scepsy_hpc.service.keys import Keys
 from scepsy_hpc.service.paths import StatePaths, check_owned
 from scepsy_hpc.service.state import Deployment, InstanceRow, Job, StateStore
 
@@ -125,6 +126,7 @@ class Daemon(Continuity):
                  backends: dict[str, ClusterBackend] | None = None) -> None:
         self.paths = paths
         self.store = StateStore(paths.db)
+        self.keys = Keys(self.store)
         self.fixed_poll_s = poll_s
         self.backends: dict[str, ClusterBackend] = dict(backends or {})
         self.gateway = GatewayProcess(paths.gateway_dir, self.store, gateway_host, gateway_port, trace)
@@ -496,10 +498,13 @@ class Daemon(Continuity):
         failed = ""
         sem = asyncio.Semaphore(HEALTH_CONCURRENCY)
 
+        secret = j.engine_secret or config.engine_secret
+        auth = {"Authorization": f"Bearer {secret}"} if secret else {}
+
         async def probe(url: str) -> str:
             async with sem:
                 try:
-                    async with self._http.get(f"{url}/health") as resp:
+                    async with self._http.get(f"{url}/health", headers=auth) as resp:
                         return "ok" if resp.status == 200 else f"answers {resp.status}"
                 except asyncio.TimeoutError:
                     return "slow"
@@ -577,7 +582,7 @@ class Daemon(Continuity):
         if not self.gateway.url:
             return {}
         try:
-            async with self._http.get(f"{self.gateway.url}/scepsy/v1/stats") as resp:
+            async with self._http.get(f"{self.gateway.url}/scepsy/v1/stats", headers=self.gateway_auth()) as resp:
                 doc = await resp.json() if resp.status == 200 else {}
                 return doc if isinstance(doc, dict) else {}
         except Exception:   # a gateway that does not answer routes nothing yet
@@ -673,12 +678,27 @@ class Daemon(Continuity):
             self.event(j.deployment, "job", f"cancelling job {j.job_id} failed: {exc}")
 
     # ---- routes --------------------------------------------------------------------------------
+    def gateway_auth(self) -> dict[str, str]:
+        """The header that lets the daemon read the gateway's stats and metrics (its own key)."""
+        return {"Authorization": f"Bearer {self.keys.daemon_key()}"}
+
+    def engine_secrets(self) -> dict[str, str]:
+        """Job id → its engines' secret, for every live job that has one."""
+        out = {j.job_id: j.engine_secret for j in self.store.jobs(live_only=True) if j.engine_secret}
+        for lv in self.live.values():
+            for job_id, config in lv.configs.items():
+                if job_id not in out and config.engine_secret:
+                    out[job_id] = config.engine_secret
+        return out
+
     def write_endpoints(self) -> None:
-        """The gateway's endpoints file from every deployment's routed engines (rewritten only on change)."""
+        """The gateway's endpoints file from every deployment's routed engines, each with its job's engine secret,
+        and every working client key (rewritten only on change; the gateway reloads it within ~0.2 s)."""
         from scepsy_hpc.gateway.endpoints import Endpoints, LLMEndpoint, Replica, merge_endpoints, write_endpoints
 
         per: dict[str, Endpoints] = {}
         rows = self.store.instances()
+        secrets = self.engine_secrets()
         for d in self.store.deployments():
             if d.state not in ("starting", "serving", "degraded"):
                 continue
@@ -688,12 +708,14 @@ class Daemon(Continuity):
             shape = self.live[d.name].shape if d.name in self.live else None
             keys = sorted({r.llm for r in rows if r.deployment == d.name} | set(llms_of(shape) if shape else ()))
             llms = {k: LLMEndpoint(served_model=k, aliases=list(aliases.get(k, [])),
-                                   replicas=[Replica(url=u) for u in dict.fromkeys(
-                                       r.url for r in rows if r.deployment == d.name and r.llm == k and r.routed and r.url)])
+                                   replicas=[Replica(url=u, api_key=s) for u, s in dict(
+                                       (r.url, secrets.get(r.job_id)) for r in rows
+                                       if r.deployment == d.name and r.llm == k and r.routed and r.url).items()])
                     for k in keys}
             per[d.name] = Endpoints(llms=llms)
         self.gateway.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_endpoints(self.gateway.endpoints, merge_endpoints(per, None))
+        merged = merge_endpoints(per, None).model_copy(update={"auth": self.keys.auth()})
+        write_endpoints(self.gateway.endpoints, merged)
 
     # ---- actions the API asks for --------------------------------------------------------------
     async def up(self, req: UpRequest) -> Deployment:
@@ -732,6 +754,8 @@ class Daemon(Continuity):
                 options={**req.model_dump(), "workflows": list(prepared.workflows),
                          "aliases": {k: list(v) for k, v in prepared.aliases.items()},
                          "template": prepared.template.model_dump()})
+            owner = await asyncio.to_thread(self.keys.ensure_owner, req.name, session_dir)
+            self.event(req.name, "key", f"owner key {owner.id}: `scepsy keys show {req.name}` prints it", key_id=owner.id)
             lv = self._live(req.name)
             lv.shape = prepared.config
             for unit in units(prepared.config):
@@ -789,11 +813,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--poll", type=float, default=None, help="seconds between reconcile cycles (default 1 s local, 10 s Slurm)")
     ap.add_argument("--gateway-host", default="127.0.0.1")
     ap.add_argument("--gateway-port", type=int, default=None)
-    ap.add_argument("--trace", action="store_true", help="the gateway appends every call to gateway/trace.jsonl")
+    ap.add_argument("--trace", action="store_true",
+                    help="the gateway writes every call to gateway/traces/gateway-UTC-PID.jsonl, one file per start")
     args = ap.parse_args(argv)
     paths = StatePaths.of(args.state_dir)
 
     def body() -> int:
+        # whatever the daemon and its children (the gateway, local jobs, engines) create is this user's only,
+        # even when started under `umask 000`
+        os.umask(0o077)
         fd = acquire_lock(paths)
         try:
             if not logging.getLogger().handlers:

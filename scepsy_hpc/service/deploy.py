@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scepsy_hpc.backend.base import ClusterBackend, NodeJob, check_name
 from scepsy_hpc.backend.records import ServeConfig
 from scepsy_hpc.errors import SpecError
+from scepsy_hpc.service.paths import mkdir_private
 from scepsy_hpc.spec.placement_entry import PlacementEntry
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -201,7 +202,7 @@ def prepare(req: UpRequest, session_dir: Path, backend: ClusterBackend, say: Cal
     models, gpus = load_models(req.models), load_gpus(req.gpu_catalog)
     cluster = load_cluster(resolve_input(req.cluster, "clusters"), gpus)
     session = Session(session_dir)
-    session_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mkdir_private(session_dir)
     plan, wfs, plan_path, wf_files = load_target(req, session_dir, models, gpus, cluster, say)
     placement = placement_of(plan, cluster, gpus)
     config = serve_config(plan, wfs, models, gpus, placement, engine=req.engine, engine_args=tuple(req.engine_args),

@@ -61,6 +61,23 @@ class GatewayProcess:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}" if self.port else None
 
+    def trace_path(self) -> Path:
+        """A new trace file's path: traces/gateway-<UTC time>-<daemon pid>.jsonl (kept in the state as the
+        current one: `current_trace`)."""
+        import datetime as dt
+        import os
+
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        path = self.dir / "traces" / f"gateway-{stamp}-{os.getpid()}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store.set_meta("gateway_trace", str(path))
+        return path
+
+    def current_trace(self) -> Path | None:
+        """The trace the running gateway writes (None without --trace)."""
+        text = self.store.get_meta("gateway_trace")
+        return Path(text) if text else None
+
     def _ours(self, pid: int, started: int | None) -> bool:
         argv = process_cmdline(pid)
         return (started is not None and process_start(pid) == started and "scepsy_hpc.gateway" in argv
@@ -103,8 +120,14 @@ class GatewayProcess:
         argv = [sys.executable, "-m", "scepsy_hpc.gateway", "--endpoints", str(self.endpoints), "--host", self.host,
                 "--port", str(port)]
         if self.trace:
-            argv += ["--trace", str(self.dir / "trace.jsonl")]
-        self.proc = start(argv, self.dir / "gateway.log", what="gateway", health=f"http://127.0.0.1:{port}"
+            # one trace per gateway start: a restarted gateway numbers calls afresh, so it never appends to an old one
+            argv += ["--trace", str(self.trace_path())]
+        log_path = self.dir / "gateway.log"
+        if log_path.exists():
+            log_path.chmod(0o600)   # a log an older scepsy left readable by others
+        if not self.trace:
+            self.store.set_meta("gateway_trace", "")
+        self.proc = start(argv, log_path, what="gateway", health=f"http://127.0.0.1:{port}"
                           if self.host in ("0.0.0.0", "") else f"http://{self.host}:{port}", append=True)
         deadline = time.monotonic() + 30.0
         while True:

@@ -44,6 +44,7 @@ def start_daemon(paths: StatePaths, *, poll_s: float | None = None, gateway_host
     if trace:
         argv.append("--trace")
     fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)   # a log an older scepsy left readable by others
     start_at = os.lseek(fd, 0, os.SEEK_END)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,

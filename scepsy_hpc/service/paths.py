@@ -4,9 +4,13 @@
                /daemon.lock      held (flock) by the running daemon; holds its pid
                /daemon.sock      the control API (HTTP/JSON over a unix socket, mode 0600)
                /daemon.log       the daemon's log
-               /gateway/         the gateway's endpoints file, trace, log and pid file
+               /gateway/         the gateway's endpoints file (0600: it holds engine secrets), log, pid file
+               /gateway/traces/  one trace per gateway start: gateway-<UTC time>-<daemon pid>.jsonl
+               /deployments/N/owner.key   the owner's client key (0600; `scepsy keys show N`)
                /deployments/N/   one session directory per deployment (serve.json, plan.yaml, agents/, logs/)
                /.local-jobs/     the local backend's job records
+
+The state dir and everything in it are this user's only: directories 0700, files 0600.
 
 The state dir is `--state-dir`, else `$SCEPSY_STATE_DIR`, else `~/.scepsy/HOST` (one daemon per user and
 login node: a home directory shared by several login nodes gets one state dir per node). On a cluster
@@ -96,13 +100,50 @@ class StatePaths:
         """The session directory of deployment `name`."""
         return self.deployments / name
 
+    @property
+    def traces(self) -> Path:
+        """The gateway's traces, one file per gateway start."""
+        return self.gateway_dir / "traces"
+
     def ensure(self) -> None:
-        """Create the state dir (0700) and check that it, and the socket's directory, are this user's own."""
+        """Create the state dir (0700) and check that it, and the socket's directory, are this user's own; a
+        state dir others may read or enter is narrowed to 0700, with a warning in the daemon's log."""
         for d in {self.root, self.socket.parent}:
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            mkdir_private(d)
             check_owned(d, "state directory" if d == self.root else "socket directory")
-            if d != self.root:
+            mode = stat.S_IMODE(d.stat().st_mode)
+            if mode & 0o077:
                 os.chmod(d, 0o700)
+                if d == self.root:
+                    self.warn(f"state directory {d} was mode {mode:o} (others could read it): narrowed to 700")
+
+    def warn(self, message: str) -> None:
+        """Append a warning to the daemon's log (0600), whoever notices it: the CLI or the daemon."""
+        import time
+
+        fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.write(fd, f"{stamp} WARNING scepsy_hpc.service: {message}\n".encode())
+        finally:
+            os.close(fd)
+
+
+def mkdir_private(path: Path) -> None:
+    """Create `path` and any missing parent, each 0700 (mkdir's mode is narrowed by the umask, never widened; a
+    parent made with the umask's mode could be open to others under `umask 000`)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)
 
 
 def check_owned(path: Path, what: str) -> None:

@@ -7,6 +7,8 @@
                                               identify one: Slurm recycles ids)
     instances(deployment, job_id, llm, …)     each engine, its health and whether the gateway routes to it
     events(seq, ts, deployment, kind, …)      append-only history; kept when a deployment is deleted
+    keys(id, deployment, sha256, …)           client keys of the gateway: only their SHA-256 (service/keys.py);
+                                              kept when a deployment is deleted, so `up` again keeps them
 
 Every write commits before its method returns, so a transition is on disk before the daemon acts on
 it; `transaction()` groups several writes into one. The file is in WAL mode with synchronous=NORMAL:
@@ -35,7 +37,7 @@ from urllib.parse import quote
 
 from scepsy_hpc.errors import ScepsyError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "state.db"
 BUSY_TIMEOUT_MS = 5000
 MAX_EVENTS = 10_000                  # the most rows one `events()` call returns
@@ -83,6 +85,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " url TEXT NOT NULL, state TEXT NOT NULL, healthy INTEGER NOT NULL, pid INTEGER,"
         " restarts INTEGER NOT NULL, error TEXT NOT NULL, updated REAL NOT NULL, job_id TEXT NOT NULL,"
         " routed INTEGER NOT NULL, PRIMARY KEY (deployment, job_id, llm, replica))",
+    ),
+    (   # 2 -> 3: client keys (stored hashed), and each job's engine secret (its engines accept only calls carrying it)
+        "CREATE TABLE keys (id TEXT PRIMARY KEY, deployment TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE,"
+        " label TEXT NOT NULL, created REAL NOT NULL, revoked_at REAL, max_concurrent INTEGER, rpm INTEGER)",
+        "CREATE INDEX keys_by_deployment ON keys (deployment)",
+        "ALTER TABLE jobs ADD COLUMN engine_secret TEXT NOT NULL DEFAULT ''",
     ),
 )
 
@@ -134,6 +142,7 @@ class Job:
     replaces: str = ""                # the job id this one replaces (a walltime cut-over, a re-placement)
     started: float | None = None      # Unix seconds the daemon first saw it run
     drain_started: float | None = None   # Unix seconds its engines were taken out of the gateway's routes
+    engine_secret: str = field(default="", repr=False)   # its engines' secret ("" for jobs of an older scepsy)
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,20 @@ class Event:
     kind: str
     message: str
     data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """One client key of a deployment: never the key, only its SHA-256 (hex of the UTF-8 text)."""
+
+    id: str                           # public: `sk-scepsy-<id>-…`, shown by `scepsy keys list` and in logs
+    deployment: str
+    sha256: str = field(repr=False)
+    label: str = ""
+    created: float = 0.0              # Unix seconds; 0 = stamped by `add_key`
+    revoked_at: float | None = None   # None while the key works
+    max_concurrent: int | None = None   # calls in flight at once (None: no limit)
+    rpm: int | None = None            # requests per minute (None: no limit)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +227,7 @@ _INSTANCES = _Table(name="instances", row=InstanceRow, key=("deployment", "job_i
                     order="deployment, llm, replica, job_id", json_columns=frozenset({"gpus"}),
                     bool_columns=frozenset({"healthy", "routed"}),
                     fixed=frozenset({"deployment", "job_id", "llm", "replica", "updated"}))
+_KEYS = _Table(name="keys", row=KeyRow, key=("id",), order="created, id")
 _EVENTS = _Table(name="events", row=Event, key=("seq",), order="seq", json_columns=frozenset({"data"}))
 
 
@@ -520,3 +544,35 @@ class StateStore:
         """The seq of the newest event (0 when there is none)."""
         with self._lock:
             return int(self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
+    # -- keys
+
+    def add_key(self, key: KeyRow) -> KeyRow:
+        """Add a client key (its `created`, if 0, stamped now); a taken id or hash is a StateError."""
+        stored = replace(key, created=key.created or time.time())
+        with self.transaction():
+            if self._select(_KEYS, "id = ? OR sha256 = ?", (key.id, key.sha256)):
+                raise StateError(f"{self.path} already holds a key with id {key.id!r} or the same hash")
+            self._insert(_KEYS, stored)
+        return stored
+
+    def get_key(self, key_id: str) -> KeyRow | None:
+        """The key with id `key_id`, or None."""
+        rows = self._select(_KEYS, "id = ?", (key_id,))
+        return rows[0] if rows else None
+
+    def keys(self, deployment: str | None = None, *, include_revoked: bool = True) -> list[KeyRow]:
+        """The keys of `deployment` (None: of all), oldest first; without `include_revoked`, the working ones."""
+        clauses = (["deployment = ?"] if deployment is not None else []) + ([] if include_revoked else
+                                                                            ["revoked_at IS NULL"])
+        return self._select(_KEYS, " AND ".join(clauses), (deployment,) if deployment is not None else ())
+
+    def revoke_key(self, key_id: str, when: float | None = None) -> KeyRow:
+        """Mark the key revoked (now, or at `when`) and return it as stored; StateError if there is no such key."""
+        with self.transaction():
+            cur = self._conn.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                                     (time.time() if when is None else when, key_id))
+            row = self.get_key(key_id)
+            if row is None or cur.rowcount == 0 and row.revoked_at is None:
+                raise StateError(f"{self.path} holds no key {key_id!r}")
+            return row

@@ -42,10 +42,10 @@ async def collect(daemon: Daemon) -> dict[str, Any]:
     http = daemon._http
     sem = asyncio.Semaphore(16)
 
-    async def get(url: str) -> bytes | None:
+    async def get(url: str, secret: str | None) -> bytes | None:
         async with sem:
             try:
-                async with http.get(url) as resp:
+                async with http.get(url, headers={"Authorization": f"Bearer {secret}"} if secret else {}) as resp:
                     if resp.status != 200:
                         return None
                     return await resp.content.read(MAX_METRICS_BYTES)
@@ -55,7 +55,7 @@ async def collect(daemon: Daemon) -> dict[str, Any]:
     import json
 
     gw = daemon.gateway.url
-    raw = await get(f"{gw}/scepsy/v1/stats") if gw else None
+    raw = await get(f"{gw}/scepsy/v1/stats", daemon.keys.daemon_key()) if gw else None
     try:
         stats = json.loads(raw) if raw else {}
     except ValueError:
@@ -63,7 +63,8 @@ async def collect(daemon: Daemon) -> dict[str, Any]:
     models = stats.get("models", {}) if isinstance(stats, dict) else {}
     docs = [deployment_doc(daemon, d) for d in daemon.store.deployments()]
     targets = [(doc, i) for doc in docs for i in doc["instances"] if i["healthy"] and i["url"]]
-    texts = await asyncio.gather(*(get(f"{i['url']}/metrics") for _, i in targets))
+    secrets = daemon.engine_secrets()   # engines may guard /metrics: each is called with its job's secret
+    texts = await asyncio.gather(*(get(f"{i['url']}/metrics", secrets.get(i["job_id"])) for _, i in targets))
     for (_, inst), text in zip(targets, texts):
         inst["load"] = engine_load(text.decode(errors="replace")) if text else {}
     for doc in docs:

@@ -146,7 +146,9 @@ def test_two_deployments_on_slurm_survive_a_daemon_kill9_and_down_all_leaves_no_
             env = _environ(inst["pid"])   # the engine really runs in the job, with the GPUs the job holds
             assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, inst["gpus"]))
             assert env["SLURM_JOB_ID"] == inst["job_id"] and env["SLURMD_NODENAME"] == planned[key]["node"]
-        client = OpenAI(base_url=doc["base_url"], api_key="unused", max_retries=0, timeout=60)
+        key = _state_cmd(state, "keys", "show", name).stdout.strip()   # the owner key `up` made
+        assert key.startswith("sk-scepsy-")
+        client = OpenAI(base_url=doc["base_url"], api_key=key, max_retries=0, timeout=60)
         out = client.chat.completions.create(model="generator", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert out.choices[0].message.content is not None
 
@@ -159,9 +161,10 @@ def test_two_deployments_on_slurm_survive_a_daemon_kill9_and_down_all_leaves_no_
     failures: list[str] = []
     sent = [0]
     stop = threading.Event()
+    e2f_key = _state_cmd(state, "keys", "show", "e2f").stdout.strip()
 
     def load() -> None:
-        c = OpenAI(base_url=docs["e2f"]["gateway_url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+        c = OpenAI(base_url=docs["e2f"]["gateway_url"] + "/v1", api_key=e2f_key, max_retries=0, timeout=60)
         while not stop.is_set():
             try:
                 c.chat.completions.create(model="e2f/reranker", messages=[{"role": "user", "content": "x"}], max_tokens=2)

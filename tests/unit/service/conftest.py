@@ -57,6 +57,19 @@ def small_plan(path: Path, workflow: str = "rag_rerank", nodes: tuple[str, str] 
     return path
 
 
+def owner_key(state: Path, name: str) -> str:
+    """The owner key `up` made for deployment `name` (read from its owner.key, as `scepsy keys show` does)."""
+    return (state / "deployments" / name / "owner.key").read_text().strip()
+
+
+def daemon_key(state: Path) -> str:
+    """The daemon's own key (every deployment), from the state."""
+    from scepsy_hpc.service.state import StateStore
+
+    with StateStore(state / "state.db") as store:
+        return store.get_meta("daemon_key") or ""
+
+
 def alive(pid: int | None) -> bool:
     """Whether `pid` runs (a zombie counts as gone)."""
     if not pid:
@@ -72,7 +85,8 @@ def sv() -> Any:
     """The helpers above, for the test modules (conftest is not importable under --import-mode=importlib)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(scepsy=scepsy, status=status, wait_state=wait_state, small_plan=small_plan, alive=alive)
+    return SimpleNamespace(scepsy=scepsy, status=status, wait_state=wait_state, small_plan=small_plan, alive=alive,
+                           owner_key=owner_key, daemon_key=daemon_key)
 
 
 @pytest.fixture

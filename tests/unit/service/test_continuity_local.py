@@ -50,9 +50,14 @@ def kinds(evs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [e for e in evs if e["kind"] == kind]
 
 
-async def drive_until(base: str, stop: Any, timeout_s: float, rps: float = 6.0) -> list[Any]:
+def owner_key(state: Path, name: str) -> str:
+    """The owner key `up` made for deployment `name` (its owner.key: the daemon may run in this event loop)."""
+    return (state / "deployments" / name / "owner.key").read_text().strip()
+
+
+async def drive_until(base: str, stop: Any, timeout_s: float, rps: float = 6.0, *, key: str) -> list[Any]:
     """A steady load over the three LLMs until `stop()` holds (checked every second) or `timeout_s`; its records."""
-    load = SteadyLoad(base, LLMS, rps, stream_share=0.5, max_tokens=8, timeout_s=60.0)
+    load = SteadyLoad(base, LLMS, rps, stream_share=0.5, max_tokens=8, timeout_s=60.0, api_key=key)
     await load.start()
     deadline = time.monotonic() + timeout_s
     try:
@@ -78,7 +83,8 @@ async def test_walltime_cutovers_under_load_fail_no_call_and_leave_no_llm_withou
     def two_rounds() -> bool:
         return len(kinds(events(sv, state, "wt"), "cutover-done")) >= 4   # two nodes, twice each
 
-    records = await drive_until(f"{doc['gateway_url']}/d/wt/v1", two_rounds, timeout_s=150)
+    records = await drive_until(f"{doc['gateway_url']}/d/wt/v1", two_rounds, timeout_s=150,
+                                  key=owner_key(state, "wt"))
     evs = events(sv, state, "wt")
     done = kinds(evs, "cutover-done")
     assert len(done) >= 4, [e["detail"] for e in evs][-40:]
@@ -124,7 +130,8 @@ async def test_without_room_for_two_copies_nodes_are_replaced_one_at_a_time_fail
         def replaced_both() -> bool:
             return len([e for e in daemon.store.events("nr") if e.kind == "cutover-done"]) >= 2
 
-        records = await drive_until(f"{daemon.gateway.url}/d/nr/v1", replaced_both, timeout_s=120)
+        records = await drive_until(f"{daemon.gateway.url}/d/nr/v1", replaced_both, timeout_s=120,
+                                  key=owner_key(state, "nr"))
         evs = daemon.store.events("nr")
         said = [f"{e.kind}: {e.message}" for e in evs]
         assert replaced_both(), said[-40:]
@@ -156,7 +163,8 @@ async def test_a_daemon_killed_during_a_cutover_completes_it_after_restart_witho
     def cutting_over() -> bool:
         return bool(kinds(events(sv, state, "kc"), "cutover-start"))
 
-    load = SteadyLoad(f"{doc['gateway_url']}/d/kc/v1", LLMS, 6.0, max_tokens=8, timeout_s=60.0)
+    load = SteadyLoad(f"{doc['gateway_url']}/d/kc/v1", LLMS, 6.0, max_tokens=8, timeout_s=60.0,
+                      api_key=owner_key(state, "kc"))
     await load.start()
     try:
         deadline = time.monotonic() + 60
@@ -219,7 +227,8 @@ async def test_a_drained_node_is_excluded_and_its_job_cut_over_to_another_node_f
             return daemon.store.get_deployment("dn").state == "serving" and [j.nodes for j in live if j.unit == "n2"] == ["n3"]
 
         backend.node_states["n2"] = "drained"   # an admin's `scontrol update nodename=n2 state=drain`
-        records = await drive_until(f"{daemon.gateway.url}/d/dn/v1", moved, timeout_s=60)
+        records = await drive_until(f"{daemon.gateway.url}/d/dn/v1", moved, timeout_s=60,
+                                  key=owner_key(state, "dn"))
         said = [f"{e.kind}: {e.message}" for e in daemon.store.events("dn")]
         assert moved(), said[-30:]
         assert summary(records)["failed"] == 0, summary(records)
@@ -277,7 +286,8 @@ async def test_a_job_requeued_by_slurm_is_abandoned_cancelled_and_its_node_place
             return daemon.store.get_deployment("rq").state == "serving" and \
                 victim.job_id not in {j.job_id for j in live} and {j.unit for j in live} == {"n1", "n2"}
 
-        records = await drive_until(f"{daemon.gateway.url}/d/rq/v1", replaced, timeout_s=60)
+        records = await drive_until(f"{daemon.gateway.url}/d/rq/v1", replaced, timeout_s=60,
+                                  key=owner_key(state, "rq"))
         said = [f"{e.kind}: {e.message}" for e in daemon.store.events("rq")]
         assert replaced(), said[-20:]
         assert any(f"job {victim.job_id} abandoned: requeued by Slurm" in m for m in said), said[-20:]

@@ -17,10 +17,10 @@ import pytest
 POLL = "0.5"
 
 
-def _chat(base_url: str, model: str) -> str:
+def _chat(base_url: str, model: str, key: str) -> str:
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+    client = OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
     out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4)
     return out.choices[0].message.content or ""
 
@@ -46,8 +46,9 @@ def test_two_deployments_survive_a_daemon_kill9_under_load_and_down_all_leaves_n
     gateway = docs["alpha"]["gateway_url"]
     assert gateway == docs["beta"]["gateway_url"]
     # each deployment through the one gateway: by its own names under /d/NAME, and as NAME/LLM at the root
-    assert _chat(f"{gateway}/d/alpha/v1", "generator")
-    assert _chat(f"{gateway}/v1", "beta/rewriter")
+    keys = {n: sv.owner_key(state, n) for n in ("alpha", "beta")}
+    assert _chat(f"{gateway}/d/alpha/v1", "generator", keys["alpha"])
+    assert _chat(f"{gateway}/v1", "beta/rewriter", keys["beta"])
     jobs = {n: d["job_id"] for n, d in docs.items()}
     pids = {n: _engine_pids(d) for n, d in docs.items()}
 
@@ -59,7 +60,7 @@ def test_two_deployments_survive_a_daemon_kill9_under_load_and_down_all_leaves_n
         while not done.is_set():
             for name in ("alpha", "beta"):
                 try:
-                    _chat(f"{gateway}/d/{name}/v1", "reranker")
+                    _chat(f"{gateway}/d/{name}/v1", "reranker", keys[name])
                     count[0] += 1
                 except Exception as exc:   # every failure is the test's finding
                     failures.append(f"{name}: {exc}")
@@ -214,7 +215,7 @@ def test_an_engine_killed_under_a_deployment_is_restarted_and_it_serves_again(tm
                           check=lambda d: any(i["llm"] == "generator" and i["restarts"] == 1 for i in d["instances"]))
     back = next(i for i in again["instances"] if i["llm"] == "generator")
     assert back["pid"] != gen["pid"] and back["url"] == gen["url"] and back["healthy"]
-    assert _chat(f"{again['gateway_url']}/d/rs/v1", "generator")
+    assert _chat(f"{again['gateway_url']}/d/rs/v1", "generator", sv.owner_key(state, "rs"))
     events = sv.scepsy(state, "events", "rs").stdout
     assert "serving → degraded" in events and "degraded → serving" in events
 
@@ -232,7 +233,7 @@ def test_a_job_cancelled_from_outside_is_resubmitted_until_the_breaker_opens(tmp
     outside.cancel(first["job_id"], grace_s=2.0)           # as an admin's scancel would
     second = sv.wait_state(state, "rb", "serving", timeout_s=60, check=lambda d: d["job_id"] != first["job_id"])
     assert len(first["job_ids"]) == 2 and second["job_ids"] == first["job_ids"] + [second["job_id"]]   # a job per node
-    assert _chat(f"{second['gateway_url']}/d/rb/v1", "generator")
+    assert _chat(f"{second['gateway_url']}/d/rb/v1", "generator", sv.owner_key(state, "rb"))
     outside.cancel(second["job_id"], grace_s=2.0)
     failed = sv.wait_state(state, "rb", "failed", timeout_s=60)
     assert "circuit breaker open after 1 resubmission(s)" in failed["error"], failed["error"]

@@ -24,7 +24,9 @@ def test_a_two_workflow_plan_and_a_single_workflow_are_served_through_one_gatewa
     mix = sv.wait_state(state, "mix", "serving")
     sv.wait_state(state, "rag", "serving")
     assert mix["workflows"] == ["rag_rerank", "mixture_of_agents"]
-    with urllib.request.urlopen(f"{mix['gateway_url']}/v1/models", timeout=10) as resp:
+    every = urllib.request.Request(f"{mix['gateway_url']}/v1/models",   # the daemon's key: every deployment's names
+                                   headers={"Authorization": f"Bearer {sv.daemon_key(state)}"})
+    with urllib.request.urlopen(every, timeout=10) as resp:
         names = {m["id"]: m.get("scepsy_target") for m in json.load(resp)["data"]}
     # the LLM both workflows share is one deployment, known by each workflow's own name
     shared = names["mix/rag_rerank/generator"]

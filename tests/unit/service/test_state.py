@@ -391,5 +391,41 @@ def test_a_schema_1_file_migrates_to_2_keeping_its_deployments_jobs_and_events(t
                                 InstanceRow(deployment="old", llm="gen", replica=0, job_id="8")])   # one per job
         assert [(r.job_id, r.routed) for r in s.instances("old")] == [("7", True), ("8", False)]
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    conn.close()
+
+
+def test_a_schema_2_file_migrates_to_3_keeping_its_rows_and_gaining_keys_and_engine_secrets(tmp_path: Path) -> None:
+    from scepsy_hpc.service.state import MIGRATIONS, KeyRow
+
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)   # a state database as issue 20's daemon left it
+    for migration in MIGRATIONS[:2]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute("INSERT INTO deployments VALUES ('old', 'serving', 'serving', 'local', '/p.yaml', '[]', '{}', '/s', '',"
+                 " 1.0, 1.0)")
+    conn.execute("INSERT INTO jobs (job_id, deployment, backend, name, role, submit_time, walltime_end, nodes, folder,"
+                 " state, reason, exit_code, created, updated, ended, session_dir, unit) VALUES ('7', 'old', 'local',"
+                 " 'scepsy-old-n1-abc123', 'serve', '', NULL, 'n1', '/s/logs', 'RUNNING', '', '', 1.0, 1.0, NULL,"
+                 " '/s/jobs/x', 'n1')")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    with StateStore(path) as s:
+        (job,) = s.jobs("old")
+        assert (job.job_id, job.unit, job.engine_secret) == ("7", "n1", "")   # an older job: no secret known
+        assert "engine_secret" not in repr(job)                                # never printed by accident
+        s.update_job("local", "7", engine_secret="s3cret")
+        assert s.jobs("old")[0].engine_secret == "s3cret"
+        assert s.keys() == []
+        row = s.add_key(KeyRow(id="0a1b2c3d", deployment="old", sha256="ab" * 32, label="ci", rpm=60))
+        assert row.created > 0 and "abab" not in repr(row)
+        with pytest.raises(StateError):
+            s.add_key(KeyRow(id="0a1b2c3d", deployment="old", sha256="cd" * 32))
+        revoked = s.revoke_key("0a1b2c3d", when=5.0)
+        assert revoked.revoked_at == 5.0 and s.keys(include_revoked=False) == []
+        assert s.delete_deployment("old") and s.get_key("0a1b2c3d") is not None   # keys outlive their deployment
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     conn.close()

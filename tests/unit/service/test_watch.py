@@ -50,7 +50,8 @@ def test_watch_shows_each_llm_with_traffic_load_and_health(tmp_path: Path, state
         req = urllib.request.Request(f"{doc['base_url']}/chat/completions", method="POST",
                                      data=json.dumps({"model": "generator", "max_tokens": 2,
                                                       "messages": [{"role": "user", "content": "x"}]}).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {sv.owner_key(state, 'w')}"})
         with urllib.request.urlopen(req, timeout=30) as resp:
             assert resp.status == 200
     watched = DaemonClient(StatePaths(state)).request("GET", "/v1/watch")
