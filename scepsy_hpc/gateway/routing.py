@@ -343,6 +343,8 @@ class Router:
 
     def mark_up(self, r: ReplicaState) -> None:
         """`r` answered: route to it normally again (calls holding for it go at once)."""
+        if r.down_until == 0.0:
+            return   # the common case, on every call: it was not down
         was_down = r.down_until > time.monotonic()
         r.down_until = 0.0
         pool = self._pools.get(r.llm)
