@@ -231,6 +231,15 @@ async def _throughput(args: argparse.Namespace, paths: dict[str, Path_], pids: d
                      "cpu_ms_per_call": {p: s * 1e3 / n for p, s in o["cpu_s"].items()},
                      "cpu_busy": {p: s / o["wall_s"] for p, s in o["cpu_s"].items()}}
     res["ratio"] = res["gateway"]["calls_per_s"] / res["direct"]["calls_per_s"]
+    # What the CPU per call allows, whatever else runs on the machine: each server process is one
+    # thread (at most one core), and all the processes of a path share the machine's cores.
+    cores = os.cpu_count() or 1
+    for name in paths:
+        per = {p: ms / 1e3 for p, ms in res[name]["cpu_ms_per_call"].items() if p == "client" or p == "engine"
+               or p == name}
+        res[name]["cpu_bound_calls_per_s"] = min([1 / per[p] for p in per if p != "client" and per[p] > 0]
+                                                 + [cores / sum(per.values())])
+    res["cpu_bound_ratio"] = res["gateway"]["cpu_bound_calls_per_s"] / res["direct"]["cpu_bound_calls_per_s"]
     return res
 
 
@@ -298,6 +307,9 @@ def _print(args: argparse.Namespace, doc: dict[str, Any], mode: str, traced: int
               f"{' '.join(str(x) for x in r['round_calls_per_s'])}")
     print(f"gateway / direct: {t['ratio']:.0%} of direct calls/s (target >= 70%); added p50 "
           f"{t['gateway']['p50_ms'] - t['direct']['p50_ms']:+.2f} ms; CPU per call (busy share of one core)")
+    d, g = t["direct"]["cpu_bound_calls_per_s"], t["gateway"]["cpu_bound_calls_per_s"]
+    print(f"CPU-bound ceiling (one core per server process, {os.cpu_count()} cores shared by the path's processes): "
+          f"direct {d:.0f}, gateway {g:.0f} calls/s = {t['cpu_bound_ratio']:.0%}")
 
 
 def main() -> int:
