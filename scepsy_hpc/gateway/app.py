@@ -41,7 +41,7 @@ from scepsy_hpc.errors import ScepsyError, SpecError, run_entry
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
 from scepsy_hpc.gateway.metrics import CallWindow, gateway_registry, gateway_stats
 from scepsy_hpc.gateway.names import listing, names_in_scope, resolve, unknown_model_message
-from scepsy_hpc.gateway.proxy import HOP_HEADERS, Call, Forwarder, error_response
+from scepsy_hpc.gateway.proxy import Call, Forwarder, error_response, upstream_headers
 from scepsy_hpc.gateway.routing import Router
 from scepsy_hpc.gateway.tracing import ModelClock, SpanBook, SpanError, TraceSink, meta_record
 from scepsy_hpc.spec.records import write_atomic
@@ -189,13 +189,11 @@ async def _handle_call(upstream_path: str, request: web.Request) -> web.StreamRe
             # Ask for usage to learn token counts; the client did not, so its chunk is dropped later.
             body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
             drop_usage = changed = True
-    headers = {k: v for k, v in request.headers.items()
-               if k.lower() not in HOP_HEADERS and not k.lower().startswith("x-scepsy-")}
-    headers["Content-Type"] = "application/json"
     st.calls[pool.name] = st.calls.get(pool.name, 0) + 1
     call = Call(llm=pool.name, pool=pool, path=upstream_path, body=json.dumps(body).encode() if changed else raw,
-                headers=headers, stream=stream, drop_usage=drop_usage, request_id=request_id, role=role,
-                model=pool.served_model, call_id=st.next_call_id())
+                headers=upstream_headers(request.headers.items()), stream=stream, drop_usage=drop_usage,
+                request_id=request_id, role=role, model=pool.served_model, call_id=st.next_call_id(),
+                authorization=None if st.router.client_keys else request.headers.get("Authorization"))
     assert st.forwarder is not None  # set on startup
     return await st.forwarder.forward(request, call)
 

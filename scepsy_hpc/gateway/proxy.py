@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +35,25 @@ from scepsy_hpc.trace.records import CallRecord
 # Headers that describe one hop, not the call; aiohttp sets its own.
 HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
                          "trailer", "proxy-authorization", "proxy-connection", "accept-encoding"})
+
+
+
+@lru_cache(maxsize=512)   # header names repeat from call to call; bounded, so odd names cannot grow it
+def _forwarded(name: str) -> bool:
+    low = name.lower()
+    # Authorization is never copied: the replica's secret replaces it, or `upstream_headers` keeps it apart.
+    return low not in HOP_HEADERS and low != "authorization" and not low.startswith("x-scepsy-")
+
+
+def upstream_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The client's headers that go on to the engine: not hop-by-hop, not ours (X-Scepsy-*), no Authorization;
+    the body is always JSON."""
+    headers = {k: v for k, v in items if _forwarded(k)}
+    headers["Content-Type"] = "application/json"
+    return headers
+
+
+_NONE: frozenset[str] = frozenset()
 
 # Errors that mean the request never reached the replica, so another replica may safely take it.
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
@@ -102,6 +122,9 @@ class Call:
     role: str | None
     model: str
     call_id: str
+    # The client's own Authorization, passed on only where the replica has no secret and the gateway
+    # checks no client keys (a hand-run gateway in front of engines the client holds the key of).
+    authorization: str | None = field(default=None, repr=False)
 
 
 class _Outcome:
@@ -173,7 +196,7 @@ class Forwarder:
         link_cut = False    # the first failure was the connection closing (an engine that died), not an answer
         while True:
             try:
-                replica = await self.router.acquire(call.pool, frozenset(u for u, _ in tried),
+                replica = await self.router.acquire(call.pool, frozenset(u for u, _ in tried) if tried else _NONE,
                                                     avoid_down=bool(refused), hold=hold)
             except NoReplicaError as exc:
                 if first_failure is not None and hold is not None and tried and link_cut and not retry_same:
@@ -199,8 +222,11 @@ class Forwarder:
                 out.fail(exc.message, 503)
                 return error_response(503, exc.message, "upstream_unavailable", 503, headers=headers)
             out.replica = replica.url
+            auth = replica.authorization or call.authorization
             try:
-                upstream = await self.session.post(replica.url + call.path, data=call.body, headers=call.headers)
+                upstream = await self.session.post(replica.url + call.path, data=call.body,
+                                                   headers=call.headers if auth is None
+                                                   else {**call.headers, "Authorization": auth})
             except _CONNECT_ERRORS as exc:
                 # The request was never sent: any replica may take it, this one too once it is up again.
                 self.router.release(replica)

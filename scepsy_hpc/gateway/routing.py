@@ -64,6 +64,9 @@ class ReplicaState:
     # Monotonic seconds until which a replica that refused a connection is tried only as a last resort:
     # an idle dead replica has the fewest outstanding calls and would otherwise be picked every time.
     down_until: float = 0.0
+    # `Bearer <the engine's secret>` (the endpoints file's `api_key`), sent as Authorization on every call
+    # to it; follows the file on reload. Never in a repr, a log line or an error message.
+    authorization: str | None = field(default=None, repr=False)
 
 
 @dataclass(eq=False)
@@ -117,6 +120,7 @@ class Router:
         self._by_name: dict[str, LLMPool] = {}  # keys and aliases
         self._states: dict[tuple[str, str], ReplicaState] = {}
         self._applied: Endpoints | None = None
+        self.client_keys = False  # the file has an `auth` section: a client's Authorization is its key, never forwarded
         self.held_calls: dict[str, int] = {}     # per LLM key: calls that had to hold
         self.hold_timeouts: dict[str, int] = {}  # per LLM key: held calls whose hold ran out
 
@@ -136,6 +140,7 @@ class Router:
     def apply(self, eps: Endpoints) -> None:
         """Reconcile pools with `eps`: removed replicas take no new calls, in-flight ones finish."""
         self._applied = eps
+        self.client_keys = eps.auth is not None
         for name, spec in eps.llms.items():
             pool = self._pools.get(name)
             if pool is None:
@@ -147,6 +152,7 @@ class Router:
                 if st is None:
                     st = self._states[(name, rep.url)] = ReplicaState(name, rep.url, spec.cap(rep))
                 st.cap, st.active = spec.cap(rep), True
+                st.authorization = f"Bearer {rep.api_key}" if rep.api_key else None
                 keep.append(st)
             for old in pool.replicas:
                 if old not in keep:
@@ -268,16 +274,17 @@ class Router:
         under `hold` while none can take it (see the module docstring); NoReplicaError when it cannot wait."""
         if self._pools.get(pool.name) is not pool:  # a retry of a call whose LLM was removed meanwhile
             raise NoReplicaError(f"llm {pool.name!r} was removed from the endpoints file while this call was in flight")
-        w = _Waiter(asyncio.get_running_loop().create_future(), exclude, avoid_down, hold)
         try:
             picked = self._pick(pool, exclude, avoid_down)
         except NoReplicaError as exc:
+            w = _Waiter(asyncio.get_running_loop().create_future(), exclude, avoid_down, hold)
             err = self._hold_or_fail(pool, w, exc, time.monotonic())
             if err is not None:
                 raise err from None
-            picked = None
-        if picked is not None and not pool.waiters:  # FIFO: nobody overtakes a queued call
-            return self._take(picked)
+        else:
+            if picked is not None and not pool.waiters:  # FIFO: nobody overtakes a queued call
+                return self._take(picked)   # the common case: no future, no waiter
+            w = _Waiter(asyncio.get_running_loop().create_future(), exclude, avoid_down, hold)
         pool.waiters.append(w)
         self._dispatch(pool)
         try:
@@ -336,6 +343,8 @@ class Router:
 
     def mark_up(self, r: ReplicaState) -> None:
         """`r` answered: route to it normally again (calls holding for it go at once)."""
+        if r.down_until == 0.0:
+            return   # the common case, on every call: it was not down
         was_down = r.down_until > time.monotonic()
         r.down_until = 0.0
         pool = self._pools.get(r.llm)
