@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 from scepsy_hpc.errors import SpecError
 
@@ -85,10 +85,22 @@ class Trace:
         return list(seen)
 
 
+_CALL_FIELDS = {f.name: f for f in fields(CallRecord)}
+_SPAN_FIELDS = {f.name: f for f in fields(SpanRecord)}
+_CALL_NAMES = tuple(_CALL_FIELDS)
+_SPAN_NAMES = tuple(_SPAN_FIELDS)
+
+
 def _record_dict(rec: CallRecord | SpanRecord) -> dict[str, Any]:
-    d = asdict(rec)
-    d = {"kind": "call" if isinstance(rec, CallRecord) else "span", **d}
-    return {k: v for k, v in d.items() if v is not None and not (k == "stream" and v is False)}
+    # A shallow read of the fields (the records hold only scalars): `asdict` deep-copies, and the gateway
+    # writes one record per call.
+    names = _CALL_NAMES if isinstance(rec, CallRecord) else _SPAN_NAMES
+    d: dict[str, Any] = {"kind": "call" if isinstance(rec, CallRecord) else "span"}
+    for k in names:
+        v = getattr(rec, k)
+        if v is not None and not (k == "stream" and v is False):
+            d[k] = v
+    return d
 
 
 def dumps_record(rec: CallRecord | SpanRecord | dict[str, Any]) -> str:
@@ -97,8 +109,6 @@ def dumps_record(rec: CallRecord | SpanRecord | dict[str, Any]) -> str:
     return json.dumps(d, separators=(",", ":"), allow_nan=False)
 
 
-_CALL_FIELDS = {f.name: f for f in fields(CallRecord)}
-_SPAN_FIELDS = {f.name: f for f in fields(SpanRecord)}
 _REQUIRED = {"call": ("llm", "t_start", "t_end"), "span": ("span", "request", "t_start", "t_end")}
 
 
@@ -184,8 +194,14 @@ class TraceWriter:
 
     def write(self, rec: CallRecord | SpanRecord | dict[str, Any]) -> None:
         """Append one record."""
-        line = dumps_record(rec) + "\n"
+        self.write_many((rec,))
+
+    def write_many(self, recs: Sequence[CallRecord | SpanRecord | dict[str, Any]]) -> None:
+        """Append records in one write and one flush (the gateway's trace thread writes a batch at a time)."""
+        if not recs:
+            return
+        text = "".join(dumps_record(rec) + "\n" for rec in recs)
         with self._lock:
-            self.stream.write(line)
+            self.stream.write(text)
             self.stream.flush()
-            self.count += 1
+            self.count += len(recs)
