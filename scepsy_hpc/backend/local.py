@@ -63,6 +63,8 @@ class LocalBackend(ClusterBackend):
     def submit(self, job: NodeJob) -> str:
         """Write the script beside the logs and start it in its own session."""
         script = self.script_path(job)
+        for d in (self.jobs_dir, job.log_dir):   # the owner's only, whatever the umask (write_atomic's would follow it)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(script, render_local(job), mode=PRIVATE)
         rc_path = job.log_dir / f"{job.name}.rc"
         rc_path.unlink(missing_ok=True)
