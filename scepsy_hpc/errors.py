@@ -1,5 +1,6 @@
 """One root exception with grouped subclasses (lower-layer errors are translated at the boundary), and the
-one wrapper that reports them at every entry point (`scepsy`, the gateway, the engine server)."""
+one wrapper that reports them at every entry point (`scepsy`, the daemon, the gateway, the engine server, the
+node agent)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 import os
 import sys
 from typing import Callable
+
+
+PRIVATE_UMASK = 0o077   # every entry point's umask: what it creates is its owner's only
 
 
 class ScepsyError(Exception):
@@ -62,7 +66,12 @@ def run_entry(body: Callable[[], int | None], *, json_errors: bool = False, prog
     KeyboardInterrupt returns 130 without a word. `SCEPSY_DEBUG=1` re-raises both, keeping the
     traceback. Any other exception is a bug and propagates with its traceback. `prog` (e.g.
     "scepsy engine-sim") labels each line, for logs that several processes write to.
+
+    The body runs under umask PRIVATE_UMASK (the caller's umask is restored after): on a shared cluster
+    nothing a deployment writes — state, keys, traces, logs, and whatever its children (jobs, engines)
+    create — may be readable by group or others, whatever umask the user's shell has.
     """
+    old_umask = os.umask(PRIVATE_UMASK)
     try:
         return int(body() or 0)
     except ScepsyError as exc:
@@ -78,3 +87,5 @@ def run_entry(body: Callable[[], int | None], *, json_errors: bool = False, prog
         if os.environ.get("SCEPSY_DEBUG") == "1":
             raise
         return 130
+    finally:
+        os.umask(old_umask)

@@ -30,35 +30,50 @@ takes them down. An engine is the leader of its own process group (its reported 
 group's id) and carries SCEPSY_ENGINE_ID in its environment, which lets `reap_engines` stop on this
 host whatever of a deployment is left — what an engine forked outlives the death signal — while
 refusing a process that merely got a recycled pid.
+
+Exposure: each engine binds the node's cluster address (`bind_address`: loopback on the local backend,
+whose job script sets SCEPSY_BIND_HOST), not every interface, and gets the job's engine secret
+(serve.json's `engine_secret`) by environment where the engine reads one (`engine.adapters.secret_env`),
+so that only the gateway, which adds it, can call it; /health and /metrics, which the agent probes, stay
+open. Ports are picked under a lock of this user's own (`port_lock_path`), never a file in a shared
+directory that another user could hold; another user's ports are still avoided, since a port is only
+taken if it can be bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
+import ipaddress
 import os
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from pydantic import ConfigDict, Field
 
 from scepsy_hpc.backend.records import RERUN, AgentReport, InstanceReport, ServeConfig
-from scepsy_hpc.engine.adapters import EngineLaunch, engine_argv, engine_command, engine_env, parse_prefix
+from scepsy_hpc.engine.adapters import (SECRET_ENV, EngineLaunch, base_url, engine_argv, engine_command, engine_env,
+                                        parse_prefix, secret_env)
 from scepsy_hpc.engine.metrics import EngineLoad, scrape_load
 from scepsy_hpc.engine.supervisor import (Process, free_port, group_members, is_healthy, port_free, process_environ,
                                           start, stop_all, stop_groups)
 from scepsy_hpc.errors import EngineError, run_entry
 from scepsy_hpc.spec.records import read_record, write_record
 
-PORT_LOCK = Path("/tmp/scepsy-agent-ports.lock")
+PORT_LOCK_NAME = "scepsy-agent-ports.lock"   # in a directory of this user's own: `port_lock_path`
+BIND_ENV = "SCEPSY_BIND_HOST"                # the address engines bind (a site's separate cluster network;
+                                             # the local backend's job sets 127.0.0.1); default `bind_address`
 RESTART_BACKOFF_MAX_S = 30.0                 # the longest wait before restarting an engine that exited
 HEARTBEAT_S = 5.0                            # the report is rewritten at least this often
 HEARTBEAT_ENV = "SCEPSY_AGENT_HEARTBEAT_S"   # overrides HEARTBEAT_S (tests)
@@ -106,7 +121,79 @@ def engine_id(agent_pid: int, node: str, inst: InstanceReport) -> str:
     return f"{node}/{agent_pid}/{inst.llm}/{inst.replica}/{inst.started_at:.6f}"
 
 
-def shell_line(launch: EngineLaunch, prefix: str, which: Callable[[str], str | None] = shutil.which) -> str:
+def _bindable(addr: str) -> bool:
+    """Whether this host has address `addr` (a socket can be bound to it)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((addr, 0))
+    except OSError:
+        return False
+    return True
+
+
+def bind_address(node: str, env: Mapping[str, str], resolve: Callable[..., Any] = socket.getaddrinfo,
+                 bindable: Callable[[str], bool] = _bindable) -> str:
+    """The address this node's engines bind and are called at: $SCEPSY_BIND_HOST if set, else the first
+    address of this host that the node's Slurm name resolves to, else the host name's, preferring one that
+    is not loopback (Debian maps the host name to 127.0.1.1 in /etc/hosts; a local Slurm's node names may
+    resolve to nothing at all), else 127.0.0.1. Never every interface."""
+    if env.get(BIND_ENV):
+        return env[BIND_ENV]
+    found: list[str] = []
+    for name in dict.fromkeys((node, socket.gethostname())):
+        try:
+            infos = resolve(name, None, socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, UnicodeError):   # socket.gaierror is an OSError
+            continue
+        found += [a for a in dict.fromkeys(str(i[4][0]) for i in infos) if a not in found and bindable(a)]
+    routable = [a for a in found if not ipaddress.ip_address(a).is_loopback]
+    return (routable or found or ["127.0.0.1"])[0]
+
+
+def _private_dir(path: Path) -> bool:
+    """Whether `path` is a directory (not a symlink) that this user owns and nobody else can enter."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def port_lock_path(env: Mapping[str, str], session: Path, tmp: str | Path | None = None) -> Path:
+    """The lock that serialises port picking between this user's agents on this node, in a directory that is
+    this user's alone: $XDG_RUNTIME_DIR if it is one here, else <tmp>/scepsy-<uid> (made 0700; refused if
+    someone else made it, or made it a symlink, first), else the job's session directory. Another user
+    cannot open it, so cannot stall our engines by holding it (a shared /tmp file could be)."""
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime) and _private_dir(Path(runtime)):
+        return Path(runtime) / PORT_LOCK_NAME
+    own = Path(tmp if tmp is not None else tempfile.gettempdir()) / f"scepsy-{os.getuid()}"
+    try:
+        own.mkdir(mode=0o700)
+    except OSError:
+        pass   # there already (ours from an earlier agent, or a squatter's: checked next), or /tmp is read-only
+    if _private_dir(own):
+        return own / PORT_LOCK_NAME
+    return session / PORT_LOCK_NAME
+
+
+@contextlib.contextmanager
+def port_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock `path` (made 0600, never through a symlink); EngineError if it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise EngineError(f"cannot open the port lock {path} ({exc.strerror or exc}); set XDG_RUNTIME_DIR or "
+                          f"TMPDIR to a directory of yours on this node") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
+def shell_line(launch: EngineLaunch, prefix: str, which: Callable[[str], str | None] = shutil.which,
+               secret: str | None = None) -> str:
     """The `bash -c` line that runs the engine after a launch prefix, with `exec` where that is unambiguous
     so that the shell becomes the engine: the reported pid is then the engine's, and so is the process
     the agent's death signal reaches (the kernel does not pass it on to children).
@@ -116,7 +203,7 @@ def shell_line(launch: EngineLaunch, prefix: str, which: Callable[[str], str | N
     else (`module load x && apptainer exec img`, an assignment, a shell function) is left as it is:
     bash 5.1 and later exec the last command of such a line by themselves; an older bash keeps the
     engine as its child, and `reap_engines` finds it by its SCEPSY_ENGINE_ID."""
-    line = engine_command(launch)
+    line = engine_command(launch, secret=secret)
     prefix = parse_prefix(prefix)
     if not prefix:
         return line
@@ -196,7 +283,9 @@ class Agent:
 
     def __init__(self, session: Path, node: str, config: ServeConfig, env: dict[str, str]) -> None:
         self.session, self.node, self.config, self.env = session, node, config, env
-        self.host = env.get("SCEPSY_ADVERTISE_HOST") or socket.gethostname()
+        self.host = socket.gethostname()                       # the report's: the host the agent runs on
+        self.bind = bind_address(node, env)                    # what its engines bind, and their URLs
+        self.port_lock = port_lock_path(env, session)
         self.report_path = session / "agents" / f"{node}.json"
         self.log_dir = session / "logs"
         self.state = "starting"
@@ -382,35 +471,35 @@ class Agent:
         return True
 
     def start(self, inst: Instance) -> None:
-        """Spawn one engine on its GPUs and port (ports chosen under a lock: agents may share a host)."""
+        """Spawn one engine on its GPUs and port (ports chosen under this user's lock: agents may share a host),
+        bound to the node's address, with the job's secret."""
         log = self.log_dir / f"engine-{inst.llm}-{inst.replica}.log"
         inst.log = str(log)
-        env = dict(os.environ)
+        # the engine's secret is the job's, whatever this process inherited
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV.values()}
         env.update(self.mps_env)
+        secret, bind = self.config.engine_secret, self.bind
         what = f"engine {inst.llm}·{inst.replica} on {self.node} GPUs {inst.cuda_visible_devices}"
-        with open(PORT_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                port = inst.port if inst.port and port_free(inst.port) else free_port("0.0.0.0")
-                launch = dataclasses.replace(inst.launch, port=port)
+        try:
+            with port_lock(self.port_lock):
+                port = inst.port if inst.port and port_free(inst.port, bind) else free_port(bind)
+                launch = dataclasses.replace(inst.launch, port=port, host=bind)
                 env.update(engine_env(launch, inst.cuda_visible_devices.split(","), inst.mps_pct))
+                env.update(secret_env(launch, secret))
                 prefix = self.config.launch_prefix
-                argv = ["bash", "-c", shell_line(launch, prefix)] if prefix else engine_argv(launch)
-                url = f"http://{self.host}:{port}"
+                argv = (["bash", "-c", shell_line(launch, prefix, secret=secret)] if prefix
+                        else engine_argv(launch, secret=secret))
+                url = base_url(launch, bind)
                 inst.started_at = time.time()
                 env[ENGINE_ID_ENV] = engine_id(os.getpid(), self.node, inst)
-                try:
-                    inst.proc = start(argv, log, what=what, health=url, env=env, append=True, die_with_parent=True,
-                                      ignore_signals=self.warnings)
-                except EngineError as exc:
-                    self.fail(inst, str(exc))
-                    return
+                inst.proc = start(argv, log, what=what, health=url, env=env, append=True, die_with_parent=True,
+                                  ignore_signals=self.warnings)
                 inst.port, inst.pid, inst.state, inst.url = port, inst.proc.pid, "starting", url
                 deadline = time.monotonic() + 5.0   # hold the lock until the engine holds its port
-                while port_free(port) and inst.proc.poll() is None and time.monotonic() < deadline:
+                while port_free(port, bind) and inst.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.05)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        except EngineError as exc:   # the lock cannot be opened, or the engine not run
+            self.fail(inst, str(exc))
 
     def start_mps(self) -> bool:
         """An MPS control daemon when this node shares GPUs between real engines."""
@@ -419,7 +508,7 @@ class Agent:
         base = self.session / "mps" / self.node
         self.mps_env = {"CUDA_MPS_PIPE_DIRECTORY": str(base / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(base / "log")}
         for d in self.mps_env.values():
-            Path(d).mkdir(parents=True, exist_ok=True)
+            Path(d).mkdir(parents=True, exist_ok=True, mode=0o700)
         gpus = sorted({g for i in self.instances for g in i.cuda_visible_devices.split(",")})
         try:
             subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**os.environ, **self.mps_env,

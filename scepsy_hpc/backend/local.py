@@ -22,7 +22,7 @@ from scepsy_hpc.backend.templates import quote, render_local, walltime_seconds
 from scepsy_hpc.engine.supervisor import group_alive, start, stop_group
 from scepsy_hpc.errors import SlurmError, SpecError
 from scepsy_hpc.spec.placement_entry import PlacementEntry
-from scepsy_hpc.spec.records import write_atomic
+from scepsy_hpc.spec.records import PRIVATE, write_atomic
 from scepsy_hpc.topology.model import SlurmNode
 
 LOCAL_PARTITION = "local"   # the one partition the local backend has: this machine
@@ -63,7 +63,9 @@ class LocalBackend(ClusterBackend):
     def submit(self, job: NodeJob) -> str:
         """Write the script beside the logs and start it in its own session."""
         script = self.script_path(job)
-        write_atomic(script, render_local(job))
+        for d in (self.jobs_dir, job.log_dir):   # the owner's only, whatever the umask (write_atomic's would follow it)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(script, render_local(job), mode=PRIVATE)
         rc_path = job.log_dir / f"{job.name}.rc"
         rc_path.unlink(missing_ok=True)
         # the wrapper shell records the exit code even when the script is killed by a signal
@@ -78,7 +80,7 @@ class LocalBackend(ClusterBackend):
         job_id = f"local-{proc.pid}"
         write_atomic(self.jobs_dir / job_id,
                      f"{job.log_dir}\n{job.name}\n{','.join(job.nodes)}\n{_iso(time.time())}\n{limit or ''}\n"
-                     f"{job.gpus_per_node}\n")
+                     f"{job.gpus_per_node}\n", mode=PRIVATE)
         return job_id
 
     def _record(self, job_id: str) -> _Record:

@@ -136,7 +136,9 @@ def submission_parameters(job: NodeJob) -> dict[str, Any]:
     if not job.nodes:
         raise SpecError(f"job {job.name}: no nodes to run on (the placement is empty)")
     directive_path(job.log_dir, "log directory")
-    setup = ["export PYTHONUNBUFFERED=1", *filter(None, exports(job.env).splitlines()), f"cd {quote(job.workdir)}"]
+    # umask: what the job writes is its owner's only (sbatch passes on the submitter's umask, which may be wider)
+    setup = ["umask 077", "export PYTHONUNBUFFERED=1", *filter(None, exports(job.env).splitlines()),
+             f"cd {quote(job.workdir)}"]
     # no-requeue: the daemon replaces a job that fails; one Slurm requeued would come back later as an orphan
     extra: dict[str, Any] = {"signal": SIGNAL, "no_requeue": True}
     params: dict[str, Any] = dict(

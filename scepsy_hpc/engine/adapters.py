@@ -2,6 +2,11 @@
 
 Three engines speak the same OpenAI-compatible HTTP API and serve `/health`: `vllm`, `sglang` and
 `sim` (scepsy_hpc.engine.sim_server, the stand-in where there is no GPU). DESIGN.md §6.
+
+Engine secret: an engine started with the job's secret answers /v1 (and the sim engine /scepsy) only to
+`Authorization: Bearer SECRET`; /health and /metrics stay open (the agent's probes, Prometheus). The
+secret goes by environment wherever the engine reads one (`secret_env`), so that it never shows in `ps`
+(a process's environment is readable by its owner and root only); `secret_argv` is the rest.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class EngineLaunch:
     mem_frac: float = 0.9  # vLLM --gpu-memory-utilization / SGLang --mem-fraction-static
     max_num_seqs: int = 256
     port: int = 8000
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # the address it binds (the agent sets the node's cluster address)
     dummy_weights: bool = False  # profiling: random weights (--load-format dummy)
     time_scale: float = 1.0  # sim only
     seed: int = 0  # sim only
@@ -110,8 +115,29 @@ def _sim_argv(ln: EngineLaunch, python: str) -> list[str]:
             "--time-scale", _num(ln.time_scale), "--seed", str(ln.seed)]
 
 
-def engine_argv(launch: EngineLaunch, python: str = sys.executable) -> list[str]:
-    """The engine's argv (no prefix); SpecError if `launch` is invalid."""
+# The variable each engine reads its API key from (vLLM: vllm.envs.VLLM_API_KEY, used when --api-key is absent).
+SECRET_ENV = {"vllm": "VLLM_API_KEY", "sim": "SCEPSY_ENGINE_API_KEY"}
+
+
+def secret_env(launch: EngineLaunch, secret: str | None) -> dict[str, str]:
+    """The environment that gives the engine its secret ({} without one, or where the engine reads none)."""
+    name = SECRET_ENV.get(launch.engine)
+    return {name: secret} if secret and name else {}
+
+
+def secret_argv(launch: EngineLaunch, secret: str | None) -> list[str]:
+    """The words that give the engine its secret on its command line: SGLang only.
+
+    SGLang's ServerArgs.api_key comes from `--api-key` alone: no release reads an environment variable
+    for it (sgl-project/sglang PR #36358, SGLANG_API_KEY, is still open), so there the secret shows in
+    `ps` to other users of the node for as long as the engine runs. Where that matters, serve with vLLM."""
+    if secret and launch.engine == "sglang":
+        return ["--api-key", secret]
+    return []
+
+
+def engine_argv(launch: EngineLaunch, python: str = sys.executable, secret: str | None = None) -> list[str]:
+    """The engine's argv (no prefix), with `secret_argv`; SpecError if `launch` is invalid."""
     check_launch(launch)
     if launch.engine == "vllm":
         argv = _vllm_argv(launch)
@@ -119,7 +145,7 @@ def engine_argv(launch: EngineLaunch, python: str = sys.executable) -> list[str]
         argv = _sglang_argv(launch, python)
     else:
         argv = _sim_argv(launch, python)
-    return argv + list(launch.extra_args)
+    return argv + secret_argv(launch, secret) + list(launch.extra_args)
 
 
 def parse_prefix(text: str) -> str:
@@ -130,9 +156,10 @@ def parse_prefix(text: str) -> str:
     return text.strip()
 
 
-def engine_command(launch: EngineLaunch, prefix: str = "", python: str = sys.executable) -> str:
+def engine_command(launch: EngineLaunch, prefix: str = "", python: str = sys.executable,
+                   secret: str | None = None) -> str:
     """One shell line: the launch prefix verbatim (the user quotes it), then every argv word quoted."""
-    line = shlex.join(engine_argv(launch, python))
+    line = shlex.join(engine_argv(launch, python, secret))
     prefix = parse_prefix(prefix)
     return f"{prefix} {line}" if prefix else line
 

@@ -2,7 +2,9 @@
 
 Each engine is `python -m scepsy_hpc.engine.sim_server …` on its own free port with its output in a
 log file, started and stopped by `engine.supervisor`; start-up failures are EngineErrors quoting the
-end of the engine's log.
+end of the engine's log. An engine's test hooks (fault injection) are off unless its spec says
+`test_hooks=True`; with `api_key` it answers /v1 only to `Authorization: Bearer <api_key>` (given by
+environment, as the node agent gives it). Neither is inherited from this process's environment.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -33,6 +35,8 @@ class SimEngineSpec:
     served_model_name: str | None = None  # default: model
     max_num_seqs: int = 256
     max_batched_tokens: int = 8192
+    test_hooks: bool = False  # X-Sim-Fault, POST /scepsy/sim/fault, SCEPSY_SIM_FAULT (sim_server --test-hooks)
+    api_key: str | None = field(default=None, repr=False)  # the engine secret (SCEPSY_ENGINE_API_KEY)
 
     @property
     def served_name(self) -> str:
@@ -48,6 +52,11 @@ class LocalEngine:
     url: str
     port: int
     proc: Process
+
+    @property
+    def api_key(self) -> str | None:
+        """The engine secret it was started with (None: it needs none)."""
+        return self.spec.api_key
 
     @property
     def api_base(self) -> str:
@@ -74,7 +83,7 @@ def _command(spec: SimEngineSpec, port: int, host: str, time_scale: float, seed:
             "--tp", str(spec.tp), "--gpu-frac", repr(spec.gpu_frac), "--host", host, "--port", str(port),
             "--served-model-name", spec.served_name, "--time-scale", repr(time_scale),
             "--max-num-seqs", str(spec.max_num_seqs), "--max-batched-tokens", str(spec.max_batched_tokens),
-            "--seed", str(seed)]
+            "--seed", str(seed)] + (["--test-hooks"] if spec.test_hooks else [])
 
 
 def start_sim_engines(specs: Sequence[SimEngineSpec], time_scale: float, log_dir: str | Path, *,
@@ -83,7 +92,10 @@ def start_sim_engines(specs: Sequence[SimEngineSpec], time_scale: float, log_dir
 
     Raises EngineError (after stopping all of them) if one exits or is not healthy within `timeout_s`."""
     log_dir = Path(log_dir)
-    env = dict(os.environ)
+    from scepsy_hpc.engine.sim_server import API_KEY_ENV, TEST_HOOKS_ENV
+
+    # what the spec says, not what this process happens to have: no secret or hook leaks in from the environment
+    env = {k: v for k, v in os.environ.items() if k not in (API_KEY_ENV, TEST_HOOKS_ENV)}
     # The child must import this very package even when it is not installed.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -91,9 +103,11 @@ def start_sim_engines(specs: Sequence[SimEngineSpec], time_scale: float, log_dir
     try:
         for i, (spec, port) in enumerate(zip(specs, free_ports(len(specs), host))):
             url = f"http://{host}:{port}"
+            own_env = {**env, API_KEY_ENV: spec.api_key} if spec.api_key else env
             proc = start(_command(spec, port, host, time_scale, seed),
                          log_dir / f"engine-{i}-{spec.served_name.replace('/', '_')}.log",
-                         what=f"sim engine {spec.served_name!r} ({spec.model} on {spec.gpu}) at {url}", health=url, env=env)
+                         what=f"sim engine {spec.served_name!r} ({spec.model} on {spec.gpu}) at {url}", health=url,
+                         env=own_env)
             engines.append(LocalEngine(spec, url, port, proc))
         wait_healthy([e.proc for e in engines], timeout_s)
     except BaseException:

@@ -11,15 +11,28 @@ always behave as `ignore_eos: true`: `max_tokens` is the exact output length; wi
 is drawn from a lognormal (mean --default-output-tokens, cv 0.5, seeded) and the finish reason is
 "stop" as if the model had ended it. Token counting rules: `scepsy_hpc.engine.openai_protocol`.
 
-Test hooks (for gateway and agent tests; a real engine has no such thing):
+Engine secret: with SCEPSY_ENGINE_API_KEY in its environment (never a flag: a flag shows in `ps`), /v1/*
+and /scepsy/* answer only calls with `Authorization: Bearer <secret>` (401 otherwise); /health and
+/metrics stay open, as vLLM leaves them.
+
+Test hooks (for gateway and agent tests; a real engine has no such thing) exist only in an engine started
+with `--test-hooks` or SCEPSY_SIM_TEST_HOOKS=1. Without, the header is refused (400 naming the fix: a
+test that forgot to turn them on fails loudly instead of passing without its fault; the gateway never
+forwards X-Sim-* headers, so no client of a deployment can reach this), the POST route answers 404 and
+SCEPSY_SIM_FAULT is ignored with a line in the log.
   request header `X-Sim-Fault`
     http500          answer 500 with an error body, before any scheduling;
     abort-after:K    after K output tokens, close the connection abruptly — a stream has sent K
                      token chunks and no [DONE]; a non-streamed request gets no response at all.
-  `POST /scepsy/sim/fault` with JSON `{"wedge": true}` (`{"wedge": false}` clears it; the answer is
-  `{"wedged": …}`) wedges the engine as a vLLM can be wedged: /health still answers 200 and requests
-  are accepted and queue (`vllm:num_requests_waiting` counts them), but no iteration runs, so no token
-  is generated and the token counters freeze until the wedge is cleared;
+  `POST /scepsy/sim/fault` with a JSON object of one or more of these (the answer is every fault's state,
+  `{"wedged": …, "abort_after": …, "http500": …}`):
+    "wedge": true|false      wedges the engine as a vLLM can be wedged: /health still answers 200 and
+                             requests are accepted and queue (`vllm:num_requests_waiting` counts them),
+                             but no iteration runs, so no token is generated and the token counters
+                             freeze until the wedge is cleared;
+    "abort_after": K|null    every call behaves as with `X-Sim-Fault: abort-after:K` (a call's own header
+                             wins); null clears it;
+    "http500": true|false    every call is answered 500 as with `X-Sim-Fault: http500`;
   environment `SCEPSY_SIM_FAULT=wedge@SECONDS` wedges it SECONDS after it starts (for an engine that
   a job starts: every engine started with that environment, a restarted one included, wedges).
 """
@@ -28,13 +41,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import math
 import os
 import random
 import sys
 from itertools import count
-from typing import AsyncIterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -51,6 +65,11 @@ OUTPUT_CV = 0.5
 MAX_BODY_BYTES = 64 * 2**20  # aiohttp's 1 MiB default is below a long prompt sent as token ids
 FAULT_ENV = "SCEPSY_SIM_FAULT"  # wedge@SECONDS: the engine wedges SECONDS after it starts
 FAULT_PATH = "/scepsy/sim/fault"
+API_KEY_ENV = "SCEPSY_ENGINE_API_KEY"  # the engine secret: /v1 and /scepsy need `Authorization: Bearer` it
+TEST_HOOKS_ENV = "SCEPSY_SIM_TEST_HOOKS"  # "1": the test hooks are on (as --test-hooks)
+FAULT_HEADER = "X-Sim-Fault"
+GUARDED_PREFIXES = ("/v1/", "/scepsy/")  # what the engine secret guards; /health and /metrics stay open
+HOOKS_FIX = f"start the engine with --test-hooks or {TEST_HOOKS_ENV}=1 to use test hooks"
 
 
 class _Handle:
@@ -69,7 +88,8 @@ class SimEngineServer:
     """The engine: a `Batcher` driven in real time, plus the OpenAI-compatible handlers."""
 
     def __init__(self, perf: EnginePerf, *, served_name: str, time_scale: float, max_model_len: int,
-                 default_output_tokens: int = 256, seed: int = 0, wedge_after_s: float | None = None) -> None:
+                 default_output_tokens: int = 256, seed: int = 0, wedge_after_s: float | None = None,
+                 api_key: str | None = None, test_hooks: bool = False) -> None:
         if time_scale <= 0:
             raise ValueError(f"time_scale={time_scale} must be > 0")
         if max_model_len > perf.kv_capacity_tokens:
@@ -92,6 +112,10 @@ class SimEngineServer:
         self._driver: asyncio.Task[None] | None = None
         self._unwedged: asyncio.Event | None = None  # clear while the engine is wedged (the fault hook)
         self.wedge_after_s = wedge_after_s  # wedge this many wall seconds after start (SCEPSY_SIM_FAULT)
+        self._api_key = api_key.encode() if api_key else None
+        self.test_hooks = test_hooks
+        self.abort_after: int | None = None  # engine-level fault: every call aborts after this many tokens
+        self.http500 = False                 # engine-level fault: every call is answered 500
 
     @property
     def wedged(self) -> bool:
@@ -222,13 +246,14 @@ class SimEngineServer:
 
     def make_app(self) -> web.Application:
         """The aiohttp application; its startup/cleanup start and stop the driver."""
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authorize])
         app.router.add_post("/v1/completions", self.handle_completions)
         app.router.add_post("/v1/chat/completions", self.handle_chat)
         app.router.add_get("/v1/models", self.handle_models)
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
-        app.router.add_post(FAULT_PATH, self.handle_fault)
+        if self.test_hooks:
+            app.router.add_post(FAULT_PATH, self.handle_fault)
 
         async def lifecycle(_: web.Application) -> AsyncIterator[None]:
             await self.start()
@@ -238,21 +263,46 @@ class SimEngineServer:
         app.cleanup_ctx.append(lifecycle)
         return app
 
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """With an engine secret, /v1 and /scepsy answer 401 to a call without `Authorization: Bearer <secret>`."""
+        if self._api_key is not None and request.path.startswith(GUARDED_PREFIXES):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            # constant time: how much of a guess matched must not show in how long the answer takes
+            if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._api_key)):
+                err = ApiError(401, "this engine needs its deployment's secret: send 'Authorization: Bearer <secret>' "
+                                    "(calls go through the scepsy gateway, which adds it)", "AuthenticationError")
+                return web.json_response(err.body(), status=401, headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
     async def handle_health(self, request: web.Request) -> web.Response:
         """GET /health: 200 while the server runs."""
         return web.Response(status=200)
 
+    def faults(self) -> dict[str, Any]:
+        """The engine-level faults now (what POST /scepsy/sim/fault answers)."""
+        return {"wedged": self.wedged, "abort_after": self.abort_after, "http500": self.http500}
+
     async def handle_fault(self, request: web.Request) -> web.Response:
-        """POST /scepsy/sim/fault `{"wedge": bool}`: the wedge test hook; answers `{"wedged": bool}`."""
+        """POST /scepsy/sim/fault `{"wedge": bool, "abort_after": K|null, "http500": bool}` (any non-empty
+        subset): set the engine-level faults; answers all of them (`faults`)."""
         try:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
             body = None
-        if not (isinstance(body, dict) and set(body) == {"wedge"} and isinstance(body["wedge"], bool)):
-            return web.json_response(ApiError(400, f'{FAULT_PATH} takes {{"wedge": true}} or {{"wedge": false}}').body(),
-                                     status=400)
-        self.set_wedged(body["wedge"])
-        return web.json_response({"wedged": self.wedged})
+        checks = {"wedge": lambda v: isinstance(v, bool), "http500": lambda v: isinstance(v, bool),
+                  "abort_after": lambda v: v is None or (type(v) is int and v >= 0)}
+        if not (isinstance(body, dict) and body and all(k in checks and checks[k](v) for k, v in body.items())):
+            usage = (f'{FAULT_PATH} takes a JSON object of one or more of {{"wedge": true|false, '
+                     f'"abort_after": K (an integer >= 0) or null, "http500": true|false}}')
+            return web.json_response(ApiError(400, usage).body(), status=400)
+        if "wedge" in body:
+            self.set_wedged(body["wedge"])
+        if "abort_after" in body:
+            self.abort_after = body["abort_after"]
+        if "http500" in body:
+            self.http500 = body["http500"]
+        return web.json_response(self.faults())
 
     async def handle_models(self, request: web.Request) -> web.Response:
         """GET /v1/models: the served model, vLLM-shaped."""
@@ -279,7 +329,7 @@ class SimEngineServer:
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
             parsed = parse_request(body, chat=chat, served_name=self.served_name, max_model_len=self.max_model_len)
-            abort_after = _parse_fault(request.headers.get("X-Sim-Fault"))
+            abort_after = self._call_fault(request.headers.get(FAULT_HEADER))
         except ApiError as exc:
             return web.json_response(exc.body(), status=exc.status)
         if parsed.max_tokens is not None:
@@ -331,6 +381,16 @@ class SimEngineServer:
         return resp
 
 
+    def _call_fault(self, header: str | None) -> int | None:
+        """The fault of one call: its X-Sim-Fault header, else the engine-level one (raise the 500 now, or
+        return K of abort-after:K; None: no fault). A header without the test hooks is a 400."""
+        if header is not None and not self.test_hooks:
+            raise ApiError(400, f"{FAULT_HEADER} is a test hook, off in this engine; {HOOKS_FIX}")
+        if header is None and self.http500:
+            raise ApiError(500, "simulated engine failure (fault http500)", "InternalServerError")
+        return _parse_fault(header) if header is not None else self.abort_after
+
+
 def _parse_fault(value: str | None) -> int | None:
     """The X-Sim-Fault test hook: raise the 500 now, or return K of abort-after:K (None: no fault)."""
     if value is None:
@@ -368,6 +428,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled output lengths")
     p.add_argument("--default-output-tokens", type=int, default=256,
                    help="mean output length of requests without max_tokens")
+    p.add_argument("--test-hooks", action="store_true",
+                   help=f"turn on the fault-injection test hooks ({FAULT_HEADER}, POST {FAULT_PATH}, {FAULT_ENV}); "
+                        f"also {TEST_HOOKS_ENV}=1. The engine secret is read from {API_KEY_ENV} only (a flag "
+                        f"would show in ps)")
     return p
 
 
@@ -386,11 +450,17 @@ def parse_fault_env(value: str | None) -> float | None:
 
 
 def build_server(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> SimEngineServer:
-    """The engine the parsed arguments (and SCEPSY_SIM_FAULT of `environ`) describe; ScepsyError if they are
-    inconsistent."""
+    """The engine the parsed arguments and `environ` (SCEPSY_ENGINE_API_KEY, SCEPSY_SIM_TEST_HOOKS,
+    SCEPSY_SIM_FAULT) describe; ScepsyError if they are inconsistent."""
     from scepsy_hpc.spec.catalog import load_gpus, load_models
 
-    wedge_after_s = parse_fault_env((environ or {}).get(FAULT_ENV))
+    environ = environ or {}
+    test_hooks = bool(getattr(args, "test_hooks", False)) or environ.get(TEST_HOOKS_ENV) == "1"
+    wedge_after_s = None
+    if test_hooks:
+        wedge_after_s = parse_fault_env(environ.get(FAULT_ENV))
+    elif environ.get(FAULT_ENV):
+        print(f"scepsy engine-sim: {FAULT_ENV}={environ[FAULT_ENV]!r} ignored: {HOOKS_FIX}", file=sys.stderr, flush=True)
 
     models, gpus = load_models(), load_gpus()
     if args.model not in models:
@@ -421,7 +491,8 @@ def build_server(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     max_len = args.max_model_len or min(model.max_model_len, perf.kv_capacity_tokens)
     return SimEngineServer(perf, served_name=args.served_model_name or args.model, time_scale=args.time_scale,
                            max_model_len=max_len, default_output_tokens=args.default_output_tokens, seed=args.seed,
-                           wedge_after_s=wedge_after_s)
+                           wedge_after_s=wedge_after_s, api_key=environ.get(API_KEY_ENV) or None,
+                           test_hooks=test_hooks)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -435,7 +506,9 @@ def _serve(args: argparse.Namespace) -> None:
     perf = server.perf
     print(f"scepsy engine-sim: serving {server.served_name!r} ({args.model} on {args.gpu}, tp={args.tp}, "
           f"gpu_frac={args.gpu_frac:g}) at http://{args.host}:{args.port}/v1; max_model_len={server.max_model_len}, "
-          f"kv_capacity={perf.kv_capacity_tokens} tokens, time_scale={args.time_scale:g}", flush=True)
+          f"kv_capacity={perf.kv_capacity_tokens} tokens, time_scale={args.time_scale:g}; "
+          f"engine secret {'required' if server._api_key else 'not set: calls need none'}"
+          f"{'; TEST HOOKS ON' if server.test_hooks else ''}", flush=True)
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup frees the KV.
     web.run_app(server.make_app(), host=args.host, port=args.port, print=None, access_log=None,
                 handler_cancellation=True, shutdown_timeout=1.0)

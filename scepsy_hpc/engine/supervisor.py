@@ -21,11 +21,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Mapping, Sequence
+from typing import BinaryIO, Callable, Collection, Iterable, Mapping, Sequence
 
 from scepsy_hpc.errors import EngineError
 
 LOG_TAIL_LINES = 20
+LOG_MODE = 0o600    # every log this module opens: its owner's only
 KILL_WAIT_S = 5.0   # how long a SIGKILLed group may take to disappear (a process in D state takes longer)
 Health = Callable[[], bool]
 
@@ -72,8 +73,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-def port_free(port: int, host: str = "0.0.0.0") -> bool:
-    """Whether `port` can be bound on `host` now."""
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether `port` can be bound on `host` now (the address the engine will bind: a port another program
+    holds on every interface, or on this one, is taken)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as engines bind: TIME_WAIT is no obstacle
         try:
@@ -295,14 +297,18 @@ def start(argv: Sequence[str], log_path: str | Path, *, what: str, health: str |
     a handled one does not): Slurm sends its walltime warning (`--signal`) to every process of a job step,
     and an engine that does not handle SIGUSR1 would die of it."""
     log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     check: Health | None
     if isinstance(health, str):
         url = health
         check = lambda: is_healthy(url, timeout_s=2.0)  # noqa: E731
     else:
         check = health
-    with open(log_path, "ab" if append else "wb") as out:
+    try:
+        log = open_log(log_path, append)
+    except OSError as exc:
+        raise EngineError(f"{what}: cannot open its log {log_path} ({exc.strerror or exc})") from None
+    with log as out:
         try:
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=dict(env) if env is not None else None, cwd=str(cwd) if cwd else None,
@@ -316,6 +322,19 @@ def start(argv: Sequence[str], log_path: str | Path, *, what: str, health: str |
             raise EngineError(f"{what}: cannot run `{argv[0]}` ({exc.strerror or exc})"
                               + (f"; {missing_hint}" if missing_hint else "")) from None
     return Process(what, log_path, popen, check)
+
+
+def open_log(path: Path, append: bool = False) -> BinaryIO:
+    """A log file opened for writing, readable by its owner only (0600, whatever the umask; an older log of
+    ours that was wider is narrowed): what an engine logs may quote prompts or secrets."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(path, flags, LOG_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, LOG_MODE)
+    except OSError:   # not ours to change (a shared log someone else made): leave it
+        pass
+    return os.fdopen(fd, "ab" if append else "wb")
 
 
 def wait_healthy(procs: Iterable[Process], timeout_s: float, poll_s: float = 0.05) -> None:

@@ -43,7 +43,7 @@ def _session(tmp_path: Path, llms: list[str], prefix: str = "") -> Path:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "SUBMITIT", "CUDA_VISIBLE"))}
-    return {**env, "PYTHONPATH": ROOT, "SCEPSY_ADVERTISE_HOST": "127.0.0.1", **extra}
+    return {**env, "PYTHONPATH": ROOT, "SCEPSY_BIND_HOST": "127.0.0.1", **extra}
 
 
 def _report(session: Path) -> AgentReport | None:

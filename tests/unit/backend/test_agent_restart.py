@@ -61,7 +61,7 @@ def agent(tmp_path: Path):
     def run(llms: list[str], max_restarts: int) -> Path:
         session = _session(tmp_path, llms, max_restarts)
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM")}, "PYTHONPATH": ROOT,
-               "SCEPSY_ADVERTISE_HOST": "127.0.0.1"}
+               "SCEPSY_BIND_HOST": "127.0.0.1"}
         with open(tmp_path / "agent.out", "wb") as out:
             procs.append(subprocess.Popen([sys.executable, "-m", "scepsy_hpc.backend.agent", "--session", str(session),
                                            "--node", "n1"], env=env, start_new_session=True, stdout=out,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +31,8 @@ STALL_S, CHECK_S = 2.0, 0.5
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc"),
               pytest.mark.timeout(60)]
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+SECRET = "watchdog-engine-secret"   # the engines need it; the watchdog's /metrics reads do not
+AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 def test_only_a_busy_engine_whose_tokens_stand_still_is_wedged() -> None:
@@ -83,12 +86,13 @@ def agent(tmp_path: Path):
 
     def run(llms: list[str], **env: str) -> tuple[subprocess.Popen[bytes], Path]:
         config = ServeConfig(engine="sim", health_timeout_s=30.0, max_restarts=3, progress_check_s=CHECK_S,
+                             engine_secret=SECRET,
                              stall_timeout_s=STALL_S, instances=[
                                  ServeInstance(llm=llm, replica=0, node="n1", gpus=[i], gpu_frac=1.0, mps_pct=100,
                                                port=0, launch=_launch(llm)) for i, llm in enumerate(llms)])
         write_record(tmp_path / "serve.json", config)
         full_env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "SUBMITIT", "SCEPSY_SIM"))},
-                    "PYTHONPATH": ROOT, "SCEPSY_ADVERTISE_HOST": "127.0.0.1", **env}
+                    "PYTHONPATH": ROOT, "SCEPSY_BIND_HOST": "127.0.0.1", "SCEPSY_SIM_TEST_HOOKS": "1", **env}
         with open(tmp_path / "agent.out", "wb") as out:
             procs.append(subprocess.Popen([sys.executable, "-m", "scepsy_hpc.backend.agent", "--session",
                                            str(tmp_path), "--node", "n1"], env=full_env, start_new_session=True,
@@ -104,9 +108,9 @@ def agent(tmp_path: Path):
 
 def _wedge(url: str) -> None:
     req = urllib.request.Request(url + FAULT_PATH, data=json.dumps({"wedge": True}).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **AUTH})
     with _NO_PROXY.open(req, timeout=5) as resp:
-        assert json.load(resp) == {"wedged": True}
+        assert json.load(resp)["wedged"] is True
 
 
 def _send_and_hold(url: str, n: int) -> list[socket.socket]:
@@ -117,14 +121,14 @@ def _send_and_hold(url: str, n: int) -> list[socket.socket]:
     for _ in range(n):
         s = socket.create_connection((host, int(port)), timeout=5)
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                  b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (SECRET.encode(), len(body), body))
         socks.append(s)
     return socks
 
 
 def _complete(url: str) -> None:
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps({"prompt": [1] * 20, "max_tokens": 200})
-                                 .encode(), headers={"Content-Type": "application/json"}, method="POST")
+                                 .encode(), headers={"Content-Type": "application/json", **AUTH}, method="POST")
     with _NO_PROXY.open(req, timeout=10) as resp:
         assert json.load(resp)["usage"]["completion_tokens"] == 200
 
@@ -208,3 +212,18 @@ def test_the_walltime_warning_marks_the_report_draining_at_once_and_the_engines_
     final = _report(session)
     assert final.state == "stopped" and final.draining_since == draining.draining_since
     assert "got SIGUSR1; draining: the engines keep serving until SIGTERM" in (session / "agent.out").read_text()
+
+
+def test_the_engines_need_the_job_secret_get_it_by_environment_and_bind_the_given_address(agent) -> None:
+    _, session = agent(["a"])
+    engine = _engine(session, "a")
+    assert engine.url.startswith("http://127.0.0.1:")
+    req = urllib.request.Request(engine.url + "/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        _NO_PROXY.open(req, timeout=5)
+    assert exc.value.code == 401
+    _complete(engine.url)   # with the secret
+    assert SECRET.encode() not in Path(f"/proc/{engine.pid}/cmdline").read_bytes()   # what `ps` shows any user
+    assert f"SCEPSY_ENGINE_API_KEY={SECRET}".encode() in Path(f"/proc/{engine.pid}/environ").read_bytes().split(b"\0")
+    bound = {line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:] if line.split()[3] == "0A"}
+    assert f"0100007F:{engine.port:04X}" in bound and f"00000000:{engine.port:04X}" not in bound   # loopback only

@@ -87,7 +87,7 @@ def test_the_task_runs_on_every_node_killing_the_job_when_one_fails_in_the_workd
     assert " --kill-on-bad-exit=1 " in srun
     assert srun.endswith(f"{PY} -u -m submitit.core._submit {SESSION}/logs/submitit/%j")
     setup = text.split("# setup\n")[1].split("\n\n")[0].splitlines()
-    assert setup == ["export PYTHONUNBUFFERED=1", "export HF_HOME='/scratch/u/hf cache'",
+    assert setup == ["umask 077", "export PYTHONUNBUFFERED=1", "export HF_HOME='/scratch/u/hf cache'",
                      "export SCEPSY_NOTE='it'\"'\"'s $(not) run'", "cd '/scratch/u/my project'"]
 
 

@@ -20,6 +20,7 @@ from scepsy_hpc.engine.adapters import (
     engine_env,
     health_url,
     parse_prefix,
+    secret_env,
 )
 from scepsy_hpc.engine.sim_server import build_arg_parser, build_server
 from scepsy_hpc.errors import SpecError
@@ -34,9 +35,12 @@ def _launch(**kw) -> EngineLaunch:
     return EngineLaunch(**{**base, **kw})
 
 
+SECRET = "job-secret"   # every golden is rendered with an engine secret: where it goes is part of the golden
+
+
 def _render(launch: EngineLaunch, gpus: list[str], mps_pct: int = 100, prefix: str = "") -> str:
-    env = engine_env(launch, gpus, mps_pct)
-    lines = ["# command", engine_command(launch, prefix, python=PY), "# env"]
+    env = {**engine_env(launch, gpus, mps_pct), **secret_env(launch, SECRET)}
+    lines = ["# command", engine_command(launch, prefix, python=PY, secret=SECRET), "# env"]
     return "\n".join(lines + [f"{k}={v}" for k, v in sorted(env.items())]) + "\n"
 
 
@@ -71,6 +75,19 @@ def test_golden(name):
 
 def test_goldens_have_no_strays():
     assert {p.stem for p in GOLDEN.glob("*.txt")} == set(CASES)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_secret_goes_by_environment_where_the_engine_reads_one(engine):
+    launch = _launch(engine=engine)
+    argv, env = engine_argv(launch, python=PY, secret=SECRET), secret_env(launch, SECRET)
+    if engine == "sglang":   # no environment variable for it: the one engine whose secret shows in ps
+        assert argv[argv.index("--api-key") + 1] == SECRET and env == {}
+    else:
+        assert SECRET not in argv and env == {"vllm": {"VLLM_API_KEY": SECRET},
+                                              "sim": {"SCEPSY_ENGINE_API_KEY": SECRET}}[engine]
+    assert engine_argv(launch, python=PY) == [a for a in argv if a not in ("--api-key", SECRET)]
+    assert secret_env(launch, None) == {} and secret_env(launch, "") == {}
 
 
 def test_command_round_trips_through_shlex():

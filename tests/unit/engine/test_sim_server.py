@@ -24,7 +24,7 @@ LLAMA, PRM = "llama-3.1-8b-instruct", "qwen2.5-math-prm-7b"
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    specs = [SimEngineSpec(LLAMA, "h100-sxm"), SimEngineSpec(PRM, "h100-sxm", served_model_name="prm")]
+    specs = [SimEngineSpec(LLAMA, "h100-sxm", test_hooks=True), SimEngineSpec(PRM, "h100-sxm", served_model_name="prm")]
     engs = start_sim_engines(specs, SCALE, tmp_path_factory.mktemp("engine-logs"))
     yield {"llama": engs[0], "prm": engs[1]}
     stop_engines(engs)

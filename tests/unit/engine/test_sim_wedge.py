@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from scepsy_hpc.engine.metrics import EngineLoad, parse_load, scrape_load
-from scepsy_hpc.engine.sim_server import FAULT_ENV, FAULT_PATH, SimEngineServer, build_arg_parser, build_server, main, \
-    parse_fault_env
+from scepsy_hpc.engine.sim_server import FAULT_ENV, FAULT_PATH, TEST_HOOKS_ENV, SimEngineServer, build_arg_parser, \
+    build_server, main, parse_fault_env
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 
@@ -50,7 +50,7 @@ async def _until(check, timeout_s: float = 5.0):
 
 async def test_a_wedged_engine_answers_health_and_queues_requests_but_generates_nothing(models, gpus) -> None:
     server = SimEngineServer(EnginePerf(EngineConfig(models[MODEL], gpus["h100-sxm"])), served_name="m",
-                             time_scale=0.02, max_model_len=4096)
+                             time_scale=0.02, max_model_len=4096, test_hooks=True)
     runner, url = await _serve(server)
     try:
         async with aiohttp.ClientSession(trust_env=False) as http:
@@ -58,7 +58,7 @@ async def test_a_wedged_engine_answers_health_and_queues_requests_but_generates_
             before = await _load(url)
             assert before == EngineLoad(waiting=0, running=0, tokens=35)
             async with http.post(url + FAULT_PATH, json={"wedge": True}) as r:
-                assert r.status == 200 and await r.json() == {"wedged": True}
+                assert r.status == 200 and await r.json() == {"wedged": True, "abort_after": None, "http500": False}
             calls = [asyncio.create_task(_complete(http, url, 20)) for _ in range(3)]
             queued = await _until(lambda: _queued(url, 3))
             assert queued == EngineLoad(waiting=3, running=0, tokens=35), queued
@@ -66,12 +66,12 @@ async def test_a_wedged_engine_answers_health_and_queues_requests_but_generates_
             assert await _load(url) == queued and not any(c.done() for c in calls)
             async with http.get(url + "/health") as r:
                 assert r.status == 200
-            for bad in ({"wedge": "yes"}, {"wedge": True, "more": 1}, [True]):
+            for bad in ({"wedge": "yes"}, {"wedge": True, "more": 1}, [True], {}):
                 async with http.post(url + FAULT_PATH, json=bad) as r:
                     assert r.status == 400 and "wedge" in (await r.json())["message"]
             assert server.wedged
             async with http.post(url + FAULT_PATH, json={"wedge": False}) as r:
-                assert await r.json() == {"wedged": False}
+                assert (await r.json())["wedged"] is False
             assert await asyncio.wait_for(asyncio.gather(*calls), 5.0) == [20, 20, 20]
             after = await _load(url)
     finally:
@@ -92,6 +92,7 @@ def test_the_fault_environment_variable_is_wedge_at_seconds(monkeypatch, capsys)
             parse_fault_env(bad)
         assert "wedge@SECONDS" in str(exc.value) and FAULT_ENV in str(exc.value)
     monkeypatch.setenv(FAULT_ENV, "wedge@soon")
+    monkeypatch.setenv(TEST_HOOKS_ENV, "1")
     assert main(["--model", MODEL, "--gpu", "h100-sxm"]) == 2
     assert "wedge@SECONDS" in capsys.readouterr().err
 
@@ -99,7 +100,7 @@ def test_the_fault_environment_variable_is_wedge_at_seconds(monkeypatch, capsys)
 async def test_the_engine_wedges_the_given_seconds_after_it_starts() -> None:
     args = build_arg_parser().parse_args(["--model", MODEL, "--gpu", "h100-sxm", "--time-scale", "0.02"])
     assert build_server(args).wedge_after_s is None   # the environment is read only when given
-    server = build_server(args, {FAULT_ENV: "wedge@0.4"})
+    server = build_server(args, {FAULT_ENV: "wedge@0.4", TEST_HOOKS_ENV: "1"})
     runner, url = await _serve(server)
     try:
         async with aiohttp.ClientSession(trust_env=False) as http:

@@ -21,6 +21,7 @@
 #SBATCH --time=240
 
 # setup
+umask 077
 export PYTHONUNBUFFERED=1
 export HF_HOME='/scratch/u/hf cache'
 export SCEPSY_NOTE='it'"'"'s $(not) run'
