@@ -113,8 +113,12 @@ class KeyRing:
         """The keys in force."""
         return list(self._by_hash.values())
 
-    def authenticate(self, header: str | None) -> ClientKey | Denial:
-        """The key an `Authorization` header carries, or why it is refused (401)."""
+    def authenticate(self, headers: list[str]) -> ClientKey | Denial:
+        """The key the request's `Authorization` header(s) carry, or why it is refused (401)."""
+        if len(headers) > 1:   # which one counts would be a guess: refuse
+            self.unauthorized["malformed"] += 1
+            return _unauthorized("the request has several Authorization headers; send one: " + HOW_TO_GET_A_KEY)
+        header = headers[0] if headers else None
         if header is None or not header.strip():
             self.unauthorized["missing"] += 1
             return _unauthorized("this gateway needs an API key and the request has none; " + HOW_TO_GET_A_KEY)

@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import http_exceptions, web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from scepsy_hpc.gateway.auth import Denial
 from scepsy_hpc.gateway.endpoints import ClientKey
@@ -75,7 +75,7 @@ def guard(state_key: web.AppKey[GatewayState]) -> Callable[[web.Request, Handler
             st.sync()
             key: ClientKey | None = None
             if st.keys.enabled and request.path not in OPEN_PATHS:
-                got = st.keys.authenticate(request.headers.get("Authorization"))
+                got = st.keys.authenticate(request.headers.getall("Authorization", []))
                 if isinstance(got, Denial):
                     return denial_response(got)
                 key = request[CLIENT_KEY] = got
@@ -117,21 +117,39 @@ async def read_body(st: GatewayState, request: web.Request) -> web.Response | No
         st.refused("client_timeout")
         log.info("client %s sent too slowly: %s %s cut after %g s without its whole body", request.remote,
                  request.method, request.path, st.client_timeout_s)
-        return _closing(error_response(408, f"the request body did not arrive within {st.client_timeout_s:g} s; "
-                                       "send it at once (the limit is --client-timeout-s)",
-                                       "invalid_request_error", "request_timeout"))
+        return await _answer_and_close(request, error_response(
+            408, f"the request body did not arrive within {st.client_timeout_s:g} s; send it at once (the limit is "
+            "--client-timeout-s)", "invalid_request_error", "request_timeout"))
     except web.HTTPRequestEntityTooLarge:
         st.refused("body_too_large")
         return _closing(too_large(None, limit))
-    except (ConnectionError, http_exceptions.HttpProcessingError, RuntimeError) as exc:
-        # ConnectionResetError when the client went away mid-body; a bad chunked encoding, a body shorter
-        # than its Content-Length; RuntimeError from a payload already closed.
+    except ConnectionError as exc:   # the client went away mid-body (its answer goes nowhere)
         st.refused("client_aborted")
-        log.info("client %s went away or sent a broken body: %s %s (%s)", request.remote, request.method,
-                 request.path, type(exc).__name__)
-        return _closing(error_response(400, "the request body was cut off or malformed", "invalid_request_error",
+        log.info("client %s went away during %s %s before sending its whole body (%s)", request.remote,
+                 request.method, request.path, type(exc).__name__)
+        return _closing(error_response(400, "the request body was cut off", "invalid_request_error",
                                        "incomplete_body"))
+    except (RequestPayloadError, http_exceptions.HttpProcessingError) as exc:
+        # a bad chunked or content encoding (a gzip body that is not gzip)
+        st.refused("bad_body_encoding")
+        log.info("client %s sent a body that cannot be decoded: %s %s (%s)", request.remote, request.method,
+                 request.path, type(exc).__name__)
+        return _closing(error_response(400, "the request body cannot be decoded (its Transfer-Encoding or "
+                                       "Content-Encoding is broken)", "invalid_request_error", "invalid_body"))
     return None
+
+
+async def _answer_and_close(request: web.Request, resp: web.Response) -> web.Response:
+    """Send `resp` and close the connection now: a stalled client gets no lingering time to finish its body."""
+    resp.force_close()
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionError:
+        pass
+    if request.transport is not None:
+        request.transport.close()   # after the answer: close() flushes what is buffered first
+    return resp
 
 
 def too_large(got: int | None, limit: int) -> web.Response:
@@ -170,8 +188,20 @@ def _protocol_problem(exc: BaseException | None) -> str:
     return "the request is not valid HTTP"
 
 
+# What a client's connection or body can raise where aiohttp logs it: one line, not a traceback.
+_CLIENT_FAULTS = (ConnectionError, RequestPayloadError, http_exceptions.HttpProcessingError)
+
+
 class _JsonErrorHandler(RequestHandler):
     """aiohttp's connection handler, answering its own errors as OpenAI-style JSON with one log line."""
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """One line for a client's fault (a body still arriving after the answer turns out broken); else as aiohttp."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, _CLIENT_FAULTS):
+            self.logger.info("client connection ended: %s", type(exc).__name__)
+            return
+        super().log_exception(*args, **kw)
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
