@@ -15,6 +15,13 @@ The endpoints file is followed while serving: a replica removed from it drains (
 in-flight ones finish; `GET /scepsy/v1/stats` lists it under `draining` until they have), and a
 call that finds no replica able to take it (an empty pool while engines restart, every replica
 refusing connections) holds for up to `hold_s` (`--hold-s`, default 60 s) before a 503.
+
+With an `auth` section in the endpoints file, every route but `/health` needs a client key
+(`auth.py`); a key calls only the LLMs of its deployments and within its limits. Every input is
+bounded: bodies (`--max-body-mib`, 413), span events (64 KiB), header lines and the URL (8190
+bytes), JSON nesting (400), the time a client may take to send its body (`--client-timeout-s`, 408)
+and to send its next request on an idle connection; every refusal is an OpenAI-style JSON error,
+malformed HTTP included, and a client that goes away costs one log line.
 """
 
 from __future__ import annotations
@@ -38,19 +45,27 @@ from prometheus_client import generate_latest
 
 from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE
 from scepsy_hpc.errors import ScepsyError, SpecError, run_entry
+from scepsy_hpc.gateway.auth import KeyRing
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
+from scepsy_hpc.gateway.guard import (CLIENT_KEY, MAX_HEADER_BYTES, MAX_HEADERS, MAX_LINE_BYTES, SMALL_BODY_BYTES,
+                                      GuardedRunner, guard, too_large)
 from scepsy_hpc.gateway.metrics import CallWindow, gateway_registry, gateway_stats
 from scepsy_hpc.gateway.names import listing, names_in_scope, resolve, unknown_model_message
 from scepsy_hpc.gateway.proxy import Call, Forwarder, error_response, upstream_headers
-from scepsy_hpc.gateway.routing import Router
-from scepsy_hpc.gateway.tracing import ModelClock, SpanBook, SpanError, TraceSink, meta_record
+from scepsy_hpc.gateway.routing import LLMPool, Router
+from scepsy_hpc.gateway.tracing import ModelClock, SpanBook, SpanError, TraceSink, meta_record, open_trace
 from scepsy_hpc.spec.records import write_atomic
 from scepsy_hpc.trace.records import CallRecord, TraceWriter
 
 log = logging.getLogger("scepsy_hpc.gateway")
 
-# Long prompts (and images) exceed aiohttp's 1 MiB default body limit.
-MAX_BODY_BYTES = 64 * 1024 * 1024
+# Long prompts (and images) exceed aiohttp's 1 MiB default body limit; a few MiB hold a full 128k-token
+# context several times over, and bound what one client can make the gateway hold.
+DEFAULT_MAX_BODY_MIB = 8.0
+MAX_BODY_BYTES = int(DEFAULT_MAX_BODY_MIB * 1024 * 1024)
+# A client has this long to send its body, and an idle keep-alive connection (or one that has not finished
+# its request line and headers) is closed after it.
+DEFAULT_CLIENT_TIMEOUT_S = 30.0
 # Below the 5 s keep-alive of uvicorn (vLLM, SGLang), so a pooled connection is never reused just as
 # the engine closes it (which would fail a call that was never received).
 KEEPALIVE_S = 4.0
@@ -65,7 +80,8 @@ class GatewayState:
     """Everything one gateway app holds: routing, the client session, counters, spans, the trace sink."""
 
     def __init__(self, source: Endpoints | EndpointsWatcher, trace_writer: TraceWriter | None, time_scale: float,
-                 *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0, hold_s: float = DEFAULT_HOLD_S) -> None:
+                 *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0, hold_s: float = DEFAULT_HOLD_S,
+                 max_body_bytes: int = MAX_BODY_BYTES, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> None:
         if not 0 <= hold_s < float("inf"):
             raise ValueError(f"hold_s={hold_s} must be finite and >= 0")
         if hold_s > 0 and down_for_s <= 0:
@@ -88,7 +104,23 @@ class GatewayState:
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self.keys = KeyRing()
+        self.max_body_bytes = max_body_bytes
+        self.client_timeout_s = client_timeout_s
+        self.refusals: dict[str, int] = {}   # inputs refused by the gateway's bounds, by reason (stats, metrics)
+        self.call_routes: set[web.AbstractRoute] = set()
         self.registry = gateway_registry(self)
+
+    def refused(self, reason: str) -> None:
+        """Count one input refused by a bound (body too large, client too slow, bad JSON, ...)."""
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+
+    def sync(self) -> Endpoints:
+        """Follow the endpoints file (routing and keys); the endpoints in force."""
+        self.router.sync()
+        eps = self.router.endpoints()  # a watcher looks at the file at most once per poll interval
+        self.keys.update(eps)
+        return eps
 
     def record(self, rec: CallRecord) -> None:
         """Count and trace one finished call."""
@@ -141,6 +173,10 @@ class GatewayState:
         """A gateway-unique call id."""
         return f"c-{next(self._ids):06d}"
 
+    def continue_call_ids(self, after: int) -> None:
+        """Number calls from `after + 1` (a trace appended to keeps its call ids unique)."""
+        self._ids = itertools.count(after + 1)
+
 
 STATE = web.AppKey("scepsy_gateway_state", GatewayState)
 
@@ -149,25 +185,81 @@ def _bad_request(message: str, code: str, param: str | None = None) -> web.Respo
     return error_response(400, message, "invalid_request_error", code, param)
 
 
+
+
+def _parse_json(raw: bytes, what: str) -> object | web.Response:
+    """The parsed body, or a 400 (bad JSON, bad UTF-8, or nesting too deep for the parser)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        return _bad_request(f"{what} is nested too deeply to parse; a request is a JSON object a few levels deep",
+                            "invalid_json")
+    except ValueError as exc:   # UnicodeDecodeError included
+        return _bad_request(f"{what} is not valid JSON: {str(exc)[:200]}", "invalid_json")
+
+
+def _shape_problem(upstream_path: str, body: dict[str, object]) -> web.Response | None:
+    """A 400 for a body whose main fields have the wrong type (cheap checks; the engine checks the rest)."""
+    if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
+        return _bad_request(f"'stream' must be true or false, got {type(body['stream']).__name__}", "invalid_type",
+                            "stream")
+    if upstream_path == "/v1/chat/completions":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            return _bad_request("'messages' must be a non-empty list of objects like {\"role\": \"user\", "
+                                "\"content\": \"...\"}", "invalid_type", "messages")
+    elif not isinstance(body.get("prompt"), (str, list)):
+        return _bad_request("'prompt' must be a string or a list (of strings or token ids)", "invalid_type", "prompt")
+    return None
+
+
+def _in_scope(st: GatewayState, request: web.Request) -> dict[str, str]:
+    """The accepted names (→ LLM key) that the call's key may call (all of them without keys)."""
+    accepted = st.router.accepted_names()
+    key = request.get(CLIENT_KEY)
+    if key is None:
+        return accepted
+    return {name: llm for name, llm in accepted.items() if st.keys.may_call(key, llm)}
+
+
+def _out_of_scope(st: GatewayState, request: web.Request, pool: LLMPool, model: str,
+                  deployment: str | None) -> web.Response | None:
+    """A 404 when the call's key may not call `pool`'s LLM (another deployment's LLMs do not exist for it)."""
+    key = request.get(CLIENT_KEY)
+    if key is None or st.keys.may_call(key, pool.name):
+        return None
+    st.keys.refuse(key)
+    scope = _in_scope(st, request)
+    names = listing(names_in_scope(scope, deployment)) if scope else "(none)"
+    return error_response(404, f"model {model!r} does not exist or key {key.id} may not call it; this key may call: "
+                          f"{names}. Another deployment's LLMs need its own key: `scepsy keys show NAME`",
+                          "invalid_request_error", "model_not_found", "model")
+
+
 async def _handle_call(upstream_path: str, request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        return _bad_request(f"request body is not valid JSON: {exc}", "invalid_json")
+    raw = await request.read()   # already read, bounded in size and time, by the guard
+    body = _parse_json(raw, "request body")
+    if isinstance(body, web.Response):
+        st.refused("invalid_json")
+        return body
     if not isinstance(body, dict):
         return _bad_request(f"request body must be a JSON object, got {type(body).__name__}", "invalid_json")
     model = body.get("model")
     deployment = request.match_info.get("deployment")
-    st.router.sync()
     if not isinstance(model, str) or not model:
-        names = listing(names_in_scope(st.router.accepted_names(), deployment))
+        names = listing(names_in_scope(_in_scope(st, request), deployment))
         return _bad_request(f"the request has no 'model'; set it to one of the LLM names of this gateway ({names})",
                             "missing_model", "model")
+    bad_shape = _shape_problem(upstream_path, body)
+    if bad_shape is not None:
+        return bad_shape
     pool = resolve(st.router, model, deployment)
     if pool is None:
-        return _unknown_model(st.router.accepted_names(), model, deployment)
+        return _unknown_model(_in_scope(st, request), model, deployment)
+    refused = _out_of_scope(st, request, pool, model, deployment)
+    if refused is not None:
+        return refused
     request_id = request.match_info.get("request_id") or request.headers.get("X-Scepsy-Request") or None
     role = request.headers.get("X-Scepsy-Role") or None
     changed = False
@@ -211,9 +303,8 @@ async def _handle_not_served(request: web.Request) -> web.Response:
 
 async def _handle_models(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    st.router.sync()
     deployment = request.match_info.get("deployment")
-    accepted = st.router.accepted_names()
+    accepted = _in_scope(st, request)   # only what the call's key may call
     names = names_in_scope(accepted, deployment)
     if deployment is not None and not names:
         return _unknown_model(accepted, None, deployment)
@@ -224,13 +315,11 @@ async def _handle_models(request: web.Request) -> web.Response:
 
 async def _handle_health(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    st.router.sync()
     return web.json_response({"status": "ok", "llms": st.router.names()})
 
 
 async def _handle_metrics(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    st.router.sync()
     return web.Response(body=generate_latest(st.registry),
                         headers={"Content-Type": PROMETHEUS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
@@ -238,16 +327,21 @@ async def _handle_metrics(request: web.Request) -> web.Response:
 async def _handle_stats(request: web.Request) -> web.Response:
     st = request.app[STATE]
     st.router.sync(force=True)  # the daemon reads this right after writing the file: it must be reflected
+    st.keys.update(st.router.endpoints())
     return web.json_response(gateway_stats(st))
 
 
 async def _handle_span(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    now = st.clock()  # stamped on arrival, before anything else can delay it
-    try:
-        body = json.loads(await request.read())
-    except ValueError as exc:
-        return _bad_request(f"span event is not valid JSON: {exc}", "invalid_json")
+    now = st.clock()  # stamped on arrival (the guard read the body first: it is small, and bounded)
+    raw = await request.read()
+    if len(raw) > SMALL_BODY_BYTES:   # sent chunked: no Content-Length for the guard to refuse it by
+        st.refused("body_too_large")
+        return too_large(len(raw), SMALL_BODY_BYTES)
+    body = _parse_json(raw, "span event")
+    if isinstance(body, web.Response):
+        st.refused("invalid_json")
+        return body
     try:
         rec = st.spans.event(body, now)
     except SpanError as exc:
@@ -261,17 +355,21 @@ async def _handle_span(request: web.Request) -> web.Response:
 
 def make_app(endpoints_source: Endpoints | EndpointsWatcher, trace_writer: TraceWriter | None = None,
              time_scale: float = 1.0, *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0,
-             hold_s: float = DEFAULT_HOLD_S) -> web.Application:
+             hold_s: float = DEFAULT_HOLD_S, max_body_bytes: int = MAX_BODY_BYTES,
+             client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> web.Application:
     """The gateway as an aiohttp application (a watcher must have been `load()`ed).
 
-    `hold_s`: how long a call waits for a replica when none can take it (0: it fails at once)."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    `hold_s`: how long a call waits for a replica when none can take it (0: it fails at once).
+    `max_body_bytes`: the largest call body (413 above); `client_timeout_s`: how long a client may take
+    to send its body (408 after)."""
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[guard(STATE)])
     st = GatewayState(endpoints_source, trace_writer, time_scale, connect_timeout_s=connect_timeout_s,
-                      down_for_s=down_for_s, hold_s=hold_s)
+                      down_for_s=down_for_s, hold_s=hold_s, max_body_bytes=max_body_bytes,
+                      client_timeout_s=client_timeout_s)
     app[STATE] = st
     for prefix in PREFIXES:
-        app.router.add_post(prefix + "/v1/chat/completions", partial(_handle_call, "/v1/chat/completions"))
-        app.router.add_post(prefix + "/v1/completions", partial(_handle_call, "/v1/completions"))
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            st.call_routes.add(app.router.add_post(prefix + path, partial(_handle_call, path)))
         app.router.add_get(prefix + "/v1/models", _handle_models)
         app.router.add_route("*", prefix + "/v1/{tail:.*}", _handle_not_served)
     app.router.add_get("/health", _handle_health)
@@ -324,23 +422,29 @@ class Gateway:
 async def start_gateway(endpoints_path: str | Path, trace_path: str | Path | None = None, host: str = "127.0.0.1",
                         port: int = 0, time_scale: float | None = None, *, connect_timeout_s: float = 5.0,
                         watch_interval_s: float = 0.2, shutdown_timeout_s: float = 30.0, down_for_s: float = 1.0,
-                        hold_s: float = DEFAULT_HOLD_S) -> Gateway:
+                        hold_s: float = DEFAULT_HOLD_S, max_body_bytes: int = MAX_BODY_BYTES,
+                        client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S, append_trace: bool = False) -> Gateway:
     """Load the endpoints file and serve; time_scale None takes the file's, else 1.0. Port 0 picks a free one.
 
-    `close()` lets calls in flight finish for up to `shutdown_timeout_s`."""
+    The trace file is created 0600 and must be new or empty (one trace per run), unless `append_trace`:
+    then this run's calls are numbered on from the file's last call id. `close()` lets calls in flight
+    finish for up to `shutdown_timeout_s`."""
     watcher = EndpointsWatcher(endpoints_path, min_interval_s=watch_interval_s)
     eps = watcher.load()
     scale = time_scale if time_scale is not None else (eps.time_scale or 1.0)
     trace_file: IO[str] | None = None
     writer = None
+    last_call = 0
     if trace_path is not None:
-        try:
-            trace_file = open(trace_path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise ScepsyError(f"{trace_path}: cannot open the trace file for append: {exc.strerror}") from None
+        trace_file, last_call = open_trace(trace_path, append=append_trace)
         writer = TraceWriter(trace_file)
-    app = make_app(watcher, writer, scale, connect_timeout_s=connect_timeout_s, down_for_s=down_for_s, hold_s=hold_s)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s)
+    app = make_app(watcher, writer, scale, connect_timeout_s=connect_timeout_s, down_for_s=down_for_s, hold_s=hold_s,
+                   max_body_bytes=max_body_bytes, client_timeout_s=client_timeout_s)
+    app[STATE].continue_call_ids(last_call)
+    # keepalive_timeout also closes a connection that has not sent a whole request line and headers in time.
+    runner = GuardedRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s,
+                           keepalive_timeout=client_timeout_s, max_line_size=MAX_LINE_BYTES,
+                           max_field_size=MAX_HEADER_BYTES, max_headers=MAX_HEADERS)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -381,8 +485,10 @@ def _remove_pid_file(path: Path) -> None:
 
 
 async def _serve(endpoints_path: str | Path, trace_path: str | Path | None, host: str, port: int,
-                 time_scale: float | None, pid_file: str | Path | None = None, hold_s: float = DEFAULT_HOLD_S) -> None:
-    gw = await start_gateway(endpoints_path, trace_path, host, port, time_scale, hold_s=hold_s)
+                 time_scale: float | None, pid_file: str | Path | None = None, hold_s: float = DEFAULT_HOLD_S,
+                 max_body_bytes: int = MAX_BODY_BYTES, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> None:
+    gw = await start_gateway(endpoints_path, trace_path, host, port, time_scale, hold_s=hold_s,
+                             max_body_bytes=max_body_bytes, client_timeout_s=client_timeout_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -403,9 +509,11 @@ async def _serve(endpoints_path: str | Path, trace_path: str | Path | None, host
 
 def run_gateway(endpoints_path: str | Path, trace_path: str | Path | None = None, host: str = "127.0.0.1",
                 port: int = 8000, time_scale: float | None = None, *, pid_file: str | Path | None = None,
-                hold_s: float = DEFAULT_HOLD_S) -> None:
+                hold_s: float = DEFAULT_HOLD_S, max_body_bytes: int = MAX_BODY_BYTES,
+                client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> None:
     """Serve until SIGINT/SIGTERM (blocking); `pid_file` holds this process's id while the port is bound."""
-    asyncio.run(_serve(endpoints_path, trace_path, host, port, time_scale, pid_file, hold_s))
+    asyncio.run(_serve(endpoints_path, trace_path, host, port, time_scale, pid_file, hold_s, max_body_bytes,
+                       client_timeout_s))
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -414,7 +522,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         prog="scepsy gateway",
         description="OpenAI-compatible gateway for the LLMs of one or more deployments; traces every call.")
     p.add_argument("--endpoints", required=True, help="endpoints file (YAML or JSON); reloaded when it changes")
-    p.add_argument("--trace", default=None, help="append call and span records to this JSONL file")
+    p.add_argument("--trace", default=None,
+                   help="write call and span records to this JSONL file (created 0600; must be new or empty)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     p.add_argument("--time-scale", type=float, default=None,
@@ -422,6 +531,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--hold-s", type=float, default=DEFAULT_HOLD_S,
                    help="seconds a call waits for a replica of its LLM when none can take it (engines restarting, "
                         f"a cut-over) before failing with 503 (default {DEFAULT_HOLD_S:g}; 0 fails at once)")
+    p.add_argument("--max-body-mib", type=float, default=DEFAULT_MAX_BODY_MIB,
+                   help=f"largest request body in MiB; larger ones get 413 (default {DEFAULT_MAX_BODY_MIB:g})")
+    p.add_argument("--client-timeout-s", type=float, default=DEFAULT_CLIENT_TIMEOUT_S,
+                   help="seconds a client may take to send its request, and an idle connection stays open "
+                        f"(default {DEFAULT_CLIENT_TIMEOUT_S:g})")
     p.add_argument("--pid-file", default=None,
                    help="write this process's id here once the port is bound; removed on a clean exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log reloads and debug detail")
@@ -437,10 +551,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SpecError(f"--time-scale {args.time_scale:g}: the time scale must be positive")
         if not 0 <= args.hold_s < float("inf"):
             raise SpecError(f"--hold-s {args.hold_s:g}: give 0 (fail at once) or a finite number of seconds")
+        if not 0 < args.max_body_mib <= 1024:
+            raise SpecError(f"--max-body-mib {args.max_body_mib:g}: give a size in MiB above 0 and at most 1024")
+        if not 0 < args.client_timeout_s <= 3600:
+            raise SpecError(f"--client-timeout-s {args.client_timeout_s:g}: give seconds above 0 and at most 3600")
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale, pid_file=args.pid_file,
-                    hold_s=args.hold_s)
+                    hold_s=args.hold_s, max_body_bytes=int(args.max_body_mib * 2**20),
+                    client_timeout_s=args.client_timeout_s)
 
     return run_entry(serve)

@@ -188,9 +188,32 @@ def _check(eps: Endpoints, smap: SourceMap) -> list[str]:
                 problems.append(f"{smap.where(('llms', name, 'replicas', i))}: llms.{name}.replicas[{i}]: "
                                 f"duplicate replica {r.url!r} (also replicas[{seen[r.url]}]); list each engine once")
             seen.setdefault(r.url, i)
+    if eps.auth is not None:
+        problems += _auth_problems(eps.auth, smap)
     for c in _name_conflicts(eps):
         line = smap.line_of(c.other_loc, key=len(c.other_loc) == 2) if c.other_loc else None
         problems.append(f"{smap.where(('llms', c.key, 'aliases', c.index))}: {c.message(line)}")
+    return problems
+
+
+def _auth_problems(auth: Auth, smap: SourceMap) -> list[str]:
+    """Keys listed twice (by id or by hash) and keys that may call nothing."""
+    problems: list[str] = []
+    ids: dict[str, int] = {}
+    hashes: dict[str, int] = {}
+    for i, k in enumerate(auth.keys):
+        where = f"{smap.where(('auth', 'keys', i))}: auth.keys[{i}]"
+        if not k.id.strip():
+            problems.append(f"{where}: the key id must not be empty")
+        if k.id in ids:
+            problems.append(f"{where}: key id {k.id!r} is also auth.keys[{ids[k.id]}]; give each key its own id")
+        if k.sha256 in hashes:
+            problems.append(f"{where}: the same key (sha256) as auth.keys[{hashes[k.sha256]}]; list each key once")
+        if not k.deployments or not all(d.strip() for d in k.deployments):
+            problems.append(f"{where}: deployments must name at least one deployment (or \"*\" for all), "
+                            "none of them empty")
+        ids.setdefault(k.id, i)
+        hashes.setdefault(k.sha256, i)
     return problems
 
 

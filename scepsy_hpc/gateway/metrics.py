@@ -78,9 +78,43 @@ class GatewayCollector(Collector):
                                 value=st.spans.open_count())
         yield CounterMetricFamily("scepsy_gateway_spans_total", "Request and tool spans recorded.",
                                   value=st.span_records)
+        yield CounterMetricFamily("scepsy_gateway_spans_dropped_total",
+                                  "Open spans dropped unended (too old, or too many open).", value=st.spans.dropped)
         if isinstance(st.source, EndpointsWatcher):
             yield CounterMetricFamily("scepsy_gateway_endpoints_reloads_total",
                                       "Successful reloads of the endpoints file.", value=st.source.reloads)
+        yield from _guard_families(st)
+
+
+def _guard_families(st: GatewayState) -> Iterable[Metric]:
+    """Refused inputs and client keys: by reason, and per key id (never key material)."""
+    refused = CounterMetricFamily("scepsy_gateway_refused_total",
+                                  "Requests refused by the gateway's bounds (body too large, client too slow, bad JSON, "
+                                  "client gone mid-body).", labels=["reason"])
+    for reason, n in sorted(st.refusals.items()):
+        refused.add_metric([reason], n)
+    unauthorized = CounterMetricFamily("scepsy_gateway_unauthorized_total",
+                                       "Requests refused with 401: no key, a malformed Authorization, or a key "
+                                       "unknown or revoked.", labels=["reason"])
+    for reason, n in sorted(st.keys.unauthorized.items()):
+        unauthorized.add_metric([reason], n)
+    key_calls = CounterMetricFamily("scepsy_gateway_key_calls_total", "LLM calls admitted, per client key id.",
+                                    labels=["key"])
+    key_refused = CounterMetricFamily("scepsy_gateway_key_refused_total",
+                                      "Calls to an LLM outside the key's deployments, per client key id.",
+                                      labels=["key"])
+    key_limited = CounterMetricFamily("scepsy_gateway_key_rate_limited_total",
+                                      "Calls refused with 429, per client key id and limit (max_concurrent, rpm).",
+                                      labels=["key", "limit"])
+    key_in_flight = GaugeMetricFamily("scepsy_gateway_key_in_flight", "LLM calls in flight, per client key id.",
+                                      labels=["key"])
+    for kid, use in sorted(st.keys.uses.items()):
+        key_calls.add_metric([kid], use.calls)
+        key_refused.add_metric([kid], use.refused)
+        key_in_flight.add_metric([kid], use.in_flight)
+        for limit, n in sorted(use.rate_limited.items()):
+            key_limited.add_metric([kid, limit], n)
+    yield from (refused, unauthorized, key_calls, key_refused, key_limited, key_in_flight)
 
 
 def gateway_registry(state: GatewayState) -> CollectorRegistry:
@@ -136,7 +170,7 @@ class CallWindow:
 
 def gateway_stats(state: GatewayState) -> dict[str, Any]:
     """`GET /scepsy/v1/stats`: uptime, per LLM key its counters, load, replicas and last minute, and the
-    replicas still draining.
+    replicas still draining, spans, refused inputs and client keys.
 
     `{"uptime_s", "time_scale", "models": {key: {"calls", "errors", "outstanding", "queued", "held",
     "held_calls", "hold_timeouts", "replicas", "replicas_up", "replica_states", "rate_rps_60s",
@@ -149,7 +183,10 @@ def gateway_stats(state: GatewayState) -> dict[str, Any]:
     false); `draining` maps every removed replica with calls in flight (streams included) to their
     number, so a replica is done once its URL leaves it. The rate (completed calls, per wall second)
     divides by the window, or by the uptime while that is shorter (at least 1 s); the means (model
-    seconds, of successful calls; TTFT of streams only) are null without such calls."""
+    seconds, of successful calls; TTFT of streams only) are null without such calls. `spans`: open and
+    dropped (unended, too old or too many) spans; `refused`: inputs refused by a bound, by reason;
+    `auth`: `{"enabled", "keys", "unauthorized": {reason: n}, "per_key": {id: {"calls", "in_flight",
+    "refused", "rate_limited": {limit: n}}}}` (key ids only, never keys)."""
     st = state
     now = time.monotonic()
     uptime_s = now - st.started
@@ -173,4 +210,6 @@ def gateway_stats(state: GatewayState) -> dict[str, Any]:
     draining: dict[str, int] = {}
     for r in st.router.draining():
         draining[r.url] = draining.get(r.url, 0) + r.outstanding
-    return {"uptime_s": uptime_s, "time_scale": st.time_scale, "models": models, "draining": draining}
+    return {"uptime_s": uptime_s, "time_scale": st.time_scale, "models": models, "draining": draining,
+            "spans": {"open": st.spans.open_count(), "dropped": st.spans.dropped},
+            "refused": dict(sorted(st.refusals.items())), "auth": st.keys.stats()}

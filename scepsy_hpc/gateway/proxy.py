@@ -42,7 +42,10 @@ HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connect
 def _forwarded(name: str) -> bool:
     low = name.lower()
     # Authorization is never copied: the replica's secret replaces it, or `upstream_headers` keeps it apart.
-    return low not in HOP_HEADERS and low != "authorization" and not low.startswith("x-scepsy-")
+    # Cookies are the client's business with us, not the engine's; X-Sim-* are test hooks of the sim engine,
+    # which a client must never reach through the gateway.
+    return (low not in HOP_HEADERS and low not in ("authorization", "cookie")
+            and not low.startswith(("x-scepsy-", "x-sim-")))
 
 
 def upstream_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:

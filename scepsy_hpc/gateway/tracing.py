@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, Callable
 
+from scepsy_hpc.errors import ScepsyError
 from scepsy_hpc.trace.records import TRACE_VERSION, CallRecord, SpanRecord, TraceWriter
 
 log = logging.getLogger("scepsy_hpc.gateway")
@@ -31,6 +36,37 @@ def meta_record(time_scale: float) -> dict[str, Any]:
     """The first line of a gateway trace."""
     return {"kind": "meta", "version": TRACE_VERSION, "source": "gateway", "time_scale": time_scale,
             "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+
+
+_CALL_ID = re.compile(r'"call_id": ?"c-(\d+)"')
+
+
+def open_trace(path: str | Path, *, append: bool = False) -> tuple[IO[str], int]:
+    """Open a gateway trace file for writing (created 0600), and the number of its last call id (0: none).
+
+    One trace per run: a file that already holds records is refused unless `append`, since a second
+    run in it would number its calls from 1 again; with `append` the caller numbers on from the last."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        raise ScepsyError(f"{path}: cannot open the trace file: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)   # also an existing file (traces hold prompts' sizes, request ids, errors)
+        size = os.fstat(fd).st_size
+        if size and not append:
+            raise ScepsyError(f"{path}: the trace file already holds {size} bytes of an earlier run; give a new file "
+                              "(one trace per run, so call ids are unique in it), or move this one away")
+    except BaseException:
+        os.close(fd)
+        raise
+    last = 0
+    if size:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                for m in _CALL_ID.finditer(line):
+                    last = max(last, int(m.group(1)))
+    return os.fdopen(fd, "a", encoding="utf-8"), last
 
 
 class TraceSink:
@@ -112,19 +148,55 @@ class SpanError(ValueError):
 SPAN_KINDS = ("request", "tool")
 
 
+# Bounds on what span events can make the gateway hold: open spans at once, their age, each string's length.
+MAX_OPEN_SPANS = 10_000
+MAX_SPAN_AGE_S = 3600.0
+MAX_SPAN_FIELD_CHARS = 512
+
+SpanKey = tuple[str, str, str | None, str | None]
+
+
 class SpanBook:
     """Pairs span start and end events; an end yields a SpanRecord.
 
     Starts are matched by (span, request, name, id): the optional `id` disambiguates concurrent
     tool calls of the same name; without it, ends are paired with starts first-in first-out.
+
+    Bounded: at most `max_open` starts wait for their end, none longer than `max_age_s` wall seconds
+    (the oldest are dropped first and counted in `dropped`), and each string is at most
+    `MAX_SPAN_FIELD_CHARS` long, so a client that never ends its spans cannot grow the gateway.
     """
 
-    def __init__(self) -> None:
-        self._open: dict[tuple[str, str, str | None, str | None], list[float]] = {}
+    def __init__(self, *, max_open: int = MAX_OPEN_SPANS, max_age_s: float = MAX_SPAN_AGE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_open = max_open
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.dropped = 0
+        # per key, its open starts' sequence numbers, oldest first; and all open starts in order of arrival:
+        # seq -> (key, model-time start, wall time of arrival)
+        self._open: dict[SpanKey, deque[int]] = {}
+        self._starts: OrderedDict[int, tuple[SpanKey, float, float]] = OrderedDict()
+        self._seq = itertools.count()
 
     def open_count(self) -> int:
         """Spans started and not yet ended."""
-        return sum(len(v) for v in self._open.values())
+        return len(self._starts)
+
+    def _drop_oldest(self) -> None:
+        seq, (key, _, _) = self._starts.popitem(last=False)
+        seqs = self._open[key]
+        seqs.popleft()   # per key, starts are in arrival order too: the oldest overall is its key's first
+        if not seqs:
+            del self._open[key]
+        self.dropped += 1
+
+    def prune(self) -> None:
+        """Drop open starts past `max_age_s`, and the oldest past `max_open`."""
+        oldest_ok = self.clock() - self.max_age_s
+        while self._starts and (len(self._starts) > self.max_open
+                                or next(iter(self._starts.values()))[2] < oldest_ok):
+            self._drop_oldest()
 
     def event(self, body: Any, now: float) -> SpanRecord | None:
         """Apply one event from `POST /scepsy/v1/spans`; returns the record on `end`."""
@@ -146,11 +218,19 @@ class SpanBook:
             raise SpanError(f"name must be a string, got {name!r}")
         if ident is not None and not isinstance(ident, str):
             raise SpanError(f"id must be a string, got {ident!r}")
+        for field_name in ("request", "name", "id", "error"):
+            value = body.get(field_name)
+            if isinstance(value, str) and len(value) > MAX_SPAN_FIELD_CHARS:
+                raise SpanError(f"{field_name} is {len(value)} characters long; at most {MAX_SPAN_FIELD_CHARS}")
         key = (span, request, name, ident)
+        self.prune()
         if event == "start":
             if "status" in body or "error" in body:
                 raise SpanError("status and error belong to the 'end' event")
-            self._open.setdefault(key, []).append(now)
+            seq = next(self._seq)
+            self._starts[seq] = (key, now, self.clock())
+            self._open.setdefault(key, deque()).append(seq)
+            self.prune()
             return None
         status, error = body.get("status", "ok"), body.get("error")
         if status not in ("ok", "error"):
@@ -160,8 +240,9 @@ class SpanBook:
         starts = self._open.get(key)
         if not starts:
             label = f"{span} span of request {request!r}" + (f" named {name!r}" if name else "") + (f" id {ident!r}" if ident else "")
-            raise SpanError(f"end of a {label} that was never started; send event 'start' first")
-        t_start = starts.pop(0)
+            raise SpanError(f"end of a {label} that was never started (or started over {self.max_age_s:g} s ago, or "
+                            f"beyond {self.max_open} open spans, and dropped); send event 'start' first")
+        t_start = self._starts.pop(starts.popleft())[1]
         if not starts:
             del self._open[key]
         return SpanRecord(span=span, request=request, t_start=t_start, t_end=max(now, t_start), name=name,

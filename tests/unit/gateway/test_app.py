@@ -63,6 +63,7 @@ async def test_unary_passthrough_rewrites_model_and_strips_role(stack: Any) -> N
     assert seen[0].path == "/v1/chat/completions" and seen[1].path == "/v1/completions"
     assert seen[0].body == {"model": "llama-3.1-8b-instruct", "messages": CHAT, "max_tokens": 5}
     assert seen[1].body["metadata"] == {"keep": "1"}  # only our key is removed
+    # No `auth` section and no replica secret (a hand-run gateway): the client's Authorization is for the engine.
     assert seen[0].headers["Authorization"] == "Bearer k"
     assert not any(k.lower().startswith("x-scepsy") for k in seen[0].headers)
     assert trace.meta["source"] == "gateway" and trace.meta["time_scale"] == 1.0 and "started" in trace.meta
@@ -246,7 +247,14 @@ GATEWAY_FAMILIES = [
     ("scepsy_gateway_draining_outstanding", "gauge"),
     ("scepsy_gateway_open_spans", "gauge"),
     ("scepsy_gateway_spans_total", "counter"),
+    ("scepsy_gateway_spans_dropped_total", "counter"),
     ("scepsy_gateway_endpoints_reloads_total", "counter"),
+    ("scepsy_gateway_refused_total", "counter"),
+    ("scepsy_gateway_unauthorized_total", "counter"),
+    ("scepsy_gateway_key_calls_total", "counter"),
+    ("scepsy_gateway_key_refused_total", "counter"),
+    ("scepsy_gateway_key_rate_limited_total", "counter"),
+    ("scepsy_gateway_key_in_flight", "gauge"),
 ]
 
 
@@ -264,7 +272,9 @@ async def test_metrics_parse_with_prometheus_client_under_the_recorded_names(sta
     assert [tuple(line.split()[2:4]) for line in text.splitlines() if line.startswith("# TYPE ")] == GATEWAY_FAMILIES
     samples = [x for fam in text_string_to_metric_families(text) for x in fam.samples]
     unused = {"scepsy_gateway_held_calls_total", "scepsy_gateway_hold_timeouts_total",
-              "scepsy_gateway_draining_outstanding"}  # nothing held or drained here: no samples yet
+              "scepsy_gateway_draining_outstanding",  # nothing held or drained here: no samples yet
+              "scepsy_gateway_refused_total", "scepsy_gateway_key_calls_total", "scepsy_gateway_key_refused_total",
+              "scepsy_gateway_key_rate_limited_total", "scepsy_gateway_key_in_flight"}  # nothing refused, no keys
     assert {x.name for x in samples} == {name for name, _ in GATEWAY_FAMILIES} - unused  # no `_created` series
     value = {(x.name, tuple(sorted(x.labels.items()))): x.value for x in samples}
     assert value[("scepsy_gateway_calls_total", (("llm", "coder"),))] == 1
