@@ -185,8 +185,6 @@ def _bad_request(message: str, code: str, param: str | None = None) -> web.Respo
     return error_response(400, message, "invalid_request_error", code, param)
 
 
-
-
 def _parse_json(raw: bytes, what: str) -> object | web.Response:
     """The parsed body, or a 400 (bad JSON, bad UTF-8, or nesting too deep for the parser)."""
     try:
