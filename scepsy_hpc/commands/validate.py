@@ -104,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
                         elif src and Path(src).exists():
                             wf = load_workflow(src, models)
                         else:
-                            wf = load_workflow(resolve_input(name, "workflows"), models)
+                            try:
+                                found_wf = resolve_input(name, "workflows")
+                            except SpecError as exc:
+                                raise SpecError(f"{smap.where(('workflow',))}: workflow: {exc}") from None
+                            wf = load_workflow(found_wf, models)
                     plan = parse_plan(data, smap, wf, models, gpus)
                     if cluster is not None:
                         found = check_placement(plan, cluster, smap)
