@@ -21,7 +21,7 @@ import scepsy_hpc.spec.catalog  # noqa: F401
 import scepsy_hpc.spec.cluster  # noqa: F401
 import scepsy_hpc.spec.placement_check  # noqa: F401
 import scepsy_hpc.spec.plan  # noqa: F401
-import scepsy_hpc.spec.workflow  # noqa: F401
+import scepsy_hpc.spec.workflow  # noqa: F401  (warm import for the children)
 
 TIME_LIMIT_S = 5.0
 MEMORY_LIMIT_B = 500 * 1024 * 1024
