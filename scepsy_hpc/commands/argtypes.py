@@ -18,14 +18,14 @@ T = TypeVar("T")
 WALLTIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 
 
-def _float(text: str) -> float:
+def _float(text: str, *, finite_checked_by_caller: bool = False) -> float:
     try:
         x = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if math.isnan(x):
         raise argparse.ArgumentTypeError(f"{text}: not a number (NaN)")
-    if math.isinf(x):
+    if math.isinf(x) and not finite_checked_by_caller:  # a caller with its own range message says it
         raise argparse.ArgumentTypeError(f"{text}: give a finite number")
     return x
 
@@ -41,7 +41,7 @@ def _int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (rates, seconds, scales)."""
-    x = _float(text)
+    x = _float(text, finite_checked_by_caller=True)
     if not (x > 0 and math.isfinite(x)):
         raise argparse.ArgumentTypeError(f"{text}: give a positive number")
     return x
@@ -49,7 +49,7 @@ def positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     """A finite number ≥ 0 (tolerances, gaps)."""
-    x = _float(text)
+    x = _float(text, finite_checked_by_caller=True)
     if not (x >= 0 and math.isfinite(x)):
         raise argparse.ArgumentTypeError(f"{text}: give a number ≥ 0")
     return x
