@@ -9,23 +9,30 @@ import math
 import re
 from typing import Callable, Sequence, TypeVar
 
+from scepsy_hpc.spec import limits
+from scepsy_hpc.spec.limits import Limit
+
 T = TypeVar("T")
 
 # Slurm's walltime forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (the cluster spec's pattern)
 WALLTIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 
 
-def _float(text: str) -> float:
+def _float(text: str, *, finite_checked_by_caller: bool = False) -> float:
     try:
         x = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if math.isnan(x):
         raise argparse.ArgumentTypeError(f"{text}: not a number (NaN)")
+    if math.isinf(x) and not finite_checked_by_caller:  # a caller with its own range message says it
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number")
     return x
 
 
 def _int(text: str) -> int:
+    if len(text.strip()) > 19:  # int() of a 5,000-digit string is refused by Python itself, after a while
+        raise argparse.ArgumentTypeError(f"{text[:24]!r}…: a whole number of at most 19 digits")
     try:
         return int(text)
     except ValueError:
@@ -34,7 +41,7 @@ def _int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (rates, seconds, scales)."""
-    x = _float(text)
+    x = _float(text, finite_checked_by_caller=True)
     if not (x > 0 and math.isfinite(x)):
         raise argparse.ArgumentTypeError(f"{text}: give a positive number")
     return x
@@ -42,7 +49,7 @@ def positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     """A finite number ≥ 0 (tolerances, gaps)."""
-    x = _float(text)
+    x = _float(text, finite_checked_by_caller=True)
     if not (x >= 0 and math.isfinite(x)):
         raise argparse.ArgumentTypeError(f"{text}: give a number ≥ 0")
     return x
@@ -78,6 +85,23 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text}: give a whole number ≥ 1")
     return n
+
+
+def bounded_int(limit: Limit) -> Callable[[str], int]:
+    """A whole number from 1 to `limit` (spec.limits; its environment variable raises it)."""
+    def parse(text: str) -> int:
+        n = positive_int(text)
+        if limit.exceeded(n):
+            raise argparse.ArgumentTypeError(f"{text}: {limit.hint()}")
+        return n
+    parse.__name__ = f"at most {limit.what}"
+    return parse
+
+
+gpu_count = bounded_int(limits.GPUS)
+"""GPUs to plan on: 1 to SCEPSY_MAX_GPUS (a billion would make the planner run away)."""
+count = bounded_int(limits.REQUESTS)
+"""Requests, samples, calls, concurrency: 1 to SCEPSY_MAX_REQUESTS."""
 
 
 def non_negative_int(text: str) -> int:

@@ -9,7 +9,7 @@ import math
 import sys
 from typing import Any
 
-from scepsy_hpc.commands.argtypes import (non_negative_float, non_negative_int, positive_float, positive_int, rates)
+from scepsy_hpc.commands.argtypes import (count, gpu_count, non_negative_float, non_negative_int, positive_float, rates)
 from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.planning.request import (DEFAULT_GAP, DEFAULT_MAX_UTIL, DEFAULT_SAMPLES, DEFAULT_SIMULATE_REQUESTS,
@@ -35,7 +35,7 @@ def add_arguments(sub: Any) -> None:
     pl.add_argument("--profiles", metavar="DIR", help="measured profiles (default: synthesise from the performance model)")
     pl.add_argument("--simulate", action="store_true", help="also simulate the plan at its rate and print what it measures")
     pl.add_argument("--plot", metavar="PLACEMENT.png", help="with --cluster: draw the placement (nodes, GPUs coloured by LLM)")
-    pl.add_argument("--requests", type=positive_int, default=DEFAULT_SIMULATE_REQUESTS, metavar="N",
+    pl.add_argument("--requests", type=count, default=DEFAULT_SIMULATE_REQUESTS, metavar="N",
                     help="requests for --simulate (default 500)")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(run=run)
@@ -43,11 +43,11 @@ def add_arguments(sub: Any) -> None:
 
 def budget_arguments(p: argparse.ArgumentParser) -> None:
     """--gpus, --gpu-type, --cluster, --max-tp and the tuning flags."""
-    p.add_argument("--gpus", dest="gpu_count", type=positive_int, metavar="N", help="GPUs to plan on (with --gpu-type)")
+    p.add_argument("--gpus", dest="gpu_count", type=gpu_count, metavar="N", help="GPUs to plan on (with --gpu-type)")
     p.add_argument("--gpu-type", metavar="TYPE", help="GPU type of the catalog (default h100-sxm, or the cluster's)")
     p.add_argument("--cluster", metavar="CLUSTER.yaml", help="plan on a cluster spec's GPUs and place the plan on its nodes "
                    "(NVLink domains cap tp; the placement goes into the plan file)")
-    p.add_argument("--max-tp", type=positive_int, default=None, metavar="TP", help="largest tp (default: the NVLink domain, or 8)")
+    p.add_argument("--max-tp", type=gpu_count, default=None, metavar="TP", help="largest tp (default: the NVLink domain, or 8)")
     tuning_arguments(p)
 
 
@@ -62,7 +62,7 @@ def tuning_arguments(p: argparse.ArgumentParser) -> None:
                    help="MILP time limit per solve (default 30 s)")
     p.add_argument("--gap", type=non_negative_float, default=DEFAULT_GAP, metavar="G",
                    help="MILP relative optimality gap (default 1e-6)")
-    p.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, metavar="N",
+    p.add_argument("--samples", type=count, default=DEFAULT_SAMPLES, metavar="N",
                    help="program samples per workflow (default 1000)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-sim-check", dest="sim_check", action="store_false",

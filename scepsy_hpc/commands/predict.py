@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from scepsy_hpc.commands.argtypes import non_negative_int, positive_float, positive_int
+from scepsy_hpc.commands.argtypes import count, non_negative_int, positive_float
 from scepsy_hpc.commands.common import graphs_for, jsonable, make_console, profile_source, resolve_input
 from scepsy_hpc.planning.request import DEFAULT_SAMPLES
 
@@ -21,7 +21,7 @@ def add_arguments(sub: Any) -> None:
                     help="alp-cp (ours: critical path, tools, per-call sizes; default) or alp-paper (Σ L·n/p)")
     pr.add_argument("--trace", metavar="FILE", help="statistics from this trace (default: sample the program unloaded)")
     pr.add_argument("--profiles", metavar="DIR", help="measured profiles (default: synthesise from the performance model)")
-    pr.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, metavar="N",
+    pr.add_argument("--samples", type=count, default=DEFAULT_SAMPLES, metavar="N",
                     help="program samples without --trace (default 1000)")
     pr.add_argument("--seed", type=non_negative_int, default=0)
     pr.add_argument("--json", action="store_true", help="print one JSON object")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from typing import Any
 
-from scepsy_hpc.commands.argtypes import (float_list, fraction, int_list, name_list, non_negative_int, open_fraction,
-                                          positive_float, positive_int, walltime)
+from scepsy_hpc.commands.argtypes import (count, gpu_count, float_list, fraction, int_list, name_list, non_negative_int, open_fraction,
+                                          positive_float, walltime)
 from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 from scepsy_hpc.errors import SlurmError, SpecError
 from scepsy_hpc.planning.request import DEFAULT_SAMPLES
@@ -19,7 +19,7 @@ def add_arguments(sub: Any) -> None:
     """The `profile` subcommand's arguments."""
     pf = sub.add_parser("profile", help="profile each LLM's latency vs. load at several (tp, gpu_frac)")
     pf.add_argument("workflow", metavar="WORKFLOW", help="workflow file or shipped name")
-    pf.add_argument("--tp", type=int_list(positive_int, "1,2,4"), default="1,2,4",
+    pf.add_argument("--tp", type=int_list(gpu_count, "1,2,4"), default="1,2,4",
                     help="tensor-parallel degrees (default 1,2,4)")
     pf.add_argument("--gpu-frac", type=float_list(fraction, "0.25,0.5,1"), default="0.25,0.5,1",
                     help="GPU fractions for tp=1 (default 0.25,0.5,1)")
@@ -36,9 +36,9 @@ def add_arguments(sub: Any) -> None:
     pf.add_argument("--launch-prefix", metavar="CMD", help="put before each engine command (modules, apptainer exec --nv …)")
     pf.add_argument("--llms", type=name_list, help="profile only these LLMs (comma-separated)")
     pf.add_argument("--trace", metavar="FILE", help="replay the calls of this trace (default: sample the program)")
-    pf.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, metavar="N",
+    pf.add_argument("--samples", type=count, default=DEFAULT_SAMPLES, metavar="N",
                     help="program samples without --trace (default 1000)")
-    pf.add_argument("--calls", type=positive_int, default=None, metavar="N",
+    pf.add_argument("--calls", type=count, default=None, metavar="N",
                     help="calls replayed per rate (default 2000 synthetic, 1200 local: several times max_num_seqs, or an overloaded engine is one batch)")
     pf.add_argument("--time-scale", type=positive_float, default=None, metavar="S",
                     help="local engines run S wall seconds per model second (default: chosen per model)")

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from scepsy_hpc.commands.argtypes import non_negative_int, positive_float, positive_int, warmup_fraction
+from scepsy_hpc.commands.argtypes import count, non_negative_int, positive_float, warmup_fraction
 from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 
 
@@ -16,7 +16,7 @@ def add_arguments(sub: Any) -> None:
     s.add_argument("workflow", metavar="WORKFLOW", help="workflow file, or the name of a shipped one (e.g. deep_research)")
     s.add_argument("--plan", required=True, help="plan file, or the name of a shipped one (configs/plans/)")
     s.add_argument("--rate", type=positive_float, required=True, metavar="RPS", help="Poisson arrival rate, requests per second")
-    s.add_argument("--requests", type=positive_int, default=500, metavar="N", help="number of requests (default 500)")
+    s.add_argument("--requests", type=count, default=500, metavar="N", help="number of requests (default 500)")
     s.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     s.add_argument("--warmup", type=warmup_fraction, default=0.1, metavar="FRAC",
                    help="fraction of the first requests left out of latency figures (default 0.1)")

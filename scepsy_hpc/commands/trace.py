@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from scepsy_hpc.commands.argtypes import non_negative_int, positive_float, positive_int
+from scepsy_hpc.commands.argtypes import count, non_negative_int, positive_float
 from scepsy_hpc.commands.common import jsonable, make_console
 
 
@@ -15,9 +15,9 @@ def add_arguments(sub: Any) -> None:
     """The `trace` and `stats` subcommands' arguments."""
     tr = sub.add_parser("trace", help="run a workflow through the gateway against local simulated engines; write its trace")
     tr.add_argument("workflow", metavar="WORKFLOW", help="workflow file or shipped name")
-    tr.add_argument("--requests", type=positive_int, default=20, metavar="N", help="requests to run (default 20)")
+    tr.add_argument("--requests", type=count, default=20, metavar="N", help="requests to run (default 20)")
     tr.add_argument("--rate", type=positive_float, metavar="RPS", help="open-loop Poisson arrivals (model time); default closed loop")
-    tr.add_argument("--concurrency", type=positive_int, default=4, metavar="C", help="requests in flight without --rate (default 4)")
+    tr.add_argument("--concurrency", type=count, default=4, metavar="C", help="requests in flight without --rate (default 4)")
     tr.add_argument("--driver", choices=("program", "entrypoint"),
                     help="run the spec's program, or its driver.entrypoint (real code); default: entrypoint if the spec has one")
     tr.add_argument("--plan", help="engines per this plan (default: one replica per LLM at the smallest tp that fits)")

@@ -11,7 +11,8 @@ from pydantic_core import PydanticCustomError
 class SpecModel(BaseModel):
     """Frozen pydantic model whose unknown keys are errors that list the valid keys."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    # NaN and infinity are refused in every spec field: `.inf` tokens or seconds would hang the sampler
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -10,7 +11,12 @@ from pydantic import Field, field_validator, model_validator
 from scepsy_hpc.spec.base import SpecModel
 from scepsy_hpc.spec.catalog import GPUSpec
 from scepsy_hpc.spec.hostlist import expand_hostlist
-from scepsy_hpc.spec.source import SourceMap, load_yaml, parse_document, suggest
+from scepsy_hpc.spec.source import SourceMap, format_loc, load_yaml, parse_document, suggest
+from scepsy_hpc.spec.workflow_bounds import NAME, NAME_RULE
+
+
+# what `backend.templates` lets through into `#SBATCH --constraint`
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.&|\[\]()*-]+")
 
 
 class SlurmSettings(SpecModel):
@@ -113,9 +119,63 @@ class ClusterSpec(SpecModel):
         return out
 
 
-def check_cluster(spec: ClusterSpec, smap: SourceMap, gpus: dict[str, GPUSpec]) -> list[str]:
-    """Cross-reference problems: GPU types, duplicate nodes, switch references."""
+def _check_names(spec: ClusterSpec, smap: SourceMap) -> list[str]:
+    """Names that reach sbatch or a job script (partition, account, qos, GRES types, node and switch
+    names) use only letters, digits, '.', '_' and '-': `gpu;id` is refused here, not at submission."""
     problems: list[str] = []
+
+    def check(value: str | None, loc: tuple[Any, ...], what: str) -> None:
+        if value is not None and not NAME.fullmatch(value):
+            problems.append(f"{smap.where(loc)}: {format_loc(loc)}: {what} {value!r} cannot be passed to Slurm safely; "
+                            f"use {NAME_RULE}")
+
+    if spec.slurm is not None:
+        for key in ("partition", "account", "qos"):
+            check(getattr(spec.slurm, key), ("slurm", key), key)
+        for gres in spec.slurm.gpu_types:
+            check(gres, ("slurm", "gpu_types"), "GRES type")
+        if spec.slurm.constraint is not None and not _CONSTRAINT.fullmatch(spec.slurm.constraint):
+            problems.append(f"{smap.where(('slurm', 'constraint'))}: slurm.constraint: {spec.slurm.constraint!r} "
+                            f"cannot be passed to Slurm safely; use feature names joined by & | ( ) [ ] *")
+    for i, group in enumerate(spec.node_groups):
+        check(group.name, ("node_groups", i, "name"), "node group name")
+        bad = next((h for h in group.host_names() if not NAME.fullmatch(h)), None)
+        if bad is not None:
+            check(bad, ("node_groups", i, "nodes"), "node name")
+    for i, sw in enumerate(spec.switches):
+        check(sw.name, ("switches", i, "name"), "switch name")
+    return problems
+
+
+def _switch_cycle(spec: ClusterSpec) -> list[str] | None:
+    """A cycle of switches each listing the next under `switches:`, or None."""
+    children = {sw.name: expand_hostlist(sw.switches) for sw in spec.switches if sw.switches}
+    state: dict[str, int] = {}
+    for root in children:
+        stack = [(root, iter(children.get(root, ())))]
+        path = [root]
+        if state.get(root):
+            continue
+        state[root] = 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                stack.append((nxt, iter(children.get(nxt, ()))))
+                path.append(nxt)
+    return None
+
+
+def check_cluster(spec: ClusterSpec, smap: SourceMap, gpus: dict[str, GPUSpec]) -> list[str]:
+    """Cross-reference problems: names, GPU types, duplicate nodes, switch references and cycles."""
+    problems = _check_names(spec, smap)
     owner: dict[str, int] = {}
     for i, group in enumerate(spec.node_groups):
         if group.gpu_type not in gpus:
@@ -145,6 +205,11 @@ def check_cluster(spec: ClusterSpec, smap: SourceMap, gpus: dict[str, GPUSpec]) 
                 if child not in names:
                     problems.append(f"{smap.where(('switches', i, 'switches'))}: switches[{i}].switches: unknown switch "
                                     f"{child!r}; {suggest(child, names)}")
+    cycle = _switch_cycle(spec)
+    if cycle:
+        i = names.index(cycle[0])
+        problems.append(f"{smap.where(('switches', i, 'switches'))}: switches[{i}].switches: switches form a cycle "
+                        f"({' -> '.join(cycle)}); a switch tree has each switch under at most one parent, never itself")
     return problems
 
 

@@ -6,20 +6,24 @@ allocation and goes through the same validation.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
 from scepsy_hpc.errors import InfeasibleError
+from scepsy_hpc.spec import limits
 from scepsy_hpc.spec.base import SpecModel
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
-from scepsy_hpc.spec.fractions import EPS, gpus_for_fractions
+from scepsy_hpc.spec.fractions import gpus_for_fractions
+from scepsy_hpc.spec.placement_check import check_placement
 from scepsy_hpc.spec.placement_entry import PlacementEntry
 from scepsy_hpc.spec.source import SourceMap, load_yaml, parse_document, suggest
 from scepsy_hpc.spec.workflow import Target, Workflow, resolve_model
 
 TP_DEGREES = (1, 2, 4, 8, 16)
+MAX_NUM_SEQS = 1_000_000   # vLLM's scheduler slots; far above any engine's batch
 
 
 class LLMAlloc(SpecModel):
@@ -33,6 +37,12 @@ class LLMAlloc(SpecModel):
 
     @model_validator(mode="after")
     def _shape(self) -> "LLMAlloc":
+        if limits.REPLICAS.exceeded(self.replicas):
+            raise ValueError(f"replicas={self.replicas:,}; {limits.REPLICAS.hint()}")
+        if self.max_num_seqs is not None and self.max_num_seqs > MAX_NUM_SEQS:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs:,}; at most {MAX_NUM_SEQS:,}")
+        if self.max_batched_tokens is not None and limits.TOKENS.exceeded(self.max_batched_tokens):
+            raise ValueError(f"max_batched_tokens={self.max_batched_tokens:,}; {limits.TOKENS.hint()}")
         if self.tp not in TP_DEGREES:
             raise ValueError(f"tp={self.tp} is not one of {', '.join(map(str, TP_DEGREES))}")
         if self.gpu_frac < 1.0 and self.tp > 1:
@@ -52,8 +62,16 @@ class GPUBudget(SpecModel):
     type: str
     count: Annotated[int, Field(ge=1)]
 
+    @model_validator(mode="after")
+    def _bounded(self) -> "GPUBudget":
+        if limits.GPUS.exceeded(self.count):
+            raise ValueError(f"count={self.count:,}; {limits.GPUS.hint()}")
+        return self
+
 
 PLAN_SCHEMA_VERSION = 1
+# an allocation key is served under its name (several workflows: WORKFLOW/LLM)
+ALLOC_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
 
 class Plan(SpecModel):
@@ -90,6 +108,12 @@ def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[st
     from scepsy_hpc.perf.fit import check_fit, engine_config
 
     problems: list[str] = []
+    for key in plan.allocation:
+        if not ALLOC_KEY.fullmatch(str(key)):
+            problems.append(f"{smap.where(('allocation', key), key=True)}: allocation: LLM name {str(key)!r} is not usable "
+                            f"as an engine's served model name; use 1-128 letters, digits, '.', '_', '-' or '/'")
+    if problems:
+        return problems
     if plan.schema_version != PLAN_SCHEMA_VERSION:
         problems.append(f"{smap.where(('schema_version',))}: schema_version: {plan.schema_version} is not the plan format "
                         f"this scepsy reads ({PLAN_SCHEMA_VERSION}); re-plan with `scepsy plan`, or write "
@@ -115,47 +139,11 @@ def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[st
                 check_fit(engine_config(alloc, model, gpus[plan.gpus.type]), label=f"LLM {llm!r} ({model.hf_id}) on {plan.gpus.type}")
             except (InfeasibleError, ValueError) as exc:
                 problems.append(f"{smap.where(('allocation', llm))}: allocation.{llm}: {exc}")
-    problems += _check_placement(plan, smap)
+    problems += check_placement(plan, None, smap)
     need = gpus_needed(plan.allocation)
     if need > plan.gpus.count:
         problems.append(f"{smap.where(('gpus', 'count'))}: gpus.count: the allocation needs {need} GPUs "
                         f"but the plan has {plan.gpus.count}; raise gpus.count or lower replicas/tp")
-    return problems
-
-
-def _check_placement(plan: Plan, smap: SourceMap) -> list[str]:
-    """A placement, when present, places every instance of the allocation once, on tp GPUs each,
-    with fractions per GPU summing to at most 1."""
-    if plan.placement is None:
-        return []
-    problems: list[str] = []
-    seen: set[tuple[str, int]] = set()
-    share: dict[tuple[str, int], float] = {}
-    for k, entry in enumerate(plan.placement):
-        where = smap.where(("placement", k))
-        llm, rep, gpus = entry.llm, entry.replica, entry.gpus
-        if llm not in plan.allocation:
-            problems.append(f"{where}: placement[{k}].llm: {llm!r} is not in the allocation; {suggest(str(llm), plan.allocation)}")
-            continue
-        a = plan.allocation[llm]
-        if not 0 <= rep < a.replicas or (llm, rep) in seen:
-            problems.append(f"{where}: placement[{k}].replica: {rep!r} is not a free replica number of {llm!r} "
-                            f"(0..{a.replicas - 1}, each once)")
-            continue
-        seen.add((llm, rep))
-        if len(gpus) != a.tp:
-            problems.append(f"{where}: placement[{k}].gpus: {gpus!r} must list {a.tp} GPU index(es) for tp={a.tp}")
-            continue
-        for g in gpus:
-            key = (entry.node, g)
-            share[key] = share.get(key, 0.0) + a.gpu_frac
-            if share[key] > 1.0 + EPS:
-                problems.append(f"{where}: placement[{k}]: GPU {g} of node {key[0]} is given out beyond its whole "
-                                f"(Σ gpu_frac = {share[key]:g})")
-    missing = [f"{m}·{r}" for m, a in plan.allocation.items() for r in range(a.replicas) if (m, r) not in seen]
-    if missing:
-        problems.append(f"{smap.where(('placement',))}: placement: instance(s) {', '.join(missing[:6])}"
-                        f"{' …' if len(missing) > 6 else ''} are not placed; re-run `scepsy plan --cluster` or drop placement:")
     return problems
 
 

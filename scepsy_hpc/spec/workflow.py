@@ -247,7 +247,19 @@ def check_references(wf: Workflow, smap: SourceMap, models: dict[str, ModelSpec]
 def parse_workflow(data: Any, smap: SourceMap, models: dict[str, ModelSpec] | None = None) -> Workflow:
     """Validate parsed YAML as a workflow; every problem is reported at once, each with file:line."""
     return parse_document(Workflow, data, smap, "a workflow spec is a mapping with keys name, llms, program, …",
-                          lambda wf: check_references(wf, smap, models))
+                          lambda wf: check_workflow(wf, smap, models))
+
+
+def check_workflow(wf: Workflow, smap: SourceMap, models: dict[str, ModelSpec] | None) -> list[str]:
+    """Cross-references first; with those right, names, quantities and the cost of one request
+    (`spec.workflow_bounds`: what would make sampling run away)."""
+    from scepsy_hpc.spec.workflow_bounds import check_cost, check_quantities
+
+    problems = check_references(wf, smap, models)
+    if problems:
+        return problems
+    problems = check_quantities(wf, smap, models, lambda: _all_bodies(wf))
+    return problems or check_cost(wf, smap)
 
 
 def load_workflow(path: str | Path, models: dict[str, ModelSpec] | None = None) -> Workflow:

@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from scepsy_hpc.spec import limits
 from scepsy_hpc.spec.workflow import (
     BranchStep, CallStep, FanoutStep, LoopStep, ParallelStep, ToolStep, UseStep, Workflow,
 )
@@ -37,8 +38,10 @@ class Tool:
     latency_s: float
 
 
-def _count(x: float) -> int:
-    return max(0, int(round(x)))
+def _count(x: float, cap: int) -> int:
+    # a draw from an unbounded distribution (lognormal, geometric, …) whose mean passed validation
+    # may still, rarely, be huge: clipped at the limit validation applies to bounded ones
+    return min(max(0, int(round(x))), cap)
 
 
 def _tokens(x: float) -> int:
@@ -51,6 +54,7 @@ class RequestSampler:
     def __init__(self, wf: Workflow) -> None:
         self.wf = wf
         self.max_depth = wf.max_depth if wf.max_depth is not None else 64
+        self.max_fanout, self.max_repeat = limits.FANOUT.value(), limits.LOOP_REPEAT.value()
 
     def sample(self, rng: random.Random) -> list[Any]:
         """One request's execution tree."""
@@ -66,7 +70,7 @@ class RequestSampler:
             elif isinstance(step, ToolStep):
                 out.append(Tool(step.tool, self.wf.tools[step.tool].latency_s.sample(rng)))
             elif isinstance(step, LoopStep):
-                for _ in range(_count(step.loop.repeat.sample(rng))):
+                for _ in range(_count(step.loop.repeat.sample(rng), self.max_repeat)):
                     self._steps(step.loop.body, rng, depth, out)
             elif isinstance(step, BranchStep):
                 u, acc = rng.random(), 0.0
@@ -79,7 +83,7 @@ class RequestSampler:
                 self._steps(arm.body, rng, depth, out)
             elif isinstance(step, FanoutStep):
                 lanes = []
-                for _ in range(_count(step.fanout.count.sample(rng))):
+                for _ in range(_count(step.fanout.count.sample(rng), self.max_fanout)):
                     lane: list[Any] = []
                     self._steps(step.fanout.body, rng, depth, lane)
                     if lane:
