@@ -160,7 +160,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             owners.append(llm)
     out = Path(args.output or f"{wf.name}.trace.jsonl")
     if out.exists() and not args.append:
-        out.unlink()  # a fresh trace unless --append; the gateway itself only ever appends
+        out.unlink()  # a fresh trace unless --append (the gateway then numbers calls on from the file's last)
     # Real workflow code paces its own simulated tools by this (examples/openai_fanout).
     os.environ["SCEPSY_TIME_SCALE"] = str(args.time_scale)
     work = Path(tempfile.mkdtemp(prefix="scepsy-trace-"))
@@ -207,7 +207,7 @@ async def _drive(args, wf, wf_path, driver: str, endpoints, out):
 
     # Appended runs get their own request ids (the gateway's clock also restarts at 0 per run).
     prefix = f"r{int(time.time())}" if args.append else "r"
-    gw = await start_gateway(endpoints, out, time_scale=args.time_scale)
+    gw = await start_gateway(endpoints, out, time_scale=args.time_scale, append_trace=args.append)
     try:
         if driver == "program":
             return await drive_program(wf, gw.url, n_requests=args.requests, rate_rps=args.rate,

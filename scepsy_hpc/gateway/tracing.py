@@ -103,15 +103,17 @@ class TraceSink:
 
     def _drain(self) -> None:
         assert self.writer is not None
-        while True:
+        while self._pending:
+            batch = []
+            while len(batch) < 1024:   # one write and one flush per batch, not per call
+                try:
+                    batch.append(self._pending.popleft())
+                except IndexError:
+                    break
             try:
-                rec = self._pending.popleft()
-            except IndexError:
-                return
-            try:
-                self.writer.write(rec)
+                self.writer.write_many(batch)
             except Exception:  # a full disk must not stop tracing of later calls silently
-                log.exception("cannot write a trace record")
+                log.exception("cannot write %d trace records", len(batch))
 
     def _run(self) -> None:
         while not self._stopping:

@@ -141,11 +141,19 @@ def load_target(req: UpRequest, session_dir: Path, models: Any, gpus: Any, clust
     from scepsy_hpc.spec.workflow import load_workflow
 
     path = _find_target(req.target)
-    data, _ = load_yaml(path)
+    data, smap = load_yaml(path)
     if isinstance(data, dict) and "allocation" in data:
+        from scepsy_hpc.spec.placement_check import check_placement
+
         files = _workflow_files(data)
         wfs = [load_workflow(f, models) for f in files]
-        return load_plan(path, wfs[0] if len(wfs) == 1 else None, models, gpus), wfs, path, files
+        plan = load_plan(path, wfs[0] if len(wfs) == 1 else None, models, gpus)
+        # The plan's own checks ran in load_plan; its placement against this cluster's nodes and GPUs runs
+        # here, before anything is written or submitted (as `scepsy validate PLAN --cluster CLUSTER` does).
+        problems = check_placement(plan, cluster, smap)
+        if problems:
+            raise SpecError(problems)
+        return plan, wfs, path, files
     wf = load_workflow(path, models)
     from scepsy_hpc.planning import PlanRequest, plan
     from scepsy_hpc.planning.render import write_plan

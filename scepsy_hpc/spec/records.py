@@ -36,8 +36,9 @@ class Record(BaseModel):
     schema_version: int = 1
 
 
-def write_atomic(path: str | Path, data: str | bytes, *, mode: int = 0o644) -> None:
-    """Replace `path` by `data` in one rename (never a partial file), with permissions `mode`."""
+def write_atomic(path: str | Path, data: str | bytes, *, mode: int = PRIVATE) -> None:
+    """Replace `path` by `data` in one rename (never a partial file), with permissions `mode` (default: the
+    owner's only, whatever the umask: the mode is set explicitly)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data

@@ -19,7 +19,7 @@ def time_scale() -> float:
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory) -> dict[str, str]:
     """Served model name -> engine base URL, one sim engine per small model."""
-    engs = start_sim_engines([SimEngineSpec(model=m, gpu="h100-sxm") for m in MODELS], TIME_SCALE,
+    engs = start_sim_engines([SimEngineSpec(model=m, gpu="h100-sxm", test_hooks=True) for m in MODELS], TIME_SCALE,
                              tmp_path_factory.mktemp("engine-logs"))
     try:
         yield {e.spec.served_name: e.url for e in engs}

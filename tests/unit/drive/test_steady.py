@@ -97,7 +97,6 @@ async def test_every_call_is_ok_through_a_healthy_gateway_streamed_or_not(gatewa
     assert load.in_flight == 0
 
 
-@pytest.mark.xfail(strict=False, reason="needs engsec")
 async def test_aborted_streams_and_answers_are_counted_exactly_beside_a_healthy_load(faulty_gateway: str) -> None:
     # The sim engine closes the connection after 3 of 16 tokens: a stream is cut after it began (the
     # gateway sends an error event and no [DONE]); an unstreamed answer is cut before any byte reached
@@ -295,7 +294,6 @@ async def test_cli_json_is_one_document_and_the_exit_status_says_whether_any_cal
     assert doc["rps"] == 40.0 and doc["p99_s"] > 0
 
 
-@pytest.mark.xfail(strict=False, reason="needs engsec")
 async def test_cli_exits_1_on_a_faulty_run_and_names_the_reason(faulty_gateway: str,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     # in process (the gateway lives in this loop); the engines of fa and fb cut every stream after 3 tokens

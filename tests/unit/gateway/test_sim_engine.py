@@ -6,7 +6,6 @@ forwards a client's `X-Sim-*` headers, so a client cannot reach them through it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import aiohttp
@@ -25,16 +24,10 @@ MODEL = "llama-3.2-1b-instruct"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    old = os.environ.get("SCEPSY_SIM_TEST_HOOKS")
-    os.environ["SCEPSY_SIM_TEST_HOOKS"] = "1"   # the engine's fault hooks answer only in tests
-    try:
-        with sim_engines([SimEngineSpec(MODEL, "h100-sxm")], 0.001, tmp_path_factory.mktemp("logs")) as engines:
-            yield engines[0]
-    finally:
-        if old is None:
-            os.environ.pop("SCEPSY_SIM_TEST_HOOKS", None)
-        else:
-            os.environ["SCEPSY_SIM_TEST_HOOKS"] = old
+    # The engine's fault hooks answer only to an engine started for tests.
+    with sim_engines([SimEngineSpec(MODEL, "h100-sxm", test_hooks=True)], 0.001,
+                     tmp_path_factory.mktemp("logs")) as engines:
+        yield engines[0]
 
 
 def _client(url: str) -> openai.AsyncOpenAI:
@@ -79,7 +72,6 @@ async def test_gateway_over_sim_engine(engine, tmp_path: Path) -> None:  # type:
     assert trace.calls[1].prompt_tokens == 32 and trace.calls[1].t_first is not None
 
 
-@pytest.mark.xfail(strict=False, reason="needs engsec")
 async def test_engine_faults_show_through_the_gateway(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     trace_path = tmp_path / "trace.jsonl"
     gw = await start_gateway(_endpoints(tmp_path, engine.url), trace_path, watch_interval_s=0.0, shutdown_timeout_s=1.0)

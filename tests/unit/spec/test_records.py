@@ -89,8 +89,13 @@ def test_write_atomic_replaces_the_file_and_sets_the_mode(tmp_path: Path) -> Non
     os.chmod(path, 0o644)
     write_atomic(path, "new", mode=0o600)
     assert path.read_text() == "new" and _mode(path) == 0o600
-    write_atomic(path, b"bytes")
-    assert path.read_bytes() == b"bytes" and _mode(path) == 0o644
+    os.chmod(path, 0o644)
+    old_umask = os.umask(0)
+    try:
+        write_atomic(path, b"bytes")   # private by default, even under umask 000 and over a 0644 file
+    finally:
+        os.umask(old_umask)
+    assert path.read_bytes() == b"bytes" and _mode(path) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
 
 
