@@ -199,21 +199,58 @@ async def _blast(base: str, request: bytes, n: int, concurrency: int) -> tuple[f
     return wall, lat
 
 
-async def _throughput(args: argparse.Namespace, paths: dict[str, Path_], pids: dict[str, int]) -> dict[str, Any]:
-    """Calls/s of each path at --tput-concurrency, alternating rounds; CPU per call of each process per path."""
-    reqs = {name: _raw_request(base, model, headers, args.tput_max_tokens, args.prompt_tokens)
+async def _blast_aiohttp(base: str, request: tuple[str, dict[str, str], bytes], n: int,
+                         concurrency: int) -> tuple[float, list[float]]:
+    """As `_blast`, with an aiohttp client session (what an application's HTTP client costs: the issue's method)."""
+    url, headers, body = request
+    left = n
+    lat: list[float] = []
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def worker() -> None:
+            nonlocal left
+            clock = time.perf_counter
+            while left > 0:
+                left -= 1
+                t0 = clock()
+                async with session.post(url, data=body, headers=headers) as r:
+                    data = await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"{base}: HTTP {r.status}: {data[:300]!r}")
+                lat.append(clock() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return wall, lat
+
+
+def _aiohttp_request(base: str, model: str, headers: dict[str, str], max_tokens: int,
+                     prompt_tokens: int) -> tuple[str, dict[str, str], bytes]:
+    body = json.dumps({"model": model, "prompt": list(range(1, prompt_tokens + 1)), "max_tokens": max_tokens}).encode()
+    return base + "/v1/completions", {"Content-Type": "application/json", **headers}, body
+
+
+async def _throughput(args: argparse.Namespace, paths: dict[str, Path_], pids: dict[str, int],
+                      client: str = "raw") -> dict[str, Any]:
+    """Calls/s of each path at --tput-concurrency, alternating rounds; CPU per call of each process per path.
+
+    `client`: "raw" (one pre-encoded request written on keep-alive connections: the client costs almost
+    nothing, so the servers' costs show) or "aiohttp" (a pooled aiohttp session, as an application sends)."""
+    make, blast = (_raw_request, _blast) if client == "raw" else (_aiohttp_request, _blast_aiohttp)
+    reqs = {name: make(base, model, headers, args.tput_max_tokens, args.prompt_tokens)
             for name, (base, model, headers) in paths.items()}
     conc, rounds = args.tput_concurrency, args.tput_rounds
     per_round = max(conc, args.tput_n // rounds)
     for name in paths:  # warm-up
-        await _blast(paths[name][0], reqs[name], 4 * conc, conc)
+        await blast(paths[name][0], reqs[name], 4 * conc, conc)
     out: dict[str, Any] = {name: {"wall_s": 0.0, "lat": [], "cpu_s": {p: 0.0 for p in ("client", *pids)}, "rounds": []}
                            for name in paths}
     order = ["direct", "gateway"]
     for k in range(rounds):
         for name in (order if k % 2 == 0 else order[::-1]):
             cpu0 = {"client": time.process_time(), **{p: _cpu_s(pid) for p, pid in pids.items()}}
-            wall, lat = await _blast(paths[name][0], reqs[name], per_round, conc)
+            wall, lat = await blast(paths[name][0], reqs[name], per_round, conc)
             cpu1 = {"client": time.process_time(), **{p: _cpu_s(pid) for p, pid in pids.items()}}
             o = out[name]
             o["wall_s"] += wall
@@ -221,7 +258,7 @@ async def _throughput(args: argparse.Namespace, paths: dict[str, Path_], pids: d
             o["rounds"].append(per_round / wall)
             for p in cpu0:
                 o["cpu_s"][p] += cpu1[p] - cpu0[p]
-    res: dict[str, Any] = {"concurrency": conc, "rounds": rounds, "calls_per_round": per_round,
+    res: dict[str, Any] = {"client": client, "concurrency": conc, "rounds": rounds, "calls_per_round": per_round,
                            "max_tokens": args.tput_max_tokens}
     for name, o in out.items():
         n = len(o["lat"])
@@ -247,7 +284,8 @@ async def _measure(args: argparse.Namespace, paths: dict[str, Path_], pids: dict
     rng = random.Random(args.seed)
     doc: dict[str, Any] = {"rows": await _latency(args, paths, rng) if args.n > 0 else []}
     if args.tput_n > 0:
-        doc["throughput"] = await _throughput(args, paths, pids)
+        doc["throughput"] = [await _throughput(args, paths, pids, client)
+                             for client in (("raw", "aiohttp") if args.tput_client == "both" else (args.tput_client,))]
     return doc
 
 
@@ -290,11 +328,15 @@ def _print(args: argparse.Namespace, doc: dict[str, Any], mode: str, traced: int
     if "gateway_cpu_ms_per_call" in doc:
         print(f"CPU per call (latency scenarios): gateway {doc['gateway_cpu_ms_per_call']:.2f} ms, engine "
               f"{doc['engine_cpu_ms_per_call']:.2f} ms (/proc, {os.sysconf('SC_CLK_TCK')} Hz ticks)")
-    t = doc.get("throughput")
-    if t is None:
-        return
+    for t in doc.get("throughput", []):
+        _print_throughput(t)
+
+
+def _print_throughput(t: dict[str, Any]) -> None:
+    what = ("raw keep-alive HTTP/1.1 client (one pre-encoded request)" if t["client"] == "raw"
+            else "aiohttp client session (pooled, as an application sends)")
     print(f"\nthroughput: unary /v1/completions, max_tokens {t['max_tokens']}, concurrency {t['concurrency']}, "
-          f"{t['rounds']} alternating rounds of {t['calls_per_round']} calls per path; raw keep-alive HTTP/1.1 client")
+          f"{t['rounds']} alternating rounds of {t['calls_per_round']} calls per path; {what}")
     procs = list(t["direct"]["cpu_ms_per_call"])
     head = (f"{'path':<8} {'calls/s':>8} {'p50':>8} {'p99':>8}  " + "  ".join(f"{p + ' cpu/call':>16}" for p in procs)
             + "  rounds (calls/s)")
@@ -325,6 +367,9 @@ def main() -> int:
     p.add_argument("--tput-concurrency", type=int, default=16)
     p.add_argument("--tput-rounds", type=int, default=6, help="throughput: rounds per path, alternating (default 6)")
     p.add_argument("--tput-max-tokens", type=int, default=1)
+    p.add_argument("--tput-client", choices=("raw", "aiohttp", "both"), default="both",
+                   help="throughput client: raw pre-encoded HTTP (the servers' cost shows), an aiohttp session "
+                        "(an application's cost), or both, one after the other (default)")
     p.add_argument("--inproc", action="store_true", help="run the gateway in this process (shares the client's loop)")
     p.add_argument("--no-trace", action="store_true", help="run the gateway without a trace file")
     p.add_argument("--uvloop", action="store_true",
@@ -375,8 +420,9 @@ def main() -> int:
                         doc["gateway_cpu_ms_per_call"] = (cpu1[0] - cpu0[0]) * 1e3 / n_gw
                         doc["engine_cpu_ms_per_call"] = (cpu1[1] - cpu0[1]) * 1e3 / (2 * n_gw)
                     if args.tput_n > 0:
-                        doc["throughput"] = asyncio.run(
-                            _throughput(args, {**paths, "gateway": (url, *paths["gateway"][1:])}, pids))
+                        gw_paths = {**paths, "gateway": (url, *paths["gateway"][1:])}
+                        doc["throughput"] = [asyncio.run(_throughput(args, gw_paths, pids, client)) for client in
+                                             (("raw", "aiohttp") if args.tput_client == "both" else (args.tput_client,))]
                     mode = "subprocess"
                 finally:
                     proc.stop()

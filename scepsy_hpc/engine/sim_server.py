@@ -469,8 +469,10 @@ def build_server(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         raise SpecError(f"--gpu {args.gpu!r} is not in the GPU catalog; known: {', '.join(sorted(gpus))}")
     model = models[args.model]
     for flag, value in (("--time-scale", args.time_scale), ("--default-output-tokens", args.default_output_tokens)):
-        if not value > 0:
-            raise SpecError(f"{flag} {value} must be > 0")
+        if not 0 < value < float("inf"):   # also refuses nan
+            raise SpecError(f"{flag} {value} must be a finite number > 0")
+    if not 0 <= args.port <= 65535:
+        raise SpecError(f"--port {args.port}: give a port from 1 to 65535, or 0 for a free one")
     try:
         cfg = EngineConfig(model, gpus[args.gpu], tp=args.tp, gpu_frac=args.gpu_frac,
                            max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens)

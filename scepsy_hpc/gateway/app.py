@@ -545,8 +545,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def serve() -> None:
-        if args.time_scale is not None and args.time_scale <= 0:
-            raise SpecError(f"--time-scale {args.time_scale:g}: the time scale must be positive")
+        if args.time_scale is not None and not 0 < args.time_scale < float("inf"):   # also refuses nan
+            raise SpecError(f"--time-scale {args.time_scale:g}: the time scale must be a positive number")
+        if not 0 <= args.port <= 65535:
+            raise SpecError(f"--port {args.port}: give a port from 1 to 65535, or 0 for a free one")
         if not 0 <= args.hold_s < float("inf"):
             raise SpecError(f"--hold-s {args.hold_s:g}: give 0 (fail at once) or a finite number of seconds")
         if not 0 < args.max_body_mib <= 1024:

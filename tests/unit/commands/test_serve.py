@@ -19,13 +19,13 @@ def scepsy(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[
 
 
 def _small_plan(tmp_path: Path) -> Path:
-    """rag_rerank on two 'nodes': generator tp=4 on n1; rewriter and reranker sharing GPU 0 of n2 (fractions)."""
+    """rag_rerank on two 'nodes': generator tp=4 on node1; rewriter and reranker sharing GPU 0 of node2 (fractions)."""
     plan = {"workflow": "rag_rerank", "gpus": {"type": "h100-sxm", "count": 5},
             "allocation": {"generator": {"tp": 4}, "rewriter": {"gpu_frac": 0.5}, "reranker": {"gpu_frac": 0.5}},
             "placement": [
-                {"llm": "generator", "replica": 0, "node": "n1", "gpus": [0, 1, 2, 3], "port": 18100},
-                {"llm": "rewriter", "replica": 0, "node": "n2", "gpus": [0], "port": 18101},
-                {"llm": "reranker", "replica": 0, "node": "n2", "gpus": [0], "port": 18102}]}
+                {"llm": "generator", "replica": 0, "node": "node1", "gpus": [0, 1, 2, 3], "port": 18100},
+                {"llm": "rewriter", "replica": 0, "node": "node2", "gpus": [0], "port": 18101},
+                {"llm": "reranker", "replica": 0, "node": "node2", "gpus": [0], "port": 18102}]}
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
     return path
@@ -51,10 +51,10 @@ def test_up_serves_the_placement_status_logs_drive_and_down(tmp_path: Path) -> N
         s = json.loads(done.stdout)
         assert s["backend"] == "local" and s["job_id"].startswith("local-") and s["daemon_pid"] > 0
         got = {(i["llm"], i["node"], tuple(i["gpus"]), i["healthy"]) for i in s["instances"]}
-        assert got == {("generator", "n1", (0, 1, 2, 3), True), ("rewriter", "n2", (0,), True),
-                       ("reranker", "n2", (0,), True)}
+        assert got == {("generator", "node1", (0, 1, 2, 3), True), ("rewriter", "node2", (0,), True),
+                       ("reranker", "node2", (0,), True)}
         # co-located engines started one after another: the second spawned after the first was healthy
-        (report_path,) = (state / "deployments" / "demo" / "jobs").glob("*/agents/n2.json")   # one job per node
+        (report_path,) = (state / "deployments" / "demo" / "jobs").glob("*/agents/node2.json")   # one job per node
         report = json.loads(report_path.read_text())
         first, second = sorted(report["instances"], key=lambda i: i["started_at"])
         assert second["started_at"] >= first["healthy_at"] > first["started_at"]
