@@ -165,7 +165,7 @@ def serving_figures(idle_s: float, backend: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         state = tmp / "state"
-        nodes = ("node1", "node2") if backend == "slurm" else ("n1", "n2")
+        nodes = ("node1", "node2")   # nodes of the cluster spec (local), which `up` checks the placement against
         try:
             doc = json.loads(scepsy(state, "daemon", "start", "--json").stdout)
             pid, gw = doc["pid"], doc["gateway"]["pid"]

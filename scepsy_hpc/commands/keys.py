@@ -2,7 +2,7 @@
 
 Every call to a deployment's LLMs through the gateway needs `Authorization: Bearer KEY` with a key of
 that deployment (the openai SDK sends its `api_key` so). `scepsy up` makes the owner's key; `create`
-makes more (shown once: only its hash is kept), `revoke` ends one within a second.
+makes more (shown once: only its hash is kept), `revoke` ends one (refused from the next call once it returns).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def add_arguments(sub: Any) -> None:
     ls.add_argument("name", nargs="?", metavar="NAME", help="only this deployment's keys")
     ls.add_argument("--json", action="store_true", help="print one JSON object")
     add_state_dir(ls)
-    rv = ksub.add_parser("revoke", help="revoke a key by its id (the gateway refuses it within a second)")
+    rv = ksub.add_parser("revoke", help="revoke a key by its id (the gateway refuses it from the next call once this returns)")
     rv.add_argument("key_id", metavar="KEY_ID", help="the key's id, as `scepsy keys list` shows it")
     rv.add_argument("--json", action="store_true", help="print one JSON object")
     add_state_dir(rv)

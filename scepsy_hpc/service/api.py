@@ -306,6 +306,7 @@ async def _create_key(request: web.Request) -> web.Response:
     row, key = daemon.keys.create(d.name, label=label, max_concurrent=_opt_int(body, "max_concurrent", "--max-concurrent"),
                                   rpm=_opt_int(body, "rpm", "--rpm"))
     daemon.write_endpoints()
+    await daemon.reload_gateway()   # the key works from the client's first call
     daemon.event(d.name, "key", f"key {row.id} created" + (f" ({label})" if label else ""), key_id=row.id)
     return web.json_response({"key": key_doc(row), "secret": key}, status=201)
 
@@ -313,7 +314,8 @@ async def _create_key(request: web.Request) -> web.Response:
 async def _revoke_key(request: web.Request) -> web.Response:
     daemon = request.app[_DAEMON]
     row = daemon.keys.revoke(request.match_info["key_id"])
-    daemon.write_endpoints()   # the gateway refuses the key once it reloads the file (within ~0.2 s)
+    daemon.write_endpoints()
+    await daemon.reload_gateway()   # refused from the next call on, once this answers
     daemon.event(row.deployment, "key", f"key {row.id} revoked", key_id=row.id)
     return web.json_response({"key": key_doc(row)})
 

@@ -577,6 +577,11 @@ class Daemon(Continuity):
         return bool(want) and all(isinstance(models.get(k), dict) and models[k].get("replicas") == n
                                   for k, n in want.items())
 
+    async def reload_gateway(self) -> None:
+        """Have the gateway load the endpoints file now (its stats re-read it first), so a key just created
+        or revoked counts from the caller's next call, not ~0.2 s later."""
+        await self._gateway_stats()
+
     async def _gateway_stats(self) -> dict[str, Any]:
         """The gateway's /scepsy/v1/stats ({} when it does not answer)."""
         if not self.gateway.url:

@@ -74,7 +74,9 @@ def check_placement(plan: Any, cluster: ClusterSpec | None, smap: SourceMap) -> 
         problems += mine
         if mine:
             continue
-        first = ports.setdefault((entry.node, entry.port), k)
+        # A port left out of the entry is the default, which the node agent moves up to a free one; only
+        # ports written twice on one node are a mistake.
+        first = ports.setdefault((entry.node, entry.port), k) if "port" in entry.model_fields_set else k
         if first != k:
             problems.append(f"{where}: placement[{k}].port: port {entry.port} on node {entry.node!r} is already "
                             f"placement[{first}]'s; give each engine on a node its own port")

@@ -40,10 +40,9 @@ async def gateway(models, gpus, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-async def faulty_gateway(models, gpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+async def faulty_gateway(models, gpus, tmp_path: Path):  # type: ignore[no-untyped-def]
     """As `gateway`, plus LLMs `fa` and `fb` on two more engines that close every connection after 3 output
     tokens (the engines' own fault hook: the gateway never forwards a client's `X-Sim-Fault`)."""
-    monkeypatch.setenv("SCEPSY_SIM_TEST_HOOKS", "1")
     async with _gateway_over(models, gpus, tmp_path, faulty=True) as url:
         yield url
 
@@ -53,7 +52,8 @@ async def _gateway_over(models, gpus, tmp_path: Path, *, faulty: bool):  # type:
     runners, urls = [], []
     for seed in range(4 if faulty else 2):
         perf = EnginePerf(EngineConfig(models[SERVED], gpus["h100-sxm"]))
-        server = SimEngineServer(perf, served_name=SERVED, time_scale=SCALE, max_model_len=4096, seed=seed)
+        server = SimEngineServer(perf, served_name=SERVED, time_scale=SCALE, max_model_len=4096, seed=seed,
+                                 test_hooks=faulty)
         runner, url = await _serve(server.make_app())
         runners.append(runner)
         urls.append(url)

@@ -213,14 +213,25 @@ async def test_the_openai_sdk_works_with_a_key_streaming_included_and_fails_with
 
 
 async def test_test_hooks_and_the_clients_credentials_are_not_forwarded(stack: Any) -> None:
-    async with stack({"planner": 1}) as s:
-        status, _ = await s.post("/v1/chat/completions", {"model": "planner", "messages": CHAT},
-                                 headers={"X-Sim-Fault": "http500", "x-sim-other": "1", "Authorization": "Bearer k",
-                                          "Cookie": "c=1", "X-Other": "kept"})
-        seen = s.engines["planner"][0].calls[0].headers
+    hostile = {"X-Sim-Fault": "http500", "x-sim-other": "1", "Cookie": "c=1", "X-Other": "kept"}
+    async with stack({"demo/planner": 1}) as s:
+        with_auth(s, ("0a0a0a0a", KEY_A, ["demo"], {}))
+        status, _ = await s.post("/v1/chat/completions", {"model": "demo/planner", "messages": CHAT},
+                                 headers={**hostile, **bearer(KEY_A)})
+        seen = s.engines["demo/planner"][0].calls[0].headers
     lower = {k.lower() for k in seen}
     assert status == 200 and "x-other" in lower
-    assert not lower & {"x-sim-fault", "x-sim-other", "authorization", "cookie"}
+    assert not lower & {"x-sim-fault", "x-sim-other", "authorization", "cookie"}   # the client key stays here
+
+
+async def test_without_keys_the_clients_authorization_goes_on_but_test_hooks_never(stack: Any) -> None:
+    # A hand-run gateway (no `auth` section) in front of engines the user guards with their own --api-key.
+    async with stack({"planner": 1}) as s:
+        status, _ = await s.post("/v1/chat/completions", {"model": "planner", "messages": CHAT},
+                                 headers={"X-Sim-Fault": "http500", "x-sim-other": "1", "Authorization": "Bearer k"})
+        seen = s.engines["planner"][0].calls[0].headers
+    assert status == 200 and seen.get("Authorization") == "Bearer k"
+    assert not {k.lower() for k in seen} & {"x-sim-fault", "x-sim-other"}
 
 
 async def test_a_trace_file_holding_an_earlier_run_is_refused_unless_appending(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_bad_time_scale_exits_2_and_debug_keeps_the_traceback(tmp_path: Path, ca
     ep.write_text("llms:\n  a:\n    replicas: [http://h:1]\n")
     monkeypatch.delenv("SCEPSY_DEBUG", raising=False)
     assert main(["--endpoints", str(ep), "--time-scale", "-1"]) == 2
-    assert capsys.readouterr().err == "--time-scale -1: the time scale must be positive\n"
+    assert capsys.readouterr().err == "--time-scale -1: the time scale must be a positive number\n"
     monkeypatch.setenv("SCEPSY_DEBUG", "1")
     with pytest.raises(SpecError) as exc:
         main(["--endpoints", str(tmp_path / "missing.yaml")])

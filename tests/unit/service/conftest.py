@@ -43,7 +43,7 @@ def wait_state(state: Path, name: str, want: str | tuple[str, ...], timeout_s: f
     pytest.fail(f"{name} never reached {wants}: last {json.dumps(doc)[:2000]}\nevents:\n{events[-3000:]}")
 
 
-def small_plan(path: Path, workflow: str = "rag_rerank", nodes: tuple[str, str] = ("n1", "n2")) -> Path:
+def small_plan(path: Path, workflow: str = "rag_rerank", nodes: tuple[str, str] = ("node1", "node2")) -> Path:
     """A placed plan of rag_rerank (3 engines: one tp=4, two sharing a GPU) or mixture_of_agents-free shapes."""
     a, b = nodes
     plan = {"workflow": "rag_rerank", "gpus": {"type": "h100-sxm", "count": 5},

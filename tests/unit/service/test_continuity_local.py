@@ -28,7 +28,7 @@ LLMS = ("generator", "rewriter", "reranker")
 def two_copy_plan(path: Path) -> Path:
     """rag_rerank with every LLM on both nodes (three GPUs each): a node can go while the other serves all three."""
     placement = []
-    for replica, node in enumerate(("n1", "n2")):
+    for replica, node in enumerate(("node1", "node2")):
         placement += [{"llm": "generator", "replica": replica, "node": node, "gpus": [0, 1]},
                       {"llm": "rewriter", "replica": replica, "node": node, "gpus": [2]},
                       {"llm": "reranker", "replica": replica, "node": node, "gpus": [2]}]
@@ -109,7 +109,7 @@ async def test_without_room_for_two_copies_nodes_are_replaced_one_at_a_time_fail
 
     paths = StatePaths(state)
     paths.ensure()
-    backend = LocalBackend(paths.local_jobs, nodes={"n1": 3, "n2": 3})   # the plan fills both: no room
+    backend = LocalBackend(paths.local_jobs, nodes={"node1": 3, "node2": 3})   # the plan fills both: no room
     daemon = Daemon(paths, poll_s=0.5, backends={"local": backend})
     task = asyncio.create_task(daemon.run())
     try:
@@ -193,7 +193,7 @@ async def test_a_daemon_killed_during_a_cutover_completes_it_after_restart_witho
     # nothing duplicated: one replacement per node; nothing orphaned: every other job of ours has ended
     backend = LocalBackend(state / ".local-jobs")
     replacements = [j for j in after["jobs"] if j["replaces"]]
-    assert sorted(j["unit"] for j in replacements if j["ended"] is None) == ["n1", "n2"]
+    assert sorted(j["unit"] for j in replacements if j["ended"] is None) == ["node1", "node2"]
     running = {p.name for p in (state / ".local-jobs").glob("local-*") if backend.status(p.name).active}
     assert running == {j["job_id"] for j in after["jobs"] if j["ended"] is None}
 
@@ -209,7 +209,7 @@ async def test_a_drained_node_is_excluded_and_its_job_cut_over_to_another_node_f
     monkeypatch.setattr(continuity, "NODE_CHECK_S", 1.0)   # the nodes' states read every second, not every 30 s
     paths = StatePaths(state)
     paths.ensure()
-    backend = LocalBackend(paths.local_jobs, nodes={"n1": 4, "n2": 4, "n3": 4})
+    backend = LocalBackend(paths.local_jobs, nodes={"node1": 4, "node2": 4, "node3": 4})
     daemon = Daemon(paths, poll_s=0.5, backends={"local": backend})
     task = asyncio.create_task(daemon.run())
     try:
@@ -220,21 +220,21 @@ async def test_a_drained_node_is_excluded_and_its_job_cut_over_to_another_node_f
         deadline = time.monotonic() + 60
         while daemon.store.get_deployment("dn").state != "serving" and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        (on_n2,) = [j for j in daemon.store.jobs("dn", live_only=True) if j.nodes == "n2"]
+        (on_n2,) = [j for j in daemon.store.jobs("dn", live_only=True) if j.nodes == "node2"]
 
         def moved() -> bool:
             live = daemon.store.jobs("dn", live_only=True)
-            return daemon.store.get_deployment("dn").state == "serving" and [j.nodes for j in live if j.unit == "n2"] == ["n3"]
+            return daemon.store.get_deployment("dn").state == "serving" and [j.nodes for j in live if j.unit == "node2"] == ["node3"]
 
-        backend.node_states["n2"] = "drained"   # an admin's `scontrol update nodename=n2 state=drain`
+        backend.node_states["node2"] = "drained"   # an admin's `scontrol update nodename=node2 state=drain`
         records = await drive_until(f"{daemon.gateway.url}/d/dn/v1", moved, timeout_s=60,
                                   key=owner_key(state, "dn"))
         said = [f"{e.kind}: {e.message}" for e in daemon.store.events("dn")]
         assert moved(), said[-30:]
         assert summary(records)["failed"] == 0, summary(records)
-        assert any(k.startswith("node-excluded: node n2 excluded") and "drained" in k for k in said), said[-30:]
+        assert any(k.startswith("node-excluded: node node2 excluded") and "drained" in k for k in said), said[-30:]
         assert any(k.startswith("cutover-start") and "excluded node" in k for k in said), said[-30:]
-        assert daemon.store.get_deployment("dn").options["excluded_nodes"].keys() == {"n2"}
+        assert daemon.store.get_deployment("dn").options["excluded_nodes"].keys() == {"node2"}
         ended = {j.job_id: j for j in daemon.store.jobs("dn")}[on_n2.job_id]
         assert ended.state == "CANCELLED" and ended.drain_started is not None   # drained first, then cancelled
     finally:
@@ -278,13 +278,13 @@ async def test_a_job_requeued_by_slurm_is_abandoned_cancelled_and_its_node_place
         deadline = time.monotonic() + 60
         while daemon.store.get_deployment("rq").state != "serving" and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        (victim,) = [j for j in daemon.store.jobs("rq", live_only=True) if j.unit == "n2"]
+        (victim,) = [j for j in daemon.store.jobs("rq", live_only=True) if j.unit == "node2"]
         backend.requeued.add(victim.job_id)   # Slurm requeued it (preemption, a node failure)
 
         def replaced() -> bool:
             live = [j for j in daemon.store.jobs("rq", live_only=True) if j.role != "abandoned"]
             return daemon.store.get_deployment("rq").state == "serving" and \
-                victim.job_id not in {j.job_id for j in live} and {j.unit for j in live} == {"n1", "n2"}
+                victim.job_id not in {j.job_id for j in live} and {j.unit for j in live} == {"node1", "node2"}
 
         records = await drive_until(f"{daemon.gateway.url}/d/rq/v1", replaced, timeout_s=60,
                                   key=owner_key(state, "rq"))

@@ -38,7 +38,7 @@ def test_two_deployments_survive_a_daemon_kill9_under_load_and_down_all_leaves_n
     again = scepsy(state, "daemon", "start")
     assert again.returncode == 1 and f"pid {first['pid']}" in again.stderr, again.stderr
 
-    for name, nodes in (("alpha", ("n1", "n2")), ("beta", ("n3", "n4"))):
+    for name, nodes in (("alpha", ("node1", "node2")), ("beta", ("node3", "node4"))):
         up = scepsy(state, "up", str(small_plan(tmp_path / f"{name}.yaml", nodes=nodes)), "--name", name, "--detach",
                     "--time-scale", "0.05")
         assert up.returncode == 0, up.stderr
@@ -110,7 +110,7 @@ def test_a_killed_node_agent_degrades_within_a_poll_then_its_node_is_placed_anew
     up = scepsy(state, "up", str(small_plan(tmp_path / "p.yaml")), "--name", "solo", "--detach", "--time-scale", "0.05")
     assert up.returncode == 0, up.stderr
     doc = wait_state(state, "solo", "serving")
-    (report_path,) = (state / "deployments" / "solo" / "jobs").glob("*/agents/n2.json")   # n2's job: one per node
+    (report_path,) = (state / "deployments" / "solo" / "jobs").glob("*/agents/node2.json")   # node2's job: one per node
     report = json.loads(report_path.read_text())
     on_n2 = {i["pid"] for i in report["instances"]}
     n2_job = report["job_id"] or next(i["job_id"] for i in doc["instances"] if i["pid"] in on_n2)
@@ -123,7 +123,7 @@ def test_a_killed_node_agent_degrades_within_a_poll_then_its_node_is_placed_anew
     again = wait_state(state, "solo", "serving", timeout_s=60, check=lambda d: n2_job not in
                        {i["job_id"] for i in d["instances"]} and len(d["instances"]) == len(doc["instances"]))
     assert all(c["now"] == c["plan"] for c in again["continuity"]["capacity"].values())
-    assert "placing node n2's engines anew" in scepsy(state, "events", "solo").stdout
+    assert "placing node node2's engines anew" in scepsy(state, "events", "solo").stdout
     down = scepsy(state, "down", "solo")
     assert down.returncode == 0, down.stderr
     assert [p for p in (i["pid"] for i in doc["instances"] + again["instances"]) if alive(p)] == []

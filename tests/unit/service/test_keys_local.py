@@ -57,7 +57,7 @@ def _up(sv: Any, state: Path, tmp_path: Path, name: str, nodes: tuple[str, str])
 def test_keys_lifecycle_through_the_cli_the_endpoints_file_and_the_openai_sdk(tmp_path: Path, state: Path,
                                                                              sv: Any) -> None:
     assert sv.scepsy(state, "daemon", "start", "--poll", "0.5", "--trace").returncode == 0
-    doc = _up(sv, state, tmp_path, "ka", ("n1", "n2"))
+    doc = _up(sv, state, tmp_path, "ka", ("node1", "node2"))
     shown = sv.scepsy(state, "keys", "show", "ka")
     owner = shown.stdout.strip()
     assert shown.returncode == 0 and KEY.match(owner), shown.stderr
@@ -124,22 +124,19 @@ def test_keys_lifecycle_through_the_cli_the_endpoints_file_and_the_openai_sdk(tm
 def test_the_gateway_refuses_no_key_another_deployments_key_and_a_revoked_key_and_engines_their_secretless_calls(
         tmp_path: Path, state: Path, sv: Any) -> None:
     assert sv.scepsy(state, "daemon", "start", "--poll", "0.5").returncode == 0
-    a = _up(sv, state, tmp_path, "da", ("n1", "n2"))
-    b = _up(sv, state, tmp_path, "db", ("n3", "n4"))
+    a = _up(sv, state, tmp_path, "da", ("node1", "node2"))
+    b = _up(sv, state, tmp_path, "db", ("node3", "node4"))
     key_a, key_b = sv.owner_key(state, "da"), sv.owner_key(state, "db")
     url_a, url_b = f"{a['base_url']}/chat/completions", f"{b['base_url']}/chat/completions"
     assert _status_of(url_a, key_a, CALL) == 200 and _status_of(url_b, key_b, CALL) == 200
     assert _status_of(url_a, None, CALL) == 401
     assert _status_of(url_a, "sk-scepsy-00000000-" + "x" * 43, CALL) == 401
-    assert _status_of(url_b, key_a, CALL) in (401, 403)                               # A's key on B
-    assert _status_of(f"{a['gateway_url']}/v1/chat/completions", key_a, {**CALL, "model": "db/generator"}) in (401, 403, 404)
+    assert _status_of(url_b, key_a, CALL) == 404   # A's key on B: model_not_found, naming no other deployment
+    assert _status_of(f"{a['gateway_url']}/v1/chat/completions", key_a, {**CALL, "model": "db/generator"}) == 404
     made = json.loads(sv.scepsy(state, "keys", "create", "da", "--json").stdout)
     assert _status_of(url_a, made["secret"], CALL) == 200
     assert sv.scepsy(state, "keys", "revoke", made["key"]["id"]).returncode == 0
-    t0 = time.monotonic()
-    while _status_of(url_a, made["secret"], CALL) != 401 and time.monotonic() - t0 < 1.0:
-        time.sleep(0.05)
-    assert _status_of(url_a, made["secret"], CALL) == 401 and time.monotonic() - t0 < 1.0   # refused within a second
+    assert _status_of(url_a, made["secret"], CALL) == 401   # refused from the first call after `revoke` returns
     # an engine called directly: only with its job's secret
     gen = next(i for i in a["instances"] if i["llm"] == "generator")
     job = next(j for j in a["jobs"] if j["job_id"] == gen["job_id"])
