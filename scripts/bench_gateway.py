@@ -225,6 +225,37 @@ async def _blast_aiohttp(base: str, request: tuple[str, dict[str, str], bytes], 
     return wall, lat
 
 
+async def _blast_openai(base: str, request: tuple[str, dict[str, str], bytes], n: int,
+                        concurrency: int) -> tuple[float, list[float]]:
+    """As `_blast`, with the openai SDK's AsyncOpenAI (httpx): what an agent's own code sends."""
+    import openai
+
+    url, headers, body = request
+    doc = json.loads(body)
+    key = headers.get("Authorization", "Bearer x").split(" ", 1)[1]
+    client = openai.AsyncOpenAI(base_url=url.rsplit("/completions", 1)[0], api_key=key, max_retries=0,
+                                http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
+    left = n
+    lat: list[float] = []
+
+    async def worker() -> None:
+        nonlocal left
+        clock = time.perf_counter
+        while left > 0:
+            left -= 1
+            t0 = clock()
+            await client.completions.create(model=doc["model"], prompt=doc["prompt"], max_tokens=doc["max_tokens"])
+            lat.append(clock() - t0)
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    finally:
+        await client.close()
+    return wall, lat
+
+
 def _aiohttp_request(base: str, model: str, headers: dict[str, str], max_tokens: int,
                      prompt_tokens: int) -> tuple[str, dict[str, str], bytes]:
     body = json.dumps({"model": model, "prompt": list(range(1, prompt_tokens + 1)), "max_tokens": max_tokens}).encode()
@@ -237,7 +268,8 @@ async def _throughput(args: argparse.Namespace, paths: dict[str, Path_], pids: d
 
     `client`: "raw" (one pre-encoded request written on keep-alive connections: the client costs almost
     nothing, so the servers' costs show) or "aiohttp" (a pooled aiohttp session, as an application sends)."""
-    make, blast = (_raw_request, _blast) if client == "raw" else (_aiohttp_request, _blast_aiohttp)
+    make, blast = {"raw": (_raw_request, _blast), "aiohttp": (_aiohttp_request, _blast_aiohttp),
+                   "openai": (_aiohttp_request, _blast_openai)}[client]
     reqs = {name: make(base, model, headers, args.tput_max_tokens, args.prompt_tokens)
             for name, (base, model, headers) in paths.items()}
     conc, rounds = args.tput_concurrency, args.tput_rounds
@@ -285,7 +317,7 @@ async def _measure(args: argparse.Namespace, paths: dict[str, Path_], pids: dict
     doc: dict[str, Any] = {"rows": await _latency(args, paths, rng) if args.n > 0 else []}
     if args.tput_n > 0:
         doc["throughput"] = [await _throughput(args, paths, pids, client)
-                             for client in (("raw", "aiohttp") if args.tput_client == "both" else (args.tput_client,))]
+                             for client in (("raw", "aiohttp", "openai") if args.tput_client == "all" else (args.tput_client,))]
     return doc
 
 
@@ -333,8 +365,9 @@ def _print(args: argparse.Namespace, doc: dict[str, Any], mode: str, traced: int
 
 
 def _print_throughput(t: dict[str, Any]) -> None:
-    what = ("raw keep-alive HTTP/1.1 client (one pre-encoded request)" if t["client"] == "raw"
-            else "aiohttp client session (pooled, as an application sends)")
+    what = {"raw": "raw keep-alive HTTP/1.1 client (one pre-encoded request)",
+            "aiohttp": "aiohttp client session (pooled, as an application sends)",
+            "openai": "openai SDK AsyncOpenAI (httpx), as an agent's code sends"}[t["client"]]
     print(f"\nthroughput: unary /v1/completions, max_tokens {t['max_tokens']}, concurrency {t['concurrency']}, "
           f"{t['rounds']} alternating rounds of {t['calls_per_round']} calls per path; {what}")
     procs = list(t["direct"]["cpu_ms_per_call"])
@@ -367,9 +400,9 @@ def main() -> int:
     p.add_argument("--tput-concurrency", type=int, default=16)
     p.add_argument("--tput-rounds", type=int, default=6, help="throughput: rounds per path, alternating (default 6)")
     p.add_argument("--tput-max-tokens", type=int, default=1)
-    p.add_argument("--tput-client", choices=("raw", "aiohttp", "both"), default="both",
-                   help="throughput client: raw pre-encoded HTTP (the servers' cost shows), an aiohttp session "
-                        "(an application's cost), or both, one after the other (default)")
+    p.add_argument("--tput-client", choices=("raw", "aiohttp", "openai", "all"), default="all",
+                   help="throughput client: raw pre-encoded HTTP (the servers' cost shows), an aiohttp session, "
+                        "the openai SDK (an agent's cost), or all three, one after the other (default)")
     p.add_argument("--inproc", action="store_true", help="run the gateway in this process (shares the client's loop)")
     p.add_argument("--no-trace", action="store_true", help="run the gateway without a trace file")
     p.add_argument("--uvloop", action="store_true",
@@ -422,7 +455,7 @@ def main() -> int:
                     if args.tput_n > 0:
                         gw_paths = {**paths, "gateway": (url, *paths["gateway"][1:])}
                         doc["throughput"] = [asyncio.run(_throughput(args, gw_paths, pids, client)) for client in
-                                             (("raw", "aiohttp") if args.tput_client == "both" else (args.tput_client,))]
+                                             (("raw", "aiohttp", "openai") if args.tput_client == "all" else (args.tput_client,))]
                     mode = "subprocess"
                 finally:
                     proc.stop()
