@@ -148,11 +148,14 @@ def load_target(req: UpRequest, session_dir: Path, models: Any, gpus: Any, clust
         files = _workflow_files(data)
         wfs = [load_workflow(f, models) for f in files]
         plan = load_plan(path, wfs[0] if len(wfs) == 1 else None, models, gpus)
-        # The plan's own checks ran in load_plan; its placement against this cluster's nodes and GPUs runs
-        # here, before anything is written or submitted (as `scepsy validate PLAN --cluster CLUSTER` does).
-        problems = check_placement(plan, cluster, smap)
-        if problems:
-            raise SpecError(problems)
+        # The plan's own checks ran in load_plan. On the local backend the cluster spec is the truth about the
+        # nodes, so the placement is checked against it here, before anything is written (as `scepsy validate
+        # PLAN --cluster CLUSTER` does); on Slurm the live partition is, and the backend's preflight checks
+        # nodes, GPU indices and node states against it before anything is submitted.
+        if req.backend == "local":
+            problems = check_placement(plan, cluster, smap)
+            if problems:
+                raise SpecError(problems)
         return plan, wfs, path, files
     wf = load_workflow(path, models)
     from scepsy_hpc.planning import PlanRequest, plan

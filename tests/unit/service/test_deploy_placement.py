@@ -52,3 +52,12 @@ def test_a_good_placement_is_served_as_given(tmp_path: Path) -> None:
     plan, wfs, plan_path, _ = load_target(UpRequest(name="d", target=str(path)), tmp_path, models, gpus, cluster,
                                           lambda _: None)
     assert plan_path == path and plan.placement and [w.name for w in wfs] == ["rag_rerank"]
+
+
+def test_on_slurm_the_live_partition_judges_the_nodes_not_the_spec(tmp_path: Path) -> None:
+    # The backend's preflight checks nodes and GPUs against the partition (tests/integration/test_slurm_serving.py):
+    # a spec's static node list must not refuse a plan placed for the real cluster.
+    path, models, gpus, cluster = _placed_plan(tmp_path, {"node": "gpu-a01"})
+    plan, _, _, _ = load_target(UpRequest(name="d", target=str(path), backend="slurm"), tmp_path, models, gpus,
+                                cluster, lambda _: None)
+    assert plan.placement[0].node == "gpu-a01"
