@@ -88,6 +88,7 @@ def _list(args: argparse.Namespace, client: Any) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     from rich.table import Table
+    from rich.text import Text
 
     from scepsy_hpc.commands.common import make_console
 
@@ -95,7 +96,8 @@ def _list(args: argparse.Namespace, client: Any) -> int:
     for col in ("ID", "DEPLOYMENT", "LABEL", "CREATED", "REVOKED", "LIMITS"):
         t.add_column(col, no_wrap=True)
     for k in doc["keys"]:
-        t.add_row(k["id"], k["deployment"], k["label"] or "-", _when(k["created"]),
+        # A label is the user's text: shown as text, never read as rich markup ("[/]" would not print).
+        t.add_row(k["id"], k["deployment"], Text(k["label"] or "-"), _when(k["created"]),
                   _when(k["revoked_at"]) if k["revoked"] else "-", _limits(k))
     make_console().print(t if doc["keys"] else "no keys: `scepsy up` makes the owner's, `scepsy keys create NAME` more")
     return 0

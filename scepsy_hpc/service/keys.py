@@ -86,6 +86,8 @@ class Keys:
         _limit(rpm, "--rpm")
         if len(label) > 200:
             raise SpecError(f"--label of {len(label)} characters: keep it under 200")
+        if not label.isprintable():
+            raise SpecError(f"--label {label!r}: use printable characters (no control characters or line breaks)")
         for _ in range(8):   # 2^32 ids: a collision is rare, and another draw fixes it
             key_id, key = new_key()
             if self.store.get_key(key_id) is None and key_id != DAEMON_KEY_ID:

@@ -46,6 +46,27 @@ def test_a_limit_that_is_not_a_whole_number_above_zero_is_refused_naming_its_fla
     assert keys.store.keys() == []
 
 
+@pytest.mark.parametrize("label", ["x" * 201, "two\nlines", "esc\x1b[31m"])
+def test_a_label_too_long_or_with_control_characters_is_refused(keys: Keys, label: str) -> None:
+    with pytest.raises(Exception) as err:
+        keys.create("demo", label=label)
+    assert "--label" in str(err.value)
+    assert keys.store.keys() == []
+
+
+def test_a_label_is_listed_as_text_not_as_rich_markup(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from scepsy_hpc.commands import keys as keys_cmd
+
+    doc = {"keys": [{"id": "0a0a0a0a", "deployment": "demo", "label": "[/] [bold]x", "created": 0.0,
+                     "revoked": False, "revoked_at": None, "max_concurrent": None, "rpm": None}]}
+    client = SimpleNamespace(request=lambda *a, **kw: doc)
+    keys_cmd._list(SimpleNamespace(name=None, json=False), client)
+    assert "[/] [bold]x" in capsys.readouterr().out
+
+
 def test_the_owner_key_is_kept_in_a_private_file_and_reused_until_revoked(keys: Keys, tmp_path: Path) -> None:
     session = tmp_path / "state" / "deployments" / "demo"
     first = keys.ensure_owner("demo", session)
