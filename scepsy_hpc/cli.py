@@ -21,7 +21,7 @@ from scepsy_hpc.errors import run_entry
 
 # in the order of `scepsy --help`; the passthrough servers come after simulate
 COMMANDS = ("validate", "simulate", "trace", "predict", "profile", "plan", "topology", "daemon", "serve", "keys", "bench")
-PASSTHROUGH = {"gateway": ("scepsy_hpc.gateway.app", "main"), "engine-sim": ("scepsy_hpc.engine.sim_server", "main")}
+PASSTHROUGH = {"gateway": ("scepsy_hpc.gateway.server", "main"), "engine-sim": ("scepsy_hpc.engine.sim_server", "main")}
 
 
 def build_parser() -> argparse.ArgumentParser:

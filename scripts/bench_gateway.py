@@ -434,7 +434,7 @@ def main() -> int:
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
                 cmd = [sys.executable, "-m", "scepsy_hpc.gateway", "--endpoints", str(ep), "--port", str(port)]
                 if args.uvloop:
-                    cmd[1:3] = ["-c", "import sys, uvloop; uvloop.install(); from scepsy_hpc.gateway.app import main; "
+                    cmd[1:3] = ["-c", "import sys, uvloop; uvloop.install(); from scepsy_hpc.gateway.server import main; "
                                       "sys.exit(main(sys.argv[1:]))"]
                 if args.profile:
                     cmd[1:3] = ["-m", "cProfile", "-o", str(Path(args.profile).resolve()), "-m", "scepsy_hpc.gateway"]

@@ -203,7 +203,7 @@ async def _drive(args, wf, wf_path, driver: str, endpoints, out):
     from scepsy_hpc.drive.synthetic import drive_program
     import time
 
-    from scepsy_hpc.gateway.app import start_gateway
+    from scepsy_hpc.gateway.server import start_gateway
 
     # Appended runs get their own request ids (the gateway's clock also restarts at 0 per run).
     prefix = f"r{int(time.time())}" if args.append else "r"
