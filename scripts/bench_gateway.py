@@ -170,59 +170,57 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         parts.append((await reader.readexactly(size + 2))[:-2])
 
 
-async def _blast(base: str, request: bytes, n: int, concurrency: int) -> tuple[float, list[float]]:
-    """Send `n` calls over `concurrency` keep-alive connections as fast as they answer: (wall s, latencies s)."""
-    host, port = base.split("://", 1)[1].rsplit(":", 1)
-    conns = [await asyncio.open_connection(host, int(port)) for _ in range(concurrency)]
+async def _closed_loop(n: int, senders: list[Callable[[], Awaitable[None]]]) -> tuple[float, list[float]]:
+    """`n` calls, each worker sending its next as soon as its last one answered: (wall s, latencies s)."""
     left = n
     lat: list[float] = []
 
-    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def worker(send: Callable[[], Awaitable[None]]) -> None:
         nonlocal left
         clock = time.perf_counter
         while left > 0:
             left -= 1
             t0 = clock()
+            await send()
+            lat.append(clock() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(send) for send in senders))
+    return time.perf_counter() - t0, lat
+
+
+async def _blast(base: str, request: bytes, n: int, concurrency: int) -> tuple[float, list[float]]:
+    """Send `n` calls over `concurrency` keep-alive connections as fast as they answer: (wall s, latencies s)."""
+    host, port = base.split("://", 1)[1].rsplit(":", 1)
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(concurrency)]
+
+    def sender(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Callable[[], Awaitable[None]]:
+        async def send() -> None:
             writer.write(request)
             status, data = await _read_response(reader)
-            lat.append(clock() - t0)
             if status != 200:
                 raise RuntimeError(f"{base}: HTTP {status}: {data[:300]!r}")
+        return send
 
     try:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(r, w) for r, w in conns))
-        wall = time.perf_counter() - t0
+        return await _closed_loop(n, [sender(r, w) for r, w in conns])
     finally:
         for _, w in conns:
             w.close()
-    return wall, lat
 
 
 async def _blast_aiohttp(base: str, request: tuple[str, dict[str, str], bytes], n: int,
                          concurrency: int) -> tuple[float, list[float]]:
-    """As `_blast`, with an aiohttp client session (what an application's HTTP client costs: the issue's method)."""
+    """As `_blast`, with an aiohttp client session (what an application's HTTP client costs)."""
     url, headers, body = request
-    left = n
-    lat: list[float] = []
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        async def worker() -> None:
-            nonlocal left
-            clock = time.perf_counter
-            while left > 0:
-                left -= 1
-                t0 = clock()
-                async with session.post(url, data=body, headers=headers) as r:
-                    data = await r.read()
-                    if r.status != 200:
-                        raise RuntimeError(f"{base}: HTTP {r.status}: {data[:300]!r}")
-                lat.append(clock() - t0)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def send() -> None:
+            async with session.post(url, data=body, headers=headers) as r:
+                data = await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{base}: HTTP {r.status}: {data[:300]!r}")
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return wall, lat
+        return await _closed_loop(n, [send] * concurrency)
 
 
 async def _blast_openai(base: str, request: tuple[str, dict[str, str], bytes], n: int,
@@ -235,25 +233,14 @@ async def _blast_openai(base: str, request: tuple[str, dict[str, str], bytes], n
     key = headers.get("Authorization", "Bearer x").split(" ", 1)[1]
     client = openai.AsyncOpenAI(base_url=url.rsplit("/completions", 1)[0], api_key=key, max_retries=0,
                                 http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
-    left = n
-    lat: list[float] = []
 
-    async def worker() -> None:
-        nonlocal left
-        clock = time.perf_counter
-        while left > 0:
-            left -= 1
-            t0 = clock()
-            await client.completions.create(model=doc["model"], prompt=doc["prompt"], max_tokens=doc["max_tokens"])
-            lat.append(clock() - t0)
+    async def send() -> None:
+        await client.completions.create(model=doc["model"], prompt=doc["prompt"], max_tokens=doc["max_tokens"])
 
     try:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+        return await _closed_loop(n, [send] * concurrency)
     finally:
         await client.close()
-    return wall, lat
 
 
 def _aiohttp_request(base: str, model: str, headers: dict[str, str], max_tokens: int,
