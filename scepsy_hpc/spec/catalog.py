@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -61,12 +62,22 @@ class _EngineParser(SpecModel):
     vllm: str | None = None  # the name vLLM's `--<what>` takes
     sglang: str | None = None  # the name SGLang's `--<what>` takes
 
+    @model_validator(mode="before")
+    @classmethod
+    def _per_engine(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise ValueError(f"give the {cls._what} per engine, e.g. {{vllm: {data}, sglang: ...}}: the engines "
+                             f"name one format differently (vLLM llama3_json is SGLang llama3)")
+        return data
+
     @field_validator("vllm", "sglang")
     @classmethod
     def _known_name(cls, name: str | None, info: Any) -> str | None:
         known = cls._known[info.field_name]
         if name is not None and name not in known:
-            raise ValueError(f"{name!r} is not a {cls._what} {info.field_name} knows; known: "
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{name!r} is not a {cls._what} {info.field_name} knows; {hint}known: "
                              f"{', '.join(sorted(known))}")
         return name
 
