@@ -147,7 +147,8 @@ def test_sglang_accepts_our_command_line_and_knows_our_parser_names():
         from sglang.srt.reasoning_parser import ReasoningParser
 
     used = {m.tool_call_parser.sglang for m in MODELS.values() if m.tool_call_parser and m.tool_call_parser.sglang}
-    assert used and used <= set(FunctionCallParser.ToolCallParserEnum), used - set(FunctionCallParser.ToolCallParserEnum)
+    registered = set(FunctionCallParser.ToolCallParserEnum)
+    assert used and used <= registered, used - registered
     assert {"qwen3", "deepseek-r1"} <= set(ReasoningParser.DetectorMap)
 
     argv = engine_argv(dataclasses.replace(_launch("sglang"), reasoning_parser="qwen3"), python=PY)

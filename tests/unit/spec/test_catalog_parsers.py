@@ -89,7 +89,8 @@ def test_a_catalog_with_all_three_fields_loads(tmp_path):
     ("  reasoning_parser:\n    sglang: deepseek_r1\n", 13,
      ["m1.reasoning_parser.sglang", "'deepseek_r1' is not a reasoning parser sglang knows", "deepseek-r1"]),
     ("  tool_call_parser: {vllm: hermes, trtllm: x}\n", 12, ["unknown key 'trtllm'", "valid keys here: sglang, vllm"]),
-    ("  tool_call_parser: hermes\n", 12, ["m1.tool_call_parser", "give the tool-call parser per engine, e.g. {vllm: hermes, sglang: ...}"]),
+    ("  tool_call_parser: hermes\n", 12,      # a bare name: which engine's?
+     ["m1.tool_call_parser", "give the tool-call parser per engine, e.g. {vllm: hermes, sglang: ...}"]),
     ("  tool_call_parser: {}\n", 12, ["name the tool-call parser for vllm, sglang or both"]),
     ("  chat_template: ''\n", 12, ["m1.chat_template", "must be a non-empty path or template name"]),
     ("  chat_template: \"a\\nb\"\n", 12, ["m1.chat_template", "on one line"]),
