@@ -7,6 +7,12 @@ Engine secret: an engine started with the job's secret answers /v1 (and the sim 
 `Authorization: Bearer SECRET`; /health and /metrics stay open (the agent's probes, Prometheus). The
 secret goes by environment wherever the engine reads one (`secret_env`), so that it never shows in `ps`
 (a process's environment is readable by its owner and root only); `secret_argv` is the rest.
+
+Output parsers: agents send `tools=[...]`, and vLLM answers tool_choice "auto" only when started with
+`--enable-auto-tool-choice --tool-call-parser NAME`. The name is the model's (configs/models.yaml
+`tool_call_parser`, one name per engine), as are `--reasoning-parser` and `--chat-template`;
+`parser_fields` fills them into a launch, and a plan's allocation can override each. The sim engine
+takes none of them.
 """
 
 from __future__ import annotations
@@ -14,9 +20,13 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from scepsy_hpc.errors import SpecError
+from scepsy_hpc.spec.catalog import KNOWN_REASONING_PARSERS, KNOWN_TOOL_CALL_PARSERS, check_chat_template
+
+if TYPE_CHECKING:
+    from scepsy_hpc.spec.catalog import ModelSpec
 
 ENGINES = ("sim", "vllm", "sglang")
 TP_DEGREES = (1, 2, 4, 8, 16)
@@ -40,7 +50,24 @@ class EngineLaunch:
     dummy_weights: bool = False  # profiling: random weights (--load-format dummy)
     time_scale: float = 1.0  # sim only
     seed: int = 0  # sim only
+    # vllm/sglang only, named as that engine's registry names them (see `parser_fields`):
+    tool_call_parser: str | None = None  # --tool-call-parser (vLLM: with --enable-auto-tool-choice)
+    reasoning_parser: str | None = None  # --reasoning-parser
+    chat_template: str | None = None  # --chat-template: a path (read from the engine's cwd) or a name
     extra_args: tuple[str, ...] = ()  # appended verbatim (user-supplied engine flags)
+
+
+def parser_fields(model: "ModelSpec", engine: str, *, tool_call_parser: str | None = None,
+                  reasoning_parser: str | None = None, chat_template: str | None = None) -> dict[str, str | None]:
+    """EngineLaunch's parser fields for `model` served by `engine`: the catalog's, each given one overriding it.
+
+    The overrides are names for `engine` (a plan is served by one engine); the sim engine gets none."""
+    if engine not in KNOWN_TOOL_CALL_PARSERS:
+        return {"tool_call_parser": None, "reasoning_parser": None, "chat_template": None}
+    tool = model.tool_call_parser.name_for(engine) if model.tool_call_parser else None
+    reasoning = model.reasoning_parser.name_for(engine) if model.reasoning_parser else None
+    return {"tool_call_parser": tool_call_parser or tool, "reasoning_parser": reasoning_parser or reasoning,
+            "chat_template": chat_template or model.chat_template}
 
 
 def _num(x: float) -> str:
@@ -79,12 +106,38 @@ def check_launch(launch: EngineLaunch) -> None:
         problems.append(f"{who}: hf_id is empty; set the Hugging Face id or local path of the weights")
     if ln.engine == "sim" and not ln.time_scale > 0:
         problems.append(f"{who}: time_scale={ln.time_scale} must be > 0")
+    if ln.engine in KNOWN_TOOL_CALL_PARSERS:
+        problems += _parser_problems(ln, who)
     # A NUL cannot be passed in an argv word at all; exec would fail far from here.
     for word in (ln.hf_id, ln.model, ln.gpu, ln.host, *ln.extra_args):
         if "\0" in word:
             problems.append(f"{who}: {word!r} contains a NUL character")
     if problems:
         raise SpecError(problems)
+
+
+def _parser_problems(ln: EngineLaunch, who: str) -> list[str]:
+    """Parser names unknown to the launch's engine, and a chat template that is not one argv word."""
+    problems = []
+    for flag, name, known in (("tool_call_parser", ln.tool_call_parser, KNOWN_TOOL_CALL_PARSERS[ln.engine]),
+                              ("reasoning_parser", ln.reasoning_parser, KNOWN_REASONING_PARSERS[ln.engine])):
+        if name is not None and name not in known:
+            problems.append(f"{who}: {flag}={name!r} is not a name {ln.engine} registers; known: "
+                            f"{', '.join(sorted(known))}. Fix the plan or configs/models.yaml; a parser newer "
+                            f"than this list can be given with --engine-arg")
+    if ln.chat_template is not None:
+        try:
+            check_chat_template(ln.chat_template)
+        except ValueError as exc:
+            problems.append(f"{who}: {exc}")
+    return problems
+
+
+def _parser_argv(ln: EngineLaunch) -> list[str]:
+    """--tool-call-parser, --reasoning-parser and --chat-template: the same flag names in vLLM and SGLang."""
+    argv = ["--tool-call-parser", ln.tool_call_parser] if ln.tool_call_parser else []
+    argv += ["--reasoning-parser", ln.reasoning_parser] if ln.reasoning_parser else []
+    return argv + (["--chat-template", ln.chat_template] if ln.chat_template else [])
 
 
 def _vllm_argv(ln: EngineLaunch) -> list[str]:
@@ -95,6 +148,9 @@ def _vllm_argv(ln: EngineLaunch) -> list[str]:
     argv = ["vllm", "serve", ln.hf_id, "--tensor-parallel-size", str(ln.tp),
             "--gpu-memory-utilization", _num(ln.mem_frac), "--max-num-seqs", str(ln.max_num_seqs),
             "--host", ln.host, "--port", str(ln.port), "--served-model-name", ln.served_name]
+    # Without --enable-auto-tool-choice a parser alone still refuses tool_choice "auto" (vLLM's request check).
+    argv += ["--enable-auto-tool-choice"] if ln.tool_call_parser else []
+    argv += _parser_argv(ln)
     return argv + (["--load-format", "dummy"] if ln.dummy_weights else [])
 
 
@@ -104,6 +160,8 @@ def _sglang_argv(ln: EngineLaunch, python: str) -> list[str]:
     argv = [python, "-m", "sglang.launch_server", "--model-path", ln.hf_id, "--tp-size", str(ln.tp),
             "--mem-fraction-static", _num(ln.mem_frac), "--max-running-requests", str(ln.max_num_seqs),
             "--host", ln.host, "--port", str(ln.port), "--served-model-name", ln.served_name]
+    # SGLang has no --enable-auto-tool-choice: a tool-call parser is enough.
+    argv += _parser_argv(ln)
     return argv + (["--load-format", "dummy"] if ln.dummy_weights else [])
 
 

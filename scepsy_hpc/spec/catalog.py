@@ -2,17 +2,116 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, PositiveFloat, PositiveInt, RootModel, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, RootModel, field_validator, model_validator
 
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.base import SpecModel
 from scepsy_hpc.spec.source import load_yaml, validate
 
 GIB = 1024**3
+
+# Parser names each engine registers, so that a typo in configs/models.yaml or a plan fails at load
+# time, not when the first agent's request is refused. Read from the engines' own registries:
+#   vLLM vllm-project/vllm@0064cc9cb1ae57b1308015d48a57462fa27a68f2 (main, newer than the 0.33.0 we
+#     target): vllm/tool_parsers/__init__.py `_TOOL_PARSERS_TO_REGISTER` and
+#     vllm/reasoning/__init__.py `_REASONING_PARSERS_TO_REGISTER`;
+#   SGLang sgl-project/sglang@00828e568a0030e197c825dfa20f5a180b143d04 (main):
+#     python/sglang/srt/function_call/function_call_parser.py `FunctionCallParser.ToolCallParserEnum`;
+#     sglang@002e9bfc90a037dc912d3e8525dee06d5d789aa8 python/sglang/srt/parser/reasoning_parser.py
+#     `ReasoningParser.DetectorMap`.
+# A name newer than these lists is refused here; pass it with `--engine-arg` until it is added.
+# The engines name one format differently (vLLM `llama3_json` = SGLang `llama3`, vLLM `deepseek_r1` =
+# SGLang `deepseek-r1`), hence one name per engine.
+KNOWN_TOOL_CALL_PARSERS: dict[str, frozenset[str]] = {
+    "vllm": frozenset("""
+        apertus cohere_command3 cohere_command4 deepseek_v3 deepseek_v31 deepseek_v32 deepseek_v4 ernie45
+        functiongemma gemma4 gigachat3 glm45 glm47 granite granite-20b-fc granite4 hermes hunyuan_a13b hy_v3
+        inkling internlm jamba kimi_k2 kimi_k3 lfm2 llama3_json llama4_json llama4_pythonic longcat mimo
+        minicpm5 minimax_m2 minimax_m3 mistral olmo3 openai phi4_mini_json poolside_v1 pythonic qwen3_coder
+        qwen3_xml seed_oss solar_open2 step3 step3p5 xlam""".split()),
+    "sglang": frozenset("""
+        apertus2509 cohere_command4 deepseekv3 deepseekv31 deepseekv32 deepseekv4 dots gemma4 gigachat3
+        gigachat35 glm glm45 glm47 gpt-oss hermes hunyuan inkling interns1 k2_horizon kimi_k2 kimi_k3 lfm2
+        ling3 llama3 mimo minicpm5 minimax-m2 minimax-m3 mistral muse poolside_v1 pythonic qwen qwen25
+        qwen3_coder spark25 step3 step3p5 trinity""".split()),
+}
+KNOWN_REASONING_PARSERS: dict[str, frozenset[str]] = {
+    "vllm": frozenset("""
+        cohere_command3 cohere_command4 deepseek_r1 deepseek_v3 deepseek_v4 ernie45 gemma4 glm45 glm47
+        granite holo2 hunyuan_a13b hy_v3 inkling kimi_k2 kimi_k3 mimo minimax_m2 minimax_m2_append_think
+        minimax_m3 mistral nemotron_v3 olmo3 openai_gptoss poolside_v1 qwen3 seed_oss solar_open2 step3
+        step3p5""".split()),
+    "sglang": frozenset("""
+        deepseek-r1 deepseek-v3 gemma4 glm45 gpt-oss interns1 kimi kimi_k2 mimo minimax minimax-append-think
+        mistral nemotron_3 qwen3 qwen3-thinking step3 step3p5""".split()),
+}
+PARSER_ENGINES = ("vllm", "sglang")
+
+
+class _EngineParser(SpecModel):
+    """One output parser of a model, by its name in each engine's registry (an engine left out: none)."""
+
+    _known: ClassVar[dict[str, frozenset[str]]]
+    _what: ClassVar[str]
+
+    vllm: str | None = None  # the name vLLM's `--<what>` takes
+    sglang: str | None = None  # the name SGLang's `--<what>` takes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_engine(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise ValueError(f"give the {cls._what} per engine, e.g. {{vllm: {data}, sglang: ...}}: the engines "
+                             f"name one format differently (vLLM llama3_json is SGLang llama3)")
+        return data
+
+    @field_validator("vllm", "sglang")
+    @classmethod
+    def _known_name(cls, name: str | None, info: Any) -> str | None:
+        known = cls._known[info.field_name]
+        if name is not None and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{name!r} is not a {cls._what} {info.field_name} knows; {hint}known: "
+                             f"{', '.join(sorted(known))}")
+        return name
+
+    @model_validator(mode="after")
+    def _some_engine(self) -> "_EngineParser":
+        if self.vllm is None and self.sglang is None:
+            raise ValueError(f"name the {self._what} for vllm, sglang or both (or leave the key out)")
+        return self
+
+    def name_for(self, engine: str) -> str | None:
+        """The parser's name for `engine` (None: that engine gets none)."""
+        return getattr(self, engine) if engine in PARSER_ENGINES else None
+
+
+class ToolCallParser(_EngineParser):
+    """`--tool-call-parser` per engine (vLLM also gets `--enable-auto-tool-choice`)."""
+
+    _known = KNOWN_TOOL_CALL_PARSERS
+    _what = "tool-call parser"
+
+
+class ReasoningParser(_EngineParser):
+    """`--reasoning-parser` per engine, for models that think before they answer."""
+
+    _known = KNOWN_REASONING_PARSERS
+    _what = "reasoning parser"
+
+
+def check_chat_template(value: str) -> str:
+    """A chat template as one command-line word: non-empty, one line, no control characters."""
+    if not value.strip() or any(not c.isprintable() for c in value):
+        raise ValueError(f"chat_template {value!r} must be a non-empty path or template name on one line "
+                         f"without control characters")
+    return value
 
 
 class ModelSpec(SpecModel):
@@ -33,6 +132,17 @@ class ModelSpec(SpecModel):
     experts: PositiveInt | None = None
     experts_per_token: PositiveInt | None = None
     tied_embeddings: bool = False
+    # Agent traffic (tools=[...]): vLLM refuses tool_choice "auto" unless it runs with a tool-call parser.
+    tool_call_parser: ToolCallParser | None = None  # how the engine finds tool calls in the model's output
+    reasoning_parser: ReasoningParser | None = None  # how it splits reasoning from the answer; thinking models only
+    # A path or template name the engine takes instead of tokenizer_config.json's template; only for models
+    # whose own template cannot render tool messages. A relative path is read from the engine's cwd.
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _one_word(cls, value: str | None) -> str | None:
+        return value if value is None else check_chat_template(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSpec":

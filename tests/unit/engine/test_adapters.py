@@ -20,10 +20,12 @@ from scepsy_hpc.engine.adapters import (
     engine_env,
     health_url,
     parse_prefix,
+    parser_fields,
     secret_env,
 )
 from scepsy_hpc.engine.sim_server import build_arg_parser, build_server
 from scepsy_hpc.errors import SpecError
+from scepsy_hpc.spec.catalog import load_models
 
 GOLDEN = Path(__file__).parent / "golden"
 PY = "/opt/venv/bin/python"  # fixed, so that goldens do not depend on the machine
@@ -53,13 +55,29 @@ def _check_golden(name: str, text: str) -> None:
     assert text == path.read_text()
 
 
+MODELS = load_models()
+
+
+def _from_catalog(engine: str, model: str, overrides: dict | None = None, **kw) -> EngineLaunch:
+    """A launch whose parser flags come from configs/models.yaml (and `overrides`), as serve_config fills them."""
+    spec = MODELS[model]
+    return _launch(engine=engine, model=model, hf_id=spec.hf_id, **parser_fields(spec, engine, **(overrides or {})),
+                   **kw)
+
+
 CASES = {
-    "vllm_tp4": (_launch(hf_id=LLAMA_70B, model="llama-3.1-70b-instruct", tp=4, port=8100), ["0", "1", "2", "3"], 100, ""),
+    "vllm_tp4": (_from_catalog("vllm", "llama-3.1-70b-instruct", tp=4, port=8100), ["0", "1", "2", "3"], 100, ""),
+    "vllm_qwen_tools": (_from_catalog("vllm", "qwen2.5-7b-instruct", port=8002), ["1"], 100, ""),
+    "vllm_reasoning_template": (_launch(tool_call_parser="hermes", reasoning_parser="deepseek_r1",
+                                        chat_template="/opt/templates/tool chat.jinja", port=8003), ["0"], 100, ""),
+    "sglang_qwen_tools": (_from_catalog("sglang", "qwen2.5-7b-instruct",
+                                        dict(reasoning_parser="qwen3", chat_template="/opt/t.jinja"), port=30001),
+                          ["0"], 100, ""),
     "vllm_frac_mps": (_launch(gpu_frac=0.25, mem_frac=0.225, max_num_seqs=64, port=8001), ["2"], 25, ""),
     "vllm_dummy_apptainer": (_launch(dummy_weights=True, extra_args=("--max-model-len", "8192")), ["0"], 100,
                              "apptainer exec --nv /opt/images/vllm.sif"),
-    "sglang_tp2": (_launch(engine="sglang", tp=2, mem_frac=0.85, max_num_seqs=128, port=30000), ["4", "5"], 100,
-                   "module load cuda/12.4 &&"),
+    "sglang_tp2": (_from_catalog("sglang", "llama-3.1-8b-instruct", tp=2, mem_frac=0.85, max_num_seqs=128,
+                                 port=30000), ["4", "5"], 100, "module load cuda/12.4 &&"),
     "sim_time_scale": (_launch(engine="sim", gpu_frac=0.5, mem_frac=0.45, time_scale=0.02, seed=7, host="127.0.0.1",
                                port=18000), ["0"], 50, ""),
     "sglang_quoted_path": (_launch(engine="sglang", hf_id="/models/it's here/llama", served_name="gen;x"), ["0"], 100,
