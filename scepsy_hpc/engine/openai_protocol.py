@@ -5,6 +5,7 @@ chat prompt costs that for each message's content (text parts of multi-part cont
 of any tool calls) plus 4 tokens per message for the chat template's role markers, plus the JSON of
 `tools` if given. A prompt given as token ids costs exactly its length. Each output token is the
 text " tok" (4 characters), so counting the output text the same way gives back its token count.
+Tool calls and JSON output (`scepsy_hpc.engine.sim_tools`) are counted by the same rule over their text.
 """
 
 from __future__ import annotations
@@ -153,11 +154,12 @@ class ResponseWriter:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
 
-    def full(self, n_tokens: int, finish_reason: str) -> dict[str, Any]:
-        """The non-streaming response body."""
+    def full(self, n_tokens: int, finish_reason: str, message: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The non-streaming response body; a chat `message` (tool calls, JSON) replaces the token text."""
         text = TOKEN_TEXT * n_tokens
         if self.req.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+            message = message or {"role": "assistant", "content": text, "tool_calls": []}
+            choice = {"index": 0, "message": message,
                       "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
@@ -182,6 +184,10 @@ class ResponseWriter:
         if self.req.chat:
             return self._chunk({"index": 0, "delta": {"content": TOKEN_TEXT}, "logprobs": None, "finish_reason": finish_reason})
         return self._chunk({"index": 0, "text": TOKEN_TEXT, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None})
+
+    def delta_chunk(self, delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        """A chat chunk with the given delta (tool-call fragments, JSON content, or {} with the finish reason)."""
+        return self._chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason})
 
     def usage_chunk(self, completion_tokens: int) -> bytes:
         """The final chunk of `stream_options.include_usage`: no choices, only usage."""

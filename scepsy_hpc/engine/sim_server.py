@@ -10,6 +10,9 @@ together, at most ~1 ms late. Every reported number (usage, /metrics) is in mode
 always behave as `ignore_eos: true`: `max_tokens` is the exact output length; without it a length
 is drawn from a lognormal (mean --default-output-tokens, cv 0.5, seeded) and the finish reason is
 "stop" as if the model had ended it. Token counting rules: `scepsy_hpc.engine.openai_protocol`.
+Chat requests with `tools` or `response_format` are answered with tool calls or JSON as
+`scepsy_hpc.engine.sim_tools` describes (the rate of tool calls: header `X-Sim-Tool-Rate`, else
+--tool-call-rate); such an answer is as long as its text, capped by max_tokens.
 
 Engine secret: with SCEPSY_ENGINE_API_KEY in its environment (never a flag: a flag shows in `ps`), /v1/*
 and /scepsy/* answer only calls with `Authorization: Bearer <secret>` (401 otherwise); /health and
@@ -56,6 +59,7 @@ from prometheus_client import generate_latest
 from scepsy_hpc.engine.batcher import ABORTED, Batcher, Iteration, SimRequest
 from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE, EngineMetrics, engine_registry
 from scepsy_hpc.engine.openai_protocol import SSE_DONE, ApiError, ParsedRequest, ResponseWriter, parse_request
+from scepsy_hpc.engine.sim_tools import DEFAULT_TOOL_RATE, TOOL_RATE_HEADER, StructuredOutput, draw, parse_structured
 from scepsy_hpc.errors import InfeasibleError, SpecError, run_entry
 from scepsy_hpc.perf.fit import check_fit
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
@@ -89,9 +93,12 @@ class SimEngineServer:
 
     def __init__(self, perf: EnginePerf, *, served_name: str, time_scale: float, max_model_len: int,
                  default_output_tokens: int = 256, seed: int = 0, wedge_after_s: float | None = None,
-                 api_key: str | None = None, test_hooks: bool = False) -> None:
+                 api_key: str | None = None, test_hooks: bool = False,
+                 tool_call_rate: float = DEFAULT_TOOL_RATE) -> None:
         if time_scale <= 0:
             raise ValueError(f"time_scale={time_scale} must be > 0")
+        if not 0 <= tool_call_rate <= 1:
+            raise ValueError(f"tool_call_rate={tool_call_rate} must be in [0, 1]")
         if max_model_len > perf.kv_capacity_tokens:
             # A request that long could never be admitted and would block the FCFS queue.
             raise ValueError(f"max_model_len={max_model_len} exceeds the KV cache of {perf.kv_capacity_tokens} tokens")
@@ -104,6 +111,8 @@ class SimEngineServer:
         self.metrics = EngineMetrics(served_name)
         self.registry = engine_registry(self.metrics, self._load)
         self._rng = random.Random(seed)
+        self.tool_call_rate = tool_call_rate
+        self._tool_rng = random.Random(f"tools:{seed}")  # its own stream: tool draws leave output lengths as they were
         self._ids = count()
         self._handles: dict[int, _Handle] = {}
         self._vt = 0.0  # virtual (model) time of the next iteration boundary
@@ -219,7 +228,8 @@ class SimEngineServer:
             m.e2e.observe(req.t_end - req.t_arrive)
             h = self._handles.get(req.rid)
             if h is not None:
-                m.success[h.finish_reason] += 1
+                # vLLM counts a tool-call answer as the engine saw it: stopped
+                m.success["stop" if h.finish_reason == "tool_calls" else h.finish_reason] += 1
                 h.done = True
                 h.event.set()
 
@@ -326,13 +336,18 @@ class SimEngineServer:
         try:
             try:
                 body = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                raise ApiError(400, f"the request body is not valid JSON (or nests too deep): {exc}") from None
             parsed = parse_request(body, chat=chat, served_name=self.served_name, max_model_len=self.max_model_len)
             abort_after = self._call_fault(request.headers.get(FAULT_HEADER))
+            spec = parse_structured(body, request.headers.get(TOOL_RATE_HEADER)) if chat else None
+            out = draw(spec, body["messages"], self._tool_rng, self.tool_call_rate) if spec else None
         except ApiError as exc:
             return web.json_response(exc.body(), status=exc.status)
-        if parsed.max_tokens is not None:
+        if out is not None:  # as long as its text, cut (finish "length") by max_tokens or the context left
+            cap = parsed.max_tokens if parsed.max_tokens is not None else self.max_model_len - parsed.prompt_tokens
+            output, reason = (out.tokens, out.finish_reason) if out.tokens <= cap else (cap, "length")
+        elif parsed.max_tokens is not None:
             output, reason = parsed.max_tokens, "length"
         else:
             output, reason = self.sample_output_tokens(parsed.prompt_tokens), "stop"
@@ -340,7 +355,7 @@ class SimEngineServer:
         try:
             if parsed.stream:
                 try:
-                    return await self._stream(request, parsed, h, abort_after)
+                    return await self._stream(request, parsed, h, abort_after, out)
                 except ConnectionResetError:  # the client left between two writes: nothing to answer
                     return web.Response(status=499)
             while not (h.done or (abort_after is not None and h.ready >= abort_after)):
@@ -348,12 +363,13 @@ class SimEngineServer:
                 await h.event.wait()
             if abort_after is not None:
                 return _drop(request)
-            return web.json_response(ResponseWriter(parsed).full(output, reason))
+            message = out.message(output) if out is not None else None
+            return web.json_response(ResponseWriter(parsed).full(output, reason, message))
         finally:
             self._release(h)
 
     async def _stream(self, request: web.Request, parsed: ParsedRequest, h: _Handle,
-                      abort_after: int | None) -> web.StreamResponse:
+                      abort_after: int | None, out: StructuredOutput | None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         w = ResponseWriter(parsed)
@@ -366,7 +382,12 @@ class SimEngineServer:
             # Several tokens may have arrived since the last write (short iterations are batched).
             while sent < min(h.ready, limit):
                 sent += 1
-                buf.append(w.token_chunk(h.finish_reason if sent == output else None))
+                if out is None:
+                    buf.append(w.token_chunk(h.finish_reason if sent == output else None))
+                    continue
+                buf += [w.delta_chunk(d, None) for d in out.deltas(sent)]
+                if sent == output:  # as OpenAI ends a tool call or JSON: an empty delta with the reason
+                    buf.append(w.delta_chunk({}, h.finish_reason))
             if buf:
                 await resp.write(b"".join(buf))
                 buf = []
@@ -428,6 +449,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled output lengths")
     p.add_argument("--default-output-tokens", type=int, default=256,
                    help="mean output length of requests without max_tokens")
+    p.add_argument("--tool-call-rate", type=float, default=DEFAULT_TOOL_RATE,
+                   help=f"chance that a chat call offered tools (tool_choice auto) answers with a tool call, halved "
+                        f"for each round of tool results in its conversation; a request's {TOOL_RATE_HEADER} header "
+                        f"overrides it (default {DEFAULT_TOOL_RATE})")
     p.add_argument("--test-hooks", action="store_true",
                    help=f"turn on the fault-injection test hooks ({FAULT_HEADER}, POST {FAULT_PATH}, {FAULT_ENV}); "
                         f"also {TEST_HOOKS_ENV}=1. The engine secret is read from {API_KEY_ENV} only (a flag "
@@ -471,6 +496,9 @@ def build_server(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     for flag, value in (("--time-scale", args.time_scale), ("--default-output-tokens", args.default_output_tokens)):
         if not 0 < value < float("inf"):   # also refuses nan
             raise SpecError(f"{flag} {value} must be a finite number > 0")
+    rate = getattr(args, "tool_call_rate", DEFAULT_TOOL_RATE)
+    if not 0 <= rate <= 1:   # also refuses nan
+        raise SpecError(f"--tool-call-rate {rate} must be a number from 0 to 1")
     if not 0 <= args.port <= 65535:
         raise SpecError(f"--port {args.port}: give a port from 1 to 65535, or 0 for a free one")
     try:
@@ -494,7 +522,7 @@ def build_server(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     return SimEngineServer(perf, served_name=args.served_model_name or args.model, time_scale=args.time_scale,
                            max_model_len=max_len, default_output_tokens=args.default_output_tokens, seed=args.seed,
                            wedge_after_s=wedge_after_s, api_key=environ.get(API_KEY_ENV) or None,
-                           test_hooks=test_hooks)
+                           test_hooks=test_hooks, tool_call_rate=rate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
