@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.backend.records import ServeConfig, ServeInstance
 from scepsy_hpc.backend.session import Session
-from scepsy_hpc.engine.adapters import EngineLaunch, check_launch, parse_prefix
+from scepsy_hpc.engine.adapters import EngineLaunch, check_launch, parse_prefix, parser_fields
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.placement_entry import PlacementEntry
 from scepsy_hpc.spec.records import PRIVATE, write_atomic
@@ -60,7 +60,8 @@ def serve_config(plan: Any, wf: Any, models: Mapping[str, Any], gpus: Mapping[st
         launch = EngineLaunch(engine=engine, model=ref if isinstance(ref, str) else model.hf_id, hf_id=model.hf_id,
                               served_name=p.llm, gpu=plan.gpus.type, tp=alloc.tp, gpu_frac=alloc.gpu_frac,
                               mem_frac=float(p.mem_frac_at(alloc.gpu_frac)), max_num_seqs=int(seqs), port=p.port,
-                              time_scale=time_scale, seed=seed, extra_args=tuple(engine_args))
+                              time_scale=time_scale, seed=seed, extra_args=tuple(engine_args),
+                              **parser_fields(model, engine))   # tool-call/reasoning parsers from the catalog
         check_launch(launch)
         instances.append(ServeInstance(llm=p.llm, replica=p.replica, node=p.node, gpus=list(p.gpus),
                                        gpu_frac=alloc.gpu_frac, mps_pct=p.mps_pct_at(alloc.gpu_frac), port=launch.port,

@@ -51,3 +51,19 @@ def test_write_serve_files_copies_the_plan_owner_only(tmp_path: Path, inputs) ->
     assert session.serve_config() == cfg
     assert (session.dir / "plan.yaml").read_text() == src.read_text()
     assert (session.dir / "plan.yaml").stat().st_mode & 0o077 == 0
+
+
+def test_served_engines_get_their_models_tool_call_parsers_from_the_catalog(inputs) -> None:
+    from scepsy_hpc.engine.adapters import engine_argv
+
+    plan, wf, models, gpus = inputs
+    placement = [PlacementEntry(llm="generator", replica=0, node="n1", gpus=[0, 1, 2, 3]),
+                 PlacementEntry(llm="rewriter", replica=0, node="n2", gpus=[0]),
+                 PlacementEntry(llm="reranker", replica=0, node="n2", gpus=[0])]
+    by_llm = {i.llm: engine_argv(i.launch) for i in serve_config(plan, wf, models, gpus, placement,
+                                                                   engine="vllm").instances}
+    # Llama 3.x: llama3_json; Qwen2.5: hermes (configs/models.yaml); without them vLLM refuses every call with tools
+    assert by_llm["generator"][-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+    assert by_llm["reranker"][by_llm["reranker"].index("--tool-call-parser") + 1] == "hermes"
+    sim = serve_config(plan, wf, models, gpus, placement, engine="sim").instances
+    assert not any("--tool-call-parser" in engine_argv(i.launch) for i in sim)
