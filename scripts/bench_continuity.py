@@ -388,6 +388,24 @@ def sc_daemon_kill(run: Run, work: Path) -> dict[str, Any]:
                    orphans=sorted(set(ours) - set(live)))
 
 
+def diagnostics(run: Run) -> dict[str, Any]:
+    """What a failed scenario leaves to read: the deployment's status (instances, state message) and the tails of
+    the daemon's and the gateway's logs (CI keeps no state dir)."""
+    out: dict[str, Any] = {}
+    try:
+        doc = status(run.state, run.name)
+        out["status"] = {k: doc.get(k) for k in ("state", "message", "base_url", "instances", "continuity")}
+    except Exception as exc:   # a diagnostic that fails says so instead
+        out["status"] = f"unavailable: {exc}"
+    for what, path in (("daemon_log_tail", run.state / "daemon.log"),
+                       ("gateway_log_tail", run.state / "gateway" / "gateway.log")):
+        try:
+            out[what] = path.read_text(errors="replace")[-4000:]
+        except OSError as exc:
+            out[what] = f"unreadable: {exc}"
+    return out
+
+
 def run_scenario(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     run = Run(work, name, args.rps)
     t0 = time.monotonic()
@@ -413,7 +431,7 @@ def run_scenario(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
             except Exception:   # the row says what failed; the load's end does not matter then
                 pass
         tail = scepsy(run.state, "events", name, check=False).stdout[-3000:]
-        row = {"scenario": name, "error": str(exc), "events_tail": tail}
+        row = {"scenario": name, "error": str(exc), "events_tail": tail, **diagnostics(run)}
     finally:
         run.close()
     row["wall_s"] = round(time.monotonic() - t0, 1)

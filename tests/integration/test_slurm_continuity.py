@@ -29,7 +29,9 @@ def bench(scenario: str, *extra: str, timeout_s: float = 900.0) -> dict[str, Any
         pytest.fail(f"bench_continuity.py --scenario {scenario} printed no row ({done.returncode}):\n"
                     f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     print(json.dumps(row, indent=1))
-    assert "error" not in row, f"{row.get('error')}\n{row.get('events_tail')}"
+    assert "error" not in row, (f"{row.get('error')}\n{row.get('events_tail')}\nstatus: "
+                                f"{json.dumps(row.get('status'))[-3000:]}\ndaemon.log: {row.get('daemon_log_tail')}\n"
+                                f"gateway.log: {row.get('gateway_log_tail')}")
     return row
 
 

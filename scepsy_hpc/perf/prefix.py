@@ -1,0 +1,157 @@
+"""vLLM-style automatic prefix caching, modelled block by block.
+
+vLLM (V1, prefix caching on by default) keeps the KV of *full* blocks (`block_size` tokens, 16 by
+default) under a hash of the block's tokens chained with the hash of the block before it, so a block
+hash names the whole prefix up to the block's end. A new request looks up its prompt's block hashes
+in order and reuses the leading run it finds; only the rest is prefilled. When every prompt token
+would hit, the last one is computed anyway (the engine needs its logits), so a hit covers at most
+`prompt − 1` tokens, rounded down to whole blocks. Blocks a running request uses are pinned; freed
+blocks stay cached until the space is needed, evicted least recently used first.
+
+Counters follow vLLM's `vllm:prefix_cache_queries_total` (prompt tokens looked up) and
+`vllm:prefix_cache_hits_total` (of those, tokens found cached).
+
+Callers name blocks however they can: the HTTP sim engine hashes its (pseudo-)tokens, the simulator
+names a block by (segment, end position) of a conversation tree. `PrefixCache` only needs hashable
+block names, each naming its whole prefix (two equal names mean equal content up to that block's end).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+BLOCK_TOKENS = 16   # vLLM's default --block-size on CUDA
+
+
+def max_hit_tokens(prompt_tokens: int, block_tokens: int = BLOCK_TOKENS) -> int:
+    """The most prompt tokens a cache hit may cover: prompt − 1, rounded down to whole blocks."""
+    return max(0, (prompt_tokens - 1) // block_tokens * block_tokens)
+
+
+def full_blocks(tokens: int, block_tokens: int = BLOCK_TOKENS) -> int:
+    """How many full blocks `tokens` tokens fill (only full blocks are cached)."""
+    return max(0, tokens) // block_tokens
+
+
+@dataclass
+class PrefixStats:
+    """Counters under vLLM's names (tokens, not requests)."""
+
+    queries: int = 0   # vllm:prefix_cache_queries_total
+    hits: int = 0      # vllm:prefix_cache_hits_total
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """hits / queries (0 before any query)."""
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class PrefixCache:
+    """The cached blocks of one engine: at most `capacity_blocks` of them, pinned ones never evicted.
+
+    `lookup` (no side effects) says how many leading tokens a prompt would reuse; `acquire` counts the
+    query, pins the reused blocks and returns the hit; `insert` caches a sequence's full blocks (pinned
+    while it runs) and `release` unpins them when it ends. Capacity is in blocks; when inserting would
+    exceed it, unpinned blocks are evicted LRU, and a block that cannot fit is not cached.
+    """
+
+    def __init__(self, capacity_blocks: int, block_tokens: int = BLOCK_TOKENS) -> None:
+        if capacity_blocks < 0:
+            raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        self.capacity = capacity_blocks
+        self.block_tokens = block_tokens
+        self._refs: dict[Hashable, int] = {}                  # cached block → pins
+        self._free: OrderedDict[Hashable, None] = OrderedDict()   # unpinned cached blocks, LRU first
+        self.stats = PrefixStats()
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __contains__(self, block: Hashable) -> bool:
+        return block in self._refs
+
+    def _run(self, blocks: Sequence[Hashable], prompt_tokens: int) -> int:
+        limit = min(len(blocks), max_hit_tokens(prompt_tokens, self.block_tokens) // self.block_tokens)
+        n = 0
+        while n < limit and blocks[n] in self._refs:
+            n += 1
+        return n
+
+    def lookup(self, blocks: Sequence[Hashable], prompt_tokens: int) -> int:
+        """Leading prompt tokens that are cached (whole blocks, at most prompt − 1); changes nothing."""
+        return self._run(blocks, prompt_tokens) * self.block_tokens
+
+    def acquire(self, blocks: Sequence[Hashable], prompt_tokens: int) -> int:
+        """A request's prompt is scheduled: count the query, pin (and refresh) its cached leading blocks,
+        return the hit in tokens. Pair with `release(blocks[:hit // block_tokens])`."""
+        n = self._run(blocks, prompt_tokens)
+        for b in blocks[:n]:
+            self._pin(b)
+        self.stats.queries += prompt_tokens
+        self.stats.hits += n * self.block_tokens
+        return n * self.block_tokens
+
+    def insert(self, blocks: Sequence[Hashable]) -> int:
+        """Cache these blocks (a sequence's full blocks once computed) and pin them for the sequence;
+        returns how many were pinned (fewer when the pinned blocks fill the cache). Blocks already
+        cached are pinned once more."""
+        n = 0
+        for b in blocks:
+            if b not in self._refs and not self._make_room():
+                break
+            self._pin(b)
+            n += 1
+        return n
+
+    def release(self, blocks: Sequence[Hashable]) -> None:
+        """Unpin blocks (the sequence that used them ended); they stay cached, most recently used last."""
+        for b in blocks:
+            refs = self._refs.get(b)
+            if refs is None:
+                continue
+            if refs <= 1:
+                self._refs[b] = 0
+                self._free[b] = None
+                self._free.move_to_end(b)
+            else:
+                self._refs[b] = refs - 1
+
+    def resize(self, capacity_blocks: int) -> None:
+        """A new capacity (the KV space left to the cache); evicts unpinned blocks beyond it."""
+        self.capacity = max(0, capacity_blocks)
+        while len(self._refs) > self.capacity and self._free:
+            self._evict()
+
+    def _pin(self, b: Hashable) -> None:
+        refs = self._refs.get(b, 0)
+        if refs == 0:
+            self._free.pop(b, None)
+        self._refs[b] = refs + 1
+
+    def _make_room(self) -> bool:
+        while len(self._refs) >= self.capacity:
+            if not self._free:
+                return False
+            self._evict()
+        return True
+
+    def _evict(self) -> None:
+        b, _ = self._free.popitem(last=False)
+        del self._refs[b]
+        self.stats.evictions += 1
+
+
+def chained_hashes(token_ids: Sequence[Hashable], block_tokens: int = BLOCK_TOKENS, seed: Hashable = None) -> list[int]:
+    """Block names of a token sequence as vLLM builds them: each full block's hash chains the previous
+    block's hash with the block's tokens (`seed` separates caches that must not share, e.g. models)."""
+    out: list[int] = []
+    parent: Hashable = seed
+    for i in range(full_blocks(len(token_ids), block_tokens)):
+        parent = hash((parent, tuple(token_ids[i * block_tokens:(i + 1) * block_tokens])))
+        out.append(parent)
+    return out

@@ -1,0 +1,70 @@
+"""The block prefix cache: vLLM's hit rule (whole blocks, at most prompt − 1), pins, LRU eviction, counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from scepsy_hpc.perf.prefix import PrefixCache, chained_hashes, full_blocks, max_hit_tokens
+
+
+def test_hit_rule_is_whole_blocks_of_at_most_prompt_minus_one():
+    assert max_hit_tokens(1) == 0
+    assert max_hit_tokens(16) == 0      # all 16 would hit: the last token is recomputed, so no full block
+    assert max_hit_tokens(17) == 16
+    assert max_hit_tokens(33) == 32
+    assert max_hit_tokens(48) == 32
+    assert full_blocks(47) == 2 and full_blocks(48) == 3
+
+
+def test_a_conversation_reuses_its_earlier_turns_and_counts_like_vllm():
+    c = PrefixCache(capacity_blocks=100)
+    turn1 = list(range(40))                       # 2 full blocks
+    b1 = chained_hashes(turn1)
+    assert c.acquire(b1, 40) == 0
+    c.insert(b1)
+    c.release(b1)
+    turn2 = turn1 + list(range(1000, 1030))       # 70 tokens: 4 full blocks, the first 2 shared
+    b2 = chained_hashes(turn2)
+    assert b2[:2] == b1
+    assert c.lookup(b2, 70) == 32
+    assert c.acquire(b2, 70) == 32
+    assert (c.stats.queries, c.stats.hits) == (110, 32)
+    assert c.stats.hit_rate == pytest.approx(32 / 110)
+
+
+def test_pinned_blocks_are_never_evicted_and_free_ones_go_lru():
+    c = PrefixCache(capacity_blocks=3)
+    a, b, d = ["a"], ["b"], ["d"]
+    for x in (a, b, d):
+        c.insert(x)
+    assert c.insert(["e"]) == 0                   # all pinned: nothing to evict, not cached
+    c.release(b)
+    c.release(a)                                  # a freed last: b is the least recently used
+    assert c.insert(["e"]) == 1
+    assert "b" not in c and "a" in c and "e" in c
+    assert c.stats.evictions == 1
+    c.resize(1)                                   # d and e pinned, a free: a goes, the pinned stay
+    assert "a" not in c and len(c) == 2
+
+
+def test_a_hit_refreshes_a_block_in_the_lru_order():
+    c = PrefixCache(capacity_blocks=2)
+    c.insert(["x"]); c.release(["x"])
+    c.insert(["y"]); c.release(["y"])
+    assert c.acquire(["x"], 17) == 16             # x used again: y is now the oldest
+    c.release(["x"])
+    c.insert(["z"])
+    assert "y" not in c and "x" in c
+
+
+def test_chained_hashes_name_the_prefix_not_the_block():
+    same_block_other_prefix = chained_hashes([9] * 16 + [1] * 16)[1]
+    assert same_block_other_prefix != chained_hashes([1] * 32)[1]
+    assert chained_hashes([1] * 32, seed="m1") != chained_hashes([1] * 32, seed="m2")
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="capacity_blocks"):
+        PrefixCache(-1)
+    with pytest.raises(ValueError, match="block_tokens"):
+        PrefixCache(4, block_tokens=0)
