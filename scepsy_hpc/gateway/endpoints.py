@@ -30,6 +30,7 @@ deployment's LLMs by their own names under `/d/{deployment}/v1`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -42,6 +43,7 @@ from pydantic import Field, field_validator
 from scepsy_hpc.backend.records import AgentReport
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.base import SpecModel
+from scepsy_hpc.spec.limits import FILE_BYTES
 from scepsy_hpc.spec.records import PRIVATE, write_atomic
 from scepsy_hpc.spec.source import SourceMap, load_yaml, parse_document
 
@@ -302,13 +304,15 @@ class _Signature:
     mtime_ns: int
     size: int
     ino: int
+    digest: bytes   # of the content: an atomic replace within one timestamp tick, of the same size, onto a
+                    # reused inode number, looks unchanged to stat() alone (seen: a route never loaded)
 
 
 class EndpointsWatcher:
     """Holds the endpoints of a file and reloads them when the file changes.
 
-    `poll()` stats the file at most every `min_interval_s`; a changed file (mtime, size or inode,
-    so an atomic rename counts) is parsed again. A bad file keeps the last good endpoints and logs
+    `poll()` looks at the file at most every `min_interval_s`; a changed file (mtime, size, inode or
+    content digest, so an atomic rename counts) is parsed again. A bad file keeps the last good endpoints and logs
     the error (with file:line) once per version of the file.
     """
 
@@ -324,10 +328,13 @@ class EndpointsWatcher:
 
     def _stat(self) -> _Signature | None:
         try:
-            st = os.stat(self.path)
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                # a file over the bound is refused by the loader; its first bytes and size still tell versions apart
+                head = f.read(FILE_BYTES.default + 1)
         except OSError:
             return None
-        return _Signature(st.st_mtime_ns, st.st_size, st.st_ino)
+        return _Signature(st.st_mtime_ns, st.st_size, st.st_ino, hashlib.blake2b(head, digest_size=16).digest())
 
     def load(self) -> Endpoints:
         """Read the file now; a bad file raises SpecError (used at startup, where failing is right)."""

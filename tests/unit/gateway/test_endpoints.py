@@ -107,6 +107,22 @@ def test_watcher_reloads_on_change(tmp_path: Path) -> None:
     assert w.reloads == 1
 
 
+def test_watcher_sees_a_same_size_rewrite_within_one_timestamp_tick(tmp_path: Path) -> None:
+    # an in-place rewrite keeps the inode; the same size and a restored mtime make it look unchanged to stat()
+    # (what an atomic replace onto a reused inode number within one coarse timestamp tick also looks like)
+    p = tmp_path / "ep.yaml"
+    _write(p, GOOD)
+    w = EndpointsWatcher(p, min_interval_s=0.0)
+    first = w.load()
+    st = os.stat(p)
+    with open(p, "r+") as f:
+        f.write(GOOD.replace("node3", "node4"))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(p)
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (st.st_mtime_ns, st.st_size, st.st_ino)
+    assert w.poll().llms["coder"].replicas[0].url == "http://node4:8000"
+
+
 def test_watcher_stats_at_most_every_interval(tmp_path: Path) -> None:
     p = tmp_path / "ep.yaml"
     _write(p, GOOD)
