@@ -71,6 +71,44 @@ def chat_prompt_tokens(messages: Any, tools: Any = None) -> int:
     return total
 
 
+def _text_ids(text: str) -> list[str]:
+    return [text[i:i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def chat_token_ids(messages: Any, tools: Any = None) -> list[Any]:
+    """The prompt of a chat request as pseudo-tokens (hashable, equal text gives equal tokens), exactly
+    `chat_prompt_tokens` of them, in the order a chat template lays them out: the tools' JSON first (the
+    templates put tool definitions in the system turn), then per message its role markers and its text
+    in 4-character pieces. Two prompts share a leading run of tokens exactly where their text and message
+    structure agree, which is what a prefix cache reuses. Call after `chat_prompt_tokens` validated them."""
+    ids: list[Any] = []
+    if tools:
+        ids += _text_ids(json.dumps(tools))
+    for m in messages:
+        ids += [("<|role|>", m.get("role"), k) for k in range(CHAT_TOKENS_PER_MESSAGE)]
+        text = _content_text(m.get("content"))
+        if m.get("tool_calls"):
+            text += json.dumps(m["tool_calls"])
+        ids += _text_ids(text)
+    return ids
+
+
+def completion_token_ids(prompt: Any) -> list[Any]:
+    """The prompt of a completions request as (pseudo-)tokens, `completion_prompt_tokens` of them (a
+    string in 4-character pieces, at least one; token ids as given). Call after validation."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return _text_ids(prompt) or [""]
+    return list(prompt)
+
+
 def completion_prompt_tokens(prompt: Any) -> int:
     """Prompt tokens of a completions request: a string, token ids, or a list of one of those."""
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
