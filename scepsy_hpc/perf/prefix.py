@@ -155,3 +155,19 @@ def chained_hashes(token_ids: Sequence[Hashable], block_tokens: int = BLOCK_TOKE
         parent = hash((parent, tuple(token_ids[i * block_tokens:(i + 1) * block_tokens])))
         out.append(parent)
     return out
+
+
+def segment_blocks(segments: Sequence[tuple[Hashable, int]], block_tokens: int = BLOCK_TOKENS) -> list[Hashable]:
+    """Names of the full blocks of content laid out as (segment, tokens) pieces, where a segment's name stands
+    for its content and everything before it (a conversation tree, `workload.sampler.Call.segments`): block j
+    is named (segment holding its last token, its end position). Two layouts agree on a block name exactly when
+    they agree on everything up to that block's end, as chained hashes do."""
+    out: list[Hashable] = []
+    start = 0
+    for seg, n in segments:
+        end = start + n
+        first = start // block_tokens + 1            # the first block end inside this segment
+        for j in range(first, end // block_tokens + 1):
+            out.append((seg, j * block_tokens))
+        start = end
+    return out

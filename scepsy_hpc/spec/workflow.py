@@ -17,12 +17,25 @@ STEP_KINDS = ("call", "tool", "parallel", "fanout", "loop", "branch", "use")
 
 
 class CallStep(SpecModel):
-    """One LLM call; `role` separates token profiles when one LLM serves several roles."""
+    """One LLM call; `role` separates token profiles when one LLM serves several roles.
+
+    Prefix reuse (an engine's prefix cache computes a shared leading part of a prompt once):
+    - `context: NAME` — the call continues conversation NAME of its request (a ReAct step re-sends the
+      conversation so far): its prompt is every earlier call's prompt and answer in NAME, then
+      `prompt_tokens` new tokens (the tool result, the next instruction). The first call of NAME
+      starts it. Lanes of a `parallel`/`fanout` branch off the conversation (beam search: a shared
+      prefix, diverging continuations); after the group it goes on from where it was before.
+    - `shared_prefix_tokens: N` — the first N tokens of the prompt are the same for every request
+      (a system prompt, tool definitions), counted within `prompt_tokens`; for a `context` call it
+      applies to the call that starts the conversation.
+    """
 
     call: str
     role: str | None = None
     prompt_tokens: Dist
     output_tokens: Dist
+    context: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    shared_prefix_tokens: Annotated[int, Field(ge=0)] = 0
 
 
 class ToolStep(SpecModel):

@@ -110,10 +110,17 @@ def _check_tokens(wf: Any, step: Any, loc: tuple[Any, ...], smap: SourceMap,
     if least < 1:
         problems.append(f"{smap.where(out_loc)}: {format_loc(out_loc)}: an LLM call produces at least 1 token; "
                         f"got {'a smallest value' if low is not None else 'a mean'} of {least:g}")
-    sizes = {"prompt_tokens": (_size(step.prompt_tokens), in_loc), "output_tokens": (_size(step.output_tokens), out_loc)}
+    sizes = {"prompt_tokens": (_size(step.prompt_tokens), in_loc), "output_tokens": (_size(step.output_tokens), out_loc),
+             "shared_prefix_tokens": (float(step.shared_prefix_tokens), loc + ("shared_prefix_tokens",))}
     for what, (n, where) in sizes.items():
         if limits.TOKENS.exceeded(n):
             problems.append(f"{smap.where(where)}: {format_loc(where)}: {_fmt(n)} tokens; {limits.TOKENS.hint()}")
+    if step.shared_prefix_tokens and step.context is None and lower(step.prompt_tokens) is not None \
+            and step.shared_prefix_tokens >= lower(step.prompt_tokens):
+        where = loc + ("shared_prefix_tokens",)
+        problems.append(f"{smap.where(where)}: {format_loc(where)}: {step.shared_prefix_tokens} shared tokens, but the "
+                        f"prompt may be as short as {_fmt(lower(step.prompt_tokens))}; the shared prefix is part of the "
+                        f"prompt: make it smaller than the shortest prompt")
     ctx = _context(wf, step.call, models)
     if ctx is None or problems:
         return problems

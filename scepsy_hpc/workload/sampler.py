@@ -10,9 +10,10 @@ and a `use` deeper than that runs nothing (the recursion's base case).
 
 from __future__ import annotations
 
+import itertools
 import random
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Hashable
 
 from scepsy_hpc.spec import limits
 from scepsy_hpc.spec.workflow import (
@@ -20,14 +21,27 @@ from scepsy_hpc.spec.workflow import (
 )
 
 
+Segments = tuple[tuple[Hashable, int], ...]
+_segment_ids = itertools.count(1)   # conversation segments: unique in the process (never equal across requests)
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One sampled LLM call."""
+    """One sampled LLM call.
+
+    `segments` lays the prompt out as (segment, tokens) pieces whose names stand for their content and
+    everything before it (`perf.prefix.segment_blocks` names the prompt's cache blocks from them): a
+    shared system prompt is `("shared", llm, role, n)`, the same in every request; conversation pieces
+    are numbers unique in the process. `()` means a prompt that shares nothing. `output_segment` names
+    the answer, which a continuing call of the same conversation has in its prompt. Neither field takes
+    part in equality: two samples are equal when their shapes and token counts are."""
 
     llm: str
     role: str | None
     prompt_tokens: int
     output_tokens: int
+    segments: Segments = field(default=(), compare=False)
+    output_segment: Hashable = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,19 +73,34 @@ class RequestSampler:
     def sample(self, rng: random.Random) -> list[Any]:
         """One request's execution tree."""
         out: list[Any] = []
-        self._steps(self.wf.program, rng, 0, out)
+        self._steps(self.wf.program, rng, 0, out, {})
         return out
 
-    def _steps(self, steps: list[Any], rng: random.Random, depth: int, out: list[Any]) -> None:
+    def _call(self, step: CallStep, rng: random.Random, ctx: dict[str, Segments]) -> Call:
+        new, output = _tokens(step.prompt_tokens.sample(rng)), _tokens(step.output_tokens.sample(rng))
+        history = ctx.get(step.context) if step.context is not None else None
+        if history is None and not step.shared_prefix_tokens and step.context is None:
+            return Call(step.call, step.role, new, output)   # shares nothing: no segments to carry
+        if history is None:
+            shared = min(step.shared_prefix_tokens, new - 1)
+            history = ((("shared", step.call, step.role, shared), shared),) if shared > 0 else ()
+            new -= shared
+        segments = history + ((next(_segment_ids), new),)
+        out_seg = next(_segment_ids)
+        if step.context is not None:
+            ctx[step.context] = segments + ((out_seg, output),)
+        return Call(step.call, step.role, sum(n for _, n in segments), output, segments, out_seg)
+
+    def _steps(self, steps: list[Any], rng: random.Random, depth: int, out: list[Any],
+               ctx: dict[str, Segments]) -> None:
         for step in steps:
             if isinstance(step, CallStep):
-                out.append(Call(step.call, step.role, _tokens(step.prompt_tokens.sample(rng)),
-                                _tokens(step.output_tokens.sample(rng))))
+                out.append(self._call(step, rng, ctx))
             elif isinstance(step, ToolStep):
                 out.append(Tool(step.tool, self.wf.tools[step.tool].latency_s.sample(rng)))
             elif isinstance(step, LoopStep):
                 for _ in range(_count(step.loop.repeat.sample(rng), self.max_repeat)):
-                    self._steps(step.loop.body, rng, depth, out)
+                    self._steps(step.loop.body, rng, depth, out, ctx)
             elif isinstance(step, BranchStep):
                 u, acc = rng.random(), 0.0
                 arm = step.branch[-1]
@@ -80,12 +109,12 @@ class RequestSampler:
                     if u < acc:
                         arm = candidate
                         break
-                self._steps(arm.body, rng, depth, out)
+                self._steps(arm.body, rng, depth, out, ctx)
             elif isinstance(step, FanoutStep):
                 lanes = []
                 for _ in range(_count(step.fanout.count.sample(rng), self.max_fanout)):
                     lane: list[Any] = []
-                    self._steps(step.fanout.body, rng, depth, lane)
+                    self._steps(step.fanout.body, rng, depth, lane, dict(ctx))
                     if lane:
                         lanes.append(lane)
                 _append_group(out, lanes)
@@ -93,13 +122,13 @@ class RequestSampler:
                 lanes = []
                 for body in step.parallel:
                     lane = []
-                    self._steps(body, rng, depth, lane)
+                    self._steps(body, rng, depth, lane, dict(ctx))
                     if lane:
                         lanes.append(lane)
                 _append_group(out, lanes)
             elif isinstance(step, UseStep):
                 if depth < self.max_depth:
-                    self._steps(self.wf.define[step.use], rng, depth + 1, out)
+                    self._steps(self.wf.define[step.use], rng, depth + 1, out, ctx)
             else:  # pragma: no cover - the spec admits no other step
                 raise TypeError(f"unknown step {step!r}")
 

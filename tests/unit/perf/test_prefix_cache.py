@@ -68,3 +68,15 @@ def test_bad_sizes_are_refused():
         PrefixCache(-1)
     with pytest.raises(ValueError, match="block_tokens"):
         PrefixCache(4, block_tokens=0)
+
+
+def test_segment_blocks_name_each_block_by_the_segment_holding_its_end():
+    from scepsy_hpc.perf.prefix import segment_blocks
+
+    # system 20 tokens, then 30 new: blocks end at 16 (in "sys"), 32 and 48 (in "a"); 50 leaves a partial block
+    assert segment_blocks([("sys", 20), ("a", 30)]) == [("sys", 16), ("a", 32), ("a", 48)]
+    # the continuation repeats the history: its first three blocks are the same names
+    cont = segment_blocks([("sys", 20), ("a", 30), ("out", 14), ("b", 40)])
+    assert cont[:3] == [("sys", 16), ("a", 32), ("a", 48)] and cont[3:] == [("out", 64), ("b", 80), ("b", 96)]
+    assert segment_blocks([("x", 15)]) == [] and segment_blocks([("x", 16)]) == [("x", 16)]
+    assert segment_blocks([("x", 0), ("y", 16)]) == [("y", 16)]

@@ -76,7 +76,7 @@ def test_unknown_key_in_call_step_lists_valid_keys():
     text = BASE.replace("    output_tokens: 10\n", "    output_tokens: 10\n    temperature: 0.5\n")
     p = only_problem(text)
     assert "unknown key 'temperature'" in p
-    assert "valid keys here: call, output_tokens, prompt_tokens, role" in p
+    assert "valid keys here: call, context, output_tokens, prompt_tokens, role, shared_prefix_tokens" in p
     assert p.startswith(f"{PATH}:"), p
 
 
