@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.backend.records import ServeConfig, ServeInstance
 from scepsy_hpc.backend.session import Session
-from scepsy_hpc.engine.adapters import EngineLaunch, check_launch, parse_prefix, parser_fields
+from scepsy_hpc.engine.adapters import PARSER_FIELDS, EngineLaunch, check_launch, parse_prefix, parser_fields
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.placement_entry import PlacementEntry
 from scepsy_hpc.spec.records import PRIVATE, write_atomic
@@ -43,12 +43,17 @@ def deployment_models(plan: Any, workflows: Sequence[Any], models: Mapping[str, 
 def serve_config(plan: Any, wf: Any, models: Mapping[str, Any], gpus: Mapping[str, Any],
                  placement: Sequence[PlacementEntry], *, engine: str, engine_args: Sequence[str] = (),
                  launch_prefix: str = "", health_timeout_s: float | None = None, time_scale: float = 1.0,
-                 seed: int = 0) -> ServeConfig:
+                 seed: int = 0, parsers: Mapping[str, Mapping[str, str]] | None = None) -> ServeConfig:
     """serve.json: every engine of the placement with its launch fields (checked); `wf` is the plan's
-    workflow, or its workflows for a plan of several."""
+    workflow, or its workflows for a plan of several. Output parsers: the catalog's, overridden by the plan's
+    allocation, overridden by `parsers` (LLM, or `*` for every LLM → field → name: the CLI's)."""
     from scepsy_hpc.perf.model import EngineConfig
 
     refs = deployment_models(plan, wf if isinstance(wf, (list, tuple)) else [wf], models)
+    unknown = sorted(set(parsers or {}) - set(plan.allocation) - {"*"})
+    if unknown:
+        raise SpecError(f"parser override for {', '.join(unknown)}: the plan has no such LLM; its LLMs: "
+                        f"{', '.join(sorted(plan.allocation))} (give LLM=NAME, or NAME alone for every LLM)")
     instances = []
     for p in placement:
         alloc = plan.allocation[p.llm]
@@ -61,13 +66,20 @@ def serve_config(plan: Any, wf: Any, models: Mapping[str, Any], gpus: Mapping[st
                               served_name=p.llm, gpu=plan.gpus.type, tp=alloc.tp, gpu_frac=alloc.gpu_frac,
                               mem_frac=float(p.mem_frac_at(alloc.gpu_frac)), max_num_seqs=int(seqs), port=p.port,
                               time_scale=time_scale, seed=seed, extra_args=tuple(engine_args),
-                              **parser_fields(model, engine))   # tool-call/reasoning parsers from the catalog
+                              **parser_fields(model, engine, **_parser_overrides(alloc, parsers, p.llm)))
         check_launch(launch)
         instances.append(ServeInstance(llm=p.llm, replica=p.replica, node=p.node, gpus=list(p.gpus),
                                        gpu_frac=alloc.gpu_frac, mps_pct=p.mps_pct_at(alloc.gpu_frac), port=launch.port,
                                        launch=launch))
     return ServeConfig(engine=engine, launch_prefix=parse_prefix(launch_prefix),
                        health_timeout_s=health_timeout_s or HEALTH_TIMEOUT_S[engine], instances=instances)
+
+
+def _parser_overrides(alloc: Any, parsers: Mapping[str, Mapping[str, str]] | None, llm: str) -> dict[str, str]:
+    out = {f: getattr(alloc, f) for f in PARSER_FIELDS if getattr(alloc, f) is not None}
+    for key in ("*", llm):
+        out.update((parsers or {}).get(key, {}))
+    return out
 
 
 def write_serve_files(session: Session, config: ServeConfig, plan_path: Path) -> None:

@@ -187,3 +187,13 @@ def rates(text: str) -> list[tuple[str | None, float]]:
             raise argparse.ArgumentTypeError(f"{text}: rates must be positive")
         out.append((name or None, x))
     return out
+
+
+def parser_override(text: str) -> tuple[str, str]:
+    """`LLM=NAME` or `NAME` (every LLM: `*`): an output parser or chat template for the engines of an LLM."""
+    llm, sep, name = text.partition("=")
+    if not sep or "/" in llm or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", llm):
+        llm, name = "*", text
+    if not name or len(name) > 4096 or "\0" in name:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME or LLM=NAME (a parser name, or a chat template path)")
+    return llm, name

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scepsy_hpc.commands.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, walltime
+from scepsy_hpc.commands.argtypes import (non_negative_float, non_negative_int, parser_override, positive_float,
+                                         positive_int, walltime)
 from scepsy_hpc.commands.common import jsonable, make_console
 from scepsy_hpc.commands.daemon import add_state_dir
 
@@ -42,6 +43,11 @@ def add_arguments(sub: Any) -> None:
     up.add_argument("--launch-prefix", metavar="CMD",
                     help="put before each engine command, e.g. 'apptainer exec --nv vllm.sif' or 'module load cuda &&'")
     up.add_argument("--engine-arg", action="append", metavar="ARG", help="extra engine argument (repeatable)")
+    for flag, what in (("tool-call-parser", "the engine's tool-call parser"), ("reasoning-parser", "its reasoning parser"),
+                       ("chat-template", "its chat template (a path on the nodes, or a name)")):
+        up.add_argument(f"--{flag}", action="append", type=parser_override, metavar="[LLM=]NAME",
+                        help=f"{what} for LLM (every LLM without LLM=), overriding the plan's and the model catalog's; "
+                             "`none` turns it off (repeatable)")
     up.add_argument("--time-scale", type=positive_float, default=1.0, metavar="S",
                     help="sim engine: wall seconds per model second (default 1: real time)")
     up.add_argument("--health-timeout", type=positive_float, metavar="S",
@@ -167,6 +173,15 @@ def _up_request(**fields: Any) -> Any:
                          f"{e.get('input')!r}: {e['msg']}" for e in exc.errors()]) from None
 
 
+def _parsers(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """--tool-call-parser / --reasoning-parser / --chat-template as LLM (or *) → field → name."""
+    out: dict[str, dict[str, str]] = {}
+    for field in ("tool_call_parser", "reasoning_parser", "chat_template"):
+        for llm, name in getattr(args, field) or ():
+            out.setdefault(llm, {})[field] = name
+    return out
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Ask the daemon (started if needed) for the deployment, then follow it unless detached."""
     from scepsy_hpc.backend.base import check_name
@@ -182,7 +197,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     seed=args.seed, models=_absolute(args.models), gpu_catalog=_absolute(args.gpu_catalog),
                     max_resubmits=args.max_resubmits, resubmit_window_s=args.resubmit_window,
                     cutover=not args.no_cutover, cutover_margin_s=args.cutover_margin, drain_grace_s=args.drain_grace,
-                    stall_timeout_s=args.stall_timeout)
+                    stall_timeout_s=args.stall_timeout, parsers=_parsers(args))
     start_daemon(client.paths, reuse=True)
     since = _last_seq(client)
     doc = client.request("POST", "/v1/deployments", req.model_dump(), timeout_s=900.0)

@@ -57,17 +57,26 @@ class EngineLaunch:
     extra_args: tuple[str, ...] = ()  # appended verbatim (user-supplied engine flags)
 
 
+PARSER_OFF = "none"   # a plan's or the CLI's value that turns the catalog's parser (or template) off
+PARSER_FIELDS = ("tool_call_parser", "reasoning_parser", "chat_template")
+
+
 def parser_fields(model: "ModelSpec", engine: str, *, tool_call_parser: str | None = None,
                   reasoning_parser: str | None = None, chat_template: str | None = None) -> dict[str, str | None]:
-    """EngineLaunch's parser fields for `model` served by `engine`: the catalog's, each given one overriding it.
+    """EngineLaunch's parser fields for `model` served by `engine`: the catalog's, each given one overriding it
+    (`none` turns the catalog's off: an engine without tool calling answers `tools` with an error, as vLLM does).
 
     The overrides are names for `engine` (a plan is served by one engine); the sim engine gets none."""
     if engine not in KNOWN_TOOL_CALL_PARSERS:
         return {"tool_call_parser": None, "reasoning_parser": None, "chat_template": None}
     tool = model.tool_call_parser.name_for(engine) if model.tool_call_parser else None
     reasoning = model.reasoning_parser.name_for(engine) if model.reasoning_parser else None
-    return {"tool_call_parser": tool_call_parser or tool, "reasoning_parser": reasoning_parser or reasoning,
-            "chat_template": chat_template or model.chat_template}
+
+    def pick(given: str | None, default: str | None) -> str | None:
+        return default if given is None else (None if given == PARSER_OFF else given)
+
+    return {"tool_call_parser": pick(tool_call_parser, tool), "reasoning_parser": pick(reasoning_parser, reasoning),
+            "chat_template": pick(chat_template, model.chat_template)}
 
 
 def _num(x: float) -> str:

@@ -16,7 +16,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,6 +46,10 @@ class UpRequest(BaseModel):
     target_rps: float | None = Field(default=None, gt=0)
     launch_prefix: str = ""
     engine_args: list[str] = []
+    # output parsers from the CLI (LLM or "*" → tool_call_parser / reasoning_parser / chat_template → name),
+    # overriding the plan's and the catalog's
+    parsers: dict[str, dict[Literal["tool_call_parser", "reasoning_parser", "chat_template"],
+                            Annotated[str, Field(min_length=1, max_length=4096)]]] = {}
     time_scale: float = Field(default=1.0, gt=0)
     health_timeout_s: float | None = Field(default=None, gt=0)
     start_timeout_s: float = Field(default=3600.0, gt=0)
@@ -218,7 +222,7 @@ def prepare(req: UpRequest, session_dir: Path, backend: ClusterBackend, say: Cal
     placement = placement_of(plan, cluster, gpus)
     config = serve_config(plan, wfs, models, gpus, placement, engine=req.engine, engine_args=tuple(req.engine_args),
                           launch_prefix=req.launch_prefix, health_timeout_s=req.health_timeout_s,
-                          time_scale=req.time_scale, seed=req.seed)
+                          time_scale=req.time_scale, seed=req.seed, parsers=req.parsers)
     config = config.model_copy(update={"stall_timeout_s": req.stall_timeout_s})
     slurm = cluster.slurm
     partition = backend.preflight(req.partition or (slurm.partition if slurm else None), placement)

@@ -34,6 +34,11 @@ class LLMAlloc(SpecModel):
     replicas: Annotated[int, Field(ge=1)] = 1
     max_num_seqs: Annotated[int, Field(ge=1)] | None = None
     max_batched_tokens: Annotated[int, Field(ge=16)] | None = None
+    # the engine's output parsers, overriding the model catalog's (names as the plan's engine spells them;
+    # `none` turns the catalog's off); the engine adapters check the names when the plan is served
+    tool_call_parser: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    reasoning_parser: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    chat_template: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> "LLMAlloc":

@@ -67,3 +67,41 @@ def test_served_engines_get_their_models_tool_call_parsers_from_the_catalog(inpu
     assert by_llm["reranker"][by_llm["reranker"].index("--tool-call-parser") + 1] == "hermes"
     sim = serve_config(plan, wf, models, gpus, placement, engine="sim").instances
     assert not any("--tool-call-parser" in engine_argv(i.launch) for i in sim)
+
+
+def test_the_plan_and_then_the_cli_override_the_catalogs_parsers(inputs) -> None:
+    from scepsy_hpc.engine.adapters import engine_argv
+    from scepsy_hpc.errors import SpecError
+
+    _, wf, models, gpus = inputs
+    data = {"workflow": "rag_rerank", "gpus": {"type": "h100-sxm", "count": 5},
+            "allocation": {"generator": {"tp": 4, "tool_call_parser": "pythonic"},
+                           "rewriter": {"gpu_frac": 0.5, "tool_call_parser": "none"}, "reranker": {"gpu_frac": 0.5}}}
+    plan = parse_plan(*parse_yaml(json.dumps(data)), wf, models, gpus)
+    placement = [PlacementEntry(llm="generator", replica=0, node="n1", gpus=[0, 1, 2, 3]),
+                 PlacementEntry(llm="rewriter", replica=0, node="n2", gpus=[0]),
+                 PlacementEntry(llm="reranker", replica=0, node="n2", gpus=[0])]
+
+    def parsers(**kw) -> dict[str, str | None]:
+        return {i.llm: (lambda a: a[a.index("--tool-call-parser") + 1] if "--tool-call-parser" in a else None)(
+            engine_argv(i.launch)) for i in serve_config(plan, wf, models, gpus, placement, engine="vllm", **kw).instances}
+
+    assert parsers() == {"generator": "pythonic", "rewriter": None, "reranker": "hermes"}   # plan over catalog
+    assert parsers(parsers={"*": {"tool_call_parser": "hermes"}, "generator": {"tool_call_parser": "llama3_json"}}) == \
+        {"generator": "llama3_json", "rewriter": "hermes", "reranker": "hermes"}              # the CLI over the plan
+    with pytest.raises(SpecError, match="parser override for genrator: the plan has no such LLM"):
+        parsers(parsers={"genrator": {"tool_call_parser": "hermes"}})
+    with pytest.raises(SpecError, match="tool_call_parser='llama4_jsn' is not a name vllm registers"):
+        parsers(parsers={"*": {"tool_call_parser": "llama4_jsn"}})
+
+
+def test_the_cli_parser_flags_parse_llm_and_name() -> None:
+    import argparse
+
+    from scepsy_hpc.commands.argtypes import parser_override
+
+    assert parser_override("generator=hermes") == ("generator", "hermes")
+    assert parser_override("hermes") == ("*", "hermes")
+    assert parser_override("/opt/t=1.jinja") == ("*", "/opt/t=1.jinja")
+    with pytest.raises(argparse.ArgumentTypeError, match="give NAME or LLM=NAME"):
+        parser_override("generator=")
