@@ -12,6 +12,21 @@ iteration at a time so that a real-time driver can hand out tokens as they are p
 - A sequence's first token comes at the end of the iteration that completes its prefill; each later
   iteration adds one; it finishes with its last output token and frees its KV reservation.
 
+Automatic prefix caching (vLLM's, on by default; `prefix_caching=False` is --no-enable-prefix-caching): a
+request may name the full 16-token blocks of its sequence (`blocks`: its prompt's, then those its output
+fills, each name chaining the whole prefix, see `scepsy_hpc.perf.prefix`). At admission it acquires the
+leading blocks a `PrefixCache` holds (at most prompt − 1 tokens, whole blocks): those tokens are not
+prefilled (its prefill starts at `prefilled = hit`) and their KV is shared, so it reserves only
+prompt − hit + output tokens. Blocks are cached as their tokens are computed (each prefill chunk's, then
+each output block once its last token has gone through the model) and pinned while the request runs; when
+it ends they stay cached as free blocks, evicted least recently used (a sequence's tail first, as vLLM
+frees in reverse) whenever the space is needed: free cached blocks never hold up an admission.
+
+KV accounting, in tokens: `kv_used` = 16 × (cached blocks pinned by running requests) + what running
+requests reserve beyond the cached blocks they own. An admission needs `kv_used` + its reservation + 16 ×
+(the free cached blocks its hit pins) <= the KV capacity; the cache may hold its pinned blocks plus
+(capacity − kv_used) // 16 free ones, the same rule as vLLM's free-block queue.
+
 `step(now)` returns the iteration starting at `now` with its effects already applied (they take
 hold at `now + duration_s`); the driver sleeps until then and delivers the tokens.
 """
@@ -20,8 +35,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Hashable, Sequence
 
 from scepsy_hpc.perf.model import EnginePerf, chunk_prefills
+from scepsy_hpc.perf.prefix import BLOCK_TOKENS, PrefixCache
 
 WAITING, PREFILL, DECODE, DONE, ABORTED = "waiting", "prefill", "decode", "done", "aborted"
 
@@ -30,19 +47,25 @@ class SimRequest:
     """One request in the engine; times are model seconds, −1 until they happen."""
 
     __slots__ = ("rid", "prompt", "output", "t_arrive", "t_admit", "t_first", "t_end", "prefilled",
-                 "generated", "state")
+                 "generated", "state", "blocks", "hit", "pins", "cached", "owned")
 
-    def __init__(self, rid: int, prompt: int, output: int, t_arrive: float) -> None:
+    def __init__(self, rid: int, prompt: int, output: int, t_arrive: float,
+                 blocks: Sequence[Hashable] = ()) -> None:
         self.rid, self.prompt, self.output, self.t_arrive = rid, prompt, output, t_arrive
         self.t_admit = self.t_first = self.t_end = -1.0
         self.prefilled = 0
         self.generated = 0
         self.state = WAITING
+        self.blocks = blocks          # names of its sequence's full blocks (prompt, then output)
+        self.hit = 0                  # prompt tokens found cached at admission (not prefilled)
+        self.pins: list[Hashable] = []   # cached blocks it pins, in sequence order
+        self.cached = 0               # leading blocks of `blocks` pinned so far
+        self.owned = 0                # of those, blocks it put in the cache (their KV is in its reservation)
 
     @property
     def kv_tokens(self) -> int:
-        """KV tokens reserved at admission (prompt plus every output token; ignore_eos)."""
-        return self.prompt + self.output
+        """KV tokens reserved at admission: prompt plus every output token (ignore_eos), less the cached hit."""
+        return self.prompt - self.hit + self.output
 
     def __repr__(self) -> str:
         return f"SimRequest(rid={self.rid}, prompt={self.prompt}, output={self.output}, state={self.state})"
@@ -68,7 +91,7 @@ class Iteration:
 class Batcher:
     """Continuous batching with chunked prefill over one `EnginePerf` (see the module docstring)."""
 
-    def __init__(self, perf: EnginePerf) -> None:
+    def __init__(self, perf: EnginePerf, prefix_caching: bool = True) -> None:
         self.perf = perf
         self.max_seqs = perf.cfg.max_num_seqs
         self.budget = perf.cfg.max_batched_tokens
@@ -76,8 +99,16 @@ class Batcher:
         self.waiting: deque[SimRequest] = deque()
         self.prefilling: list[SimRequest] = []  # admitted, prompt not fully prefilled, admission order
         self.decoding: list[SimRequest] = []
-        self.kv_used = 0
         self._ids: dict[int, SimRequest] = {}
+        # None: prefix caching off (nothing is looked up or counted)
+        self.cache = PrefixCache(self.kv_cap // BLOCK_TOKENS) if prefix_caching else None
+        self._reserved = 0                      # running requests' KV beyond the cached blocks they own
+        self._pinned: dict[Hashable, int] = {}  # cached blocks running requests pin → how many pin it
+
+    @property
+    def kv_used(self) -> int:
+        """KV tokens in use by running requests: their pinned cached blocks plus their other reservations."""
+        return self._reserved + BLOCK_TOKENS * len(self._pinned)
 
     @property
     def num_running(self) -> int:
@@ -98,8 +129,11 @@ class Batcher:
         """True when nothing runs or waits."""
         return not (self.waiting or self.prefilling or self.decoding)
 
-    def submit(self, rid: int, prompt: int, output: int, t_arrive: float) -> SimRequest:
-        """Queue a request of `prompt` tokens that will produce exactly `output` tokens."""
+    def submit(self, rid: int, prompt: int, output: int, t_arrive: float,
+               blocks: Sequence[Hashable] = ()) -> SimRequest:
+        """Queue a request of `prompt` tokens that will produce exactly `output` tokens; `blocks` names the
+        full blocks of its sequence (prompt then output tokens, as many as known; empty: nothing to reuse
+        or cache)."""
         if prompt < 1 or output < 1:
             raise ValueError(f"request {rid}: prompt ({prompt}) and output ({output}) tokens must be >= 1")
         if prompt + output > self.kv_cap:
@@ -107,7 +141,7 @@ class Batcher:
             raise ValueError(f"request {rid}: {prompt + output} tokens exceed the KV cache of {self.kv_cap} tokens")
         if rid in self._ids:
             raise ValueError(f"request id {rid} is already in the engine")
-        req = SimRequest(rid, prompt, output, t_arrive)
+        req = SimRequest(rid, prompt, output, t_arrive, blocks)
         self._ids[rid] = req
         self.waiting.append(req)
         return req
@@ -121,24 +155,77 @@ class Batcher:
             self.waiting.remove(req)
         elif req.state == PREFILL:
             self.prefilling.remove(req)
-            self.kv_used -= req.kv_tokens
+            self._end(req)
         elif req.state == DECODE:
             self.decoding.remove(req)
-            self.kv_used -= req.kv_tokens
+            self._end(req)
         req.state = ABORTED
         return True
 
     def _admit(self, now: float) -> None:
-        waiting = self.waiting
+        waiting, cache = self.waiting, self.cache
         while waiting and waiting[0].t_arrive <= now and self.num_running < self.max_seqs:
             req = waiting[0]
-            if self.kv_used + req.kv_tokens > self.kv_cap:
+            hit = cache.lookup(req.blocks, req.prompt) if cache is not None and req.blocks else 0
+            reuse = req.blocks[:hit // BLOCK_TOKENS]
+            # free cached blocks it reuses come into use; other free ones are evicted to make room
+            unpinned = sum(1 for b in reuse if b not in self._pinned)
+            if self.kv_used + BLOCK_TOKENS * unpinned + req.prompt - hit + req.output > self.kv_cap:
                 break  # FCFS: the head waits for KV space, and so does everyone behind it
             waiting.popleft()
-            self.kv_used += req.kv_tokens
+            if cache is not None:
+                hit = cache.acquire(req.blocks, req.prompt)   # counts vLLM's queries and hits
+                self._pin(req, req.blocks[:hit // BLOCK_TOKENS])
+            req.hit = req.prefilled = hit
+            self._reserved += req.kv_tokens
+            self._fit_cache()
             req.t_admit = now
             req.state = PREFILL
             self.prefilling.append(req)
+
+    def _pin(self, req: SimRequest, blocks: Sequence[Hashable]) -> None:
+        for b in blocks:
+            self._pinned[b] = self._pinned.get(b, 0) + 1
+        req.pins += blocks
+        req.cached += len(blocks)
+
+    def _fit_cache(self) -> None:
+        """The cache holds its pinned blocks plus as many free ones as the unreserved KV space fits."""
+        if self.cache is not None:
+            self.cache.resize(len(self._pinned) + max(0, self.kv_cap - self.kv_used) // BLOCK_TOKENS)
+
+    def _cache_computed(self, req: SimRequest, computed: int) -> None:
+        """Cache (and pin) the blocks of `req` whose `computed` leading tokens now have their KV."""
+        cache = self.cache
+        n = min(len(req.blocks), computed // BLOCK_TOKENS)
+        if cache is None or n <= req.cached:
+            return
+        new = req.blocks[req.cached:n]
+        fresh = {b for b in new if b not in cache}   # its own KV, already inside its reservation
+        cache.resize(cache.capacity + len(fresh))    # room without evicting anyone
+        done = new[:cache.insert(new)]
+        owned = sum(1 for b in done if b in fresh)
+        self._pin(req, done)
+        req.owned += owned
+        self._reserved -= BLOCK_TOKENS * owned
+        if len(done) < len(new):
+            req.cached = len(req.blocks)   # the cache is full of pinned blocks: cache no more of it
+        self._fit_cache()
+
+    def _end(self, req: SimRequest) -> None:
+        """Free what a finished or aborted request holds: its reservation and its pins (its blocks stay cached)."""
+        self._reserved -= req.kv_tokens - BLOCK_TOKENS * req.owned
+        if req.pins:
+            assert self.cache is not None
+            pinned = self._pinned
+            for b in req.pins:
+                if pinned[b] <= 1:
+                    del pinned[b]
+                else:
+                    pinned[b] -= 1
+            self.cache.release(req.pins[::-1])   # vLLM frees a sequence tail first: its tail is evicted first
+            req.pins = []
+        self._fit_cache()
 
     def step(self, now: float) -> Iteration | None:
         """Admit what can be admitted at `now` and run one iteration; None if there is nothing to run."""
@@ -148,6 +235,10 @@ class Batcher:
         decoding = self.decoding
         ctx = sum(r.prompt + r.generated for r in decoding)  # each decoder attends to its whole context
         chunks, prefilled = chunk_prefills(self.prefilling, self.budget - len(decoding))
+        if self.cache is not None:
+            for req in self.prefilling[:len(chunks)]:   # those that got a chunk: their computed blocks
+                if req.blocks:
+                    self._cache_computed(req, req.prefilled)
         if prefilled:
             self.prefilling = [r for r in self.prefilling if r.prefilled < r.prompt]
         dt = self.perf.iteration_time(len(decoding), ctx, chunks)
@@ -159,6 +250,8 @@ class Batcher:
             req.generated += 1
             emitted.append((req, req.generated))
             (finished if req.generated >= req.output else still).append(req)
+            if len(req.blocks) > req.cached:   # the token before this one went through the model
+                self._cache_computed(req, req.prompt + req.generated - 1)
         for req in prefilled:
             req.generated = 1
             req.t_first = end
@@ -172,6 +265,6 @@ class Batcher:
         for req in finished:
             req.t_end = end
             req.state = DONE
-            self.kv_used -= req.kv_tokens
+            self._end(req)
             del self._ids[req.rid]
         return Iteration(now, dt, tuple(emitted), tuple(finished))

@@ -87,6 +87,8 @@ class EngineMetrics:
         self.e2e = Histogram(E2E_BUCKETS_S)
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.prefix_queries = 0   # prompt tokens looked up in the prefix cache (vLLM counts them at scheduling)
+        self.prefix_hits = 0      # of those, tokens found cached
         self.success: dict[str, int] = {"length": 0, "stop": 0}
         self.lag_s = 0.0  # wall seconds iterations were handed out late, summed (the sim's own health)
         self.deliveries = 0
@@ -116,6 +118,10 @@ class EngineMetrics:
             gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv_usage),
             counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", self.prompt_tokens),
             counter("vllm:generation_tokens_total", "Number of generation tokens processed.", self.generation_tokens),
+            counter("vllm:prefix_cache_queries_total",
+                    "Prefix cache queries, in terms of number of queried tokens.", self.prefix_queries),
+            counter("vllm:prefix_cache_hits_total",
+                    "Prefix cache hits, in terms of number of cached tokens.", self.prefix_hits),
             success,
         ]
         for metric, hist, help_ in (

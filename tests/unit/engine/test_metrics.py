@@ -26,6 +26,8 @@ FAMILIES = [
     ("vllm:kv_cache_usage_perc", "gauge"),
     ("vllm:prompt_tokens_total", "counter"),
     ("vllm:generation_tokens_total", "counter"),
+    ("vllm:prefix_cache_queries_total", "counter"),
+    ("vllm:prefix_cache_hits_total", "counter"),
     ("vllm:request_success_total", "counter"),
     ("vllm:time_to_first_token_seconds", "histogram"),
     ("vllm:time_per_output_token_seconds", "histogram"),
@@ -70,6 +72,9 @@ async def test_scrape_has_vllm_names_and_counts_a_request(models, gpus) -> None:
     value = {(s.name, s.labels.get("finished_reason"), s.labels.get("le")): s.value for s in samples}
     assert value[("vllm:prompt_tokens_total", None, None)] == 40
     assert value[("vllm:generation_tokens_total", None, None)] == 5
+    # 40 prompt tokens looked up; 2 full blocks but nothing cached yet on a fresh engine
+    assert value[("vllm:prefix_cache_queries_total", None, None)] == 40
+    assert value[("vllm:prefix_cache_hits_total", None, None)] == 0
     assert value[("vllm:request_success_total", "length", None)] == 1
     assert value[("vllm:request_success_total", "stop", None)] == 0
     assert value[("vllm:time_per_output_token_seconds_count", None, None)] == 4
