@@ -43,10 +43,11 @@ from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
 from scepsy_hpc.gateway.guard import CLIENT_KEY, SMALL_BODY_BYTES, guard, too_large
 from scepsy_hpc.gateway.metrics import CallWindow, gateway_registry, gateway_stats
 from scepsy_hpc.gateway.names import listing, names_in_scope, resolve, unknown_model_message
+from scepsy_hpc.gateway.prefix import CallTracker, PrefixBook
 from scepsy_hpc.gateway.proxy import Call, Forwarder, error_response, upstream_headers
 from scepsy_hpc.gateway.routing import LLMPool, Router
-from scepsy_hpc.gateway.tracing import ModelClock, SpanBook, SpanError, TraceSink, meta_record
-from scepsy_hpc.trace.records import CallRecord, TraceWriter
+from scepsy_hpc.gateway.tracing import ModelClock, SpanBook, SpanError, ToolBook, TraceSink, meta_record
+from scepsy_hpc.trace.records import CallRecord, SpanRecord, TraceWriter
 
 log = logging.getLogger("scepsy_hpc.gateway")
 
@@ -85,6 +86,7 @@ class GatewayState:
         self.time_scale = time_scale
         self.sink = TraceSink(trace_writer)
         self.spans = SpanBook()
+        self.tracker = CallTracker(PrefixBook(), ToolBook(), self.put_span)
         self.connect_timeout_s = connect_timeout_s
         self.calls: dict[str, int] = {}   # per LLM key
         self.errors: dict[str, int] = {}
@@ -113,6 +115,11 @@ class GatewayState:
         self.keys.update(eps)
         return eps
 
+    def put_span(self, rec: SpanRecord) -> None:
+        """Trace one span record (paired from events, or inferred from the calls)."""
+        self.sink.put(rec)
+        self.span_records += 1
+
     def record(self, rec: CallRecord) -> None:
         """Count and trace one finished call."""
         if rec.status != "ok":
@@ -132,7 +139,8 @@ class GatewayState:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        self.forwarder = Forwarder(self.session, self.router, self.clock, self.record, hold_s=self.hold_s)
+        self.forwarder = Forwarder(self.session, self.router, self.clock, self.record, hold_s=self.hold_s,
+                                   tracker=self.tracker)
         if self.sink.writer is not None:
             self.sink.put(meta_record(self.time_scale))
         self.sink.start()
@@ -271,7 +279,10 @@ async def _handle_call(upstream_path: str, request: web.Request) -> web.StreamRe
             body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
             drop_usage = changed = True
     st.calls[pool.name] = st.calls.get(pool.name, 0) + 1
-    call = Call(llm=pool.name, pool=pool, path=upstream_path, body=json.dumps(body).encode() if changed else raw,
+    chat = upstream_path == "/v1/chat/completions"
+    prompt = st.tracker.prefixes.prompt(body, chat=chat)
+    call = Call(prompt=prompt, messages=body.get("messages") if chat else None,
+                llm=pool.name, pool=pool, path=upstream_path, body=json.dumps(body).encode() if changed else raw,
                 headers=upstream_headers(request.headers.items()), stream=stream, drop_usage=drop_usage,
                 request_id=request_id, role=role, model=pool.served_model, call_id=st.next_call_id(),
                 authorization=None if st.router.client_keys else request.headers.get("Authorization"))
@@ -335,10 +346,10 @@ async def _handle_span(request: web.Request) -> web.Response:
         rec = st.spans.event(body, now)
     except SpanError as exc:
         return _bad_request(str(exc), "invalid_span")
+    st.tracker.span_event(body)
     if rec is None:
         return web.json_response({"ok": True, "t": now})
-    st.sink.put(rec)
-    st.span_records += 1
+    st.put_span(rec)
     return web.json_response({"ok": True, "t_start": rec.t_start, "t_end": rec.t_end})
 
 
