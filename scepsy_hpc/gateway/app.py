@@ -64,6 +64,9 @@ KEEPALIVE_S = 4.0
 WATCH_EVERY_S = 0.2  # one stat() of the endpoints file per interval when idle
 # How long a call waits for a replica of its LLM when none can take it (engines restarting, a cut-over).
 DEFAULT_HOLD_S = 60.0
+# A request's calls to an LLM go back to the replica that served its previous one (its prefix is cached there)
+# unless that replica is busier than the least-loaded one by more than the slack (routing.py).
+DEFAULT_PREFIX_AFFINITY = True
 # Routes are served at the root and under each of these (a request id, a deployment, or both).
 PREFIXES = ("", "/r/{request_id}", "/d/{deployment}", "/d/{deployment}/r/{request_id}")
 
@@ -73,14 +76,15 @@ class GatewayState:
 
     def __init__(self, source: Endpoints | EndpointsWatcher, trace_writer: TraceWriter | None, time_scale: float,
                  *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0, hold_s: float = DEFAULT_HOLD_S,
-                 max_body_bytes: int = MAX_BODY_BYTES, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+                 prefix_affinity: bool = DEFAULT_PREFIX_AFFINITY) -> None:
         if not 0 <= hold_s < float("inf"):
             raise ValueError(f"hold_s={hold_s} must be finite and >= 0")
         if hold_s > 0 and down_for_s <= 0:
             # A refused connection is retried once its replica's down period passes: none would be a hot loop.
             raise ValueError(f"down_for_s={down_for_s} must be > 0 when calls hold (hold_s={hold_s})")
         self.source = source
-        self.router = Router(source, down_for_s=down_for_s)
+        self.router = Router(source, down_for_s=down_for_s, affinity=prefix_affinity)
         self.hold_s = hold_s
         self.clock = ModelClock(time_scale)
         self.time_scale = time_scale
@@ -347,6 +351,8 @@ async def _handle_span(request: web.Request) -> web.Response:
     except SpanError as exc:
         return _bad_request(str(exc), "invalid_span")
     st.tracker.span_event(body)
+    if body.get("span") == "request" and body.get("event") == "end":   # the request's routing state goes too
+        st.router.forget(body["request"])
     if rec is None:
         return web.json_response({"ok": True, "t": now})
     st.put_span(rec)
@@ -356,16 +362,17 @@ async def _handle_span(request: web.Request) -> web.Response:
 def make_app(endpoints_source: Endpoints | EndpointsWatcher, trace_writer: TraceWriter | None = None,
              time_scale: float = 1.0, *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0,
              hold_s: float = DEFAULT_HOLD_S, max_body_bytes: int = MAX_BODY_BYTES,
-             client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> web.Application:
+             client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+             prefix_affinity: bool = DEFAULT_PREFIX_AFFINITY) -> web.Application:
     """The gateway as an aiohttp application (a watcher must have been `load()`ed).
 
     `hold_s`: how long a call waits for a replica when none can take it (0: it fails at once).
     `max_body_bytes`: the largest call body (413 above); `client_timeout_s`: how long a client may take
-    to send its body (408 after)."""
+    to send its body (408 after); `prefix_affinity`: keep a request's calls on its replica (routing.py)."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[guard(STATE)])
     st = GatewayState(endpoints_source, trace_writer, time_scale, connect_timeout_s=connect_timeout_s,
                       down_for_s=down_for_s, hold_s=hold_s, max_body_bytes=max_body_bytes,
-                      client_timeout_s=client_timeout_s)
+                      client_timeout_s=client_timeout_s, prefix_affinity=prefix_affinity)
     app[STATE] = st
     for prefix in PREFIXES:
         for path in ("/v1/chat/completions", "/v1/completions"):

@@ -219,7 +219,7 @@ class Forwarder:
         while True:
             try:
                 replica = await self.router.acquire(call.pool, frozenset(u for u, _ in tried) if tried else _NONE,
-                                                    avoid_down=bool(refused), hold=hold)
+                                                    avoid_down=bool(refused), hold=hold, request=call.request_id)
             except NoReplicaError as exc:
                 if first_failure is not None and hold is not None and tried and link_cut and not retry_same:
                     # no other replica for the one retry: the same one may take it (an engine restarting on its port;
