@@ -65,8 +65,9 @@ WATCH_EVERY_S = 0.2  # one stat() of the endpoints file per interval when idle
 # How long a call waits for a replica of its LLM when none can take it (engines restarting, a cut-over).
 DEFAULT_HOLD_S = 60.0
 # A request's calls to an LLM go back to the replica that served its previous one (its prefix is cached there)
-# unless that replica is busier than the least-loaded one by more than the slack (routing.py).
-DEFAULT_PREFIX_AFFINITY = True
+# unless that replica is busier than the least-loaded one by more than the slack (routing.py). Off until
+# scripts/bench_prefix_routing.py shows it is not worse (with the sim engine's prefix cache merged).
+DEFAULT_PREFIX_AFFINITY = False
 # Routes are served at the root and under each of these (a request id, a deployment, or both).
 PREFIXES = ("", "/r/{request_id}", "/d/{deployment}", "/d/{deployment}/r/{request_id}")
 

@@ -90,7 +90,7 @@ async def test_a_react_turn_gives_a_tool_span_and_prefix_shares(tmp_path: Path, 
                         assert r.status == 200
             st = gw.state
             assert st.tracker.prefixes._requests == {} and st.tracker.tools.pending == 0
-            assert st.router.affinity_size() == 0
+            assert st.router.affinity_size() == 0   # (affinity off by default: nothing held either way)
     finally:
         await gw.close()
         await runner.cleanup()
