@@ -43,10 +43,11 @@ from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
 from scepsy_hpc.gateway.guard import CLIENT_KEY, SMALL_BODY_BYTES, guard, too_large
 from scepsy_hpc.gateway.metrics import CallWindow, gateway_registry, gateway_stats
 from scepsy_hpc.gateway.names import listing, names_in_scope, resolve, unknown_model_message
+from scepsy_hpc.gateway.prefix import CallTracker, PrefixBook
 from scepsy_hpc.gateway.proxy import Call, Forwarder, error_response, upstream_headers
 from scepsy_hpc.gateway.routing import LLMPool, Router
-from scepsy_hpc.gateway.tracing import ModelClock, SpanBook, SpanError, TraceSink, meta_record
-from scepsy_hpc.trace.records import CallRecord, TraceWriter
+from scepsy_hpc.gateway.tracing import ModelClock, SpanBook, SpanError, ToolBook, TraceSink, meta_record
+from scepsy_hpc.trace.records import CallRecord, SpanRecord, TraceWriter
 
 log = logging.getLogger("scepsy_hpc.gateway")
 
@@ -63,6 +64,10 @@ KEEPALIVE_S = 4.0
 WATCH_EVERY_S = 0.2  # one stat() of the endpoints file per interval when idle
 # How long a call waits for a replica of its LLM when none can take it (engines restarting, a cut-over).
 DEFAULT_HOLD_S = 60.0
+# A request's calls to an LLM go back to the replica that served its previous one (its prefix is cached there)
+# unless that replica is busier than the least-loaded one by more than the slack (routing.py). Off until
+# scripts/bench_prefix_routing.py shows it is not worse (with the sim engine's prefix cache merged).
+DEFAULT_PREFIX_AFFINITY = False
 # Routes are served at the root and under each of these (a request id, a deployment, or both).
 PREFIXES = ("", "/r/{request_id}", "/d/{deployment}", "/d/{deployment}/r/{request_id}")
 
@@ -72,19 +77,21 @@ class GatewayState:
 
     def __init__(self, source: Endpoints | EndpointsWatcher, trace_writer: TraceWriter | None, time_scale: float,
                  *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0, hold_s: float = DEFAULT_HOLD_S,
-                 max_body_bytes: int = MAX_BODY_BYTES, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+                 prefix_affinity: bool = DEFAULT_PREFIX_AFFINITY) -> None:
         if not 0 <= hold_s < float("inf"):
             raise ValueError(f"hold_s={hold_s} must be finite and >= 0")
         if hold_s > 0 and down_for_s <= 0:
             # A refused connection is retried once its replica's down period passes: none would be a hot loop.
             raise ValueError(f"down_for_s={down_for_s} must be > 0 when calls hold (hold_s={hold_s})")
         self.source = source
-        self.router = Router(source, down_for_s=down_for_s)
+        self.router = Router(source, down_for_s=down_for_s, affinity=prefix_affinity)
         self.hold_s = hold_s
         self.clock = ModelClock(time_scale)
         self.time_scale = time_scale
         self.sink = TraceSink(trace_writer)
         self.spans = SpanBook()
+        self.tracker = CallTracker(PrefixBook(), ToolBook(), self.put_span)
         self.connect_timeout_s = connect_timeout_s
         self.calls: dict[str, int] = {}   # per LLM key
         self.errors: dict[str, int] = {}
@@ -113,6 +120,11 @@ class GatewayState:
         self.keys.update(eps)
         return eps
 
+    def put_span(self, rec: SpanRecord) -> None:
+        """Trace one span record (paired from events, or inferred from the calls)."""
+        self.sink.put(rec)
+        self.span_records += 1
+
     def record(self, rec: CallRecord) -> None:
         """Count and trace one finished call."""
         if rec.status != "ok":
@@ -132,7 +144,8 @@ class GatewayState:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        self.forwarder = Forwarder(self.session, self.router, self.clock, self.record, hold_s=self.hold_s)
+        self.forwarder = Forwarder(self.session, self.router, self.clock, self.record, hold_s=self.hold_s,
+                                   tracker=self.tracker)
         if self.sink.writer is not None:
             self.sink.put(meta_record(self.time_scale))
         self.sink.start()
@@ -271,7 +284,10 @@ async def _handle_call(upstream_path: str, request: web.Request) -> web.StreamRe
             body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
             drop_usage = changed = True
     st.calls[pool.name] = st.calls.get(pool.name, 0) + 1
-    call = Call(llm=pool.name, pool=pool, path=upstream_path, body=json.dumps(body).encode() if changed else raw,
+    chat = upstream_path == "/v1/chat/completions"
+    prompt = st.tracker.prefixes.prompt(body, chat=chat)
+    call = Call(prompt=prompt, messages=body.get("messages") if chat else None,
+                llm=pool.name, pool=pool, path=upstream_path, body=json.dumps(body).encode() if changed else raw,
                 headers=upstream_headers(request.headers.items()), stream=stream, drop_usage=drop_usage,
                 request_id=request_id, role=role, model=pool.served_model, call_id=st.next_call_id(),
                 authorization=None if st.router.client_keys else request.headers.get("Authorization"))
@@ -335,26 +351,29 @@ async def _handle_span(request: web.Request) -> web.Response:
         rec = st.spans.event(body, now)
     except SpanError as exc:
         return _bad_request(str(exc), "invalid_span")
+    st.tracker.span_event(body)
+    if body.get("span") == "request" and body.get("event") == "end":   # the request's routing state goes too
+        st.router.forget(body["request"])
     if rec is None:
         return web.json_response({"ok": True, "t": now})
-    st.sink.put(rec)
-    st.span_records += 1
+    st.put_span(rec)
     return web.json_response({"ok": True, "t_start": rec.t_start, "t_end": rec.t_end})
 
 
 def make_app(endpoints_source: Endpoints | EndpointsWatcher, trace_writer: TraceWriter | None = None,
              time_scale: float = 1.0, *, connect_timeout_s: float = 5.0, down_for_s: float = 1.0,
              hold_s: float = DEFAULT_HOLD_S, max_body_bytes: int = MAX_BODY_BYTES,
-             client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> web.Application:
+             client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+             prefix_affinity: bool = DEFAULT_PREFIX_AFFINITY) -> web.Application:
     """The gateway as an aiohttp application (a watcher must have been `load()`ed).
 
     `hold_s`: how long a call waits for a replica when none can take it (0: it fails at once).
     `max_body_bytes`: the largest call body (413 above); `client_timeout_s`: how long a client may take
-    to send its body (408 after)."""
+    to send its body (408 after); `prefix_affinity`: keep a request's calls on its replica (routing.py)."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[guard(STATE)])
     st = GatewayState(endpoints_source, trace_writer, time_scale, connect_timeout_s=connect_timeout_s,
                       down_for_s=down_for_s, hold_s=hold_s, max_body_bytes=max_body_bytes,
-                      client_timeout_s=client_timeout_s)
+                      client_timeout_s=client_timeout_s, prefix_affinity=prefix_affinity)
     app[STATE] = st
     for prefix in PREFIXES:
         for path in ("/v1/chat/completions", "/v1/completions"):

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import aiohttp
 from aiohttp import web
 
+from scepsy_hpc.gateway.prefix import Answer, CallTracker, Prompt
 from scepsy_hpc.gateway.routing import Hold, LLMPool, NoReplicaError, ReplicaState, Router
 from scepsy_hpc.gateway.stream import SSEFilter, error_message
 from scepsy_hpc.trace.records import CallRecord
@@ -128,12 +129,15 @@ class Call:
     # The client's own Authorization, passed on only where the replica has no secret and the gateway
     # checks no client keys (a hand-run gateway in front of engines the client holds the key of).
     authorization: str | None = field(default=None, repr=False)
+    # The prompt hashed for prefix accounting, and the chat messages (tool results close inferred tool spans).
+    prompt: Prompt | None = field(default=None, repr=False)
+    messages: Any = field(default=None, repr=False)
 
 
 class _Outcome:
     """What the trace record will say; filled in as the call proceeds."""
 
-    __slots__ = ("status", "error", "http_status", "replica", "t_first", "usage")
+    __slots__ = ("status", "error", "http_status", "replica", "t_first", "usage", "answer")
 
     def __init__(self) -> None:
         self.status = "ok"
@@ -142,6 +146,7 @@ class _Outcome:
         self.replica: str | None = None
         self.t_first: float | None = None
         self.usage: dict[str, Any] | None = None
+        self.answer: Answer | None = None   # collected only for calls the tracker follows
 
     def fail(self, message: str, http_status: int | None = None) -> None:
         self.status, self.error = "error", message
@@ -151,6 +156,8 @@ class _Outcome:
     def retried(self) -> None:
         """The call goes to another replica: what the first one did is no longer the outcome."""
         self.status, self.error, self.http_status, self.t_first, self.usage = "ok", None, None, None, None
+        if self.answer is not None:
+            self.answer.reset()   # what the first replica said is not the answer
 
 
 def _tokens(usage: dict[str, Any] | None, key: str) -> int | None:
@@ -162,8 +169,10 @@ class Forwarder:
     """Sends calls to replicas through one pooled ClientSession and reports each as a CallRecord."""
 
     def __init__(self, session: aiohttp.ClientSession, router: Router, clock: Callable[[], float],
-                 on_record: Callable[[CallRecord], None], *, hold_s: float = 0.0) -> None:
+                 on_record: Callable[[CallRecord], None], *, hold_s: float = 0.0,
+                 tracker: CallTracker | None = None) -> None:
         self.session = session
+        self.tracker = tracker
         self.router = router
         self.clock = clock
         self.on_record = on_record
@@ -173,6 +182,11 @@ class Forwarder:
         """Forward `call` and return the client's response; always emits one CallRecord."""
         t_start = self.clock()
         out = _Outcome()
+        tracked = None
+        if self.tracker is not None:
+            tracked = self.tracker.start(call.request_id, call.call_id, call.llm, call.prompt, call.messages, t_start)
+            if call.prompt is not None and call.request_id is not None:
+                out.answer = tracked.answer
         try:
             return await self._forward(request, call, out)
         except asyncio.CancelledError:
@@ -182,9 +196,14 @@ class Forwarder:
             out.fail(f"gateway error: {type(exc).__name__}: {exc}", 500)
             return error_response(500, f"llm {call.llm!r}: gateway error: {type(exc).__name__}: {exc}", "gateway_error", 500)
         finally:
+            t_end = self.clock()
+            shared: tuple[int | None, int | None] = (None, None)
+            if tracked is not None:
+                assert self.tracker is not None
+                shared = self.tracker.finish(call.request_id, call.llm, tracked, out.status == "ok", out.usage, t_end)
             self.on_record(CallRecord(
                 request=call.request_id, llm=call.llm, role=call.role, t_start=t_start, t_first=out.t_first,
-                t_end=self.clock(), prompt_tokens=_tokens(out.usage, "prompt_tokens"),
+                t_end=t_end, prefix_tokens=shared[0], system_tokens=shared[1], prompt_tokens=_tokens(out.usage, "prompt_tokens"),
                 completion_tokens=_tokens(out.usage, "completion_tokens"), status=out.status, error=out.error,
                 http_status=out.http_status, replica=out.replica, model=call.model, stream=call.stream,
                 call_id=call.call_id))
@@ -200,7 +219,7 @@ class Forwarder:
         while True:
             try:
                 replica = await self.router.acquire(call.pool, frozenset(u for u, _ in tried) if tried else _NONE,
-                                                    avoid_down=bool(refused), hold=hold)
+                                                    avoid_down=bool(refused), hold=hold, request=call.request_id)
             except NoReplicaError as exc:
                 if first_failure is not None and hold is not None and tried and link_cut and not retry_same:
                     # no other replica for the one retry: the same one may take it (an engine restarting on its port;
@@ -303,6 +322,8 @@ class Forwarder:
                 obj = None
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                 out.usage = obj["usage"]
+            if out.answer is not None:
+                out.answer.take_body(obj)
         return web.Response(status=status, body=data,
                             headers={**headers, "Content-Type": upstream.headers.get("Content-Type", "application/json")}), False
 
@@ -333,10 +354,14 @@ class Forwarder:
                         failure = exc
                         break
                 piece, data = sse.feed(data), None
+                if piece and out.answer is not None:
+                    out.answer.feed_sse(piece)
                 if piece:
                     await resp.write(piece)  # as it arrives: no buffering of the whole answer
                     delivered_done = sse.done
             tail = sse.flush()
+            if tail and out.answer is not None:
+                out.answer.feed_sse(tail)
             if tail:
                 await resp.write(tail)
             out.t_first, out.usage = sse.t_first, sse.usage

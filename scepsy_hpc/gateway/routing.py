@@ -10,17 +10,27 @@ no replica to take it (the pool is empty while engines restart, or every replica
 connection a moment ago) waits under its `Hold` instead of failing: until a replica appears, a
 down period passes, or `hold_s` runs out (counted from the first time it found none, across its
 retries). A call queued because every replica is full waits without a limit, as before.
+
+Prefix affinity (`affinity=True`): a call of workflow request R to LLM L goes back to the replica that
+served R's previous call to L — which holds R's prompt prefix in its cache — while that replica's
+outstanding count is at most the least-loaded free replica's + `affinity_slack` (default 1); else the
+least-loaded one as above (and R's affinity moves there). The table is an LRU of at most
+`max_affinity` (request, LLM) entries; entries of a replica that leaves the file are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
+
+
+DEFAULT_AFFINITY_SLACK = 1
+MAX_AFFINITY = 100_000
 
 
 class NoReplicaError(Exception):
@@ -73,7 +83,8 @@ class ReplicaState:
 class _Waiter:
     fut: asyncio.Future[ReplicaState]
     exclude: frozenset[str]
-    avoid_down: bool = False  # a retry after a refused connection: only a replica not marked down will do
+    avoid_down: bool = False
+    request: str | None = None   # the workflow request (prefix affinity)  # a retry after a refused connection: only a replica not marked down will do
     hold: Hold | None = None
     held: bool = False  # waiting for a replica to appear or come up (not for a slot of a full one)
     wake_at: float | None = None  # monotonic: look again then (a down period or the hold ends)
@@ -113,8 +124,19 @@ class LLMPool:
 class Router:
     """Routes calls of each LLM to its replicas; follows the endpoints source on every `sync()`."""
 
-    def __init__(self, source: Endpoints | EndpointsWatcher, *, down_for_s: float = 1.0) -> None:
+    def __init__(self, source: Endpoints | EndpointsWatcher, *, down_for_s: float = 1.0, affinity: bool = False,
+                 affinity_slack: int = DEFAULT_AFFINITY_SLACK, max_affinity: int = MAX_AFFINITY) -> None:
+        if affinity_slack < 0:
+            raise ValueError(f"affinity_slack={affinity_slack} must be >= 0 (extra outstanding calls a request's "
+                             "replica may have over the least-loaded one)")
         self.source = source
+        self.affinity = affinity
+        self.affinity_slack = affinity_slack
+        self.max_affinity = max_affinity
+        # (LLM key, request id) -> URL of the replica that served the request's last call to the LLM; LRU
+        self._affinity: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.affinity_hits = 0     # calls sent back to their request's replica
+        self.affinity_misses = 0   # calls of a known request that went elsewhere (its replica busy or gone)
         self.down_for_s = down_for_s
         self._pools: dict[str, LLMPool] = {}
         self._by_name: dict[str, LLMPool] = {}  # keys and aliases
@@ -170,6 +192,10 @@ class Router:
             pool.waiters.clear()
         for key in [k for k, st in self._states.items() if not st.active and st.outstanding == 0]:
             del self._states[key]
+        if self._affinity:
+            live = {(st.llm, st.url) for st in self._states.values() if st.active}
+            for k in [k for k, url in self._affinity.items() if (k[0], url) not in live]:
+                del self._affinity[k]
         self._by_name = {name: self._pools[key] for name, key in eps.accepted_names().items()}
 
     # -- lookups ---------------------------------------------------------------------------------
@@ -200,7 +226,8 @@ class Router:
 
     # -- acquire / release -----------------------------------------------------------------------
 
-    def _pick(self, pool: LLMPool, exclude: frozenset[str], avoid_down: bool = False) -> ReplicaState | None:
+    def _pick(self, pool: LLMPool, exclude: frozenset[str], avoid_down: bool = False,
+              request: str | None = None) -> ReplicaState | None:
         """The free replica with the fewest outstanding calls (round-robin among equals), or None if all are full.
 
         A replica marked down is a last resort, and with `avoid_down` no choice at all. Raises
@@ -241,9 +268,42 @@ class Router:
                                  f"{self.down_for_s:g} s", retry_at=first_up_at)
         if best is None and not avoid_down:
             best, best_i = fallback, fallback_i
+        if best is not None and request is not None and self.affinity:
+            return self._affine(pool, request, best, best_i, exclude, now)
         if best is not None:
             pool.rr = best_i + 1
         return best
+
+    def _affine(self, pool: LLMPool, request: str, best: ReplicaState, best_i: int, exclude: frozenset[str],
+                now: float) -> ReplicaState:
+        """`request`'s replica when it may take the call within the slack, else `best`; remembered either way."""
+        key = (pool.name, request)
+        url = self._affinity.get(key)
+        pick = best
+        if url is not None:
+            home = next((r for r in pool.replicas if r.url == url), None)
+            if (home is not None and home.url not in exclude and home.down_until <= now and home.outstanding < home.cap
+                    and home.outstanding <= best.outstanding + self.affinity_slack):
+                pick = home
+                self.affinity_hits += 1
+            else:
+                self.affinity_misses += 1
+            self._affinity.move_to_end(key)
+        if pick is best:
+            pool.rr = best_i + 1
+        self._affinity[key] = pick.url
+        while len(self._affinity) > self.max_affinity:
+            self._affinity.popitem(last=False)
+        return pick
+
+    def affinity_size(self) -> int:
+        """(request, LLM) entries in the affinity table."""
+        return len(self._affinity)
+
+    def forget(self, request: str) -> None:
+        """`request` ended: drop its affinity entries (one per LLM it called)."""
+        for name in self._pools:
+            self._affinity.pop((name, request), None)
 
     def _hold_or_fail(self, pool: LLMPool, w: _Waiter, exc: NoReplicaError, now: float) -> NoReplicaError | None:
         """None when `w` may wait for a replica (then `w.wake_at` says when to look again); else its error."""
@@ -269,22 +329,23 @@ class Router:
         return r
 
     async def acquire(self, pool: LLMPool, exclude: frozenset[str] = frozenset(), *, avoid_down: bool = False,
-                      hold: Hold | None = None) -> ReplicaState:
+                      hold: Hold | None = None, request: str | None = None) -> ReplicaState:
         """A replica slot for one call of `pool`: waits in the LLM's FIFO when all replicas are full, and
         under `hold` while none can take it (see the module docstring); NoReplicaError when it cannot wait."""
         if self._pools.get(pool.name) is not pool:  # a retry of a call whose LLM was removed meanwhile
             raise NoReplicaError(f"llm {pool.name!r} was removed from the endpoints file while this call was in flight")
         try:
-            picked = self._pick(pool, exclude, avoid_down)
+            # affinity only for a call that is handed the pick now (with a queue, it waits its turn)
+            picked = self._pick(pool, exclude, avoid_down, None if pool.waiters else request)
         except NoReplicaError as exc:
-            w = _Waiter(asyncio.get_running_loop().create_future(), exclude, avoid_down, hold)
+            w = _Waiter(asyncio.get_running_loop().create_future(), exclude, avoid_down, request, hold)
             err = self._hold_or_fail(pool, w, exc, time.monotonic())
             if err is not None:
                 raise err from None
         else:
             if picked is not None and not pool.waiters:  # FIFO: nobody overtakes a queued call
                 return self._take(picked)   # the common case: no future, no waiter
-            w = _Waiter(asyncio.get_running_loop().create_future(), exclude, avoid_down, hold)
+            w = _Waiter(asyncio.get_running_loop().create_future(), exclude, avoid_down, request, hold)
         pool.waiters.append(w)
         self._dispatch(pool)
         try:
@@ -307,7 +368,7 @@ class Router:
         if w.fut.done():
             return
         try:
-            r = self._pick(pool, w.exclude, w.avoid_down)
+            r = self._pick(pool, w.exclude, w.avoid_down, w.request)
         except NoReplicaError as exc:
             err = self._hold_or_fail(pool, w, exc, time.monotonic())
             if err is not None:
@@ -366,7 +427,7 @@ class Router:
             if w.fut.done():
                 continue
             try:
-                r = self._pick(pool, w.exclude, w.avoid_down)
+                r = self._pick(pool, w.exclude, w.avoid_down, w.request)
             except NoReplicaError as exc:
                 err = self._hold_or_fail(pool, w, exc, now)
                 if err is None:

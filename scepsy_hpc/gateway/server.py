@@ -16,8 +16,8 @@ from typing import IO, Sequence
 from aiohttp import web
 
 from scepsy_hpc.errors import ScepsyError, SpecError, run_entry
-from scepsy_hpc.gateway.app import (DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_HOLD_S, DEFAULT_MAX_BODY_MIB, MAX_BODY_BYTES, STATE,
-                                    GatewayState, make_app)
+from scepsy_hpc.gateway.app import (DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_HOLD_S, DEFAULT_MAX_BODY_MIB,
+                                    DEFAULT_PREFIX_AFFINITY, MAX_BODY_BYTES, STATE, GatewayState, make_app)
 from scepsy_hpc.gateway.endpoints import EndpointsWatcher
 from scepsy_hpc.gateway.guard import MAX_HEADER_BYTES, MAX_HEADERS, MAX_LINE_BYTES, GuardedRunner
 from scepsy_hpc.gateway.names import listing
@@ -70,7 +70,8 @@ async def start_gateway(endpoints_path: str | Path, trace_path: str | Path | Non
                         port: int = 0, time_scale: float | None = None, *, connect_timeout_s: float = 5.0,
                         watch_interval_s: float = 0.2, shutdown_timeout_s: float = 30.0, down_for_s: float = 1.0,
                         hold_s: float = DEFAULT_HOLD_S, max_body_bytes: int = MAX_BODY_BYTES,
-                        client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S, append_trace: bool = False) -> Gateway:
+                        client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S, append_trace: bool = False,
+                        prefix_affinity: bool = DEFAULT_PREFIX_AFFINITY) -> Gateway:
     """Load the endpoints file and serve; time_scale None takes the file's, else 1.0. Port 0 picks a free one.
 
     The trace file is created 0600 and must be new or empty (one trace per run), unless `append_trace`:
@@ -86,7 +87,7 @@ async def start_gateway(endpoints_path: str | Path, trace_path: str | Path | Non
         trace_file, last_call = open_trace(trace_path, append=append_trace)
         writer = TraceWriter(trace_file)
     app = make_app(watcher, writer, scale, connect_timeout_s=connect_timeout_s, down_for_s=down_for_s, hold_s=hold_s,
-                   max_body_bytes=max_body_bytes, client_timeout_s=client_timeout_s)
+                   max_body_bytes=max_body_bytes, client_timeout_s=client_timeout_s, prefix_affinity=prefix_affinity)
     app[STATE].continue_call_ids(last_call)
     # keepalive_timeout also closes a connection that has not sent a whole request line and headers in time.
     runner = GuardedRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s,
@@ -133,9 +134,11 @@ def _remove_pid_file(path: Path) -> None:
 
 async def _serve(endpoints_path: str | Path, trace_path: str | Path | None, host: str, port: int,
                  time_scale: float | None, pid_file: str | Path | None = None, hold_s: float = DEFAULT_HOLD_S,
-                 max_body_bytes: int = MAX_BODY_BYTES, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+                 prefix_affinity: bool = DEFAULT_PREFIX_AFFINITY) -> None:
     gw = await start_gateway(endpoints_path, trace_path, host, port, time_scale, hold_s=hold_s,
-                             max_body_bytes=max_body_bytes, client_timeout_s=client_timeout_s)
+                             max_body_bytes=max_body_bytes, client_timeout_s=client_timeout_s,
+                             prefix_affinity=prefix_affinity)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,10 +160,11 @@ async def _serve(endpoints_path: str | Path, trace_path: str | Path | None, host
 def run_gateway(endpoints_path: str | Path, trace_path: str | Path | None = None, host: str = "127.0.0.1",
                 port: int = 8000, time_scale: float | None = None, *, pid_file: str | Path | None = None,
                 hold_s: float = DEFAULT_HOLD_S, max_body_bytes: int = MAX_BODY_BYTES,
-                client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> None:
+                client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+                prefix_affinity: bool = DEFAULT_PREFIX_AFFINITY) -> None:
     """Serve until SIGINT/SIGTERM (blocking); `pid_file` holds this process's id while the port is bound."""
     asyncio.run(_serve(endpoints_path, trace_path, host, port, time_scale, pid_file, hold_s, max_body_bytes,
-                       client_timeout_s))
+                       client_timeout_s, prefix_affinity))
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -183,6 +187,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--client-timeout-s", type=float, default=DEFAULT_CLIENT_TIMEOUT_S,
                    help="seconds a client may take to send its request, and an idle connection stays open "
                         f"(default {DEFAULT_CLIENT_TIMEOUT_S:g})")
+    p.add_argument("--prefix-affinity", action=argparse.BooleanOptionalAction, default=DEFAULT_PREFIX_AFFINITY,
+                   help="send a request's calls to an LLM to the replica that served its previous one (its prompt "
+                        "prefix is cached there) unless that replica has over 1 more call outstanding than the "
+                        f"least-loaded one (default {'on' if DEFAULT_PREFIX_AFFINITY else 'off'})")
     p.add_argument("--pid-file", default=None,
                    help="write this process's id here once the port is bound; removed on a clean exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log reloads and debug detail")
@@ -209,6 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run_gateway(args.endpoints, args.trace, args.host, args.port, args.time_scale, pid_file=args.pid_file,
                     hold_s=args.hold_s, max_body_bytes=int(args.max_body_mib * 2**20),
-                    client_timeout_s=args.client_timeout_s)
+                    client_timeout_s=args.client_timeout_s, prefix_affinity=args.prefix_affinity)
 
     return run_entry(serve)

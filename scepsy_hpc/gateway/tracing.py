@@ -249,3 +249,96 @@ class SpanBook:
             del self._open[key]
         return SpanRecord(span=span, request=request, t_start=t_start, t_end=max(now, t_start), name=name,
                           status=status, error=error)
+
+
+# Bounds on inferred tool spans: tool calls awaiting their result, requests remembered as posting their own.
+MAX_PENDING_TOOLS = 10_000
+MAX_EXPLICIT_REQUESTS = 10_000
+
+
+class ToolBook:
+    """Tool spans inferred from the calls themselves: a call whose answer asks for tools (`tool_calls`)
+    opens one span per tool call id at its end; the request's first later call that carries a
+    `role: "tool"` message with that `tool_call_id` closes it at its start. A result that never comes
+    leaves no span.
+
+    A request that posts its own tool spans to /scepsy/v1/spans gets no inferred ones (from its first
+    such event on, its pending inferred spans are dropped), so a window is never counted twice.
+
+    Bounded: at most `max_pending` tool calls wait for their result, none longer than `max_age_s` wall
+    seconds (oldest dropped first, counted in `dropped`); a request's pending ones go when it ends.
+    """
+
+    def __init__(self, *, max_pending: int = MAX_PENDING_TOOLS, max_age_s: float = MAX_SPAN_AGE_S,
+                 max_explicit: int = MAX_EXPLICIT_REQUESTS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_pending = max_pending
+        self.max_age_s = max_age_s
+        self.max_explicit = max_explicit
+        self.clock = clock
+        self.dropped = 0
+        self.pending = 0
+        # per request, oldest first: tool call id -> (function name, model-time start, wall time opened)
+        self._open: OrderedDict[str, dict[str, tuple[str, float, float]]] = OrderedDict()
+        self._explicit: OrderedDict[str, None] = OrderedDict()
+
+    def asked(self, request: str, calls: list[tuple[str, str]], t_end: float) -> None:
+        """A call of `request` ended at `t_end` asking for these (tool call id, function name)s."""
+        if not calls or request in self._explicit:
+            return
+        per = self._open.get(request)
+        if per is None:
+            per = self._open[request] = {}
+        else:
+            self._open.move_to_end(request)
+        now = self.clock()
+        for ident, name in calls:
+            if ident not in per:
+                self.pending += 1
+            per[ident[:MAX_SPAN_FIELD_CHARS]] = (name[:MAX_SPAN_FIELD_CHARS], t_end, now)
+        self._prune(now)
+
+    def answered(self, request: str, messages: Any, t_start: float) -> list[SpanRecord]:
+        """The spans a call of `request` starting at `t_start` closes (its `role: "tool"` messages)."""
+        per = self._open.get(request)
+        if not per or not isinstance(messages, list):
+            return []
+        out = []
+        for m in messages:
+            if isinstance(m, dict) and m.get("role") == "tool":
+                hit = per.pop(str(m.get("tool_call_id")), None)
+                if hit is not None:
+                    self.pending -= 1
+                    out.append(SpanRecord(span="tool", request=request, t_start=hit[1], t_end=max(t_start, hit[1]),
+                                          name=hit[0] or None))
+        if not per:
+            del self._open[request]
+        return out
+
+    def explicit(self, request: str) -> None:
+        """`request` posts its own tool spans: infer none for it from now on."""
+        self.end_request(request)
+        self._explicit[request] = None
+        self._explicit.move_to_end(request)
+        while len(self._explicit) > self.max_explicit:
+            self._explicit.popitem(last=False)
+
+    def end_request(self, request: str) -> None:
+        """The request ended: its tool calls still waiting leave no span."""
+        per = self._open.pop(request, None)
+        if per:
+            self.pending -= len(per)
+
+    def _prune(self, now: float) -> None:
+        oldest_ok = now - self.max_age_s
+        while self._open and self.pending > self.max_pending:
+            self._drop_first()
+        while self._open:
+            per = next(iter(self._open.values()))
+            if min(v[2] for v in per.values()) >= oldest_ok:
+                break
+            self._drop_first()
+
+    def _drop_first(self) -> None:
+        _, per = self._open.popitem(last=False)
+        self.pending -= len(per)
+        self.dropped += len(per)

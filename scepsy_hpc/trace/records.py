@@ -5,6 +5,7 @@ A trace file has one JSON object per line, each with a `kind`:
   {"kind": "meta", "version": 1, "workflow": "deep_research", "time_scale": 0.05, "source": "gateway", ...}
   {"kind": "call", "request": "r-000001", "llm": "planner", "role": "plan", "t_start": 12.1,
    "t_first": 12.4, "t_end": 15.0, "prompt_tokens": 1500, "completion_tokens": 250, "status": "ok", ...}
+  (a call may also carry "prefix_tokens" and "system_tokens": see CallRecord)
   {"kind": "span", "span": "request" | "tool", "request": "r-000001", "name": "web_search",
    "t_start": 11.9, "t_end": 16.2, "status": "ok"}
 
@@ -46,6 +47,12 @@ class CallRecord:
     model: str | None = None
     stream: bool = False
     call_id: str | None = None
+    # Leading prompt tokens shared with an earlier call of the same request to the same LLM (its prompt,
+    # or its prompt + answer), and with other requests' calls (a common system prompt): the gateway's
+    # estimate, in whole 16-token blocks, scaled to the engine's prompt_tokens (gateway/prefix.py).
+    # None: not measured (older traces, calls without a request id for prefix_tokens).
+    prefix_tokens: int | None = None
+    system_tokens: int | None = None
 
     @property
     def duration_s(self) -> float:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 from scepsy_hpc.trace.graph import CALL, RequestGraph
+from scepsy_hpc.trace.records import CallRecord
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -217,3 +218,30 @@ def call_patterns(graphs: Iterable[RequestGraph]) -> dict[str, list[list[tuple[f
             t0 = min(c[0] for c in calls)
             out.setdefault(m, []).append(sorted((s - t0, p, o) for s, p, o in calls))
     return out
+
+
+@dataclass(frozen=True)
+class PrefixShare:
+    """How much of one LLM's (or role's) prompts a prefix cache could reuse, by the gateway's accounting:
+    the mean over measured calls of prefix_tokens / prompt_tokens (shared with the request's earlier
+    calls) and system_tokens / prompt_tokens (shared with other requests)."""
+
+    calls: int                 # calls with both counts and a prompt size (older traces: 0)
+    prefix_share_mean: float   # nan without measured calls
+    system_share_mean: float
+
+
+def prefix_shares(calls: Iterable[CallRecord]) -> dict[str, dict[str, PrefixShare]]:
+    """Per LLM, per role ("" for calls without one, "*" for all of the LLM's calls): the mean shared shares
+    of successful calls' prompts (what `scepsy trace` may print beside the token statistics)."""
+    acc: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for c in calls:
+        if c.status != "ok" or not c.prompt_tokens or c.system_tokens is None:
+            continue
+        pre = (c.prefix_tokens or 0) / c.prompt_tokens   # None (a call without a request): nothing of its own
+        sys_ = c.system_tokens / c.prompt_tokens
+        per = acc.setdefault(c.llm, {})
+        for role in (c.role or "", "*"):
+            per.setdefault(role, []).append((min(pre, 1.0), min(sys_, 1.0)))
+    return {llm: {role: PrefixShare(len(v), _mean([a for a, _ in v]), _mean([b for _, b in v]))
+                  for role, v in sorted(per.items())} for llm, per in sorted(acc.items())}
