@@ -163,7 +163,6 @@ def test_react_agent_example_through_the_gateway(tmp_path, agent_engines, time_s
         assert out["llm_calls"] == len(_calls(trace, rid)), rid
 
 
-@pytest.mark.skip(reason="needs the gateway's tool-span inference (merging)")
 def test_react_agent_trace_shows_tool_spans(tmp_path, agent_engines, time_scale, monkeypatch):
     res, trace, returned, _ = _run_react(tmp_path, agent_engines, time_scale, monkeypatch)
     assert res.n_error == 0, res.errors()
@@ -220,7 +219,6 @@ def test_openai_agents_sdk_example_through_the_gateway(tmp_path, agent_engines, 
         assert all(json.loads(c["arguments"]) for c in out["tool_calls"])  # schema-valid JSON objects
 
 
-@pytest.mark.skip(reason="needs the gateway's tool-span inference (merging)")
 def test_openai_agents_sdk_trace_shows_tool_spans(tmp_path, agent_engines, time_scale, monkeypatch):
     res, trace, returned, _ = _run_sdk(tmp_path, agent_engines, time_scale, monkeypatch)
     assert res.n_error == 0, res.errors()
