@@ -176,7 +176,7 @@ class SimEngine:
                 out = s.blocks[n_prompt:(s.prompt + s.output) // BLOCK_TOKENS]
                 self._fit_cache(len(out))
                 pc.insert(out)
-                pc.release(s.blocks[:n_prompt + len(out)])
+                pc.release(s.blocks[:n_prompt + len(out)][::-1])  # tail first: evicted before the head, as vLLM frees
         if pc is not None and finished:
             self._fit_cache()
         backlog = self.backlog

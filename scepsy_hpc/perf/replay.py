@@ -71,6 +71,7 @@ def replay_calls(
     *,
     replicas: int = 1,
     horizon_s: float = math.inf,
+    prefix_affinity: bool = True,
 ) -> list[CallRecord]:
     """Replay single LLM calls, arriving at `arrivals` (model seconds), on `replicas` engines of
     configuration `cfg` behind one gateway queue; returns the finished calls' records, call i as
@@ -82,7 +83,8 @@ def replay_calls(
     loop = EventLoop()
     perf = check_fit(cfg, label=f"model {cfg.model.hf_id}")
     llm = calls[0].llm if calls else "llm"
-    pool = EnginePool([SimEngine(loop, perf, f"{llm}/{r}", PRIO_ENGINE) for r in range(replicas)])
+    pool = EnginePool([SimEngine(loop, perf, f"{llm}/{r}", PRIO_ENGINE) for r in range(replicas)],
+                      prefix_affinity=prefix_affinity)
     out: list[CallRecord] = []
 
     def arrive(t: float, i: int) -> None:
