@@ -261,8 +261,9 @@ class EnginePool:
     replica that frees a slot, so c replicas behave as one c-server station, not c queues.
 
     Prefix affinity (`prefix_affinity`, the gateway's rule): a call with cache blocks goes to the replica
-    whose cache holds the longest leading run of them, if that replica's outstanding calls are at most
-    the least outstanding + `affinity_slack`; otherwise, or when no replica holds any, as above."""
+    whose cache holds the longest leading run of them (among equals the least busy), if that replica's
+    outstanding calls are at most the least outstanding + `affinity_slack`; otherwise, or when no
+    replica holds any, as above."""
 
     def __init__(self, replicas: list[SimEngine], *, prefix_affinity: bool = True, affinity_slack: int = 1) -> None:
         self.replicas = replicas
@@ -290,18 +291,26 @@ class EnginePool:
         return best
 
     def _route_prefix(self, blocks: Sequence[Hashable], prompt: int) -> int:
-        """The replica holding the longest cached leading run of `blocks`, when it is at most
-        `affinity_slack` calls busier than the least busy one; else least outstanding."""
+        """The replica holding the longest cached leading run of `blocks` (among equals the least
+        outstanding, ties round-robin), when it is at most `affinity_slack` calls busier than the least
+        busy one; else least outstanding."""
         replicas = self.replicas
-        best, best_hit = -1, 0
-        for i, e in enumerate(replicas):
-            if e.pcache is not None:
-                hit = e.pcache.lookup(blocks, prompt)
-                if hit > best_hit:
-                    best, best_hit = i, hit
-        if best >= 0 and replicas[best].outstanding <= min(e.outstanding for e in replicas) + self.affinity_slack:
-            return best
-        return self._route()
+        n = len(replicas)
+        hits = [e.pcache.lookup(blocks, prompt) if e.pcache is not None else 0 for e in replicas]
+        top = max(hits)
+        if top == 0:
+            return self._route()
+        least = min(e.outstanding for e in replicas)
+        start = self._rr
+        best, best_k = -1, 1 << 60
+        for j in range(n):
+            i = (start + j) % n
+            if hits[i] == top and replicas[i].outstanding < best_k:
+                best, best_k = i, replicas[i].outstanding
+        if best_k > least + self.affinity_slack:
+            return self._route()
+        self._rr = (best + 1) % n
+        return best
 
     def submit(self, llm: str, role: str | None, prompt_tokens: int, output_tokens: int, t: float,
                done: Callable[[float, Seq], None], blocks: Sequence[Hashable] | None = None) -> bool:
