@@ -115,8 +115,6 @@ class SimEngine:
 
     def submit(self, seq: Seq, now: float) -> None:
         """A call arrives at this engine at `now`."""
-        if seq.blocks is not None and self.pcache is None:
-            self.pcache = PrefixCache(self.kv_cap // BLOCK_TOKENS)
         self.outstanding += 1
         self.waiting.append(seq)
         if self.mode == IDLE:
@@ -195,6 +193,8 @@ class SimEngine:
             s = waiting[0]
             need = s.prompt + s.output
             if s.blocks is not None:
+                if pc is None:  # this replica's first call with blocks
+                    pc = self.pcache = PrefixCache(self.kv_cap // BLOCK_TOKENS)
                 hit = pc.lookup(s.blocks, s.prompt)
                 if self.kv_used + need - hit > self.kv_cap:
                     break

@@ -119,3 +119,17 @@ def test_fresh_segments_separates_replayed_requests_but_keeps_shared_ones(models
     # unrenamed, the 2nd request hits the 1st's conversation: c1 again finds its 25 prompt blocks but may reuse
     # 399 → 24 blocks = 384; c2 again finds 580 → 36 blocks, may reuse 539 → 33 blocks = 528
     assert [r.cached_tokens for r in sorted(plain, key=lambda r: r.request)] == [0, 432, 384, 528]
+
+
+def test_a_call_held_at_the_gateway_uses_the_cache_of_the_replica_that_takes_it(models, gpus):
+    loop = EventLoop()
+    perf = check_fit(EngineConfig(models["llama-3.1-8b-instruct"], gpus["h100-sxm"], max_num_seqs=1), label="t")
+    pool = EnginePool([SimEngine(loop, perf, f"m/{r}", PRIO_ENGINE) for r in range(2)])
+    got = []
+    pool.submit("m", None, 100, 50, 0.0, lambda t, s: None)      # both replicas busy with calls without blocks
+    pool.submit("m", None, 100, 80, 0.0, lambda t, s: None)
+    blocks = _blocks([("x", 400)], "xo", 30)
+    pool.submit("m", None, 400, 30, 0.0, lambda t, s: got.append(s), blocks)   # held in the shared queue
+    loop.run()
+    assert len(got) == 1 and got[0].t_admit > 0.0 and got[0].cached == 0
+    assert sum(e.pcache is not None and len(e.pcache) == 26 for e in pool.replicas) == 1   # 430 → 26 blocks
