@@ -195,9 +195,8 @@ class SimEngine:
             if s.blocks is not None:
                 if pc is None:  # this replica's first call with blocks
                     pc = self.pcache = PrefixCache(self.kv_cap // BLOCK_TOKENS)
-                hit = pc.lookup(s.blocks, s.prompt)
-                if self.kv_used + need - hit > self.kv_cap:
-                    break
+                if self.kv_used + need > self.kv_cap and self.kv_used + need - pc.lookup(s.blocks, s.prompt) > self.kv_cap:
+                    break  # even with its reused blocks it does not fit
                 s.cached = s.prefilled = pc.acquire(s.blocks, s.prompt)  # reused: not prefilled, not reserved
                 need -= s.cached
                 self.cached_tokens += s.cached
