@@ -10,6 +10,18 @@ Runs of decode-only iterations are advanced in one event with `DecodeSeries` (ex
 granularity); an arrival during such a run cuts it at the end of the iteration in progress, which
 is exactly when a real scheduler would see the new request.
 
+Prefix caching (vLLM's automatic prefix caching): a `Seq` may carry the names of its prompt+answer
+cache blocks (`perf.prefix.segment_blocks`). At admission it reuses the leading prompt blocks cached
+at its engine (vLLM's rule: whole blocks, at most prompt − 1 tokens); those tokens are neither
+prefilled (chunked prefill starts after them) nor reserved again (shared blocks). When its prefill
+completes its prompt blocks are cached, pinned while it runs; when it ends its prompt+answer blocks
+stay cached, unpinned. KV rule: running sequences reserve prompt + output − reused tokens; cached
+unpinned blocks live only in the space no reservation holds (the cache's capacity follows the
+reservations: free blocks + pinned blocks) and are evicted LRU when a reservation needs the room,
+so they never block an admission. (A reused block whose computing sequence has ended while a reader
+still pins it counts as cache, not reservation: admission may overcommit by such blocks.) A seq
+without blocks behaves exactly as before; an engine that never sees one has no cache at all.
+
 `EnginePool` puts the replicas of one deployment behind the gateway's routing and queue.
 """
 
@@ -18,10 +30,11 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Sequence
 
 from scepsy_hpc.perf.events import EventLoop
 from scepsy_hpc.perf.model import EnginePerf, chunk_prefills
+from scepsy_hpc.perf.prefix import BLOCK_TOKENS, PrefixCache
 
 IDLE, STEP, EPOCH, BOUNDARY = 0, 1, 2, 3
 
@@ -30,10 +43,10 @@ class Seq:
     """One call in flight at an engine."""
 
     __slots__ = ("llm", "role", "prompt", "output", "t_submit", "t_admit", "t_first", "t_end",
-                 "prefilled", "start_iter", "kv", "done", "replica")
+                 "prefilled", "start_iter", "kv", "done", "replica", "blocks", "cached")
 
     def __init__(self, llm: str, role: str | None, prompt: int, output: int, t_submit: float,
-                 done: Callable[[float, "Seq"], None]) -> None:
+                 done: Callable[[float, "Seq"], None], blocks: Sequence[Hashable] | None = None) -> None:
         self.llm, self.role, self.prompt, self.output = llm, role, prompt, output
         self.t_submit = t_submit
         self.t_admit = self.t_first = self.t_end = -1.0
@@ -42,6 +55,8 @@ class Seq:
         self.kv = 0
         self.done = done
         self.replica = 0  # index of the replica its pool routed it to
+        self.blocks = blocks  # names of its prompt+answer cache blocks (None: shares nothing)
+        self.cached = 0  # prompt tokens reused from the prefix cache (not prefilled)
 
 
 class SimEngine:
@@ -75,6 +90,20 @@ class SimEngine:
         self._busy_since = 0.0
         self.iterations = 0
         self.peak_running = 0
+        self.pcache: PrefixCache | None = None  # made when the first seq with blocks arrives
+        self.prompt_tokens = 0  # Σ prompt tokens admitted (vLLM's prefix_cache_queries)
+        self.cached_tokens = 0  # of those, reused from the cache (vLLM's prefix_cache_hits)
+
+    @property
+    def prefix_evictions(self) -> int:
+        """Blocks evicted from this engine's prefix cache."""
+        return self.pcache.stats.evictions if self.pcache is not None else 0
+
+    def _fit_cache(self, extra: int = 0) -> None:
+        """Cache capacity = KV blocks no reservation holds + pinned blocks (+ `extra` about to be pinned);
+        evicts unpinned blocks LRU beyond it."""
+        pc = self.pcache
+        pc.resize((self.kv_cap - self.kv_used) // BLOCK_TOKENS + len(pc) - len(pc._free) + extra)
 
     def clamp(self, prompt: int, output: int) -> tuple[int, int, bool]:
         """Fit a request into the KV cache (vLLM rejects or truncates what exceeds max_model_len)."""
@@ -111,8 +140,13 @@ class SimEngine:
         self.iter += self._pending_iters
         self.iterations += self._pending_iters
         finished: list[Seq] = []
+        pc = self.pcache
         for s in self._step_prefill:
             s.t_first = t
+            if s.blocks is not None:  # its prompt's blocks are computed: cached, pinned while it runs
+                new = s.blocks[s.cached // BLOCK_TOKENS:s.prompt // BLOCK_TOKENS]
+                self._fit_cache(len(new))
+                pc.insert(new)
             if s.output <= 1:
                 finished.append(s)
             else:
@@ -135,6 +169,14 @@ class SimEngine:
             self.kv_used -= s.kv
             self.outstanding -= 1
             s.t_end = t
+            if s.blocks is not None:  # its prompt+answer blocks stay cached, unpinned
+                n_prompt = s.prompt // BLOCK_TOKENS
+                out = s.blocks[n_prompt:(s.prompt + s.output) // BLOCK_TOKENS]
+                self._fit_cache(len(out))
+                pc.insert(out)
+                pc.release(s.blocks[:n_prompt + len(out)][::-1])  # tail first: evicted before the head, as vLLM frees
+        if pc is not None and finished:
+            self._fit_cache()
         backlog = self.backlog
         while backlog and self.outstanding < self.max_seqs:
             self.outstanding += 1  # a call held at the gateway takes the freed slot first
@@ -146,16 +188,28 @@ class SimEngine:
     def _plan(self, t: float) -> None:
         """Admit waiting sequences and start the next iteration (or run of iterations) at `t`."""
         waiting, prefilling = self.waiting, self.prefilling
+        pc = self.pcache
         while waiting and len(prefilling) + self.n_dec < self.max_seqs:
             s = waiting[0]
             need = s.prompt + s.output
-            if self.kv_used + need > self.kv_cap:
+            if s.blocks is not None:
+                if pc is None:  # this replica's first call with blocks
+                    pc = self.pcache = PrefixCache(self.kv_cap // BLOCK_TOKENS)
+                if self.kv_used + need > self.kv_cap and self.kv_used + need - pc.lookup(s.blocks, s.prompt) > self.kv_cap:
+                    break  # even with its reused blocks it does not fit
+                s.cached = s.prefilled = pc.acquire(s.blocks, s.prompt)  # reused: not prefilled, not reserved
+                need -= s.cached
+                self.cached_tokens += s.cached
+            elif self.kv_used + need > self.kv_cap:
                 break  # FCFS: the head waits for KV space, and so does everyone behind it
             waiting.popleft()
             self.kv_used += need
+            self.prompt_tokens += s.prompt
             s.kv = need
             s.t_admit = t
             prefilling.append(s)
+            if pc is not None:
+                self._fit_cache()  # the reservation takes room from unpinned cached blocks
         running = len(prefilling) + self.n_dec
         if running > self.peak_running:
             self.peak_running = running
@@ -196,16 +250,24 @@ class CallRecord:
     t_admit: float
     t_first: float
     t_end: float
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache: prefill computed = prompt − this
 
 
 class EnginePool:
     """The replicas of one deployment behind the gateway (its policy): a call goes to the replica
     with the fewest outstanding calls, ties round-robin. A replica holding `max_num_seqs` calls is
     full; when every replica is full the call waits in one FIFO they share and goes to the first
-    replica that frees a slot, so c replicas behave as one c-server station, not c queues."""
+    replica that frees a slot, so c replicas behave as one c-server station, not c queues.
 
-    def __init__(self, replicas: list[SimEngine]) -> None:
+    Prefix affinity (`prefix_affinity`, the gateway's rule): a call with cache blocks goes to the replica
+    whose cache holds the longest leading run of them (among equals the least busy), if that replica's
+    outstanding calls are at most the least outstanding + `affinity_slack`; otherwise, or when no
+    replica holds any, as above."""
+
+    def __init__(self, replicas: list[SimEngine], *, prefix_affinity: bool = True, affinity_slack: int = 1) -> None:
         self.replicas = replicas
+        self.prefix_affinity = prefix_affinity
+        self.affinity_slack = affinity_slack
         self._rr = 0
         backlog: deque[Seq] = deque()
         for engine in replicas:
@@ -227,14 +289,41 @@ class EnginePool:
         self._rr = (best + 1) % n
         return best
 
+    def _route_prefix(self, blocks: Sequence[Hashable], prompt: int) -> int:
+        """The replica holding the longest cached leading run of `blocks` (among equals the least
+        outstanding, ties round-robin), when it is at most `affinity_slack` calls busier than the least
+        busy one; else least outstanding."""
+        replicas = self.replicas
+        n = len(replicas)
+        hits = [e.pcache.lookup(blocks, prompt) if e.pcache is not None else 0 for e in replicas]
+        top = max(hits)
+        if top == 0:
+            return self._route()
+        least = min(e.outstanding for e in replicas)
+        start = self._rr
+        best, best_k = -1, 1 << 60
+        for j in range(n):
+            i = (start + j) % n
+            if hits[i] == top and replicas[i].outstanding < best_k:
+                best, best_k = i, replicas[i].outstanding
+        if best_k > least + self.affinity_slack:
+            return self._route()
+        self._rr = (best + 1) % n
+        return best
+
     def submit(self, llm: str, role: str | None, prompt_tokens: int, output_tokens: int, t: float,
-               done: Callable[[float, Seq], None]) -> bool:
+               done: Callable[[float, Seq], None], blocks: Sequence[Hashable] | None = None) -> bool:
         """Route one call arriving at `t`; `done(t_end, seq)` when it ends (`seq.replica` says where).
-        True when the call was cut to fit the KV cache."""
-        i = self._route()
+        `blocks` names its prompt+answer cache blocks (`perf.prefix.segment_blocks`; None: shares
+        nothing, no prefix cache). True when the call was cut to fit the KV cache (a cut call shares
+        nothing)."""
+        if blocks is not None and self.prefix_affinity and len(self.replicas) > 1:
+            i = self._route_prefix(blocks, prompt_tokens)
+        else:
+            i = self._route()
         engine = self.replicas[i]
         prompt, output, cut = engine.clamp(prompt_tokens, output_tokens)
-        seq = Seq(llm, role, prompt, output, t, done)
+        seq = Seq(llm, role, prompt, output, t, done, None if cut else blocks)
         seq.replica = i
         if engine.outstanding >= engine.max_seqs:
             engine.backlog.append(seq)  # every replica is full: the gateway holds the call (FIFO)

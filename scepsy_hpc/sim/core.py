@@ -4,7 +4,9 @@ Routing (the gateway's policy, `perf.engine.EnginePool`): a call goes to the rep
 with the fewest outstanding calls (round-robin on ties). A replica holding `max_num_seqs` calls is
 full; when every replica is full the gateway holds the call in one FIFO per LLM and hands it to the
 first replica that frees a slot — a shared queue, so c replicas behave as one c-server station
-rather than c separate queues.
+rather than c separate queues. A call that continues a conversation or shares a system prompt carries
+its cache blocks (`perf.prefix.segment_blocks`): the engine reuses what its prefix cache holds, and
+routing prefers the replica holding the prefix (prefix affinity).
 
 Event loop (`perf.events.EventLoop`): a heap of (time, priority, sequence number). At equal
 timestamps events run in this order, and within a class in the order they were scheduled:
@@ -31,6 +33,7 @@ from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.perf.engine import CallRecord, EnginePool, Seq, SimEngine
 from scepsy_hpc.perf.events import PRIO_ARRIVAL, PRIO_ENGINE, PRIO_TOOL, EventLoop
 from scepsy_hpc.perf.fit import check_fit, engine_config
+from scepsy_hpc.perf.prefix import segment_blocks
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
@@ -64,6 +67,11 @@ class LLMStats:
     gpu_frac: float
     kv_capacity_tokens: int
     truncated_calls: int
+    prefix_cache_queries: int = 0  # prompt tokens admitted (vLLM's vllm:prefix_cache_queries_total)
+    prefix_cache_hits: int = 0  # of those, reused from the prefix cache (vllm:prefix_cache_hits_total)
+    prefix_hit_rate: float = 0.0  # hits / queries
+    prefix_cache_evictions: int = 0  # cached blocks evicted for room
+    prefill_tokens: int = 0  # prompt tokens prefilled (computed): queries − hits
 
 
 @dataclass(frozen=True)
@@ -178,10 +186,12 @@ class _Sim:
             stats[3] += s.t_admit - s.t_submit
             if self.record_calls:
                 self.calls.append(CallRecord(root.id, s.llm, s.role, s.replica, s.prompt, s.output,
-                                             s.t_submit, s.t_admit, s.t_first, t_end))
+                                             s.t_submit, s.t_admit, s.t_first, t_end, s.cached))
             lane.resume(t_end, None)
 
-        if self.pools[call.llm].submit(call.llm, call.role, call.prompt_tokens, call.output_tokens, t, done):
+        seg = call.segments
+        blocks = segment_blocks(seg + ((call.output_segment, call.output_tokens),)) if seg else None
+        if self.pools[call.llm].submit(call.llm, call.role, call.prompt_tokens, call.output_tokens, t, done, blocks):
             stats[4] += 1
 
 
@@ -198,9 +208,12 @@ def simulate(
     warmup_frac: float = 0.1,
     horizon_s: float = math.inf,
     record_calls: bool = False,
+    prefix_affinity: bool = True,
 ) -> SimResult:
     """Simulate `n_requests` Poisson arrivals at `rate_rps` (or the given `arrivals`) of workflow `wf`
-    served with `allocation` on GPUs of type `gpu`."""
+    served with `allocation` on GPUs of type `gpu`. Calls that continue a conversation or share a
+    system prompt reuse the engines' prefix caches; `prefix_affinity` routes them to the replica
+    holding their prefix (`perf.engine.EnginePool`)."""
     if arrivals is None:
         if rate_rps is None or rate_rps <= 0:
             raise ValueError("give rate_rps > 0 or an arrivals list")
@@ -217,7 +230,7 @@ def simulate(
         alloc = allocation[llm]
         perf = check_fit(engine_config(alloc, resolve_model(wf, llm, models), gpu), label=f"LLM {llm!r}")
         engines[llm] = [SimEngine(loop, perf, f"{llm}/{r}", PRIO_ENGINE) for r in range(alloc.replicas)]
-    sim = _Sim({llm: EnginePool(reps) for llm, reps in engines.items()}, record_calls)
+    sim = _Sim({llm: EnginePool(reps, prefix_affinity=prefix_affinity) for llm, reps in engines.items()}, record_calls)
     sampler = RequestSampler(wf)
     program_rng = random.Random(f"{seed}/programs")
     roots: list[_Root] = []
@@ -279,6 +292,8 @@ def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list
         calls = int(calls)
         util = sum(e.busy_s + (sim.loop.now - e._busy_since if e.mode != 0 else 0.0) for e in reps) / (len(reps) * span) if span > 0 else 0.0
         a = allocation[llm]
+        queries = sum(e.prompt_tokens for e in reps)
+        hits = sum(e.cached_tokens for e in reps)
         per_llm[llm] = LLMStats(
             calls=calls,
             calls_per_request=calls / len(done) if done else 0.0,
@@ -289,6 +304,11 @@ def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list
             replicas=a.replicas, tp=a.tp, gpu_frac=a.gpu_frac,
             kv_capacity_tokens=reps[0].kv_cap,
             truncated_calls=int(cut),
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
+            prefix_hit_rate=hits / queries if queries else 0.0,
+            prefix_cache_evictions=sum(e.prefix_evictions for e in reps),
+            prefill_tokens=queries - hits,
         )
     total_calls = sum(s.calls for s in per_llm.values())
     return SimResult(
