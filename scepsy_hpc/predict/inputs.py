@@ -22,6 +22,7 @@ from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
 from scepsy_hpc.perf.fit import engine_config
 from scepsy_hpc.perf.model import EnginePerf
+from scepsy_hpc.perf.prefix import BLOCK_TOKENS, max_hit_tokens, segment_blocks
 from scepsy_hpc.trace.graph import CALL, Node, RequestGraph, from_sample
 from scepsy_hpc.trace.stats import call_patterns
 
@@ -33,12 +34,38 @@ def sample_program(wf: Workflow, n_requests: int = 1000, seed: int = 0) -> list[
     return [sampler.sample(rng) for _ in range(n_requests)]
 
 
-def sample_mix(seqs: Sequence[list[Any]]) -> dict[str, list[tuple[int, int]]]:
-    """Per LLM, the (prompt, output) tokens of every sampled call."""
-    mix: dict[str, list[tuple[int, int]]] = {}
+def warm_cached_tokens(seq: list[Any]) -> list[int]:
+    """Per call of a sampled request (`iter_calls` order), the prompt tokens a warm prefix cache reuses: the
+    leading whole blocks that an earlier call of the request to the same LLM computed (its prompt and answer),
+    or a prompt prefix every request shares (`shared_prefix_tokens`: cached by the requests before), at most
+    prompt − 1 (vLLM's rule). Eviction and the replica a call lands on are the simulator's business; this is
+    the reuse the workflow offers."""
+    seen: dict[str, set[Any]] = {}
+    out: list[int] = []
+    for c in iter_calls(seq):
+        if not c.segments:
+            out.append(0)
+            continue
+        have = seen.setdefault(c.llm, set())
+        n = 0
+        limit = max_hit_tokens(c.prompt_tokens) // BLOCK_TOKENS
+        for b in segment_blocks(c.segments)[:limit]:
+            if b not in have and not (isinstance(b[0], tuple) and b[0][:1] == ("shared",)):
+                break
+            n += 1
+        out.append(n * BLOCK_TOKENS)
+        have.update(segment_blocks(c.segments + ((c.output_segment, c.output_tokens),)))
+    return out
+
+
+def sample_mix(seqs: Sequence[list[Any]]) -> dict[str, list[tuple[int, ...]]]:
+    """Per LLM, the (prompt, output) tokens of every sampled call, and (prompt, output, cached) for a call
+    that a warm prefix cache serves in part (`warm_cached_tokens`)."""
+    mix: dict[str, list[tuple[int, ...]]] = {}
     for seq in seqs:
-        for c in iter_calls(seq):
-            mix.setdefault(c.llm, []).append((c.prompt_tokens, c.output_tokens))
+        for c, cached in zip(iter_calls(seq), warm_cached_tokens(seq)):
+            mix.setdefault(c.llm, []).append((c.prompt_tokens, c.output_tokens, cached) if cached
+                                             else (c.prompt_tokens, c.output_tokens))
     return mix
 
 

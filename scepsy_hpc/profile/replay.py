@@ -3,7 +3,10 @@
 Calls arrive as a Poisson process at the offered rate, whatever the engine does (open loop): each
 is a streamed `/v1/completions` request whose prompt is a list of `prompt_tokens` token ids and
 which asks for exactly `output_tokens` tokens (`max_tokens` with `ignore_eos`, as vLLM accepts), so
-the engine sees the recorded sizes. Times are converted to model seconds by `time_scale` (engines
+the engine sees the recorded sizes. Prefix caches (on by default in vLLM and SGLang) see what the
+workflow offers and no more: a call's first `cached` tokens (a mix entry's third number, the reuse
+of a warm cache: `predict.inputs.warm_cached_tokens`) are one warm prefix every call shares, the rest
+are token ids of its own, so no call hits another's prompt by accident. Times are converted to model seconds by `time_scale` (engines
 that pace s× real time); rates are in model time too.
 """
 
@@ -23,12 +26,21 @@ WARMUP_FRAC = 0.1
 STEADY_FRAC = 0.25
 MIN_WINDOW_CALLS = 40
 DRIFT = 1.3  # last third of the calls this much slower than the first: the queue grows
-TOKEN_ID = 1000  # any id inside every vocabulary
+TOKEN_ID = 1000  # any id inside every vocabulary: the warm prefix
+OWN_IDS = (1001, 30000)   # a call's own token ids are drawn from these (inside every vocabulary too)
 
 
-async def _one(session, url: str, model: str, prompt: int, output: int, t0: float, scale: float,
+def prompt_ids(prompt: int, cached: int, rng: random.Random) -> list[int]:
+    """A replayed prompt: `cached` tokens of the shared warm prefix, then its own ids (a run from a random
+    start: two calls share a first own id, and so more than the warm prefix, once in ~29,000)."""
+    lo, span = OWN_IDS[0], OWN_IDS[1] - OWN_IDS[0]
+    start = rng.randrange(span)
+    return [TOKEN_ID] * cached + [lo + (start + k) % span for k in range(prompt - cached)]
+
+
+async def _one(session, url: str, model: str, prompt: list[int], output: int, t0: float, scale: float,
                out: list, errors: list) -> None:
-    body = {"model": model, "prompt": [TOKEN_ID] * prompt, "max_tokens": output, "ignore_eos": True,
+    body = {"model": model, "prompt": prompt, "max_tokens": output, "ignore_eos": True,
             "stream": True, "temperature": 0.0}
     t_submit = time.perf_counter()
     t_first = None
@@ -53,10 +65,10 @@ async def _one(session, url: str, model: str, prompt: int, output: int, t0: floa
         return
     t_end = time.perf_counter()
     t_first = t_first or t_end
-    out.append((t_submit, (t_end - t_submit) / scale, (t_first - t_submit) / scale, prompt, output, (t_end - t0) / scale))
+    out.append((t_submit, (t_end - t_submit) / scale, (t_first - t_submit) / scale, len(prompt), output, (t_end - t0) / scale))
 
 
-async def replay(base_url: str, model: str, mix: Sequence[tuple[int, int]], rate_rps: float, n_calls: int, *,
+async def replay(base_url: str, model: str, mix: Sequence[tuple[int, ...]], rate_rps: float, n_calls: int, *,
                  time_scale: float = 1.0, seed: int = 0, timeout_s: float = 600.0) -> tuple[list[CallSample], float, int, int]:
     """Replay `n_calls` calls drawn from `mix` at `rate_rps` (model time): (samples, window, completed
     calls/s in the window — the offered rate times completions per arrival there —, errors)."""
@@ -74,7 +86,9 @@ async def replay(base_url: str, model: str, mix: Sequence[tuple[int, int]], rate
         t0 = time.perf_counter()
         t_next = 0.0
         tasks = []
-        for gap, (p, o) in zip(gaps, calls):
+        for gap, m in zip(gaps, calls):
+            p = prompt_ids(m[0], m[2] if len(m) > 2 else 0, rng)
+            o = m[1]
             t_next += gap
             delay = t0 + t_next * time_scale - time.perf_counter()
             if delay > 0:

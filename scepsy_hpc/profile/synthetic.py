@@ -23,14 +23,15 @@ WARMUP_FRAC = 0.1
 STEADY_FRAC = 0.25
 
 
-def capacity_guess(cfg: EngineConfig, mix: Sequence[tuple[int, int]]) -> float:
+def capacity_guess(cfg: EngineConfig, mix: Sequence[tuple[int, ...]]) -> float:
     """A rough calls/s capacity from the model: a full batch prefilled in whole chunks, then decoded."""
     perf = EnginePerf(cfg)
     p = sum(m[0] for m in mix) / len(mix)
+    new = sum(m[0] - (m[2] if len(m) > 2 else 0) for m in mix) / len(mix)   # the prefill a warm cache leaves
     o = sum(m[1] for m in mix) / len(mix)
     batch = max(1, min(cfg.max_num_seqs, int(perf.kv_capacity_tokens // max(p + o, 1))))
     budget = cfg.max_batched_tokens
-    prefill_s = batch * p / budget * perf.iteration_time(0, 0.0, [(budget, 0)])
+    prefill_s = batch * new / budget * perf.iteration_time(0, 0.0, [(budget, 0)])
     decode_s = max(o - 1, 0) * perf.iteration_time(batch, batch * (p + o / 2))
     return batch / max(prefill_s + decode_s, 1e-9)
 
@@ -38,12 +39,26 @@ def capacity_guess(cfg: EngineConfig, mix: Sequence[tuple[int, int]]) -> float:
 Pattern = Sequence[tuple[float, int, int]]  # one request's calls of an LLM: (offset s, prompt, output)
 
 
-def _arrivals(rate_rps: float, n_calls: int, rng: random.Random, mix: Sequence[tuple[int, int]],
+WARM = "warm-prefix"   # the segment every replayed call's cached share is taken from (one chain of blocks)
+
+
+def mix_call(i: int, entry: Sequence[int]) -> Call:
+    """Replayed call `i` of a mix entry (prompt, output[, cached]): its first `cached` tokens are the warm
+    prefix all calls share (a warm cache serves them: the reuse the workflow offers, `predict.inputs.
+    warm_cached_tokens`), the rest its own."""
+    prompt, output = entry[0], entry[1]
+    cached = entry[2] if len(entry) > 2 else 0
+    if not cached:
+        return Call("m", None, prompt, output)
+    return Call("m", None, prompt, output, ((WARM, cached), (("call", i), prompt - cached)), ("answer", i))
+
+
+def _arrivals(rate_rps: float, n_calls: int, rng: random.Random, mix: Sequence[tuple[int, ...]],
               patterns: Sequence[Pattern] | None) -> tuple[list[float], list[Call]]:
     """Call arrival times and sizes: Poisson single calls, or Poisson requests each releasing its
     pattern's calls at their recorded offsets (bursts and spacing as in the workflow)."""
     if not patterns:
-        return poisson_arrivals(rate_rps, n_calls, rng), [Call("m", None, *mix[rng.randrange(len(mix))]) for _ in range(n_calls)]
+        return poisson_arrivals(rate_rps, n_calls, rng), [mix_call(i, mix[rng.randrange(len(mix))]) for i in range(n_calls)]
     per_request = sum(len(q) for q in patterns) / len(patterns)
     req_rate = rate_rps / per_request
     horizon = n_calls / rate_rps  # requests arrive until then; calls past it are cut, so the call

@@ -69,6 +69,8 @@ class RequestSampler:
         self.wf = wf
         self.max_depth = wf.max_depth if wf.max_depth is not None else 64
         self.max_fanout, self.max_repeat = limits.FANOUT.value(), limits.LOOP_REPEAT.value()
+        # LLMs whose engines run without a prefix cache: their calls carry no segments (nothing is reused)
+        self.uncached = {k for k, ref in wf.llms.items() if not getattr(ref, "prefix_caching", True)}
 
     def sample(self, rng: random.Random) -> list[Any]:
         """One request's execution tree."""
@@ -89,6 +91,8 @@ class RequestSampler:
         out_seg = next(_segment_ids)
         if step.context is not None:
             ctx[step.context] = segments + ((out_seg, output),)
+        if step.call in self.uncached:   # the whole conversation, computed every time
+            return Call(step.call, step.role, sum(n for _, n in segments), output)
         return Call(step.call, step.role, sum(n for _, n in segments), output, segments, out_seg)
 
     def _steps(self, steps: list[Any], rng: random.Random, depth: int, out: list[Any],
