@@ -95,3 +95,15 @@ def test_a_plan_of_several_workflows_takes_the_first_workflows_settings(catalogs
         launch = {i.llm: i.launch for i in serve_config(plan, order, models, gpus, PLACEMENT,
                                                          engine="sim").instances}["agent"]
         assert (launch.tool_call_rate, launch.prefix_caching) == (rate, cached)
+
+
+def test_the_settings_survive_serve_json(tmp_path, catalogs) -> None:
+    from scepsy_hpc.backend.session import Session
+
+    models, gpus = catalogs
+    plan, wf = _setup(catalogs, ", tool_call_rate: 0.8, prefix_caching: false")
+    cfg = serve_config(plan, wf, models, gpus, PLACEMENT, engine="sim")
+    session = Session(tmp_path / "demo")
+    session.write_serve_config(cfg)
+    agent = {i.llm: i.launch for i in session.serve_config().instances}["agent"]
+    assert (agent.tool_call_rate, agent.prefix_caching) == (0.8, False)

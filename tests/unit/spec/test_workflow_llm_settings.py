@@ -36,7 +36,8 @@ def test_defaults_and_given_values(models) -> None:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (", tool_call_rate: 1.5", "wf.yaml:3: llms.agent.tool_call_rate: Input should be less than or equal to 1 (got 1.5)"),
+    (", tool_call_rate: 1.5",
+     "wf.yaml:3: llms.agent.tool_call_rate: Input should be less than or equal to 1 (got 1.5)"),
     (", tool_call_rate: -0.2", "wf.yaml:3: llms.agent.tool_call_rate: Input should be greater than or equal to 0"),
     (", tool_call_rate: often", "wf.yaml:3: llms.agent.tool_call_rate: Input should be a valid number"),
     (", prefix_caching: sometimes", "wf.yaml:3: llms.agent.prefix_caching: Input should be a valid boolean"),
