@@ -26,17 +26,24 @@ def deployment_models(plan: Any, workflows: Sequence[Any], models: Mapping[str, 
     each workflow (LLMs of one catalog model share a key)."""
     from scepsy_hpc.spec.workflow import resolve_model
 
-    out: dict[str, tuple[Any, Any]] = {}
-    by_name = {w.name: w for w in workflows}
+    out = {key: (wf.llms[llm].model, resolve_model(wf, llm, models))
+           for key, (wf, llm) in _deployment_llms(plan, workflows).items()}
+    missing = sorted(set(plan.allocation) - set(out))
+    if missing:
+        raise SpecError(f"the plan allocates {', '.join(missing)}, which no LLM of "
+                        f"{', '.join(sorted(w.name for w in workflows))} uses (check the plan's routes)")
+    return out
+
+
+def _deployment_llms(plan: Any, workflows: Sequence[Any]) -> dict[str, tuple[Any, str]]:
+    """Allocation key → (the first workflow that uses it, its LLM name there): whose `llms` entry sets the
+    key's model and engine settings (tool_call_rate, prefix_caching)."""
+    out: dict[str, tuple[Any, str]] = {}
     routes = plan.routes or {}
     for wf in workflows:
         for llm in wf.llms:
             key = routes.get(wf.name, {}).get(llm, llm) if routes else llm
-            out.setdefault(key, (wf.llms[llm].model, resolve_model(wf, llm, models)))
-    missing = sorted(set(plan.allocation) - set(out))
-    if missing:
-        raise SpecError(f"the plan allocates {', '.join(missing)}, which no LLM of {', '.join(sorted(by_name))} uses "
-                        f"(check the plan's routes)")
+            out.setdefault(key, (wf, llm))
     return out
 
 
@@ -46,10 +53,13 @@ def serve_config(plan: Any, wf: Any, models: Mapping[str, Any], gpus: Mapping[st
                  seed: int = 0, parsers: Mapping[str, Mapping[str, str]] | None = None) -> ServeConfig:
     """serve.json: every engine of the placement with its launch fields (checked); `wf` is the plan's
     workflow, or its workflows for a plan of several. Output parsers: the catalog's, overridden by the plan's
-    allocation, overridden by `parsers` (LLM, or `*` for every LLM → field → name: the CLI's)."""
+    allocation, overridden by `parsers` (LLM, or `*` for every LLM → field → name: the CLI's). The workflow's
+    `llms` entry sets each engine's prefix caching and, for the sim engine, its tool-call rate."""
     from scepsy_hpc.perf.model import EngineConfig
 
-    refs = deployment_models(plan, wf if isinstance(wf, (list, tuple)) else [wf], models)
+    workflows = wf if isinstance(wf, (list, tuple)) else [wf]
+    refs = deployment_models(plan, workflows, models)
+    settings = {key: w.llms[llm] for key, (w, llm) in _deployment_llms(plan, workflows).items()}
     unknown = sorted(set(parsers or {}) - set(plan.allocation) - {"*"})
     if unknown:
         raise SpecError(f"parser override for {', '.join(unknown)}: the plan has no such LLM; its LLMs: "
@@ -66,6 +76,8 @@ def serve_config(plan: Any, wf: Any, models: Mapping[str, Any], gpus: Mapping[st
                               served_name=p.llm, gpu=plan.gpus.type, tp=alloc.tp, gpu_frac=alloc.gpu_frac,
                               mem_frac=float(p.mem_frac_at(alloc.gpu_frac)), max_num_seqs=int(seqs), port=p.port,
                               time_scale=time_scale, seed=seed, extra_args=tuple(engine_args),
+                              tool_call_rate=settings[p.llm].tool_call_rate if engine == "sim" else None,
+                              prefix_caching=settings[p.llm].prefix_caching,
                               **parser_fields(model, engine, **_parser_overrides(alloc, parsers, p.llm)))
         check_launch(launch)
         instances.append(ServeInstance(llm=p.llm, replica=p.replica, node=p.node, gpus=list(p.gpus),

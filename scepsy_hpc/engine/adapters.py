@@ -13,6 +13,10 @@ Output parsers: agents send `tools=[...]`, and vLLM answers tool_choice "auto" o
 `tool_call_parser`, one name per engine), as are `--reasoning-parser` and `--chat-template`;
 `parser_fields` fills them into a launch, and a plan's allocation can override each. The sim engine
 takes none of them.
+
+Workflow settings (`llms: {NAME: {tool_call_rate, prefix_caching}}`): `prefix_caching: false` gives each
+engine its off switch (PREFIX_CACHING_OFF); `tool_call_rate` is the sim engine's --tool-call-rate, which
+real engines have no use for. Both leave the command line as it was when left at their defaults.
 """
 
 from __future__ import annotations
@@ -50,12 +54,19 @@ class EngineLaunch:
     dummy_weights: bool = False  # profiling: random weights (--load-format dummy)
     time_scale: float = 1.0  # sim only
     seed: int = 0  # sim only
+    tool_call_rate: float | None = None  # sim only: --tool-call-rate (None: the sim engine's default)
+    prefix_caching: bool = True  # False: the engine's flag that turns prefix caching off (PREFIX_CACHING_OFF)
     # vllm/sglang only, named as that engine's registry names them (see `parser_fields`):
     tool_call_parser: str | None = None  # --tool-call-parser (vLLM: with --enable-auto-tool-choice)
     reasoning_parser: str | None = None  # --reasoning-parser
     chat_template: str | None = None  # --chat-template: a path (read from the engine's cwd) or a name
     extra_args: tuple[str, ...] = ()  # appended verbatim (user-supplied engine flags)
 
+
+# Each engine's flag that turns its automatic prefix caching off (all three cache by default): vLLM's
+# --enable-prefix-caching is a BooleanOptionalAction (vLLM >= 0.6), SGLang's radix cache has only an off switch.
+PREFIX_CACHING_OFF = {"vllm": "--no-enable-prefix-caching", "sglang": "--disable-radix-cache",
+                      "sim": "--no-enable-prefix-caching"}
 
 PARSER_OFF = "none"   # a plan's or the CLI's value that turns the catalog's parser (or template) off
 PARSER_FIELDS = ("tool_call_parser", "reasoning_parser", "chat_template")
@@ -115,6 +126,9 @@ def check_launch(launch: EngineLaunch) -> None:
         problems.append(f"{who}: hf_id is empty; set the Hugging Face id or local path of the weights")
     if ln.engine == "sim" and not ln.time_scale > 0:
         problems.append(f"{who}: time_scale={ln.time_scale} must be > 0")
+    if ln.tool_call_rate is not None and not 0 <= ln.tool_call_rate <= 1:
+        problems.append(f"{who}: tool_call_rate={ln.tool_call_rate} must be in [0, 1] (the chance of answering "
+                        f"a call that offers tools with tool calls); fix the workflow's llms.{ln.served_name}")
     if ln.engine in KNOWN_TOOL_CALL_PARSERS:
         problems += _parser_problems(ln, who)
     # A NUL cannot be passed in an argv word at all; exec would fail far from here.
@@ -160,7 +174,12 @@ def _vllm_argv(ln: EngineLaunch) -> list[str]:
     # Without --enable-auto-tool-choice a parser alone still refuses tool_choice "auto" (vLLM's request check).
     argv += ["--enable-auto-tool-choice"] if ln.tool_call_parser else []
     argv += _parser_argv(ln)
-    return argv + (["--load-format", "dummy"] if ln.dummy_weights else [])
+    return argv + _prefix_argv(ln) + (["--load-format", "dummy"] if ln.dummy_weights else [])
+
+
+def _prefix_argv(ln: EngineLaunch) -> list[str]:
+    """The engine's prefix-caching switch, only when caching is off (on is every engine's default)."""
+    return [] if ln.prefix_caching else [PREFIX_CACHING_OFF[ln.engine]]
 
 
 def _sglang_argv(ln: EngineLaunch, python: str) -> list[str]:
@@ -171,7 +190,7 @@ def _sglang_argv(ln: EngineLaunch, python: str) -> list[str]:
             "--host", ln.host, "--port", str(ln.port), "--served-model-name", ln.served_name]
     # SGLang has no --enable-auto-tool-choice: a tool-call parser is enough.
     argv += _parser_argv(ln)
-    return argv + (["--load-format", "dummy"] if ln.dummy_weights else [])
+    return argv + _prefix_argv(ln) + (["--load-format", "dummy"] if ln.dummy_weights else [])
 
 
 def _sim_argv(ln: EngineLaunch, python: str) -> list[str]:
@@ -179,7 +198,16 @@ def _sim_argv(ln: EngineLaunch, python: str) -> list[str]:
     return [python, "-m", "scepsy_hpc.engine.sim_server", "--model", ln.model, "--gpu", ln.gpu,
             "--tp", str(ln.tp), "--gpu-frac", _num(ln.gpu_frac), "--host", ln.host, "--port", str(ln.port),
             "--served-model-name", ln.served_name, "--max-num-seqs", str(ln.max_num_seqs),
-            "--time-scale", _num(ln.time_scale), "--seed", str(ln.seed)]
+            "--time-scale", _num(ln.time_scale), "--seed", str(ln.seed)] + sim_behaviour_argv(
+                ln.tool_call_rate, ln.prefix_caching)
+
+
+def sim_behaviour_argv(tool_call_rate: float | None, prefix_caching: bool) -> list[str]:
+    """The sim engine's --tool-call-rate (when set) and --no-enable-prefix-caching (when off): the workflow's
+    `llms` settings, as the launcher and the local engines (engine.local) pass them."""
+    # repr, not _num: a rate keeps every digit the workflow gave
+    argv = ["--tool-call-rate", repr(float(tool_call_rate))] if tool_call_rate is not None else []
+    return argv + ([] if prefix_caching else [PREFIX_CACHING_OFF["sim"]])
 
 
 # The variable each engine reads its API key from (vLLM: vllm.envs.VLLM_API_KEY, used when --api-key is absent).

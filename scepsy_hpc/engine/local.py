@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from scepsy_hpc.engine.adapters import sim_behaviour_argv
 from scepsy_hpc.engine.supervisor import (LOG_TAIL_LINES, Process, free_port, free_ports, is_healthy, start,
                                           stop_all, wait_healthy)
 
@@ -37,6 +38,8 @@ class SimEngineSpec:
     max_batched_tokens: int = 8192
     test_hooks: bool = False  # X-Sim-Fault, POST /scepsy/sim/fault, SCEPSY_SIM_FAULT (sim_server --test-hooks)
     api_key: str | None = field(default=None, repr=False)  # the engine secret (SCEPSY_ENGINE_API_KEY)
+    tool_call_rate: float | None = None  # --tool-call-rate (None: the sim engine's default); a workflow's llms
+    prefix_caching: bool = True  # False: --no-enable-prefix-caching (a workflow's llms.NAME.prefix_caching)
 
     @property
     def served_name(self) -> str:
@@ -83,7 +86,8 @@ def _command(spec: SimEngineSpec, port: int, host: str, time_scale: float, seed:
             "--tp", str(spec.tp), "--gpu-frac", repr(spec.gpu_frac), "--host", host, "--port", str(port),
             "--served-model-name", spec.served_name, "--time-scale", repr(time_scale),
             "--max-num-seqs", str(spec.max_num_seqs), "--max-batched-tokens", str(spec.max_batched_tokens),
-            "--seed", str(seed)] + (["--test-hooks"] if spec.test_hooks else [])
+            "--seed", str(seed)] + sim_behaviour_argv(spec.tool_call_rate, spec.prefix_caching) + (
+                ["--test-hooks"] if spec.test_hooks else [])
 
 
 def start_sim_engines(specs: Sequence[SimEngineSpec], time_scale: float, log_dir: str | Path, *,

@@ -132,9 +132,17 @@ _STEP_CLASSES = {
 
 
 class LLMRef(SpecModel):
-    """An LLM deployment of the workflow: a catalog model key or an inline model spec."""
+    """An LLM deployment of the workflow: a catalog model key or an inline model spec, and how its engines run.
+
+    - `tool_call_rate`: the simulated engine's chance of answering a call that offers tools with tool calls
+      (then halved each tool round); real engines ignore it. Unset: the sim engine's default.
+    - `prefix_caching`: engines cache prompt prefixes, as vLLM does by default; false passes
+      --no-enable-prefix-caching to vLLM and the sim engine, --disable-radix-cache to SGLang.
+    """
 
     model: Union[str, ModelSpec]
+    tool_call_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    prefix_caching: bool = True
 
 
 class ToolSpec(SpecModel):

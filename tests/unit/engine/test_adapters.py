@@ -24,6 +24,7 @@ from scepsy_hpc.engine.adapters import (
     secret_env,
 )
 from scepsy_hpc.engine.sim_server import build_arg_parser, build_server
+from scepsy_hpc.engine.sim_tools import DEFAULT_TOOL_RATE
 from scepsy_hpc.errors import SpecError
 from scepsy_hpc.spec.catalog import load_models
 
@@ -80,6 +81,13 @@ CASES = {
                                  port=30000), ["4", "5"], 100, "module load cuda/12.4 &&"),
     "sim_time_scale": (_launch(engine="sim", gpu_frac=0.5, mem_frac=0.45, time_scale=0.02, seed=7, host="127.0.0.1",
                                port=18000), ["0"], 50, ""),
+    # a workflow's llms settings: the sim engine's tool-call rate, prefix caching off (each engine's own flag)
+    "sim_tool_rate_no_prefix_caching": (_launch(engine="sim", tool_call_rate=0.8, prefix_caching=False, port=18001),
+                                        ["0"], 100, ""),
+    "vllm_no_prefix_caching": (_launch(prefix_caching=False, tool_call_rate=0.8, dummy_weights=True, port=8004),
+                               ["0"], 100, ""),
+    "sglang_no_radix_cache": (_launch(engine="sglang", prefix_caching=False, tool_call_rate=0.8, port=30002), ["0"],
+                              100, ""),
     "sglang_quoted_path": (_launch(engine="sglang", hf_id="/models/it's here/llama", served_name="gen;x"), ["0"], 100,
                            ""),
 }
@@ -157,6 +165,18 @@ def test_sim_argv_parses_and_builds_a_server():
     assert server.served_name == "generator" and server.time_scale == 0.02
 
 
+def test_sim_argv_carries_the_workflows_tool_call_rate_and_prefix_caching_to_the_server():
+    argv = engine_argv(CASES["sim_tool_rate_no_prefix_caching"][0], python=PY)
+    server = build_server(build_arg_parser().parse_args(argv[3:]))
+    assert (server.tool_call_rate, server.prefix_caching) == (0.8, False)
+    default = build_server(build_arg_parser().parse_args(engine_argv(_launch(engine="sim"), python=PY)[3:]))
+    assert (default.tool_call_rate, default.prefix_caching) == (DEFAULT_TOOL_RATE, True)
+    # every digit the workflow gave, and 0 passed rather than dropped
+    for rate, word in ((0.123456789, "0.123456789"), (0.0, "0.0"), (1, "1.0")):
+        argv = engine_argv(_launch(engine="sim", tool_call_rate=rate), python=PY)
+        assert argv[argv.index("--tool-call-rate") + 1] == word
+
+
 def test_env_per_engine():
     assert engine_env(_launch(engine="sglang", tp=2), ["0", "1"]) == {"CUDA_VISIBLE_DEVICES": "0,1"}
     assert engine_env(_launch(engine="sim"), ["3"]) == {"CUDA_VISIBLE_DEVICES": "3"}
@@ -204,6 +224,9 @@ def test_urls():
     (dict(served_name="gen\x1b[2J"), "served_name 'gen\\x1b[2J' contains whitespace or control characters"),
     (dict(hf_id=""), "hf_id is empty"),
     (dict(engine="sim", time_scale=0.0), "time_scale=0.0 must be > 0"),
+    (dict(engine="sim", tool_call_rate=1.5), "tool_call_rate=1.5 must be in [0, 1] (the chance of answering a call "
+                                             "that offers tools with tool calls); fix the workflow's llms.generator"),
+    (dict(engine="sim", tool_call_rate=-0.1), "tool_call_rate=-0.1 must be in [0, 1]"),
     (dict(extra_args=("--x\0",)), "'--x\\x00' contains a NUL character"),
 ])
 def test_check_launch_errors(change, message):
