@@ -65,6 +65,10 @@ def tuning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=count, default=DEFAULT_SAMPLES, metavar="N",
                    help="program samples per workflow (default 1000)")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="plan as if the engines had no prefix cache (every prompt token computed every call); by "
+                        "default a call that continues a conversation (`context:`) or shares a system prompt "
+                        "(`shared_prefix_tokens:`) is charged only what a warm cache leaves")
     p.add_argument("--no-sim-check", dest="sim_check", action="store_false",
                    help="skip the simulator check of the milp plan (its optimum and a shortlist of other allocations "
                         "run in the simulator at the planned rate; the fastest is kept)")
@@ -88,11 +92,13 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
     """The PlanRequest `scepsy plan` ARGS ask for."""
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.cluster import load_cluster
-    from scepsy_hpc.spec.workflow import load_workflow
+    from scepsy_hpc.spec.workflow import load_workflow, without_prefix_caching
 
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     paths = [resolve_input(w, "workflows") for w in args.workflows]
     workflows = tuple(load_workflow(p, models) for p in paths)
+    if not args.prefix_caching:
+        workflows = tuple(without_prefix_caching(wf) for wf in workflows)
     names = [wf.name for wf in workflows]
     if len(set(names)) != len(names):
         raise SpecError(f"workflow {', '.join(sorted({n for n in names if names.count(n) > 1}))} is given twice")

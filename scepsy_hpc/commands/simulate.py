@@ -20,6 +20,8 @@ def add_arguments(sub: Any) -> None:
     s.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     s.add_argument("--warmup", type=warmup_fraction, default=0.1, metavar="FRAC",
                    help="fraction of the first requests left out of latency figures (default 0.1)")
+    s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="engines without a prefix cache: every prompt token computed every call")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--trace", metavar="FILE", help="also write the simulated calls as a JSONL trace")
     s.set_defaults(run=run)
@@ -30,10 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from scepsy_hpc.sim import simulate
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.plan import load_plan
-    from scepsy_hpc.spec.workflow import load_workflow
+    from scepsy_hpc.spec.workflow import load_workflow, without_prefix_caching
 
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
     wf = load_workflow(resolve_input(args.workflow, "workflows"), models)
+    if not args.prefix_caching:
+        wf = without_prefix_caching(wf)
     plan = load_plan(resolve_input(args.plan, "plans"), wf, models, gpus)
     res = simulate(wf, plan.allocation, gpus[plan.gpus.type], models, rate_rps=args.rate,
                    n_requests=args.requests, seed=args.seed, warmup_frac=args.warmup, record_calls=bool(args.trace))
@@ -56,11 +60,14 @@ def print_sim(res: Any, plan: Any) -> None:
     console = make_console()
     table = Table(title=f"{res.workflow}: {res.requests} requests at {res.rate_rps:g} rps on {plan.gpus.count}× {plan.gpus.type}")
     table.add_column("LLM", no_wrap=True)
-    for col in ("tp", "frac", "repl", "calls/req", "lat s", "TTFT s", "queue s", "busy"):
+    for col in ("tp", "frac", "repl", "calls/req", "lat s", "TTFT s", "queue s", "busy", "prefix hits"):
         table.add_column(col, justify="right", no_wrap=True)
     for llm, s in res.per_llm.items():
+        # vLLM's prefix_cache_hits / queries, in tokens ("-": no call of this LLM shares a prefix)
+        hits = f"{s.prefix_hit_rate:.0%}" if s.prefix_cache_queries else "-"
         table.add_row(llm, str(s.tp), f"{s.gpu_frac:g}", str(s.replicas), f"{s.calls_per_request:.1f}",
-                      f"{s.latency_mean_s:.2f}", f"{s.ttft_mean_s:.3f}", f"{s.queue_mean_s:.3f}", f"{s.utilisation:.0%}")
+                      f"{s.latency_mean_s:.2f}", f"{s.ttft_mean_s:.3f}", f"{s.queue_mean_s:.3f}", f"{s.utilisation:.0%}",
+                      hits)
     console.print(table)
     ok = res.completed == res.requests
     console.print(

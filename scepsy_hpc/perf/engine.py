@@ -15,12 +15,13 @@ cache blocks (`perf.prefix.segment_blocks`). At admission it reuses the leading 
 at its engine (vLLM's rule: whole blocks, at most prompt − 1 tokens); those tokens are neither
 prefilled (chunked prefill starts after them) nor reserved again (shared blocks). When its prefill
 completes its prompt blocks are cached, pinned while it runs; when it ends its prompt+answer blocks
-stay cached, unpinned. KV rule: running sequences reserve prompt + output − reused tokens; cached
-unpinned blocks live only in the space no reservation holds (the cache's capacity follows the
-reservations: free blocks + pinned blocks) and are evicted LRU when a reservation needs the room,
-so they never block an admission. (A reused block whose computing sequence has ended while a reader
-still pins it counts as cache, not reservation: admission may overcommit by such blocks.) A seq
-without blocks behaves exactly as before; an engine that never sees one has no cache at all.
+stay cached, unpinned. KV rule: the KV in use is `kv_used` (what running sequences reserve beyond
+the cached blocks they pin) plus 16 × the pinned blocks, each counted once however many sequences
+share it (a system prompt); a sequence is admitted when that, its new reservation (prompt + output −
+reused) and the free cached blocks it would pin fit the KV capacity. Unpinned cached blocks live in
+the space left and are evicted LRU when a reservation needs the room, so they never block an
+admission. A seq without blocks behaves exactly as before; an engine that never sees one has no
+cache at all.
 
 `EnginePool` puts the replicas of one deployment behind the gateway's routing and queue.
 """
@@ -99,11 +100,18 @@ class SimEngine:
         """Blocks evicted from this engine's prefix cache."""
         return self.pcache.stats.evictions if self.pcache is not None else 0
 
+    def warm(self, blocks: Sequence[Hashable]) -> None:
+        """Cache these blocks, unpinned, as if a sequence that computed them had just ended (in the KV space
+        no reservation holds, evicting the least recently used; what does not fit is not cached)."""
+        if self.pcache is None:
+            self.pcache = PrefixCache(self.kv_cap // BLOCK_TOKENS)
+        self._fit_cache()
+        self.pcache.release(blocks[:self.pcache.insert(blocks)][::-1])
+
     def _fit_cache(self, extra: int = 0) -> None:
-        """Cache capacity = KV blocks no reservation holds + pinned blocks (+ `extra` about to be pinned);
-        evicts unpinned blocks LRU beyond it."""
-        pc = self.pcache
-        pc.resize((self.kv_cap - self.kv_used) // BLOCK_TOKENS + len(pc) - len(pc._free) + extra)
+        """Cache capacity = KV blocks no reservation holds (pinned ones included; + `extra` reserved blocks
+        about to become pinned cache); evicts unpinned blocks LRU beyond it."""
+        self.pcache.resize((self.kv_cap - self.kv_used) // BLOCK_TOKENS + extra)
 
     def clamp(self, prompt: int, output: int) -> tuple[int, int, bool]:
         """Fit a request into the KV cache (vLLM rejects or truncates what exceeds max_model_len)."""
@@ -146,7 +154,9 @@ class SimEngine:
             if s.blocks is not None:  # its prompt's blocks are computed: cached, pinned while it runs
                 new = s.blocks[s.cached // BLOCK_TOKENS:s.prompt // BLOCK_TOKENS]
                 self._fit_cache(len(new))
-                pc.insert(new)
+                moved = pc.insert(new) * BLOCK_TOKENS   # reserved tokens that are pinned cache from now on
+                s.kv -= moved
+                self.kv_used -= moved
             if s.output <= 1:
                 finished.append(s)
             else:
@@ -172,7 +182,7 @@ class SimEngine:
             if s.blocks is not None:  # its prompt+answer blocks stay cached, unpinned
                 n_prompt = s.prompt // BLOCK_TOKENS
                 out = s.blocks[n_prompt:(s.prompt + s.output) // BLOCK_TOKENS]
-                self._fit_cache(len(out))
+                self._fit_cache()   # its reservation (the answer's tokens among it) is free again
                 pc.insert(out)
                 pc.release(s.blocks[:n_prompt + len(out)][::-1])  # tail first: evicted before the head, as vLLM frees
         if pc is not None and finished:
@@ -195,12 +205,14 @@ class SimEngine:
             if s.blocks is not None:
                 if pc is None:  # this replica's first call with blocks
                     pc = self.pcache = PrefixCache(self.kv_cap // BLOCK_TOKENS)
-                if self.kv_used + need > self.kv_cap and self.kv_used + need - pc.lookup(s.blocks, s.prompt) > self.kv_cap:
-                    break  # even with its reused blocks it does not fit
+                hit = pc.lookup(s.blocks, s.prompt)
+                in_use = self.kv_used + pc.pinned * BLOCK_TOKENS
+                if in_use + need - hit + pc.unpinned(s.blocks[:hit // BLOCK_TOKENS]) * BLOCK_TOKENS > self.kv_cap:
+                    break  # FCFS, as below: even with its reused blocks it does not fit
                 s.cached = s.prefilled = pc.acquire(s.blocks, s.prompt)  # reused: not prefilled, not reserved
                 need -= s.cached
                 self.cached_tokens += s.cached
-            elif self.kv_used + need > self.kv_cap:
+            elif self.kv_used + need + (pc.pinned * BLOCK_TOKENS if pc is not None else 0) > self.kv_cap:
                 break  # FCFS: the head waits for KV space, and so does everyone behind it
             waiting.popleft()
             self.kv_used += need
@@ -272,6 +284,14 @@ class EnginePool:
         backlog: deque[Seq] = deque()
         for engine in replicas:
             engine.backlog = backlog
+
+    def peek(self) -> int:
+        """The replica a call without cache blocks would go to now (routing's state untouched)."""
+        rr = self._rr
+        try:
+            return self._route()
+        finally:
+            self._rr = rr
 
     def _route(self) -> int:
         """Least outstanding calls; ties go round-robin, as the gateway breaks them (always taking the

@@ -72,6 +72,15 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._refs)
 
+    @property
+    def pinned(self) -> int:
+        """Cached blocks some running sequence uses."""
+        return len(self._refs) - len(self._free)
+
+    def unpinned(self, blocks: Sequence[Hashable]) -> int:
+        """How many of these (cached) blocks no sequence pins: acquiring them takes them out of the free space."""
+        return sum(1 for b in blocks if self._refs.get(b) == 0)
+
     def __contains__(self, block: Hashable) -> bool:
         return block in self._refs
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
-from scepsy_hpc.perf.replay import replay_calls
+from scepsy_hpc.perf.replay import WARM, replay_calls
 from scepsy_hpc.profile.sweep import FRACTIONS, sweep
 from scepsy_hpc.profile.table import CallSample, ProfilePoint, ProfileTable, summarise
 from scepsy_hpc.workload.arrivals import poisson_arrivals
@@ -39,18 +39,15 @@ def capacity_guess(cfg: EngineConfig, mix: Sequence[tuple[int, ...]]) -> float:
 Pattern = Sequence[tuple[float, int, int]]  # one request's calls of an LLM: (offset s, prompt, output)
 
 
-WARM = "warm-prefix"   # the segment every replayed call's cached share is taken from (one chain of blocks)
-
-
 def mix_call(i: int, entry: Sequence[int]) -> Call:
-    """Replayed call `i` of a mix entry (prompt, output[, cached]): its first `cached` tokens are the warm
-    prefix all calls share (a warm cache serves them: the reuse the workflow offers, `predict.inputs.
-    warm_cached_tokens`), the rest its own."""
+    """Replayed call `i` of a mix entry (prompt, output[, cached]): its first `cached` tokens (the reuse the
+    workflow offers, `predict.inputs.warm_cached_tokens`) are its own history, found cached on arrival as far
+    as the engine's free KV space holds it (`perf.replay.replay_calls`); the rest is new."""
     prompt, output = entry[0], entry[1]
     cached = entry[2] if len(entry) > 2 else 0
     if not cached:
         return Call("m", None, prompt, output)
-    return Call("m", None, prompt, output, ((WARM, cached), (("call", i), prompt - cached)), ("answer", i))
+    return Call("m", None, prompt, output, (((WARM, i), cached), (("call", i), prompt - cached)), ("answer", i))
 
 
 def _arrivals(rate_rps: float, n_calls: int, rng: random.Random, mix: Sequence[tuple[int, ...]],

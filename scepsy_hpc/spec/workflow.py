@@ -295,6 +295,13 @@ def workflow_from_text(text: str, models: dict[str, ModelSpec] | None = None, pa
     return parse_workflow(data, smap, models)
 
 
+def without_prefix_caching(wf: Workflow) -> Workflow:
+    """The workflow as served by engines without a prefix cache (`--no-prefix-caching`): the same prompts,
+    every token of them computed every time."""
+    return wf.model_copy(update={"llms": {k: ref.model_copy(update={"prefix_caching": False})
+                                          for k, ref in wf.llms.items()}})
+
+
 def resolve_model(wf: Workflow, llm: str, models: dict[str, ModelSpec]) -> ModelSpec:
     """The ModelSpec behind one of the workflow's LLM deployments."""
     ref = wf.llms[llm].model

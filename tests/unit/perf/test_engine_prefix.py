@@ -133,3 +133,24 @@ def test_a_call_held_at_the_gateway_uses_the_cache_of_the_replica_that_takes_it(
     loop.run()
     assert len(got) == 1 and got[0].t_admit > 0.0 and got[0].cached == 0
     assert sum(e.pcache is not None and len(e.pcache) == 26 for e in pool.replicas) == 1   # 430 → 26 blocks
+
+
+def test_reused_blocks_take_kv_space_while_their_reader_runs(models, gpus):
+    # KV of 1024 tokens. A (800 + 40) ends: 52 blocks (832 tokens) cached. C continues conversation a: prompt
+    # 940, answer 60; it reuses the 52 blocks (832 ≤ 939), which it pins, and reserves 940 + 60 − 832 = 168:
+    # 832 + 168 = 1000 of 1024 in use. D (100 + 20 = 120) arrives while C runs: 1000 + 120 > 1024, so D waits
+    # for C to end. (Counting C's reused blocks as free space would admit D at once: 168 + 120 ≤ 1024.)
+    loop, pool = _pool(models, gpus, kv_cap=1024)
+    got = {}
+
+    def submit(name, t, segs, out, out_tokens):
+        p = sum(n for _, n in segs)
+        loop.at(t, 0, lambda now, _: pool.submit("m", None, p, out_tokens, now,
+                                                   lambda te, s: got.__setitem__(name, s), _blocks(segs, out, out_tokens)))
+
+    submit("A", 0.0, [("a", 800)], "ao", 40)
+    submit("C", 100.0, [("a", 800), ("ao", 40), ("c", 100)], "co", 60)
+    submit("D", 100.0001, [("d", 100)], "do", 20)
+    loop.run()
+    assert got["C"].cached == 832
+    assert got["D"].t_admit >= got["C"].t_end
