@@ -45,28 +45,50 @@ def run(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Print a trace's per-LLM statistics."""
+    from dataclasses import asdict
+
     from scepsy_hpc.trace.graph import from_trace
     from scepsy_hpc.trace.records import read_trace
-    from scepsy_hpc.trace.stats import aggregate
+    from scepsy_hpc.trace.stats import aggregate, prefix_shares
 
     trace = read_trace(args.trace)
     graphs = from_trace(trace)
     stats = aggregate(graphs, str(trace.meta.get("workflow", "")))
     errors = sum(1 for c in trace.calls if c.status != "ok")
+    # prompt reuse by the gateway's accounting (calls with prefix/system counts; older traces have none)
+    prefix = prefix_shares(trace.calls)
+    tools = tool_span_counts(trace.spans)
     if args.json:
-        print(json.dumps(jsonable({**stats.to_dict(), "calls": len(trace.calls), "failed_calls": errors,
+        doc = stats.to_dict()
+        for llm, per in prefix.items():
+            if llm in doc["per_llm"]:
+                doc["per_llm"][llm]["prefix"] = {role: asdict(ps) for role, ps in per.items()}
+        print(json.dumps(jsonable({**doc, "calls": len(trace.calls), "failed_calls": errors,
+                                   "tool_spans": sum(tools.values()), "tool_spans_by_name": tools,
                                    "meta": trace.meta}), indent=2))
         return 0
-    print_stats(stats, args.trace, len(trace.calls), errors)
+    print_stats(stats, args.trace, len(trace.calls), errors, prefix, tools)
     return 0
+
+
+def tool_span_counts(spans) -> dict[str, int]:
+    """Tool spans of a trace per tool name ("" for unnamed ones): posted by the workflow or inferred by
+    the gateway from tool calls and their results."""
+    out: dict[str, int] = {}
+    for sp in spans:
+        if sp.span == "tool":
+            out[sp.name or ""] = out.get(sp.name or "", 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _f(x: float, fmt: str) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def print_stats(stats, name: str, calls: int, failed_calls: int) -> None:
-    """The stats table (rich)."""
+def print_stats(stats, name: str, calls: int, failed_calls: int, prefix: dict | None = None,
+                tools: dict[str, int] | None = None) -> None:
+    """The stats table (rich). `prefix` (trace.stats.prefix_shares) adds a prompt-reuse table when the trace
+    has the gateway's counts; `tools` (tool_span_counts) adds a line counting tool spans."""
     from rich.table import Table
 
     c = make_console()
@@ -84,6 +106,13 @@ def print_stats(stats, name: str, calls: int, failed_calls: int) -> None:
                 t.add_row(f"  {r or '(no role)'}", _f(rs.calls_per_request, ".2f"), "", _f(rs.prompt_tokens.mean, ".0f"),
                           _f(rs.output_tokens.mean, ".0f"), "", "", "", "", "")
     c.print(t)
+    if prefix:
+        c.print(_reuse_table(prefix))
+        c.print("own prefix: share of a prompt shared with an earlier call of its request; shared sys: with other "
+                "requests (16-token blocks)")
+    if tools is not None:
+        c.print(f"tool spans: {sum(tools.values())}"
+                + (" (" + ", ".join(f"{k or '(unnamed)'} {v}" for k, v in tools.items()) + ")" if tools else ""))
     c.print(f"end-to-end latency mean {_f(stats.latency_mean_s, '.2f')} s, CV {_f(stats.latency_cv, '.2f')}   "
             f"LLM time per request {_f(stats.llm_time_mean_s, '.2f')} s   on the critical path: tools "
             f"{_f(stats.tool_cp_mean_s, '.2f')} s, orchestration gaps {_f(stats.gap_cp_mean_s, '.2f')} s")
@@ -93,6 +122,24 @@ def print_stats(stats, name: str, calls: int, failed_calls: int) -> None:
                 f"against {stats.latency_cv:.2f} for end-to-end latency")
     if stats.failed or failed_calls:
         c.print(f"[yellow]{stats.failed} failed request(s) and {failed_calls} failed call(s) left out[/yellow]")
+
+
+def _reuse_table(prefix: dict):
+    """Per LLM (and role) the mean share of a prompt shared with an earlier call of its request ("own
+    prefix") and with other requests' prompts ("shared sys"), from trace.stats.prefix_shares."""
+    from rich.table import Table
+
+    t = Table(title="prompt reuse")
+    t.add_column("LLM / role", no_wrap=True)
+    for col in ("calls", "own prefix", "shared sys"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for m, per in prefix.items():
+        for role, ps in sorted(per.items(), key=lambda kv: kv[0] != "*"):
+            if role != "*" and set(per) == {"", "*"}:
+                continue  # no roles: the LLM's row says it all
+            t.add_row(m if role == "*" else f"  {role or '(no role)'}", str(ps.calls),
+                      _f(ps.prefix_share_mean, ".1%"), _f(ps.system_share_mean, ".1%"))
+    return t
 
 
 def default_allocation(wf, models, gpu, gpu_name: str) -> dict:

@@ -65,9 +65,13 @@ WATCH_EVERY_S = 0.2  # one stat() of the endpoints file per interval when idle
 # How long a call waits for a replica of its LLM when none can take it (engines restarting, a cut-over).
 DEFAULT_HOLD_S = 60.0
 # A request's calls to an LLM go back to the replica that served its previous one (its prefix is cached there)
-# unless that replica is busier than the least-loaded one by more than the slack (routing.py). Off until
-# scripts/bench_prefix_routing.py shows it is not worse (with the sim engine's prefix cache merged).
-DEFAULT_PREFIX_AFFINITY = False
+# unless that replica is busier than the least-loaded one by more than the slack (routing.py). On: measured with
+# `python scripts/bench_prefix_routing.py --seed 3` (2 sim llama-3.1-8b engines on h100-sxm, 40 ReAct requests x
+# 8 turns, 8 in flight, 1000-token shared system prompt, 400-token tool results; model seconds, on vs off):
+# prefix-cache hit rate 81.7% vs 72.9%, prefill tokens -32%, call latency p50 0.529 vs 0.544 s, p99 0.795 vs
+# 0.840 s, request latency mean 7.85 vs 8.00 s, TTFT p50/p90 -9%/-35%; TTFT p99 0.100 vs 0.092 s (+9%: a few
+# calls wait behind the busier replica the slack allows). Same direction at --time-scale 1.0, seeds 0-2.
+DEFAULT_PREFIX_AFFINITY = True
 # Routes are served at the root and under each of these (a request id, a deployment, or both).
 PREFIXES = ("", "/r/{request_id}", "/d/{deployment}", "/d/{deployment}/r/{request_id}")
 
