@@ -84,7 +84,7 @@ def regraph(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTable]
         if n.kind != CALL:
             return n
         d = unloaded[n.name].call_latency(n.prompt_tokens, n.output_tokens)
-        return Node(n.kind, n.name, n.role, n.prompt_tokens, n.output_tokens, d, n.deps, n.gap_s)
+        return Node(n.kind, n.name, n.role, n.prompt_tokens, n.output_tokens, d, n.deps, n.gap_s, n.cached_tokens)
 
     return [RequestGraph(g.request, tuple(node(n) for n in g.nodes), g.tail_s, g.ok, None) for g in graphs]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from scepsy_hpc.perf.prefix import BLOCK_TOKENS, max_hit_tokens
 from scepsy_hpc.workload.sampler import Call, Tool
 from scepsy_hpc.trace.records import CallRecord, SpanRecord, Trace
 
@@ -35,6 +36,7 @@ class Node:
     duration_s: float
     deps: tuple[int, ...]
     gap_s: float = 0.0
+    cached_tokens: int = 0   # of the prompt, what a warm prefix cache reuses (traced: the gateway's counts)
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,20 @@ def from_trace(trace: Trace) -> list[RequestGraph]:
     return out
 
 
+def _cached(c: CallRecord) -> int:
+    """What a warm prefix cache reuses of a traced call's prompt: the longer of its shares with the request's
+    earlier calls and with other requests (the gateway's `prefix_tokens`, `system_tokens`), in whole blocks,
+    at most prompt − 1 (vLLM's rule); 0 for a trace without them."""
+    shared = max(c.prefix_tokens or 0, c.system_tokens or 0)
+    return min(shared // BLOCK_TOKENS * BLOCK_TOKENS, max_hit_tokens(c.prompt_tokens or 0))
+
+
 def _infer(rid: str, calls: Sequence[CallRecord], tools: Sequence[SpanRecord], span: SpanRecord | None) -> RequestGraph:
     items: list[tuple[float, float, Node]] = []
     for c in calls:
         items.append((c.t_start, c.t_end, Node(CALL, c.llm, c.role, c.prompt_tokens or 0,
-                                                c.completion_tokens or 0, c.duration_s, ())))
+                                                c.completion_tokens or 0, c.duration_s, (),
+                                                cached_tokens=_cached(c))))
     for t in tools:
         items.append((t.t_start, t.t_end, Node(TOOL, t.name or "tool", None, 0, 0, t.t_end - t.t_start, ())))
     items.sort(key=lambda x: (x[0], x[1]))
@@ -147,7 +158,7 @@ def _infer(rid: str, calls: Sequence[CallRecord], tools: Sequence[SpanRecord], s
 
 
 def _with(n: Node, deps: tuple[int, ...], gap: float) -> Node:
-    return Node(n.kind, n.name, n.role, n.prompt_tokens, n.output_tokens, n.duration_s, deps, gap)
+    return Node(n.kind, n.name, n.role, n.prompt_tokens, n.output_tokens, n.duration_s, deps, gap, n.cached_tokens)
 
 
 def iter_call_nodes(graphs: Iterable[RequestGraph]) -> Iterable[Node]:

@@ -190,15 +190,17 @@ def aggregate(graphs: Iterable[RequestGraph], workflow: str = "", llms: Sequence
         per_llm=per_llm, tool_cp_by_name={k: v / nr for k, v in tool_names.items()} if nr else {})
 
 
-def call_mix(graphs: Iterable[RequestGraph]) -> dict[str, list[tuple[int, int]]]:
-    """Per LLM, the (prompt, output) tokens of every call of the successful requests: what a profiler replays."""
-    mix: dict[str, list[tuple[int, int]]] = {}
+def call_mix(graphs: Iterable[RequestGraph]) -> dict[str, list[tuple[int, ...]]]:
+    """Per LLM, the (prompt, output) tokens of every call of the successful requests: what a profiler replays;
+    (prompt, output, cached) for a call a warm prefix cache serves in part (as `predict.inputs.sample_mix`)."""
+    mix: dict[str, list[tuple[int, ...]]] = {}
     for g in graphs:
         if not g.ok:
             continue
         for n in g.nodes:
             if n.kind == CALL:
-                mix.setdefault(n.name, []).append((n.prompt_tokens, n.output_tokens))
+                mix.setdefault(n.name, []).append((n.prompt_tokens, n.output_tokens, n.cached_tokens)
+                                                  if n.cached_tokens else (n.prompt_tokens, n.output_tokens))
     return mix
 
 
