@@ -35,7 +35,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 from scepsy_hpc.perf.events import EventLoop
 from scepsy_hpc.perf.model import EnginePerf, chunk_prefills
-from scepsy_hpc.perf.prefix import BLOCK_TOKENS, PrefixCache
+from scepsy_hpc.perf.prefix import BLOCK_TOKENS, PrefixCache, max_hit_tokens
 
 IDLE, STEP, EPOCH, BOUNDARY = 0, 1, 2, 3
 
@@ -99,14 +99,6 @@ class SimEngine:
     def prefix_evictions(self) -> int:
         """Blocks evicted from this engine's prefix cache."""
         return self.pcache.stats.evictions if self.pcache is not None else 0
-
-    def warm(self, blocks: Sequence[Hashable]) -> None:
-        """Cache these blocks, unpinned, as if a sequence that computed them had just ended (in the KV space
-        no reservation holds, evicting the least recently used; what does not fit is not cached)."""
-        if self.pcache is None:
-            self.pcache = PrefixCache(self.kv_cap // BLOCK_TOKENS)
-        self._fit_cache()
-        self.pcache.release(blocks[:self.pcache.insert(blocks)][::-1])
 
     def _fit_cache(self, extra: int = 0) -> None:
         """Cache capacity = KV blocks no reservation holds (pinned ones included; + `extra` reserved blocks
@@ -214,6 +206,9 @@ class SimEngine:
                 self.cached_tokens += s.cached
             elif self.kv_used + need + (pc.pinned * BLOCK_TOKENS if pc is not None else 0) > self.kv_cap:
                 break  # FCFS: the head waits for KV space, and so does everyone behind it
+            elif s.cached:   # warm history (EnginePool.submit's warm_tokens): reused, but its own KV
+                s.prefilled = s.cached
+                self.cached_tokens += s.cached
             waiting.popleft()
             self.kv_used += need
             self.prompt_tokens += s.prompt
@@ -285,14 +280,6 @@ class EnginePool:
         for engine in replicas:
             engine.backlog = backlog
 
-    def peek(self) -> int:
-        """The replica a call without cache blocks would go to now (routing's state untouched)."""
-        rr = self._rr
-        try:
-            return self._route()
-        finally:
-            self._rr = rr
-
     def _route(self) -> int:
         """Least outstanding calls; ties go round-robin, as the gateway breaks them (always taking the
         first would pile short calls on replica 0 whenever all are idle)."""
@@ -332,11 +319,15 @@ class EnginePool:
         return best
 
     def submit(self, llm: str, role: str | None, prompt_tokens: int, output_tokens: int, t: float,
-               done: Callable[[float, Seq], None], blocks: Sequence[Hashable] | None = None) -> bool:
+               done: Callable[[float, Seq], None], blocks: Sequence[Hashable] | None = None,
+               warm_tokens: int = 0) -> bool:
         """Route one call arriving at `t`; `done(t_end, seq)` when it ends (`seq.replica` says where).
         `blocks` names its prompt+answer cache blocks (`perf.prefix.segment_blocks`; None: shares
-        nothing, no prefix cache). True when the call was cut to fit the KV cache (a cut call shares
-        nothing)."""
+        nothing, no prefix cache). `warm_tokens` (a call without blocks): that many leading prompt
+        tokens are its own history, found cached (whole blocks, at most prompt − 1): not prefilled,
+        but held in the KV cache like the rest of its prompt — the warm case profiles replay, at the
+        cost of a call without cache bookkeeping. True when the call was cut to fit the KV cache (a
+        cut call shares nothing)."""
         if blocks is not None and self.prefix_affinity and len(self.replicas) > 1:
             i = self._route_prefix(blocks, prompt_tokens)
         else:
@@ -344,6 +335,8 @@ class EnginePool:
         engine = self.replicas[i]
         prompt, output, cut = engine.clamp(prompt_tokens, output_tokens)
         seq = Seq(llm, role, prompt, output, t, done, None if cut else blocks)
+        if warm_tokens and blocks is None and not cut:
+            seq.cached = min(warm_tokens // BLOCK_TOKENS * BLOCK_TOKENS, max_hit_tokens(prompt))
         seq.replica = i
         if engine.outstanding >= engine.max_seqs:
             engine.backlog.append(seq)  # every replica is full: the gateway holds the call (FIFO)

@@ -11,7 +11,7 @@ from scepsy_hpc.perf.engine import CallRecord, EnginePool, Seq, SimEngine
 from scepsy_hpc.perf.events import PRIO_ARRIVAL, PRIO_ENGINE, EventLoop
 from scepsy_hpc.perf.fit import check_fit
 from scepsy_hpc.perf.model import EngineConfig
-from scepsy_hpc.perf.prefix import BLOCK_TOKENS, segment_blocks
+from scepsy_hpc.perf.prefix import segment_blocks
 
 
 class LLMCall(Protocol):
@@ -80,9 +80,10 @@ def replay_calls(
     configuration `cfg` behind one gateway queue; returns the finished calls' records, call i as
     request i. This is what a profiling run measures on a real engine, done in the simulator.
     Calls with `segments` use the engines' prefix cache (rename a replayed pattern's segments per
-    request with `fresh_segments`); a call whose first segment is named `(WARM, ...)` finds it cached
-    on arrival at the replica it is routed to (a conversation's history, computed by the call before:
-    `profile.synthetic`), as far as the KV space not reserved holds it."""
+    request with `fresh_segments`); a call whose first segment is named `(WARM, ...)` finds that
+    segment cached (a conversation's history, computed by the call before: `profile.synthetic`), held
+    in the KV cache as its own (`EnginePool.submit`'s `warm_tokens`: the warm case, without cache
+    bookkeeping, so profiles cost what they cost without reuse)."""
     if len(calls) != len(arrivals):
         raise ValueError("one arrival time per call")
     loop = EventLoop()
@@ -98,13 +99,12 @@ def replay_calls(
                                   s.cached))
 
         c = calls[i]
-        blocks = call_blocks(c)
-        if blocks is not None and isinstance(c.segments[0][0], tuple) and c.segments[0][0][:1] == (WARM,):
-            # its history was computed by the request's previous call, which has just ended: cached at the
-            # replica the gateway picks now, unless the KV space it needs is taken
-            n = c.segments[0][1] // BLOCK_TOKENS
-            pool.replicas[pool.peek()].warm(blocks[:n])
-        pool.submit(c.llm, c.role, c.prompt_tokens, c.output_tokens, t, done, blocks)
+        segs = getattr(c, "segments", ())
+        if segs and isinstance(segs[0][0], tuple) and segs[0][0][:1] == (WARM,):
+            # its history was computed by the request's previous call, which has just ended: found cached
+            pool.submit(c.llm, c.role, c.prompt_tokens, c.output_tokens, t, done, warm_tokens=segs[0][1])
+        else:
+            pool.submit(c.llm, c.role, c.prompt_tokens, c.output_tokens, t, done, call_blocks(c))
         if i + 1 < len(arrivals):
             loop.at(arrivals[i + 1], PRIO_ARRIVAL, arrive, i + 1)
 
