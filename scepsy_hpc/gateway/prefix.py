@@ -170,19 +170,7 @@ class Answer:
 
     def take_body(self, obj: Any) -> None:
         """A whole (non-streamed) answer's JSON."""
-        choice = _first_choice(obj)
-        if choice is None:
-            return
-        if "text" in choice:
-            self.text_completion = True
-            self._add(choice.get("text"))
-        msg = choice.get("message")
-        if isinstance(msg, dict):
-            self._add(msg.get("content"))
-            tcs = msg.get("tool_calls")
-            if isinstance(tcs, list):
-                for i, tc in enumerate(tcs):
-                    self._add_call(i, tc)
+        self._take_choice(_first_choice(obj), "message")
 
     def feed_sse(self, events: bytes) -> None:
         """Whole SSE events as the gateway forwards them (chunks of deltas)."""
@@ -193,22 +181,27 @@ class Answer:
             if not payload or payload == b"[DONE]":
                 continue
             try:
-                choice = _first_choice(json.loads(payload))
+                self._take_choice(_first_choice(json.loads(payload)), "delta")
             except ValueError:
                 continue
-            if choice is None:
-                continue
-            if "text" in choice:
-                self.text_completion = True
-                self._add(choice.get("text"))
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                self._add(delta.get("content"))
-                tcs = delta.get("tool_calls")
-                if isinstance(tcs, list):
-                    for k, tc in enumerate(tcs):
-                        idx = tc.get("index", k) if isinstance(tc, dict) else k
-                        self._add_call(idx if isinstance(idx, int) else k, tc)
+
+    def _take_choice(self, choice: Any, part: str) -> None:
+        """A choice's text (completions) or its `message`/`delta` content and tool calls (a delta's tool
+        calls name their slot by `index`)."""
+        if choice is None:
+            return
+        if "text" in choice:
+            self.text_completion = True
+            self._add(choice.get("text"))
+        got = choice.get(part)
+        if not isinstance(got, dict):
+            return
+        self._add(got.get("content"))
+        tcs = got.get("tool_calls")
+        if isinstance(tcs, list):
+            for k, tc in enumerate(tcs):
+                idx = tc.get("index", k) if part == "delta" and isinstance(tc, dict) else k
+                self._add_call(idx if isinstance(idx, int) else k, tc)
 
     def tool_calls(self) -> list[tuple[str, str]]:
         """(id, function name) of each tool call with an id, in order."""
