@@ -280,6 +280,11 @@ class EnginePool:
         for engine in replicas:
             engine.backlog = backlog
 
+    def fits(self, prompt: int, output: int) -> bool:
+        """Whether a call fits its engines uncut (a cut call shares nothing: its cache blocks need no names)."""
+        e = self.replicas[0]
+        return prompt + output <= min(e.kv_cap, e.perf.cfg.model.max_model_len)
+
     def _route(self) -> int:
         """Least outstanding calls; ties go round-robin, as the gateway breaks them (always taking the
         first would pile short calls on replica 0 whenever all are idle)."""

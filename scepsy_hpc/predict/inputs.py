@@ -22,7 +22,7 @@ from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
 from scepsy_hpc.perf.fit import engine_config
 from scepsy_hpc.perf.model import EnginePerf
-from scepsy_hpc.perf.prefix import BLOCK_TOKENS, max_hit_tokens, segment_blocks
+from scepsy_hpc.perf.prefix import BLOCK_TOKENS, max_hit_tokens
 from scepsy_hpc.trace.graph import CALL, Node, RequestGraph, from_sample
 from scepsy_hpc.trace.stats import call_patterns
 
@@ -39,22 +39,29 @@ def warm_cached_tokens(seq: list[Any]) -> list[int]:
     leading whole blocks that an earlier call of the request to the same LLM computed (its prompt and answer),
     or a prompt prefix every request shares (`shared_prefix_tokens`: cached by the requests before), at most
     prompt − 1 (vLLM's rule). Eviction and the replica a call lands on are the simulator's business; this is
-    the reuse the workflow offers."""
-    seen: dict[str, set[Any]] = {}
+    the reuse the workflow offers. O(segments) per call: a segment's name stands for its content at its
+    positions, so "computed up to position e" per name is all there is to remember."""
+    seen: dict[str, dict[Any, int]] = {}
     out: list[int] = []
     for c in iter_calls(seq):
         if not c.segments:
             out.append(0)
             continue
-        have = seen.setdefault(c.llm, set())
-        n = 0
-        limit = max_hit_tokens(c.prompt_tokens) // BLOCK_TOKENS
-        for b in segment_blocks(c.segments)[:limit]:
-            if b not in have and not (isinstance(b[0], tuple) and b[0][:1] == ("shared",)):
+        have = seen.setdefault(c.llm, {})
+        pos = covered = 0
+        for name, n in c.segments:
+            end = pos + n
+            reach = end if isinstance(name, tuple) and name[:1] == ("shared",) else min(end, have.get(name, pos))
+            covered = reach
+            if reach < end:
                 break
-            n += 1
-        out.append(n * BLOCK_TOKENS)
-        have.update(segment_blocks(c.segments + ((c.output_segment, c.output_tokens),)))
+            pos = end
+        out.append(min(covered // BLOCK_TOKENS * BLOCK_TOKENS, max_hit_tokens(c.prompt_tokens)))
+        pos = 0
+        for name, n in c.segments + ((c.output_segment, c.output_tokens),):
+            pos += n
+            if have.get(name, -1) < pos:
+                have[name] = pos
     return out
 
 

@@ -189,9 +189,10 @@ class _Sim:
                                              s.t_submit, s.t_admit, s.t_first, t_end, s.cached))
             lane.resume(t_end, None)
 
-        seg = call.segments
-        blocks = segment_blocks(seg + ((call.output_segment, call.output_tokens),)) if seg else None
-        if self.pools[call.llm].submit(call.llm, call.role, call.prompt_tokens, call.output_tokens, t, done, blocks):
+        seg, pool = call.segments, self.pools[call.llm]
+        blocks = segment_blocks(seg + ((call.output_segment, call.output_tokens),)) \
+            if seg and pool.fits(call.prompt_tokens, call.output_tokens) else None
+        if pool.submit(call.llm, call.role, call.prompt_tokens, call.output_tokens, t, done, blocks):
             stats[4] += 1
 
 

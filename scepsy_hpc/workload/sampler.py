@@ -22,6 +22,7 @@ from scepsy_hpc.spec.workflow import (
 
 
 Segments = tuple[tuple[Hashable, int], ...]
+Conversation = tuple[Segments, Hashable]   # its segments (prompts and answers so far), the one this lane extends
 _segment_ids = itertools.count(1)   # conversation segments: unique in the process (never equal across requests)
 
 
@@ -32,8 +33,9 @@ class Call:
     `segments` lays the prompt out as (segment, tokens) pieces whose names stand for their content and
     everything before it (`perf.prefix.segment_blocks` names the prompt's cache blocks from them): a
     shared system prompt is `("shared", llm, role, n)`, the same in every request; conversation pieces
-    are numbers unique in the process. `()` means a prompt that shares nothing. `output_segment` names
-    the answer, which a continuing call of the same conversation has in its prompt. Neither field takes
+    are numbers unique in the process, one per branch of the conversation (a continuing call extends
+    it). `()` means a prompt that shares nothing. `output_segment` names the answer's piece (the
+    prompt's last), which a continuing call of the same conversation has in its prompt. Neither field takes
     part in equality: two samples are equal when their shapes and token counts are."""
 
     llm: str
@@ -78,25 +80,38 @@ class RequestSampler:
         self._steps(self.wf.program, rng, 0, out, {})
         return out
 
-    def _call(self, step: CallStep, rng: random.Random, ctx: dict[str, Segments]) -> Call:
+    def _call(self, step: CallStep, rng: random.Random, ctx: dict[str, Conversation]) -> Call:
         new, output = _tokens(step.prompt_tokens.sample(rng)), _tokens(step.output_tokens.sample(rng))
-        history = ctx.get(step.context) if step.context is not None else None
-        if history is None and not step.shared_prefix_tokens and step.context is None:
+        state = ctx.get(step.context) if step.context is not None else None
+        if state is None and not step.shared_prefix_tokens and step.context is None:
             return Call(step.call, step.role, new, output)   # shares nothing: no segments to carry
-        if history is None:
+        if state is None:
             shared = min(step.shared_prefix_tokens, new - 1)
-            history = ((("shared", step.call, step.role, shared), shared),) if shared > 0 else ()
+            history: Segments = ((("shared", step.call, step.role, shared), shared),) if shared > 0 else ()
+            own: Hashable = None
             new -= shared
-        segments = history + ((next(_segment_ids), new),)
-        out_seg = next(_segment_ids)
+        else:
+            history, own = state
+        # a lane extends its own segment (names stay (segment, end position): the earlier calls' blocks
+        # keep their names), so a call carries one piece per branch of its conversation, not one per step
+        if own is not None and history and history[-1][0] == own:
+            segments = history[:-1] + ((own, history[-1][1] + new),)
+        else:
+            own = next(_segment_ids)
+            segments = history + ((own, new),)
         if step.context is not None:
-            ctx[step.context] = segments + ((out_seg, output),)
+            ctx[step.context] = (segments[:-1] + ((own, segments[-1][1] + output),), own)
         if step.call in self.uncached:   # the whole conversation, computed every time
             return Call(step.call, step.role, sum(n for _, n in segments), output)
-        return Call(step.call, step.role, sum(n for _, n in segments), output, segments, out_seg)
+        return Call(step.call, step.role, sum(n for _, n in segments), output, segments, own)
+
+    @staticmethod
+    def _lane(ctx: dict[str, Conversation]) -> dict[str, Conversation]:
+        """A lane's view of the conversations: the same history, none of its segments its own to extend."""
+        return {k: (segs, None) for k, (segs, _) in ctx.items()}
 
     def _steps(self, steps: list[Any], rng: random.Random, depth: int, out: list[Any],
-               ctx: dict[str, Segments]) -> None:
+               ctx: dict[str, Conversation]) -> None:
         for step in steps:
             if isinstance(step, CallStep):
                 out.append(self._call(step, rng, ctx))
@@ -118,7 +133,7 @@ class RequestSampler:
                 lanes = []
                 for _ in range(_count(step.fanout.count.sample(rng), self.max_fanout)):
                     lane: list[Any] = []
-                    self._steps(step.fanout.body, rng, depth, lane, dict(ctx))
+                    self._steps(step.fanout.body, rng, depth, lane, self._lane(ctx))
                     if lane:
                         lanes.append(lane)
                 _append_group(out, lanes)
@@ -126,7 +141,7 @@ class RequestSampler:
                 lanes = []
                 for body in step.parallel:
                     lane = []
-                    self._steps(body, rng, depth, lane, dict(ctx))
+                    self._steps(body, rng, depth, lane, self._lane(ctx))
                     if lane:
                         lanes.append(lane)
                 _append_group(out, lanes)

@@ -28,11 +28,13 @@ program:
 def test_prompts_grow_by_the_answer_and_the_new_tokens():
     calls = list(iter_calls(sample_request(workflow_from_text(REACT), random.Random(1))))
     assert [c.prompt_tokens for c in calls] == [400, 400 + 50 + 120, 570 + 50 + 120, 740 + 50 + 120]
-    # call k's prompt is call k−1's prompt, its answer, then the new tokens
+    # call k's prompt is call k−1's prompt, its answer, then the new tokens: the blocks of k−1's prompt and
+    # answer begin k's blocks
     for prev, cur in zip(calls, calls[1:]):
-        assert cur.segments[:len(prev.segments)] == prev.segments
-        assert cur.segments[len(prev.segments)] == (prev.output_segment, prev.output_tokens)
+        before = segment_blocks(prev.segments + ((prev.output_segment, prev.output_tokens),))
+        assert segment_blocks(cur.segments)[:len(before)] == before
     assert calls[0].segments[0] == (("shared", "agent", None, 300), 300)
+    assert max(len(c.segments) for c in calls) == 2   # the shared prompt, one piece of the conversation
 
 
 def test_two_requests_share_only_the_system_prompt():
@@ -58,8 +60,10 @@ program:
     calls = list(iter_calls(sample_request(wf, random.Random(0))))
     assert [c.prompt_tokens for c in calls] == [100, 115, 115, 113]
     first, lane1, lane2, last = calls
-    assert lane1.segments[:2] == lane2.segments[:2] and lane1.segments[2] != lane2.segments[2]
-    assert last.segments[:2] == lane1.segments[:2]
+    b1, b2, b3 = (segment_blocks(c.segments) for c in (lane1, lane2, last))
+    # 110 tokens of history (6 whole blocks) shared; the block ending at 112 differs in each: the lanes
+    # appended different tokens, and the conversation resumed from before the group
+    assert b1[:6] == b2[:6] == b3[:6] and len({b1[6], b2[6], b3[6]}) == 3
 
 
 def test_without_context_nothing_is_shared_and_samples_compare_as_before():
