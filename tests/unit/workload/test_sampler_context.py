@@ -84,3 +84,15 @@ llms: {m: {model: llama-3.1-8b-instruct}}
 program:
   - {call: m, shared_prefix_tokens: 100, prompt_tokens: 100, output_tokens: 10}
 """)
+
+
+def test_a_very_long_conversation_costs_memory_by_its_branches_not_its_steps():
+    wf = workflow_from_text("""
+name: long
+llms: {m: {model: llama-3.1-8b-instruct}}
+program:
+  - loop: {repeat: 5000, body: [{call: m, context: c, prompt_tokens: 100, output_tokens: 10}]}
+""")
+    calls = list(iter_calls(sample_request(wf, random.Random(0))))
+    assert calls[-1].prompt_tokens == 4999 * 110 + 100
+    assert max(len(c.segments) for c in calls) == 1   # one piece, extended: not 10,000 pieces per call
