@@ -203,6 +203,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
             raise SpecError(f"{wf_path}: LLM {llm!r} has an inline model; local engines need a model of the catalog by name")
         for _ in range(a.replicas):
             specs.append(SimEngineSpec(model=ref, gpu=gpu_name, tp=a.tp, gpu_frac=a.gpu_frac, served_model_name=llm,
+                                       tool_call_rate=wf.llms[llm].tool_call_rate,
+                                       prefix_caching=wf.llms[llm].prefix_caching,
                                        **({"max_num_seqs": a.max_num_seqs} if a.max_num_seqs else {})))
             owners.append(llm)
     out = Path(args.output or f"{wf.name}.trace.jsonl")

@@ -117,3 +117,24 @@ def test_trace_command_runs_the_openai_example_through_the_gateway(tmp_path):
     assert any(x["kind"] == "span" and x["span"] == "request" for x in lines)
     st = json.loads(scepsy("stats", str(t), "--json").stdout)
     assert st["per_llm"]["planner"]["n"] == pytest.approx(1.0) and st["per_llm"]["writer"]["n"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.0])
+def test_trace_command_starts_engines_at_the_workflows_tool_call_rate(tmp_path, rate):
+    # the react agent's engines answer tools with tool calls at the spec's rate: always (every request's trace
+    # has tool spans, inferred by the gateway), or never (none); the default 0.5 would give some of each
+    import shutil
+
+    src = tmp_path / "react_agent"
+    shutil.copytree(ROOT / "examples" / "react_agent", src)
+    wf = src / "workflow.yaml"
+    wf.write_text(wf.read_text().replace("agent: {model: llama-3.2-3b-instruct}",
+                                         f"agent: {{model: llama-3.2-3b-instruct, tool_call_rate: {rate}}}"))
+    t = tmp_path / "react.jsonl"
+    out = scepsy("trace", str(wf), "--driver", "entrypoint", "--requests", "4", "--time-scale", "0.02", "-o", str(t))
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(x) for x in t.read_text().splitlines()]
+    with_tools = {x["request"] for x in lines if x["kind"] == "span" and x["span"] == "tool"}
+    requests = {x["request"] for x in lines if x["kind"] == "call"}
+    assert len(requests) == 4
+    assert with_tools == (requests if rate == 1.0 else set())
