@@ -254,9 +254,22 @@ class SteadyLoad:
             self._records.append(CallRecord(model, streamed, t, None, t, False, None, OVERLOAD,
                                             f"{len(self._calls)} calls outstanding (max_in_flight={self.max_in_flight})"))
             return
-        task = asyncio.create_task(self._call(model, streamed))
+        call = _Pending(model, streamed, self.now())
+        task = asyncio.create_task(self._call(call))
         self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
+        task.add_done_callback(lambda t: self._ended(call, t))
+
+    def _ended(self, call: "_Pending", task: asyncio.Task[None]) -> None:
+        self._calls.discard(task)
+        if call.recorded:
+            return
+        # A task cancelled before its first step never runs _call's body (a burst of arrivals on a busy
+        # loop, then the load's cancellation): it still ends as exactly one record.
+        detail = "the load was cancelled before the call was sent"
+        if not task.cancelled():
+            detail = f"the call ended without a record: {task.exception()!r}"
+        self._records.append(CallRecord(call.model, call.streamed, call.t_due, None, self.now(), False, None,
+                                        CANCELLED if task.cancelled() else EXCEPTION, detail[:_DETAIL_CHARS]))
 
     def _body(self, model: str, streamed: bool) -> dict[str, Any]:
         # The sim engine counts ceil(chars / 4) tokens plus 4 per message: about prompt_tokens in all.
@@ -265,14 +278,16 @@ class SteadyLoad:
                                 "max_tokens": self.max_tokens, "stream": streamed}
         return body
 
-    async def _call(self, model: str, streamed: bool) -> None:
+    async def _call(self, call: "_Pending") -> None:
         import aiohttp
 
+        model, streamed = call.model, call.streamed
         t_send = self.now()
         t_first: float | None = None
         status: int | None = None
 
         def end(error: str | None, detail: str = "") -> None:
+            call.recorded = True
             self._records.append(CallRecord(model, streamed, t_send, t_first, self.now(), error is None, status,
                                             error, detail[:_DETAIL_CHARS]))
 
@@ -305,6 +320,16 @@ class SteadyLoad:
             return end(reason, _describe(exc))
         except Exception as exc:  # noqa: BLE001 - a call must end as a record whatever the client raised
             return end(EXCEPTION, _describe(exc))
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A launched call: what it is, when it was due, and whether it has ended as a record."""
+
+    model: str
+    streamed: bool
+    t_due: float
+    recorded: bool = False
 
 
 class _SSE:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -232,6 +233,35 @@ async def test_a_cancelled_load_records_its_calls_in_flight_as_cancelled() -> No
     records = load.records
     assert len(records) == load.due >= 5 and load.in_flight == 0
     assert summary(records)["failures"] == {"cancelled": len(records)}
+
+
+async def test_calls_launched_in_the_step_before_the_cancellation_still_end_as_records() -> None:
+    """A busy loop makes arrivals late; the late ones launch at once and the load is cancelled before they start."""
+    async def never(request: web.Request) -> web.Response:
+        await asyncio.sleep(10)
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", never)
+    runner, url = await _serve(app)
+    try:
+        load = SteadyLoad(url + "/v1", ["m"], 200.0)
+        task = asyncio.create_task(load.run(5.0))
+        while load.due < 1:
+            await asyncio.sleep(0.001)
+        loop = asyncio.get_running_loop()
+        # Both timers are overdue after the block below: the arrivals wake first, the cancellation second,
+        # so the late calls are launched one step before the load's task sees its cancellation.
+        loop.call_at(loop.time() + 0.02, task.cancel)
+        time.sleep(0.1)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await runner.cleanup()
+    records = load.records
+    assert load.due >= 10 and len(records) == load.due and load.in_flight == 0
+    assert summary(records)["failures"] == {"cancelled": len(records)}
+    assert any(r.detail == "the load was cancelled before the call was sent" for r in records)
 
 
 def _dead_url() -> str:
