@@ -56,6 +56,7 @@ def serve_config(plan: Any, wf: Any, models: Mapping[str, Any], gpus: Mapping[st
     allocation, overridden by `parsers` (LLM, or `*` for every LLM → field → name: the CLI's). The workflow's
     `llms` entry sets each engine's prefix caching and, for the sim engine, its tool-call rate."""
     from scepsy_hpc.perf.model import EngineConfig
+    from scepsy_hpc.spec.plan import replica_groups
 
     workflows = wf if isinstance(wf, (list, tuple)) else [wf]
     refs = deployment_models(plan, workflows, models)
@@ -66,7 +67,7 @@ def serve_config(plan: Any, wf: Any, models: Mapping[str, Any], gpus: Mapping[st
                         f"{', '.join(sorted(plan.allocation))} (give LLM=NAME, or NAME alone for every LLM)")
     instances = []
     for p in placement:
-        alloc = plan.allocation[p.llm]
+        alloc = replica_groups(plan.allocation[p.llm])[p.replica]
         ref, model = refs[p.llm]
         if engine == "sim" and not isinstance(ref, str):
             raise SpecError(f"LLM {p.llm!r} has an inline model; the sim engine needs a model of the catalog by name")

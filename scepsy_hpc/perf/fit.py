@@ -8,12 +8,12 @@ jobs, the simulator, the simulated engine server, `scepsy trace`'s default alloc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.perf.model import EngineConfig, EnginePerf
 from scepsy_hpc.spec.catalog import GIB, GPUSpec, ModelSpec
-from scepsy_hpc.spec.plan import LLMAlloc
+from scepsy_hpc.spec.plan import Entry, LLMAlloc, groups_of
 
 MIN_KV_TOKENS = 256  # the smallest KV cache worth starting an engine for: one short call
 
@@ -41,3 +41,35 @@ def check_fit(cfg: EngineConfig, *, min_kv_tokens: int = MIN_KV_TOKENS, label: s
             f"raise tp or gpu_frac"
         )
     return perf
+
+
+# The call a capacity estimate prices when the plan gives none: a mid-sized agent step.
+REF_PROMPT, REF_OUTPUT = 1024, 128
+
+
+def estimated_capacity_rps(perf: EnginePerf, prompt: int = REF_PROMPT, output: int = REF_OUTPUT) -> float:
+    """Calls/s one engine carries at capacity for calls of `prompt` + `output` tokens, from the roofline
+    model: a full batch (max_num_seqs, or what the KV cache holds) prefilled, then decoded together."""
+    batch = max(1, min(perf.cfg.max_num_seqs, perf.kv_capacity_tokens // (prompt + output)))
+    t = batch * perf.prefill_time(prompt) + (output - 1) * perf.iteration_time(batch, batch * (prompt + output / 2))
+    return batch / t if t > 0 else 0.0
+
+
+def group_weights(entry: Entry, model: ModelSpec, gpu: GPUSpec) -> list[float]:
+    """Each configuration's routing weight (calls/s one replica carries): the plan's `capacity_rps` when every
+    configuration has one, else the performance model's estimate for all of them (weights of one LLM are
+    compared with each other only, so they must come from one source)."""
+    groups = groups_of(entry)
+    if all(g.capacity_rps is not None for g in groups):
+        return [float(g.capacity_rps) for g in groups]  # type: ignore[arg-type]
+    return [estimated_capacity_rps(EnginePerf(engine_config(g, model, gpu))) for g in groups]
+
+
+def replica_weights(entry: Entry, model: ModelSpec, gpu: GPUSpec) -> list[float]:
+    """Each replica's routing weight, by replica number; all 1.0 for a single configuration (like replicas
+    share calls evenly, whatever the estimate)."""
+    groups = groups_of(entry)
+    if len(groups) == 1:
+        return [1.0] * groups[0].replicas
+    weights: Sequence[float] = group_weights(entry, model, gpu)
+    return [w for g, w in zip(groups, weights) for _ in range(g.replicas)]

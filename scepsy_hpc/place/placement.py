@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.spec.fractions import EPS as _EPS, fraction_bins, gpus_for_fractions
 from scepsy_hpc.spec.placement_entry import BASE_PORT, PlacementEntry, default_mem_frac, default_mps_pct
-from scepsy_hpc.spec.plan import LLMAlloc
+from scepsy_hpc.spec.plan import Entry, iter_instances
 from scepsy_hpc.topology.model import Node, Topology
 
 EXHAUSTIVE_NODES = 10   # up to this many eligible nodes, every k-subset is tried
@@ -119,9 +119,9 @@ class PlacementError(InfeasibleError):
         self.placed_of_shape = placed_of_shape
 
 
-def wants_of(allocation: Mapping[str, LLMAlloc]) -> list[Want]:
-    """The instances of an allocation, LLM by LLM."""
-    return [Want(llm, r, a.tp, a.gpu_frac) for llm, a in allocation.items() for r in range(a.replicas)]
+def wants_of(allocation: Mapping[str, Entry]) -> list[Want]:
+    """The instances of an allocation, LLM by LLM (a mixed group's replicas each with their configuration)."""
+    return [Want(llm, r, a.tp, a.gpu_frac) for llm, r, a in iter_instances(allocation)]
 
 
 def eligible_nodes(topo: Topology, gpu_type: str | None) -> list[Node]:
@@ -265,7 +265,7 @@ def _no_room(w: Want, nodes: Sequence[Node], placed_of_shape: int) -> PlacementE
                           f"{w.gpu_frac:g} of its share left and no GPU is free", w, placed_of_shape)
 
 
-def place(allocation: Mapping[str, LLMAlloc], topo: Topology, *, gpu_type: str | None = None,
+def place(allocation: Mapping[str, Entry], topo: Topology, *, gpu_type: str | None = None,
           base_port: int = BASE_PORT, exact: bool = True) -> Placement:
     """Place every instance of `allocation` on `topo` (see the module docstring)."""
     t0 = time.perf_counter()
@@ -323,7 +323,7 @@ def largest_domain(topo: Topology, gpu_type: str | None) -> int:
     return max((len(d) for n in eligible_nodes(topo, gpu_type) for d in n.free()), default=0)
 
 
-def lower_bound_nodes(allocation: Mapping[str, LLMAlloc], topo: Topology, gpu_type: str | None = None) -> int:
+def lower_bound_nodes(allocation: Mapping[str, Entry], topo: Topology, gpu_type: str | None = None) -> int:
     """Fewest nodes any placement of `allocation` could use (capacity bound)."""
     return _lower_bounds(eligible_nodes(topo, gpu_type), _gpus_needed(wants_of(allocation)))[0]
 

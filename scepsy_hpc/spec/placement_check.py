@@ -16,7 +16,7 @@ from scepsy_hpc.spec.source import SourceMap, suggest
 from scepsy_hpc.spec.workflow_bounds import NAME, NAME_RULE
 
 
-def _entry_problems(k: int, entry: PlacementEntry, plan: Any, where: str, nodes: dict[str, int] | None) -> list[str]:
+def _entry_problems(k: int, entry: PlacementEntry, alloc: Any, where: str, nodes: dict[str, int] | None) -> list[str]:
     """What is wrong with one entry on its own (its LLM, node, GPU indices, fractions)."""
     problems: list[str] = []
     if not NAME.fullmatch(entry.node):
@@ -30,7 +30,6 @@ def _entry_problems(k: int, entry: PlacementEntry, plan: Any, where: str, nodes:
         if bad:
             problems.append(f"{where}: placement[{k}].gpus: GPU index {bad[0]} on node {entry.node!r}, which has "
                             f"{nodes[entry.node]} GPUs (0..{nodes[entry.node] - 1})")
-    alloc = plan.allocation.get(entry.llm)
     if alloc is not None:
         if entry.gpu_frac is not None and abs(entry.gpu_frac - alloc.gpu_frac) > EPS:
             problems.append(f"{where}: placement[{k}].gpu_frac: {entry.gpu_frac:g} differs from the allocation's "
@@ -48,6 +47,8 @@ def check_placement(plan: Any, cluster: ClusterSpec | None, smap: SourceMap) -> 
     one of its nodes and every GPU index below that node's GPU count. [] when there is no placement."""
     if plan.placement is None:
         return []
+    from scepsy_hpc.spec.plan import replica_groups  # plan imports this module
+
     nodes: dict[str, int] | None = None
     if cluster is not None and cluster.node_groups:
         nodes = {host: g.gpus_per_node for g in cluster.node_groups for host in g.host_names()}
@@ -61,16 +62,18 @@ def check_placement(plan: Any, cluster: ClusterSpec | None, smap: SourceMap) -> 
         if llm not in plan.allocation:
             problems.append(f"{where}: placement[{k}].llm: {llm!r} is not in the allocation; {suggest(str(llm), plan.allocation)}")
             continue
-        a = plan.allocation[llm]
-        if not 0 <= rep < a.replicas or (llm, rep) in seen:
+        per_replica = replica_groups(plan.allocation[llm])
+        if not 0 <= rep < len(per_replica) or (llm, rep) in seen:
             problems.append(f"{where}: placement[{k}].replica: {rep!r} is not a free replica number of {llm!r} "
-                            f"(0..{a.replicas - 1}, each once)")
+                            f"(0..{len(per_replica) - 1}, each once)")
             continue
         seen.add((llm, rep))
+        a = per_replica[rep]
         if len(gpus) != a.tp:
-            problems.append(f"{where}: placement[{k}].gpus: {gpus!r} must list {a.tp} GPU index(es) for tp={a.tp}")
+            problems.append(f"{where}: placement[{k}].gpus: {gpus!r} must list {a.tp} GPU index(es) for tp={a.tp}"
+                            + ("" if len(per_replica) == a.replicas else f" (replica {rep} of {llm!r}'s mixed group)"))
             continue
-        mine = _entry_problems(k, entry, plan, where, nodes)
+        mine = _entry_problems(k, entry, a, where, nodes)
         problems += mine
         if mine:
             continue
@@ -86,7 +89,7 @@ def check_placement(plan: Any, cluster: ClusterSpec | None, smap: SourceMap) -> 
             if share[key] > 1.0 + EPS:
                 problems.append(f"{where}: placement[{k}]: GPU {g} of node {key[0]} is given out beyond its whole "
                                 f"(Σ gpu_frac = {share[key]:g})")
-    missing = [f"{m}·{r}" for m, a in plan.allocation.items() for r in range(a.replicas) if (m, r) not in seen]
+    missing = [f"{m}·{r}" for m, e in plan.allocation.items() for r in range(len(replica_groups(e))) if (m, r) not in seen]
     if missing:
         problems.append(f"{smap.where(('placement',))}: placement: instance(s) {', '.join(missing[:6])}"
                         f"{' …' if len(missing) > 6 else ''} are not placed; re-run `scepsy plan --cluster` or drop placement:")

@@ -2,15 +2,22 @@
 
 Written by `scepsy plan`, read by `simulate`/`up`; a hand-written plan is the user-specified
 allocation and goes through the same validation.
+
+An LLM is served by one group of like replicas (a mapping) or by a **mixed group**: a list of
+configurations, each with its replica count, e.g.
+`gen: [{tp: 4, replicas: 2}, {tp: 1, gpu_frac: 0.5, replicas: 3}]`. Replicas are numbered group by
+group in the order written (here gen·0, gen·1 are tp 4; gen·2..4 the halves). Unlike replicas share
+the LLM's calls by capacity weight (`capacity_rps`, written by the planner; estimated from the
+performance model when left out).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator, Mapping, Sequence, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.spec import limits
@@ -39,6 +46,9 @@ class LLMAlloc(SpecModel):
     tool_call_parser: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     reasoning_parser: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     chat_template: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    # calls/s one replica of this configuration carries at capacity (the planner writes its profile's); the
+    # gateway and the simulator share a mixed group's calls in proportion to it
+    capacity_rps: Annotated[float, Field(gt=0.0, le=1e9)] | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> "LLMAlloc":
@@ -59,6 +69,65 @@ class LLMAlloc(SpecModel):
     def gpus(self) -> float:
         """GPUs this deployment occupies (fractions counted as fractions)."""
         return self.replicas * self.tp * self.gpu_frac
+
+    def engine_key(self) -> tuple[Any, ...]:
+        """What makes two groups of one LLM different engines: tp, share and scheduler limits."""
+        return (self.tp, round(self.gpu_frac, 6), self.max_num_seqs, self.max_batched_tokens)
+
+    def describe(self) -> str:
+        """`tp=4` or `gpu_frac=0.5`, as messages name a configuration."""
+        return f"tp={self.tp}" if self.gpu_frac >= 1.0 else f"gpu_frac={self.gpu_frac:g}"
+
+
+MAX_GROUPS = 8   # configurations one LLM may mix
+
+
+def _entry_tag(value: Any) -> str:
+    return "groups" if isinstance(value, (list, tuple)) else "one"
+
+
+# One allocation entry: a mapping (one configuration) or a list of them (a mixed group).
+AllocEntry = Annotated[
+    Union[
+        Annotated[LLMAlloc, Tag("one")],
+        Annotated[list[LLMAlloc], Field(min_length=1, max_length=MAX_GROUPS), Tag("groups")],
+    ],
+    Discriminator(_entry_tag),
+]
+Entry = Union[LLMAlloc, Sequence[LLMAlloc]]
+
+
+def groups_of(entry: Entry) -> list[LLMAlloc]:
+    """The configurations of one allocation entry, in the order written (one for a mapping)."""
+    return [entry] if isinstance(entry, LLMAlloc) else list(entry)
+
+
+def as_groups(allocation: Mapping[str, Entry]) -> dict[str, list[LLMAlloc]]:
+    """Every entry of an allocation as its list of configurations."""
+    return {llm: groups_of(e) for llm, e in allocation.items()}
+
+
+def replicas_of(entry: Entry) -> int:
+    """Replicas of one allocation entry, all groups together."""
+    return sum(g.replicas for g in groups_of(entry))
+
+
+def replica_groups(entry: Entry) -> list[LLMAlloc]:
+    """The configuration of each replica, by replica number (group by group, in the order written)."""
+    return [g for g in groups_of(entry) for _ in range(g.replicas)]
+
+
+def iter_instances(allocation: Mapping[str, Entry]) -> Iterator[tuple[str, int, LLMAlloc]]:
+    """(llm, replica number, its configuration) for every instance of an allocation."""
+    for llm, entry in allocation.items():
+        for r, g in enumerate(replica_groups(entry)):
+            yield llm, r, g
+
+
+def single_group(entry: Entry) -> LLMAlloc | None:
+    """The one configuration of an entry, None for a mixed group of several."""
+    gs = groups_of(entry)
+    return gs[0] if len(gs) == 1 else None
 
 
 class GPUBudget(SpecModel):
@@ -87,7 +156,7 @@ class Plan(SpecModel):
     workflow: str | None = None
     workflows: list[str] | None = None
     gpus: GPUBudget
-    allocation: Annotated[dict[str, LLMAlloc], Field(min_length=1)]
+    allocation: Annotated[dict[str, AllocEntry], Field(min_length=1)]
     target: Target | None = None
     predicted: dict[str, Any] | None = None
     solver: dict[str, Any] | None = None
@@ -97,12 +166,45 @@ class Plan(SpecModel):
     provenance: dict[str, Any] | None = None
     notes: str = ""
 
+    def groups(self) -> dict[str, list[LLMAlloc]]:
+        """Every LLM's configurations (one for a plain entry)."""
+        return as_groups(self.allocation)
 
-def gpus_needed(allocation: dict[str, LLMAlloc]) -> int:
+
+def gpus_needed(allocation: Mapping[str, Entry]) -> int:
     """Whole GPUs an allocation occupies: tp·replicas for whole instances plus packed fractions."""
-    whole = sum(a.tp * a.replicas for a in allocation.values() if a.gpu_frac >= 1.0)
-    fracs = [a.gpu_frac for a in allocation.values() if a.gpu_frac < 1.0 for _ in range(a.replicas)]
+    groups = [g for gs in as_groups(allocation).values() for g in gs]
+    whole = sum(a.tp * a.replicas for a in groups if a.gpu_frac >= 1.0)
+    fracs = [a.gpu_frac for a in groups if a.gpu_frac < 1.0 for _ in range(a.replicas)]
     return whole + gpus_for_fractions(fracs)
+
+
+def _group_problems(plan: Plan, smap: SourceMap) -> list[str]:
+    """A mixed group's configurations must differ, agree on the served model's parsers, and stay within
+    the replica limit together."""
+    problems: list[str] = []
+    for llm, entry in plan.allocation.items():
+        gs = groups_of(entry)
+        if len(gs) < 2:
+            continue
+        seen: dict[tuple[Any, ...], int] = {}
+        for i, g in enumerate(gs):
+            j = seen.setdefault(g.engine_key(), i)
+            if j != i:
+                problems.append(f"{smap.where(('allocation', llm, i))}: allocation.{llm}[{i}]: the same configuration "
+                                f"({g.describe()}) as allocation.{llm}[{j}]; merge them into one entry with "
+                                f"replicas: {gs[j].replicas + g.replicas}")
+        for name in ("tool_call_parser", "reasoning_parser", "chat_template"):
+            values = {getattr(g, name) for g in gs}
+            if len(values) > 1:
+                problems.append(f"{smap.where(('allocation', llm))}: allocation.{llm}: the configurations give different "
+                                f"{name}s ({', '.join(sorted(repr(v) for v in values))}); one LLM answers one way: give "
+                                f"every configuration the same {name}")
+        total = replicas_of(entry)
+        if limits.REPLICAS.exceeded(total):
+            problems.append(f"{smap.where(('allocation', llm))}: allocation.{llm}: {total:,} replicas in all; "
+                            f"{limits.REPLICAS.hint()}")
+    return problems
 
 
 def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[str, ModelSpec],
@@ -136,14 +238,19 @@ def check_plan(plan: Plan, smap: SourceMap, wf: Workflow | None, models: dict[st
             if llm not in wf.llms:
                 problems.append(f"{smap.where(('allocation', llm), key=True)}: allocation.{llm}: workflow {wf.name!r} has no LLM "
                                 f"{llm!r}; {suggest(llm, wf.llms)}")
-        for llm, alloc in plan.allocation.items():
+        for llm, entry in plan.allocation.items():
             if llm not in wf.llms:
                 continue
             model = resolve_model(wf, llm, models)
-            try:
-                check_fit(engine_config(alloc, model, gpus[plan.gpus.type]), label=f"LLM {llm!r} ({model.hf_id}) on {plan.gpus.type}")
-            except (InfeasibleError, ValueError) as exc:
-                problems.append(f"{smap.where(('allocation', llm))}: allocation.{llm}: {exc}")
+            gs = groups_of(entry)
+            for i, alloc in enumerate(gs):
+                loc, name = (("allocation", llm), f"allocation.{llm}") if isinstance(entry, LLMAlloc) \
+                    else (("allocation", llm, i), f"allocation.{llm}[{i}]")
+                try:
+                    check_fit(engine_config(alloc, model, gpus[plan.gpus.type]), label=f"LLM {llm!r} ({model.hf_id}) on {plan.gpus.type}")
+                except (InfeasibleError, ValueError) as exc:
+                    problems.append(f"{smap.where(loc)}: {name}: {exc}")
+    problems += _group_problems(plan, smap)
     problems += check_placement(plan, None, smap)
     need = gpus_needed(plan.allocation)
     if need > plan.gpus.count:
