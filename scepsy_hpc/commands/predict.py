@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from scepsy_hpc.planning.inputs import load_workload
     from scepsy_hpc.predict.alp import predict
     from scepsy_hpc.spec.catalog import load_gpus, load_models
-    from scepsy_hpc.spec.plan import load_plan
+    from scepsy_hpc.spec.plan import load_plan, replicas_of
     from scepsy_hpc.spec.workflow import load_workflow
     from scepsy_hpc.trace.stats import aggregate
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     profiles = source.for_allocation(plan.allocation, plan.gpus.type)
     graphs = graphs_for(work, profiles)
     stats = aggregate(graphs, wf.name)
-    replicas = {m: a.replicas for m, a in plan.allocation.items()}
+    replicas = {m: replicas_of(a) for m, a in plan.allocation.items()}
     pred = predict(args.predictor, graphs, profiles, replicas, args.rate, stats)
     prov = {m: {"source": p.source, "engine": p.engine, "gpu": p.gpu, "tp": p.tp, "gpu_frac": p.gpu_frac,
                 "capacity_rps": p.capacity_rps} for m, p in profiles.items()}

@@ -65,7 +65,8 @@ def print_sim(res: Any, plan: Any) -> None:
     for llm, s in res.per_llm.items():
         # vLLM's prefix_cache_hits / queries, in tokens ("-": no call of this LLM shares a prefix)
         hits = f"{s.prefix_hit_rate:.0%}" if s.prefix_cache_queries else "-"
-        table.add_row(llm, str(s.tp), f"{s.gpu_frac:g}", str(s.replicas), f"{s.calls_per_request:.1f}",
+        tp, frac = (str(s.tp), f"{s.gpu_frac:g}") if not s.groups else (s.groups, "mixed")
+        table.add_row(llm, tp, frac, str(s.replicas), f"{s.calls_per_request:.1f}",
                       f"{s.latency_mean_s:.2f}", f"{s.ttft_mean_s:.3f}", f"{s.queue_mean_s:.3f}", f"{s.utilisation:.0%}",
                       hits)
     console.print(table)

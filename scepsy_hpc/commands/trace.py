@@ -179,7 +179,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from scepsy_hpc.spec.records import write_atomic
     from scepsy_hpc.errors import SpecError
     from scepsy_hpc.spec.catalog import load_gpus, load_models
-    from scepsy_hpc.spec.plan import load_plan
+    from scepsy_hpc.spec.plan import load_plan, replica_groups
     from scepsy_hpc.spec.workflow import load_workflow
 
     models, gpus = load_models(args.models), load_gpus(args.gpu_catalog)
@@ -197,11 +197,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
             raise SpecError(f"--gpu {gpu_name}: unknown GPU type; known: {', '.join(gpus)}")
         allocation = default_allocation(wf, models, gpus[gpu_name], gpu_name)
     specs, owners = [], []
-    for llm, a in allocation.items():
+    for llm, entry in allocation.items():
         ref = wf.llms[llm].model
         if not isinstance(ref, str):
             raise SpecError(f"{wf_path}: LLM {llm!r} has an inline model; local engines need a model of the catalog by name")
-        for _ in range(a.replicas):
+        for a in replica_groups(entry):
             specs.append(SimEngineSpec(model=ref, gpu=gpu_name, tp=a.tp, gpu_frac=a.gpu_frac, served_model_name=llm,
                                        tool_call_rate=wf.llms[llm].tool_call_rate,
                                        prefix_caching=wf.llms[llm].prefix_caching,

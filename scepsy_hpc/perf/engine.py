@@ -29,6 +29,7 @@ cache at all.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
@@ -266,24 +267,34 @@ class EnginePool:
     full; when every replica is full the call waits in one FIFO they share and goes to the first
     replica that frees a slot, so c replicas behave as one c-server station, not c queues.
 
+    Unlike replicas (a mixed group) carry `weights` (calls/s each carries at capacity): a call goes to
+    the replica with a free slot whose (outstanding + 1) / weight is least, so under load each holds
+    calls in proportion to its weight; with equal weights this is the rule above.
+
     Prefix affinity (`prefix_affinity`, the gateway's rule): a call with cache blocks goes to the replica
     whose cache holds the longest leading run of them (among equals the least busy), if that replica's
-    outstanding calls are at most the least outstanding + `affinity_slack`; otherwise, or when no
-    replica holds any, as above."""
+    outstanding calls are at most the least outstanding + `affinity_slack` (with weights: its normalised
+    load within `affinity_slack` calls of the least loaded replica's); otherwise, or when no replica
+    holds any, as above."""
 
-    def __init__(self, replicas: list[SimEngine], *, prefix_affinity: bool = True, affinity_slack: int = 1) -> None:
+    def __init__(self, replicas: list[SimEngine], *, prefix_affinity: bool = True, affinity_slack: int = 1,
+                 weights: Sequence[float] | None = None) -> None:
         self.replicas = replicas
         self.prefix_affinity = prefix_affinity
         self.affinity_slack = affinity_slack
+        if weights is not None and (len(weights) != len(replicas) or not all(w > 0 for w in weights)):
+            raise ValueError(f"weights {list(weights)} must be one positive number per replica ({len(replicas)})")
+        # equal weights route exactly as none (the unweighted rule, bit for bit)
+        self.weights = list(weights) if weights is not None and len(set(weights)) > 1 else None
         self._rr = 0
         backlog: deque[Seq] = deque()
         for engine in replicas:
             engine.backlog = backlog
 
     def fits(self, prompt: int, output: int) -> bool:
-        """Whether a call fits its engines uncut (a cut call shares nothing: its cache blocks need no names)."""
-        e = self.replicas[0]
-        return prompt + output <= min(e.kv_cap, e.perf.cfg.model.max_model_len)
+        """Whether a call fits its engines uncut (a cut call shares nothing: its cache blocks need no names).
+        With unlike replicas: every one of them."""
+        return all(prompt + output <= min(e.kv_cap, e.perf.cfg.model.max_model_len) for e in self.replicas)
 
     def _route(self) -> int:
         """Least outstanding calls; ties go round-robin, as the gateway breaks them (always taking the
@@ -292,12 +303,34 @@ class EnginePool:
         n = len(replicas)
         if n == 1:
             return 0
+        if self.weights is not None:
+            return self._route_weighted()
         start = self._rr
         best, best_k = 0, 1 << 60
         for j in range(n):
             i = (start + j) % n
             if replicas[i].outstanding < best_k:
                 best, best_k = i, replicas[i].outstanding
+        self._rr = (best + 1) % n
+        return best
+
+    def _load(self, i: int) -> float:
+        """Replica i's normalised load if it took one more call."""
+        return (self.replicas[i].outstanding + 1) / self.weights[i]  # type: ignore[index]
+
+    def _route_weighted(self) -> int:
+        """Least normalised load among replicas with a free slot (ties round-robin); when all are full,
+        the least normalised load (the call then waits in the shared FIFO)."""
+        replicas = self.replicas
+        n = len(replicas)
+        start = self._rr
+        best, best_k, best_full = 0, math.inf, True
+        for j in range(n):
+            i = (start + j) % n
+            full = replicas[i].outstanding >= replicas[i].max_seqs
+            k = self._load(i)
+            if (best_full and not full) or (full == best_full and k < best_k):
+                best, best_k, best_full = i, k, full
         self._rr = (best + 1) % n
         return best
 
@@ -311,6 +344,8 @@ class EnginePool:
         top = max(hits)
         if top == 0:
             return self._route()
+        if self.weights is not None:
+            return self._route_prefix_weighted(hits, top)
         least = min(e.outstanding for e in replicas)
         start = self._rr
         best, best_k = -1, 1 << 60
@@ -319,6 +354,22 @@ class EnginePool:
             if hits[i] == top and replicas[i].outstanding < best_k:
                 best, best_k = i, replicas[i].outstanding
         if best_k > least + self.affinity_slack:
+            return self._route()
+        self._rr = (best + 1) % n
+        return best
+
+    def _route_prefix_weighted(self, hits: list[int], top: int) -> int:
+        """Prefix affinity among unlike replicas: the holder of the longest run with the least normalised
+        load, if that is within `affinity_slack` calls (of the least loaded replica) of the least."""
+        n = len(self.replicas)
+        least = min(range(n), key=self._load)
+        start = self._rr
+        best, best_k = -1, math.inf
+        for j in range(n):
+            i = (start + j) % n
+            if hits[i] == top and self._load(i) < best_k:
+                best, best_k = i, self._load(i)
+        if best_k > self._load(least) + self.affinity_slack / self.weights[least]:  # type: ignore[index]
             return self._route()
         self._rr = (best + 1) % n
         return best

@@ -18,11 +18,12 @@ from scepsy_hpc.profile.synthetic import synthetic_profile
 from scepsy_hpc.profile.table import ProfileTable, load_profiles
 from scepsy_hpc.workload.sampler import RequestSampler, iter_calls
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
-from scepsy_hpc.spec.plan import LLMAlloc
+from scepsy_hpc.spec.plan import Entry, LLMAlloc, groups_of
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
-from scepsy_hpc.perf.fit import engine_config
+from scepsy_hpc.perf.fit import engine_config, group_weights
 from scepsy_hpc.perf.model import EnginePerf
 from scepsy_hpc.perf.prefix import BLOCK_TOKENS, max_hit_tokens
+from scepsy_hpc.predict.pool import pool_profile
 from scepsy_hpc.trace.graph import CALL, Node, RequestGraph, from_sample
 from scepsy_hpc.trace.stats import call_patterns
 
@@ -152,21 +153,34 @@ class ProfileSource:
             self._cache[ck] = t
         return t
 
-    def patterns(self, allocation: Mapping[str, LLMAlloc], gpu_name: str) -> dict[str, list[Any]]:
+    def patterns(self, allocation: Mapping[str, Entry], gpu_name: str) -> dict[str, list[Any]]:
         """Per LLM, each request's calls at their offsets: traced times, or the program run unloaded."""
         if self.graphs is not None:
             return call_patterns(self.graphs)
         if self.seqs is None:
             return {}
-        perf = {m: EnginePerf(engine_config(allocation[m], resolve_model(self.wf, m, self.models), self.gpus[gpu_name]))
+        # a mixed group's calls are timed on its first configuration: patterns only place calls in time
+        perf = {m: EnginePerf(engine_config(groups_of(allocation[m])[0], resolve_model(self.wf, m, self.models),
+                                            self.gpus[gpu_name]))
                 for m in self.wf.llms if m in allocation}
         graphs = [from_sample(f"s-{i:06d}", seq, lambda c: perf[c.llm].request_latency(c.prompt_tokens, c.output_tokens))
                   for i, seq in enumerate(self.seqs)]
         return call_patterns(graphs)
 
-    def for_allocation(self, allocation: Mapping[str, LLMAlloc], gpu_name: str) -> dict[str, ProfileTable]:
-        """A profile per LLM of the workflow that the allocation serves."""
+    def for_allocation(self, allocation: Mapping[str, Entry], gpu_name: str) -> dict[str, ProfileTable]:
+        """A profile per LLM of the workflow that the allocation serves; a mixed group's is the equivalent
+        replica of its pool (`predict.pool`), to be used with all its replicas."""
         pats = self.patterns(allocation, gpu_name) if self.profiles_dir is None and self.shaped else {}
-        key = (tuple(sorted((m, a.tp, a.gpu_frac, a.replicas) for m, a in allocation.items())), gpu_name) if pats else None
-        return {m: self.get(m, allocation[m], gpu_name, pats.get(m), key)
-                for m in self.wf.llms if m in allocation and m in self.mix}
+        key = (tuple(sorted((m, g.tp, g.gpu_frac, g.replicas) for m, e in allocation.items() for g in groups_of(e))),
+               gpu_name) if pats else None
+        out = {}
+        for m in self.wf.llms:
+            if m not in allocation or m not in self.mix:
+                continue
+            gs = groups_of(allocation[m])
+            if len(gs) == 1:
+                out[m] = self.get(m, gs[0], gpu_name, pats.get(m), key)
+            else:
+                weights = group_weights(allocation[m], resolve_model(self.wf, m, self.models), self.gpus[gpu_name])
+                out[m] = pool_profile([(self.get(m, g, gpu_name, pats.get(m), key), g.replicas) for g in gs], weights)
+        return out

@@ -32,10 +32,10 @@ from typing import Any, Mapping, Sequence
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.perf.engine import CallRecord, EnginePool, Seq, SimEngine
 from scepsy_hpc.perf.events import PRIO_ARRIVAL, PRIO_ENGINE, PRIO_TOOL, EventLoop
-from scepsy_hpc.perf.fit import check_fit, engine_config
+from scepsy_hpc.perf.fit import check_fit, engine_config, replica_weights
 from scepsy_hpc.perf.prefix import segment_blocks
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
-from scepsy_hpc.spec.plan import LLMAlloc
+from scepsy_hpc.spec.plan import Entry, groups_of
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
 from scepsy_hpc.workload.arrivals import poisson_arrivals
 from scepsy_hpc.workload.sampler import Call, RequestSampler, Tool
@@ -72,6 +72,7 @@ class LLMStats:
     prefix_hit_rate: float = 0.0  # hits / queries
     prefix_cache_evictions: int = 0  # cached blocks evicted for room
     prefill_tokens: int = 0  # prompt tokens prefilled (computed): queries − hits
+    groups: str = ""  # a mixed group's configurations, e.g. "2×tp=4 + 3×gpu_frac=0.5" ("" for one configuration)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class _Sim:
 
 def simulate(
     wf: Workflow,
-    allocation: Mapping[str, LLMAlloc],
+    allocation: Mapping[str, Entry],
     gpu: GPUSpec,
     models: Mapping[str, ModelSpec],
     *,
@@ -227,11 +228,18 @@ def simulate(
         raise InfeasibleError(f"the plan allocates nothing to LLM(s) {', '.join(missing)} of workflow {wf.name!r}; add them under allocation:")
     loop = EventLoop()
     engines: dict[str, list[SimEngine]] = {}
+    pools: dict[str, EnginePool] = {}
     for llm in wf.llms:
-        alloc = allocation[llm]
-        perf = check_fit(engine_config(alloc, resolve_model(wf, llm, models), gpu), label=f"LLM {llm!r}")
-        engines[llm] = [SimEngine(loop, perf, f"{llm}/{r}", PRIO_ENGINE) for r in range(alloc.replicas)]
-    sim = _Sim({llm: EnginePool(reps, prefix_affinity=prefix_affinity) for llm, reps in engines.items()}, record_calls)
+        model = resolve_model(wf, llm, models)
+        reps: list[SimEngine] = []
+        for alloc in groups_of(allocation[llm]):
+            perf = check_fit(engine_config(alloc, model, gpu), label=f"LLM {llm!r}")
+            reps += [SimEngine(loop, perf, f"{llm}/{len(reps) + r}", PRIO_ENGINE) for r in range(alloc.replicas)]
+        engines[llm] = reps
+        # unlike replicas of a mixed group share calls by capacity weight; like ones evenly (weights None)
+        weights = replica_weights(allocation[llm], model, gpu) if len(groups_of(allocation[llm])) > 1 else None
+        pools[llm] = EnginePool(reps, prefix_affinity=prefix_affinity, weights=weights)
+    sim = _Sim(pools, record_calls)
     sampler = RequestSampler(wf)
     program_rng = random.Random(f"{seed}/programs")
     roots: list[_Root] = []
@@ -268,7 +276,7 @@ def _departure_rate(done: list[_Root]) -> float:
 
 
 def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list[SimEngine]],
-            allocation: Mapping[str, LLMAlloc], rate: float, seed: int, warmup_frac: float,
+            allocation: Mapping[str, Entry], rate: float, seed: int, warmup_frac: float,
             wall: float, events: int) -> SimResult:
     done = [r for r in roots if r.t_end >= 0]
     skip = int(len(roots) * warmup_frac)
@@ -292,7 +300,8 @@ def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list
         calls, s_lat, s_ttft, s_queue, cut = sim.stats[llm]
         calls = int(calls)
         util = sum(e.busy_s + (sim.loop.now - e._busy_since if e.mode != 0 else 0.0) for e in reps) / (len(reps) * span) if span > 0 else 0.0
-        a = allocation[llm]
+        gs = groups_of(allocation[llm])
+        a = gs[0]
         queries = sum(e.prompt_tokens for e in reps)
         hits = sum(e.cached_tokens for e in reps)
         per_llm[llm] = LLMStats(
@@ -302,8 +311,9 @@ def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list
             ttft_mean_s=s_ttft / calls if calls else math.nan,
             queue_mean_s=s_queue / calls if calls else math.nan,
             utilisation=util,
-            replicas=a.replicas, tp=a.tp, gpu_frac=a.gpu_frac,
+            replicas=len(reps), tp=a.tp, gpu_frac=a.gpu_frac,
             kv_capacity_tokens=reps[0].kv_cap,
+            groups=" + ".join(f"{g.replicas}×{g.describe()}" for g in gs) if len(gs) > 1 else "",
             truncated_calls=int(cut),
             prefix_cache_queries=queries,
             prefix_cache_hits=hits,

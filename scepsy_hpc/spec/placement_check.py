@@ -71,7 +71,8 @@ def check_placement(plan: Any, cluster: ClusterSpec | None, smap: SourceMap) -> 
         a = per_replica[rep]
         if len(gpus) != a.tp:
             problems.append(f"{where}: placement[{k}].gpus: {gpus!r} must list {a.tp} GPU index(es) for tp={a.tp}"
-                            + ("" if len(per_replica) == a.replicas else f" (replica {rep} of {llm!r}'s mixed group)"))
+                            + ("" if len(per_replica) == a.replicas else f" (replica {rep} of {llm!r} is a {a.describe()} instance "
+                                                                  f"of its mixed group)"))
             continue
         mine = _entry_problems(k, entry, a, where, nodes)
         problems += mine
