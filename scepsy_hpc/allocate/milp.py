@@ -58,7 +58,7 @@ are single instances (r = 1, κ_mc = μ_c) and x_mc ∈ ℤ≥0 counts them:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from scepsy_hpc.errors import InfeasibleError, SolverError
@@ -68,7 +68,11 @@ from scepsy_hpc.spec.fractions import LARGE_SHARE, SLOTS, quarter, quarter_gpus
 
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration c of one LLM m and its latency cost ℓ_mc."""
+    """One configuration c of one LLM m and its latency cost ℓ_mc.
+
+    A mixed candidate (a mixed group) adds replicas of other configurations in `more` (each a
+    Candidate of one configuration, cost 0); `tp`, `gpu_frac`, `replicas` are then its first group's,
+    `capacity_rps` the whole group's, and every count the MILP uses sums over the groups."""
 
     gpu: str
     tp: int
@@ -76,21 +80,52 @@ class Candidate:
     replicas: int
     cost_s: float
     capacity_rps: float = 0.0   # κ_mc: calls/s all replicas complete
+    more: tuple["Candidate", ...] = ()
+
+    @property
+    def groups(self) -> tuple["Candidate", ...]:
+        """Its configurations, each with its replicas (one for a plain candidate)."""
+        if not self.more:
+            return (self,)
+        return (replace(self, more=(), capacity_rps=0.0, cost_s=0.0), *self.more)
 
     @property
     def whole_gpus(self) -> int:
         """w_mc: whole GPUs this configuration takes."""
-        return self.tp * self.replicas if self.gpu_frac >= 1.0 else 0
+        own = self.tp * self.replicas if self.gpu_frac >= 1.0 else 0
+        return own + sum(g.whole_gpus for g in self.more)
 
     @property
     def quarter(self) -> int:
-        """k when this is r instances of size k/4 < 1, else 0."""
+        """k when this is r instances of size k/4 < 1, else 0 (a mixed candidate: its first group's)."""
         return quarter(self.gpu_frac)
+
+    @property
+    def kind(self) -> tuple[int, ...]:
+        """The instance sizes it packs: the quarter sizes (0: whole GPUs) of its groups, sorted."""
+        return tuple(sorted({g.quarter for g in self.groups}))
+
+    def quarter_units(self) -> int:
+        """Σ over its fractional instances of k (quarters of a GPU): the left side of constraint (3)."""
+        return sum(g.quarter * g.replicas for g in self.groups if g.quarter)
+
+    def large_units(self) -> float:
+        """Σ over its 3/4 and 1/2 instances of 1 and 1/2: the left side of constraint (4)."""
+        return sum(LARGE_SHARE[g.quarter] * g.replicas for g in self.groups if g.quarter in LARGE_SHARE)
+
+    def tp_groups(self, t: int) -> int:
+        """Disjoint groups of t GPUs its whole instances of tp ≥ t take (constraint (6))."""
+        return sum((g.tp // t) * g.replicas for g in self.groups if g.gpu_frac >= 1.0 and g.tp >= t)
+
+    @property
+    def total_replicas(self) -> int:
+        """Replicas of all its groups."""
+        return sum(g.replicas for g in self.groups)
 
     @property
     def gpus(self) -> float:
         """GPU share in all: tp·r·f."""
-        return self.tp * self.replicas * self.gpu_frac
+        return self.tp * self.replicas * self.gpu_frac + sum(g.gpus for g in self.more)
 
 
 @dataclass(frozen=True)
@@ -138,12 +173,11 @@ def _model(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, i
     for j, g in enumerate(types):
         on_g = [(m, i, c) for m, cs in candidates.items() for i, c in enumerate(cs) if c.gpu == g]
         prob += pulp.lpSum(c.whole_gpus * x[m, i] for m, i, c in on_g) + s[g] <= budget.get(g, 0), f"c2_gpus_{j}"
-        prob += SLOTS * s[g] >= pulp.lpSum(c.quarter * c.replicas * x[m, i] for m, i, c in on_g if c.quarter), f"c3_quarters_{j}"
-        prob += s[g] >= pulp.lpSum(LARGE_SHARE[c.quarter] * c.replicas * x[m, i]
-                                   for m, i, c in on_g if c.quarter in LARGE_SHARE), f"c4_pairs_{j}"
+        prob += SLOTS * s[g] >= pulp.lpSum(c.quarter_units() * x[m, i] for m, i, c in on_g if c.quarter_units()), \
+            f"c3_quarters_{j}"
+        prob += s[g] >= pulp.lpSum(c.large_units() * x[m, i] for m, i, c in on_g if c.large_units()), f"c4_pairs_{j}"
     for t, cap in sorted((domain_caps or {}).items()):
-        groups = [((c.tp // t) * c.replicas, m, i) for m, cs in candidates.items() for i, c in enumerate(cs)
-                  if c.gpu_frac >= 1.0 and c.tp >= t]
+        groups = [(c.tp_groups(t), m, i) for m, cs in candidates.items() for i, c in enumerate(cs) if c.tp_groups(t)]
         if groups:
             prob += pulp.lpSum(k * x[m, i] for k, m, i in groups) <= cap, f"c6_domains_{t}"
     return prob, x, s
@@ -264,16 +298,61 @@ def instance_bound(instances: Mapping[str, Sequence[Candidate]], budget: Mapping
     return theta, counts
 
 
-def choice_key(choice: Mapping[str, Candidate]) -> tuple[tuple[str, int, float, int], ...]:
-    """An allocation's identity: (LLM, tp, fraction, replicas) per LLM, sorted."""
-    return tuple(sorted((m, c.tp, c.gpu_frac, c.replicas) for m, c in choice.items()))
+def mixed_candidate(counts: Mapping[Candidate, int], cost_s: float = 0.0) -> Candidate:
+    """One candidate of `counts` single instances per configuration (a mixed group when they differ):
+    its first group is the configuration with the most capacity, `capacity_rps` the group's total."""
+    parts = sorted(((c, k) for c, k in counts.items() if k > 0), key=lambda ck: (-ck[0].capacity_rps * ck[1], ck[0].gpus))
+    if not parts:
+        raise ValueError("a candidate needs at least one instance")
+    groups = [replace(c, replicas=k, cost_s=0.0, capacity_rps=c.capacity_rps * k, more=()) for c, k in parts]
+    total = sum(g.capacity_rps for g in groups)
+    return replace(groups[0], cost_s=cost_s, capacity_rps=total, more=tuple(groups[1:]))
+
+
+def solve_counts(instances: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
+                 calls_per_unit: Mapping[str, float], theta: float, *, time_limit_s: float = 30.0, gap: float = 1e-6,
+                 domain_caps: Mapping[int, int] | None = None) -> tuple[dict[str, Candidate], MILPResult]:
+    """The instance counts per configuration that carry rate scale `theta` (constraint (5) at θ fixed)
+    at the least Σ x_mc·ℓ_mc, ℓ_mc each single instance's `cost_s`; replicas of different
+    configurations of one LLM allowed (constraints (1'), (2)–(6)). Returns each LLM's mixed
+    candidate (`mixed_candidate`) and the solve."""
+    import pulp
+
+    if any(c.replicas != 1 or c.more for cs in instances.values() for c in cs):
+        raise ValueError("solve_counts takes single instances (replicas = 1)")
+    _check_nonempty(instances)
+    t0 = time.perf_counter()
+    prob, x, s = _model(instances, budget, pulp.LpMinimize, domain_caps, counts=True)
+    for k, (m, cs) in enumerate(instances.items()):
+        need = calls_per_unit.get(m, 0.0) * theta
+        if need > 0:
+            prob += pulp.lpSum(c.capacity_rps * x[m, i] for i, c in enumerate(cs)) >= need, f"c5_carry_{k}"
+    prob += pulp.lpSum(c.cost_s * x[m, i] for m, cs in instances.items() for i, c in enumerate(cs))
+    status, _ = _run(prob, time_limit_s, gap, False)
+    elapsed = time.perf_counter() - t0
+    _check_status(status, instances, budget, elapsed, time_limit_s)
+    choice = {}
+    for m, cs in instances.items():
+        counts = {c: int(round(x[m, i].value() or 0.0)) for i, c in enumerate(cs)}
+        cost = sum(c.cost_s * k for c, k in counts.items())
+        choice[m] = mixed_candidate(counts, cost)
+    shared = {g: int(round(v.value() or 0.0)) for g, v in s.items()}
+    res = MILPResult(choice, shared, float(pulp.value(prob.objective) or 0.0), status, elapsed, len(x) + len(s),
+                     time_limit_hit=status == "feasible")
+    return choice, res
+
+
+def choice_key(choice: Mapping[str, Candidate]) -> tuple[tuple[Any, ...], ...]:
+    """An allocation's identity: (LLM, tp, fraction, replicas) per LLM and group, sorted."""
+    return tuple(sorted((m, *((g.tp, g.gpu_frac, g.replicas) for g in c.groups)) for m, c in choice.items()))
 
 
 def shared_gpus_needed(choice: Mapping[str, Candidate]) -> dict[str, int]:
     """The fewest GPUs per type that pack the chosen fractional instances (constraints (3), (4))."""
     n: dict[str, list[int]] = {}
     for c in choice.values():
-        if c.quarter:
-            k = n.setdefault(c.gpu, [0, 0, 0, 0])
-            k[c.quarter] += c.replicas
+        for g in c.groups:
+            if g.quarter:
+                k = n.setdefault(g.gpu, [0, 0, 0, 0])
+                k[g.quarter] += g.replicas
     return {g: quarter_gpus(n1, n2, n3) for g, (_, n1, n2, n3) in n.items()}

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from scepsy_hpc.allocate import candidates as cand
-from scepsy_hpc.allocate.milp import Candidate, MILPResult, choice_key, shared_gpus_needed, solve, solve_max_rate
+from scepsy_hpc.allocate.milp import (Candidate, MILPResult, choice_key, instance_bound, shared_gpus_needed, solve,
+                                      solve_counts, solve_max_rate)
 from scepsy_hpc.errors import InfeasibleError, SpecError
-from scepsy_hpc.predict.alp import Prediction, predict_cp, predict_paper
+from scepsy_hpc.predict.alp import Prediction, pooled_point, predict_cp, predict_paper
 from scepsy_hpc.predict.inputs import ProfileSource, program_graphs
+from scepsy_hpc.predict.pool import pool_profile
 from scepsy_hpc.profile.table import ProfileTable
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
@@ -104,7 +106,7 @@ class Planner:
                  max_util: float = 0.9, throughput_tol: float = 0.03, profiles_dir: str | None = None,
                  seed: int = 0, n_calls: int = 2000,
                  time_limit_s: float = 30.0, gap: float = 1e-6, eps: float = 1e-3,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, mixed_groups: bool = True) -> None:
         if gpu_name not in gpus:
             raise SpecError(f"unknown GPU type {gpu_name!r}; the catalog has {', '.join(sorted(gpus))}")
         if n_gpus < 1:
@@ -118,6 +120,7 @@ class Planner:
         self.models, self.gpus, self.gpu_name, self.n_gpus = models, gpus, gpu_name, n_gpus
         self.max_tp, self.fractions, self.max_util = max_tp, tuple(fractions), max_util
         self.throughput_tol = throughput_tol
+        self.mixed_groups = mixed_groups   # max-throughput may serve an LLM by unlike replicas (policies)
         self.time_limit_s, self.gap, self.eps = time_limit_s, gap, eps
         # K_t of MILP constraint (6): tp-t groups the NVLink domains hold; set from a topology
         self.domain_caps: dict[int, int] = {}
@@ -192,6 +195,19 @@ class Planner:
         src, llm = self._sources[dep]
         return src.get(llm, LLMAlloc(tp=tp, gpu_frac=frac), self.gpu_name)
 
+    def profile_of(self, dep: str, c: Candidate) -> ProfileTable:
+        """The profile `evaluate` prices candidate `c` of `dep` with: its configuration's, or for a mixed group
+        the equivalent replica of its pool (predict.pool), routed by the configurations' profile capacities
+        (what the plan writes as `capacity_rps`, so the gateway routes by the same weights)."""
+        if not c.more:
+            return self.profile(dep, c.tp, c.gpu_frac)
+        key = (dep, tuple((g.tp, g.gpu_frac, g.replicas) for g in c.groups))
+        pools = self.__dict__.setdefault("_pools", {})
+        if key not in pools:
+            tables = [self.profile(dep, g.tp, g.gpu_frac) for g in c.groups]
+            pools[key] = pool_profile([(t, g.replicas) for t, g in zip(tables, c.groups)], [t.capacity_rps for t in tables])
+        return pools[key]
+
     def _configs(self, d: Deployment) -> list[cand.Config]:
         gpu = self.gpus[self.gpu_name]
         pairs = cand.fitting_configs(d.model, gpu, self.max_tp, self.fractions)
@@ -252,8 +268,8 @@ class Planner:
                     continue
                 dname = self.dep_of[i, llm]
                 c = choice[dname]
-                profiles[llm] = self.profile(dname, c.tp, c.gpu_frac)
-                replicas[llm] = c.replicas
+                profiles[llm] = self.profile_of(dname, c)
+                replicas[llm] = c.total_replicas
                 extra[llm] = sum(theta * self.demands[j].weight_rps * self._n(j, m)
                                  for j, m in self.deployments[dname].members if j != i)
             assert dm.stats is not None
@@ -279,8 +295,7 @@ class Planner:
         """`choice` packs onto the GPUs (MILP constraints (3), (4)) within the NVLink domain caps (6)."""
         if used_gpus(choice) > self.n_gpus:
             return False
-        return all(sum((c.tp // t) * c.replicas for c in choice.values() if c.gpu_frac >= 1.0 and c.tp >= t) <= cap
-                   for t, cap in self.domain_caps.items())
+        return all(sum(c.tp_groups(t) for c in choice.values()) <= cap for t, cap in self.domain_caps.items())
 
     def outcome(self, choice: dict[str, Candidate], theta: float, status: str, **kw: Any) -> Outcome:
         """An Outcome for `choice` at scale θ; `status` becomes "under-capacity" if it cannot carry θ."""
@@ -359,6 +374,51 @@ class Planner:
         theta, res = solve_max_rate(cands, {self.gpu_name: self.n_gpus}, {n: d.calls for n, d in self.deployments.items()},
                                     time_limit_s=self.time_limit_s, gap=self.gap, domain_caps=self.domain_caps)
         return theta, res
+
+    def instances(self) -> dict[str, list[Candidate]]:
+        """Per deployment with load, its configurations as single instances (capacity μ, no cost)."""
+        return {n: [Candidate(self.gpu_name, c.tp, c.gpu_frac, 1, 0.0, c.profile.capacity_rps)
+                    for c in d.configs if c.profile is not None and c.profile.capacity_rps > 0]
+                for n, d in self.deployments.items() if d.calls > 0}
+
+    def instance_scale(self) -> tuple[float, dict[str, dict[Candidate, int]]]:
+        """The largest rate scale θ any set of whole instances carries, configurations of one LLM mixed
+        (milp.instance_bound: exact over every allocation the plan format expresses), and its counts."""
+        return instance_bound(self.instances(), {self.gpu_name: self.n_gpus},
+                              {n: d.calls for n, d in self.deployments.items() if d.calls > 0},
+                              time_limit_s=self.time_limit_s, domain_caps=self.domain_caps)
+
+    def milp_mixed(self, theta: float) -> Outcome:
+        """The mixed groups that carry scale θ (every LLM at ≤ `max_util` of its pool's capacity) at the least
+        capacity-weighted critical-path cost: an instance of configuration c costs μ_c·ℓ_c / (n·θ), ℓ_c the
+        critical-path seconds per request of the LLM's calls served by c at `max_util` of its capacity and
+        n·θ the calls/s it must carry, so Σ_c x_c·μ_c·ℓ_c / (n·θ) is the LLM's critical path when calls
+        share the pool by capacity (milp.solve_counts). The allocation is then priced by alp-cp."""
+        weights = self._weights({i: None for i in range(len(self.demands))})
+        insts = {}
+        for name, cs in self.instances().items():
+            d = self.deployments[name]
+            cost = cand.weights_cost(weights[name])
+            priced = []
+            for c in cs:
+                table = self.profile(name, c.tp, c.gpu_frac)
+                p = pooled_point(table, self.max_util * table.capacity_rps, 1)
+                ell = cost(p, 1, table.arrivals == "requests") if p is not None else math.inf
+                priced.append(replace(c, cost_s=c.capacity_rps * ell / (d.calls * theta)) if math.isfinite(ell) else c)
+            insts[name] = priced
+        calls = {n: d.calls / self.max_util for n, d in self.deployments.items() if d.calls > 0}
+        choice, res = solve_counts(insts, {self.gpu_name: self.n_gpus}, calls, theta, time_limit_s=self.time_limit_s,
+                                   gap=self.gap, domain_caps=self.domain_caps)
+        for name, d in self.deployments.items():
+            if d.calls <= 0:
+                c0 = d.configs[0]
+                choice[name] = Candidate(self.gpu_name, c0.tp, c0.gpu_frac, 1, 0.0, 0.0)
+        out = self.outcome(choice, theta, res.status, solve_time_s=res.solve_time_s, iterations=1,
+                           candidates=sum(len(v) for v in insts.values()))
+        if res.time_limit_hit:
+            out = out.noted(f"HiGHS stopped at its time limit ({self.time_limit_s:g} s) with a feasible, "
+                            f"not proven optimal, allocation")
+        return out
 
     def infeasible(self, theta: float) -> InfeasibleError:
         """What is missing for scale θ: GPUs needed, GPUs given, the rate that fits."""

@@ -255,8 +255,9 @@ def max_throughput(p: Planner, policy: str, rel_tol: float = 0.01) -> Outcome:
         out = p.milp_latency(top * (1 - p.throughput_tol) * p.max_util * (1 - 1e-9))
         out = replace(out, solve_time_s=out.solve_time_s + res.solve_time_s)
         tol = f", the lowest-latency allocation within {p.throughput_tol:.0%} of that capacity," if p.throughput_tol > 0 else ""
-        return out.noted(f"the GPUs carry at most {top:.4g}× the target rates at full utilisation (max-rate MILP, "
-                         f"{res.status}); planned{tol} at {p.max_util:.0%} of it")
+        out = out.noted(f"the GPUs carry at most {top:.4g}× the target rates at full utilisation (max-rate MILP, "
+                        f"{res.status}); planned{tol} at {p.max_util:.0%} of it")
+        return _mixed_if_more(p, out, top)
     if policy == "equal":  # load-blind: the allocation is fixed; operate at max_util of its capacity
         o = equal(p, 1.0)
         th = p.throughput_scale(o.predictions) * p.max_util
@@ -280,6 +281,35 @@ def max_throughput(p: Planner, policy: str, rel_tol: float = 0.01) -> Outcome:
     if best is None:
         raise InfeasibleError(f"{policy}: no rate could be carried on {p.n_gpus} {p.gpu_name}")
     return replace(best, solve_time_s=time.perf_counter() - t0)
+
+
+def _mixed_if_more(p: Planner, single: Outcome, top: float) -> Outcome:
+    """Mixed groups when they carry more: the instance bound (configurations of one LLM mixed) is solved
+    too; when it exceeds the one-configuration optimum `top` by more than `throughput_tol`, the mixed
+    groups planned at that bound (Planner.milp_mixed) replace `single` if alp-cp agrees they carry more."""
+    if not p.mixed_groups:
+        return single
+    t0 = time.perf_counter()
+    try:
+        inst, _ = p.instance_scale()
+    except InfeasibleError:
+        return single
+    if not inst > top * (1 + p.throughput_tol):
+        return single.noted(f"mixed groups would carry at most {inst:.4g}× (the instance bound): within "
+                            f"{p.throughput_tol:.0%}, so one configuration per LLM")
+    try:
+        mixed = p.milp_mixed(inst * (1 - p.throughput_tol) * p.max_util * (1 - 1e-9))
+    except InfeasibleError:
+        return single
+    spent = time.perf_counter() - t0
+    th_single, th_mixed = p.throughput_scale(single.predictions), p.throughput_scale(mixed.predictions)
+    if mixed.status == "under-capacity" or not th_mixed > th_single * (1 + p.throughput_tol):
+        return replace(single, solve_time_s=single.solve_time_s + spent).noted(
+            f"mixed groups (instance bound {inst:.4g}×) were predicted to carry {th_mixed:.4g}× against "
+            f"{th_single:.4g}×: one configuration per LLM kept")
+    return replace(mixed, solve_time_s=single.solve_time_s + spent, notes=single.notes).noted(
+        f"mixed groups carry {inst:.4g}× at full utilisation (the instance bound), {inst / top:.3f}× one configuration "
+        f"per LLM; planned at {p.max_util:.0%} of it (alp-cp: {th_mixed:.4g}× against {th_single:.4g}×)")
 
 
 def under_slo(p: Planner, policy: str, slo_s: float, rel_tol: float = 0.01) -> Outcome:

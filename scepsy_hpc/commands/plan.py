@@ -58,6 +58,9 @@ def tuning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--throughput-tol", type=non_negative_float, default=DEFAULT_THROUGHPUT_TOL, metavar="F",
                    help="--max-throughput (milp): take the lowest-latency allocation whose predicted capacity is "
                         "within F of the most (default 0.03; 0: the most capacity, whatever its latency)")
+    p.add_argument("--no-mixed-groups", dest="mixed_groups", action="store_false",
+                   help="--max-throughput (milp): one configuration per LLM, even where replicas of unlike "
+                        "configurations (a mixed group) would carry more")
     p.add_argument("--time-limit", type=positive_float, default=DEFAULT_TIME_LIMIT_S, metavar="S",
                    help="MILP time limit per solve (default 30 s)")
     p.add_argument("--gap", type=non_negative_float, default=DEFAULT_GAP, metavar="G",
@@ -113,7 +116,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
                        latency_slo_s=args.latency_slo, target_rps=target_rates(args.target_rps, names, text),
                        gpu_type=args.gpu_type, gpu_count=args.gpu_count, max_tp=args.max_tp, cluster=cluster,
                        cluster_ref=args.cluster, max_util=args.max_util, throughput_tol=args.throughput_tol,
-                       time_limit_s=args.time_limit, gap=args.gap, samples=args.samples, seed=args.seed, trace=args.trace,
+                       mixed_groups=args.mixed_groups, time_limit_s=args.time_limit, gap=args.gap, samples=args.samples, seed=args.seed, trace=args.trace,
                        profiles_dir=args.profiles, sim_check=args.sim_check, sim_check_throughput=args.sim_check_throughput,
                        simulate_requests=args.requests if args.simulate else None,
                        workflow_files=tuple(str(p.resolve()) for p in paths))
@@ -171,7 +174,8 @@ def print_summary(result: PlanResult, s: dict[str, Any]) -> None:
         t.add_column(col, justify="right", no_wrap=True)
     necks = {p["bottleneck"] for p in s["predicted"]["per_workflow"].values()}
     for row in s["per_llm"]:
-        t.add_row(row["llm"] + (" *" if row["llm"] in necks else ""), row["model"], str(row["tp"]), f"{row['gpu_frac']:g}",
+        tp, frac = (str(row["tp"]), f"{row['gpu_frac']:g}") if "groups" not in row else (row["groups"], "mixed")
+        t.add_row(row["llm"] + (" *" if row["llm"] in necks else ""), row["model"], tp, frac,
                   str(row["replicas"]), f"{row['gpus']:g}", f"{row['load_rps']:.2f}", f"{row['call_latency_s']:.2f}",
                   f"{row['utilisation']:.0%}", f"{row['critical_path_s']:.2f}")
     c.print(t)

@@ -102,7 +102,8 @@ def prepare(request: PlanRequest, budget: Budget | None = None, progress: Callab
         demands.append(Demand(wf, w[wf.name], work.mix, work.seqs, list(work.graphs)))
     return Planner(demands, request.models, request.gpus, budget.gpu_type, budget.count, max_tp=budget.max_tp,
                    max_util=request.max_util, throughput_tol=request.throughput_tol, profiles_dir=request.profiles_dir,
-                   seed=request.seed, time_limit_s=request.time_limit_s, gap=request.gap, progress=progress)
+                   seed=request.seed, time_limit_s=request.time_limit_s, gap=request.gap, progress=progress,
+                   mixed_groups=request.mixed_groups)
 
 
 def sim_check(request: PlanRequest) -> SimCheck | None:

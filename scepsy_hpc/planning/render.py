@@ -13,13 +13,14 @@ if TYPE_CHECKING:
 
 def to_plan(result: PlanResult) -> Plan:
     """The plan file content."""
-    from scepsy_hpc.spec.plan import GPUBudget, LLMAlloc, Plan
+    from scepsy_hpc.allocate.allocation import as_allocation
+    from scepsy_hpc.spec.plan import GPUBudget, Plan
     from scepsy_hpc.spec.workflow import Target
 
     planner, out, req = result.planner, result.outcome, result.request
     policy, mode, slo = req.policy, result.goal, result.latency_slo_s
     single = len(planner.demands) == 1
-    alloc = {d: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for d, c in out.choice.items()}
+    alloc = as_allocation(out.choice)
     names = [dm.wf.name for dm in planner.demands]
     rate = out.rates[names[0]]
     target = Target(throughput_rps=round(rate, 6), latency_slo_s=slo) if single else None
@@ -53,6 +54,7 @@ def summarise(result: PlanResult, plot: str | None = None, plan_file: str | None
     """The JSON form: status, allocation, predicted, gpus_used, solve_time_s, per-LLM rows; the
     placement and its fragmentation with a cluster; where the CLI drew the placement (`plot`) and
     wrote the plan (`plan_file`); the simulated figures when asked for."""
+    from scepsy_hpc.allocate.allocation import as_json, describe
     from scepsy_hpc.allocate.planner import used_gpus
 
     planner, out = result.planner, result.outcome
@@ -63,8 +65,9 @@ def summarise(result: PlanResult, plot: str | None = None, plan_file: str | None
         i, llm = dep.members[0]
         p = out.predictions[planner.demands[i].wf.name].per_llm.get(llm)
         spec = planner.demands[i].wf.llms[llm].model
-        per_llm.append({"llm": d, "model": spec if isinstance(spec, str) else dep.model.hf_id, "tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas,
-                        "gpus": c.gpus, "load_rps": p.load_rps * c.replicas if p else 0.0,
+        per_llm.append({"llm": d, "model": spec if isinstance(spec, str) else dep.model.hf_id, "tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.total_replicas,
+                        **({"groups": describe(c)} if c.more else {}),
+                        "gpus": c.gpus, "load_rps": p.load_rps * c.total_replicas if p else 0.0,
                         "capacity_rps": p.capacity_rps if p else 0.0, "utilisation": p.utilisation if p else 0.0,
                         "call_latency_s": p.call_latency_s if p else 0.0,
                         "critical_path_s": sum(out.predictions[planner.demands[j].wf.name].per_llm[m].stage_s
@@ -74,7 +77,7 @@ def summarise(result: PlanResult, plot: str | None = None, plan_file: str | None
     first = next(iter(preds.values()))
     summary: dict[str, Any] = {
         "status": out.status, "policy": result.request.policy, "goal": result.goal,
-        "allocation": {d: {"tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas} for d, c in out.choice.items()},
+        "allocation": {d: as_json(c) for d, c in out.choice.items()},
         "predicted": {"latency_s": first["latency_s"], "throughput_rps": first["throughput_rps"],
                       "rate_rps": first["rate_rps"], "per_workflow": preds},
         "gpus_used": used, "gpus_free": planner.n_gpus - used, "gpus_total": planner.n_gpus, "gpu_type": planner.gpu_name,

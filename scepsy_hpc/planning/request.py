@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from scepsy_hpc.place.placement import Placement
     from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
     from scepsy_hpc.spec.cluster import ClusterSpec
-    from scepsy_hpc.spec.plan import LLMAlloc, Plan
+    from scepsy_hpc.spec.plan import Plan
     from scepsy_hpc.spec.workflow import Workflow
     from scepsy_hpc.topology.model import Topology
 
@@ -70,6 +70,7 @@ class PlanRequest:
     cluster_ref: str | None = None
     max_util: float = DEFAULT_MAX_UTIL
     throughput_tol: float = DEFAULT_THROUGHPUT_TOL
+    mixed_groups: bool = True
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     gap: float = DEFAULT_GAP
     samples: int = DEFAULT_SAMPLES
@@ -98,11 +99,11 @@ class PlanResult:
     simulated: Mapping[str, Any] | None = None
 
     @property
-    def allocation(self) -> dict[str, LLMAlloc]:
-        """Per deployment: tp, GPU fraction, replicas."""
-        from scepsy_hpc.spec.plan import LLMAlloc
+    def allocation(self) -> dict[str, Any]:
+        """Per deployment: tp, GPU fraction, replicas (a list of those for a mixed group)."""
+        from scepsy_hpc.allocate.allocation import as_allocation
 
-        return {d: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for d, c in self.outcome.choice.items()}
+        return as_allocation(self.outcome.choice)
 
     @property
     def gpu_type(self) -> str:

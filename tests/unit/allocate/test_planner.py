@@ -91,13 +91,13 @@ def test_max_throughput_matches_exhaustive_search(planner, tol):
     for ch in all_allocations(planner, 1e-9):
         best = max(best, min(ch[m].capacity_rps / d.calls for m, d in planner.deployments.items()))
     assert theta == pytest.approx(best, rel=1e-6)
-    planner.throughput_tol = 0.0
-    most = policies.max_throughput(planner, "milp")
-    planner.throughput_tol = tol
+    planner.throughput_tol, planner.mixed_groups = 0.0, False   # one configuration per LLM (mixed: below)
     try:
+        most = policies.max_throughput(planner, "milp")
+        planner.throughput_tol = tol
         out = policies.max_throughput(planner, "milp")
     finally:
-        planner.throughput_tol = 0.03
+        planner.throughput_tol, planner.mixed_groups = 0.03, True
     pred = out.predictions["small_rag"]
     assert pred.throughput_rps >= theta * (1 - tol) * (1 - 1e-6)          # carries (1 − tol)·θ*
     assert most.predictions["small_rag"].throughput_rps >= theta * (1 - 1e-6)
@@ -107,6 +107,30 @@ def test_max_throughput_matches_exhaustive_search(planner, tol):
     rival = planner.evaluate(most.choice, planned)["small_rag"]
     assert pred.latency_s <= rival.latency_s * 1.001
     assert f"within {tol:.0%}" in " ".join(out.notes) if tol else "within" not in " ".join(out.notes)
+
+
+def test_max_throughput_mixes_configurations_when_that_carries_more(planner):
+    """On 4 GPUs small_rag's instance bound (mixed groups) is above the one-configuration optimum by more than the
+    tolerance: the plan is then mixed groups at that bound, each LLM within max_util of its pool's capacity, and
+    alp-cp predicts it carries more than the one-configuration plan."""
+    single_top, _ = planner.max_scale()
+    inst, counts = planner.instance_scale()
+    assert inst > single_top * (1 + planner.throughput_tol)
+    out = policies.max_throughput(planner, "milp")
+    assert any(c.more for c in out.choice.values()) and used_gpus(out.choice) <= planner.n_gpus
+    planned = inst * (1 - planner.throughput_tol) * planner.max_util
+    assert out.theta == pytest.approx(planned, rel=1e-6)
+    for name, c in out.choice.items():
+        d = planner.deployments[name]
+        assert c.capacity_rps * planner.max_util >= d.calls * planned * (1 - 1e-6)
+    planner.mixed_groups = False
+    try:
+        single = policies.max_throughput(planner, "milp")
+    finally:
+        planner.mixed_groups = True
+    assert not any(c.more for c in single.choice.values())
+    assert planner.throughput_scale(out.predictions) > planner.throughput_scale(single.predictions) * 1.03
+    assert "mixed groups carry" in " ".join(out.notes)
 
 
 def test_throughput_tolerance_is_validated(models, gpus):
