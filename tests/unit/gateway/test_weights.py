@@ -185,7 +185,6 @@ def test_weight_round_trips_and_is_written_only_when_not_one(tmp_path: Path) -> 
     text = out.read_text()
     assert text.count("weight") == 1 and "weight: 2.5" in text
     assert load_endpoints(out) == eps
-    assert "weight" not in write_endpoints.__doc__   # (the writer needs no flag: a weight of 1 is left out)
 
 
 def test_files_of_like_replicas_are_written_byte_for_byte_as_before(tmp_path: Path) -> None:
