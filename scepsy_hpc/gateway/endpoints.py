@@ -15,12 +15,19 @@ llms:
     replicas:
       - http://127.0.0.1:8001
       - {url: http://node2:8000, max_outstanding: 64, api_key: <the engine's secret>}
+      - {url: http://node3:8000, weight: 0.25}   # optional, default 1; 0 < weight <= 1e9
 ```
 
 JSON with the same shape is accepted too (JSON is YAML), and errors name ``file:line`` either way.
 Replicas and caps follow the file while the gateway runs; `time_scale` is read once at start (the
 trace clock must not jump). `scepsy up` writes the file from the node agents' reports
 (`endpoints_from_agents`, `write_endpoints`).
+
+`weight` is a replica's share of the LLM's calls relative to its siblings (its capacity: calls/s one
+replica carries): the router sends a call to the free replica with the fewest outstanding calls per
+unit of weight (gateway/routing.py). `scepsy up` writes it only for an LLM served by unlike replicas
+(a mixed group of the plan, `perf.fit.replica_weights`); a replica of weight 1 is written without it,
+so files of like replicas stay as they were.
 
 An alias is another name for the same LLM, not a second pool: its calls share the replicas, the
 outstanding counts and the FIFO. A name (key or alias) stands for one LLM only. One gateway serving
@@ -36,7 +43,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Mapping, Sequence
 
 from pydantic import Field, field_validator
 
@@ -53,13 +60,18 @@ DEFAULT_MAX_OUTSTANDING = 256
 SCHEMA_VERSION = 1
 
 
+MAX_WEIGHT = 1e9   # a replica's weight: calls/s it carries, as the plan's capacity_rps (same bound)
+
+
 class Replica(SpecModel):
-    """One engine serving an LLM: its base URL (without /v1), an optional cap on calls in flight, and the
-    engine's secret (its serving job's `--api-key`), which the gateway sends as `Authorization: Bearer`."""
+    """One engine serving an LLM: its base URL (without /v1), an optional cap on calls in flight, the
+    engine's secret (its serving job's `--api-key`), which the gateway sends as `Authorization: Bearer`,
+    and its routing weight (its share of the LLM's calls relative to its siblings; 1 for like replicas)."""
 
     url: str
     max_outstanding: Annotated[int, Field(ge=1)] | None = None
     api_key: str | None = Field(default=None, repr=False)
+    weight: Annotated[float, Field(gt=0.0, le=MAX_WEIGHT, allow_inf_nan=False)] = 1.0
 
     @field_validator("url")
     @classmethod
@@ -231,17 +243,25 @@ def load_endpoints(path: str | Path) -> Endpoints:
     return parse_endpoints(data, smap)
 
 
-def endpoints_from_agents(agents: Mapping[str, AgentReport], time_scale: float | None) -> Endpoints:
-    """Each LLM the agents run, with its healthy replicas (an LLM none serves yet has none)."""
-    replicas: dict[str, list[str]] = {}
+def endpoints_from_agents(agents: Mapping[str, AgentReport], time_scale: float | None,
+                          weights: Mapping[str, Sequence[float]] | None = None) -> Endpoints:
+    """Each LLM the agents run, with its healthy replicas (an LLM none serves yet has none); `weights`: per LLM,
+    each replica's routing weight by replica number (`replica_weight`)."""
+    replicas: dict[str, list[Replica]] = {}
     for report in agents.values():
         for inst in report.instances:
-            urls = replicas.setdefault(inst.llm, [])
+            reps = replicas.setdefault(inst.llm, [])
             if inst.healthy and inst.url:
-                urls.append(inst.url)
+                reps.append(Replica(url=inst.url, weight=replica_weight(weights, inst.llm, inst.replica)))
     return Endpoints(time_scale=time_scale or None,
-                     llms={llm: LLMEndpoint(served_model=llm, replicas=[Replica(url=u) for u in urls])
-                           for llm, urls in replicas.items()})
+                     llms={llm: LLMEndpoint(served_model=llm, replicas=reps) for llm, reps in replicas.items()})
+
+
+def replica_weight(weights: Mapping[str, Sequence[float]] | None, llm: str, replica: int) -> float:
+    """Replica `replica` of `llm`'s weight in `weights` (per LLM, by replica number; what `scepsy up` computes
+    from the plan's mixed groups), 1 for an LLM or replica it does not list."""
+    ws = (weights or {}).get(llm) or ()
+    return float(ws[replica]) if 0 <= replica < len(ws) else 1.0
 
 
 def merge_endpoints(deployments: Mapping[str, Endpoints], time_scale: float | None) -> Endpoints:
@@ -289,6 +309,9 @@ def write_endpoints(path: str | Path, eps: Endpoints) -> bool:
     for llm in doc["llms"].values():
         if not llm["aliases"]:
             del llm["aliases"]  # the common case: keep files without aliases as they were
+        for rep in llm["replicas"]:
+            if rep["weight"] == 1.0:
+                del rep["weight"]   # like replicas (the common case): files as they were before weights
     text = yaml.safe_dump(doc, sort_keys=True)
     try:
         if path.read_text() == text:

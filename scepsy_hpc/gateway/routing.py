@@ -1,4 +1,10 @@
-"""Which replica gets a call: least outstanding, ties round-robin; one FIFO per LLM when all are full.
+"""Which replica gets a call: least outstanding per unit of weight, ties round-robin; one FIFO per LLM when all are full.
+
+A replica's load is `(outstanding + 1) / weight`: what it would carry with this call, per unit of its
+weight (the endpoints file's `weight`, its capacity relative to its siblings; 1 unless the LLM is a
+mixed group of unlike replicas). The free replica of least load gets the call, so unlike replicas
+fill in proportion to their weights (3:1 weights hold 3:1 outstanding calls); with equal weights this is
+exactly least outstanding, as before weights.
 
 A pool is an LLM key of the endpoints file; its aliases are other names for the same pool.
 
@@ -13,8 +19,10 @@ retries). A call queued because every replica is full waits without a limit, as 
 
 Prefix affinity (`affinity=True`): a call of workflow request R to LLM L goes back to the replica that
 served R's previous call to L — which holds R's prompt prefix in its cache — while that replica's
-outstanding count is at most the least-loaded free replica's + `affinity_slack` (default 1); else the
-least-loaded one as above (and R's affinity moves there). The table is an LRU of at most
+load is at most the least-loaded free replica's load with `affinity_slack` (default 1) more calls:
+`(home.outstanding + 1) / home.weight <= (best.outstanding + 1 + slack) / best.weight` (the slack
+counted in calls of the least-loaded replica, so with equal weights: home's outstanding at most
+best's + slack, as before weights); else the least-loaded one as above (and R's affinity moves there). The table is an LRU of at most
 `max_affinity` (request, LLM) entries; entries of a replica that leaves the file are dropped.
 """
 
@@ -77,6 +85,11 @@ class ReplicaState:
     # `Bearer <the engine's secret>` (the endpoints file's `api_key`), sent as Authorization on every call
     # to it; follows the file on reload. Never in a repr, a log line or an error message.
     authorization: str | None = field(default=None, repr=False)
+    weight: float = 1.0   # its share of the LLM's calls relative to its siblings (the file's `weight`)
+
+    def load(self) -> float:
+        """Outstanding calls with one more, per unit of weight: the router gives a call to the least."""
+        return (self.outstanding + 1) / self.weight
 
 
 @dataclass(eq=False)
@@ -127,8 +140,8 @@ class Router:
     def __init__(self, source: Endpoints | EndpointsWatcher, *, down_for_s: float = 1.0, affinity: bool = False,
                  affinity_slack: int = DEFAULT_AFFINITY_SLACK, max_affinity: int = MAX_AFFINITY) -> None:
         if affinity_slack < 0:
-            raise ValueError(f"affinity_slack={affinity_slack} must be >= 0 (extra outstanding calls a request's "
-                             "replica may have over the least-loaded one)")
+            raise ValueError(f"affinity_slack={affinity_slack} must be >= 0 (extra calls a request's replica may carry "
+                             "over the least-loaded one, counted in the least-loaded one's calls)")
         self.source = source
         self.affinity = affinity
         self.affinity_slack = affinity_slack
@@ -173,7 +186,7 @@ class Router:
                 st = self._states.get((name, rep.url))
                 if st is None:
                     st = self._states[(name, rep.url)] = ReplicaState(name, rep.url, spec.cap(rep))
-                st.cap, st.active = spec.cap(rep), True
+                st.cap, st.active, st.weight = spec.cap(rep), True, rep.weight
                 st.authorization = f"Bearer {rep.api_key}" if rep.api_key else None
                 keep.append(st)
             for old in pool.replicas:
@@ -228,7 +241,8 @@ class Router:
 
     def _pick(self, pool: LLMPool, exclude: frozenset[str], avoid_down: bool = False,
               request: str | None = None) -> ReplicaState | None:
-        """The free replica with the fewest outstanding calls (round-robin among equals), or None if all are full.
+        """The free replica of least load (outstanding per unit of weight; round-robin among equals), or None if
+        all are full.
 
         A replica marked down is a last resort, and with `avoid_down` no choice at all. Raises
         NoReplicaError when no replica could take the call now: none in the file, all excluded, or
@@ -257,9 +271,9 @@ class Router:
             if r.outstanding >= r.cap:
                 continue
             if r.down_until > now:
-                if fallback is None or r.outstanding < fallback.outstanding:
+                if fallback is None or r.load() < fallback.load():
                     fallback, fallback_i = r, i
-            elif best is None or r.outstanding < best.outstanding:
+            elif best is None or r.load() < best.load():
                 best, best_i = r, i
         if candidates == 0:
             raise NoReplicaError(f"llm {pool.name!r}: every replica was tried", exhausted=True)
@@ -283,7 +297,7 @@ class Router:
         if url is not None:
             home = next((r for r in pool.replicas if r.url == url), None)
             if (home is not None and home.url not in exclude and home.down_until <= now and home.outstanding < home.cap
-                    and home.outstanding <= best.outstanding + self.affinity_slack):
+                    and home.load() <= (best.outstanding + 1 + self.affinity_slack) / best.weight):
                 pick = home
                 self.affinity_hits += 1
             else:

@@ -697,9 +697,11 @@ class Daemon(Continuity):
         return out
 
     def write_endpoints(self) -> None:
-        """The gateway's endpoints file from every deployment's routed engines, each with its job's engine secret,
-        and every working client key (rewritten only on change; the gateway reloads it within ~0.2 s)."""
-        from scepsy_hpc.gateway.endpoints import Endpoints, LLMEndpoint, Replica, merge_endpoints, write_endpoints
+        """The gateway's endpoints file from every deployment's routed engines, each with its job's engine secret
+        and its routing weight (a mixed group's unlike replicas: the deployment's `weights`, computed from its plan at
+        `up`), and every working client key (rewritten only on change; the gateway reloads it within ~0.2 s)."""
+        from scepsy_hpc.gateway.endpoints import (Endpoints, LLMEndpoint, Replica, merge_endpoints, replica_weight,
+                                                  write_endpoints)
 
         per: dict[str, Endpoints] = {}
         rows = self.store.instances()
@@ -708,13 +710,15 @@ class Daemon(Continuity):
             if d.state not in ("starting", "serving", "degraded"):
                 continue
             aliases = (d.options or {}).get("aliases") or {}
+            weights = (d.options or {}).get("weights") or {}
             # every LLM of the plan keeps its key while it has no engine (a node being replaced): the gateway holds
             # its calls for --hold-s instead of answering "no such model"
             shape = self.live[d.name].shape if d.name in self.live else None
             keys = sorted({r.llm for r in rows if r.deployment == d.name} | set(llms_of(shape) if shape else ()))
             llms = {k: LLMEndpoint(served_model=k, aliases=list(aliases.get(k, [])),
-                                   replicas=[Replica(url=u, api_key=s) for u, s in dict(
-                                       (r.url, secrets.get(r.job_id)) for r in rows
+                                   replicas=[Replica(url=u, api_key=s, weight=w) for u, (s, w) in dict(
+                                       (r.url, (secrets.get(r.job_id), replica_weight(weights, k, r.replica)))
+                                       for r in rows
                                        if r.deployment == d.name and r.llm == k and r.routed and r.url).items()])
                     for k in keys}
             per[d.name] = Endpoints(llms=llms)
@@ -758,6 +762,7 @@ class Daemon(Continuity):
                 req.name, plan_path=str(prepared.plan_path), spec_paths=list(prepared.spec_paths),
                 options={**req.model_dump(), "workflows": list(prepared.workflows),
                          "aliases": {k: list(v) for k, v in prepared.aliases.items()},
+                         "weights": {k: list(v) for k, v in prepared.weights.items()},   # mixed groups only
                          "template": prepared.template.model_dump()})
             owner = await asyncio.to_thread(self.keys.ensure_owner, req.name, session_dir)
             self.event(req.name, "key", f"owner key {owner.id}: `scepsy keys show {req.name}` prints it", key_id=owner.id)

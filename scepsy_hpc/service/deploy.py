@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
@@ -77,6 +77,8 @@ class Prepared:
     config: ServeConfig                      # every engine of the placement (the shape)
     template: JobTemplate                    # what every job of the deployment asks Slurm for
     aliases: Mapping[str, tuple[str, ...]]   # allocation key → other names its workflows call it by
+    weights: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+                                             # mixed-group key → each replica's routing weight, by replica number
 
 
 class JobTemplate(BaseModel):
@@ -206,6 +208,23 @@ def aliases_of(plan: Any, workflows: Sequence[Any]) -> dict[str, tuple[str, ...]
     return {k: tuple(sorted(set(v))) for k, v in out.items() if v}
 
 
+def weights_of(plan: Any, workflows: Sequence[Any], models: Mapping[str, Any], gpus: Mapping[str, Any]
+               ) -> dict[str, tuple[float, ...]]:
+    """Per allocation key served by a mixed group, each replica's routing weight by replica number (calls/s
+    one replica carries: `perf.fit.replica_weights`, 4 significant digits so the endpoints file reads well);
+    like replicas need none (their weight is 1)."""
+    from scepsy_hpc.backend.serving import deployment_models
+    from scepsy_hpc.perf.fit import replica_weights
+    from scepsy_hpc.spec.plan import groups_of
+
+    mixed = [k for k, entry in plan.allocation.items() if len(groups_of(entry)) > 1]
+    if not mixed:
+        return {}
+    refs = deployment_models(plan, workflows, models)
+    gpu = gpus[plan.gpus.type]
+    return {k: tuple(float(f"{w:.4g}") for w in replica_weights(plan.allocation[k], refs[k][1], gpu)) for k in mixed}
+
+
 def prepare(req: UpRequest, session_dir: Path, backend: ClusterBackend, say: Callable[[str], None]) -> Prepared:
     """Plan (if needed), place, check against the backend, write plan.yaml and serve.json; the job to submit."""
     from scepsy_hpc.backend.serving import serve_config, write_serve_files
@@ -236,4 +255,5 @@ def prepare(req: UpRequest, session_dir: Path, backend: ClusterBackend, say: Cal
                            env={"PYTHONPATH": pythonpath})
     return Prepared(plan_path=copy, workflows=tuple(w.name for w in wfs),
                     spec_paths=tuple(str(f.resolve()) for f in [_find_target(req.target), *wf_files]),
-                    config=config, template=template, aliases=aliases_of(plan, wfs))
+                    config=config, template=template, aliases=aliases_of(plan, wfs),
+                    weights=weights_of(plan, wfs, models, gpus))
