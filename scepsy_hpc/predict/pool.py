@@ -142,3 +142,28 @@ def _mix(points: Sequence[ProfilePoint], shares: Sequence[float], rate: float) -
                         latency_p90_s=avg("latency_p90_s"), latency_p99_s=avg("latency_p99_s"),
                         ttft_mean_s=avg("ttft_mean_s"), ttft_a_s=avg("ttft_a_s"), ttft_b_s=avg("ttft_b_s"),
                         tpot_s=avg("tpot_s"))
+
+
+def pool_point(parts: Sequence[tuple[ProfileTable, int]], weights: Sequence[float], calls_rps: float
+               ) -> ProfilePoint | None:
+    """The pool's per-call model when it takes `calls_rps` in all (module docstring): each configuration's
+    point at its share of the split, with pooling over all the pool's replicas behind the shared FIFO,
+    mixed by the split. None when a configuration would be past its capacity. For one price, without
+    building the pool's whole table (`pool_profile`)."""
+    from scepsy_hpc.predict.alp import pooled_point
+
+    kept = [(tn, w) for tn, w in zip(parts, weights) if tn[1] > 0]
+    parts, weights = [tn for tn, _ in kept], [w for _, w in kept]
+    total = sum(n for _, n in parts)
+    xs = split(parts, weights, calls_rps)
+    if calls_rps <= 0:
+        xs = [0.0] * len(parts)
+    points = []
+    for (t, _), x in zip(parts, xs):
+        p = pooled_point(t, x, total)
+        if p is None:
+            return None
+        points.append(p)
+    shares = [n * x / calls_rps for (_, n), x in zip(parts, xs)] if calls_rps > 0 else \
+        [1.0 if i == max(range(len(parts)), key=lambda k: weights[k]) else 0.0 for i in range(len(parts))]
+    return _mix(points, shares, calls_rps / total)

@@ -62,3 +62,18 @@ def test_a_mixed_plan_is_predicted_within_ten_percent_of_the_simulator(setup, mo
         split_ = collections.Counter(c.replica for c in res.call_records if c.llm == "answer")
         assert split_[0] > split_[1] + split_[2]          # the tp 2 replica carries most calls
         assert res.per_llm["answer"].groups == "1×tp=2 + 2×gpu_frac=0.5" and res.per_llm["answer"].replicas == 3
+
+
+def test_one_price_of_a_pool_matches_its_table(setup):
+    _, _, src = setup
+    from scepsy_hpc.predict.alp import pooled_point
+    from scepsy_hpc.predict.pool import pool_point
+
+    fast, slow = src.get("answer", LLMAlloc(tp=2), "h100-sxm"), src.get("answer", LLMAlloc(tp=1, gpu_frac=0.5), "h100-sxm")
+    parts, weights = [(fast, 1), (slow, 2)], [fast.capacity_rps, slow.capacity_rps]
+    table = pool_profile(parts, weights)
+    for lam in (2.0, 8.0, 14.0):
+        one = pool_point(parts, weights, lam)
+        whole = pooled_point(table, lam / 3, 3)
+        assert one.latency_mean_s == pytest.approx(whole.latency_mean_s, rel=0.08), lam
+    assert pool_point(parts, weights, 10 * table.capacity_rps * 3) is None
