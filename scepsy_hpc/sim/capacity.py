@@ -115,7 +115,19 @@ def growth_interval(res: SimResult, lo: float = 1 / 3, batches: int = BATCHES) -
     bt = [sum(ts[i * k:(i + 1) * k]) / k for i in range(batches)]
     bw = [sum(ws[i * k:(i + 1) * k]) / k for i in range(batches)]
     slope, se = _slope(bt, bw)
-    return Growth(slope / rate, se / rate, sum(ws) / len(ws))
+    return Growth(slope / rate, se * _memory(bt, bw, slope) / rate, sum(ws) / len(ws))
+
+
+def _memory(xs: list[float], ys: list[float], slope: float) -> float:
+    """How much a slope's standard error understates itself when the residuals still remember each
+    other (batches shorter than the backlog's memory, or curvature): √((1+r)/(1−r)) for their
+    lag-1 autocorrelation r ≥ 0 (the AR(1) variance factor), r capped at 0.9."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    res = [y - my - slope * (x - mx) for x, y in zip(xs, ys)]
+    ss = sum(e * e for e in res)
+    r = sum(a * b for a, b in zip(res, res[1:])) / ss if ss > 0 else 0.0
+    r = min(max(r, 0.0), 0.9)
+    return math.sqrt((1 + r) / (1 - r))
 
 
 def backlog_growth(res: SimResult, lo: float = 1 / 3, hi: float = 1.0) -> float:
