@@ -3,8 +3,8 @@
 For each workflow × GPU count × policy:
 1. the policy's highest-throughput plan (planner goal max-throughput), and the maximum
    sustainable rate the *simulator* measures for it (sim.capacity: every request completes and
-   requests stop piling up once the run has filled; runs still filling are lengthened), by
-   bisection from the predicted throughput;
+   the backlog's growth, with its batch-means 95% interval, stays under 2% of the arrivals; runs
+   still filling or undecided are lengthened up to 8×), by bisection from the predicted throughput;
 2. the common rates: 90%, 95% and 99% of the weakest policy's measured maximum; at each, every
    policy's plan for that target rate, simulated there (mean and p99 latency, same seed for every
    policy, as many requests as the longest capacity run of the cell needed to fill), and milp's

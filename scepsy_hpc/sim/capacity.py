@@ -1,24 +1,27 @@
 """Maximum sustainable throughput of a plan, measured in the simulator.
 
 A rate is sustainable when every simulated request completes and the requests in the system stop
-piling up: after the first third of the arrivals, the least-squares slope of the number of
-requests in flight (sampled at each arrival), divided by the arrival rate, is at most `PILEUP`
-(2%: a plan that departs fewer than 98% of what arrives is overloaded; so rates up to μ/0.98 of a
-capacity μ pass). By Little's law, bounded work in progress at a steady arrival rate is bounded
-mean latency; unlike a latency trend, this reading has no end effect (it stops at the last
-arrival, before the system drains).
+piling up. Growth is read over the arrivals after the first third: the number of requests in flight
+(sampled at each arrival) is cut into 10 batches of consecutive arrivals, and the least-squares
+slope of the batch means against time, over the arrival rate, is the share of arrivals that pile
+up (≈ 1 − μ/λ past a capacity μ). Its standard error comes from the batch means' residuals (the
+per-sample series is far too autocorrelated for its own), widened by their lag-1 memory. With
+the 95% interval (Student's t, 8 degrees of freedom) the run *holds* (all of it ≤ `PILEUP`, 2%),
+*grows* (all of it above) or is *undecided*. By Little's law, bounded work in progress at a steady
+arrival rate is bounded mean latency; unlike a latency trend, this reading has no end effect (it
+stops at the last arrival, before the system drains).
 
-Workflows with long, step-synchronous requests (beam search: ~9 reasoning steps, latencies of
-minutes near capacity) take thousands of requests to fill: work in progress grows towards its
-steady level for several request latencies, and a short run reads that fill as overload at any
-rate. So a run whose backlog still grows but decelerates — over the last third it grows by less
-than ¾ of its growth over the middle third — is lengthened (the same arrivals and programs, twice
-as many) up to `MAX_EXTEND` × the requests asked for; a backlog that grows at a steady pace is
-overload and is refused at once — unless the run spans fewer than `FILL_LATENCIES` (12) mean
-latencies of its early requests, too short to tell a slow fill from overload. Past capacity,
-fork-join workflows still complete requests at a rate below λ and below the capacity (partly done
-requests pile up), so one overloaded run's departure rate under-reads the capacity; this bisects
-on the rate instead.
+Plans with a large steady backlog (milp's at 32 GPUs: ~1,000 requests in flight, latencies of
+minutes) take thousands of requests to fill, and until then their backlog grows as overload's
+does. So a run is lengthened (the same arrivals and programs, more of them) when it is undecided,
+or grows but decelerates (over the last third by less than ¾ of its growth over the middle third),
+or spans fewer than `FILL_LATENCIES` (12) mean latencies of its early requests — straight to the
+length that spans them, up to `max_extend` × the requests asked for (`judge` 4×, `max_sustainable_rate`
+8×). At the longest run an undecided reading falls to its point estimate. A backlog that grows at a
+steady pace in a run long enough is overload, refused at once. Past capacity, fork-join workflows
+still complete requests at a rate below λ and below the capacity (partly done requests pile up),
+so one overloaded run's departure rate under-reads the capacity; this bisects on the rate instead.
+Validated against long single runs by scripts/validate_capacity.py.
 """
 
 from __future__ import annotations
