@@ -187,29 +187,23 @@ def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MA
     (`growth_interval`): `holds` is sustainable; `grows` is overload unless the run is still filling
     or too short for its request latency; `undecided` (noise or a fill wider than the margin) and
     a run still filling are lengthened — doubled, or straight to the multiple of `n_requests` that
-    spans `FILL_LATENCIES` early latencies — up to `max_extend` × `n_requests` while filling, up
-    to `MAX_EXTEND`× on noise alone; there an undecided run is read by its point estimate. The
-    verdict, and the last run."""
+    spans `FILL_LATENCIES` early latencies — up to `max_extend` × `n_requests`, where an undecided
+    run is read by its point estimate. The verdict, and the last run."""
     n = n_requests
     while True:
         res = run(n)
         if res.completed < res.requests:
             return False, res
-        growth = growth_interval(res)
-        verdict = growth.verdict(pileup)
+        verdict = growth_interval(res).verdict(pileup)
         if verdict == "holds":
             return True, res
-        filling = still_filling(res, pileup) or too_short(res)
-        # noise alone (undecided, not filling) earns at most `MAX_EXTEND`×: its point estimate is
-        # good to a few percent by then; only a fill needs the longest runs
-        cap = max_extend if filling else min(max_extend, MAX_EXTEND)
-        last = 2 * n > cap * n_requests
-        if verdict == "grows" and (last or not filling):
+        last = 2 * n > max_extend * n_requests
+        if verdict == "grows" and (last or not (still_filling(res, pileup) or too_short(res))):
             return False, res
         if last:   # undecided at the longest run allowed: the point estimate decides
-            return growth.growth <= pileup, res
+            return growth_interval(res).growth <= pileup, res
         n *= 2
-        while 2 * n <= cap * n_requests and n < _fill_requests(res, FILL_LATENCIES):
+        while 2 * n <= max_extend * n_requests and n < _fill_requests(res, FILL_LATENCIES):
             n *= 2
 
 
