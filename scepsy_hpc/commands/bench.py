@@ -3,11 +3,12 @@
 For each workflow × GPU count × policy:
 1. the policy's highest-throughput plan (planner goal max-throughput), and the maximum
    sustainable rate the *simulator* measures for it (sim.capacity: every request completes and
-   requests stop piling up once the run has filled; runs still filling are lengthened), by
-   bisection from the predicted throughput;
-2. the common rate: 90% of the weakest policy's measured maximum; each policy's plan for that
-   target rate, simulated there (mean and p99 latency, same seed for every policy, as many
-   requests as the longest capacity run of the cell needed to fill);
+   the backlog's growth, with its batch-means 95% interval, stays under 2% of the arrivals; runs
+   still filling or undecided are lengthened, up to 8×), by bisection from the predicted throughput;
+2. the common rates: 90%, 95% and 99% of the weakest policy's measured maximum; at each, every
+   policy's plan for that target rate, simulated there (mean and p99 latency, same seed for every
+   policy, as many requests as the longest capacity run of the cell needed to fill), and milp's
+   mean latency ÷ each policy's (≤ 1: milp is no slower);
 3. the fluid upper bound on throughput — every GPU at the best calls/s per GPU of the LLM it
    serves, GPUs divisible at will — and milp's measured fraction of it;
 4. the instance bound — the most any set of whole instances on the configuration grid carries,
@@ -30,7 +31,7 @@ from scepsy_hpc.commands.common import jsonable, make_console, resolve_input
 from scepsy_hpc.errors import InfeasibleError, SpecError
 from scepsy_hpc.planning.request import DEFAULT_GPU_TYPE, DEFAULT_MAX_TP, POLICIES, PlanRequest
 
-COMMON_FRACTION = 0.9
+COMMON_FRACTIONS = (0.9, 0.95, 0.99)   # latency is compared at these fractions of the weakest policy's maximum
 
 
 def fluid_bound(planner: Any) -> float:
@@ -179,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         for (c, pol, _), r in zip(cap_jobs, ex.map(_capacity, [j for _, _, j in cap_jobs])):
             c["policies"][pol].update(sim=r)
         console.print(f"[dim]measured capacities ({time.perf_counter() - t_start:.0f} s)[/dim]")
-        # 2. each policy's plan at the common rate, simulated there
+        # 2. each policy's plan at each common rate, simulated there
         lat_jobs = []
         for c in cells:
             if "error" in c:
@@ -187,21 +188,23 @@ def run(args: argparse.Namespace) -> int:
             maxes = [v["sim"]["max_rps"] for v in c["policies"].values() if "sim" in v and v["sim"]["max_rps"] > 0]
             if not maxes:
                 continue
-            c["common_rps"] = common = COMMON_FRACTION * min(maxes)
+            c["weakest_max_rps"] = min(maxes)
             # as long as the longest capacity run of the cell: a run too short to fill reads low latency
             c["common_requests"] = n_common = max(v["sim"]["max_requests"] for v in c["policies"].values() if "sim" in v)
             planner = c["_planner"]
-            for pol, v in c["policies"].items():
-                if "plan" not in v:
-                    continue
-                try:   # the policy's plan for the common rate (weight 1 rps × rate scale `common`)
-                    o = plan(replace(v["request"], goal="target", rate_scale=common), planner=planner).outcome
-                except InfeasibleError:
-                    o = v["plan"]
-                v["common_plan"] = o
-                lat_jobs.append((c, pol, (c["wf"], _alloc(o), gpu, models, common, n_common, args.seed)))
-        for (c, pol, _), r in zip(lat_jobs, ex.map(_latency, [j for _, _, j in lat_jobs])):
-            c["policies"][pol]["at_common"] = r
+            for frac in COMMON_FRACTIONS:
+                common = frac * min(maxes)
+                for pol, v in c["policies"].items():
+                    if "plan" not in v:
+                        continue
+                    try:   # the policy's plan for the common rate (weight 1 rps × rate scale `common`)
+                        o = plan(replace(v["request"], goal="target", rate_scale=common), planner=planner).outcome
+                    except InfeasibleError:
+                        o = v["plan"]
+                    v.setdefault("common_plans", {})[frac] = o
+                    lat_jobs.append((c, pol, frac, (c["wf"], _alloc(o), gpu, models, common, n_common, args.seed)))
+        for (c, pol, frac, _), r in zip(lat_jobs, ex.map(_latency, [j for *_, j in lat_jobs])):
+            c["policies"][pol].setdefault("at_common", {})[frac] = r
     for c in cells:
         rows.append(_row(c))
     wall = time.perf_counter() - t_start
@@ -216,31 +219,42 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _row(c: dict[str, Any]) -> dict[str, Any]:
+    """One cell of the report (JSON-ready): bounds, and per policy its capacity and its latency at
+    each common rate with milp's mean latency ÷ its own."""
     if "error" in c:
         return {"workflow": c["workflow"], "gpus": c["gpus"], "error": c["error"]}
+    weakest = c.get("weakest_max_rps")
     out: dict[str, Any] = {"workflow": c["workflow"], "gpus": c["gpus"], "fluid_rps": c["fluid_rps"],
-                           "instance_bound_rps": c["instance_bound_rps"],
-                           "common_rps": c.get("common_rps"), "common_requests": c.get("common_requests"), "policies": {}}
+                           "instance_bound_rps": c["instance_bound_rps"], "weakest_max_rps": weakest,
+                           "common_rates": [{"fraction": f, "rate_rps": f * weakest} for f in COMMON_FRACTIONS]
+                           if weakest else [],
+                           "common_requests": c.get("common_requests"), "policies": {}}
     milp = c["policies"].get("milp", {})
     m_max = milp.get("sim", {}).get("max_rps")
-    m_lat = milp.get("at_common", {}).get("latency_mean_s")
+    m_lat = {f: r.get("latency_mean_s") for f, r in milp.get("at_common", {}).items()}
     for pol, v in c["policies"].items():
         if "error" in v:
             out["policies"][pol] = {"error": v["error"]}
             continue
         mx = v.get("sim", {}).get("max_rps")
-        lat = v.get("at_common", {})
+        at = []
+        for f, r in sorted(v.get("at_common", {}).items()):
+            lat, ml = r.get("latency_mean_s"), m_lat.get(f)
+            at.append({"fraction": f, "rate_rps": r["rate_rps"],
+                       "allocation": short_allocation(v["common_plans"][f].choice),
+                       "latency_mean_s": lat, "latency_p99_s": r.get("latency_p99_s"),
+                       "completed": r.get("completed"), "requests": r.get("requests"),
+                       "milp_latency_ratio": (ml / lat) if ml and lat else None})
         out["policies"][pol] = {
             "allocation": short_allocation(v["plan"].choice), "predicted_max_rps": v["predicted_rps"], "sim_max_rps": mx,
             "plan_solve_s": v["solve_time_s"],
-            "common_allocation": short_allocation(v["common_plan"].choice) if "common_plan" in v else None,
-            "latency_mean_s": lat.get("latency_mean_s"), "latency_p99_s": lat.get("latency_p99_s"),
             "milp_throughput_ratio": (m_max / mx) if m_max and mx else None,
             "sim_refused_rps": v.get("sim", {}).get("refused_rps"),
             "capacity_max_requests": v.get("sim", {}).get("max_requests"),
-            "latency_ratio_vs_milp": (lat.get("latency_mean_s") / m_lat) if m_lat and lat.get("latency_mean_s") else None,
+            "capacity_wall_s": v.get("sim", {}).get("wall_s"),
             "capacity_runs": v.get("sim", {}).get("runs", []),
-            "sim_check_s": v["plan"].check_time_s + (v["common_plan"].check_time_s if "common_plan" in v else 0.0),
+            "at_common": at,
+            "sim_check_s": v["plan"].check_time_s + sum(o.check_time_s for o in v.get("common_plans", {}).values()),
         }
     if m_max:
         out["milp_fluid_fraction"] = m_max / c["fluid_rps"]
@@ -248,45 +262,57 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _triple(xs: list[Any], fmt: str) -> str:
+    """Values at the common rates, `a / b / c` (— where missing)."""
+    return " / ".join("—" if x is None else format(x, fmt) for x in xs) if xs else "—"
+
+
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> None:
+    from rich.console import Console
     from rich.table import Table
 
-    from rich.console import Console
-
-    c = Console(width=None if os.isatty(1) else 260)  # piped: wide enough for every column unclipped
+    c = Console(width=None if os.isatty(1) else 300)  # piped: wide enough for every column unclipped
+    pcts = "/".join(f"{f:.0%}".rstrip("%") for f in COMMON_FRACTIONS) + "%"
     t = Table(title=f"scepsy bench: {args.gpu_type}, {args.requests} requests per run, seed {args.seed} (simulated)")
-    for col in ("workflow", "GPUs", "policy", "sim max rps", "refused", "pred. max", "milp ×", "longest run", "common rps",
-                "mean lat s", "p99 s",
-                "lat ÷ milp", "fluid rps", "milp/fluid", "inst. bound", "milp/inst.", "max-throughput allocation"):
+    cols = ("workflow", "GPUs", "policy", "sim max rps", "refused", "pred. max", "milp ×", "longest run",
+            f"common rps {pcts}", f"mean lat s {pcts}", f"milp lat ÷ {pcts}", "p99 s @90%",
+            "fluid rps", "milp/fluid", "inst. bound", "milp/inst.", "max-throughput allocation")
+    for col in cols:
         t.add_column(col, justify="left" if col in ("workflow", "policy") else "right", no_wrap=True)
+    blank = [""] * (len(cols) - 4)
+    f = lambda x, p=".3g": "—" if x is None else format(x, p)  # noqa: E731
+    pct = lambda x: "" if x is None else f"{x:.0%}"  # noqa: E731
     for r in rows:
         if "error" in r:
-            t.add_row(r["workflow"], str(r["gpus"]), "—", f"[yellow]{r['error'][:60]}[/yellow]", *[""] * 13)
+            t.add_row(r["workflow"], str(r["gpus"]), "—", f"[yellow]{r['error'][:60]}[/yellow]", *blank)
             continue
         first = True
         for pol, v in r["policies"].items():
             if "error" in v:
-                t.add_row(r["workflow"] if first else "", str(r["gpus"]) if first else "", pol, "infeasible", *[""] * 13)
+                t.add_row(r["workflow"] if first else "", str(r["gpus"]) if first else "", pol, "infeasible", *blank)
                 first = False
                 continue
-            f = lambda x, p=".3g": "—" if x is None else format(x, p)  # noqa: E731
-            pct = lambda x: "" if x is None else f"{x:.0%}"  # noqa: E731
+            at = v.get("at_common", [])
             t.add_row(r["workflow"] if first else "", str(r["gpus"]) if first else "", pol, f(v["sim_max_rps"]),
                       f(v["sim_refused_rps"]), f(v["predicted_max_rps"]), f(v["milp_throughput_ratio"], ".2f"),
                       f(v["capacity_max_requests"], "d"),
-                      f(r["common_rps"]) if first else "", f(v["latency_mean_s"], ".1f"), f(v["latency_p99_s"], ".1f"),
-                      f(v["latency_ratio_vs_milp"], ".2f"), f(r["fluid_rps"]) if first else "",
-                      pct(r.get("milp_fluid_fraction")) if first else "",
+                      _triple([x["rate_rps"] for x in r.get("common_rates", [])], ".3g") if first else "",
+                      _triple([x["latency_mean_s"] for x in at], ".1f"),
+                      _triple([x["milp_latency_ratio"] for x in at], ".2f"),
+                      f(at[0]["latency_p99_s"], ".1f") if at else "—",
+                      f(r["fluid_rps"]) if first else "", pct(r.get("milp_fluid_fraction")) if first else "",
                       f(r["instance_bound_rps"]) if first else "", pct(r.get("milp_instance_fraction")) if first else "",
                       v["allocation"])
             first = False
     c.print(t)
-    c.print("sim max / refused = the highest rate the simulator sustained and the lowest it refused (bisection); "
-            "longest run = the requests its longest run needed to fill (runs still filling are doubled, up to 4×).")
-    c.print(f"milp × = milp's simulated max throughput ÷ the policy's; lat ÷ milp = the policy's mean latency at the common "
-            f"rate ({COMMON_FRACTION:.0%} of the weakest policy's max) ÷ milp's. fluid = every GPU at its LLM's best "
-            f"calls/s per GPU; inst. bound = the best set of whole instances, mixed configurations allowed. "
-            f"{wall:.0f} s wall.")
+    c.print("sim max / refused = the highest rate the simulator sustained and the lowest it refused (bisection; "
+            "a run is sustained when its backlog's growth, with a 95% batch-means interval, stays under 2% of the "
+            "arrivals); longest run = the requests its longest run needed (runs still filling or undecided are "
+            "lengthened, up to 8×).")
+    c.print(f"milp × = milp's simulated max throughput ÷ the policy's; at the common rates ({pcts} of the weakest "
+            f"policy's max) each policy runs its plan for that rate: mean latency, and milp lat ÷ = milp's mean latency "
+            f"÷ the policy's (≤ 1: milp no slower). fluid = every GPU at its LLM's best calls/s per GPU; inst. bound = "
+            f"the best set of whole instances, mixed configurations allowed. {wall:.0f} s wall.")
 
 
 def _plot(cells: list[dict[str, Any]], path: str) -> None:
@@ -307,11 +333,12 @@ def _plot(cells: list[dict[str, Any]], path: str) -> None:
             # the max-throughput plan's sustainable runs as a line; the common-rate plan as a cross
             pts = sorted((r[0], r[3]) for r in v.get("sim", {}).get("runs", []) if r[1])
             line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=pol) if pts else None
-            if "at_common" in v:
+            at = sorted(v.get("at_common", {}).values(), key=lambda r: r["rate_rps"])
+            if at:
                 color = line[0].get_color() if line else None
-                ax.plot([v["at_common"]["rate_rps"]], [v["at_common"]["latency_mean_s"]], marker="x", ms=7, color=color,
+                ax.plot([r["rate_rps"] for r in at], [r["latency_mean_s"] for r in at], marker="x", ms=7, color=color,
                         linestyle="none")
-        ax.set_title(f"{c['workflow']}, {c['gpus']} GPUs (x: plan for the common rate)", fontsize=9)
+        ax.set_title(f"{c['workflow']}, {c['gpus']} GPUs (x: plans for the common rates)", fontsize=9)
         ax.set_xlabel("rate (requests/s)", fontsize=8)
         ax.set_ylabel("mean latency (s)", fontsize=8)
         ax.set_yscale("log")

@@ -1,24 +1,27 @@
 """Maximum sustainable throughput of a plan, measured in the simulator.
 
 A rate is sustainable when every simulated request completes and the requests in the system stop
-piling up: after the first third of the arrivals, the least-squares slope of the number of
-requests in flight (sampled at each arrival), divided by the arrival rate, is at most `PILEUP`
-(2%: a plan that departs fewer than 98% of what arrives is overloaded; so rates up to μ/0.98 of a
-capacity μ pass). By Little's law, bounded work in progress at a steady arrival rate is bounded
-mean latency; unlike a latency trend, this reading has no end effect (it stops at the last
-arrival, before the system drains).
+piling up. Growth is read over the arrivals after the first third: the number of requests in flight
+(sampled at each arrival) is cut into 10 batches of consecutive arrivals, and the least-squares
+slope of the batch means against time, over the arrival rate, is the share of arrivals that pile
+up (≈ 1 − μ/λ past a capacity μ). Its standard error comes from the batch means' residuals (the
+per-sample series is far too autocorrelated for its own), widened by their lag-1 memory. With
+the 95% interval (Student's t, 8 degrees of freedom) the run *holds* (all of it ≤ `PILEUP`, 2%),
+*grows* (all of it above) or is *undecided*. By Little's law, bounded work in progress at a steady
+arrival rate is bounded mean latency; unlike a latency trend, this reading has no end effect (it
+stops at the last arrival, before the system drains).
 
-Workflows with long, step-synchronous requests (beam search: ~9 reasoning steps, latencies of
-minutes near capacity) take thousands of requests to fill: work in progress grows towards its
-steady level for several request latencies, and a short run reads that fill as overload at any
-rate. So a run whose backlog still grows but decelerates — over the last third it grows by less
-than ¾ of its growth over the middle third — is lengthened (the same arrivals and programs, twice
-as many) up to `MAX_EXTEND` × the requests asked for; a backlog that grows at a steady pace is
-overload and is refused at once — unless the run spans fewer than `FILL_LATENCIES` (12) mean
-latencies of its early requests, too short to tell a slow fill from overload. Past capacity,
-fork-join workflows still complete requests at a rate below λ and below the capacity (partly done
-requests pile up), so one overloaded run's departure rate under-reads the capacity; this bisects
-on the rate instead.
+Plans with a large steady backlog (milp's at 32 GPUs: ~1,000 requests in flight, latencies of
+minutes) take thousands of requests to fill, and until then their backlog grows as overload's
+does. So a run is lengthened (the same arrivals and programs, more of them) when it is undecided,
+or grows but decelerates (over the last third by less than ¾ of its growth over the middle third),
+or spans fewer than `FILL_LATENCIES` (12) mean latencies of its early requests — straight to the
+length that spans them, up to `max_extend` × the requests asked for (`judge` 4×, `max_sustainable_rate`
+8×). At the longest run an undecided reading falls to its point estimate. A backlog that grows at a
+steady pace in a run long enough is overload, refused at once. Past capacity, fork-join workflows
+still complete requests at a rate below λ and below the capacity (partly done requests pile up),
+so one overloaded run's departure rate under-reads the capacity; this bisects on the rate instead.
+Validated against long single runs by scripts/validate_capacity.py.
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ from scepsy_hpc.spec.workflow import Workflow
 
 PILEUP = 0.02        # sustainable: at most 2% of the arrivals after the first third pile up
 SETTLING = 0.75      # still filling: the pile-up over the last third is below ¾ of that over the middle third
-MAX_EXTEND = 4       # a filling run is doubled up to 4× the requests asked for
+MAX_EXTEND = 4       # `judge`'s default: a filling or undecided run is doubled up to 4× the requests asked for
+CAPACITY_EXTEND = 8  # `max_sustainable_rate`'s: up to 8× (a 32-GPU plan's ~1,000-request backlog fills over ~7,000)
 FILL_LATENCIES = 12  # a run shorter than 12 early request latencies has not filled: it is lengthened
+BATCHES = 10         # the in-flight series after the first third is cut into 10 batches of arrivals
+T_CRIT = 2.31        # Student's t, 8 degrees of freedom (10 batch means − 2), two-sided 95%
 
 
 @dataclass(frozen=True)
@@ -49,41 +55,103 @@ class CapacityResult:
     requests: tuple[int, ...] = ()                       # requests simulated per run (after extensions)
 
 
+@dataclass(frozen=True)
+class Growth:
+    """Requests piling up per request arriving (`growth`), its standard error from batch means
+    (`stderr`), and the mean requests in flight, over the arrivals after the first third."""
+
+    growth: float
+    stderr: float
+    in_flight: float
+
+    def verdict(self, pileup: float = PILEUP, t_crit: float = T_CRIT) -> str:
+        """`holds` when the whole 95% interval is at most `pileup`, `grows` when it is all above,
+        else `undecided`."""
+        if self.growth + t_crit * self.stderr <= pileup:
+            return "holds"
+        if self.growth - t_crit * self.stderr > pileup:
+            return "grows"
+        return "undecided"
+
+
+def _in_flight(res: SimResult, a: int, b: int) -> tuple[list[float], list[int]]:
+    """Arrival times of requests a … b−1 and the requests in the system just after each arrives."""
+    recs = res.request_records
+    ends = sorted(r.t_end for r in recs if r.t_end >= 0)
+    ts = [recs[i].t_arrive for i in range(a, b)]
+    ws = [i + 1 - bisect.bisect_right(ends, recs[i].t_arrive) for i in range(a, b)]
+    return ts, ws
+
+
+def _slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope of ys on xs and its standard error (nan with fewer than 3 points)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx <= 0:
+        return 0.0, math.nan
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    if len(xs) < 3:
+        return slope, math.nan
+    resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    return slope, math.sqrt(resid / (len(xs) - 2) / sxx)
+
+
+def growth_interval(res: SimResult, lo: float = 1 / 3, batches: int = BATCHES) -> Growth:
+    """`Growth` over arrivals ⌊lo·n⌋ … n−1 by batch means: the series of requests in flight is cut
+    into `batches` runs of consecutive arrivals, and the slope of the batch means against the batch
+    mean arrival times — over the arrival rate — is the growth. The requests in flight are strongly
+    autocorrelated (a large backlog wanders for many arrivals), so a slope fitted to every sample
+    has a standard error far too small; batch means are close to independent once a batch spans
+    the backlog's memory, and their residuals give an honest one. Curvature (a run still filling)
+    also shows up as residual: a wide interval, read as undecided."""
+    recs = res.request_records
+    n = len(recs)
+    a = int(n * lo)
+    if n - a < 2 * batches:
+        return Growth(0.0, math.inf, 0.0)
+    ts, ws = _in_flight(res, a, n)
+    span = ts[-1] - ts[0]
+    if span <= 0:
+        return Growth(0.0, math.inf, sum(ws) / len(ws))
+    rate = (len(ts) - 1) / span
+    k = len(ts) // batches
+    bt = [sum(ts[i * k:(i + 1) * k]) / k for i in range(batches)]
+    bw = [sum(ws[i * k:(i + 1) * k]) / k for i in range(batches)]
+    slope, se = _slope(bt, bw)
+    return Growth(slope / rate, se * _memory(bt, bw, slope) / rate, sum(ws) / len(ws))
+
+
+def _memory(xs: list[float], ys: list[float], slope: float) -> float:
+    """How much a slope's standard error understates itself when the residuals still remember each
+    other (batches shorter than the backlog's memory, or curvature): √((1+r)/(1−r)) for their
+    lag-1 autocorrelation r ≥ 0 (the AR(1) variance factor), r capped at 0.9."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    res = [y - my - slope * (x - mx) for x, y in zip(xs, ys)]
+    ss = sum(e * e for e in res)
+    r = sum(a * b for a, b in zip(res, res[1:])) / ss if ss > 0 else 0.0
+    r = min(max(r, 0.0), 0.9)
+    return math.sqrt((1 + r) / (1 - r))
+
+
 def backlog_growth(res: SimResult, lo: float = 1 / 3, hi: float = 1.0) -> float:
     """Requests piling up per request arriving, over arrivals ⌊lo·n⌋ … ⌈hi·n⌉−1: the least-squares
     slope of the requests in the system (sampled just after each arrival) against arrival time,
     over the arrival rate in that stretch. ≈ 0 when departures keep up, ≈ 1 − μ/λ past capacity μ."""
-    return _backlog(res, lo, hi)[0]
-
-
-def _backlog(res: SimResult, lo: float, hi: float) -> tuple[float, float, int]:
-    """(backlog_growth, mean requests in the system, arrivals) over arrivals ⌊lo·n⌋ … ⌈hi·n⌉−1."""
-    recs = res.request_records
-    n = len(recs)
+    n = len(res.request_records)
     a, b = int(n * lo), min(n, math.ceil(n * hi))
     if b - a < 10:
-        return 0.0, 0.0, max(b - a, 0)
-    ends = sorted(r.t_end for r in recs if r.t_end >= 0)
-    ts = [recs[i].t_arrive for i in range(a, b)]
-    ws = [i + 1 - bisect.bisect_right(ends, recs[i].t_arrive) for i in range(a, b)]
+        return 0.0
+    ts, ws = _in_flight(res, a, b)
     span = ts[-1] - ts[0]
-    mt, mw = sum(ts) / len(ts), sum(ws) / len(ws)
     if span <= 0:
-        return 0.0, mw, len(ts)
-    var = sum((t - mt) ** 2 for t in ts)
-    slope = sum((t - mt) * (w - mw) for t, w in zip(ts, ws)) / var
-    return slope * span / (len(ts) - 1), mw, len(ts)
+        return 0.0
+    return _slope(ts, [float(w) for w in ws])[0] * span / (len(ts) - 1)
 
 
 def is_sustainable(res: SimResult, pileup: float = PILEUP) -> bool:
-    """Every request completed and, after the first third of the arrivals, at most `pileup` of them
-    piled up (see `backlog_growth`) — or no more than two standard deviations of a Poisson count
-    of the mean requests in flight (2·√W: a short run of a light workflow sees its backlog jitter
-    by a few requests, which is not a trend)."""
-    if res.completed < res.requests:
-        return False
-    growth, wip, arrivals = _backlog(res, 1 / 3, 1.0)
-    return growth * arrivals <= max(pileup * arrivals, 2.0 * math.sqrt(wip))
+    """Every request completed and, after the first third of the arrivals, the backlog provably
+    does not grow by more than `pileup` per arrival (`Growth.verdict` is `holds`)."""
+    return res.completed >= res.requests and growth_interval(res).verdict(pileup) == "holds"
 
 
 def still_filling(res: SimResult, pileup: float = PILEUP, settling: float = SETTLING) -> bool:
@@ -94,33 +162,49 @@ def still_filling(res: SimResult, pileup: float = PILEUP, settling: float = SETT
             and backlog_growth(res, 2 / 3) < settling * backlog_growth(res, 1 / 3, 2 / 3))
 
 
+def _fill_requests(res: SimResult, fill_latencies: float) -> float:
+    """Requests a run needs to span `fill_latencies` × the mean latency of its first third of
+    requests, at its own arrival rate (0 when it cannot tell)."""
+    recs = res.request_records
+    early = [r.t_end - r.t_arrive for r in recs[: len(recs) // 3] if r.t_end >= 0]
+    span = recs[-1].t_arrive - recs[0].t_arrive if len(recs) > 1 else 0.0
+    if not early or span <= 0:
+        return 0.0
+    return fill_latencies * sum(early) / len(early) * (len(recs) - 1) / span
+
+
 def too_short(res: SimResult, fill_latencies: float = FILL_LATENCIES) -> bool:
     """The run's arrivals span less than `fill_latencies` × the mean latency of its first third of
     requests: too short for a workflow whose requests take that long to reach its steady backlog
     (beam search at 32 GPUs fills over ~2,000 requests and, until then, grows as steadily as
     overload does)."""
-    recs = res.request_records
-    early = [r.t_end - r.t_arrive for r in recs[: len(recs) // 3] if r.t_end >= 0]
-    if len(recs) < 2 or not early:
-        return False
-    return recs[-1].t_arrive - recs[0].t_arrive < fill_latencies * sum(early) / len(early)
+    return len(res.request_records) < _fill_requests(res, fill_latencies)
 
 
 def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MAX_EXTEND,
           pileup: float = PILEUP) -> tuple[bool, SimResult]:
-    """Run `run(n)` from `n_requests`, doubling n while the run is still filling or too short for
-    its request latency (up to `max_extend` × `n_requests`); the verdict of `is_sustainable` on
-    the last run, and that run."""
+    """Run `run(n)` from `n_requests` and read the backlog's growth with its 95% interval
+    (`growth_interval`): `holds` is sustainable; `grows` is overload unless the run is still filling
+    or too short for its request latency; `undecided` (noise or a fill wider than the margin) and
+    a run still filling are lengthened — doubled, or straight to the multiple of `n_requests` that
+    spans `FILL_LATENCIES` early latencies — up to `max_extend` × `n_requests`, where an undecided
+    run is read by its point estimate. The verdict, and the last run."""
     n = n_requests
     while True:
         res = run(n)
-        if is_sustainable(res, pileup):
+        if res.completed < res.requests:
+            return False, res
+        verdict = growth_interval(res).verdict(pileup)
+        if verdict == "holds":
             return True, res
-        if res.completed < res.requests or 2 * n > max_extend * n_requests:
+        last = 2 * n > max_extend * n_requests
+        if verdict == "grows" and (last or not (still_filling(res, pileup) or too_short(res))):
             return False, res
-        if not (still_filling(res, pileup) or too_short(res)):
-            return False, res
+        if last:   # undecided at the longest run allowed: the point estimate decides
+            return growth_interval(res).growth <= pileup, res
         n *= 2
+        while 2 * n <= max_extend * n_requests and n < _fill_requests(res, FILL_LATENCIES):
+            n *= 2
 
 
 def max_sustainable_rate(
@@ -135,7 +219,7 @@ def max_sustainable_rate(
     rel_tol: float = 0.015,
     max_runs: int = 14,
     step: float = 1.08,
-    max_extend: int = MAX_EXTEND,
+    max_extend: int = CAPACITY_EXTEND,
     on_run: Callable[[float, bool, SimResult], Any] | None = None,
 ) -> CapacityResult:
     """Bisect the arrival rate between a sustainable and an unsustainable one, starting near `guess_rps`."""

@@ -31,7 +31,18 @@ def test_bench_runs_and_plots(small, tmp_path):
     assert m["sim_max_rps"] > 0 and e["sim_max_rps"] > 0
     assert m["milp_throughput_ratio"] == pytest.approx(1.0)
     assert e["milp_throughput_ratio"] == pytest.approx(m["sim_max_rps"] / e["sim_max_rps"])
-    assert cell["common_rps"] == pytest.approx(0.9 * min(m["sim_max_rps"], e["sim_max_rps"]))
+    # latency at 90, 95 and 99% of the weakest maximum, each policy on its own plan for the rate
+    weakest = min(m["sim_max_rps"], e["sim_max_rps"])
+    assert cell["weakest_max_rps"] == pytest.approx(weakest)
+    assert [r["fraction"] for r in cell["common_rates"]] == [0.9, 0.95, 0.99]
+    assert [r["rate_rps"] for r in cell["common_rates"]] == pytest.approx([0.9 * weakest, 0.95 * weakest, 0.99 * weakest])
+    for v in (m, e):
+        assert [a["rate_rps"] for a in v["at_common"]] == pytest.approx([r["rate_rps"] for r in cell["common_rates"]])
+        assert all(a["latency_mean_s"] > 0 and a["latency_p99_s"] >= a["latency_mean_s"] for a in v["at_common"])
+        assert all(a["requests"] == cell["common_requests"] and a["allocation"] for a in v["at_common"])
+    assert [a["milp_latency_ratio"] for a in m["at_common"]] == pytest.approx([1.0] * 3)
+    assert [a["milp_latency_ratio"] for a in e["at_common"]] == pytest.approx(
+        [a["latency_mean_s"] / b["latency_mean_s"] for a, b in zip(m["at_common"], e["at_common"])])
     # the bisection brackets each capacity; every run took at least the requests asked for
     assert m["sim_refused_rps"] > m["sim_max_rps"] and e["sim_refused_rps"] > e["sim_max_rps"]
     assert all(len(r) == 5 and r[4] >= 120 for r in m["capacity_runs"]) and m["capacity_max_requests"] >= 120
@@ -44,19 +55,28 @@ def test_bench_runs_and_plots(small, tmp_path):
 
 
 def test_bench_table_piped_keeps_every_column_whole(capsys):
-    """Piped (not a terminal), the bench table is printed wide: no column is clipped, the bounds included."""
+    """Piped (not a terminal), the bench table is printed wide: no column is clipped, the bounds and
+    the three common rates' latencies and ratios included."""
     import argparse
 
     from scepsy_hpc.commands import bench
 
     alloc = "qwen72:2xtp8 llama70:2xtp4 mixtral:1xtp4 qwen32:1xtp4"
+
+    def at(lats, ratios):
+        return [{"fraction": f, "rate_rps": f * 0.331, "allocation": alloc, "latency_mean_s": lat, "latency_p99_s": 2 * lat,
+                 "milp_latency_ratio": q} for f, lat, q in zip((0.9, 0.95, 0.99), lats, ratios)]
+
     pol = {"allocation": alloc, "predicted_max_rps": 3.67, "sim_max_rps": 3.43, "sim_refused_rps": 3.5,
-           "milp_throughput_ratio": 1.0, "capacity_max_requests": 4800, "latency_mean_s": 31.6, "latency_p99_s": 80.2,
-           "latency_ratio_vs_milp": 1.0}
-    row = {"workflow": "mixture_of_agents", "gpus": 32, "fluid_rps": 4.46, "instance_bound_rps": 3.67, "common_rps": 0.298,
-           "milp_fluid_fraction": 0.77, "milp_instance_fraction": 0.935, "policies": {"milp": pol}}
+           "milp_throughput_ratio": 1.0, "capacity_max_requests": 4800, "at_common": at([31.6, 33.2, 35.9], [1, 1, 1])}
+    eq = dict(pol, allocation="qwen72:4xtp2", sim_max_rps=0.331, milp_throughput_ratio=10.36,
+              at_common=at([90.1, 120.4, 301.7], [0.351, 0.276, 0.119]))
+    row = {"workflow": "mixture_of_agents", "gpus": 32, "fluid_rps": 4.46, "instance_bound_rps": 3.67, "weakest_max_rps": 0.331,
+           "common_rates": [{"fraction": f, "rate_rps": f * 0.331} for f in (0.9, 0.95, 0.99)],
+           "milp_fluid_fraction": 0.77, "milp_instance_fraction": 0.935, "policies": {"milp": pol, "equal": eq}}
     bench._print([row], argparse.Namespace(gpu_type="h100-sxm", requests=1200, seed=0), 10.0)
     out = capsys.readouterr().out
-    for text in ("inst. bound", "milp/inst.", "94%", "77%", "max-throughput allocation", alloc, "mixture_of_agents"):
-        assert text in out
+    for text in ("inst. bound", "milp/inst.", "94%", "77%", "max-throughput allocation", alloc, "mixture_of_agents",
+                 "90/95/99%", "0.298 / 0.314 / 0.328", "31.6 / 33.2 / 35.9", "0.35 / 0.28 / 0.12", "90.1 / 120.4 / 301.7"):
+        assert text in out, text
     assert "…" not in out

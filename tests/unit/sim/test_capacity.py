@@ -89,3 +89,57 @@ def test_a_run_shorter_than_its_latency_allows_is_lengthened_even_if_it_grows_st
     calls.clear()
     assert judge(_run(lambda t: 0.05 * t, calls), 600)[0] is False and calls == [600]
     assert not too_short(_run(lambda t: 0.05 * t, [])(600))
+
+
+def test_growth_verdict_reads_the_interval_against_the_tolerance():
+    from scepsy_hpc.sim.capacity import Growth
+
+    assert Growth(0.010, 0.004, 100).verdict() == "holds"        # 0.010 + 2.31·0.004 ≤ 0.02
+    assert Growth(0.010, 0.005, 100).verdict() == "undecided"    # the interval reaches past 2%
+    assert Growth(0.050, 0.010, 100).verdict() == "grows"        # all of it above 2%
+    assert Growth(0.030, 0.005, 100).verdict() == "undecided"
+    assert Growth(0.0, math.inf, 0).verdict() == "undecided"      # too few arrivals to tell
+
+
+def test_growth_interval_on_a_queue_below_and_past_capacity(models, gpus):
+    from scepsy_hpc.sim.capacity import growth_interval
+
+    wf, alloc, mu = _queue(models, gpus)
+    low = growth_interval(simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=0.5 * mu, n_requests=3000, seed=0))
+    high = growth_interval(simulate(wf, alloc, gpus["h100-sxm"], models, rate_rps=2.0 * mu, n_requests=3000, seed=0))
+    assert low.verdict() == "holds" and abs(low.growth) < 0.01
+    assert high.verdict() == "grows" and high.growth == pytest.approx(0.5, abs=0.07) and high.stderr < 0.05
+
+
+def _wander(seed: int, n: int = 5000, mean_s: float = 40.0, sd_s: float = 10.0, memory: float = 0.995):
+    """Latency per request that wanders (AR(1), memory of ~200 requests) around a fixed mean: a
+    backlog with no trend whose short stretches can look like one."""
+    import random
+
+    rng, x, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        x = memory * x + rng.gauss(0.0, sd_s * math.sqrt(1 - memory * memory))
+        out.append(max(1.0, mean_s + x))
+    return lambda t: out[int(t)]
+
+
+def test_a_backlog_that_wanders_but_does_not_grow_is_lengthened_not_refused():
+    from scepsy_hpc.sim.capacity import growth_interval
+
+    first = _run(_wander(0), [])(600)
+    # the fixed test read this as overload at once: a slope past 2%, growing steadily, long enough
+    assert backlog_growth(first) > 0.02 and not still_filling(first) and not too_short(first)
+    # its batch-means interval reaches both sides of 2%: undecided, so the run is lengthened
+    assert growth_interval(first).verdict() == "undecided"
+    calls: list[int] = []
+    assert judge(_run(_wander(0), calls), 600)[0] is True and calls == [600, 1200]
+
+
+def test_a_run_far_too_short_for_its_latency_jumps_to_the_length_it_needs():
+    # early latencies of ~200 s at 1 arrival/s: 12 of them need ~2,400 requests; 1,200 is skipped
+    calls: list[int] = []
+    good, _ = judge(_run(lambda t: min(2.0 * t, 400.0), calls), 600, max_extend=8)
+    assert good and calls == [600, 2400]
+    calls.clear()   # never past max_extend × the requests asked for
+    assert judge(_run(lambda t: min(2.0 * t, 4000.0), calls), 600, max_extend=4)[0] is False
+    assert calls == [600, 2400]
