@@ -307,15 +307,28 @@ class Planner:
         cap = self.max_util if max_util is None else max_util
         weights = self._weights(paths)
         loads = self.loads(theta)
+        # GPUs each deployment can have at most: the budget less the others' smallest shares (whole
+        # GPUs, rounded down), so no candidate that cannot fit beside the others is priced
+        least = {name: self._least_share(d, loads[name], cap) for name, d in self.deployments.items()}
+        total = sum(math.floor(v + 1e-9) for v in least.values())
         out = {}
         for name, d in self.deployments.items():
             if d.calls <= 0:
                 c = d.configs[0]
                 out[name] = [Candidate(self.gpu_name, c.tp, c.gpu_frac, 1, 0.0, 0.0)]
                 continue
-            out[name] = cand.latency_candidates(self.gpu_name, d.configs, loads[name], self.n_gpus, cap,
+            room = self.n_gpus - (total - math.floor(least[name] + 1e-9))
+            out[name] = cand.latency_candidates(self.gpu_name, d.configs, loads[name], max(room, 0), cap,
                                                 cand.weights_cost(weights[name]), self.eps)
         return out
+
+    def _least_share(self, d: Deployment, load: float, cap: float) -> float:
+        """The smallest GPU share (tp·r·f) of any candidate of `d` carrying `load` at utilisation ≤ `cap`."""
+        if d.calls <= 0:
+            return d.configs[0].gpus
+        shares = [c.gpus * max(1, math.ceil(load / (c.profile.capacity_rps * cap) - 1e-9))
+                  for c in d.configs if c.profile is not None and c.profile.capacity_rps > 0]
+        return min(shares, default=0.0)
 
     def milp_latency(self, theta: float) -> Outcome:
         """Lowest predicted latency at scale θ (target mode), iterating the critical paths."""
@@ -327,8 +340,8 @@ class Planner:
             cands = self.latency_candidates(theta, paths)
             n_cands = sum(len(c) for c in cands.values())
             try:
-                res = solve(cands, {self.gpu_name: self.n_gpus}, time_limit_s=self.time_limit_s, gap=self.gap,
-                            domain_caps=self.domain_caps)
+                res = solve(cand.prune_by_bound(cands, self.n_gpus, self.fits), {self.gpu_name: self.n_gpus},
+                            time_limit_s=self.time_limit_s, gap=self.gap, domain_caps=self.domain_caps)
             except InfeasibleError:
                 raise self.infeasible(theta) from None
             solve_time += res.solve_time_s
