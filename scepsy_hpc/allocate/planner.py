@@ -33,7 +33,7 @@ from scepsy_hpc.allocate import candidates as cand
 from scepsy_hpc.allocate.milp import Candidate, MILPResult, choice_key, shared_gpus_needed, solve, solve_max_rate
 from scepsy_hpc.errors import InfeasibleError, SpecError
 from scepsy_hpc.predict.alp import Prediction, predict_cp, predict_paper
-from scepsy_hpc.predict.inputs import ProfileSource, program_graphs
+from scepsy_hpc.predict.inputs import ProfileSource, prefetch, program_graphs
 from scepsy_hpc.profile.table import ProfileTable
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
@@ -125,6 +125,7 @@ class Planner:
         self.deployments = self._deployments()
         self.dep_of = {(i, llm): d.name for d in self.deployments.values() for i, llm in d.members}
         self._sources = {d.name: self._source(d, profiles_dir, seed, n_calls) for d in self.deployments.values()}
+        self._prefetch()
         for d in self.deployments.values():
             d.configs = self._configs(d)
         self._finish_demands()
@@ -191,6 +192,20 @@ class Planner:
         """The profile of deployment `dep` at (tp, frac) on the planning GPU type."""
         src, llm = self._sources[dep]
         return src.get(llm, LLMAlloc(tp=tp, gpu_frac=frac), self.gpu_name)
+
+    def _prefetch(self) -> None:
+        """Synthesise every deployment's profiles side by side (predict.inputs.prefetch: the same
+        profiles, made in processes; 32 LLMs × their configurations is minutes one by one)."""
+        gpu = self.gpus[self.gpu_name]
+        wanted = []
+        for d in self.deployments.values():
+            src, llm = self._sources[d.name]
+            if any(self.demands[i].mix.get(m) for i, m in d.members):
+                wanted += [(src, llm, LLMAlloc(tp=tp, gpu_frac=f))
+                           for tp, f in cand.fitting_configs(d.model, gpu, self.max_tp, self.fractions)]
+        if wanted:
+            self.progress(f"profile {len(wanted)} configurations")
+            prefetch(wanted, self.gpu_name)
 
     def _configs(self, d: Deployment) -> list[cand.Config]:
         gpu = self.gpus[self.gpu_name]
