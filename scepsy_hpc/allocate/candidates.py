@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from scepsy_hpc.allocate.milp import Candidate
@@ -209,21 +209,19 @@ def _replica_costs(gpu: str, c: Config, load_rps: float, r0: int, r1: int,
 
 def _cost_floor(profile: ProfileTable, cost: Callable[[ProfilePoint, int, bool], float], shaped: bool) -> float | None:
     """A lower bound on `cost` at any load and replica count of `profile`, or None when none is
-    known: the unloaded point's cost with no burst queueing, valid when `cost` is a `weights_cost`
-    (non-negative weights on a, b, tpot) and every fitted point's a, b and tpot are at least the
-    unloaded point's (then interpolation, the queue growth past the last point and pooling, which
-    only shrinks the load-added part of a, stay at or above it), with b ≥ 0 (more prompt tokens
-    ahead never cost less)."""
+    known. `cost` must be a `weights_cost` (non-negative weights on a, b and tpot) and every fitted
+    point's a, b, tpot non-negative. Then each point `pooled_point` can return costs at least the
+    least of the fitted points' costs with a lowered to the unloaded a and no burst queueing:
+    an interpolated point's fields are a convex combination of two fitted points' (and cost is
+    linear in them), the queue growth past the last point only raises its fields, pooling only
+    lowers a towards the unloaded a, and prompts ahead in a burst only add (b ≥ 0)."""
     if not getattr(cost, "monotone", False):
         return None
     pts = profile._fit  # type: ignore[attr-defined]
-    if not pts:
+    if not pts or any(min(q.ttft_a_s, q.ttft_b_s, q.tpot_s) < 0 for q in pts):
         return None
-    base = pts[0]
-    if base.ttft_b_s < 0 or any(q.ttft_a_s < base.ttft_a_s or q.ttft_b_s < base.ttft_b_s or q.tpot_s < base.tpot_s
-                                for q in pts):
-        return None
-    return cost(base, 1 << 30, True)
+    a0 = pts[0].ttft_a_s
+    return min(cost(replace(q, ttft_a_s=min(q.ttft_a_s, a0)), 1 << 30, True) for q in pts)
 
 
 def capacity_candidates(gpu: str, configs: Sequence[Config], budget: int, eps: float = 1e-3) -> list[Candidate]:

@@ -164,7 +164,7 @@ class SimCheck:
     throughput: bool = False
     steady_warmup: float = 1.5
     steady_window: float = 1.0
-    steady_calls: int = 400_000
+    steady_calls: int = 300_000
 
     def requests_for(self, calls_per_request: float) -> int:
         """Requests per simulation for a workflow making `calls_per_request` LLM calls each."""
