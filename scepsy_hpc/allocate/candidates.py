@@ -81,11 +81,22 @@ class PathWeights:
     bursts: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
     _ahead: dict[int, float] = field(default_factory=dict)
 
+    @property
+    def _last(self) -> int:
+        """The latest place of a critical call in its burst: with more replicas than that, the
+        gateway gives every such call a replica of its own."""
+        last = self.__dict__.get("_last_place")
+        if last is None or last[0] != len(self.bursts):
+            last = self.__dict__["_last_place"] = (len(self.bursts), max((i for _, i in self.bursts), default=0))
+        return last[1]
+
     def prompt_sum(self, replicas: int, shaped: bool) -> float:
         """Σ over the critical calls of the prompt tokens their first token waits for, per request."""
         if shaped or not self.bursts:
             return self.prompts
         r = max(1, replicas)
+        if r > self._last:  # each call first on its replica: nothing ahead of it
+            return self.prompts
         if r not in self._ahead:
             extra = 0.0
             for prompts, i in self.bursts:

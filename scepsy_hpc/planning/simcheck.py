@@ -39,7 +39,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from scepsy_hpc.spec.plan import LLMAlloc
 
@@ -278,7 +278,8 @@ def shortlist_timed(planner: "Planner", best: "Outcome", check: SimCheck) -> tup
     return items, solve[0]
 
 
-def iter_shortlist(planner: "Planner", best: "Outcome", check: SimCheck, solve_time_s: list[float]):  # type: ignore[no-untyped-def]
+def iter_shortlist(planner: "Planner", best: "Outcome", check: SimCheck,
+                   solve_time_s: list[float]) -> Iterator[tuple[str, dict[str, "Candidate"]]]:
     """The shortlist of `shortlist_timed`, made lazily in its order (each entry's MILP is solved
     when the entry is asked for); the MILPs' solve time is added to `solve_time_s[0]`."""
     from scepsy_hpc.allocate.candidates import prune_by_bound

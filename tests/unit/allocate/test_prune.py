@@ -111,3 +111,19 @@ def test_early_stop_prices_the_same_candidates(models, gpus, theta, budget, min_
         want = every_count("h100-sxm", d.configs, loads[name], budget, 0.9, cost, 1e-3, min_gain)
         assert got == want, name
         assert len(got) >= 2
+
+
+def test_prompts_ahead_in_a_burst_follow_the_replicas():
+    """PathWeights.prompt_sum: a critical call waits for the prompts ahead of it on its replica;
+    with more replicas than its place in the burst, none (the shortcut past the last place)."""
+    from scepsy_hpc.allocate.candidates import PathWeights
+
+    w = PathWeights(2, count=2.0, prompts=(30 + 7) / 2)
+    w.bursts = [((10, 20, 30, 40), 2), ((5, 6, 7), 2)]   # the critical calls: 3rd of 4, 3rd of 3
+    for r in range(1, 12):
+        ahead = sum(sum(p[j] for j in range(i % r, i + 1, r)) for p, i in w.bursts)
+        assert w.prompt_sum(r, False) == pytest.approx(ahead / 2), r
+    assert w.prompt_sum(1, False) == pytest.approx((60 + 18) / 2)
+    assert w.prompt_sum(3, False) == w.prompts
+    assert w.prompt_sum(2, False) == pytest.approx((40 + 12) / 2)
+    assert w.prompt_sum(1, True) == w.prompts
