@@ -180,13 +180,15 @@ class SimCheck:
         return 0.1 * self.requests_for(_calls(planner)) < self.steady_warmup * latency_s * rate
 
     def steady(self, planner: "Planner", choice: Mapping[str, "Candidate"], theta: float,
-               latency_s: float) -> SteadyRun:
+               latency_s: float, confirm_below: float = math.inf) -> SteadyRun:
         """`choice` at rate scale θ in steady state (see `SteadyRun`), its warm-up and window sized
         from the mean latency `latency_s` (the predictor's). When the measured latency shows the
         warm-up was shorter than `steady_warmup` latencies, the run is made once more, sized from
-        the measured latency."""
+        the measured latency — unless it already reads `confirm_below` or more: a run still
+        filling reads low (it started empty), so such an allocation is slower than that anyway."""
         run = self._steady_once(planner, choice, theta, latency_s)
-        if not run.settled and math.isfinite(run.latency_s) and run.latency_s > latency_s:
+        if (not run.settled and math.isfinite(run.latency_s) and run.latency_s > latency_s
+                and run.latency_s < confirm_below):
             again = self._steady_once(planner, choice, theta, run.latency_s)
             run = replace(again, calls=again.calls + run.calls)
         return run
@@ -417,7 +419,9 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
     for label, choice in items:
         pred = sum(p.latency_s for p in planner.evaluate(choice, theta).values()) if checked else best.latency_s
         planner.progress(f"simulator check (steady state): {label}")
-        run = check.steady(planner, choice, theta, pred)
+        # an alternative is confirmed (run again when it had not settled) only if it may beat the optimum
+        run = (check.steady(planner, choice, theta, pred) if not checked else
+               check.steady(planner, choice, theta, pred, confirm_below=checked[0].simulated_s * (1 - check.margin)))
         spent += run.calls
         checked.append(Checked(label, choice, pred, run.latency_s, run.throughput_rps, steady=run.to_dict()))
         if spent >= check.steady_calls:

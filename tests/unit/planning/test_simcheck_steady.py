@@ -62,7 +62,7 @@ def test_steady_latency_matches_a_long_run(planner6, best6):
 def fake_steady(latency_of, calls=100_000):
     seen = []
 
-    def steady(self, planner, choice, theta, latency_s):
+    def steady(self, planner, choice, theta, latency_s, confirm_below=float("inf")):
         seen.append(choice_key(choice))
         lat = latency_of(len(seen))
         return SteadyRun(lat, theta, 1.5 * lat, lat, 1000, calls, 0.0, True)
@@ -119,3 +119,21 @@ def test_policy_run_goes_through_the_steady_check_at_scale(planner6, best6, monk
     monkeypatch.setattr(SimCheck, "needs_steady", lambda self, p, theta, lat: True)
     out = policy.checked(planner6, SimCheck(steady_calls=1), "milp", best6)
     assert len(seen) == 1 and out.checked[0].steady is not None
+
+
+def test_an_unsettled_run_is_run_again_unless_already_slower(planner6, best6, monkeypatch):
+    """A run still filling reads low: it is made again from its measured latency, except for an
+    alternative that already reads slower than the optimum."""
+    runs = []
+
+    def once(self, planner, choice, theta, latency_s):
+        runs.append(latency_s)
+        return SteadyRun(50.0, theta, 1.5 * latency_s, latency_s, 1000, 1000, 0.2, False)
+
+    monkeypatch.setattr(SimCheck, "_steady_once", once)
+    check = SimCheck()
+    got = check.steady(planner6, best6.choice, 1.0, 10.0)
+    assert runs == [10.0, 50.0] and got.calls == 2000
+    runs.clear()
+    check.steady(planner6, best6.choice, 1.0, 10.0, confirm_below=40.0)
+    assert runs == [10.0]
