@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_milp_scale import workflow_text  # noqa: E402
 
+from scepsy_hpc.allocate import candidates as cand_mod  # noqa: E402
 from scepsy_hpc.allocate import milp as milp_mod  # noqa: E402
 from scepsy_hpc.allocate import planner as planner_mod  # noqa: E402
 from scepsy_hpc.planning import api  # noqa: E402
@@ -121,10 +122,15 @@ def main() -> int:
                      "phases_s": phases, "calls": dict(COUNTS), "predicted_latency_s": pred,
                      "steady_state": steady, "ratio_pred_over_sim": pred / steady["latency_mean_s"],
                      "notes": list(out.notes)})
+        fed = None
+        if out.priced is not None and hasattr(cand_mod, "prune_by_bound"):
+            fed = sum(map(len, cand_mod.prune_by_bound(out.priced, res.planner.n_gpus, res.planner.fits).values()))
+        runs[-1]["candidates_to_highs"] = fed
         if not args.json:
             r = runs[-1]
             print(f"{args.llms} LLMs × {args.gpus} GPUs at {args.rate:g} rps: wall {wall:.1f} s, solve_time_s "
-                  f"{out.solve_time_s:.2f}, {out.candidates} candidates, {out.iterations} iterations, status {out.status}")
+                  f"{out.solve_time_s:.2f}, {out.candidates} candidates ({fed} after the bound), {out.iterations} iterations, "
+                  f"status {out.status}")
             for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
                 print(f"    {k:22s} {v:7.2f} s" + (f"  ({COUNTS[k]} calls)" if k in COUNTS else ""))
             print(f"  predicted latency {pred:.2f} s; steady-state simulated {steady['latency_mean_s']:.2f} s "
