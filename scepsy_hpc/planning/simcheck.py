@@ -95,9 +95,11 @@ class SteadyRun:
     settled: bool             # the warm-up lasted ≥ `SimCheck.steady_warmup` measured latencies and the backlog held
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"latency_s": self.latency_s, "throughput_rps": self.throughput_rps, "warmup_s": self.warmup_s,
-                "window_s": self.window_s, "requests": self.requests, "calls": self.calls, "growth": self.growth,
+        """JSON-ready form (a non-finite figure as None)."""
+        def num(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+        return {"latency_s": num(self.latency_s), "throughput_rps": num(self.throughput_rps), "warmup_s": self.warmup_s,
+                "window_s": self.window_s, "requests": self.requests, "calls": self.calls, "growth": num(self.growth),
                 "settled": self.settled}
 
 
@@ -452,7 +454,7 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
                         f"{check.steady_calls}")
     if not (kept.steady or {}).get("settled", True):
         out = out.noted(f"simulator check: the {kept.label} allocation's run did not settle (its backlog still moved "
-                        f"by {(kept.steady or {}).get('growth', math.nan):.1%} of the arrivals over the window); "
+                        f"by {_growth(kept):.1%} of the arrivals over the window); "
                         f"its simulated latency is a lower bound")
     pred, sim = out.latency_s, kept.simulated_s
     if math.isfinite(sim) and sim > 0 and abs(pred / sim - 1) > 0.15:
@@ -460,6 +462,11 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
                         f"({pred / sim:.2f}×); trust the simulation: it runs the workflow's program on every engine "
                         f"at once, where the predictor prices each LLM alone by its Poisson-fed profile")
     return replace(out, checked=tuple(checked), check_time_s=elapsed)
+
+
+def _growth(c: Checked) -> float:
+    g = (c.steady or {}).get("growth")
+    return math.nan if g is None else float(g)
 
 
 def neighbours(planner: "Planner", choice: Mapping[str, "Candidate"], delta: float,

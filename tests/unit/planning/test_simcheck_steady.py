@@ -137,3 +137,13 @@ def test_an_unsettled_run_is_run_again_unless_already_slower(planner6, best6, mo
     runs.clear()
     check.steady(planner6, best6.choice, 1.0, 10.0, confirm_below=40.0)
     assert runs == [10.0]
+
+
+def test_an_unsettled_kept_run_is_called_a_lower_bound(planner6, best6, monkeypatch):
+    def steady(self, planner, choice, theta, latency_s, confirm_below=float("inf")):
+        return SteadyRun(latency_s, theta, 1.0, 1.0, 100, 10 ** 9, 0.2, False)
+
+    monkeypatch.setattr(SimCheck, "steady", steady)
+    out = run_check(planner6, SimCheck(), steady_best(planner6, best6))
+    assert any("did not settle" in n and "20.0%" in n and "lower bound" in n for n in out.notes), out.notes
+    assert out.checked[0].to_dict()["steady_state"]["settled"] is False
