@@ -88,9 +88,8 @@ def every_count(gpu, configs, load, budget, max_util, cost, eps, min_gain):
     return pareto(raw, lambda c: c.cost_s, eps, min_gain)
 
 
-@pytest.mark.parametrize("theta,budget,min_gain", [(1.0, 64, 0.01), (3.0, 200, 0.01), (0.3, 64, 0.0), (2.0, 120, 0.05)])
-def test_early_stop_prices_the_same_candidates(models, gpus, theta, budget, min_gain):
-    from scepsy_hpc.allocate import candidates as cand
+@pytest.fixture(scope="module")
+def small_planner(models, gpus):
     from scepsy_hpc.allocate.planner import Demand, Planner
     from scepsy_hpc.predict.inputs import sample_mix, sample_program
     from scepsy_hpc.spec.source import parse_yaml
@@ -99,8 +98,15 @@ def test_early_stop_prices_the_same_candidates(models, gpus, theta, budget, min_
     data, smap = parse_yaml(SMALL, "small.yaml")
     wf = parse_workflow(data, smap, models)
     seqs = sample_program(wf, 200, 0)
-    p = Planner([Demand(wf, wf.target.throughput_rps, sample_mix(seqs), seqs)], models, gpus, "h100-sxm", 8,
-                max_tp=4, n_calls=400)
+    return Planner([Demand(wf, wf.target.throughput_rps, sample_mix(seqs), seqs)], models, gpus, "h100-sxm", 8,
+                   max_tp=4, n_calls=400)
+
+
+@pytest.mark.parametrize("theta,budget,min_gain", [(1.0, 64, 0.01), (3.0, 200, 0.01), (0.3, 64, 0.0), (2.0, 120, 0.05)])
+def test_early_stop_prices_the_same_candidates(small_planner, theta, budget, min_gain):
+    from scepsy_hpc.allocate import candidates as cand
+
+    p = small_planner
     weights = p._weights({0: None})
     loads = p.loads(theta)
     for name, d in p.deployments.items():
