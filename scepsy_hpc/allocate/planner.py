@@ -34,7 +34,7 @@ from scepsy_hpc.allocate.milp import (Candidate, MILPResult, choice_key, instanc
                                       solve_counts, solve_max_rate)
 from scepsy_hpc.errors import InfeasibleError, SpecError
 from scepsy_hpc.predict.alp import Prediction, pooled_point, predict_cp, predict_paper
-from scepsy_hpc.predict.inputs import ProfileSource, program_graphs
+from scepsy_hpc.predict.inputs import ProfileSource, prefetch, program_graphs
 from scepsy_hpc.predict.pool import pool_profile
 from scepsy_hpc.profile.table import ProfileTable
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
@@ -128,6 +128,7 @@ class Planner:
         self.deployments = self._deployments()
         self.dep_of = {(i, llm): d.name for d in self.deployments.values() for i, llm in d.members}
         self._sources = {d.name: self._source(d, profiles_dir, seed, n_calls) for d in self.deployments.values()}
+        self._prefetch()
         for d in self.deployments.values():
             d.configs = self._configs(d)
         self._finish_demands()
@@ -207,6 +208,20 @@ class Planner:
             tables = [self.profile(dep, g.tp, g.gpu_frac) for g in c.groups]
             pools[key] = pool_profile([(t, g.replicas) for t, g in zip(tables, c.groups)], [t.capacity_rps for t in tables])
         return pools[key]
+
+    def _prefetch(self) -> None:
+        """Synthesise every deployment's profiles side by side (predict.inputs.prefetch: the same
+        profiles, made in processes; 32 LLMs × their configurations is minutes one by one)."""
+        gpu = self.gpus[self.gpu_name]
+        wanted = []
+        for d in self.deployments.values():
+            src, llm = self._sources[d.name]
+            if any(self.demands[i].mix.get(m) for i, m in d.members):
+                wanted += [(src, llm, LLMAlloc(tp=tp, gpu_frac=f))
+                           for tp, f in cand.fitting_configs(d.model, gpu, self.max_tp, self.fractions)]
+        if wanted:
+            self.progress(f"profile {len(wanted)} configurations")
+            prefetch(wanted, self.gpu_name)
 
     def _configs(self, d: Deployment) -> list[cand.Config]:
         gpu = self.gpus[self.gpu_name]
@@ -322,15 +337,28 @@ class Planner:
         cap = self.max_util if max_util is None else max_util
         weights = self._weights(paths)
         loads = self.loads(theta)
+        # GPUs each deployment can have at most: the budget less the others' smallest shares (whole
+        # GPUs, rounded down), so no candidate that cannot fit beside the others is priced
+        least = {name: self._least_share(d, loads[name], cap) for name, d in self.deployments.items()}
+        total = sum(math.floor(v + 1e-9) for v in least.values())
         out = {}
         for name, d in self.deployments.items():
             if d.calls <= 0:
                 c = d.configs[0]
                 out[name] = [Candidate(self.gpu_name, c.tp, c.gpu_frac, 1, 0.0, 0.0)]
                 continue
-            out[name] = cand.latency_candidates(self.gpu_name, d.configs, loads[name], self.n_gpus, cap,
+            room = self.n_gpus - (total - math.floor(least[name] + 1e-9))
+            out[name] = cand.latency_candidates(self.gpu_name, d.configs, loads[name], max(room, 0), cap,
                                                 cand.weights_cost(weights[name]), self.eps)
         return out
+
+    def _least_share(self, d: Deployment, load: float, cap: float) -> float:
+        """The smallest GPU share (tp·r·f) of any candidate of `d` carrying `load` at utilisation ≤ `cap`."""
+        if d.calls <= 0:
+            return d.configs[0].gpus
+        shares = [c.gpus * max(1, math.ceil(load / (c.profile.capacity_rps * cap) - 1e-9))
+                  for c in d.configs if c.profile is not None and c.profile.capacity_rps > 0]
+        return min(shares, default=0.0)
 
     def milp_latency(self, theta: float) -> Outcome:
         """Lowest predicted latency at scale θ (target mode), iterating the critical paths."""
@@ -342,8 +370,8 @@ class Planner:
             cands = self.latency_candidates(theta, paths)
             n_cands = sum(len(c) for c in cands.values())
             try:
-                res = solve(cands, {self.gpu_name: self.n_gpus}, time_limit_s=self.time_limit_s, gap=self.gap,
-                            domain_caps=self.domain_caps)
+                res = solve(cand.prune_by_bound(cands, self.n_gpus, self.fits), {self.gpu_name: self.n_gpus},
+                            time_limit_s=self.time_limit_s, gap=self.gap, domain_caps=self.domain_caps)
             except InfeasibleError:
                 raise self.infeasible(theta) from None
             solve_time += res.solve_time_s

@@ -78,9 +78,9 @@ def _latency(job: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def _alloc(out: Any) -> dict[str, Any]:
-    from scepsy_hpc.spec.plan import LLMAlloc
+    from scepsy_hpc.allocate.allocation import as_allocation
 
-    return {d: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for d, c in out.choice.items()}
+    return as_allocation(out.choice)
 
 
 def _guess(v: dict[str, Any]) -> float:
@@ -94,8 +94,10 @@ def _guess(v: dict[str, Any]) -> float:
 
 
 def short_allocation(choice: Any) -> str:
-    """`name:RxtpT` / `name:RxF` per deployment of a choice (deployment → candidate)."""
-    return " ".join(f"{d}:{c.replicas}x" + (f"tp{c.tp}" if c.gpu_frac >= 1 else f"{c.gpu_frac:g}") for d, c in choice.items())
+    """`name:RxtpT` / `name:RxF` per deployment of a choice (deployment → candidate); a mixed group's
+    configurations joined by `+`."""
+    return " ".join(f"{d}:" + "+".join(f"{g.replicas}x" + (f"tp{g.tp}" if g.gpu_frac >= 1 else f"{g.gpu_frac:g}")
+                                       for g in c.groups) for d, c in choice.items())
 
 
 def add_arguments(sub: Any) -> None:
@@ -124,8 +126,8 @@ def request_for(args: argparse.Namespace, wf: Any, models: Any, gpus: Any, n: in
     """The max-throughput PlanRequest of one bench cell: `wf` at weight 1 rps on `n` GPUs by `policy`."""
     return PlanRequest(workflows=(wf,), models=models, gpus=gpus, policy=policy, goal="max-throughput",
                        target_rps={wf.name: 1.0}, gpu_type=args.gpu_type, gpu_count=n, max_tp=args.max_tp,
-                       max_util=args.max_util, throughput_tol=args.throughput_tol, time_limit_s=args.time_limit, gap=args.gap,
-                       samples=args.samples, seed=args.seed, sim_check=args.sim_check,
+                       max_util=args.max_util, throughput_tol=args.throughput_tol, mixed_groups=args.mixed_groups,
+                       time_limit_s=args.time_limit, gap=args.gap, samples=args.samples, seed=args.seed, sim_check=args.sim_check,
                        sim_check_throughput=args.sim_check_throughput)
 
 

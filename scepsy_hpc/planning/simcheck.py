@@ -39,9 +39,9 @@ import math
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from scepsy_hpc.spec.plan import LLMAlloc
+from scepsy_hpc.allocate.allocation import as_entry, as_json
 
 if TYPE_CHECKING:
     from scepsy_hpc.allocate.milp import Candidate
@@ -63,16 +63,44 @@ class Checked:
     throughput_rps: float
     sustained_rps: float | None = None   # throughput goal: the highest rate it sustained in the race (0: none tried held)
     refused_rps: float | None = None     # throughput goal: the rate at which it fell out (None: still in at the end)
+    steady: dict[str, Any] | None = None  # a steady-state run's figures (SteadyRun.to_dict), when the check made one
 
     def to_dict(self) -> dict[str, Any]:
         """The row as `plan --json` prints it under sim_check.allocations."""
-        out = {"label": self.label, "allocation": {m: {"tp": c.tp, "gpu_frac": c.gpu_frac, "replicas": c.replicas} for m, c in self.choice.items()},
+        out = {"label": self.label, "allocation": {m: as_json(c) for m, c in self.choice.items()},
                "predicted_latency_s": self.predicted_s,
                "simulated_latency_s": self.simulated_s if math.isfinite(self.simulated_s) else None,
                "simulated_throughput_rps": self.throughput_rps}
         if self.sustained_rps is not None:
             out.update(sustained_rps=self.sustained_rps, refused_rps=self.refused_rps)
+        if self.steady is not None:
+            out["steady_state"] = self.steady
         return out
+
+
+@dataclass(frozen=True)
+class SteadyRun:
+    """One allocation simulated in steady state (`SimCheck.steady`): arrivals for `warmup_s` +
+    `window_s`, the simulation stopped at the window's end, the mean latency read by Little's law
+    over the window (time-average requests in the system ÷ arrivals per second), so neither the
+    fill nor the drain enters it and no request needs to finish inside the run."""
+
+    latency_s: float          # mean latency over the window (Little's law)
+    throughput_rps: float     # departures per second in the window
+    warmup_s: float
+    window_s: float
+    requests: int             # arrivals simulated (warm-up and window)
+    calls: int                # LLM calls simulated
+    growth: float             # requests piling up per arrival over the window (≈ 0 in steady state)
+    settled: bool             # the warm-up lasted ≥ `SimCheck.steady_warmup` measured latencies and the backlog held
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (a non-finite figure as None)."""
+        def num(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+        return {"latency_s": num(self.latency_s), "throughput_rps": num(self.throughput_rps), "warmup_s": self.warmup_s,
+                "window_s": self.window_s, "requests": self.requests, "calls": self.calls, "growth": num(self.growth),
+                "settled": self.settled}
 
 
 @dataclass(frozen=True)
@@ -109,6 +137,15 @@ class SimCheck:
                    flatters them; by default the median of three paths decides
     jobs           throughput goal: processes that simulate a step's contenders (0: CPU count)
     throughput     run the throughput goal's race at all (off by default: see the module docstring)
+    steady_warmup  mean latencies of arrivals before the steady-state window. A run of
+                   `requests_for` requests is steady when its first tenth spans that many
+                   latencies (λ·L requests are in flight, Little's law); when it does not (long
+                   requests at a high rate: 32 chained LLMs at 30 rps keep thousands in flight),
+                   the check measures each allocation by `steady` instead
+    steady_window  mean latencies the steady-state window lasts (at least `min_requests` arrivals)
+    steady_calls   simulated LLM calls the steady-state check spends at most: the optimum is
+                   always run; the shortlist's next allocations while calls remain (the note
+                   says what was not simulated)
     """
 
     alternatives: int = DEFAULT_ALTERNATIVES
@@ -127,11 +164,61 @@ class SimCheck:
     quorum: int = 2
     jobs: int = 0
     throughput: bool = False
+    steady_warmup: float = 1.5
+    steady_window: float = 1.0
+    steady_calls: int = 300_000
 
     def requests_for(self, calls_per_request: float) -> int:
         """Requests per simulation for a workflow making `calls_per_request` LLM calls each."""
         n = int(self.calls / max(calls_per_request, 1.0))
         return max(self.min_requests, min(self.max_requests, n))
+
+    def needs_steady(self, planner: "Planner", theta: float, latency_s: float) -> bool:
+        """True when the fixed-length run would not leave the transient: its first tenth (the
+        part it drops) spans fewer than `steady_warmup` mean latencies at the planned rate."""
+        rate = theta * planner.demands[0].weight_rps
+        if not (math.isfinite(latency_s) and latency_s > 0 and rate > 0):
+            return False
+        return 0.1 * self.requests_for(_calls(planner)) < self.steady_warmup * latency_s * rate
+
+    def steady(self, planner: "Planner", choice: Mapping[str, "Candidate"], theta: float,
+               latency_s: float, confirm_below: float = math.inf) -> SteadyRun:
+        """`choice` at rate scale θ in steady state (see `SteadyRun`), its warm-up and window sized
+        from the mean latency `latency_s` (the predictor's). When the measured latency shows the
+        warm-up was shorter than `steady_warmup` latencies, the run is made once more, sized from
+        the measured latency — unless it already reads `confirm_below` or more: a run still
+        filling reads low (it started empty), so such an allocation is slower than that anyway."""
+        run = self._steady_once(planner, choice, theta, latency_s)
+        if (not run.settled and math.isfinite(run.latency_s) and run.latency_s > latency_s
+                and run.latency_s < confirm_below):
+            again = self._steady_once(planner, choice, theta, run.latency_s)
+            run = replace(again, calls=again.calls + run.calls)
+        return run
+
+    def _steady_once(self, planner: "Planner", choice: Mapping[str, "Candidate"], theta: float,
+                     latency_s: float) -> SteadyRun:
+        from scepsy_hpc.sim.core import simulate
+
+        wf, alloc, gpu, models, rate, _, seed = _race_job(planner, choice, theta * planner.demands[0].weight_rps, self)
+        warm = self.steady_warmup * latency_s
+        window = max(self.steady_window * latency_s, self.min_requests / rate)
+        end = warm + window
+        n = int(math.ceil(rate * end * 1.2)) + 50   # arrivals past `end` are never reached
+        res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed, horizon_s=end)
+        area, arrived, departed, in0, in1 = 0.0, 0, 0, 0, 0
+        for r in res.request_records:
+            done = r.t_end if r.t_end >= 0 else math.inf
+            lo, hi = max(r.t_arrive, warm), min(done, end)
+            if hi > lo:
+                area += hi - lo
+            arrived += warm <= r.t_arrive < end
+            departed += warm <= done <= end
+            in0 += r.t_arrive <= warm < done
+            in1 += r.t_arrive <= end < done
+        lat = area / arrived if arrived else math.nan
+        growth = (in1 - in0) / arrived if arrived else math.inf
+        settled = math.isfinite(lat) and warm >= self.steady_warmup * lat * 0.9 and growth <= 0.05
+        return SteadyRun(lat, departed / window, warm, window, len(res.request_records), res.llm_calls, growth, settled)
 
     def skip_reason(self, planner: "Planner") -> str | None:
         """Why the check cannot run on this planner's input, or None."""
@@ -190,57 +277,67 @@ def shortlist_timed(planner: "Planner", best: "Outcome", check: SimCheck) -> tup
       Poisson-fed profile says, and the simulator sees it;
     - the `check.alternatives` next-best allocations at the planner's cap that split the GPUs
       differently (constraint (7))."""
+    solve = [best.solve_time_s]
+    items = list(iter_shortlist(planner, best, check, solve))
+    return items, solve[0]
+
+
+def iter_shortlist(planner: "Planner", best: "Outcome", check: SimCheck,
+                   solve_time_s: list[float]) -> Iterator[tuple[str, dict[str, "Candidate"]]]:
+    """The shortlist of `shortlist_timed`, made lazily in its order (each entry's MILP is solved
+    when the entry is asked for); the MILPs' solve time is added to `solve_time_s[0]`."""
+    from scepsy_hpc.allocate.candidates import prune_by_bound
     from scepsy_hpc.allocate.milp import choice_key, solve
     from scepsy_hpc.errors import InfeasibleError, SolverError
 
-    out: list[tuple[str, dict[str, "Candidate"]]] = []
     seen: set[tuple[Any, ...]] = set()
-    solve_time_s = best.solve_time_s
+    made: list[tuple[str, dict[str, "Candidate"]]] = []
 
-    def keep(label: str, choice: Mapping[str, "Candidate"]) -> None:
-        if choice_key(choice) not in seen:
-            seen.add(choice_key(choice))
-            out.append((label, dict(choice)))
+    def fresh(label: str, choice: Mapping[str, "Candidate"] | None) -> bool:
+        if choice is None or choice_key(choice) in seen:
+            return False
+        seen.add(choice_key(choice))
+        made.append((label, dict(choice)))
+        return True
 
     budget = {planner.gpu_name: planner.n_gpus}
 
     def milp(cands: Mapping[str, list["Candidate"]], exclude: list[dict[str, float]]) -> dict[str, "Candidate"] | None:
-        nonlocal solve_time_s
+        if not exclude:  # candidates that cannot be optimal go (allocate.candidates.prune_by_bound)
+            cands = prune_by_bound(cands, planner.n_gpus, planner.fits)
         try:
             res = solve(cands, budget, time_limit_s=planner.time_limit_s, gap=planner.gap,
                         domain_caps=planner.domain_caps, exclude=exclude, delta=check.delta)
         except (InfeasibleError, SolverError):
             return None
-        solve_time_s += res.solve_time_s
+        solve_time_s[0] += res.solve_time_s
         return dict(res.choice)
 
     theta = best.theta
-    keep("optimum", best.choice)
+    if fresh("optimum", best.choice):
+        yield made[-1]
     paths = {i: best.predictions[dm.wf.name].paths for i, dm in enumerate(planner.demands)}
     caps = [c for c in check.caps if c < planner.max_util - 1e-9]
     for cap in caps:
-        got = milp(planner.latency_candidates(theta, paths, max_util=cap), [])
-        if got is not None:
-            keep(f"cap {cap:.0%}", got)
+        if fresh(f"cap {cap:.0%}", milp(planner.latency_candidates(theta, paths, max_util=cap), [])):
+            yield made[-1]
     if caps and len(planner.deployments) > 1:
         loose = planner.latency_candidates(theta, paths)
         tight = planner.latency_candidates(theta, paths, max_util=min(caps))
         for d in planner.deployments:
-            got = milp({m: (tight[m] if m == d else cs) for m, cs in loose.items()}, [])
-            if got is not None:
-                keep(f"{d} at {min(caps):.0%}", got)
-    for label, choice in list(out):
-        spread = spread_out(planner, choice, theta)
-        if spread is not None:
-            keep(f"{label}, spread", spread)
+            if fresh(f"{d} at {min(caps):.0%}", milp({m: (tight[m] if m == d else cs) for m, cs in loose.items()}, [])):
+                yield made[-1]
+    for label, choice in list(made):
+        if fresh(f"{label}, spread", spread_out(planner, choice, theta)):
+            yield made[-1]
     shares = [{m: c.gpus for m, c in best.choice.items()}]
     for k in range(check.alternatives):
-        got = milp(best.priced, shares)
+        got = milp(best.priced, shares)  # type: ignore[arg-type]
         if got is None:
             break
-        keep(f"split {k + 2}", got)
+        if fresh(f"split {k + 2}", got):
+            yield made[-1]
         shares.append({m: c.gpus for m, c in got.items()})
-    return out, solve_time_s
 
 
 def spread_out(planner: "Planner", choice: Mapping[str, "Candidate"], theta: float) -> dict[str, "Candidate"] | None:
@@ -251,7 +348,7 @@ def spread_out(planner: "Planner", choice: Mapping[str, "Candidate"], theta: flo
     loads = planner.loads(theta)
     out, changed = dict(choice), False
     for m, c in choice.items():
-        if c.gpu_frac < 1.0 or c.tp == 1:
+        if c.gpu_frac < 1.0 or c.tp == 1 or c.more:   # a mixed group keeps its shape
             continue
         for cfg in sorted(planner.deployments[m].configs, key=lambda k: k.tp):
             if cfg.gpu_frac < 1.0 or cfg.tp >= c.tp or cfg.profile is None:
@@ -280,6 +377,8 @@ def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = 
         return run_throughput_check(planner, check, best)
     t0 = time.perf_counter()
     theta = best.theta
+    if check.needs_steady(planner, theta, best.latency_s):
+        return run_steady_check(planner, check, best)
     checked = []
     items, solve_time_s = shortlist_timed(planner, best, check)
     best = replace(best, solve_time_s=solve_time_s)
@@ -305,6 +404,71 @@ def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = 
     return replace(out, checked=tuple(checked), check_time_s=elapsed)
 
 
+def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "Outcome":
+    """The latency check when a fixed-length run would not leave the transient (`SimCheck.needs_steady`):
+    the shortlist's allocations in its order, each simulated in steady state (`SimCheck.steady`)
+    while `check.steady_calls` simulated calls last (the optimum always), the same margin rule as
+    `run_check`. The notes say how many allocations were simulated and how long each run was,
+    and, when the predicted and the steady-state latency of the kept plan differ by more than
+    15%, which figure the plan trusts: the simulator's (it runs the program on every engine at
+    once; the predictor prices each LLM alone by its Poisson-fed profile)."""
+    t0 = time.perf_counter()
+    theta = best.theta
+    solve = [best.solve_time_s]
+    checked: list[Checked] = []
+    spent = 0
+    items = iter_shortlist(planner, best, check, solve)
+    for label, choice in items:
+        pred = sum(p.latency_s for p in planner.evaluate(choice, theta).values()) if checked else best.latency_s
+        planner.progress(f"simulator check (steady state): {label}")
+        # an alternative is confirmed (run again when it had not settled) only if it may beat the optimum
+        run = (check.steady(planner, choice, theta, pred) if not checked else
+               check.steady(planner, choice, theta, pred, confirm_below=checked[0].simulated_s * (1 - check.margin)))
+        spent += run.calls
+        checked.append(Checked(label, choice, pred, run.latency_s, run.throughput_rps, steady=run.to_dict()))
+        if spent >= check.steady_calls:
+            break
+    more = next(items, None) is not None
+    best = replace(best, solve_time_s=solve[0])
+    base = checked[0]
+    win = min(checked, key=lambda c: c.simulated_s if math.isfinite(c.simulated_s) else math.inf)
+    elapsed = time.perf_counter() - t0
+    st = base.steady or {}
+    how = (f"steady state: {st.get('warmup_s', 0):.0f} s of warm-up, {st.get('window_s', 0):.0f} s measured "
+           f"by Little's law, {st.get('calls', 0)} calls")
+    out, kept = best, base
+    if win is not base and win.simulated_s < base.simulated_s * (1 - check.margin):
+        out, kept = _outcome(planner, best, dict(win.choice), theta), win
+        out = out.noted(f"simulator check: the MILP's optimum simulates at {base.simulated_s:.3g} s mean latency; "
+                        f"the {win.label} allocation simulates at {win.simulated_s:.3g} s and is kept "
+                        f"({len(checked)} allocations, {how}; {elapsed:.1f} s)")
+    else:
+        others = min((c.simulated_s for c in checked[1:]), default=math.nan)
+        rest = f", the best of {len(checked) - 1} others at {others:.3g} s" if len(checked) > 1 else ""
+        out = out.noted(f"simulator check: the MILP's optimum simulates at {base.simulated_s:.3g} s mean latency{rest}; "
+                        f"kept ({how}; {elapsed:.1f} s)")
+    if more:
+        out = out.noted(f"simulator check: {len(checked)} of the shortlisted allocations simulated; the others "
+                        f"(lower utilisation caps, spread instances, other GPU splits) were not: a steady-state run of "
+                        f"this workflow takes ~{spent // len(checked)} simulated calls and the check spends at most "
+                        f"{check.steady_calls}")
+    if not (kept.steady or {}).get("settled", True):
+        out = out.noted(f"simulator check: the {kept.label} allocation's run did not settle (its backlog still moved "
+                        f"by {_growth(kept):.1%} of the arrivals over the window); "
+                        f"its simulated latency is a lower bound")
+    pred, sim = out.latency_s, kept.simulated_s
+    if math.isfinite(sim) and sim > 0 and abs(pred / sim - 1) > 0.15:
+        out = out.noted(f"latency: the predictor says {pred:.3g} s, the steady-state simulation {sim:.3g} s "
+                        f"({pred / sim:.2f}×); trust the simulation: it runs the workflow's program on every engine "
+                        f"at once, where the predictor prices each LLM alone by its Poisson-fed profile")
+    return replace(out, checked=tuple(checked), check_time_s=elapsed)
+
+
+def _growth(c: Checked) -> float:
+    g = (c.steady or {}).get("growth")
+    return math.nan if g is None else float(g)
+
+
 def neighbours(planner: "Planner", choice: Mapping[str, "Candidate"], delta: float,
                waits: Mapping[str, float] | None = None) -> list[tuple[str, dict[str, "Candidate"]]]:
     """Allocations one move from `choice`: at least `delta` GPUs' worth of instances taken from
@@ -315,6 +479,7 @@ def neighbours(planner: "Planner", choice: Mapping[str, "Candidate"], delta: flo
     waits = waits or {}
     live = [m for m in choice if planner.deployments[m].calls > 0]
     out = []
+    live = [m for m in live if not choice[m].more]   # moves keep an instance size: not for a mixed group
     for a in live:
         ca = choice[a]
         k = max(1, math.ceil(delta / (ca.tp * ca.gpu_frac) - 1e-9))
@@ -458,8 +623,7 @@ def _with_replicas(c: "Candidate", r: int) -> "Candidate":
 def _race_job(planner: "Planner", choice: Mapping[str, "Candidate"], rate: float, check: SimCheck,
               path: int = 0) -> tuple[Any, ...]:
     dm = planner.demands[0]
-    alloc = {llm: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas)
-             for llm, c in ((llm, choice[planner.dep_of[0, llm]]) for llm in dm.wf.llms)}
+    alloc = {llm: as_entry(choice[planner.dep_of[0, llm]]) for llm in dm.wf.llms}
     return (dm.wf, alloc, planner.gpus[planner.gpu_name], planner.models, rate, check.requests_for(_calls(planner)),
             check.seed + SEED_OFFSET + path)
 

@@ -9,6 +9,7 @@ LLM's own call mix (profile.synthetic); they are cached by (model, GPU, tp, frac
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -97,6 +98,50 @@ def regraph(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTable]
     return [RequestGraph(g.request, tuple(node(n) for n in g.nodes), g.tail_s, g.ok, None) for g in graphs]
 
 
+PREFETCH_MIN = 16   # profiles to make at least before `ProfileSource.prefetch` starts processes
+
+
+def _synthesise(args: tuple[Any, ...]) -> ProfileTable:
+    """One synthetic profile (a module function, so that a process pool can run it)."""
+    llm, model_name, gpu_name, alloc, model, gpu, mix, n_calls, seed, workflow, reps, patterns = args
+    cfg = engine_config(alloc, model, gpu)
+    return synthetic_profile(llm, model_name, gpu_name, cfg, mix, n_calls=n_calls, seed=seed, workflow=workflow,
+                             replicas=reps, patterns=patterns)
+
+
+def _try_synthesise(args: tuple[Any, ...]) -> ProfileTable | None:
+    try:
+        return _synthesise(args)
+    except Exception:  # noqa: BLE001 — made again where it is asked for, which reports the error
+        return None
+
+
+def prefetch(wanted: Sequence[tuple["ProfileSource", str, LLMAlloc]], gpu_name: str, jobs: int = 0) -> int:
+    """Synthesise the Poisson profiles of `wanted` (source, LLM, allocation) that their sources
+    have not cached yet in `jobs` processes (0: the CPUs), so that `ProfileSource.get` finds them:
+    the same profiles as made one by one (each is seeded by its rate and configuration alone),
+    made side by side. Nothing happens for fewer than `PREFETCH_MIN` profiles or with one CPU.
+    Returns the profiles made."""
+    todo: dict[tuple[int, tuple[Any, ...]], tuple["ProfileSource", tuple[Any, ...]]] = {}
+    for src, llm, alloc in wanted:
+        got = src.missing(llm, alloc, gpu_name)
+        if got is not None:
+            todo.setdefault((id(src), got[0]), (src, got[1]))
+    n = min(len(todo), jobs or os.cpu_count() or 1)
+    if len(todo) < PREFETCH_MIN or n <= 1:
+        return 0
+    from concurrent.futures import ProcessPoolExecutor
+
+    keys = sorted(todo, key=lambda k: -k[1][2])  # the largest tp (the slowest) first: the pool ends on short jobs
+    made = 0
+    with ProcessPoolExecutor(max_workers=n) as ex:
+        for k, t in zip(keys, ex.map(_try_synthesise, [todo[k][1] for k in keys], chunksize=1)):
+            if t is not None:
+                todo[k][0]._cache[k[1]] = t
+                made += 1
+    return made
+
+
 class ProfileSource:
     """Finds a profile per (LLM, tp, gpu_frac): from a directory of measured ones, else synthesised.
 
@@ -122,6 +167,7 @@ class ProfileSource:
             for t in load_profiles(self.profiles_dir):
                 self.measured[t.key] = t
         self._cache: dict[tuple[Any, ...], ProfileTable] = {}
+        self._hashes: dict[str, tuple[Any, str]] = {}
 
     def get(self, llm: str, alloc: LLMAlloc, gpu_name: str, patterns: Sequence[Any] | None = None,
             patterns_key: Any = None) -> ProfileTable:
@@ -136,22 +182,37 @@ class ProfileSource:
             if t.gpu != gpu_name:
                 raise SpecError(f"{self.profiles_dir}: the profile of {llm!r} was measured on {t.gpu}, the plan uses {gpu_name}")
             return t
+        ck, args = self._job(llm, alloc, gpu_name, patterns, patterns_key)
+        t = self._cache.get(ck)
+        if t is None:
+            t = self._cache[ck] = _synthesise(args)
+        return t
+
+    def _job(self, llm: str, alloc: LLMAlloc, gpu_name: str, patterns: Sequence[Any] | None = None,
+             patterns_key: Any = None) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """(cache key, the arguments of `_synthesise`) of a synthetic profile."""
         model = resolve_model(self.wf, llm, self.models)
         mix = self.mix.get(llm)
         if not mix:
             raise SpecError(f"LLM {llm!r} has no calls in the trace or program sample: nothing to profile")
-        h = hashlib.sha1(repr(sorted(mix)).encode()).hexdigest()[:12]
+        h = self._hashes.get(llm)
+        if h is None or h[0] is not mix:  # the mix's digest, once per mix (it was a sort + sha1 per call)
+            h = self._hashes[llm] = (mix, hashlib.sha1(repr(sorted(mix)).encode()).hexdigest()[:12])
         reps = alloc.replicas if patterns else 1
-        ck = (model.hf_id, gpu_name, alloc.tp, round(alloc.gpu_frac, 4), alloc.max_num_seqs, alloc.max_batched_tokens, h,
+        ck = (model.hf_id, gpu_name, alloc.tp, round(alloc.gpu_frac, 4), alloc.max_num_seqs, alloc.max_batched_tokens, h[1],
               reps, patterns_key)
-        t = self._cache.get(ck)
-        if t is None:
-            cfg = engine_config(alloc, model, self.gpus[gpu_name])
-            model_name = self.wf.llms[llm].model if isinstance(self.wf.llms[llm].model, str) else llm
-            t = synthetic_profile(llm, model_name, gpu_name, cfg, mix, n_calls=self.n_calls, seed=self.seed,
-                                  workflow=self.wf.name, replicas=reps, patterns=patterns)
-            self._cache[ck] = t
-        return t
+        model_name = self.wf.llms[llm].model if isinstance(self.wf.llms[llm].model, str) else llm
+        args = (llm, model_name, gpu_name, alloc, model, self.gpus[gpu_name], mix, self.n_calls, self.seed, self.wf.name,
+                reps, patterns)
+        return ck, args
+
+    def missing(self, llm: str, alloc: LLMAlloc, gpu_name: str) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+        """(cache key, `_synthesise` arguments) of `llm`'s Poisson profile under `alloc` when it is to
+        be synthesised and is not cached; None otherwise (measured profiles, or made already)."""
+        if self.profiles_dir is not None or not self.mix.get(llm):
+            return None
+        ck, args = self._job(llm, alloc, gpu_name)
+        return None if ck in self._cache else (ck, args)
 
     def patterns(self, allocation: Mapping[str, Entry], gpu_name: str) -> dict[str, list[Any]]:
         """Per LLM, each request's calls at their offsets: traced times, or the program run unloaded."""
