@@ -1,10 +1,17 @@
-"""Shared fixtures: the shipped catalogs (loaded once per session)."""
+"""Shared fixtures: the shipped catalogs (loaded once per session); a private profile cache for the session."""
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 import pytest
 
 from scepsy_hpc.spec.catalog import load_gpus, load_models
+
+# Synthetic profiles are cached per user on disk (predict.profile_cache). The tests share one cache of their
+# own for the session (the CLIs they start inherit it), never the user's.
+os.environ["SCEPSY_PROFILE_CACHE"] = tempfile.mkdtemp(prefix="scepsy-test-profiles-")
 
 
 @pytest.fixture(scope="session")

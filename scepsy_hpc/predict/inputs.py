@@ -24,6 +24,7 @@ from scepsy_hpc.spec.workflow import Workflow, resolve_model
 from scepsy_hpc.perf.fit import engine_config, group_weights
 from scepsy_hpc.perf.model import EnginePerf
 from scepsy_hpc.perf.prefix import BLOCK_TOKENS, max_hit_tokens
+from scepsy_hpc.predict import profile_cache
 from scepsy_hpc.predict.pool import pool_profile
 from scepsy_hpc.trace.graph import CALL, Node, RequestGraph, from_sample
 from scepsy_hpc.trace.stats import call_patterns
@@ -101,12 +102,34 @@ def regraph(graphs: Sequence[RequestGraph], profiles: Mapping[str, ProfileTable]
 PREFETCH_MIN = 16   # profiles to make at least before `ProfileSource.prefetch` starts processes
 
 
+def _disk_key(args: tuple[Any, ...]) -> str | None:
+    """The profile cache's key of a synthesis (predict.profile_cache); None for request-shaped ones."""
+    llm, model_name, gpu_name, alloc, model, gpu, mix, n_calls, seed, workflow, reps, patterns = args
+    if patterns:
+        return None
+    return profile_cache.key_of((llm, model_name, gpu_name, alloc, model, gpu, list(mix), n_calls, seed, workflow, reps))
+
+
+def _cached(args: tuple[Any, ...]) -> ProfileTable | None:
+    key = _disk_key(args)
+    return profile_cache.load(key) if key is not None else None
+
+
 def _synthesise(args: tuple[Any, ...]) -> ProfileTable:
-    """One synthetic profile (a module function, so that a process pool can run it)."""
+    """One synthetic profile (a module function, so that a process pool can run it): from the per-user
+    disk cache when it holds it, else simulated and kept there."""
+    key = _disk_key(args)
+    if key is not None:
+        hit = profile_cache.load(key)
+        if hit is not None:
+            return hit
     llm, model_name, gpu_name, alloc, model, gpu, mix, n_calls, seed, workflow, reps, patterns = args
     cfg = engine_config(alloc, model, gpu)
-    return synthetic_profile(llm, model_name, gpu_name, cfg, mix, n_calls=n_calls, seed=seed, workflow=workflow,
-                             replicas=reps, patterns=patterns)
+    t = synthetic_profile(llm, model_name, gpu_name, cfg, mix, n_calls=n_calls, seed=seed, workflow=workflow,
+                          replicas=reps, patterns=patterns)
+    if key is not None:
+        profile_cache.store(key, t)
+    return t
 
 
 def _try_synthesise(args: tuple[Any, ...]) -> ProfileTable | None:
@@ -126,6 +149,10 @@ def prefetch(wanted: Sequence[tuple["ProfileSource", str, LLMAlloc]], gpu_name: 
     for src, llm, alloc in wanted:
         got = src.missing(llm, alloc, gpu_name)
         if got is not None:
+            hit = _cached(got[1])   # on disk already: no process needed
+            if hit is not None:
+                src._cache[got[0]] = hit
+                continue
             todo.setdefault((id(src), got[0]), (src, got[1]))
     n = min(len(todo), jobs or os.cpu_count() or 1)
     if len(todo) < PREFETCH_MIN or n <= 1:

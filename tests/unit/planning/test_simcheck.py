@@ -40,7 +40,10 @@ key = choice_key
 
 @pytest.fixture(scope="module")
 def planner6(models, gpus):
-    return make_planner(models, gpus, 6)
+    # one configuration per LLM: the throughput race's moves keep an instance size (a mixed group does not move)
+    p = make_planner(models, gpus, 6)
+    p.mixed_groups = False
+    return p
 
 
 def test_shortlist_is_distinct_fits_and_carries_the_load(planner6):
