@@ -245,12 +245,12 @@ def capacity_candidates(gpu: str, configs: Sequence[Config], budget: int, eps: f
 
 def pareto(cands: Sequence[Candidate], badness: Callable[[Candidate], float], eps: float,
            min_gain: float = 0.0) -> list[Candidate]:
-    """Keep, per kind (whole GPUs / each fraction size), the candidates whose `badness` beats every
-    candidate of that kind using no more GPUs by more than the relative tolerance `eps` and the
-    absolute `min_gain`."""
-    kinds: dict[int, list[Candidate]] = {}
+    """Keep, per kind (whole GPUs / each fraction size; a mixed group: the set of sizes it packs), the
+    candidates whose `badness` beats every candidate of that kind using no more GPUs by more than the
+    relative tolerance `eps` and the absolute `min_gain`."""
+    kinds: dict[tuple[int, ...], list[Candidate]] = {}
     for c in cands:
-        kinds.setdefault(c.quarter, []).append(c)
+        kinds.setdefault(c.kind, []).append(c)
     out = []
     for group in kinds.values():
         group.sort(key=lambda c: (c.gpus, badness(c)))

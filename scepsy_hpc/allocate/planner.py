@@ -30,12 +30,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from scepsy_hpc.allocate import candidates as cand
-from scepsy_hpc.allocate.milp import (Candidate, MILPResult, choice_key, instance_bound, shared_gpus_needed, solve,
-                                      solve_counts, solve_max_rate)
+from scepsy_hpc.allocate.milp import (Candidate, MILPResult, choice_key, instance_bound, mixed_candidate,
+                                      shared_gpus_needed, solve, solve_counts, solve_max_rate)
 from scepsy_hpc.errors import InfeasibleError, SpecError
 from scepsy_hpc.predict.alp import Prediction, pooled_point, predict_cp, predict_paper
 from scepsy_hpc.predict.inputs import ProfileSource, prefetch, program_graphs
-from scepsy_hpc.predict.pool import pool_profile
+from scepsy_hpc.predict.pool import Held, pool_point, pool_profile
 from scepsy_hpc.profile.table import ProfileTable
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
@@ -348,8 +348,42 @@ class Planner:
                 out[name] = [Candidate(self.gpu_name, c.tp, c.gpu_frac, 1, 0.0, 0.0)]
                 continue
             room = self.n_gpus - (total - math.floor(least[name] + 1e-9))
-            out[name] = cand.latency_candidates(self.gpu_name, d.configs, loads[name], max(room, 0), cap,
-                                                cand.weights_cost(weights[name]), self.eps)
+            cost = cand.weights_cost(weights[name])
+            singles = cand.latency_candidates(self.gpu_name, d.configs, loads[name], max(room, 0), cap, cost, self.eps)
+            mixed = self._mixed_candidates(name, d, singles, loads[name], max(room, 0), cap, cost) if self.mixed_groups else []
+            out[name] = cand.pareto(singles + mixed, lambda c: c.cost_s, self.eps, cand.MIN_GAIN_S) if mixed else singles
+        return out
+
+    def _mixed_candidates(self, name: str, d: Deployment, singles: Sequence[Candidate], load: float, room: int,
+                          cap: float, cost: Callable[[Any, int, bool], float]) -> list[Candidate]:
+        """Mixed groups for the latency MILP: each one-configuration candidate, and the same with one replica
+        fewer, plus one replica of a smaller configuration — capacity and GPUs in finer steps than whole
+        replicas of one size — kept when it carries `load` at `cap` within `room` GPUs, priced by the
+        pool's per-call model at that load (predict.pool.pool_point: the split the routing makes)."""
+        configs = {(c.tp, c.gpu_frac): c for c in d.configs if c.profile is not None and c.profile.capacity_rps > 0}
+        held = self.__dict__.setdefault("_held", {})
+        out = []
+        bases = {(s.tp, s.gpu_frac, r) for s in singles if not s.more for r in (s.replicas, s.replicas - 1) if r >= 1}
+        for tp, frac, r1 in sorted(bases):
+            c1 = configs.get((tp, frac))
+            if c1 is None:
+                continue
+            for c2 in configs.values():
+                if c2.gpus >= c1.gpus:
+                    continue
+                mu1, mu2 = c1.profile.capacity_rps, c2.profile.capacity_rps
+                if load > cap * (r1 * mu1 + mu2):
+                    continue
+                i1 = Candidate(self.gpu_name, c1.tp, c1.gpu_frac, 1, 0.0, mu1)
+                i2 = Candidate(self.gpu_name, c2.tp, c2.gpu_frac, 1, 0.0, mu2)
+                probe = mixed_candidate({i1: r1, i2: 1})
+                if used_gpus({name: probe}) > room:
+                    continue
+                curves = [held.setdefault((name, c.tp, c.gpu_frac), Held(c.profile)) for c in (c1, c2)]
+                p = pool_point([(c1.profile, r1), (c2.profile, 1)], [mu1, mu2], load, curves)
+                if p is None:
+                    continue
+                out.append(replace(probe, cost_s=cost(p, r1 + 1, c1.profile.arrivals == "requests")))
         return out
 
     def _least_share(self, d: Deployment, load: float, cap: float) -> float:

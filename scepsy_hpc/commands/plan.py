@@ -59,8 +59,8 @@ def tuning_arguments(p: argparse.ArgumentParser) -> None:
                    help="--max-throughput (milp): take the lowest-latency allocation whose predicted capacity is "
                         "within F of the most (default 0.03; 0: the most capacity, whatever its latency)")
     p.add_argument("--no-mixed-groups", dest="mixed_groups", action="store_false",
-                   help="--max-throughput (milp): one configuration per LLM, even where replicas of unlike "
-                        "configurations (a mixed group) would carry more")
+                   help="milp: one configuration per LLM, even where replicas of unlike configurations (a mixed "
+                        "group) would be faster or, with --max-throughput, carry more")
     p.add_argument("--time-limit", type=positive_float, default=DEFAULT_TIME_LIMIT_S, metavar="S",
                    help="MILP time limit per solve (default 30 s)")
     p.add_argument("--gap", type=non_negative_float, default=DEFAULT_GAP, metavar="G",

@@ -30,11 +30,13 @@ GRID = 24     # utilisation points between the lowest measured load and the high
 _INV = 48     # load points per configuration of the held-calls curve L(x) = x·T(x)
 
 
-class _Held:
-    """One configuration's calls held per replica against its call rate, L(x) = x·T(x), and its inverse."""
+class Held:
+    """One configuration's calls held per replica against its call rate, L(x) = x·T(x), and its inverse,
+    up to the highest load its profile covers below capacity (build once per profile: `split` uses it)."""
 
-    def __init__(self, t: ProfileTable, top: float) -> None:
+    def __init__(self, t: ProfileTable) -> None:
         self.t = t
+        top = _top([(t, 1)])
         self.xs = [top * t.capacity_rps * k / _INV for k in range(_INV + 1)]
         self.ls = []
         for x in self.xs:
@@ -53,10 +55,10 @@ class _Held:
 
 
 def split(parts: Sequence[tuple[ProfileTable, int]], weights: Sequence[float], calls_rps: float,
-          held: Sequence[_Held] | None = None) -> list[float]:
+          held: Sequence[Held] | None = None) -> list[float]:
     """Per configuration, the calls/s one of its replicas gets when the pool takes `calls_rps` (see the
     module docstring: the level K at which arrivals find (L_c + 1) / w_c equal)."""
-    curves = held or [_Held(t, _top(parts)) for t, _ in parts]
+    curves = held or [Held(t) for t, _ in parts]
     if calls_rps <= 0:
         return [0.0] * len(parts)
 
@@ -114,7 +116,7 @@ def pool_profile(parts: Sequence[tuple[ProfileTable, int]], weights: Sequence[fl
         rhos.update(p.rate_rps / t.capacity_rps for p in t.points
                     if not p.saturated and p.calls > 0 and low <= p.rate_rps / t.capacity_rps <= top)
     mean_cap = total / replicas
-    curves = [_Held(t, top) for t, _ in parts]
+    curves = [Held(t) for t, _ in parts]
     points = []
     for rho in sorted(rhos):
         lam = rho * total
@@ -144,18 +146,19 @@ def _mix(points: Sequence[ProfilePoint], shares: Sequence[float], rate: float) -
                         tpot_s=avg("tpot_s"))
 
 
-def pool_point(parts: Sequence[tuple[ProfileTable, int]], weights: Sequence[float], calls_rps: float
-               ) -> ProfilePoint | None:
+def pool_point(parts: Sequence[tuple[ProfileTable, int]], weights: Sequence[float], calls_rps: float,
+               held: Sequence[Held] | None = None) -> ProfilePoint | None:
     """The pool's per-call model when it takes `calls_rps` in all (module docstring): each configuration's
     point at its share of the split, with pooling over all the pool's replicas behind the shared FIFO,
     mixed by the split. None when a configuration would be past its capacity. For one price, without
     building the pool's whole table (`pool_profile`)."""
     from scepsy_hpc.predict.alp import pooled_point
 
-    kept = [(tn, w) for tn, w in zip(parts, weights) if tn[1] > 0]
-    parts, weights = [tn for tn, _ in kept], [w for _, w in kept]
+    keep = [i for i, (_, n) in enumerate(parts) if n > 0]
+    curves = [held[i] for i in keep] if held is not None else None
+    parts, weights = [parts[i] for i in keep], [weights[i] for i in keep]
     total = sum(n for _, n in parts)
-    xs = split(parts, weights, calls_rps)
+    xs = split(parts, weights, calls_rps, curves)
     if calls_rps <= 0:
         xs = [0.0] * len(parts)
     points = []

@@ -133,6 +133,40 @@ def test_max_throughput_mixes_configurations_when_that_carries_more(planner):
     assert "mixed groups carry" in " ".join(out.notes)
 
 
+@pytest.mark.parametrize("n_gpus", [3, 4, 6, 8])
+def test_target_mode_may_mix_configurations_and_is_never_slower_for_it(planner, n_gpus):
+    """Mixed groups are candidates of the latency MILP too (one configuration's replicas plus one smaller
+    instance): the plan is never predicted slower than with one configuration per LLM, and on 4 GPUs
+    small_rag's answer LLM takes a tp 2 and a tp 1 instance, faster than either alone can be."""
+    p = planner.with_budget(n_gpus=n_gpus)
+    for theta in (1.0, 2.0):
+        mixed = p.milp_latency(theta)
+        p.mixed_groups = False
+        try:
+            single = p.milp_latency(theta)
+        finally:
+            p.mixed_groups = True
+        assert mixed.latency_s <= single.latency_s * (1 + 1e-9)
+        assert used_gpus(mixed.choice) <= n_gpus and p.fits(mixed.choice)
+        if n_gpus == 4:
+            answer = mixed.choice["answer"]
+            assert [(g.tp, g.gpu_frac, g.replicas) for g in answer.groups] == [(2, 1.0, 1), (1, 1.0, 1)]
+            assert mixed.latency_s < single.latency_s * 0.99
+
+
+def test_a_mixed_candidate_is_priced_close_to_the_predictor(planner):
+    p = planner.with_budget(n_gpus=4)
+    out = p.milp_latency(1.0)
+    answer = out.choice["answer"]
+    assert answer.more
+    paths = {0: out.predictions["small_rag"].paths}
+    priced = {(tuple((g.tp, g.gpu_frac, g.replicas) for g in c.groups)): c.cost_s
+              for c in p.latency_candidates(1.0, paths)["answer"]}
+    key = tuple((g.tp, g.gpu_frac, g.replicas) for g in answer.groups)
+    stage = out.predictions["small_rag"].per_llm["answer"].stage_s
+    assert priced[key] == pytest.approx(stage, rel=0.10)
+
+
 def test_throughput_tolerance_is_validated(models, gpus):
     with pytest.raises(SpecError, match="--throughput-tol 0.7"):
         Planner([], models, gpus, "h100-sxm", 4, throughput_tol=0.7)
