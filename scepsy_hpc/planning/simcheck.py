@@ -182,43 +182,27 @@ class SimCheck:
         return 0.1 * self.requests_for(_calls(planner)) < self.steady_warmup * latency_s * rate
 
     def steady(self, planner: "Planner", choice: Mapping[str, "Candidate"], theta: float,
-               latency_s: float, confirm_below: float = math.inf) -> SteadyRun:
+               latency_s: float, confirm_below: float = math.inf, first: SteadyRun | None = None) -> SteadyRun:
         """`choice` at rate scale θ in steady state (see `SteadyRun`), its warm-up and window sized
         from the mean latency `latency_s` (the predictor's). When the measured latency shows the
         warm-up was shorter than `steady_warmup` latencies, the run is made once more, sized from
         the measured latency — unless it already reads `confirm_below` or more: a run still
-        filling reads low (it started empty), so such an allocation is slower than that anyway."""
-        run = self._steady_once(planner, choice, theta, latency_s)
+        filling reads low (it started empty), so such an allocation is slower than that anyway.
+        `first`: the first run, made already (side by side with another, `run_steady_check`)."""
+        run = first if first is not None else _steady_run(self.steady_job(planner, choice, theta, latency_s))
         if (not run.settled and math.isfinite(run.latency_s) and run.latency_s > latency_s
                 and run.latency_s < confirm_below):
-            again = self._steady_once(planner, choice, theta, run.latency_s)
+            again = _steady_run(self.steady_job(planner, choice, theta, run.latency_s))
             run = replace(again, calls=again.calls + run.calls)
         return run
 
-    def _steady_once(self, planner: "Planner", choice: Mapping[str, "Candidate"], theta: float,
-                     latency_s: float) -> SteadyRun:
-        from scepsy_hpc.sim.core import simulate
-
+    def steady_job(self, planner: "Planner", choice: Mapping[str, "Candidate"], theta: float,
+                   latency_s: float) -> tuple[Any, ...]:
+        """The arguments of one steady-state run (`_steady_run`, picklable for a process pool)."""
         wf, alloc, gpu, models, rate, _, seed = _race_job(planner, choice, theta * planner.demands[0].weight_rps, self)
         warm = self.steady_warmup * latency_s
         window = max(self.steady_window * latency_s, self.min_requests / rate)
-        end = warm + window
-        n = int(math.ceil(rate * end * 1.2)) + 50   # arrivals past `end` are never reached
-        res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed, horizon_s=end)
-        area, arrived, departed, in0, in1 = 0.0, 0, 0, 0, 0
-        for r in res.request_records:
-            done = r.t_end if r.t_end >= 0 else math.inf
-            lo, hi = max(r.t_arrive, warm), min(done, end)
-            if hi > lo:
-                area += hi - lo
-            arrived += warm <= r.t_arrive < end
-            departed += warm <= done <= end
-            in0 += r.t_arrive <= warm < done
-            in1 += r.t_arrive <= end < done
-        lat = area / arrived if arrived else math.nan
-        growth = (in1 - in0) / arrived if arrived else math.inf
-        settled = math.isfinite(lat) and warm >= self.steady_warmup * lat * 0.9 and growth <= 0.05
-        return SteadyRun(lat, departed / window, warm, window, len(res.request_records), res.llm_calls, growth, settled)
+        return wf, alloc, gpu, models, rate, seed, warm, window, self.steady_warmup
 
     def skip_reason(self, planner: "Planner") -> str | None:
         """Why the check cannot run on this planner's input, or None."""
@@ -418,17 +402,36 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
     checked: list[Checked] = []
     spent = 0
     items = iter_shortlist(planner, best, check, solve)
-    for label, choice in items:
-        pred = sum(p.latency_s for p in planner.evaluate(choice, theta).values()) if checked else best.latency_s
-        planner.progress(f"simulator check (steady state): {label}")
+    # the optimum and the first alternative are run side by side when there are CPUs for it (and the
+    # budget holds two runs at the predicted latency): the rest in turn, while the budget lasts
+    head = [next(items, None), next(items, None)]
+    head_items = [h for h in head if h is not None]
+    preds = [best.latency_s] + [sum(p.latency_s for p in planner.evaluate(c, theta).values()) for _, c in head_items[1:]]
+    firsts: list[SteadyRun | None] = [None] * len(head_items)
+    if len(head_items) == 2:
+        planner.progress("simulator check (steady state): " + ", ".join(label for label, _ in head_items))
+        got = _side_by_side(check, [check.steady_job(planner, c, theta, pr) for (_, c), pr in zip(head_items, preds)])
+        if got is not None and got[0].calls + got[1].calls <= check.steady_calls:
+            firsts = list(got)
+        elif got is not None:
+            firsts = [got[0], None]
+            head_items = head_items[:1]
+    queue = iter([*((label, c, pr, f) for (label, c), pr, f in zip(head_items, preds, firsts)),
+                  *((label, c, None, None) for label, c in items)])
+    for label, choice, pred, first in queue:
+        if pred is None:
+            pred = sum(p.latency_s for p in planner.evaluate(choice, theta).values())
+        if first is None:
+            planner.progress(f"simulator check (steady state): {label}")
         # an alternative is confirmed (run again when it had not settled) only if it may beat the optimum
-        run = (check.steady(planner, choice, theta, pred) if not checked else
-               check.steady(planner, choice, theta, pred, confirm_below=checked[0].simulated_s * (1 - check.margin)))
+        run = (check.steady(planner, choice, theta, pred, first=first) if not checked else
+               check.steady(planner, choice, theta, pred, confirm_below=checked[0].simulated_s * (1 - check.margin),
+                            first=first))
         spent += run.calls
         checked.append(Checked(label, choice, pred, run.latency_s, run.throughput_rps, steady=run.to_dict()))
         if spent >= check.steady_calls:
             break
-    more = next(items, None) is not None
+    more = next(queue, None) is not None
     best = replace(best, solve_time_s=solve[0])
     base = checked[0]
     win = min(checked, key=lambda c: c.simulated_s if math.isfinite(c.simulated_s) else math.inf)
@@ -462,6 +465,46 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
                         f"({pred / sim:.2f}×); trust the simulation: it runs the workflow's program on every engine "
                         f"at once, where the predictor prices each LLM alone by its Poisson-fed profile")
     return replace(out, checked=tuple(checked), check_time_s=elapsed)
+
+
+def _steady_run(job: tuple[Any, ...]) -> SteadyRun:
+    """One steady-state run (`SimCheck.steady`): arrivals for the warm-up and the window, the simulation
+    stopped at the window's end, the mean latency by Little's law over the window."""
+    from scepsy_hpc.sim.core import simulate
+
+    wf, alloc, gpu, models, rate, seed, warm, window, warmup_latencies = job
+    end = warm + window
+    n = int(math.ceil(rate * end * 1.2)) + 50   # arrivals past `end` are never reached
+    res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed, horizon_s=end)
+    area, arrived, departed, in0, in1 = 0.0, 0, 0, 0, 0
+    for r in res.request_records:
+        done = r.t_end if r.t_end >= 0 else math.inf
+        lo, hi = max(r.t_arrive, warm), min(done, end)
+        if hi > lo:
+            area += hi - lo
+        arrived += warm <= r.t_arrive < end
+        departed += warm <= done <= end
+        in0 += r.t_arrive <= warm < done
+        in1 += r.t_arrive <= end < done
+    lat = area / arrived if arrived else math.nan
+    growth = (in1 - in0) / arrived if arrived else math.inf
+    settled = math.isfinite(lat) and warm >= warmup_latencies * lat * 0.9 and growth <= 0.05
+    return SteadyRun(lat, departed / window, warm, window, len(res.request_records), res.llm_calls, growth, settled)
+
+
+def _side_by_side(check: SimCheck, jobs: Sequence[tuple[Any, ...]]) -> list[SteadyRun] | None:
+    """The first runs of several allocations in processes (one per CPU, at most `check.jobs`); None
+    when there is one CPU or one job (then each runs in turn)."""
+    n = min(len(jobs), check.jobs or os.cpu_count() or 1)
+    if n <= 1:
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        with ProcessPoolExecutor(max_workers=n) as ex:
+            return list(ex.map(_steady_run, jobs))
+    except (OSError, RuntimeError):   # no processes here (a sandbox, a broken pool): in turn
+        return None
 
 
 def _growth(c: Checked) -> float:

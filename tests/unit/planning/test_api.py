@@ -41,8 +41,9 @@ def test_the_api_plans_what_the_cli_plans(result_4):
     assert cli["predicted"]["throughput_rps"] == api["predicted"]["throughput_rps"]
     assert (cli["status"], cli["gpus_used"], cli["goal"]) == (result_4.status, api["gpus_used"], "target")
     plan_file = result_4.to_plan()
-    assert {m: (a.tp, a.gpu_frac, a.replicas) for m, a in plan_file.allocation.items()} == \
-        {m: (a["tp"], a["gpu_frac"], a["replicas"]) for m, a in cli["allocation"].items()}
+    assert {m: [(g.tp, g.gpu_frac, g.replicas) for g in gs] for m, gs in plan_file.groups().items()} == \
+        {m: [(g["tp"], g["gpu_frac"], g["replicas"]) for g in (a if isinstance(a, list) else [a])]
+         for m, a in cli["allocation"].items()}
     assert plan_file.gpus.count == 4 and plan_file.provenance["workflow_file"] == str(SMALL)
 
 

@@ -13,7 +13,7 @@ import pytest
 from scepsy_hpc.allocate import policies
 from scepsy_hpc.allocate.milp import choice_key
 from scepsy_hpc.allocate.planner import Demand, Planner
-from scepsy_hpc.planning import policy
+from scepsy_hpc.planning import policy, simcheck
 from scepsy_hpc.planning.simcheck import SimCheck, SteadyRun, run_check
 from scepsy_hpc.predict.inputs import sample_mix, sample_program
 from scepsy_hpc.sim.core import simulate
@@ -62,7 +62,8 @@ def test_steady_latency_matches_a_long_run(planner6, best6):
 def fake_steady(latency_of, calls=100_000):
     seen = []
 
-    def steady(self, planner, choice, theta, latency_s, confirm_below=float("inf")):
+    def steady(self, planner, choice, theta, latency_s, confirm_below=float("inf"), first=None):
+        assert first is None   # the fakes run in turn: SimCheck(jobs=1)
         seen.append(choice_key(choice))
         lat = latency_of(len(seen))
         return SteadyRun(lat, theta, 1.5 * lat, lat, 1000, calls, 0.0, True)
@@ -78,7 +79,7 @@ def steady_best(planner, best):
 def test_budget_bounds_the_allocations_simulated_and_the_note_says_so(planner6, best6, monkeypatch):
     steady, seen = fake_steady(lambda i: 100.0, calls=100_000)
     monkeypatch.setattr(SimCheck, "steady", steady)
-    out = run_check(planner6, SimCheck(steady_calls=150_000), steady_best(planner6, best6))
+    out = run_check(planner6, SimCheck(jobs=1, steady_calls=150_000), steady_best(planner6, best6))
     assert len(seen) == 2 and len(out.checked) == 2
     assert seen[0] == choice_key(best6.choice)
     assert any("were not" in n and "150000" in n for n in out.notes), out.notes
@@ -86,14 +87,14 @@ def test_budget_bounds_the_allocations_simulated_and_the_note_says_so(planner6, 
     # the optimum is always simulated, even when one run spends the whole budget
     steady, seen = fake_steady(lambda i: 100.0, calls=10 ** 9)
     monkeypatch.setattr(SimCheck, "steady", steady)
-    out = run_check(planner6, SimCheck(), steady_best(planner6, best6))
+    out = run_check(planner6, SimCheck(jobs=1), steady_best(planner6, best6))
     assert len(seen) == 1 and choice_key(out.choice) == choice_key(best6.choice)
 
 
 def test_a_faster_alternative_is_kept_past_the_margin(planner6, best6, monkeypatch):
     steady, seen = fake_steady(lambda i: 100.0 if i == 1 else 80.0)
     monkeypatch.setattr(SimCheck, "steady", steady)
-    out = run_check(planner6, SimCheck(steady_calls=250_000), steady_best(planner6, best6))
+    out = run_check(planner6, SimCheck(jobs=1, steady_calls=250_000), steady_best(planner6, best6))
     assert len(seen) == 3
     assert choice_key(out.choice) != choice_key(best6.choice)
     assert any("is kept" in n for n in out.notes)
@@ -104,12 +105,12 @@ def test_the_plan_says_which_latency_it_trusts(planner6, best6, monkeypatch):
     far = best.latency_s * 2.5
     steady, _ = fake_steady(lambda i: far)
     monkeypatch.setattr(SimCheck, "steady", steady)
-    out = run_check(planner6, SimCheck(steady_calls=1), best)
+    out = run_check(planner6, SimCheck(jobs=1, steady_calls=1), best)
     assert any("trust the simulation" in n for n in out.notes), out.notes
     close = best.latency_s * 1.05
     steady, _ = fake_steady(lambda i: close)
     monkeypatch.setattr(SimCheck, "steady", steady)
-    out = run_check(planner6, SimCheck(steady_calls=1), best)
+    out = run_check(planner6, SimCheck(jobs=1, steady_calls=1), best)
     assert not any("trust the simulation" in n for n in out.notes), out.notes
 
 
@@ -117,7 +118,7 @@ def test_policy_run_goes_through_the_steady_check_at_scale(planner6, best6, monk
     steady, seen = fake_steady(lambda i: 100.0)
     monkeypatch.setattr(SimCheck, "steady", steady)
     monkeypatch.setattr(SimCheck, "needs_steady", lambda self, p, theta, lat: True)
-    out = policy.checked(planner6, SimCheck(steady_calls=1), "milp", best6)
+    out = policy.checked(planner6, SimCheck(jobs=1, steady_calls=1), "milp", best6)
     assert len(seen) == 1 and out.checked[0].steady is not None
 
 
@@ -126,11 +127,16 @@ def test_an_unsettled_run_is_run_again_unless_already_slower(planner6, best6, mo
     alternative that already reads slower than the optimum."""
     runs = []
 
-    def once(self, planner, choice, theta, latency_s):
+    def job(self, planner, choice, theta, latency_s):
+        return ("job", theta, latency_s)
+
+    def once(job):
+        _, theta, latency_s = job
         runs.append(latency_s)
         return SteadyRun(50.0, theta, 1.5 * latency_s, latency_s, 1000, 1000, 0.2, False)
 
-    monkeypatch.setattr(SimCheck, "_steady_once", once)
+    monkeypatch.setattr(SimCheck, "steady_job", job)
+    monkeypatch.setattr(simcheck, "_steady_run", once)
     check = SimCheck()
     got = check.steady(planner6, best6.choice, 1.0, 10.0)
     assert runs == [10.0, 50.0] and got.calls == 2000
@@ -140,10 +146,19 @@ def test_an_unsettled_run_is_run_again_unless_already_slower(planner6, best6, mo
 
 
 def test_an_unsettled_kept_run_is_called_a_lower_bound(planner6, best6, monkeypatch):
-    def steady(self, planner, choice, theta, latency_s, confirm_below=float("inf")):
+    def steady(self, planner, choice, theta, latency_s, confirm_below=float("inf"), first=None):
         return SteadyRun(latency_s, theta, 1.0, 1.0, 100, 10 ** 9, 0.2, False)
 
     monkeypatch.setattr(SimCheck, "steady", steady)
-    out = run_check(planner6, SimCheck(), steady_best(planner6, best6))
+    out = run_check(planner6, SimCheck(jobs=1), steady_best(planner6, best6))
     assert any("did not settle" in n and "20.0%" in n and "lower bound" in n for n in out.notes), out.notes
     assert out.checked[0].to_dict()["steady_state"]["settled"] is False
+
+
+def test_runs_side_by_side_read_as_runs_in_turn(planner6, best6):
+    check = SimCheck(seed=5, jobs=2)
+    alt = policies.equal(planner6, 1.0).choice
+    jobs = [check.steady_job(planner6, c, 1.0, best6.latency_s) for c in (best6.choice, alt)]
+    both = simcheck._side_by_side(check, jobs)
+    assert both is not None and both == [simcheck._steady_run(j) for j in jobs]
+    assert simcheck._side_by_side(SimCheck(jobs=1), jobs) is None
