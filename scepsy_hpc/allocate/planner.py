@@ -362,6 +362,7 @@ class Planner:
         pool's per-call model at that load (predict.pool.pool_point: the split the routing makes)."""
         configs = {(c.tp, c.gpu_frac): c for c in d.configs if c.profile is not None and c.profile.capacity_rps > 0}
         held = self.__dict__.setdefault("_held", {})
+        points = self.__dict__.setdefault("_pool_points", {})
         out = []
         bases = {(s.tp, s.gpu_frac, r) for s in singles if not s.more for r in (s.replicas, s.replicas - 1) if r >= 1}
         for tp, frac, r1 in sorted(bases):
@@ -379,8 +380,16 @@ class Planner:
                 probe = mixed_candidate({i1: r1, i2: 1})
                 if used_gpus({name: probe}) > room:
                     continue
-                curves = [held.setdefault((name, c.tp, c.gpu_frac), Held(c.profile)) for c in (c1, c2)]
-                p = pool_point([(c1.profile, r1), (c2.profile, 1)], [mu1, mu2], load, curves)
+                pk = (name, c1.tp, c1.gpu_frac, r1, c2.tp, c2.gpu_frac, load)
+                if pk not in points:   # the pool's model at this load: the same in every critical-path round
+                    curves = []
+                    for c in (c1, c2):
+                        h = held.get((name, c.tp, c.gpu_frac))
+                        if h is None:
+                            h = held[name, c.tp, c.gpu_frac] = Held(c.profile)
+                        curves.append(h)
+                    points[pk] = pool_point([(c1.profile, r1), (c2.profile, 1)], [mu1, mu2], load, curves)
+                p = points[pk]
                 if p is None:
                     continue
                 out.append(replace(probe, cost_s=cost(p, r1 + 1, c1.profile.arrivals == "requests")))

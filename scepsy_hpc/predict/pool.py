@@ -70,6 +70,8 @@ def split(parts: Sequence[tuple[ProfileTable, int]], weights: Sequence[float], c
     while total(hi)[0] < calls_rps and hi < 1e12:
         hi *= 2.0
     for _ in range(60):
+        if hi - lo <= 1e-7 * hi:
+            break
         mid = (lo + hi) / 2
         if total(mid)[0] < calls_rps:
             lo = mid
