@@ -212,14 +212,19 @@ async def test_as_a_context_manager_it_runs_until_the_block_ends_and_waits_for_i
     assert await load.stop() == records  # stopping again changes nothing
 
 
-async def test_a_cancelled_load_records_its_calls_in_flight_as_cancelled() -> None:
+async def _never_answering() -> tuple[web.AppRunner, str]:
+    """A server whose chat endpoint answers only after 10 s: every call of a short test stays in flight."""
     async def never(request: web.Request) -> web.Response:
         await asyncio.sleep(10)
         return web.Response(status=500)
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", never)
-    runner, url = await _serve(app)
+    return await _serve(app)
+
+
+async def test_a_cancelled_load_records_its_calls_in_flight_as_cancelled() -> None:
+    runner, url = await _never_answering()
     try:
         load = SteadyLoad(url + "/v1", ["m"], 100.0)
         task = asyncio.create_task(load.run(5.0))
@@ -237,13 +242,7 @@ async def test_a_cancelled_load_records_its_calls_in_flight_as_cancelled() -> No
 
 async def test_calls_launched_in_the_step_before_the_cancellation_still_end_as_records() -> None:
     """A busy loop makes arrivals late; the late ones launch at once and the load is cancelled before they start."""
-    async def never(request: web.Request) -> web.Response:
-        await asyncio.sleep(10)
-        return web.Response(status=500)
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", never)
-    runner, url = await _serve(app)
+    runner, url = await _never_answering()
     try:
         load = SteadyLoad(url + "/v1", ["m"], 200.0)
         task = asyncio.create_task(load.run(5.0))
