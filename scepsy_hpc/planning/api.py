@@ -204,14 +204,14 @@ def plan_and_place(planner: Planner, policy: str, mode: str, slo: float | None, 
     what did fit (a failing fraction takes one GPU off the budget) and the planner solves again, up
     to MAX_REPLANS times. `planner` is not changed: each re-plan runs on a copy with the new budget."""
     from scepsy_hpc.place import placement as placement_mod
+    from scepsy_hpc.allocate.allocation import as_allocation
     from scepsy_hpc.planning.policy import run
-    from scepsy_hpc.spec.plan import LLMAlloc
 
     p = planner.with_budget(domain_caps=placement_mod.domain_caps(topo, planner.gpu_name, planner.max_tp))
     notes: list[str] = []
     for attempt in range(MAX_REPLANS + 1):
         out = run(p, policy, mode, slo, check, rate_scale=rate_scale)
-        alloc = {d: LLMAlloc(tp=c.tp, gpu_frac=c.gpu_frac, replicas=c.replicas) for d, c in out.choice.items()}
+        alloc = as_allocation(out.choice)
         try:
             # looked up on the module at each call, so a test can inject placement failures
             placement = placement_mod.place(alloc, topo, gpu_type=p.gpu_name)

@@ -30,12 +30,17 @@ def test_plan_on_the_local_cluster_places_every_instance(small, tmp_path):
                  "--plot", str(png), "--samples", "300")
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
-    alloc = d["allocation"]
+    # per LLM, each replica's configuration (a mixed group's replicas numbered group by group)
+    per_replica = {m: [g for g in (a if isinstance(a, list) else [a]) for _ in range(g["replicas"])]
+                   for m, a in d["allocation"].items()}
     placed = d["placement"]
-    assert sorted((p["llm"], p["replica"]) for p in placed) == sorted((m, r) for m, a in alloc.items() for r in range(a["replicas"]))
+    assert sorted((p["llm"], p["replica"]) for p in placed) == sorted((m, r) for m, gs in per_replica.items()
+                                                                      for r in range(len(gs)))
     for p in placed:
         assert set(p) >= {"llm", "replica", "node", "gpus", "gpu_frac"}
-        assert p["node"] in {"node1", "node2", "node3", "node4"} and len(p["gpus"]) == alloc[p["llm"]]["tp"]
+        g = per_replica[p["llm"]][p["replica"]]
+        assert p["node"] in {"node1", "node2", "node3", "node4"} and len(p["gpus"]) == g["tp"]
+        assert p["gpu_frac"] == g["gpu_frac"]
     assert d["fragmentation"]["nodes_used"] >= d["fragmentation"]["nodes_min"] >= 1
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     written = yaml.safe_load(plan.read_text())
@@ -73,7 +78,7 @@ def test_pairs_cluster_caps_tp_and_keeps_groups_in_pairs(small, tmp_path):
     out = scepsy("plan", small, "--cluster", str(spec), "--json", "--target-rps", "6", "--samples", "300")
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
-    assert all(a["tp"] <= 2 for a in d["allocation"].values())
+    assert all(g["tp"] <= 2 for a in d["allocation"].values() for g in (a if isinstance(a, list) else [a]))
     for p in d["placement"]:
         if len(p["gpus"]) == 2:
             assert p["gpus"] in ([0, 1], [2, 3])

@@ -108,6 +108,7 @@ def test_failed_placement_is_replanned_around(monkeypatch):
     from scepsy_hpc.planning.inputs import load_workload
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.cluster import load_cluster
+    from scepsy_hpc.spec.plan import groups_of
     from scepsy_hpc.spec.workflow import load_workflow
     from scepsy_hpc.topology.build import from_cluster
 
@@ -120,7 +121,7 @@ def test_failed_placement_is_replanned_around(monkeypatch):
     calls = []
 
     def flaky_place(alloc, topo, **kw):
-        calls.append({m: a.tp for m, a in alloc.items()})
+        calls.append({m: tuple(g.tp for g in groups_of(a)) for m, a in alloc.items()})
         if len(calls) == 1:
             w = next(w for w in placement_mod.wants_of(alloc) if w.tp == 4)
             raise placement_mod.PlacementError("cannot place (injected)", w, 2)
@@ -131,6 +132,6 @@ def test_failed_placement_is_replanned_around(monkeypatch):
     assert len(calls) == 2
     assert planned.domain_caps[4] == 2
     assert planner.domain_caps == {} and planned is not planner   # re-planned on a copy; the planner given is unchanged
-    n4 = sum(c.replicas for c in out.choice.values() if c.tp == 4)
+    n4 = sum(g.replicas for c in out.choice.values() for g in c.groups if g.tp == 4)
     assert n4 <= 2 and any("re-planned with at most 2 group(s) of 4 GPUs" in n for n in out.notes)
-    assert len(placement.instances) == sum(c.replicas for c in out.choice.values())
+    assert len(placement.instances) == sum(c.total_replicas for c in out.choice.values())
