@@ -724,7 +724,11 @@ class Daemon(Continuity):
             per[d.name] = Endpoints(llms=llms)
         self.gateway.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         merged = merge_endpoints(per, None).model_copy(update={"auth": self.keys.auth()})
-        write_endpoints(self.gateway.endpoints, merged)
+        if write_endpoints(self.gateway.endpoints, merged):
+            # one line per version of the file, so a gateway that did not reload it can be told apart from a
+            # daemon that did not write it (daemon.log beside gateway.log)
+            log.info("endpoints: wrote %s: %s", self.gateway.endpoints,
+                     ", ".join(f"{n} ({len(e.replicas)} replicas)" for n, e in sorted(merged.llms.items())) or "no LLM")
 
     # ---- actions the API asks for --------------------------------------------------------------
     async def up(self, req: UpRequest) -> Deployment:
