@@ -47,14 +47,20 @@ def fluid_bound(planner: Any) -> float:
 
 def instance_bound_rps(planner: Any) -> float:
     """Requests/s of the best set of whole instances (mixed configurations per LLM) the GPUs hold."""
-    from scepsy_hpc.allocate.milp import Candidate, instance_bound
+    return instance_bound_plan(planner)[0]
+
+
+def instance_bound_plan(planner: Any) -> tuple[float, dict[str, Any]]:
+    """The instance bound (`instance_bound_rps`) and the choice that reaches it (deployment → its
+    instances as one candidate), for the simulator to measure in the same currency as the policies' plans."""
+    from scepsy_hpc.allocate.milp import Candidate, instance_bound, mixed_candidate
 
     live = {n: d for n, d in planner.deployments.items() if d.calls > 0}
     inst = {n: [Candidate(planner.gpu_name, c.tp, c.gpu_frac, 1, 0.0, c.profile.capacity_rps)
                 for c in d.configs if c.profile.capacity_rps > 0] for n, d in live.items()}
-    theta, _ = instance_bound(inst, {planner.gpu_name: planner.n_gpus}, {n: d.calls for n, d in live.items()},
-                              time_limit_s=planner.time_limit_s, domain_caps=planner.domain_caps)
-    return theta
+    theta, counts = instance_bound(inst, {planner.gpu_name: planner.n_gpus}, {n: d.calls for n, d in live.items()},
+                                   time_limit_s=planner.time_limit_s, domain_caps=planner.domain_caps)
+    return theta, {n: mixed_candidate(k) for n, k in counts.items() if k}
 
 
 def _capacity(job: tuple[Any, ...]) -> dict[str, Any]:
@@ -78,9 +84,13 @@ def _latency(job: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def _alloc(out: Any) -> dict[str, Any]:
+    return _alloc_of(out.choice)
+
+
+def _alloc_of(choice: Any) -> dict[str, Any]:
     from scepsy_hpc.allocate.allocation import as_allocation
 
-    return as_allocation(out.choice)
+    return as_allocation(choice)
 
 
 def _guess(v: dict[str, Any]) -> float:
@@ -158,12 +168,12 @@ def run(args: argparse.Namespace) -> int:
                     base = prepare(request_for(args, wf, models, gpus, n, "milp"))
                 planner = base.with_budget(n_gpus=n)
                 fluid = fluid_bound(planner)
-                bound = instance_bound_rps(planner)
+                bound, bound_choice = instance_bound_plan(planner)
             except InfeasibleError as e:
                 cells.append({"workflow": wf.name, "gpus": n, "error": str(e)})
                 continue
             cell: dict[str, Any] = {"workflow": wf.name, "gpus": n, "fluid_rps": fluid, "instance_bound_rps": bound,
-                                    "policies": {}, "wf": wf}
+                                    "bound_choice": bound_choice, "policies": {}, "wf": wf}
             for pol in pols:
                 try:
                     req = request_for(args, wf, models, gpus, n, pol)
@@ -178,9 +188,15 @@ def run(args: argparse.Namespace) -> int:
     # 1. measured maximum throughput of each policy's max-throughput plan
     cap_jobs = [(c, pol, (c["wf"], _alloc(v["plan"]), gpu, models, _guess(v), args.requests, args.seed))
                 for c in cells if "error" not in c for pol, v in c["policies"].items() if "plan" in v]
+    # ... and of the instance bound's own allocation: the bound in simulated requests/s
+    cap_jobs += [(c, None, (c["wf"], _alloc_of(c["bound_choice"]), gpu, models, c["instance_bound_rps"], args.requests,
+                            args.seed)) for c in cells if "error" not in c and c.get("bound_choice")]
     with ProcessPoolExecutor(max_workers=jobs) as ex:
         for (c, pol, _), r in zip(cap_jobs, ex.map(_capacity, [j for _, _, j in cap_jobs])):
-            c["policies"][pol].update(sim=r)
+            if pol is None:
+                c["bound_sim"] = r
+            else:
+                c["policies"][pol].update(sim=r)
         console.print(f"[dim]measured capacities ({time.perf_counter() - t_start:.0f} s)[/dim]")
         # 2. each policy's plan at each common rate, simulated there
         lat_jobs = []
@@ -258,9 +274,17 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
             "at_common": at,
             "sim_check_s": v["plan"].check_time_s + sum(o.check_time_s for o in v.get("common_plans", {}).values()),
         }
+    b = c.get("bound_sim", {})
+    if c.get("bound_choice"):
+        out["instance_bound_allocation"] = short_allocation(c["bound_choice"])
+        out["instance_bound_sim_rps"] = b.get("max_rps")
     if m_max:
         out["milp_fluid_fraction"] = m_max / c["fluid_rps"]
         out["milp_instance_fraction"] = m_max / c["instance_bound_rps"]
+        if b.get("max_rps"):   # the same allocation-vs-allocation ratio, both measured in the simulator
+            out["milp_instance_sim_fraction"] = m_max / b["max_rps"]
+    if milp.get("predicted_rps"):
+        out["milp_instance_predicted_fraction"] = milp["predicted_rps"] / c["instance_bound_rps"]
     return out
 
 
@@ -278,7 +302,7 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) ->
     t = Table(title=f"scepsy bench: {args.gpu_type}, {args.requests} requests per run, seed {args.seed} (simulated)")
     cols = ("workflow", "GPUs", "policy", "sim max rps", "refused", "pred. max", "milp ×", "longest run",
             f"common rps {pcts}", f"mean lat s {pcts}", f"milp lat ÷ {pcts}", "p99 s @90%",
-            "fluid rps", "milp/fluid", "inst. bound", "milp/inst.", "max-throughput allocation")
+            "fluid rps", "milp/fluid", "inst. bound pred/sim", "milp/inst. sim", "max-throughput allocation")
     for col in cols:
         t.add_column(col, justify="left" if col in ("workflow", "policy") else "right", no_wrap=True)
     blank = [""] * (len(cols) - 4)
@@ -303,7 +327,8 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) ->
                       _triple([x["milp_latency_ratio"] for x in at], ".2f"),
                       f(at[0]["latency_p99_s"], ".1f") if at else "—",
                       f(r["fluid_rps"]) if first else "", pct(r.get("milp_fluid_fraction")) if first else "",
-                      f(r["instance_bound_rps"]) if first else "", pct(r.get("milp_instance_fraction")) if first else "",
+                      f"{f(r['instance_bound_rps'])} / {f(r.get('instance_bound_sim_rps'))}" if first else "",
+                      pct(r.get("milp_instance_sim_fraction")) if first else "",
                       v["allocation"])
             first = False
     c.print(t)
@@ -314,7 +339,8 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) ->
     c.print(f"milp × = milp's simulated max throughput ÷ the policy's; at the common rates ({pcts} of the weakest "
             f"policy's max) each policy runs its plan for that rate: mean latency, and milp lat ÷ = milp's mean latency "
             f"÷ the policy's (≤ 1: milp no slower). fluid = every GPU at its LLM's best calls/s per GPU; inst. bound = "
-            f"the best set of whole instances, mixed configurations allowed. {wall:.0f} s wall.")
+            f"the best set of whole instances, mixed configurations allowed: predicted, and its allocation's simulated "
+            f"max; milp/inst. sim = milp's simulated max ÷ that. {wall:.0f} s wall.")
 
 
 def _plot(cells: list[dict[str, Any]], path: str) -> None:

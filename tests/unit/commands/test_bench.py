@@ -51,6 +51,10 @@ def test_bench_runs_and_plots(small, tmp_path):
     # the instance bound sits between milp's exact optimum (one configuration per LLM) and the fluid bound
     assert m["predicted_max_rps"] <= cell["instance_bound_rps"] * (1 + 1e-6) <= cell["fluid_rps"] * (1 + 1e-6)
     assert cell["milp_instance_fraction"] == pytest.approx(m["sim_max_rps"] / cell["instance_bound_rps"])
+    assert cell["milp_instance_predicted_fraction"] == pytest.approx(m["predicted_max_rps"] / cell["instance_bound_rps"])
+    # the bound's own allocation, measured in the simulator like the policies' plans
+    assert cell["instance_bound_allocation"] and cell["instance_bound_sim_rps"] > 0
+    assert cell["milp_instance_sim_fraction"] == pytest.approx(m["sim_max_rps"] / cell["instance_bound_sim_rps"])
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -73,10 +77,11 @@ def test_bench_table_piped_keeps_every_column_whole(capsys):
               at_common=at([90.1, 120.4, 301.7], [0.351, 0.276, 0.119]))
     row = {"workflow": "mixture_of_agents", "gpus": 32, "fluid_rps": 4.46, "instance_bound_rps": 3.67, "weakest_max_rps": 0.331,
            "common_rates": [{"fraction": f, "rate_rps": f * 0.331} for f in (0.9, 0.95, 0.99)],
-           "milp_fluid_fraction": 0.77, "milp_instance_fraction": 0.935, "policies": {"milp": pol, "equal": eq}}
+           "milp_fluid_fraction": 0.77, "milp_instance_fraction": 0.935, "instance_bound_sim_rps": 3.52,
+           "milp_instance_sim_fraction": 0.974, "policies": {"milp": pol, "equal": eq}}
     bench._print([row], argparse.Namespace(gpu_type="h100-sxm", requests=1200, seed=0), 10.0)
     out = capsys.readouterr().out
-    for text in ("inst. bound", "milp/inst.", "94%", "77%", "max-throughput allocation", alloc, "mixture_of_agents",
+    for text in ("inst. bound", "milp/inst.", "3.67 / 3.52", "97%", "77%", "max-throughput allocation", alloc, "mixture_of_agents",
                  "90/95/99%", "0.298 / 0.314 / 0.328", "31.6 / 33.2 / 35.9", "0.35 / 0.28 / 0.12", "90.1 / 120.4 / 301.7"):
         assert text in out, text
     assert "…" not in out
