@@ -35,6 +35,7 @@ profiles (which the simulator's engine model does not use) skip it with a note.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -302,13 +303,26 @@ def iter_shortlist(planner: "Planner", best: "Outcome", check: SimCheck,
         yield made[-1]
     paths = {i: best.predictions[dm.wf.name].paths for i, dm in enumerate(planner.demands)}
     caps = [c for c in check.caps if c < planner.max_util - 1e-9]
+    loads = planner.loads(theta)
+
+    def holds(m: str, cap: float) -> bool:
+        """The optimum's entry of `m` is a candidate at utilisation cap `cap` too: a single configuration
+        whose capacity carries the load at `cap`. Then a MILP that only lowers caps finds the optimum
+        again (its feasible set shrank around it), so it need not be solved. A mixed group is not known
+        to be among the capped candidates (they are made around the capped base), so it is solved."""
+        c = best.choice[m]
+        return not c.more and loads.get(m, 0.0) <= cap * c.capacity_rps * (1 + 1e-9)
+
     for cap in caps:
+        if all(holds(m, cap) for m in best.choice):
+            continue
         if fresh(f"cap {cap:.0%}", milp(planner.latency_candidates(theta, paths, max_util=cap), [])):
             yield made[-1]
-    if caps and len(planner.deployments) > 1:
+    low = [d for d in planner.deployments if d in best.choice and not holds(d, min(caps))] if caps else []
+    if low and len(planner.deployments) > 1:
         loose = planner.latency_candidates(theta, paths)
         tight = planner.latency_candidates(theta, paths, max_util=min(caps))
-        for d in planner.deployments:
+        for d in low:
             if fresh(f"{d} at {min(caps):.0%}", milp({m: (tight[m] if m == d else cs) for m, cs in loose.items()}, [])):
                 yield made[-1]
     for label, choice in list(made):
@@ -388,6 +402,9 @@ def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = 
     return replace(out, checked=tuple(checked), check_time_s=elapsed)
 
 
+LOOKAHEAD = 4   # shortlist entries the steady-state check ranks by predicted latency before it runs any
+
+
 def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "Outcome":
     """The latency check when a fixed-length run would not leave the transient (`SimCheck.needs_steady`):
     the shortlist's allocations in its order, each simulated in steady state (`SimCheck.steady`)
@@ -402,30 +419,38 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
     checked: list[Checked] = []
     spent = 0
     items = iter_shortlist(planner, best, check, solve)
-    # the optimum and the first alternative are run side by side when there are CPUs for it (and the
-    # budget holds two runs at the predicted latency): the rest in turn, while the budget lasts
-    head = [next(items, None), next(items, None)]
-    head_items = [h for h in head if h is not None]
-    preds = [best.latency_s] + [sum(p.latency_s for p in planner.evaluate(c, theta).values()) for _, c in head_items[1:]]
+    # the optimum and the first alternative are run side by side when there are CPUs for it: the rest
+    # in turn, while the budget lasts (two runs made side by side are both kept: their time is spent)
+    # The budget holds few runs at this size, so the first alternatives are the likeliest to win: of
+    # the next `LOOKAHEAD` entries of the shortlist, in order of predicted latency.
+    opt = next(items)
+    ahead = [(sum(p.latency_s for p in planner.evaluate(c, theta).values()), k, (label, c))
+             for k, (label, c) in enumerate(itertools.islice(items, LOOKAHEAD))]
+    ahead.sort(key=lambda a: (a[0], a[1]))
+    head_items = [opt] + [a[2] for a in ahead[:1]]
+    preds = [best.latency_s] + [a[0] for a in ahead[:1]]
+    items = itertools.chain((a[2] for a in ahead[1:]), items)
     firsts: list[SteadyRun | None] = [None] * len(head_items)
     if len(head_items) == 2:
         planner.progress("simulator check (steady state): " + ", ".join(label for label, _ in head_items))
         got = _side_by_side(check, [check.steady_job(planner, c, theta, pr) for (_, c), pr in zip(head_items, preds)])
-        if got is not None and got[0].calls + got[1].calls <= check.steady_calls:
+        if got is not None:
             firsts = list(got)
-        elif got is not None:
-            firsts = [got[0], None]
-            head_items = head_items[:1]
-    queue = iter([*((label, c, pr, f) for (label, c), pr, f in zip(head_items, preds, firsts)),
-                  *((label, c, None, None) for label, c in items)])
+    # the rest of the shortlist stays lazy: each entry's MILP is solved only when the budget reaches it
+    queue = itertools.chain(((label, c, pr, f) for (label, c), pr, f in zip(head_items, preds, firsts)),
+                            ((label, c, None, None) for label, c in items))
     for label, choice, pred, first in queue:
         if pred is None:
             pred = sum(p.latency_s for p in planner.evaluate(choice, theta).values())
         if first is None:
             planner.progress(f"simulator check (steady state): {label}")
         # an alternative is confirmed (run again when it had not settled) only if it may beat the optimum
+        # and the budget holds another run; unconfirmed, its reading is a lower bound and cannot win
+        per_run = first.calls if first is not None else spent / max(len(checked), 1)
+        room = spent + (0 if first is not None else per_run) + per_run <= check.steady_calls
         run = (check.steady(planner, choice, theta, pred, first=first) if not checked else
-               check.steady(planner, choice, theta, pred, confirm_below=checked[0].simulated_s * (1 - check.margin),
+               check.steady(planner, choice, theta, pred,
+                            confirm_below=checked[0].simulated_s * (1 - check.margin) if room else -math.inf,
                             first=first))
         spent += run.calls
         checked.append(Checked(label, choice, pred, run.latency_s, run.throughput_rps, steady=run.to_dict()))
@@ -434,7 +459,9 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
     more = next(queue, None) is not None
     best = replace(best, solve_time_s=solve[0])
     base = checked[0]
-    win = min(checked, key=lambda c: c.simulated_s if math.isfinite(c.simulated_s) else math.inf)
+    # an alternative still filling reads low (it started empty): only a settled one may win
+    win = min((c for c in checked if c is base or (c.steady or {}).get("settled", True)),
+              key=lambda c: c.simulated_s if math.isfinite(c.simulated_s) else math.inf)
     elapsed = time.perf_counter() - t0
     st = base.steady or {}
     how = (f"steady state: {st.get('warmup_s', 0):.0f} s of warm-up, {st.get('window_s', 0):.0f} s measured "

@@ -162,3 +162,65 @@ def test_runs_side_by_side_read_as_runs_in_turn(planner6, best6):
     both = simcheck._side_by_side(check, jobs)
     assert both is not None and both == [simcheck._steady_run(j) for j in jobs]
     assert simcheck._side_by_side(SimCheck(jobs=1), jobs) is None
+
+
+def test_caps_the_optimum_already_meets_are_not_solved_and_the_shortlist_is_unchanged(planner6, best6, monkeypatch):
+    """A MILP that only lowers caps the optimum already meets finds the optimum again: skipping it
+    leaves the shortlist as solving every one of them would make it."""
+    from scepsy_hpc.allocate import milp as milp_mod
+
+    check = SimCheck(caps=(0.85, 0.8, 0.7))
+    loads = planner6.loads(best6.theta)
+    util = {m: loads[m] / c.capacity_rps for m, c in best6.choice.items()}
+    assert any(u <= 0.7 for u in util.values()), util   # some entry meets every cap: its MILP is skipped
+    solved = []
+    real = milp_mod.solve
+
+    def counting(*a, **kw):
+        solved.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(milp_mod, "solve", counting)
+    got = [(label, choice_key(c)) for label, c in simcheck.shortlist(planner6, best6, check)]
+    n_skipping = len(solved)
+    # every MILP solved, as before: the cap runs, each LLM at the lowest cap, the splits
+    paths = {i: best6.predictions[dm.wf.name].paths for i, dm in enumerate(planner6.demands)}
+    budget = {planner6.gpu_name: planner6.n_gpus}
+
+    def solve(cands):
+        return choice_key(real(cands, budget, time_limit_s=30, gap=planner6.gap, domain_caps=planner6.domain_caps,
+                               delta=check.delta).choice)
+
+    caps = [c for c in check.caps if c < planner6.max_util]
+    every = [solve(planner6.latency_candidates(best6.theta, paths, max_util=c)) for c in caps]
+    loose = planner6.latency_candidates(best6.theta, paths)
+    tight = planner6.latency_candidates(best6.theta, paths, max_util=min(caps))
+    every += [solve({m: (tight[m] if m == d else cs) for m, cs in loose.items()}) for d in planner6.deployments]
+    keys = {k for _, k in got}
+    assert set(every) <= keys | {choice_key(best6.choice)}
+    for d, u in util.items():   # a skipped one is the optimum itself
+        if u <= min(caps):
+            assert solve({m: (tight[m] if m == d else cs) for m, cs in loose.items()}) == choice_key(best6.choice)
+    assert n_skipping < len(every) + check.alternatives
+
+
+def test_the_first_alternative_run_is_the_likeliest_to_win(planner6, best6, monkeypatch):
+    """The steady-state check runs, after the optimum, the shortlist entry with the lowest predicted
+    latency among the next few; an alternative that has not settled cannot displace the optimum."""
+    steady, seen = fake_steady(lambda i: 100.0, calls=100_000)
+    monkeypatch.setattr(SimCheck, "steady", steady)
+    best = steady_best(planner6, best6)
+    check = SimCheck(jobs=1, steady_calls=200_000)
+    entries = simcheck.shortlist(planner6, best, check)[1:1 + simcheck.LOOKAHEAD]
+    assert len(entries) >= 2
+    pred = {choice_key(c): sum(p.latency_s for p in planner6.evaluate(c, best.theta).values()) for _, c in entries}
+    run_check(planner6, check, best)
+    assert len(seen) == 2 and pred[seen[1]] == min(pred.values())
+
+    def unsettled(self, planner, choice, theta, latency_s, confirm_below=float("inf"), first=None):
+        opt = choice_key(choice) == choice_key(best.choice)
+        return SteadyRun(100.0 if opt else 10.0, theta, 1.0, 1.0, 100, 1000, 0.0 if opt else 0.3, opt)
+
+    monkeypatch.setattr(SimCheck, "steady", unsettled)
+    out = run_check(planner6, SimCheck(jobs=1), best)
+    assert len(out.checked) > 1 and choice_key(out.choice) == choice_key(best.choice)
