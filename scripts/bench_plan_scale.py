@@ -82,7 +82,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=30.0, help="--target-rps (default 30)")
     ap.add_argument("--repeat", type=int, default=1, help="plan this many times (timings are noisy on a shared machine)")
     ap.add_argument("--calls", type=int, default=None,
-                    help="calls per synthetic profile point (default: the planner's, 2000): what the profiles cost")
+                    help="calls per synthetic profile point (default: the planner's budget, allocate.planner.profile_calls: 500 at 32 LLMs): what the profiles cost")
     ap.add_argument("--long-run", action="store_true",
                     help="also simulate the chosen plan in one long run (4×λ·L requests, the first half dropped) "
                          "to cross-check the check's steady-state reading")
