@@ -30,7 +30,7 @@ import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Iterator
 
 from scepsy_hpc.errors import ScepsyError
 
@@ -235,44 +235,60 @@ class Connection:
                               f"ask the site to enable the sftp subsystem") from e
 
     def exec(self, command: str, *, out: IO[bytes] | None = None, err: IO[bytes] | None = None,
-             on_start: Callable[[], None] | None = None, poll_s: float = 0.2) -> int:
+             interruptible: bool = False, poll_s: float = 0.2) -> int:
         """Run `command` with the remote user's shell; stream its stdout and stderr to `out`/`err`
-        as they arrive; return its exit status (-1 when the connection ended without one)."""
+        as they arrive; return its exit status. The command's stdin is closed at once, or, with
+        `interruptible`, on the first Ctrl-C (a command that watches it, `remote.run.WRAPPER`, takes
+        that as SIGINT), its output still streamed until it exits; a second Ctrl-C drops it."""
         try:
             chan = self.transport.open_session(timeout=self.target.timeout_s)
             chan.exec_command(command)
         except Exception as e:  # noqa: BLE001 — the transport died or refused the session
             raise RemoteError(f"{self.target.alias}: cannot run a command: {type(e).__name__}: {e}") from e
-        if on_start:
-            on_start()
-        chan.shutdown_write()   # no stdin: a command that reads it sees end-of-file
+        if not interruptible:
+            chan.shutdown_write()   # no stdin: a command that reads it sees end-of-file
+        interrupted = False
         try:
             while True:
-                got = False
-                while chan.recv_ready():
-                    data = chan.recv(65536)
-                    if out is not None:
-                        out.write(data)
-                        out.flush()
-                    got = True
-                while chan.recv_stderr_ready():
-                    data = chan.recv_stderr(65536)
-                    if err is not None:
-                        err.write(data)
-                        err.flush()
-                    got = True
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
-                if chan.closed and not got:
-                    break
-                if not got:
-                    select.select([chan], [], [], poll_s)
+                try:
+                    if self._pump(chan, out, err, poll_s):
+                        break
+                except KeyboardInterrupt:
+                    if not interruptible or interrupted:
+                        raise
+                    interrupted = True
+                    chan.shutdown_write()
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
         finally:
             chan.close()
-        if status == -1 and not self.alive():
+        if status == -1:
             raise RemoteError(f"{self.target.alias}: the SSH connection ended before the command did")
         return status
+
+    @staticmethod
+    def _pump(chan: Any, out: IO[bytes] | None, err: IO[bytes] | None, poll_s: float) -> bool:
+        """Copy what the channel has; True once the command has exited and everything is read."""
+        got = False
+        while chan.recv_ready():
+            data = chan.recv(65536)
+            if out is not None:
+                out.write(data)
+                out.flush()
+            got = True
+        while chan.recv_stderr_ready():
+            data = chan.recv_stderr(65536)
+            if err is not None:
+                err.write(data)
+                err.flush()
+            got = True
+        if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+            return True
+        tr = chan.get_transport()
+        if chan.closed or tr is None or not tr.is_active():
+            return True
+        if not got:
+            select.select([chan], [], [], poll_s)
+        return False
 
     def close(self) -> None:
         for c in reversed(self.clients):
