@@ -373,7 +373,7 @@ def _connect_one(t: Target, sock: Any, timeout: float, via: str | None) -> Any:
         client.close()
         raise RemoteError(f"{t.alias}: no answer from {where} within {timeout:g} s; is the host up and the port "
                           f"right? (ConnectTimeout in the ssh config raises the limit)") from None
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, paramiko.ssh_exception.NoValidConnectionsError):
         client.close()
         raise RemoteError(f"{t.alias}: {where} refused the connection: no SSH server listens there (check Port)") from None
     except (paramiko.SSHException, OSError, EOFError) as e:
