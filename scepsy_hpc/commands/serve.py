@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -215,8 +216,17 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _key_hint(name: str, base_url: str | None, state_dir: str | None) -> str:
-    """How to call the deployment: its owner key (made by the daemon at `up`) and base URL."""
+    """How to call the deployment: its owner key (made by the daemon at `up`) and base URL; run with
+    `scepsy --remote HOST` (which sets $SCEPSY_REMOTE_CLIENT), through a tunnel from the workstation."""
     where = f" --state-dir {state_dir}" if state_dir else ""
+    host = os.environ.get("SCEPSY_REMOTE_CLIENT")
+    if host and base_url:
+        from urllib.parse import urlsplit
+
+        path = urlsplit(base_url).path
+        return (f"  from your workstation: scepsy --remote {host} tunnel {name} --local-port 8000, then "
+                f"export OPENAI_API_KEY=$(scepsy --remote {host} keys show {name}{where}) "
+                f"OPENAI_BASE_URL=http://127.0.0.1:8000{path}")
     return (f"  every call needs its key: export OPENAI_API_KEY=$(scepsy keys show {name}{where}) "
             f"OPENAI_BASE_URL={base_url}")
 

@@ -162,9 +162,11 @@ def _is_dir(st: Any) -> bool:
     return stat.S_ISDIR(st.st_mode or 0)
 
 
-def command_line(scepsy: str, argv: Sequence[str]) -> str:
-    """The remote command: `argv` run by `scepsy` under the SIGINT wrapper."""
-    return f"sh -c {shlex.quote(WRAPPER)} scepsy-remote {scepsy} {shlex.join(argv)}"
+def command_line(scepsy: str, argv: Sequence[str], host: str = "") -> str:
+    """The remote command: `argv` run by `scepsy` under the SIGINT wrapper, with $SCEPSY_REMOTE_CLIENT
+    naming `host` (its hints then say how to reach a deployment from the workstation)."""
+    env = f"env SCEPSY_REMOTE_CLIENT={shlex.quote(host)} " if host else ""
+    return f"{env}sh -c {shlex.quote(WRAPPER)} scepsy-remote {scepsy} {shlex.join(argv)}"
 
 
 def run_remote(host: str, argv: Sequence[str], *, scepsy: str | None = None, ssh_config: str | None = None,
@@ -177,7 +179,7 @@ def run_remote(host: str, argv: Sequence[str], *, scepsy: str | None = None, ssh
         args = list(argv)
         for i, prefix, path in local_files(args):
             args[i] = prefix + upload(conn, path)
-        status = conn.exec(command_line(cmd, args), out=out, err=err, interruptible=True)
+        status = conn.exec(command_line(cmd, args, host), out=out, err=err, interruptible=True)
     if status == NOT_FOUND:
         raise RemoteError(f"{host}: `{cmd}` was not found there (exit 127): install scepsy on the login node, then "
                           f"name it with --remote-scepsy PATH or `hosts: {{{host}: {{scepsy: PATH}}}}` in "

@@ -107,3 +107,16 @@ def test_the_wrapper_turns_a_closed_stdin_into_sigint():
     p.wait(timeout=20)
     assert out == b"interrupted\n" and p.returncode == 130 and time.monotonic() - t0 < 10
     assert signal.SIGINT  # the wrapper sends INT, not TERM: scepsy's own Ctrl-C handling runs
+
+
+def test_hints_run_under_remote_say_how_to_reach_the_deployment_from_the_workstation(monkeypatch):
+    from scepsy_hpc.commands.serve import _key_hint
+
+    url = "http://127.0.0.1:33315/d/mine/v1"
+    monkeypatch.delenv("SCEPSY_REMOTE_CLIENT", raising=False)
+    assert f"OPENAI_BASE_URL={url}" in _key_hint("mine", url, None)
+    monkeypatch.setenv("SCEPSY_REMOTE_CLIENT", "login1")
+    hint = _key_hint("mine", url, None)
+    assert "scepsy --remote login1 tunnel mine --local-port 8000" in hint
+    assert "scepsy --remote login1 keys show mine" in hint and "OPENAI_BASE_URL=http://127.0.0.1:8000/d/mine/v1" in hint
+    assert rr.command_line("scepsy", ["ls"], "login1").startswith("env SCEPSY_REMOTE_CLIENT=login1 sh -c ")
