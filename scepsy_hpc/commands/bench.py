@@ -13,7 +13,9 @@ For each workflow × GPU count × policy:
    serves, GPUs divisible at will — and milp's measured fraction of it;
 4. the instance bound — the most any set of whole instances on the configuration grid carries,
    replicas of different configurations of one LLM allowed (allocate.milp.instance_bound) — and
-   milp's measured fraction of that: how much of the gap to the fluid bound is integrality.
+   milp's measured fraction of that: how much of the gap to the fluid bound is integrality; the
+   bound's own allocation is measured like the policies' plans (its simulated maximum), and
+   `milp_instance_sim_fraction` is milp's simulated maximum ÷ that one.
 """
 
 from __future__ import annotations
