@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import io
 import json
+import os
 import shlex
 import socket
 import threading
@@ -238,7 +239,8 @@ class Tunnel:
             lsock = socket.create_server((host, port), family=family, backlog=128)
         except OSError as e:
             fix = "choose another --local-port (0: any free one)" if port else "check --bind"
-            raise SpecError(f"tunnel: cannot listen on {host}:{port}: {e.strerror or e}; {fix}") from None
+            why = os.strerror(e.errno) if e.errno else str(e)   # create_server's own text repeats the address
+            raise SpecError(f"tunnel: cannot listen on {host}:{port}: {why}; {fix}") from None
         lsock.settimeout(POLL_S)   # accept() wakes up to see close()
         return lsock
 

@@ -378,7 +378,8 @@ def test_a_busy_local_port_is_refused_and_the_connection_closed(upper_server: tu
         t = Tunnel(lambda: conn, lambda c: upper_server, bind=("127.0.0.1", port), say=lambda line: None)
         with pytest.raises(SpecError) as e:
             t.start()
-    assert f"cannot listen on 127.0.0.1:{port}" in str(e.value) and "another --local-port" in str(e.value)
+    assert str(e.value) == (f"tunnel: cannot listen on 127.0.0.1:{port}: Address already in use; choose another "
+                            f"--local-port (0: any free one)")
     assert not conn.alive()
 
 
