@@ -20,7 +20,8 @@ from typing import Sequence
 from scepsy_hpc.errors import run_entry
 
 # in the order of `scepsy --help`; the passthrough servers come after simulate
-COMMANDS = ("validate", "simulate", "trace", "predict", "profile", "plan", "topology", "daemon", "serve", "keys", "bench")
+COMMANDS = ("validate", "simulate", "trace", "predict", "profile", "plan", "topology", "daemon", "serve", "keys", "bench",
+            "tunnel")
 REMOTE_OPTIONS = ("--remote", "--remote-scepsy", "--ssh-config")   # global options `main` keeps to itself
 PASSTHROUGH = {"gateway": ("scepsy_hpc.gateway.server", "main"), "engine-sim": ("scepsy_hpc.engine.sim_server", "main")}
 

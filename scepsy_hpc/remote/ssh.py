@@ -261,8 +261,15 @@ class Connection:
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
         finally:
             chan.close()
-        if status == -1:
+        if status == -1 and not self.alive():
             raise RemoteError(f"{self.target.alias}: the SSH connection ended before the command did")
+        if status == -1:
+            # ended by a signal: sshd says so with "exit-signal", which paramiko does not read. After our Ctrl-C
+            # that was the SIGINT we asked for, so the shell's figure for it; anything else is said
+            if interrupted:
+                return 128 + 2
+            raise RemoteError(f"{self.target.alias}: the remote command was killed by a signal (no exit status); "
+                              f"on a login node that is often a CPU or memory limit: see its logs")
         return status
 
     @staticmethod
@@ -322,11 +329,22 @@ def open_connection(target: Target, *, timeout: float | None = None) -> Connecti
                                       f"{hop.hostname}:{hop.port} ({type(e).__name__}: {e}); check ProxyJump and "
                                       f"HostName in {target.config_file or '~/.ssh/config'}") from e
             conn.clients.append(_connect_one(hop, sock, timeout or hop.timeout_s, via=hops[i - 1].alias if i else None))
+            if i == 0:   # small writes (a call, a stream's events) go out at once: +3 ms a call, not +43
+                _nodelay(conn.clients[0])
         conn.transport.set_keepalive(KEEPALIVE_S)
         return conn
     except BaseException:
         conn.close()
         raise
+
+
+def _nodelay(client: Any) -> None:
+    tr = client.get_transport()
+    sock = getattr(tr, "sock", None)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):   # not a TCP socket
+        pass
 
 
 def _connect_one(t: Target, sock: Any, timeout: float, via: str | None) -> Any:

@@ -163,19 +163,6 @@ def _reason(conn: Connection) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-def _set_nodelay(conn: Connection) -> None:
-    """No Nagle delay on the SSH connection's TCP socket (the first hop's, under ProxyJump), as OpenSSH sets it:
-    a small write must not wait for the ACK of the last one (measured: a call on a new local connection took
-    +43 ms through the tunnel with Nagle, +3 ms without; scripts/bench_tunnel.py)."""
-    for client in getattr(conn, "clients", []):
-        sock = getattr(client.get_transport(), "sock", None)
-        if isinstance(sock, socket.socket):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-
-
 class Tunnel:
     """A local listener whose connections are forwarded over one (re-established) SSH connection.
 
@@ -221,7 +208,6 @@ class Tunnel:
         try:
             self._alias = conn.target.alias
             self.dest = self.locate(conn)
-            _set_nodelay(conn)
             self._listener = self._listen()
         except BaseException:
             conn.close()
@@ -332,7 +318,6 @@ class Tunnel:
                 continue
             if conn is None:   # stopped meanwhile
                 return
-            _set_nodelay(conn)
             self._relocate(conn)
             with self._cond:
                 if self._closing:

@@ -139,7 +139,7 @@ def test_keys_the_server_refuses_and_a_missing_scepsy_are_named(sshd, state, tmp
 def test_ctrl_c_reaches_the_remote_command_as_sigint(sshd, tmp_path):
     """The first Ctrl-C here is SIGINT there; the command's own handling runs and its output still arrives."""
     prog = tmp_path / "fake_scepsy.py"
-    prog.write_text("import sys, time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\n"
+    prog.write_text("import sys, time\ntry:\n    print('started', flush=True)\n    time.sleep(60)\n"
                     "except KeyboardInterrupt:\n    print('stopping as asked', flush=True)\n    sys.exit(130)\n")
     p = subprocess.Popen([sys.executable, "-m", "scepsy_hpc.cli", "--remote", sshd.login_alias, "--remote-scepsy",
                           f"{shlex.quote(sys.executable)} {shlex.quote(str(prog))}", "ls"],
@@ -151,6 +151,19 @@ def test_ctrl_c_reaches_the_remote_command_as_sigint(sshd, tmp_path):
         out, err = p.communicate(timeout=30)
         assert "stopping as asked" in out and p.returncode == 130, err
         assert time.monotonic() - t0 < 15
+    finally:
+        if p.poll() is None:
+            p.kill()
+    # a command that dies of the SIGINT (Python re-raises it) still reads as Ctrl-C's 130 here
+    prog.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-m", "scepsy_hpc.cli", "--remote", sshd.login_alias, "--remote-scepsy",
+                          f"{shlex.quote(sys.executable)} {shlex.quote(str(prog))}", "ls"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "started\n"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 130 and "KeyboardInterrupt" in err, err
     finally:
         if p.poll() is None:
             p.kill()
