@@ -396,6 +396,10 @@ def _connect_one(t: Target, sock: Any, timeout: float, via: str | None) -> Any:
         raise RemoteError(f"{t.alias}: {where} refused the connection: no SSH server listens there (check Port)") from None
     except (paramiko.SSHException, OSError, EOFError) as e:
         client.close()
+        said = str(e).lower()
+        if "banner" in said or "no existing session" in said:   # a port that takes the connection, speaks no SSH
+            raise RemoteError(f"{t.alias}: {where} accepted the connection but no SSH server answered within "
+                              f"{timeout:g} s (is that the SSH port? check Port)") from None
         raise RemoteError(f"{t.alias}: SSH to {where} failed: {type(e).__name__}: {e}") from None
 
 
