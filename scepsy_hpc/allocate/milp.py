@@ -84,10 +84,12 @@ class Candidate:
 
     @property
     def groups(self) -> tuple["Candidate", ...]:
-        """Its configurations, each with its replicas (one for a plain candidate)."""
+        """Its configurations, each with its replicas and the capacity they carry (one for a plain candidate):
+        the first group's is the candidate's total less the others' (the plan's routing weights come from it)."""
         if not self.more:
             return (self,)
-        return (replace(self, more=(), capacity_rps=0.0, cost_s=0.0), *self.more)
+        own = max(self.capacity_rps - sum(g.capacity_rps for g in self.more), 0.0)
+        return (replace(self, more=(), capacity_rps=own, cost_s=0.0), *self.more)
 
     @property
     def whole_gpus(self) -> int:

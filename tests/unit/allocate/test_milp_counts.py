@@ -96,3 +96,17 @@ def test_a_mixed_candidate_counts_every_group_in_gpus_packing_and_identity():
     assert c.kind == (0, 2)
     with pytest.raises(ValueError, match="at least one instance"):
         mixed_candidate({a4: 0})
+
+
+def test_a_mixed_candidates_plan_entry_weights_every_configuration_by_its_own_capacity():
+    """Every group of a mixed group gets its per-replica capacity as its routing weight (the first one
+    too: a missing weight would send the whole LLM to the roofline estimate instead of the profiles')."""
+    from scepsy_hpc.allocate.allocation import as_entry
+    from scepsy_hpc.allocate.milp import Candidate, mixed_candidate
+
+    big = Candidate("h100-sxm", 1, 1.0, 1, 0.0, 24.0)
+    small = Candidate("h100-sxm", 1, 0.25, 1, 0.0, 8.0)
+    c = mixed_candidate({big: 4, small: 1})
+    assert [g.capacity_rps for g in c.groups] == [96.0, 8.0] and c.capacity_rps == 104.0
+    entry = as_entry(c)
+    assert [(e.gpu_frac, e.replicas, e.capacity_rps) for e in entry] == [(1.0, 4, 24.0), (0.25, 1, 8.0)]
