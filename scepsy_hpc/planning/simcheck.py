@@ -7,8 +7,9 @@ every score) requests drift into lock-step under load and the scorer receives it
 waves, so its calls wait seconds where the profile says tens of milliseconds. No per-LLM term sees
 that coupling; the simulator, which runs the workflow's program against every engine at once,
 does. So beside the MILP's optimum the planner lists a few other allocations (`shortlist`: the
-MILP re-solved under lower utilisation caps, the same GPUs as smaller instances, and the next-best
-allocations that split the GPUs differently, constraint (7) of allocate.milp), simulates each at
+MILP re-solved under lower utilisation caps, the same GPUs as smaller instances, the baselines'
+allocations, and the next-best allocations that split the GPUs differently, constraint (7) of
+allocate.milp), simulates each at
 the planned rate, and keeps the one with the lowest simulated mean latency: the MILP's optimum
 unless another beats it by more than `margin`.
 
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 DEFAULT_ALTERNATIVES = 3
 DEFAULT_CAPS = (0.75, 0.6, 0.45)
+BASELINES = ("equal", "independent")
 SEED_OFFSET = 7919  # the check's arrivals and programs differ from a `simulate`/`bench` run at the same --seed
 
 
@@ -147,6 +149,12 @@ class SimCheck:
     steady_calls   simulated LLM calls the steady-state check spends at most: the optimum is
                    always run; the shortlist's next allocations while calls remain (the note
                    says what was not simulated)
+    baselines      policies (allocate.policies) whose allocations join the shortlist when they
+                   carry the planned rate. The MILP prices each LLM alone; in a step-synchronous
+                   workflow a plain split can simulate faster than every allocation the MILP
+                   proposes (beam_search on 8 GPUs at 0.57 rps: 4 + 4 whole GPUs at 140 s against
+                   the MILP's mixed groups at 149–199 s over three seeds), and the plan must not
+                   lose to a baseline it could have run
     """
 
     alternatives: int = DEFAULT_ALTERNATIVES
@@ -168,6 +176,7 @@ class SimCheck:
     steady_warmup: float = 1.5
     steady_window: float = 1.0
     steady_calls: int = 300_000
+    baselines: tuple[str, ...] = BASELINES
 
     def requests_for(self, calls_per_request: float) -> int:
         """Requests per simulation for a workflow making `calls_per_request` LLM calls each."""
@@ -260,6 +269,7 @@ def shortlist_timed(planner: "Planner", best: "Outcome", check: SimCheck) -> tup
     - each of those with every LLM's GPUs spread over more, smaller instances (the smallest tp that
       fits memory): a burst of calls that lands on few large instances queues longer than the
       Poisson-fed profile says, and the simulator sees it;
+    - the allocations of the baseline policies `check.baselines` that carry the rate (`baseline`);
     - the `check.alternatives` next-best allocations at the planner's cap that split the GPUs
       differently (constraint (7))."""
     solve = [best.solve_time_s]
@@ -328,6 +338,9 @@ def iter_shortlist(planner: "Planner", best: "Outcome", check: SimCheck,
     for label, choice in list(made):
         if fresh(f"{label}, spread", spread_out(planner, choice, theta)):
             yield made[-1]
+    for name in check.baselines:
+        if fresh(f"{name} split", baseline(planner, name, theta)):
+            yield made[-1]
     shares = [{m: c.gpus for m, c in best.choice.items()}]
     for k in range(check.alternatives):
         got = milp(best.priced, shares)  # type: ignore[arg-type]
@@ -336,6 +349,22 @@ def iter_shortlist(planner: "Planner", best: "Outcome", check: SimCheck,
         if fresh(f"split {k + 2}", got):
             yield made[-1]
         shares.append({m: c.gpus for m, c in got.items()})
+
+
+def baseline(planner: "Planner", policy: str, theta: float) -> dict[str, "Candidate"] | None:
+    """The allocation of baseline `policy` at rate scale θ when it carries that rate (every LLM's
+    predicted utilisation under 100%); None when it does not, or cannot fit."""
+    from scepsy_hpc.allocate import policies
+    from scepsy_hpc.errors import InfeasibleError
+
+    try:
+        o = policies.plan_at(planner, policy, theta)
+    except InfeasibleError:
+        return None
+    if o.status == "under-capacity" or any(lp.utilisation >= 1.0 for pr in o.predictions.values()
+                                           for lp in pr.per_llm.values()):
+        return None
+    return dict(o.choice)
 
 
 def spread_out(planner: "Planner", choice: Mapping[str, "Candidate"], theta: float) -> dict[str, "Candidate"] | None:
@@ -388,9 +417,9 @@ def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = 
     base = checked[0]
     win = min(checked, key=lambda c: c.simulated_s)
     elapsed = time.perf_counter() - t0
-    out = best
+    out, kept = best, base
     if win is not base and win.simulated_s < base.simulated_s * (1 - check.margin):
-        out = _outcome(planner, best, dict(win.choice), theta)
+        out, kept = _outcome(planner, best, dict(win.choice), theta), win
         out = out.noted(f"simulator check: the MILP's optimum simulates at {base.simulated_s:.3g} s mean latency; "
                          f"the {win.label} allocation simulates at {win.simulated_s:.3g} s and is kept "
                          f"({len(checked)} allocations, {check.requests_for(_calls(planner))} requests each, {elapsed:.1f} s)")
@@ -399,6 +428,7 @@ def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = 
         out = out.noted(f"simulator check: the MILP's optimum simulates at {base.simulated_s:.3g} s mean latency, "
                          f"the best of {len(checked) - 1} others at {others:.3g} s; kept "
                          f"({check.requests_for(_calls(planner))} requests each, {elapsed:.1f} s)")
+    out = _trust(out, kept.simulated_s, f"the simulation ({check.requests_for(_calls(planner))} requests)")
     return replace(out, checked=tuple(checked), check_time_s=elapsed)
 
 
@@ -486,12 +516,19 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
         out = out.noted(f"simulator check: the {kept.label} allocation's run did not settle (its backlog still moved "
                         f"by {_growth(kept):.1%} of the arrivals over the window); "
                         f"its simulated latency is a lower bound")
-    pred, sim = out.latency_s, kept.simulated_s
+    out = _trust(out, kept.simulated_s, "the steady-state simulation")
+    return replace(out, checked=tuple(checked), check_time_s=elapsed)
+
+
+def _trust(out: "Outcome", sim: float, what: str) -> "Outcome":
+    """`out` with a note saying which latency to trust when the predicted and the simulated one of the
+    kept plan differ by more than 15%."""
+    pred = out.latency_s
     if math.isfinite(sim) and sim > 0 and abs(pred / sim - 1) > 0.15:
-        out = out.noted(f"latency: the predictor says {pred:.3g} s, the steady-state simulation {sim:.3g} s "
+        out = out.noted(f"latency: the predictor says {pred:.3g} s, {what} {sim:.3g} s "
                         f"({pred / sim:.2f}×); trust the simulation: it runs the workflow's program on every engine "
                         f"at once, where the predictor prices each LLM alone by its Poisson-fed profile")
-    return replace(out, checked=tuple(checked), check_time_s=elapsed)
+    return out
 
 
 def _steady_run(job: tuple[Any, ...]) -> SteadyRun:

@@ -10,7 +10,7 @@ import pytest
 from scepsy_hpc.allocate import policies
 from scepsy_hpc.allocate.milp import choice_key
 from scepsy_hpc.allocate.planner import Demand, Planner, used_gpus
-from scepsy_hpc.planning import policy
+from scepsy_hpc.planning import policy, simcheck
 from scepsy_hpc.planning.simcheck import RaceRun, SimCheck, neighbours, shortlist
 from scepsy_hpc.predict.inputs import sample_mix, sample_program
 from scepsy_hpc.spec.source import parse_yaml
@@ -83,13 +83,15 @@ def test_check_keeps_the_optimum_unless_beaten_by_the_margin(planner6, monkeypat
     assert key(out.choice) == key(best.choice)
     assert seen[0] == key(best.choice) and len(seen) == len(out.checked) >= 3
     assert out.checked[0].label == "optimum" and out.checked[0].simulated_s == 10.0
-    assert "simulator check" in out.notes[-1] and "kept" in out.notes[-1]
+    note = next(n for n in out.notes if n.startswith("simulator check"))
+    assert "kept" in note
     # the third allocation 20% faster: it replaces the optimum, with its own prediction
     sim, seen = fake_simulate(lambda k, i: 8.0 if i == 3 else 10.0)
     monkeypatch.setattr(SimCheck, "simulate", sim)
     out = policy.checked(planner6, check, "milp", policies.plan_at(planner6, "milp", 1.0))
     assert key(out.choice) == seen[2] != key(best.choice)
-    assert out.checked[2].label in out.notes[-1] and "8 s" in out.notes[-1]
+    note = next(n for n in out.notes if n.startswith("simulator check"))
+    assert out.checked[2].label in note and "8 s" in note
     assert out.predictions["small_rag"].latency_s == pytest.approx(out.checked[2].predicted_s)
     assert out.check_time_s > 0
 
@@ -124,6 +126,51 @@ def test_check_is_off_with_several_workflows(models, gpus):
     out = policy.run(p, "milp", "target", check=check)
     assert not out.checked
     assert any("one workflow at a time" in n for n in out.notes)
+
+
+def test_the_baselines_allocations_are_shortlisted_when_they_carry_the_rate(planner6):
+    """The equal and independent policies' allocations join the shortlist (unless one is already on
+    it), after the caps and spreads, before the other splits; one that does not carry the rate does not."""
+    best = policies.plan_at(planner6, "milp", 1.0)
+    items = shortlist(planner6, best, SimCheck())
+    keys = {key(c): label for label, c in items}
+    for pol in ("equal", "independent"):
+        o = policies.plan_at(planner6, pol, 1.0)
+        assert all(lp.utilisation < 1.0 for pr in o.predictions.values() for lp in pr.per_llm.values())
+        assert key(o.choice) in keys, pol
+    labels = [label for label, _ in items]
+    if "equal split" in labels and any(lb.startswith("split ") for lb in labels):
+        assert labels.index("equal split") < min(i for i, lb in enumerate(labels) if lb.startswith("split "))
+    assert simcheck.baseline(planner6, "equal", 1.0) is not None
+    # at 50x the rate no baseline carries it: none is offered
+    assert simcheck.baseline(planner6, "equal", 50.0) is None
+    assert simcheck.baseline(planner6, "independent", 50.0) is None
+    # without baselines the shortlist has none of their labels
+    assert not any(lb.endswith("split") and not lb.startswith("split")
+                   for lb, _ in shortlist(planner6, best, SimCheck(baselines=())))
+
+
+@pytest.mark.slow
+def test_beam_search_keeps_a_plain_split_that_simulates_faster(models, gpus):
+    """beam_search on 8 GPUs at 0.568 rps: the MILP's mixed groups simulate at 149–199 s mean latency,
+    4 + 4 whole GPUs (the equal split) at ~140 s (lock-step fan-out: a slow fractional instance holds
+    every step). The check must keep a baseline's allocation when it simulates faster."""
+    from scepsy_hpc.commands.common import resolve_input
+    from scepsy_hpc.planning import plan
+    from scepsy_hpc.planning.request import PlanRequest
+    from scepsy_hpc.spec.workflow import load_workflow
+
+    wf = load_workflow(resolve_input("beam_search", "workflows"), models)
+    req = PlanRequest(workflows=(wf,), models=models, gpus=gpus, policy="milp", goal="target",
+                      target_rps={wf.name: 0.568}, gpu_type="h100-sxm", gpu_count=8)
+    out = plan(req).outcome
+    rows = {c.label: c for c in out.checked}
+    assert "equal split" in rows
+    kept = next(c for c in out.checked if key(c.choice) == key(out.choice))
+    assert kept.simulated_s == min(c.simulated_s for c in out.checked)
+    assert kept.simulated_s <= rows["equal split"].simulated_s
+    assert kept.simulated_s < rows["optimum"].simulated_s * 0.9
+    assert any(n.startswith("latency: the predictor says") for n in out.notes)
 
 
 def test_requests_follow_the_calls_budget():
