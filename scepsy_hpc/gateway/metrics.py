@@ -179,8 +179,10 @@ def gateway_stats(state: GatewayState) -> dict[str, Any]:
     replica) and held (for any replica: none in the file, or all down) now; held_calls and
     hold_timeouts since start; replicas counts those in the endpoints file, replicas_up those of them
     not marked down by a refused connection; replica_states lists `{"url", "outstanding", "active",
-    "down"}` for each replica in the file (active true) and each removed one still draining (active
-    false); `draining` maps every removed replica with calls in flight (streams included) to their
+    "down", "weight", "calls"}` for each replica in the file (active true) and each removed one still
+    draining (active false): its routing weight (the file's, 1 for like replicas) and the calls routed to it
+    since it joined (a retry elsewhere after a refused connection counts at both), so capacity-weighted
+    routing can be read off a live gateway; `draining` maps every removed replica with calls in flight (streams included) to their
     number, so a replica is done once its URL leaves it. The rate (completed calls, per wall second)
     divides by the window, or by the uptime while that is shorter (at least 1 s); the means (model
     seconds, of successful calls; TTFT of streams only) are null without such calls. `spans`: open and
@@ -205,7 +207,8 @@ def gateway_stats(state: GatewayState) -> dict[str, Any]:
                           "hold_timeouts": st.router.hold_timeouts.get(p.name, 0),
                           "replicas": len(p.replicas), "replicas_up": sum(1 for r in p.replicas if r.down_until <= now),
                           "replica_states": [{"url": r.url, "outstanding": r.outstanding, "active": r.active,
-                                              "down": r.down_until > now} for r in st.router.replica_states(p)],
+                                              "down": r.down_until > now, "weight": r.weight, "calls": r.calls}
+                                             for r in st.router.replica_states(p)],
                           **recent}
     draining: dict[str, int] = {}
     for r in st.router.draining():

@@ -141,8 +141,9 @@ async def test_an_only_replica_that_keeps_refusing_is_a_503_after_the_hold_namin
     assert body["error"]["message"] == ("waited 0.3 s for a replica of llm 'planner'; every replica refused connections "
                                         f"(last tried: {dead.url} unreachable (connection refused))")
     assert 3 <= dead.connect_failures <= 10   # tried again after each down period, not in a hot loop
-    assert stats["models"]["planner"]["replica_states"] == [
+    assert _states(stats["models"]["planner"]) == [
         {"url": dead.url, "outstanding": 0, "active": True, "down": True}]
+    assert stats["models"]["planner"]["replica_states"][0]["calls"] >= 3   # each try routed to it counts
 
 
 async def test_an_engine_that_refuses_connections_then_returns_on_its_port_fails_no_call(
@@ -202,15 +203,16 @@ async def test_a_removed_replica_drains_its_stream_and_stats_show_it_until_done(
     assert draining["draining"] == {old.url: 1}
     planner = draining["models"]["planner"]
     assert (planner["replicas"], planner["outstanding"]) == (1, 0)   # `replicas` counts the file's, as before
-    assert planner["replica_states"] == [{"url": new.url, "outstanding": 0, "active": True, "down": False},
-                                         {"url": old.url, "outstanding": 1, "active": False, "down": False}]
+    assert _states(planner) == [{"url": new.url, "outstanding": 0, "active": True, "down": False},
+                                {"url": old.url, "outstanding": 1, "active": False, "down": False}]
     assert status == 200 and len(new.calls) == 1 and len(old.calls) == 1   # the new call went to the kept replica
     text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in got[:-1]
                    if json.loads(e)["choices"])
     assert text == "Hello world" and got[-1] == b"[DONE]"   # the drained stream completed in full
     assert done["draining"] == {}
-    assert done["models"]["planner"]["replica_states"] == [
+    assert _states(done["models"]["planner"]) == [
         {"url": new.url, "outstanding": 0, "active": True, "down": False}]
+    assert [(r["weight"], r["calls"]) for r in done["models"]["planner"]["replica_states"]] == [(1.0, 1)]
     assert sorted((c.request, c.status, c.replica) for c in trace.calls) == [("r-1", "ok", old.url),
                                                                             ("r-2", "ok", new.url)]
 
@@ -244,3 +246,8 @@ async def test_stats_read_a_just_written_endpoints_file(stack: Any) -> None:
         stats = await _stats(s)
     assert json.loads(health)["llms"] == ["planner"]   # rate-limited: not looked at yet
     assert {k: m["replicas"] for k, m in stats["models"].items()} == {"coder": 1, "planner": 0}
+
+
+def _states(model: dict[str, Any]) -> list[dict[str, Any]]:
+    """A model's replica_states without the routing figures (weight, calls) tested on their own."""
+    return [{k: r[k] for k in ("url", "outstanding", "active", "down")} for r in model["replica_states"]]

@@ -76,11 +76,16 @@ async def _closed_loop(engines: list[LocalEngine], weights: list[float], tmp: Pa
                 await asyncio.sleep(0.01)
             stop.set()
             await asyncio.gather(*tasks)
+            async with http.get(gw.url + "/scepsy/v1/stats") as r:
+                states = (await r.json())["models"]["gen"]["replica_states"]
     finally:
         await gw.close()
     calls = read_trace(trace).calls
     heavy = sum(1 for c in calls if c.replica == heavy_url)
     assert len(shares) >= 20, f"only {len(shares)} samples with every call placed"
+    # GET /scepsy/v1/stats shows each replica's weight and the calls routed to it: the trace's count
+    assert [(st["url"], st["weight"]) for st in states] == [(e.url, w) for e, w in zip(engines, weights)]
+    assert [st["calls"] for st in states] == [sum(1 for c in calls if c.replica == e.url) for e in engines]
     return {"outstanding_share": statistics.fmean(shares), "calls_share": heavy / len(calls), "calls": len(calls),
             "mean_s": statistics.fmean(c.duration_s for c in calls)}
 
