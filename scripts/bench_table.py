@@ -68,8 +68,12 @@ def run_cell(d: Path, w: str, g: int, args: argparse.Namespace) -> None:
 
 def verdict(c: dict[str, Any]) -> dict[str, Any]:
     """One cell's figures and whether it meets the criteria."""
-    pols = c["policies"]
-    m = pols["milp"]
+    m = c["policies"]["milp"]
+    if "error" in m:
+        return {"workflow": c["workflow"], "gpus": c["gpus"], "error": f"milp: {m['error']}"}
+    # a baseline with no plan on these GPUs (it cannot fit) has nothing to lose to
+    pols = {p: v for p, v in c["policies"].items() if "error" not in v}
+    no_plan = {p: v["error"] for p, v in c["policies"].items() if "error" in v}
     thr = {p: v.get("milp_throughput_ratio") for p, v in pols.items() if p != "milp"}
     lat = {p: [a.get("milp_latency_ratio") for a in v.get("at_common", [])] for p, v in pols.items() if p != "milp"}
     ok_t = all(x is not None and x >= THROUGHPUT_MIN for x in thr.values())
@@ -79,12 +83,15 @@ def verdict(c: dict[str, Any]) -> dict[str, Any]:
             "baseline_max_rps": {p: v.get("sim_max_rps") for p, v in pols.items() if p != "milp"},
             "throughput_ratio": thr, "latency_ratio": lat, "instance_bound_rps": c.get("instance_bound_rps"),
             "instance_bound_sim_rps": c.get("instance_bound_sim_rps"), "instance_fraction": inst,
-            "fluid_rps": c.get("fluid_rps"), "allocation": m.get("allocation"),
+            "fluid_rps": c.get("fluid_rps"), "allocation": m.get("allocation"), "no_plan": no_plan,
             "ok": ok_t and ok_l, "instance_ok": inst is not None and inst >= INSTANCE_MIN}
 
 
-def load(d: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    rows, errors = [], []
+def load(d: Path) -> tuple[list[dict[str, Any]], list[str], set[tuple[str, int]]]:
+    """Every cell in `d`: the rows, the errors (said), and the cells that could not be planned."""
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    failed: set[tuple[str, int]] = set()
     for f in sorted(d.glob("b_*.json")):
         if f.name.endswith(".meta.json"):
             continue
@@ -101,11 +108,16 @@ def load(d: Path) -> tuple[list[dict[str, Any]], list[str]]:
         for c in doc.get("cells", []):
             if "error" in c:
                 errors.append(f"{c['workflow']} × {c['gpus']}: {c['error']}")
+                failed.add((c["workflow"], c["gpus"]))
                 continue
             r = verdict(c)
+            if "error" in r:
+                errors.append(f"{c['workflow']} × {c['gpus']}: {r['error']}")
+                failed.add((c["workflow"], c["gpus"]))
+                continue
             r.update(commit=meta.get("commit"), wall_s=meta.get("wall_s", doc.get("wall_s")))
             rows.append(r)
-    return rows, errors
+    return rows, errors, failed
 
 
 def fmt(x: Any, spec: str = ".3g") -> str:
@@ -154,10 +166,10 @@ def main() -> int:
             for w in wfs:
                 if args.rerun or not (args.dir / f"b_{w}_{g}.json").exists():
                     run_cell(args.dir, w, g, args)
-    rows, errors = load(args.dir)
+    rows, errors, failed = load(args.dir)
     rows = [r for r in rows if r["workflow"] in wfs and r["gpus"] in counts]
     have = {(r["workflow"], r["gpus"]) for r in rows}
-    missing = [f"{w} × {g}" for g in counts for w in wfs if (w, g) not in have]
+    missing = [f"{w} × {g}" for g in counts for w in wfs if (w, g) not in have and (w, g) not in failed]
     losses = [f"{r['workflow']} × {r['gpus']}" for r in rows if not r["ok"]]
     short16 = [f"{r['workflow']} ({fmt(r['instance_fraction'], '.2f')})" for r in rows
                if r["gpus"] == 16 and not r["instance_ok"]]
@@ -177,6 +189,9 @@ def main() -> int:
         print(f"not measured: {', '.join(missing)}")
     for e in errors:
         print(f"error: {e}")
+    for r in rows:
+        for p, why in r["no_plan"].items():
+            print(f"no {p} plan for {r['workflow']} × {r['gpus']}: {why}")
     return 0
 
 

@@ -1,0 +1,54 @@
+"""scripts/bench_table.py: one real bench cell run through it, resumed without rerunning, and its
+verdicts recomputed from the cell's own figures (a doctored cell must read as a loss)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+SCRIPT = ROOT / "scripts" / "bench_table.py"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def table(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=110)
+
+
+def test_a_cell_runs_resumes_and_reads_its_verdict(tmp_path: Path) -> None:
+    args = ["--dir", str(tmp_path), "--workflows", "router_cascade", "--gpus", "4", "--requests", "100"]
+    out = table(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    (row,) = doc["rows"]
+    raw = json.loads((tmp_path / "b_router_cascade_4.json").read_text())["cells"][0]
+    meta = json.loads((tmp_path / "b_router_cascade_4.meta.json").read_text())
+    assert meta["rc"] == 0 and meta["wall_s"] > 0 and meta["commit"]
+    # the equal split cannot fit the 70B model in a quarter of 4 GPUs: no plan, nothing to lose to
+    assert "equal" in row["no_plan"] and "equal" not in row["throughput_ratio"]
+    ind = raw["policies"]["independent"]
+    assert row["throughput_ratio"]["independent"] == ind["milp_throughput_ratio"]
+    want = ind["milp_throughput_ratio"] >= 0.97 and all(a["milp_latency_ratio"] <= 1.05 for a in ind["at_common"])
+    assert row["ok"] is want
+    assert row["instance_fraction"] == raw["milp_instance_sim_fraction"]
+    # run again: the cell is not measured again
+    again = table(*args, "--json")
+    assert again.returncode == 0 and "cell router_cascade" not in again.stderr
+    assert json.loads((tmp_path / "b_router_cascade_4.meta.json").read_text()) == meta
+    # a cell where milp is 20% slower than a baseline at one common rate is a loss, named as such
+    raw["policies"]["independent"]["at_common"][1]["milp_latency_ratio"] = 1.2
+    (tmp_path / "b_router_cascade_4.json").write_text(json.dumps({"cells": [raw]}))
+    text = table(*args, "--table-only")
+    assert text.returncode == 0, text.stderr
+    assert "| LOSS |" in text.stdout and "losses: router_cascade × 4" in text.stdout
+    assert "no equal plan for router_cascade × 4" in text.stdout
+
+
+def test_an_unknown_workflow_is_refused_with_the_choices(tmp_path: Path) -> None:
+    out = table("--dir", str(tmp_path), "--workflows", "nope", "--table-only")
+    assert out.returncode == 2 and "no configs/workflows/nope.yaml" in out.stderr and "beam_search" in out.stderr
