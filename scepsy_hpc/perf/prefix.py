@@ -19,6 +19,8 @@ block names, each naming its whole prefix (two equal names mean equal content up
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import compress, islice, repeat, takewhile
+from operator import add, not_
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -79,17 +81,14 @@ class PrefixCache:
 
     def unpinned(self, blocks: Sequence[Hashable]) -> int:
         """How many of these (cached) blocks no sequence pins: acquiring them takes them out of the free space."""
-        return sum(1 for b in blocks if self._refs.get(b) == 0)
+        return list(map(self._refs.get, blocks)).count(0)
 
     def __contains__(self, block: Hashable) -> bool:
         return block in self._refs
 
     def _run(self, blocks: Sequence[Hashable], prompt_tokens: int) -> int:
         limit = min(len(blocks), max_hit_tokens(prompt_tokens, self.block_tokens) // self.block_tokens)
-        n = 0
-        while n < limit and blocks[n] in self._refs:
-            n += 1
-        return n
+        return len(list(takewhile(self._refs.__contains__, islice(blocks, limit))))   # the loop runs in C
 
     def lookup(self, blocks: Sequence[Hashable], prompt_tokens: int) -> int:
         """Leading prompt tokens that are cached (whole blocks, at most prompt − 1); changes nothing."""
@@ -99,8 +98,12 @@ class PrefixCache:
         """A request's prompt is scheduled: count the query, pin (and refresh) its cached leading blocks,
         return the hit in tokens. Pair with `release(blocks[:hit // block_tokens])`."""
         n = self._run(blocks, prompt_tokens)
-        for b in blocks[:n]:
-            self._pin(b)
+        refs, free = self._refs, self._free
+        head = list(islice(blocks, n))               # every one cached (`_run`), each named once
+        pins = list(map(refs.__getitem__, head))
+        for b in compress(head, map(not_, pins)):    # unpinned until now: out of the free list
+            del free[b]
+        refs.update(zip(head, map(add, pins, repeat(1))))
         self.stats.queries += prompt_tokens
         self.stats.hits += n * self.block_tokens
         return n * self.block_tokens
@@ -109,26 +112,35 @@ class PrefixCache:
         """Cache these blocks (a sequence's full blocks once computed) and pin them for the sequence;
         returns how many were pinned (fewer when the pinned blocks fill the cache). Blocks already
         cached are pinned once more."""
+        refs, free = self._refs, self._free
         n = 0
         for b in blocks:
-            if b not in self._refs and not self._make_room():
-                break
-            self._pin(b)
+            r = refs.get(b)
+            if r is None:
+                if len(refs) >= self.capacity and not self._make_room():
+                    break
+                refs[b] = 1
+            else:
+                if r == 0:
+                    del free[b]
+                refs[b] = r + 1
             n += 1
         return n
 
     def release(self, blocks: Sequence[Hashable]) -> None:
         """Unpin blocks (the sequence that used them ended); they stay cached, most recently used last."""
+        refs, free = self._refs, self._free
         for b in blocks:
-            refs = self._refs.get(b)
-            if refs is None:
+            r = refs.get(b)
+            if r is None:
                 continue
-            if refs <= 1:
-                self._refs[b] = 0
-                self._free[b] = None
-                self._free.move_to_end(b)
+            if r > 1:
+                refs[b] = r - 1
+            elif r == 1:
+                refs[b] = 0
+                free[b] = None          # a new key: most recently used, last
             else:
-                self._refs[b] = refs - 1
+                free.move_to_end(b)     # released again while unpinned: refreshed
 
     def resize(self, capacity_blocks: int) -> None:
         """A new capacity (the KV space left to the cache); evicts unpinned blocks beyond it."""
@@ -176,7 +188,6 @@ def segment_blocks(segments: Sequence[tuple[Hashable, int]], block_tokens: int =
     for seg, n in segments:
         end = start + n
         first = start // block_tokens + 1            # the first block end inside this segment
-        for j in range(first, end // block_tokens + 1):
-            out.append((seg, j * block_tokens))
+        out += [(seg, e) for e in range(first * block_tokens, end + 1, block_tokens)]
         start = end
     return out
