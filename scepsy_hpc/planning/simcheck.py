@@ -138,7 +138,8 @@ class SimCheck:
                    capacity a heavy-tailed workflow's sample path can carry a load surge late in
                    the run that reads as overload on every allocation alike, or a light one that
                    flatters them; by default the median of three paths decides
-    jobs           throughput goal: processes that simulate a step's contenders (0: CPU count)
+    jobs           processes that simulate the latency check's allocations and the throughput
+                   goal's contenders of a step (0: one per CPU)
     throughput     run the throughput goal's race at all (off by default: see the module docstring)
     steady_warmup  mean latencies of arrivals before the steady-state window. A run of
                    `requests_for` requests is steady when its first tenth spans that many
@@ -232,6 +233,22 @@ class SimCheck:
         wf, alloc, gpu, models, rate, n, seed = _race_job(planner, choice, theta * planner.demands[0].weight_rps, self)
         res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed)
         return res.latency_mean_s, res.throughput_rps
+
+    def simulate_all(self, planner: "Planner", choices: Sequence[Mapping[str, "Candidate"]],
+                     theta: float) -> list[tuple[float, float]]:
+        """`simulate` of each of `choices`, the same figures, in `jobs` processes (0: one per CPU) when
+        there are several; in turn when there is one CPU or processes cannot start here."""
+        n = min(len(choices), self.jobs or os.cpu_count() or 1)
+        if n > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            rate = theta * planner.demands[0].weight_rps
+            try:
+                with ProcessPoolExecutor(max_workers=n) as ex:
+                    return list(ex.map(_sim_run, [_race_job(planner, c, rate, self) for c in choices]))
+            except (OSError, RuntimeError):   # no processes here (a sandbox, a broken pool): in turn
+                pass
+        return [self.simulate(planner, c, theta) for c in choices]
 
     def race(self, planner: "Planner", choices: Sequence[Mapping[str, "Candidate"]], rate_rps: float) -> list[RaceRun]:
         """Each of `choices` simulated at `rate_rps` (requests/s of the one workflow) on `paths`
@@ -409,10 +426,10 @@ def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = 
     checked = []
     items, solve_time_s = shortlist_timed(planner, best, check)
     best = replace(best, solve_time_s=solve_time_s)
-    for label, choice in items:
-        planner.progress(f"simulator check: {label}")
+    planner.progress(f"simulator check: {len(items)} allocations ({', '.join(label for label, _ in items)})")
+    sims = check.simulate_all(planner, [choice for _, choice in items], theta)
+    for (label, choice), (lat, thr) in zip(items, sims):
         pred = sum(p.latency_s for p in planner.evaluate(choice, theta).values())
-        lat, thr = check.simulate(planner, choice, theta)
         checked.append(Checked(label, choice, pred, lat, thr))
     base = checked[0]
     win = min(checked, key=lambda c: c.simulated_s)
@@ -733,6 +750,15 @@ def _race_job(planner: "Planner", choice: Mapping[str, "Candidate"], rate: float
     alloc = {llm: as_entry(choice[planner.dep_of[0, llm]]) for llm in dm.wf.llms}
     return (dm.wf, alloc, planner.gpus[planner.gpu_name], planner.models, rate, check.requests_for(_calls(planner)),
             check.seed + SEED_OFFSET + path)
+
+
+def _sim_run(job: tuple[Any, ...]) -> tuple[float, float]:
+    """`SimCheck.simulate` of one `_race_job`, in a worker process: (mean latency, requests/s)."""
+    from scepsy_hpc.sim.core import simulate
+
+    wf, alloc, gpu, models, rate, n, seed = job
+    res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed)
+    return res.latency_mean_s, res.throughput_rps
 
 
 def _race_run(job: tuple[Any, ...]) -> RaceRun:

@@ -74,7 +74,7 @@ def fake_simulate(latencies):
 
 
 def test_check_keeps_the_optimum_unless_beaten_by_the_margin(planner6, monkeypatch):
-    check = SimCheck(margin=0.05)
+    check = SimCheck(margin=0.05, jobs=1)   # in turn: the fake simulator is this process's
     best = policies.plan_at(planner6, "milp", 1.0)
     # every other allocation 3% faster: within the margin, the optimum stays
     sim, seen = fake_simulate(lambda k, i: 10.0 if i == 1 else 9.7)
@@ -104,6 +104,18 @@ def test_check_runs_the_real_simulator(planner6):
     kept = next(c for c in out.checked if key(c.choice) == key(out.choice))
     assert kept.simulated_s <= best / (1 - check.margin) + 1e-9
     assert out.status in ("optimal", "feasible")
+
+
+def test_allocations_simulated_in_processes_read_as_in_turn(planner6):
+    """The latency check simulates its shortlist in one process per CPU (`SimCheck.simulate_all`): the
+    same seeds, so the same figures as one after another."""
+    best = policies.plan_at(planner6, "milp", 1.0)
+    choices = [c for _, c in shortlist(planner6, best, SimCheck())][:3]
+    small = dict(calls=3000, min_requests=150)
+    apart = SimCheck(jobs=2, **small).simulate_all(planner6, choices, 1.0)
+    in_turn = SimCheck(jobs=1, **small).simulate_all(planner6, choices, 1.0)
+    assert len(apart) == 3 and apart == in_turn
+    assert apart[0] == SimCheck(**small).simulate(planner6, choices[0], 1.0)
 
 
 def test_baselines_are_not_checked(planner6, monkeypatch):
