@@ -155,12 +155,19 @@ def main() -> int:
         counts = [int(x) for x in args.gpus.split(",") if x.strip()]
     except ValueError:
         ap.error(f"--gpus {args.gpus!r}: comma-separated whole numbers, e.g. 8,16,32")
+    if not 1 <= args.requests <= 1_000_000 or not 0 <= args.jobs <= 1024:
+        ap.error(f"--requests {args.requests} / --jobs {args.jobs}: requests 1..1,000,000, jobs 0..1024 (0: one per CPU)")
+    if any(not 1 <= g <= 100_000 for g in counts) or not counts:
+        ap.error(f"--gpus {args.gpus!r}: GPU counts from 1 to 100,000")
     shipped = shipped_workflows()
     wfs = [w.strip() for w in args.workflows.split(",")] if args.workflows else shipped
     unknown = [w for w in wfs if w not in shipped]
     if unknown:
         ap.error(f"--workflows: no configs/workflows/{unknown[0]}.yaml; one of {', '.join(shipped)}")
-    args.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--dir {args.dir}: cannot make it ({e.strerror}); give a writable folder")
     if not args.table_only:
         for g in counts:
             for w in wfs:
