@@ -526,7 +526,8 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
                         f"kept ({how}; {elapsed:.1f} s)")
     if more:
         out = out.noted(f"simulator check: {len(checked)} of the shortlisted allocations simulated; the others "
-                        f"(lower utilisation caps, spread instances, the baselines' splits, other GPU splits) were not: a steady-state run of "
+                        f"(lower utilisation caps, spread instances, the baselines' splits, other GPU splits) were not: "
+                        f"a steady-state run of "
                         f"this workflow takes ~{spent // len(checked)} simulated calls and the check spends at most "
                         f"{check.steady_calls}")
     if not (kept.steady or {}).get("settled", True):
