@@ -228,11 +228,7 @@ class SimCheck:
 
     def simulate(self, planner: "Planner", choice: Mapping[str, "Candidate"], theta: float) -> tuple[float, float]:
         """(simulated mean latency, completed requests/s) of `choice` at rate scale θ."""
-        from scepsy_hpc.sim.core import simulate
-
-        wf, alloc, gpu, models, rate, n, seed = _race_job(planner, choice, theta * planner.demands[0].weight_rps, self)
-        res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed)
-        return res.latency_mean_s, res.throughput_rps
+        return _sim_run(_race_job(planner, choice, theta * planner.demands[0].weight_rps, self))
 
     def simulate_all(self, planner: "Planner", choices: Sequence[Mapping[str, "Candidate"]],
                      theta: float) -> list[tuple[float, float]]:
@@ -754,7 +750,7 @@ def _race_job(planner: "Planner", choice: Mapping[str, "Candidate"], rate: float
 
 
 def _sim_run(job: tuple[Any, ...]) -> tuple[float, float]:
-    """`SimCheck.simulate` of one `_race_job`, in a worker process: (mean latency, requests/s)."""
+    """One `_race_job` simulated (`SimCheck.simulate`, here or in a worker process): (mean latency, requests/s)."""
     from scepsy_hpc.sim.core import simulate
 
     wf, alloc, gpu, models, rate, n, seed = job
