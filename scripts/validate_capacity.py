@@ -33,7 +33,7 @@ from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models  # noqa: 
 from scepsy_hpc.spec.plan import LLMAlloc  # noqa: E402
 from scepsy_hpc.spec.workflow import load_workflow  # noqa: E402
 
-# workflow/policy → (allocation at 32 H100s as the bench printed it, the bench's reading in rps)
+# workflow/policy → (allocation as the bench printed it, at 32 H100s unless said, the bench's reading in rps)
 CASES = {
     "deep_research/milp": ("planner:1xtp4 searcher:6xtp2 writer:4xtp4", 3.57),
     "deep_research/independent": ("planner:1xtp4 searcher:5xtp1 writer:2xtp8", 2.15),
@@ -41,6 +41,9 @@ CASES = {
     "mixture_of_agents/milp": ("qwen72:2xtp8 llama70:2xtp4 mixtral:1xtp4 qwen32:1xtp4", 3.43),
     "beam_search/milp": ("generator:18xtp1 prm:14xtp1", 2.9),
     "beam_search/equal": ("generator:16xtp1 prm:16xtp1", 2.53),
+    # issue 23's table (bench_table.py, 600 requests a run): reflexion at 16 GPUs, agents_handoffs at 32
+    "reflexion/milp": ("actor:3xtp4 reflector:2xtp2", 8.88),
+    "agents_handoffs/milp": ("triage:1xtp1 billing:5xtp1 support:5xtp4 refunds:3xtp2", 120.09),
 }
 
 
