@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from itertools import compress, islice, repeat, takewhile
-from operator import add, not_
+from operator import add, not_, sub
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -111,7 +111,33 @@ class PrefixCache:
     def insert(self, blocks: Sequence[Hashable]) -> int:
         """Cache these blocks (a sequence's full blocks once computed) and pin them for the sequence;
         returns how many were pinned (fewer when the pinned blocks fill the cache). Blocks already
-        cached are pinned once more."""
+        cached are pinned once more. `blocks` names each block once."""
+        refs, free = self._refs, self._free
+        pins = list(map(refs.get, blocks))
+        if 0 in pins:   # one of them is cached unpinned: evicting for another may take it first, one by one
+            return self._insert_each(blocks)
+        # otherwise no eviction touches them: the least recently used free blocks go, as one by one
+        new = pins.count(None)
+        slots = self.capacity - len(refs)
+        fit = min(new, max(0, slots + len(free)))
+        if fit < new:   # the cache is full of pinned blocks: insertion stops at the first new block that cannot fit
+            seen, cut = 0, 0
+            for cut, r in enumerate(pins):
+                if r is None:
+                    if seen == fit:
+                        break
+                    seen += 1
+            blocks, pins = blocks[:cut], pins[:cut]
+        over = min(fit - slots, len(free)) if new else 0   # only a new block makes room (one that fails, all it can)
+        if over > 0:
+            pop = free.popitem
+            for _ in range(over):
+                del refs[pop(last=False)[0]]
+            self.stats.evictions += over
+        refs.update(zip(blocks, [1 if r is None else r + 1 for r in pins]))
+        return len(pins)
+
+    def _insert_each(self, blocks: Sequence[Hashable]) -> int:
         refs, free = self._refs, self._free
         n = 0
         for b in blocks:
@@ -128,7 +154,17 @@ class PrefixCache:
         return n
 
     def release(self, blocks: Sequence[Hashable]) -> None:
-        """Unpin blocks (the sequence that used them ended); they stay cached, most recently used last."""
+        """Unpin blocks (the sequence that used them ended); they stay cached, most recently used last.
+        `blocks` names each block once."""
+        refs, free = self._refs, self._free
+        pins = list(map(refs.get, blocks))
+        if None in pins or 0 in pins:   # some uncached or unpinned: one by one
+            self._release_each(blocks)
+            return
+        refs.update(zip(blocks, map(sub, pins, repeat(1))))
+        free.update(dict.fromkeys(compress(blocks, map((1).__eq__, pins))))   # unpinned now: last, in order
+
+    def _release_each(self, blocks: Sequence[Hashable]) -> None:
         refs, free = self._refs, self._free
         for b in blocks:
             r = refs.get(b)
@@ -145,8 +181,12 @@ class PrefixCache:
     def resize(self, capacity_blocks: int) -> None:
         """A new capacity (the KV space left to the cache); evicts unpinned blocks beyond it."""
         self.capacity = max(0, capacity_blocks)
-        while len(self._refs) > self.capacity and self._free:
-            self._evict()
+        over = min(len(self._refs) - self.capacity, len(self._free))
+        if over > 0:
+            refs, pop = self._refs, self._free.popitem
+            for _ in range(over):       # least recently used first, as `_evict` one at a time
+                del refs[pop(last=False)[0]]
+            self.stats.evictions += over
 
     def _pin(self, b: Hashable) -> None:
         refs = self._refs.get(b, 0)
@@ -178,16 +218,28 @@ def chained_hashes(token_ids: Sequence[Hashable], block_tokens: int = BLOCK_TOKE
     return out
 
 
+_END_BITS = 32   # a block of an int-named segment is named seg << 32 | end: one int, one hash, no tuple
+
+
 def segment_blocks(segments: Sequence[tuple[Hashable, int]], block_tokens: int = BLOCK_TOKENS) -> list[Hashable]:
     """Names of the full blocks of content laid out as (segment, tokens) pieces, where a segment's name stands
     for its content and everything before it (a conversation tree, `workload.sampler.Call.segments`): block j
-    is named (segment holding its last token, its end position). Two layouts agree on a block name exactly when
-    they agree on everything up to that block's end, as chained hashes do."""
+    is named by (segment holding its last token, its end position). Two layouts agree on a block name exactly
+    when they agree on everything up to that block's end, as chained hashes do.
+
+    The name is the pair `(segment, end)`, except for a segment named by a non-negative int (a conversation
+    piece): then the one int `segment << 32 | end`, the same pair packed, so that the prefix cache's dict
+    lookups hash an int instead of a tuple and a segment's names are one `range` (the simulator names
+    hundreds of blocks a call). The two forms never meet: an int is never equal to a tuple."""
     out: list[Hashable] = []
     start = 0
     for seg, n in segments:
         end = start + n
-        first = start // block_tokens + 1            # the first block end inside this segment
-        out += [(seg, e) for e in range(first * block_tokens, end + 1, block_tokens)]
+        first = (start // block_tokens + 1) * block_tokens     # the first block end inside this segment
+        if type(seg) is int and seg >= 0 and end < 1 << _END_BITS:
+            base = seg << _END_BITS
+            out += range(base + first, base + end + 1, block_tokens)
+        else:
+            out += [(seg, e) for e in range(first, end + 1, block_tokens)]
         start = end
     return out

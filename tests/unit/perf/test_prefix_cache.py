@@ -80,3 +80,51 @@ def test_segment_blocks_name_each_block_by_the_segment_holding_its_end():
     assert cont[:3] == [("sys", 16), ("a", 32), ("a", 48)] and cont[3:] == [("out", 64), ("b", 80), ("b", 96)]
     assert segment_blocks([("x", 15)]) == [] and segment_blocks([("x", 16)]) == [("x", 16)]
     assert segment_blocks([("x", 0), ("y", 16)]) == [("y", 16)]
+
+
+def test_an_int_named_segment_packs_its_block_names_into_ints_that_meet_no_other_name():
+    from scepsy_hpc.perf.prefix import segment_blocks
+
+    names = segment_blocks([(("shared", "m", None, 20), 20), (7, 30), (8, 14)])
+    assert names == [(("shared", "m", None, 20), 16), 7 << 32 | 32, 7 << 32 | 48, 8 << 32 | 64]
+    # the same layout names the same blocks; another segment's (or another position's) never equal
+    assert segment_blocks([(7, 50)], 16) == segment_blocks([(7, 50)])
+    assert not set(segment_blocks([(7, 64)])) & set(segment_blocks([(8, 64)]))
+    assert segment_blocks([(True, 32)]) == [(True, 16), (True, 32)]   # a bool is a name, not a number
+
+
+def test_the_batched_insert_and_release_match_one_block_at_a_time():
+    """Random sequences of acquire / insert / release / resize on two caches, one through the batched
+    paths and one through the one-by-one reference, end in the same blocks, pins, LRU order and counts."""
+    import random
+
+    rng = random.Random(5)
+    for trial in range(60):
+        cap = rng.choice([8, 20, 40, 200])
+        fast, ref = PrefixCache(cap), PrefixCache(cap)
+        ref.insert, ref.release = ref._insert_each, ref._release_each
+        live: list[list[int]] = []
+        for _ in range(150):
+            op = rng.random()
+            if op < 0.45 or not live:
+                seg = rng.randrange(12)
+                blocks = [seg << 32 | e for e in range(16, 16 * rng.randint(1, 30) + 1, 16)]
+                prompt = 16 * len(blocks) + rng.randrange(16)
+                got = [c.acquire(blocks, prompt) for c in (fast, ref)]
+                n = [c.insert(blocks[got[0] // 16:]) for c in (fast, ref)]
+                assert got[0] == got[1] and n[0] == n[1]
+                live.append(blocks[:got[0] // 16 + n[0]])
+            elif op < 0.85:
+                blocks = live.pop(rng.randrange(len(live)))
+                for c in (fast, ref):
+                    c.release(blocks[::-1])
+            elif op < 0.93:   # a release of blocks not pinned (cached unpinned, or gone): the slow path's cases
+                blocks = [rng.randrange(12) << 32 | 16 * rng.randint(1, 30) for _ in range(5)]
+                for c in (fast, ref):
+                    c.release(list(dict.fromkeys(blocks)))
+            else:
+                size = rng.randint(0, cap)
+                for c in (fast, ref):
+                    c.resize(size)
+            assert fast._refs == ref._refs and list(fast._free) == list(ref._free), trial
+            assert fast.stats == ref.stats

@@ -33,7 +33,7 @@ def _by_blocks(seq: list) -> list[int]:
             continue
         have, n = seen.setdefault(c.llm, set()), 0
         for b in segment_blocks(c.segments)[:max_hit_tokens(c.prompt_tokens) // BLOCK_TOKENS]:
-            if b not in have and not (isinstance(b[0], tuple) and b[0][:1] == ("shared",)):
+            if b not in have and not (isinstance(b, tuple) and isinstance(b[0], tuple) and b[0][:1] == ("shared",)):
                 break
             n += 1
         out.append(n * BLOCK_TOKENS)
