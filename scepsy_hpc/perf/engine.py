@@ -202,7 +202,7 @@ class SimEngine:
                 in_use = self.kv_used + pc.pinned * BLOCK_TOKENS
                 if in_use + need - hit + pc.unpinned(s.blocks[:hit // BLOCK_TOKENS]) * BLOCK_TOKENS > self.kv_cap:
                     break  # FCFS, as below: even with its reused blocks it does not fit
-                s.cached = s.prefilled = pc.acquire(s.blocks, s.prompt)  # reused: not prefilled, not reserved
+                s.cached = s.prefilled = pc.acquire(s.blocks, s.prompt, hit)  # reused: not prefilled, not reserved
                 need -= s.cached
                 self.cached_tokens += s.cached
             elif self.kv_used + need + (pc.pinned * BLOCK_TOKENS if pc is not None else 0) > self.kv_cap:

@@ -94,10 +94,11 @@ class PrefixCache:
         """Leading prompt tokens that are cached (whole blocks, at most prompt − 1); changes nothing."""
         return self._run(blocks, prompt_tokens) * self.block_tokens
 
-    def acquire(self, blocks: Sequence[Hashable], prompt_tokens: int) -> int:
+    def acquire(self, blocks: Sequence[Hashable], prompt_tokens: int, hit: int | None = None) -> int:
         """A request's prompt is scheduled: count the query, pin (and refresh) its cached leading blocks,
-        return the hit in tokens. Pair with `release(blocks[:hit // block_tokens])`."""
-        n = self._run(blocks, prompt_tokens)
+        return the hit in tokens. Pair with `release(blocks[:hit // block_tokens])`. `hit`: what `lookup`
+        just said for the same blocks with nothing changed since (saves looking them up again)."""
+        n = self._run(blocks, prompt_tokens) if hit is None else hit // self.block_tokens
         refs, free = self._refs, self._free
         head = list(islice(blocks, n))               # every one cached (`_run`), each named once
         pins = list(map(refs.__getitem__, head))
