@@ -17,10 +17,15 @@ does. So a run is lengthened (the same arrivals and programs, more of them) when
 or grows but decelerates (over the last third by less than ¾ of its growth over the middle third),
 or spans fewer than `FILL_LATENCIES` (12) mean latencies of its early requests — straight to the
 length that spans them, up to `max_extend` × the requests asked for (`judge` 4×, `max_sustainable_rate`
-8×). At the longest run an undecided reading falls to its point estimate. A backlog that grows at a
-steady pace in a run long enough is overload, refused at once. Past capacity, fork-join workflows
-still complete requests at a rate below λ and below the capacity (partly done requests pile up),
-so one overloaded run's departure rate under-reads the capacity; this bisects on the rate instead.
+8×). A run still undecided or growing there goes on to twice the length that spans its latencies
+(the length scales with rate × latency), up to `fill_extend` × the requests (4 × `max_extend`), unless
+its backlog grows steadily by `OVERLOAD` (10%) of the arrivals or more, overload at any length. Near
+capacity a plan holding ~1,000 requests in flight fills over 10,000–20,000 requests; stopped at 8×,
+the judge read such plans ~25% low (reflexion at 16 GPUs, agents_handoffs at 32). At the longest
+run an undecided reading falls to its point estimate. A backlog that grows at a steady pace in a run
+long enough is overload, refused at once. Past capacity, fork-join workflows still complete requests
+at a rate below λ and below the capacity (partly done requests pile up), so one overloaded run's
+departure rate under-reads the capacity; this bisects on the rate instead.
 Validated against long single runs by scripts/validate_capacity.py.
 """
 
@@ -41,6 +46,8 @@ SETTLING = 0.75      # still filling: the pile-up over the last third is below �
 MAX_EXTEND = 4       # `judge`'s default: a filling or undecided run is doubled up to 4× the requests asked for
 CAPACITY_EXTEND = 8  # `max_sustainable_rate`'s: up to 8× (a 32-GPU plan's ~1,000-request backlog fills over ~7,000)
 FILL_LATENCIES = 12  # a run shorter than 12 early request latencies has not filled: it is lengthened
+FILL_EXTEND = 4      # ... past `max_extend`, up to `FILL_EXTEND` × `max_extend` × the requests asked for
+OVERLOAD = 0.10      # a backlog growing steadily by 10% of the arrivals is overload however short its run
 BATCHES = 10         # the in-flight series after the first third is cut into 10 batches of arrivals
 T_CRIT = 2.31        # Student's t, 8 degrees of freedom (10 batch means − 2), two-sided 95%
 
@@ -182,28 +189,38 @@ def too_short(res: SimResult, fill_latencies: float = FILL_LATENCIES) -> bool:
 
 
 def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MAX_EXTEND,
-          pileup: float = PILEUP) -> tuple[bool, SimResult]:
+          pileup: float = PILEUP, fill_extend: int | None = None) -> tuple[bool, SimResult]:
     """Run `run(n)` from `n_requests` and read the backlog's growth with its 95% interval
     (`growth_interval`): `holds` is sustainable; `grows` is overload unless the run is still filling
     or too short for its request latency; `undecided` (noise or a fill wider than the margin) and
     a run still filling are lengthened — doubled, or straight to the multiple of `n_requests` that
-    spans `FILL_LATENCIES` early latencies — up to `max_extend` × `n_requests`, where an undecided
-    run is read by its point estimate. The verdict, and the last run."""
+    spans `FILL_LATENCIES` early latencies — up to `max_extend` × `n_requests`. A run whose backlog
+    is undecided, still filling or growing by less than `OVERLOAD` goes on past that to twice the
+    length its latency needs, up to `fill_extend` × `n_requests` (default `FILL_EXTEND` × `max_extend`). At the
+    longest run allowed an undecided run is read by its point estimate. The verdict, and the last run."""
+    cap = max_extend * n_requests
+    fill_cap = max(cap, (FILL_EXTEND * max_extend if fill_extend is None else fill_extend) * n_requests)
     n = n_requests
     while True:
         res = run(n)
         if res.completed < res.requests:
             return False, res
-        verdict = growth_interval(res).verdict(pileup)
+        growth = growth_interval(res)
+        verdict = growth.verdict(pileup)
         if verdict == "holds":
             return True, res
-        last = 2 * n > max_extend * n_requests
-        if verdict == "grows" and (last or not (still_filling(res, pileup) or too_short(res))):
+        need = _fill_requests(res, FILL_LATENCIES)
+        filling = verdict == "grows" and still_filling(res, pileup)
+        limit = cap
+        if 2 * n > cap and (verdict == "undecided" or filling or growth.growth < OVERLOAD) and n < 2 * need:
+            limit = fill_cap   # past the cap: the run length scales with rate × latency (to twice its fill)
+        last = 2 * n > limit
+        if verdict == "grows" and (last or not (filling or n < need)):
             return False, res
         if last:   # undecided at the longest run allowed: the point estimate decides
-            return growth_interval(res).growth <= pileup, res
+            return growth.growth <= pileup, res
         n *= 2
-        while 2 * n <= max_extend * n_requests and n < _fill_requests(res, FILL_LATENCIES):
+        while 2 * n <= limit and n < need:
             n *= 2
 
 

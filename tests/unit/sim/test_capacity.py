@@ -62,8 +62,13 @@ def test_a_run_still_filling_is_lengthened_until_it_settles():
     assert good and calls == [600, 1200, 2400] and res.requests == 2400
     # with no room to lengthen, the same run is refused
     calls.clear()
-    assert judge(_run(lambda t: 200.0 * (1.0 - math.exp(-t / 300.0)), calls), 600, max_extend=2)[0] is False
+    assert judge(_run(lambda t: 200.0 * (1.0 - math.exp(-t / 300.0)), calls), 600, max_extend=2,
+                 fill_extend=2)[0] is False
     assert calls == [600, 1200]
+    # at max_extend 2 it still goes past the cap, the run being shorter than twice its fill
+    calls.clear()
+    assert judge(_run(lambda t: 200.0 * (1.0 - math.exp(-t / 300.0)), calls), 600, max_extend=2)[0] is True
+    assert calls == [600, 1200, 2400]
 
 
 def test_steady_pile_up_is_refused_without_lengthening():
@@ -142,4 +147,24 @@ def test_a_run_far_too_short_for_its_latency_jumps_to_the_length_it_needs():
     assert good and calls == [600, 2400]
     calls.clear()   # never past max_extend × the requests asked for
     assert judge(_run(lambda t: min(2.0 * t, 4000.0), calls), 600, max_extend=4)[0] is False
+    assert calls == [600, 2400]
+
+
+def test_a_fill_longer_than_max_extend_allows_goes_on_to_twice_its_latencies():
+    # latency starts at 300 s (at 1 arrival/s: 300 in flight) and creeps up 5% of the arrivals until
+    # t = 2,000 s, then holds: at 4 × 600 the backlog still grows, but less than overload's 10%, and
+    # the run spans under 12 early latencies — so it goes on (to 4,800 ≤ 2 × ~3,800) and holds
+    fill = lambda t: 300.0 + 0.05 * min(t, 2000.0)  # noqa: E731
+    calls: list[int] = []
+    good, res = judge(_run(fill, calls), 600, max_extend=4)
+    assert good and calls == [600, 2400, 4800] and res.requests == 4800
+    calls.clear()   # with fill_extend at max_extend, the old ceiling: refused at 4 × 600
+    assert judge(_run(fill, calls), 600, max_extend=4, fill_extend=4)[0] is False and calls == [600, 2400]
+
+
+def test_steady_overload_is_not_lengthened_past_max_extend_however_long_its_latency():
+    # latency 300 s climbing 20% of the arrivals: too short for its latency at every length, but a
+    # steady pile-up of ~17%, past OVERLOAD: refused at max_extend × the requests, never past it
+    calls: list[int] = []
+    assert judge(_run(lambda t: 300.0 + 0.2 * t, calls), 600, max_extend=4)[0] is False
     assert calls == [600, 2400]
