@@ -57,7 +57,6 @@ class Demand:
     seqs: list[Any] | None = None            # sampled program requests (None with a trace)
     graphs: list[RequestGraph] = field(default_factory=list)   # traced graphs (or built from seqs)
     stats: WorkflowStats | None = None
-    work_per_call: float | None = None       # simulated work of a sampled call (planning.simcheck._calls), once known
 
 
 @dataclass

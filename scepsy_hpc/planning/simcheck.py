@@ -122,9 +122,8 @@ class SimCheck:
 
     caps           lower utilisation caps at which the MILP's optimum is also simulated
     alternatives   next-best allocations (other GPU splits) at the planner's cap to simulate
-    calls          simulated work per allocation, in LLM calls without prefix reuse (a call naming
-                   B cache blocks counts 1 + B/10: `_calls`); requests = calls ÷ that work per
-                   request, clamped to [min_requests, max_requests]
+    calls          simulated LLM calls per allocation; requests = calls ÷ calls per request,
+                   clamped to [min_requests, max_requests]
     margin         an alternative replaces the optimum only when its simulated mean latency is
                    lower by more than this fraction (simulation noise must not flip the plan)
     delta          GPUs by which some LLM's share must move between two checked allocations,
@@ -148,7 +147,7 @@ class SimCheck:
                    requests at a high rate: 32 chained LLMs at 30 rps keep thousands in flight),
                    the check measures each allocation by `steady` instead
     steady_window  mean latencies the steady-state window lasts (at least `min_requests` arrivals)
-    steady_calls   simulated work (as `calls`) the steady-state check spends at most: the optimum is
+    steady_calls   simulated LLM calls the steady-state check spends at most: the optimum is
                    always run; the shortlist's next allocations while calls remain (the note
                    says what was not simulated)
     baselines      policies (allocate.policies) whose allocations join the shortlist when they
@@ -462,7 +461,6 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
     solve = [best.solve_time_s]
     checked: list[Checked] = []
     spent = 0
-    budget = check.steady_calls / _work_per_call(planner)   # in this workflow's calls
     items = iter_shortlist(planner, best, check, solve)
     # the optimum and the first alternative are run side by side when there are CPUs for it: the rest
     # in turn, while the budget lasts (two runs made side by side are both kept: their time is spent)
@@ -492,14 +490,14 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
         # an alternative is confirmed (run again when it had not settled) only if it may beat the optimum
         # and the budget holds another run; unconfirmed, its reading is a lower bound and cannot win
         per_run = first.calls if first is not None else spent / max(len(checked), 1)
-        room = spent + (0 if first is not None else per_run) + per_run <= budget
+        room = spent + (0 if first is not None else per_run) + per_run <= check.steady_calls
         run = (check.steady(planner, choice, theta, pred, first=first) if not checked else
                check.steady(planner, choice, theta, pred,
                             confirm_below=checked[0].simulated_s * (1 - check.margin) if room else -math.inf,
                             first=first))
         spent += run.calls
         checked.append(Checked(label, choice, pred, run.latency_s, run.throughput_rps, steady=run.to_dict()))
-        if spent + spent / len(checked) > budget:   # the next run (as long as the average) would pass it
+        if spent + spent / len(checked) > check.steady_calls:   # the next run (as long as the average) would pass it
             break
     more = next(queue, None) is not None
     best = replace(best, solve_time_s=solve[0])
@@ -527,7 +525,7 @@ def run_steady_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "O
                         f"(lower utilisation caps, spread instances, the baselines' splits, other GPU splits) were not: "
                         f"a steady-state run of "
                         f"this workflow takes ~{spent // len(checked)} simulated calls and the check spends at most "
-                        f"{budget:.0f} (work of {check.steady_calls} calls without prefix reuse)")
+                        f"{check.steady_calls}")
     if not (kept.steady or {}).get("settled", True):
         out = out.noted(f"simulator check: the {kept.label} allocation's run did not settle (its backlog still moved "
                         f"by {_growth(kept):.1%} of the arrivals over the window); "
@@ -770,34 +768,7 @@ def _race_run(job: tuple[Any, ...]) -> RaceRun:
     return RaceRun(good, res.latency_mean_s, res.throughput_rps, waits)
 
 
-BLOCKS_PER_CALL = 10   # a call's prefix-cache bookkeeping costs about one plain call per 10 blocks it names
-
-
 def _calls(planner: "Planner") -> float:
-    """Simulated work per request, in LLM calls without prefix reuse (the check's budgets are in these):
-    LLM calls per request, each carrying B cache blocks counted 1 + B/`BLOCKS_PER_CALL`. The
-    simulator's per-block bookkeeping makes a call of a long conversation cost as much as tens of
-    plain ones (measured on this machine: ~28 µs a call plus ~2.7 µs a block across ten workflows);
-    counted in calls alone, the check of plan_execute ran 3,000 requests an allocation, ~60 s each."""
     stats = planner.demands[0].stats
     assert stats is not None
-    plain = sum(s.n for s in stats.per_llm.values())
-    return plain * _work_per_call(planner)
-
-
-def _work_per_call(planner: "Planner") -> float:
-    """The mean work of one sampled call, in plain calls (1 without cache blocks; see `_calls`)."""
-    dm = planner.demands[0]
-    cached = dm.work_per_call
-    if cached is None:
-        from scepsy_hpc.perf.prefix import BLOCK_TOKENS
-        from scepsy_hpc.workload.sampler import iter_calls
-
-        n = work = 0.0
-        for seq in dm.seqs or ():
-            for c in iter_calls(seq):
-                n += 1
-                work += 1 + ((c.prompt_tokens + c.output_tokens) // BLOCK_TOKENS / BLOCKS_PER_CALL
-                             if getattr(c, "segments", ()) else 0)
-        cached = dm.work_per_call = work / n if n else 1.0
-    return cached
+    return sum(s.n for s in stats.per_llm.values())

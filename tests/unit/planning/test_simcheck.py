@@ -192,35 +192,6 @@ def test_requests_follow_the_calls_budget():
     assert c.requests_for(5.0) == 2000        # few calls per request: the ceiling
 
 
-def test_the_budget_counts_a_call_of_a_long_conversation_as_the_work_it_costs(models, gpus):
-    """react_agent's calls continue a conversation (cache blocks): each counts 1 + blocks/10 plain
-    calls, so its check runs fewer requests than the calls alone would give; with no prefix cache
-    (no blocks) the work is the calls."""
-    from scepsy_hpc.perf.prefix import BLOCK_TOKENS
-    from scepsy_hpc.planning.simcheck import BLOCKS_PER_CALL, _calls, _work_per_call
-    from scepsy_hpc.spec.catalog import config_dir
-    from scepsy_hpc.workload.sampler import iter_calls
-
-    text = (config_dir() / "workflows" / "react_agent.yaml").read_text()
-    p = make_planner(models, gpus, 8, text=text)
-    seqs = p.demands[0].seqs
-    calls = [c for s in seqs for c in iter_calls(s)]
-    want = sum(1 + ((c.prompt_tokens + c.output_tokens) // BLOCK_TOKENS / BLOCKS_PER_CALL if c.segments else 0)
-               for c in calls) / len(calls)
-    assert _work_per_call(p) == pytest.approx(want) and want > 10   # ~240 blocks a call
-    plain = sum(s.n for s in p.demands[0].stats.per_llm.values())
-    assert _calls(p) == pytest.approx(plain * want)
-    check = SimCheck()
-    assert check.requests_for(_calls(p)) < check.requests_for(plain)
-    # without a prefix cache the calls carry no blocks: the work is the calls
-    from scepsy_hpc.spec.workflow import without_prefix_caching
-
-    wf = without_prefix_caching(parse_workflow_text(text, "react_agent.yaml", models))
-    bare = sample_program(wf, 50, 0)
-    q = Planner([Demand(wf, 1.0, sample_mix(bare), bare)], models, gpus, "h100-sxm", 8, max_tp=4, n_calls=500)
-    assert _work_per_call(q) == 1.0
-
-
 # ---- the throughput goal's check: simulated maximum sustainable rate ----
 
 
