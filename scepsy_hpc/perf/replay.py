@@ -11,7 +11,7 @@ from scepsy_hpc.perf.engine import CallRecord, EnginePool, Seq, SimEngine
 from scepsy_hpc.perf.events import PRIO_ARRIVAL, PRIO_ENGINE, EventLoop
 from scepsy_hpc.perf.fit import check_fit
 from scepsy_hpc.perf.model import EngineConfig
-from scepsy_hpc.perf.prefix import segment_blocks
+from scepsy_hpc.perf.prefix_runs import Runs, segment_runs
 
 
 class LLMCall(Protocol):
@@ -59,12 +59,12 @@ def fresh_segments(calls: Sequence[Any]) -> list[Any]:
 WARM = "warm"   # a call whose first segment is named (WARM, ...) finds that segment cached on arrival (replay_calls)
 
 
-def call_blocks(call: Any) -> list[Hashable] | None:
+def call_blocks(call: Any) -> Runs | None:
     """The call's prompt+answer cache block names, or None when it carries no segments."""
     segs = getattr(call, "segments", ())
     if not segs:
         return None
-    return segment_blocks(tuple(segs) + ((call.output_segment, call.output_tokens),))
+    return segment_runs(tuple(segs) + ((call.output_segment, call.output_tokens),))
 
 
 def replay_calls(

@@ -33,7 +33,7 @@ from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.perf.engine import CallRecord, EnginePool, Seq, SimEngine
 from scepsy_hpc.perf.events import PRIO_ARRIVAL, PRIO_ENGINE, PRIO_TOOL, EventLoop
 from scepsy_hpc.perf.fit import check_fit, engine_config, replica_weights
-from scepsy_hpc.perf.prefix import segment_blocks
+from scepsy_hpc.perf.prefix_runs import segment_runs
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import Entry, groups_of
 from scepsy_hpc.spec.workflow import Workflow, resolve_model
@@ -191,7 +191,7 @@ class _Sim:
             lane.resume(t_end, None)
 
         seg, pool = call.segments, self.pools[call.llm]
-        blocks = segment_blocks(seg + ((call.output_segment, call.output_tokens),)) \
+        blocks = segment_runs(seg + ((call.output_segment, call.output_tokens),)) \
             if seg and pool.fits(call.prompt_tokens, call.output_tokens) else None
         if pool.submit(call.llm, call.role, call.prompt_tokens, call.output_tokens, t, done, blocks):
             stats[4] += 1
