@@ -17,7 +17,7 @@ not run again unless --rerun). Then the table is printed from every cell in DIR:
         [--requests 600] [--jobs 1] [--table-only] [--rerun] [--json]
 
 A cell takes from half a minute to over an hour on 2 cores (beam_search: ~300 LLM calls per request,
-runs lengthened up to 8× near capacity); --table-only prints what DIR holds without running anything.
+runs lengthened up to 32× near capacity); --table-only prints what DIR holds without running anything.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ For each workflow × GPU count × policy:
 1. the policy's highest-throughput plan (planner goal max-throughput), and the maximum
    sustainable rate the *simulator* measures for it (sim.capacity: every request completes and
    the backlog's growth, with its batch-means 95% interval, stays under 2% of the arrivals; runs
-   still filling or undecided are lengthened, up to 8×), by bisection from the predicted throughput;
+   still filling or undecided are lengthened, up to 8×, and past that to twice the length their
+   latency needs, up to 32×), by bisection from the predicted throughput;
 2. the common rates: 90%, 95% and 99% of the weakest policy's measured maximum; at each, every
    policy's plan for that target rate, simulated there (mean and p99 latency, same seed for every
    policy, as many requests as the longest capacity run of the cell needed to fill), and milp's
@@ -337,7 +338,7 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) ->
     c.print("sim max / refused = the highest rate the simulator sustained and the lowest it refused (bisection; "
             "a run is sustained when its backlog's growth, with a 95% batch-means interval, stays under 2% of the "
             "arrivals); longest run = the requests its longest run needed (runs still filling or undecided are "
-            "lengthened, up to 8×).")
+            "lengthened, up to 8×, and past that to twice the length their latency needs, up to 32×).")
     c.print(f"milp × = milp's simulated max throughput ÷ the policy's; at the common rates ({pcts} of the weakest "
             f"policy's max) each policy runs its plan for that rate: mean latency, and milp lat ÷ = milp's mean latency "
             f"÷ the policy's (≤ 1: milp no slower). fluid = every GPU at its LLM's best calls/s per GPU; inst. bound = "
