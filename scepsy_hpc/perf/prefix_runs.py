@@ -29,11 +29,11 @@ class Runs:
     __slots__ = ("runs", "step", "rev", "_n")
 
     def __init__(self, runs: tuple[tuple[Hashable, int, int], ...], step: int = BLOCK_TOKENS,
-                 rev: bool = False) -> None:
+                 rev: bool = False, n: int | None = None) -> None:
         self.runs = runs
         self.step = step
         self.rev = rev
-        self._n = sum((b - a) // step + 1 for _, a, b in runs)
+        self._n = sum((b - a) // step + 1 for _, a, b in runs) if n is None else n
 
     def __len__(self) -> int:
         return self._n
@@ -53,10 +53,12 @@ class Runs:
         if not isinstance(key, slice):
             raise TypeError("Runs are sliced, not indexed")
         if key.step == -1 and key.start is None and key.stop is None:
-            return Runs(self.runs, self.step, not self.rev)
+            return Runs(self.runs, self.step, not self.rev, self._n)
         if key.step not in (None, 1) or self.rev:
             raise ValueError("Runs take [i:j] of the forward order and [::-1]")
         start, stop, _ = key.indices(self._n)
+        if start == 0 and stop == self._n:
+            return self            # immutable: the whole of it is itself
         s, out, i = self.step, [], 0
         for seg, a, b in self.runs:
             if i >= stop:
@@ -66,7 +68,7 @@ class Runs:
             if lo < hi:
                 out.append((seg, a + lo * s, a + (hi - 1) * s))
             i += c
-        return Runs(tuple(out), s)
+        return Runs(tuple(out), s, False, max(0, stop - start))
 
 
 def segment_runs(segments: Sequence[tuple[Hashable, int]], block_tokens: int = BLOCK_TOKENS) -> Runs:
