@@ -96,9 +96,11 @@ def test_the_wrapper_keeps_the_exit_status_and_output():
 def test_the_wrapper_turns_a_closed_stdin_into_sigint():
     """What a first Ctrl-C does over --remote: the session's stdin closes, the command gets SIGINT,
     handles it as locally (here: prints and exits 130), and its output still arrives."""
+    # 'started' is printed inside the try: a SIGINT landing right after it (the wrapper sends one as soon as
+    # stdin closes) would otherwise raise outside the handler
     code = ("import signal, sys, time\n"
-            "print('started', flush=True)\n"
-            "try:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    print('interrupted', flush=True); sys.exit(130)\n")
+            "try:\n    print('started', flush=True)\n    time.sleep(30)\n"
+            "except KeyboardInterrupt:\n    print('interrupted', flush=True); sys.exit(130)\n")
     p = _wrapped(sys.executable, "-c", code)
     assert p.stdout.readline() == b"started\n"
     t0 = time.monotonic()
