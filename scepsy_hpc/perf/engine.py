@@ -93,7 +93,7 @@ class SimEngine:
         self._busy_since = 0.0
         self.iterations = 0
         self.peak_running = 0
-        self.pcache: PrefixCache | RunCache | None = None  # made when the first seq with blocks arrives (RunCache for Runs)
+        self.pcache: PrefixCache | RunCache | None = None  # made when the first seq with blocks arrives
         self.prompt_tokens = 0  # Σ prompt tokens admitted (vLLM's prefix_cache_queries)
         self.cached_tokens = 0  # of those, reused from the cache (vLLM's prefix_cache_hits)
 
@@ -198,7 +198,8 @@ class SimEngine:
             need = s.prompt + s.output
             if s.blocks is not None:
                 if pc is None:  # this replica's first call with blocks
-                    pc = self.pcache = (RunCache if isinstance(s.blocks, Runs) else PrefixCache)(self.kv_cap // BLOCK_TOKENS)
+                    kind = RunCache if isinstance(s.blocks, Runs) else PrefixCache
+                    pc = self.pcache = kind(self.kv_cap // BLOCK_TOKENS)
                 hit = pc.lookup(s.blocks, s.prompt)
                 in_use = self.kv_used + pc.pinned * BLOCK_TOKENS
                 if in_use + need - hit + pc.unpinned(s.blocks[:hit // BLOCK_TOKENS]) * BLOCK_TOKENS > self.kv_cap:

@@ -22,7 +22,8 @@ def _state(c):
     node = c._lru.next
     while node is not c._lru:
         iv = node.iv
-        order += [(node.seg, e) for e in (range(iv.a, iv.b + 1, c.step) if node.asc else range(iv.b, iv.a - 1, -c.step))]
+        ends = range(iv.a, iv.b + 1, c.step) if node.asc else range(iv.b, iv.a - 1, -c.step)
+        order += [(node.seg, e) for e in ends]
         node = node.next
     assert len(pins) == len(c) and len(order) == len(c) - c.pinned
     return pins, order, c.stats
