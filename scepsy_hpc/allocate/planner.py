@@ -87,6 +87,8 @@ class Outcome:
     priced: dict[str, list[Candidate]] | None = None     # milp: the candidates its MILP chose from
     checked: tuple[Any, ...] = ()                        # planning.simcheck.Checked rows of the simulator check
     check_time_s: float = 0.0
+    top_choice: dict[str, Candidate] | None = None       # max-throughput milp: the allocation of the most predicted
+                                                         # capacity, which the plan was picked within throughput_tol of
 
     @property
     def latency_s(self) -> float:
@@ -473,6 +475,16 @@ class Planner:
         return instance_bound(self.instances(), {self.gpu_name: self.n_gpus},
                               {n: d.calls for n, d in self.deployments.items() if d.calls > 0},
                               time_limit_s=self.time_limit_s, domain_caps=self.domain_caps)
+
+    def instance_choice(self, counts: Mapping[str, Mapping[Candidate, int]]) -> dict[str, Candidate]:
+        """The allocation of `instance_scale`'s counts: each LLM's instances as one (mixed) candidate, a
+        deployment without calls at its first configuration."""
+        out = {n: mixed_candidate(k) for n, k in counts.items() if any(v > 0 for v in k.values())}
+        for name, d in self.deployments.items():
+            if name not in out:
+                c0 = d.configs[0]
+                out[name] = Candidate(self.gpu_name, c0.tp, c0.gpu_frac, 1, 0.0, 0.0)
+        return out
 
     def milp_mixed(self, theta: float) -> Outcome:
         """The mixed groups that carry scale θ (every LLM at ≤ `max_util` of its pool's capacity) at the least

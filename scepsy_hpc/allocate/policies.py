@@ -257,7 +257,7 @@ def max_throughput(p: Planner, policy: str, rel_tol: float = 0.01) -> Outcome:
         tol = f", the lowest-latency allocation within {p.throughput_tol:.0%} of that capacity," if p.throughput_tol > 0 else ""
         out = out.noted(f"the GPUs carry at most {top:.4g}× the target rates at full utilisation (max-rate MILP, "
                         f"{res.status}); planned{tol} at {p.max_util:.0%} of it")
-        return _mixed_if_more(p, out, top)
+        return _mixed_if_more(p, replace(out, top_choice=dict(res.choice)), top)
     if policy == "equal":  # load-blind: the allocation is fixed; operate at max_util of its capacity
         o = equal(p, 1.0)
         th = p.throughput_scale(o.predictions) * p.max_util
@@ -291,10 +291,12 @@ def _mixed_if_more(p: Planner, single: Outcome, top: float) -> Outcome:
         return single
     t0 = time.perf_counter()
     try:
-        inst, _ = p.instance_scale()
+        inst, counts = p.instance_scale()
     except InfeasibleError:
         return single
     bound_s = time.perf_counter() - t0   # the instance bound's MILP (its model and HiGHS)
+    if inst > top * (1 + 1e-9):   # the allocation of the most capacity mixes configurations
+        single = replace(single, top_choice=p.instance_choice(counts))
     if not inst > top * (1 + p.throughput_tol):
         return single.noted(f"mixed groups would carry at most {inst:.4g}× (the instance bound): within "
                             f"{p.throughput_tol:.0%}, so one configuration per LLM")
@@ -308,7 +310,7 @@ def _mixed_if_more(p: Planner, single: Outcome, top: float) -> Outcome:
         return replace(single, solve_time_s=single.solve_time_s + spent).noted(
             f"mixed groups (instance bound {inst:.4g}×) were predicted to carry {th_mixed:.4g}× against "
             f"{th_single:.4g}×: one configuration per LLM kept")
-    return replace(mixed, solve_time_s=single.solve_time_s + spent, notes=single.notes).noted(
+    return replace(mixed, solve_time_s=single.solve_time_s + spent, notes=single.notes, top_choice=single.top_choice).noted(
         f"mixed groups carry {inst:.4g}× at full utilisation (the instance bound), {inst / top:.3f}× one configuration "
         f"per LLM; planned at {p.max_util:.0%} of it (alp-cp: {th_mixed:.4g}× against {th_single:.4g}×)")
 

@@ -76,8 +76,9 @@ def tuning_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the simulator check of the milp plan (its optimum and a shortlist of other allocations "
                         "run in the simulator at the planned rate; the fastest is kept)")
     p.add_argument("--sim-check-throughput", dest="sim_check_throughput", action="store_true",
-                   help="with --max-throughput, also race the milp plan against other allocations by simulated "
-                        "maximum sustainable rate (minutes on large step-synchronous workflows; off by default)")
+                   help="with --max-throughput, race the milp plan against many other allocations by simulated "
+                        "maximum sustainable rate (minutes on large step-synchronous workflows; by default only the "
+                        "plan and the allocation of the most predicted capacity are judged against each other)")
 
 
 def target_rates(given: list[tuple[str | None, float]] | None, names: list[str], text: str) -> dict[str, float]:

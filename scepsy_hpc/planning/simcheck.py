@@ -13,7 +13,9 @@ allocate.milp), simulates each at
 the planned rate, and keeps the one with the lowest simulated mean latency: the MILP's optimum
 unless another beats it by more than `margin`.
 
-For the max-throughput goal the criterion is the simulated maximum sustainable rate instead
+For the max-throughput goal the criterion is the simulated sustainable rate. By default only the
+choice the predictor cannot make is checked (`run_tolerance_check`): the plan against the allocation
+of the most predicted capacity, which it was picked within `throughput_tol` of. The full race
 (`run_throughput_check`): the MILP's optimum is bracketed by bisection, the shortlist is rebuilt at a
 rate the optimum does sustain (the predictor's capacity can be far above it), and the allocations
 race upward in rate steps of `step`: at each step every contender is simulated at the same rate,
@@ -141,6 +143,11 @@ class SimCheck:
     jobs           processes that simulate the latency check's allocations and the throughput
                    goal's contenders of a step (0: one per CPU)
     throughput     run the throughput goal's race at all (off by default: see the module docstring)
+    tol_sims       throughput goal, the default tolerance check (`run_tolerance_check`): simulations at
+                   most (two a rate: the plan and the allocation of the most predicted capacity)
+    tol_budget_s   ... wall seconds after which it starts no further rate (the note says so)
+    tol_up         ... the rate step up while both allocations sustain the rate
+    tol_down       ... the rate step down while neither does
     steady_warmup  mean latencies of arrivals before the steady-state window. A run of
                    `requests_for` requests is steady when its first tenth spans that many
                    latencies (λ·L requests are in flight, Little's law); when it does not (long
@@ -174,6 +181,10 @@ class SimCheck:
     quorum: int = 2
     jobs: int = 0
     throughput: bool = False
+    tol_sims: int = 8
+    tol_budget_s: float = 120.0
+    tol_up: float = 0.05
+    tol_down: float = 0.12
     steady_warmup: float = 1.5
     steady_window: float = 1.0
     steady_calls: int = 300_000
@@ -246,11 +257,14 @@ class SimCheck:
                 pass
         return [self.simulate(planner, c, theta) for c in choices]
 
-    def race(self, planner: "Planner", choices: Sequence[Mapping[str, "Candidate"]], rate_rps: float) -> list[RaceRun]:
+    def race(self, planner: "Planner", choices: Sequence[Mapping[str, "Candidate"]], rate_rps: float,
+             paths: int | None = None, quorum: int | None = None) -> list[RaceRun]:
         """Each of `choices` simulated at `rate_rps` (requests/s of the one workflow) on `paths`
-        sample paths, sustainable when at least `quorum` of them are (sim.capacity.judge);
-        the runs go to `jobs` processes when there are several."""
-        jobs = [_race_job(planner, c, rate_rps, self, k) for c in choices for k in range(self.paths)]
+        sample paths (default `self.paths`), sustainable when at least `quorum` (default `self.quorum`)
+        of them are (sim.capacity.judge); the runs go to `jobs` processes when there are several."""
+        n_paths = self.paths if paths is None else paths
+        need = self.quorum if quorum is None else quorum
+        jobs = [_race_job(planner, c, rate_rps, self, k) for c in choices for k in range(n_paths)]
         n = min(len(jobs), self.jobs or os.cpu_count() or 1)
         if n <= 1:
             runs = [_race_run(j) for j in jobs]
@@ -261,8 +275,8 @@ class SimCheck:
                 runs = list(ex.map(_race_run, jobs))
         out = []
         for i in range(len(choices)):
-            each = runs[i * self.paths:(i + 1) * self.paths]
-            out.append(RaceRun(sum(r.sustainable for r in each) >= self.quorum, sum(r.latency_s for r in each) / len(each),
+            each = runs[i * n_paths:(i + 1) * n_paths]
+            out.append(RaceRun(sum(r.sustainable for r in each) >= need, sum(r.latency_s for r in each) / len(each),
                                sum(r.throughput_rps for r in each) / len(each),
                                {m: sum(r.waits.get(m, 0.0) for r in each) / len(each) for m in each[0].waits}))
         return out
@@ -405,15 +419,14 @@ def spread_out(planner: "Planner", choice: Mapping[str, "Candidate"], theta: flo
 def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = "latency") -> "Outcome":
     """Simulate `best` (the milp policy's Outcome) and its shortlist at its rate scale; return the
     Outcome to keep (see the module docstring), a new value. `goal` "throughput" runs `run_throughput_check`."""
-    if best.priced is None:
-        return best
     why = check.skip_reason(planner)
     if why is not None:
         return best.noted(why)
+    if goal == "throughput" and not check.throughput:
+        return run_tolerance_check(planner, check, best)
+    if best.priced is None:   # the MILP's candidates, which the shortlist is made from (not for mixed groups)
+        return best
     if goal == "throughput":
-        if not check.throughput:
-            return best.noted("simulator check: off for the max-throughput goal (--sim-check-throughput races the plan "
-                              "against other allocations by simulated sustainable rate)")
         return run_throughput_check(planner, check, best)
     t0 = time.perf_counter()
     theta = best.theta
@@ -620,6 +633,79 @@ def neighbours(planner: "Planner", choice: Mapping[str, "Candidate"], delta: flo
             out.append((waits.get(b, 0.0) - waits.get(a, 0.0), f"{a} → {b}", new))
     out.sort(key=lambda t: -t[0])
     return [(label, c) for _, label, c in out]
+
+
+def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "Outcome":
+    """The max-throughput goal's default check. The milp plan is the lowest-latency allocation whose
+    predicted capacity is within `throughput_tol` of the most (`best.top_choice`, the allocation of the
+    most predicted capacity): two allocations the predictor cannot tell apart in capacity, and the
+    predictor over-rates some shapes (small fractional replicas serving long conversations) by far more
+    than that. So when they differ, both are judged (sim.capacity.judge, one sample path, the same
+    for both) at the planned rate, then up by `tol_up` while both sustain it or down by `tol_down`
+    while neither does, until one sustains a rate the other refuses: the plan is kept unless it is the
+    one refused, and the allocation of the most capacity replaces it then. Both falling at the same
+    step, or the budget (`tol_sims` simulations, `tol_budget_s` seconds) running out, keeps the plan."""
+    from scepsy_hpc.allocate.milp import choice_key
+
+    top = best.top_choice
+    if top is None or choice_key(top) == choice_key(best.choice):
+        return best
+    t0 = time.perf_counter()
+    w = planner.demands[0].weight_rps
+    theta = best.theta
+    rows = [Checked("plan", dict(best.choice), best.latency_s, math.nan, 0.0, 0.0, None),
+            Checked("most capacity", dict(top), sum(p.latency_s for p in planner.evaluate(top, theta).values()),
+                    math.nan, 0.0, 0.0, None)]
+    rate, way, sims, verdict = theta * w, 0, 0, None
+    while sims + 2 <= check.tol_sims and (sims == 0 or time.perf_counter() - t0 < check.tol_budget_s):
+        planner.progress(f"simulator check (tolerance): the plan and the allocation of the most capacity at {rate:.3g} rps")
+        runs = check.race(planner, [r.choice for r in rows], rate, paths=1, quorum=1)
+        sims += 2
+        for r, run in zip(rows, runs):
+            r.simulated_s, r.throughput_rps = run.latency_s, run.throughput_rps
+            if run.sustainable:
+                r.sustained_rps = max(r.sustained_rps or 0.0, rate)
+            elif r.refused_rps is None or rate < r.refused_rps:
+                r.refused_rps = rate
+        held = [run.sustainable for run in runs]
+        if held[0] != held[1]:
+            verdict = "top" if held[1] else "plan"
+            break
+        if (held[0] and way < 0) or (not held[0] and way > 0):
+            verdict = "tie"
+            break
+        way = 1 if held[0] else -1
+        rate = rate * (1 + check.tol_up) if held[0] else rate / (1 + check.tol_down)
+    elapsed = time.perf_counter() - t0
+    plan_row, top_row = rows
+    pred_top = planner.throughput_scale(planner.evaluate(top, theta)) * w
+    pred_plan = planner.throughput_scale(best.predictions) * w
+    what = (f"the plan (predicted capacity {pred_plan:.3g} rps) against the allocation of the most predicted capacity "
+            f"({pred_top:.3g} rps)")
+    how = f"{sims} runs, {elapsed:.1f} s"
+    if verdict == "top":
+        out = _outcome(planner, best, dict(top), theta).noted(
+            f"simulator check (tolerance): {what}: the plan does not sustain {rate:.3g} rps in the simulator where "
+            f"the allocation of the most capacity does; that allocation is kept ({how})")
+    elif verdict == "plan":
+        out = best.noted(f"simulator check (tolerance): {what}: the plan sustains {rate:.3g} rps in the simulator "
+                         f"where the other does not; kept ({how})")
+    elif verdict == "tie":
+        held_rate = rate / (1 + check.tol_up) if way > 0 else rate
+        out = best.noted(f"simulator check (tolerance): {what}: both sustain {held_rate:.3g} rps in the simulator and "
+                         f"neither {held_rate * (1 + (check.tol_up if way > 0 else check.tol_down)):.3g}; the plan kept ({how})")
+    else:
+        out = best.noted(f"simulator check (tolerance): {what}: no rate from {theta * w:.3g} to {rate:.3g} rps told "
+                         f"them apart within {check.tol_sims} runs / {check.tol_budget_s:g} s; the plan kept ({how})")
+    kept = top_row if verdict == "top" else plan_row
+    planned = theta * w
+    if kept.refused_rps is not None and kept.refused_rps <= planned * (1 + 1e-9):
+        held = (f"sustains {kept.sustained_rps:.3g} rps" if kept.sustained_rps else
+                f"sustains less than {kept.refused_rps:.3g} rps")
+        out = out.noted(f"throughput: the kept allocation {held} in the simulator, short of the {planned:.3g} rps planned "
+                        f"({planner.max_util:.0%} of its predicted capacity); trust the simulation: it runs the workflow's "
+                        f"program on every engine at once, where the predictor prices each LLM alone")
+    return replace(out, checked=(plan_row, top_row), check_time_s=elapsed)
 
 
 def run_throughput_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "Outcome":

@@ -256,21 +256,28 @@ def max_sustainable_rate(
     return CapacityResult(lo, hi, tuple(runs), tuple(sizes))
 
 
+FAR_STEP = 2.0   # bisect_rate's largest bracketing step
+
+
 def bisect_rate(ok: Callable[[float], bool], guess: float, *, rel_tol: float, max_runs: int,
                 step: float) -> tuple[float, float]:
     """(highest rate `ok` accepted, lowest it refused; 0 / inf when none): step by ×`step` from
     `guess` until a sustainable and an unsustainable rate bracket the limit, then bisect to
-    `rel_tol`, calling `ok` at most `max_runs` times."""
+    `rel_tol`, calling `ok` at most `max_runs` times. From the third run on, each step is the
+    square of the last (up to ×`FAR_STEP`), so a limit far from the guess (a plan the predictor
+    over-rates several-fold) is bracketed in a few runs, not max_runs small ones."""
     lo, hi, n = 0.0, math.inf, 0
-    rate = guess
+    rate, f = guess, step
     while n < max_runs and (math.isinf(hi) or lo == 0.0):
         n += 1
         if ok(rate):
             lo = rate
-            rate *= step
+            rate *= f
         else:
             hi = rate
-            rate /= step
+            rate /= f
+        if n >= 2:
+            f = max(step, min(f * f, FAR_STEP))
     while n < max_runs and hi - lo > rel_tol * hi:
         n += 1
         mid = 0.5 * (lo + hi)

@@ -107,6 +107,10 @@ def test_max_throughput_matches_exhaustive_search(planner, tol):
     rival = planner.evaluate(most.choice, planned)["small_rag"]
     assert pred.latency_s <= rival.latency_s * 1.001
     assert f"within {tol:.0%}" in " ".join(out.notes) if tol else "within" not in " ".join(out.notes)
+    # the allocation of the most capacity rides along for the simulator check to judge the pick against
+    top = out.top_choice
+    assert top is not None and planner.fits(top)
+    assert min(top[m].capacity_rps / d.calls for m, d in planner.deployments.items()) == pytest.approx(theta, rel=1e-6)
 
 
 def test_max_throughput_mixes_configurations_when_that_carries_more(planner):
@@ -131,6 +135,11 @@ def test_max_throughput_mixes_configurations_when_that_carries_more(planner):
     assert not any(c.more for c in single.choice.values())
     assert planner.throughput_scale(out.predictions) > planner.throughput_scale(single.predictions) * 1.03
     assert "mixed groups carry" in " ".join(out.notes)
+    # the allocation of the most capacity is the instance bound's: every LLM carries `inst` at full utilisation
+    top = out.top_choice
+    assert planner.fits(top) and used_gpus(top) <= planner.n_gpus
+    assert min(top[m].capacity_rps / d.calls for m, d in planner.deployments.items() if d.calls > 0) == \
+        pytest.approx(inst, rel=1e-6)
 
 
 @pytest.mark.parametrize("n_gpus", [3, 4, 6, 8])

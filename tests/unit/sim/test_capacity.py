@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from scepsy_hpc.sim.capacity import backlog_growth, is_sustainable, judge, max_sustainable_rate, still_filling, too_short
+from scepsy_hpc.sim.capacity import (backlog_growth, bisect_rate, is_sustainable, judge, max_sustainable_rate, still_filling,
+                                     too_short)
 from scepsy_hpc.sim.core import RequestRecord, simulate
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import workflow_from_text
@@ -168,3 +169,21 @@ def test_steady_overload_is_not_lengthened_past_max_extend_however_long_its_late
     calls: list[int] = []
     assert judge(_run(lambda t: 300.0 + 0.2 * t, calls), 600, max_extend=4)[0] is False
     assert calls == [600, 2400]
+
+
+@pytest.mark.parametrize("limit", [0.05, 0.9, 1.0, 3.0, 20.0])
+def test_bisection_brackets_a_limit_far_from_its_guess_in_few_runs(limit):
+    """A plan over-rated 20-fold (or under-rated as much) is bracketed and bisected to the tolerance
+    within the bench's 14 runs: the bracketing steps grow (×1.08, ×1.08, ×1.17, ×1.36, ×1.85, ×2 …)."""
+    tried = []
+
+    def ok(rate):
+        tried.append(rate)
+        return rate <= limit
+
+    lo, hi = bisect_rate(ok, 1.0, rel_tol=0.015, max_runs=14, step=1.08)
+    near = 0.2 < limit < 5   # to the tolerance; 20-fold off, within 3% (the old fixed step never bracketed it)
+    assert lo <= limit < hi and hi - lo <= (0.015 if near else 0.03) * hi, (lo, hi, tried)
+    assert len(tried) <= 14
+    if limit == 1.0:   # a limit at the guess is bracketed by the small step, as before
+        assert tried[:3] == [1.0, 1.08, 1.04]
