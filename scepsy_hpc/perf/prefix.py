@@ -51,6 +51,15 @@ class PrefixStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
+def cache_size(capacity_blocks: int, block_tokens: int) -> tuple[int, int]:
+    """(capacity_blocks, block_tokens) of a prefix cache, checked: a ValueError names a bad one."""
+    if capacity_blocks < 0:
+        raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
+    if block_tokens < 1:
+        raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+    return capacity_blocks, block_tokens
+
+
 class PrefixCache:
     """The cached blocks of one engine: at most `capacity_blocks` of them, pinned ones never evicted.
 
@@ -61,12 +70,7 @@ class PrefixCache:
     """
 
     def __init__(self, capacity_blocks: int, block_tokens: int = BLOCK_TOKENS) -> None:
-        if capacity_blocks < 0:
-            raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
-        if block_tokens < 1:
-            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
-        self.capacity = capacity_blocks
-        self.block_tokens = block_tokens
+        self.capacity, self.block_tokens = cache_size(capacity_blocks, block_tokens)
         self._refs: dict[Hashable, int] = {}                  # cached block → pins
         self._free: OrderedDict[Hashable, None] = OrderedDict()   # unpinned cached blocks, LRU first
         self.stats = PrefixStats()

@@ -19,7 +19,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Hashable, Iterator, Sequence
 
-from scepsy_hpc.perf.prefix import BLOCK_TOKENS, PrefixStats, max_hit_tokens
+from scepsy_hpc.perf.prefix import BLOCK_TOKENS, PrefixStats, cache_size, max_hit_tokens
 
 
 class Runs:
@@ -113,12 +113,7 @@ class RunCache:
     """`prefix.PrefixCache` over `Runs`: the same operations and results, in time per interval touched."""
 
     def __init__(self, capacity_blocks: int, block_tokens: int = BLOCK_TOKENS) -> None:
-        if capacity_blocks < 0:
-            raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
-        if block_tokens < 1:
-            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
-        self.capacity = capacity_blocks
-        self.block_tokens = block_tokens
+        self.capacity, self.block_tokens = cache_size(capacity_blocks, block_tokens)
         self._ivs: dict[Hashable, list[_Iv]] = {}   # segment → its cached intervals, by position
         self._n = 0        # cached blocks
         self._nfree = 0    # of them unpinned

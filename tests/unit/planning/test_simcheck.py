@@ -288,16 +288,23 @@ def test_throughput_race_is_opt_in(planner6, monkeypatch):
 
 def with_top(planner, best):
     """`best` with an allocation of the same GPUs, split otherwise, as its allocation of the most capacity."""
-    label, other = neighbours(planner, best.choice, 1.0)[0]
+    _, other = neighbours(planner, best.choice, 1.0)[0]
     return replace(best, top_choice=other)
 
 
-def test_tolerance_check_takes_the_allocation_of_most_capacity_when_the_plan_falls_short(planner6, monkeypatch):
-    best = with_top(planner6, policies.max_throughput(planner6, "milp"))
-    planned = best.theta * planner6.demands[0].weight_rps
-    # the plan holds 70% of its planned rate, the other allocation 90%: neither holds the planned rate
-    race, seen = fake_race(lambda c: planned * (0.7 if key(c) == key(best.choice) else 0.9))
+def tolerance_case(planner, monkeypatch, plan_x, top_x):
+    """(best with a top_choice, its planned rate, the fake race's log): the plan sustains up to `plan_x`, the
+    allocation of the most capacity up to `top_x` × the planned rate."""
+    best = with_top(planner, policies.max_throughput(planner, "milp"))
+    planned = best.theta * planner.demands[0].weight_rps
+    race, seen = fake_race(lambda c: planned * (plan_x if key(c) == key(best.choice) else top_x))
     monkeypatch.setattr(SimCheck, "race", race)
+    return best, planned, seen
+
+
+def test_tolerance_check_takes_the_allocation_of_most_capacity_when_the_plan_falls_short(planner6, monkeypatch):
+    # the plan holds 70% of its planned rate, the other allocation 90%: neither holds the planned rate
+    best, planned, seen = tolerance_case(planner6, monkeypatch, 0.7, 0.9)
     out = simcheck.run_check(planner6, SimCheck(jobs=1), best, "throughput")
     assert key(out.choice) == key(best.top_choice)
     rates = sorted({r for _, r in seen}, reverse=True)
@@ -310,25 +317,19 @@ def test_tolerance_check_takes_the_allocation_of_most_capacity_when_the_plan_fal
 
 
 def test_tolerance_check_keeps_the_plan_when_it_holds_more_or_as_much(planner6, monkeypatch):
-    best = with_top(planner6, policies.max_throughput(planner6, "milp"))
-    planned = best.theta * planner6.demands[0].weight_rps
-    race, seen = fake_race(lambda c: planned * (1.2 if key(c) == key(best.choice) else 1.07))
-    monkeypatch.setattr(SimCheck, "race", race)
+    best, planned, seen = tolerance_case(planner6, monkeypatch, 1.2, 1.07)
     out = simcheck.run_check(planner6, SimCheck(jobs=1), best, "throughput")
     assert key(out.choice) == key(best.choice)
     assert len({r for _, r in seen}) == 3              # 1.0, 1.05 both hold; 1.1025 only the plan
     assert "where the other does not; kept" in out.notes[-1]
     # the same capacity: both fall out at the same step, the plan is kept
-    race, seen = fake_race(lambda c: planned * 1.07)
-    monkeypatch.setattr(SimCheck, "race", race)
+    best, planned, seen = tolerance_case(planner6, monkeypatch, 1.07, 1.07)
     out = simcheck.run_check(planner6, SimCheck(jobs=1), best, "throughput")
     assert key(out.choice) == key(best.choice) and "neither" in out.notes[-1]
 
 
 def test_tolerance_check_stops_at_its_budget_and_skips_a_plan_of_most_capacity(planner6, monkeypatch):
-    best = with_top(planner6, policies.max_throughput(planner6, "milp"))
-    race, seen = fake_race(lambda c: 1e9)
-    monkeypatch.setattr(SimCheck, "race", race)
+    best, planned, seen = tolerance_case(planner6, monkeypatch, 1e9, 1e9)
     out = simcheck.run_check(planner6, SimCheck(jobs=1, tol_sims=6), best, "throughput")
     assert len(seen) == 6 and key(out.choice) == key(best.choice)
     assert "within 6 runs" in out.notes[-1]
