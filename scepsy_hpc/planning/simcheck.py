@@ -425,6 +425,10 @@ def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = 
     if goal == "throughput" and not check.throughput:
         return run_tolerance_check(planner, check, best)
     if best.priced is None:   # the MILP's candidates, which the shortlist is made from (not for mixed groups)
+        if goal == "throughput":
+            return run_tolerance_check(planner, check, best.noted(
+                "simulator check: the throughput race starts from the one-configuration MILP's candidates and this plan "
+                "is mixed groups (the counts MILP's); the tolerance check ran instead"))
         return best
     if goal == "throughput":
         return run_throughput_check(planner, check, best)
