@@ -48,6 +48,9 @@ CAPACITY_EXTEND = 8  # `max_sustainable_rate`'s: up to 8× (a 32-GPU plan's ~1,0
 FILL_LATENCIES = 12  # a run shorter than 12 early request latencies has not filled: it is lengthened
 FILL_EXTEND = 4      # ... past `max_extend`, up to `FILL_EXTEND` × `max_extend` × the requests asked for
 OVERLOAD = 0.10      # a backlog growing steadily by 10% of the arrivals is overload however short its run
+CONFIRM = 0.25       # a run that grows by less than this is run once more at twice the length before it is refused:
+                     # a load surge late in a short sample path reads as 10% growth (rag_rerank × 8 at 1.71 rps,
+                     # 600 requests: 0.108 ± 0.029) and is gone at twice the length (−0.029 ± 0.012)
 BATCHES = 10         # the in-flight series after the first third is cut into 10 batches of arrivals
 T_CRIT = 2.31        # Student's t, 8 degrees of freedom (10 batch means − 2), two-sided 95%
 
@@ -194,13 +197,16 @@ def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MA
     (`growth_interval`): `holds` is sustainable; `grows` is overload unless the run is still filling
     or too short for its request latency; `undecided` (noise or a fill wider than the margin) and
     a run still filling are lengthened — doubled, or straight to the multiple of `n_requests` that
-    spans `FILL_LATENCIES` early latencies — up to `max_extend` × `n_requests`. A run whose backlog
+    spans `FILL_LATENCIES` early latencies — up to `max_extend` × `n_requests`. Growth below
+    `CONFIRM` is refused only when the run before it grew too, or at the longest run allowed: a
+    surge late in a short sample path is not overload. A run whose backlog
     is undecided, still filling or growing by less than `OVERLOAD` goes on past that to twice the
     length its latency needs, up to `fill_extend` × `n_requests` (default `FILL_EXTEND` × `max_extend`). At the
     longest run allowed an undecided run is read by its point estimate. The verdict, and the last run."""
     cap = max_extend * n_requests
     fill_cap = max(cap, (FILL_EXTEND * max_extend if fill_extend is None else fill_extend) * n_requests)
     n = n_requests
+    grew = False   # the run before this one grew too (a pile-up below CONFIRM is refused on two lengths)
     while True:
         res = run(n)
         if res.completed < res.requests:
@@ -215,8 +221,9 @@ def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MA
         if 2 * n > cap and (verdict == "undecided" or filling or growth.growth < OVERLOAD) and n < 2 * need:
             limit = fill_cap   # past the cap: the run length scales with rate × latency (to twice its fill)
         last = 2 * n > limit
-        if verdict == "grows" and (last or not (filling or n < need)):
+        if verdict == "grows" and (last or not (filling or n < need)) and (last or grew or growth.growth >= CONFIRM):
             return False, res
+        grew = verdict == "grows"
         if last:   # undecided at the longest run allowed: the point estimate decides
             return growth.growth <= pileup, res
         n *= 2

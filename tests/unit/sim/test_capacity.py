@@ -72,10 +72,19 @@ def test_a_run_still_filling_is_lengthened_until_it_settles():
     assert calls == [600, 1200, 2400]
 
 
-def test_steady_pile_up_is_refused_without_lengthening():
+def test_steady_pile_up_is_refused_once_confirmed_and_a_late_surge_is_not():
     calls: list[int] = []
     good, _ = judge(_run(lambda t: 0.1 * t, calls), 600)   # latency grows linearly: c/(1+c) ≈ 9% pile up
-    assert not good and calls == [600]
+    assert not good and calls == [600, 1200]                # below CONFIRM: refused on two lengths
+    calls.clear()
+    assert judge(_run(lambda t: 0.5 * t, calls), 600)[0] is False and calls == [600]   # ~33%: at once
+    # a surge over the last fifth of the first 600 arrivals (latency up 0.5 s per arrival, then back):
+    # the short run reads as overload, twice its length holds
+    surge = lambda t: 5.0 + (0.5 * (t - 480.0) if 480.0 <= t < 600.0 else 0.0)  # noqa: E731
+    calls.clear()
+    first = _run(surge, [])(600)
+    assert not is_sustainable(first)
+    assert judge(_run(surge, calls), 600)[0] is True and calls == [600, 1200]
     calls.clear()
     assert judge(_run(lambda t: 5.0, calls), 600)[0] is True and calls == [600]
     calls.clear()
@@ -91,9 +100,9 @@ def test_a_run_shorter_than_its_latency_allows_is_lengthened_even_if_it_grows_st
     assert good and calls == [600, 1200, 2400]
     first = _run(fill, [])(600)
     assert too_short(first) and not still_filling(first) and not is_sustainable(first)
-    # a long run of the same steady overload is not too short, and is refused at once
+    # a long run of the same steady overload is not too short, and is refused once twice its length grows too
     calls.clear()
-    assert judge(_run(lambda t: 0.05 * t, calls), 600)[0] is False and calls == [600]
+    assert judge(_run(lambda t: 0.05 * t, calls), 600)[0] is False and calls == [600, 1200]
     assert not too_short(_run(lambda t: 0.05 * t, [])(600))
 
 
