@@ -127,8 +127,8 @@ def fmt(x: Any, spec: str = ".3g") -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| workflow | GPUs | milp max rps | equal | independent | milp ÷ equal / indep. (max) | "
              "milp lat. ÷ equal ; ÷ indep. at 90/95/99 % | instance bound pred. / sim. | milp ÷ inst. (sim.) | "
-             "fluid | verdict | milp allocation (max thr.) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fluid | verdict | milp allocation (max thr.) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["gpus"], r["workflow"])):
         b, t, lt = r["baseline_max_rps"], r["throughput_ratio"], r["latency_ratio"]
         lines.append(
@@ -136,7 +136,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{fmt(b.get('independent'))} | {fmt(t.get('equal'), '.2f')} / {fmt(t.get('independent'), '.2f')} | "
             + " ; ".join("/".join(fmt(q, ".2f") for q in lt.get(p, [])) or "—" for p in ("equal", "independent"))
             + f" | {fmt(r['instance_bound_rps'])} / {fmt(r['instance_bound_sim_rps'])} | {fmt(r['instance_fraction'], '.2f')}"
-            f" | {fmt(r['fluid_rps'])} | {'ok' if r['ok'] else 'LOSS'} | {r['allocation']} |")
+            f" | {fmt(r['fluid_rps'])} | {'ok' if r['ok'] else 'LOSS'} | {r['allocation']} | {r.get('commit') or '—'} |")
     return "\n".join(lines)
 
 
