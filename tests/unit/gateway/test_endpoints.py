@@ -114,6 +114,7 @@ def test_watcher_sees_a_same_size_rewrite_within_one_timestamp_tick(tmp_path: Pa
     _write(p, GOOD)
     w = EndpointsWatcher(p, min_interval_s=0.0)
     first = w.load()
+    assert first.llms["coder"].replicas[0].url == "http://node3:8000"
     st = os.stat(p)
     with open(p, "r+") as f:
         f.write(GOOD.replace("node3", "node4"))

@@ -3,6 +3,7 @@ memory limit and a time limit, its output captured; the parent measures wall tim
 
 from __future__ import annotations
 
+import importlib
 import os
 import resource
 import signal
@@ -14,14 +15,10 @@ from dataclasses import dataclass
 import pytest
 
 # imported before forking, so each child starts warm (what `validate` and the flags' types use)
-import scepsy_hpc.cli  # noqa: F401
-import scepsy_hpc.commands.validate  # noqa: F401
-import scepsy_hpc.perf.fit  # noqa: F401
-import scepsy_hpc.spec.catalog  # noqa: F401
-import scepsy_hpc.spec.cluster  # noqa: F401
-import scepsy_hpc.spec.placement_check  # noqa: F401
-import scepsy_hpc.spec.plan  # noqa: F401
-import scepsy_hpc.spec.workflow  # noqa: F401  (warm import for the children)
+for _warm in ("scepsy_hpc.cli", "scepsy_hpc.commands.validate", "scepsy_hpc.perf.fit", "scepsy_hpc.spec.catalog",
+              "scepsy_hpc.spec.cluster", "scepsy_hpc.spec.placement_check", "scepsy_hpc.spec.plan",
+              "scepsy_hpc.spec.workflow"):
+    importlib.import_module(_warm)
 
 TIME_LIMIT_S = 5.0
 MEMORY_LIMIT_B = 500 * 1024 * 1024
