@@ -18,12 +18,15 @@ down period passes, or `hold_s` runs out (counted from the first time it found n
 retries). A call queued because every replica is full waits without a limit, as before.
 
 Prefix affinity (`affinity=True`): a call of workflow request R to LLM L goes back to the replica that
-served R's previous call to L — which holds R's prompt prefix in its cache — while that replica's
-load is at most the least-loaded free replica's load with `affinity_slack` (default 1) more calls:
-`(home.outstanding + 1) / home.weight <= (best.outstanding + 1 + slack) / best.weight` (the slack
-counted in calls of the least-loaded replica, so with equal weights: home's outstanding at most
-best's + slack, as before weights); else the least-loaded one as above (and R's affinity moves there). The table is an LRU of at most
-`max_affinity` (request, LLM) entries; entries of a replica that leaves the file are dropped.
+served R's previous call to L — which holds R's prompt prefix in its cache — while that replica has a
+free slot and its load is at most the least-loaded free replica's plus `affinity_slack` calls (default
+8) or `affinity_ratio` times it (default 1.5) (`perf.prefix.affine_ok`: `home.load() <= max(best.load()
++ slack / best.weight, ratio * best.load())`, the slack counted in calls of the least-loaded replica);
+else the least-loaded one as above (and R's affinity moves there). A call that leaves its replica
+prefills its whole context again, which loads the pool more and makes more calls leave: the slack
+of one call this had before collapsed a ReAct agent on five replicas under load (perf.prefix). The
+table is an LRU of at most `max_affinity` (request, LLM) entries; entries of a replica that leaves the
+file are dropped.
 """
 
 from __future__ import annotations
@@ -35,9 +38,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
+from scepsy_hpc.perf.prefix import DEFAULT_AFFINITY_RATIO, DEFAULT_AFFINITY_SLACK, affine_ok
 
-
-DEFAULT_AFFINITY_SLACK = 1
 MAX_AFFINITY = 100_000
 
 
@@ -138,13 +140,18 @@ class Router:
     """Routes calls of each LLM to its replicas; follows the endpoints source on every `sync()`."""
 
     def __init__(self, source: Endpoints | EndpointsWatcher, *, down_for_s: float = 1.0, affinity: bool = False,
-                 affinity_slack: int = DEFAULT_AFFINITY_SLACK, max_affinity: int = MAX_AFFINITY) -> None:
+                 affinity_slack: int = DEFAULT_AFFINITY_SLACK, affinity_ratio: float = DEFAULT_AFFINITY_RATIO,
+                 max_affinity: int = MAX_AFFINITY) -> None:
         if affinity_slack < 0:
             raise ValueError(f"affinity_slack={affinity_slack} must be >= 0 (extra calls a request's replica may carry "
                              "over the least-loaded one, counted in the least-loaded one's calls)")
+        if not affinity_ratio >= 0:
+            raise ValueError(f"affinity_ratio={affinity_ratio} must be >= 0 (how many times the least-loaded replica's "
+                             "load a request's replica may carry; 0: the slack alone decides)")
         self.source = source
         self.affinity = affinity
         self.affinity_slack = affinity_slack
+        self.affinity_ratio = affinity_ratio
         self.max_affinity = max_affinity
         # (LLM key, request id) -> URL of the replica that served the request's last call to the LLM; LRU
         self._affinity: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -297,7 +304,7 @@ class Router:
         if url is not None:
             home = next((r for r in pool.replicas if r.url == url), None)
             if (home is not None and home.url not in exclude and home.down_until <= now and home.outstanding < home.cap
-                    and home.load() <= (best.outstanding + 1 + self.affinity_slack) / best.weight):
+                    and affine_ok(home.load(), best.load(), best.weight, self.affinity_slack, self.affinity_ratio)):
                 pick = home
                 self.affinity_hits += 1
             else:

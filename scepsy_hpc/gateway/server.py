@@ -22,6 +22,7 @@ from scepsy_hpc.gateway.endpoints import EndpointsWatcher
 from scepsy_hpc.gateway.guard import MAX_HEADER_BYTES, MAX_HEADERS, MAX_LINE_BYTES, GuardedRunner
 from scepsy_hpc.gateway.names import listing
 from scepsy_hpc.gateway.tracing import open_trace
+from scepsy_hpc.perf.prefix import DEFAULT_AFFINITY_RATIO, DEFAULT_AFFINITY_SLACK
 from scepsy_hpc.spec.records import write_atomic
 from scepsy_hpc.trace.records import TraceWriter
 
@@ -189,8 +190,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         f"(default {DEFAULT_CLIENT_TIMEOUT_S:g})")
     p.add_argument("--prefix-affinity", action=argparse.BooleanOptionalAction, default=DEFAULT_PREFIX_AFFINITY,
                    help="send a request's calls to an LLM to the replica that served its previous one (its prompt "
-                        "prefix is cached there) unless that replica has over 1 more call outstanding than the "
-                        f"least-loaded one (default {'on' if DEFAULT_PREFIX_AFFINITY else 'off'})")
+                        f"prefix is cached there) unless that replica is full, or busier than the least-loaded one "
+                        f"by over {DEFAULT_AFFINITY_SLACK} calls and over {DEFAULT_AFFINITY_RATIO:g}× "
+                        f"(default {'on' if DEFAULT_PREFIX_AFFINITY else 'off'})")
     p.add_argument("--pid-file", default=None,
                    help="write this process's id here once the port is bound; removed on a clean exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log reloads and debug detail")

@@ -36,7 +36,8 @@ from typing import Any, Callable, Hashable, Sequence
 
 from scepsy_hpc.perf.events import EventLoop
 from scepsy_hpc.perf.model import EnginePerf, chunk_prefills
-from scepsy_hpc.perf.prefix import BLOCK_TOKENS, PrefixCache, max_hit_tokens
+from scepsy_hpc.perf.prefix import (BLOCK_TOKENS, DEFAULT_AFFINITY_RATIO, DEFAULT_AFFINITY_SLACK, PrefixCache, affine_ok,
+                                    max_hit_tokens)
 from scepsy_hpc.perf.prefix_runs import RunCache, Runs
 
 IDLE, STEP, EPOCH, BOUNDARY = 0, 1, 2, 3
@@ -273,17 +274,19 @@ class EnginePool:
     the replica with a free slot whose (outstanding + 1) / weight is least, so under load each holds
     calls in proportion to its weight; with equal weights this is the rule above.
 
-    Prefix affinity (`prefix_affinity`, the gateway's rule): a call with cache blocks goes to the replica
-    whose cache holds the longest leading run of them (among equals the least busy), if that replica's
-    outstanding calls are at most the least outstanding + `affinity_slack` (with weights: its normalised
-    load within `affinity_slack` calls of the least loaded replica's); otherwise, or when no replica
-    holds any, as above."""
+    Prefix affinity (`prefix_affinity`, the gateway's rule, `gateway.routing.affine_ok`): a call with cache
+    blocks goes to the replica whose cache holds the longest leading run of them (among equals the least
+    loaded) while that replica has a free slot and its load (outstanding + 1, per unit of weight) is at
+    most the least loaded free replica's plus `affinity_slack` calls, or `affinity_ratio` times it;
+    otherwise, or when no replica holds any, as above."""
 
-    def __init__(self, replicas: list[SimEngine], *, prefix_affinity: bool = True, affinity_slack: int = 1,
+    def __init__(self, replicas: list[SimEngine], *, prefix_affinity: bool = True,
+                 affinity_slack: int = DEFAULT_AFFINITY_SLACK, affinity_ratio: float = DEFAULT_AFFINITY_RATIO,
                  weights: Sequence[float] | None = None) -> None:
         self.replicas = replicas
         self.prefix_affinity = prefix_affinity
         self.affinity_slack = affinity_slack
+        self.affinity_ratio = affinity_ratio
         if weights is not None and (len(weights) != len(replicas) or not all(w > 0 for w in weights)):
             raise ValueError(f"weights {list(weights)} must be one positive number per replica ({len(replicas)})")
         # equal weights route exactly as none (the unweighted rule, bit for bit)
@@ -337,41 +340,30 @@ class EnginePool:
         return best
 
     def _route_prefix(self, blocks: Sequence[Hashable], prompt: int) -> int:
-        """The replica holding the longest cached leading run of `blocks` (among equals the least
-        outstanding, ties round-robin), when it is at most `affinity_slack` calls busier than the least
-        busy one; else least outstanding."""
+        """The replica holding the longest cached leading run of `blocks` (among equals the least loaded,
+        ties round-robin), when it has a free slot and `affine_ok` against the least loaded free replica;
+        else `_route`."""
         replicas = self.replicas
         n = len(replicas)
         hits = [e.pcache.lookup(blocks, prompt) if e.pcache is not None else 0 for e in replicas]
         top = max(hits)
         if top == 0:
             return self._route()
-        if self.weights is not None:
-            return self._route_prefix_weighted(hits, top)
-        least = min(e.outstanding for e in replicas)
+        w = self.weights
         start = self._rr
-        best, best_k = -1, 1 << 60
+        best, best_load = -1, math.inf
+        least_load, least_w = math.inf, 1.0
         for j in range(n):
             i = (start + j) % n
-            if hits[i] == top and replicas[i].outstanding < best_k:
-                best, best_k = i, replicas[i].outstanding
-        if best_k > least + self.affinity_slack:
-            return self._route()
-        self._rr = (best + 1) % n
-        return best
-
-    def _route_prefix_weighted(self, hits: list[int], top: int) -> int:
-        """Prefix affinity among unlike replicas: the holder of the longest run with the least normalised
-        load, if that is within `affinity_slack` calls (of the least loaded replica) of the least."""
-        n = len(self.replicas)
-        least = min(range(n), key=self._load)
-        start = self._rr
-        best, best_k = -1, math.inf
-        for j in range(n):
-            i = (start + j) % n
-            if hits[i] == top and self._load(i) < best_k:
-                best, best_k = i, self._load(i)
-        if best_k > self._load(least) + self.affinity_slack / self.weights[least]:  # type: ignore[index]
+            e = replicas[i]
+            if e.outstanding >= e.max_seqs:
+                continue
+            load = (e.outstanding + 1) / w[i] if w is not None else e.outstanding + 1
+            if load < least_load:
+                least_load, least_w = load, (w[i] if w is not None else 1.0)
+            if hits[i] == top and load < best_load:
+                best, best_load = i, load
+        if best < 0 or not affine_ok(best_load, least_load, least_w, self.affinity_slack, self.affinity_ratio):
             return self._route()
         self._rr = (best + 1) % n
         return best

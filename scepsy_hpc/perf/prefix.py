@@ -27,6 +27,27 @@ from typing import Hashable, Sequence
 BLOCK_TOKENS = 16   # vLLM's default --block-size on CUDA
 
 
+# Prefix affinity: how much busier than the least loaded replica the one holding a call's prefix may be and
+# still get the call (the gateway's rule and the simulator's). A call that leaves its prefix's replica
+# prefills its whole context again elsewhere, and the load that adds makes more calls leave: with a slack
+# of one call, react_agent × 16's instance-bound allocation (the agent on 5 × tp1) served 4.9 rps of 15
+# offered, its agent's prefix hit rate down to 44%; with 8 calls or 1.5× it serves 14.4 at 87% (the warm
+# rate the workflow offers). vLLM's router and SGLang's gateway keep a cache-aware route until the
+# imbalance passes 64 requests and 1.5×; 64 piles long conversations onto small replicas: group_chat_selector's
+# ¼-GPU selectors 74.8 s mean latency against 47.5 s with 8, supervisor_agents 1.5 rps served of 5 against 3.3
+# (scripts/bench_affinity.py, 3,000 requests a run).
+DEFAULT_AFFINITY_SLACK = 8      # calls of the least loaded replica
+DEFAULT_AFFINITY_RATIO = 1.5    # times the least loaded replica's load
+
+
+def affine_ok(home_load: float, least_load: float, least_weight: float = 1.0, slack: float = DEFAULT_AFFINITY_SLACK,
+              ratio: float = DEFAULT_AFFINITY_RATIO) -> bool:
+    """Whether a call may go to the replica holding its prefix: that replica's load with the call
+    ((outstanding + 1) / weight; weight 1 for like replicas) is at most the least loaded free replica's
+    plus `slack` calls of that replica, or `ratio` times it."""
+    return home_load <= max(least_load + slack / least_weight, ratio * least_load)
+
+
 def max_hit_tokens(prompt_tokens: int, block_tokens: int = BLOCK_TOKENS) -> int:
     """The most prompt tokens a cache hit may cover: prompt − 1, rounded down to whole blocks."""
     return max(0, (prompt_tokens - 1) // block_tokens * block_tokens)

@@ -33,6 +33,7 @@ from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.perf.engine import CallRecord, EnginePool, Seq, SimEngine
 from scepsy_hpc.perf.events import PRIO_ARRIVAL, PRIO_ENGINE, PRIO_TOOL, EventLoop
 from scepsy_hpc.perf.fit import check_fit, engine_config, replica_weights
+from scepsy_hpc.perf.prefix import DEFAULT_AFFINITY_RATIO, DEFAULT_AFFINITY_SLACK
 from scepsy_hpc.perf.prefix_runs import segment_runs
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import Entry, groups_of
@@ -211,11 +212,14 @@ def simulate(
     horizon_s: float = math.inf,
     record_calls: bool = False,
     prefix_affinity: bool = True,
+    affinity_slack: int = DEFAULT_AFFINITY_SLACK,
+    affinity_ratio: float = DEFAULT_AFFINITY_RATIO,
 ) -> SimResult:
     """Simulate `n_requests` Poisson arrivals at `rate_rps` (or the given `arrivals`) of workflow `wf`
     served with `allocation` on GPUs of type `gpu`. Calls that continue a conversation or share a
     system prompt reuse the engines' prefix caches; `prefix_affinity` routes them to the replica
-    holding their prefix (`perf.engine.EnginePool`)."""
+    holding their prefix (`perf.engine.EnginePool`) within `affinity_slack` calls or `affinity_ratio` × the
+    least loaded replica's load (`perf.prefix.affine_ok`)."""
     if arrivals is None:
         if rate_rps is None or rate_rps <= 0:
             raise ValueError("give rate_rps > 0 or an arrivals list")
@@ -238,7 +242,8 @@ def simulate(
         engines[llm] = reps
         # unlike replicas of a mixed group share calls by capacity weight; like ones evenly (weights None)
         weights = replica_weights(allocation[llm], model, gpu) if len(groups_of(allocation[llm])) > 1 else None
-        pools[llm] = EnginePool(reps, prefix_affinity=prefix_affinity, weights=weights)
+        pools[llm] = EnginePool(reps, prefix_affinity=prefix_affinity, affinity_slack=affinity_slack,
+                                affinity_ratio=affinity_ratio, weights=weights)
     sim = _Sim(pools, record_calls)
     sampler = RequestSampler(wf)
     program_rng = random.Random(f"{seed}/programs")

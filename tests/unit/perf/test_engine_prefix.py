@@ -7,7 +7,7 @@ from scepsy_hpc.perf.engine import EnginePool, SimEngine
 from scepsy_hpc.perf.events import PRIO_ENGINE, EventLoop
 from scepsy_hpc.perf.fit import check_fit
 from scepsy_hpc.perf.model import EngineConfig
-from scepsy_hpc.perf.prefix import segment_blocks
+from scepsy_hpc.perf.prefix import affine_ok, segment_blocks
 from scepsy_hpc.perf.replay import fresh_segments, replay_calls
 from scepsy_hpc.workload.sampler import Call
 
@@ -87,8 +87,9 @@ def test_prefix_affinity_keeps_a_conversation_on_its_replica(models, gpus):
     assert _conversation_routes(models, gpus, False) == [0, 1]
 
 
-def test_affinity_yields_to_load_beyond_the_slack(models, gpus):
-    loop, pool = _pool(models, gpus, replicas=2)
+def _continuations(models, gpus, n, **kw):
+    """Replicas of `n` long continuations submitted at once, all holding their prefix on replica 0."""
+    loop, pool = _pool(models, gpus, replicas=2, **kw)
     where = []
     conv = _blocks([("x", 400)], "xo", 30)
 
@@ -96,11 +97,26 @@ def test_affinity_yields_to_load_beyond_the_slack(models, gpus):
         return _blocks([("x", 400), ("xo", 30), (("y", k), 50)], ("yo", k), 4000)
 
     loop.at(0.0, 0, lambda now, _: pool.submit("m", None, 400, 30, now, lambda t, s: None, conv))   # → replica 0
-    for k in range(3):  # three long continuations at once, all holding their prefix on replica 0 (slack 1):
-        # 1st: 0 ≤ 0 + 1 → 0; 2nd: 1 ≤ 0 + 1 → 0; 3rd: 2 > 0 + 1 → least outstanding, replica 1
-        loop.at(50.0, 0, lambda now, k: pool.submit("m", None, 480, 4000, now, lambda t, s: where.append((t, s.replica)), cont(k)), k)
+    for k in range(n):
+        loop.at(50.0, 0, lambda now, k: pool.submit("m", None, 480, 4000, now, lambda t, s: where.append((k, s.replica)), cont(k)), k)
     loop.run()
-    assert sorted(r for _, r in where) == [0, 0, 1]
+    return [r for _, r in sorted(where)]
+
+
+def test_affinity_yields_to_load_beyond_the_slack(models, gpus):
+    # slack 1, no ratio (the rule before): loads with the call 1, 2 ≤ 1 + 1 stay; 3 > 2 goes to replica 1
+    assert _continuations(models, gpus, 3, affinity_slack=1, affinity_ratio=0.0) == [0, 0, 1]
+    # the default, 8 calls or 1.5×: replica 0 takes 9 (load 9 ≤ 1 + 8), the 10th goes to the idle one; then 10 ≤ 2 + 8
+    # stays, 11 > max(10, 3) leaves
+    assert _continuations(models, gpus, 12) == [0] * 9 + [1] + [0] + [1]
+
+
+def test_affinity_rule_reads_slack_and_ratio_in_the_least_loaded_replicas_calls():
+    assert affine_ok(9, 1) and not affine_ok(10, 1)              # small loads: the slack of 8 decides
+    assert affine_ok(60, 40) and not affine_ok(61, 40)           # large ones: 1.5× decides (40 + 8 < 60)
+    assert affine_ok(3, 1, slack=2, ratio=0) and not affine_ok(4, 1, slack=2, ratio=0)
+    # unlike replicas: the slack counts calls of the least-loaded replica (weight 4: 8 calls are 2 load units)
+    assert affine_ok(3.0, 1.0, least_weight=4.0) and not affine_ok(3.1, 1.0, least_weight=4.0)
 
 
 def test_fresh_segments_separates_replayed_requests_but_keeps_shared_ones(models, gpus):
