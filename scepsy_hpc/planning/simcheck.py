@@ -116,7 +116,6 @@ class RaceRun:
     latency_s: float
     throughput_rps: float
     waits: dict[str, float]   # per LLM: admission wait per request (mean queue wait × calls per request)
-    decided: bool = True      # False: the race's deadline passed before the judgement ended (`sustainable` means nothing)
 
 
 @dataclass
@@ -146,7 +145,8 @@ class SimCheck:
     throughput     run the throughput goal's race at all (off by default: see the module docstring)
     tol_sims       throughput goal, the default tolerance check (`run_tolerance_check`): simulations at
                    most (two a rate: the plan and the allocation of the most predicted capacity)
-    tol_budget_s   ... wall seconds: no rate is started, and no run lengthened, past them (the note says so)
+    tol_budget_s   ... wall seconds after which it starts no further rate (the note says so); a rate
+                   started runs its two judgements to their verdicts, so one rate may run past it
     tol_up         ... the rate step up while both allocations sustain the rate
     tol_down       ... the rate step down while neither does
     steady_warmup  mean latencies of arrivals before the steady-state window. A run of
@@ -259,15 +259,13 @@ class SimCheck:
         return [self.simulate(planner, c, theta) for c in choices]
 
     def race(self, planner: "Planner", choices: Sequence[Mapping[str, "Candidate"]], rate_rps: float,
-             paths: int | None = None, quorum: int | None = None, deadline: float | None = None) -> list[RaceRun]:
+             paths: int | None = None, quorum: int | None = None) -> list[RaceRun]:
         """Each of `choices` simulated at `rate_rps` (requests/s of the one workflow) on `paths`
         sample paths (default `self.paths`), sustainable when at least `quorum` (default `self.quorum`)
-        of them are (sim.capacity.judge); the runs go to `jobs` processes when there are several.
-        Past `deadline` (a `time.monotonic()` instant) no run is lengthened, and a choice whose
-        judgement it cut short comes back with `decided` False."""
+        of them are (sim.capacity.judge); the runs go to `jobs` processes when there are several."""
         n_paths = self.paths if paths is None else paths
         need = self.quorum if quorum is None else quorum
-        jobs = [(*_race_job(planner, c, rate_rps, self, k), deadline) for c in choices for k in range(n_paths)]
+        jobs = [_race_job(planner, c, rate_rps, self, k) for c in choices for k in range(n_paths)]
         n = min(len(jobs), self.jobs or os.cpu_count() or 1)
         if n <= 1:
             runs = [_race_run(j) for j in jobs]
@@ -281,8 +279,7 @@ class SimCheck:
             each = runs[i * n_paths:(i + 1) * n_paths]
             out.append(RaceRun(sum(r.sustainable for r in each) >= need, sum(r.latency_s for r in each) / len(each),
                                sum(r.throughput_rps for r in each) / len(each),
-                               {m: sum(r.waits.get(m, 0.0) for r in each) / len(each) for m in each[0].waits},
-                               all(r.decided for r in each)))
+                               {m: sum(r.waits.get(m, 0.0) for r in each) / len(each) for m in each[0].waits}))
         return out
 
 
@@ -665,16 +662,11 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
             Checked("most capacity", dict(top), sum(p.latency_s for p in planner.evaluate(top, theta).values()),
                     math.nan, 0.0, 0.0, None)]
     rate, way, sims, verdict = theta * w, 0, 0, None
-    tried: float | None = None   # the last rate both were judged at
-    cut = False                  # the budget ran out during a rate's judgements
-    deadline = time.monotonic() + check.tol_budget_s
+    tried = rate   # the last rate both were judged at
     while sims + 2 <= check.tol_sims and (sims == 0 or time.perf_counter() - t0 < check.tol_budget_s):
         planner.progress(f"simulator check (tolerance): the plan and the allocation of the most capacity at {rate:.3g} rps")
-        runs = check.race(planner, [r.choice for r in rows], rate, paths=1, quorum=1, deadline=deadline)
+        runs = check.race(planner, [r.choice for r in rows], rate, paths=1, quorum=1)
         sims += 2
-        if not all(run.decided for run in runs):
-            cut = True
-            break
         tried = rate
         for r, run in zip(rows, runs):
             r.simulated_s, r.throughput_rps = run.latency_s, run.throughput_rps
@@ -710,11 +702,10 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
         out = best.noted(f"simulator check (tolerance): {what}: both sustain {held_rate:.3g} rps in the simulator and "
                          f"neither {held_rate * (1 + (check.tol_up if way > 0 else check.tol_down)):.3g}; the plan kept ({how})")
     else:
-        span = (f"no rate from {theta * w:.3g} to {tried:.3g} rps told them apart" if tried is not None and tried != theta * w
-                else f"{theta * w:.3g} rps did not tell them apart" if tried is not None else "no rate was judged to the end")
-        why = (f"the {check.tol_budget_s:g} s budget ran out during the runs at {rate:.3g} rps" if cut
-               else f"within {check.tol_sims} runs / {check.tol_budget_s:g} s")
-        out = best.noted(f"simulator check (tolerance): {what}: {span}, {why}; the plan kept ({how})")
+        span = (f"no rate from {theta * w:.3g} to {tried:.3g} rps told them apart" if abs(tried - theta * w) > 1e-12
+                else f"{tried:.3g} rps did not tell them apart")
+        out = best.noted(f"simulator check (tolerance): {what}: {span} within {check.tol_sims} runs / "
+                         f"{check.tol_budget_s:g} s; the plan kept ({how})")
     kept = top_row if verdict == "top" else plan_row
     planned = theta * w
     if kept.refused_rps is not None and kept.refused_rps <= planned * (1 + 1e-9):
@@ -863,19 +854,13 @@ def _sim_run(job: tuple[Any, ...]) -> tuple[float, float]:
 
 
 def _race_run(job: tuple[Any, ...]) -> RaceRun:
-    from scepsy_hpc.sim.capacity import OutOfTime, judge
+    from scepsy_hpc.sim.capacity import judge
     from scepsy_hpc.sim.core import simulate
 
-    wf, alloc, gpu, models, rate, n, seed, deadline = job
-    try:
-        good, res = judge(lambda k: simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=k, seed=seed), n,
-                          deadline=deadline)
-    except OutOfTime as cut:
-        res, decided, good = cut.last, False, False
-    else:
-        decided = True
+    wf, alloc, gpu, models, rate, n, seed = job
+    good, res = judge(lambda k: simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=k, seed=seed), n)
     waits = {llm: s.queue_mean_s * s.calls_per_request for llm, s in res.per_llm.items()}
-    return RaceRun(good, res.latency_mean_s, res.throughput_rps, waits, decided)
+    return RaceRun(good, res.latency_mean_s, res.throughput_rps, waits)
 
 
 def _calls(planner: "Planner") -> float:

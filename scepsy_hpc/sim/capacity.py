@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -54,14 +53,6 @@ CONFIRM = 0.25       # a run that grows by less than this is run once more at tw
                      # 600 requests: 0.108 ± 0.029) and is gone at twice the length (−0.029 ± 0.012)
 BATCHES = 10         # the in-flight series after the first third is cut into 10 batches of arrivals
 T_CRIT = 2.31        # Student's t, 8 degrees of freedom (10 batch means − 2), two-sided 95%
-
-
-class OutOfTime(Exception):
-    """`judge` reached its deadline before a verdict: the run it would have lengthened is in `last`."""
-
-    def __init__(self, last: SimResult) -> None:
-        super().__init__("the judgement's deadline passed before a verdict")
-        self.last = last
 
 
 @dataclass(frozen=True)
@@ -201,8 +192,7 @@ def too_short(res: SimResult, fill_latencies: float = FILL_LATENCIES) -> bool:
 
 
 def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MAX_EXTEND,
-          pileup: float = PILEUP, fill_extend: int | None = None,
-          deadline: float | None = None) -> tuple[bool, SimResult]:
+          pileup: float = PILEUP, fill_extend: int | None = None) -> tuple[bool, SimResult]:
     """Run `run(n)` from `n_requests` and read the backlog's growth with its 95% interval
     (`growth_interval`): `holds` is sustainable; `grows` is overload unless the run is still filling
     or too short for its request latency; `undecided` (noise or a fill wider than the margin) and
@@ -212,9 +202,7 @@ def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MA
     surge late in a short sample path is not overload. A run whose backlog
     is undecided, still filling or growing by less than `OVERLOAD` goes on past that to twice the
     length its latency needs, up to `fill_extend` × `n_requests` (default `FILL_EXTEND` × `max_extend`). At the
-    longest run allowed an undecided run is read by its point estimate. The verdict, and the last run.
-    With a `deadline` (a `time.monotonic()` instant) no run is lengthened past it: `OutOfTime` instead
-    (a caller's time budget then costs at most the run under way, not the judgement's longest run)."""
+    longest run allowed an undecided run is read by its point estimate. The verdict, and the last run."""
     cap = max_extend * n_requests
     fill_cap = max(cap, (FILL_EXTEND * max_extend if fill_extend is None else fill_extend) * n_requests)
     n = n_requests
@@ -238,8 +226,6 @@ def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MA
         grew = verdict == "grows"
         if last:   # undecided at the longest run allowed: the point estimate decides
             return growth.growth <= pileup, res
-        if deadline is not None and time.monotonic() >= deadline:
-            raise OutOfTime(res)
         n *= 2
         while 2 * n <= limit and n < need:
             n *= 2

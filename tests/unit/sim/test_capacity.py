@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import time
 from types import SimpleNamespace
 
 import pytest
 
-from scepsy_hpc.sim.capacity import (OutOfTime, backlog_growth, bisect_rate, is_sustainable, judge, max_sustainable_rate,
-                                     still_filling, too_short)
+from scepsy_hpc.sim.capacity import (backlog_growth, bisect_rate, is_sustainable, judge, max_sustainable_rate, still_filling,
+                                     too_short)
 from scepsy_hpc.sim.core import RequestRecord, simulate
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import workflow_from_text
@@ -90,20 +89,6 @@ def test_steady_pile_up_is_refused_once_confirmed_and_a_late_surge_is_not():
     assert judge(_run(lambda t: 5.0, calls), 600)[0] is True and calls == [600]
     calls.clear()
     assert judge(_run(lambda t: 5.0, calls, completed_short=1), 600)[0] is False and calls == [600]
-
-
-def test_a_deadline_stops_the_lengthening_not_a_verdict_reached_in_time():
-    fill = lambda t: 200.0 * (1.0 - math.exp(-t / 300.0))  # noqa: E731  (lengthened twice without a deadline)
-    calls: list[int] = []
-    with pytest.raises(OutOfTime) as cut:
-        judge(_run(fill, calls), 600, deadline=time.monotonic() - 1.0)
-    assert calls == [600] and cut.value.last.requests == 600     # the run under way ends; none is started
-    calls.clear()
-    assert judge(_run(fill, calls), 600, deadline=time.monotonic() + 60.0)[0] is True and calls == [600, 1200, 2400]
-    # a verdict on the first run is given whatever the deadline
-    calls.clear()
-    assert judge(_run(lambda t: 5.0, calls), 600, deadline=time.monotonic() - 1.0)[0] is True and calls == [600]
-    assert judge(_run(lambda t: 0.5 * t, calls), 600, deadline=time.monotonic() - 1.0)[0] is False
 
 
 def test_a_run_shorter_than_its_latency_allows_is_lengthened_even_if_it_grows_steadily():
