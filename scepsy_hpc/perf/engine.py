@@ -274,7 +274,7 @@ class EnginePool:
     the replica with a free slot whose (outstanding + 1) / weight is least, so under load each holds
     calls in proportion to its weight; with equal weights this is the rule above.
 
-    Prefix affinity (`prefix_affinity`, the gateway's rule, `gateway.routing.affine_ok`): a call with cache
+    Prefix affinity (`prefix_affinity`, the gateway's rule, `perf.prefix.affine_ok`): a call with cache
     blocks goes to the replica whose cache holds the longest leading run of them (among equals the least
     loaded) while that replica has a free slot and its load (outstanding + 1, per unit of weight) is at
     most the least loaded free replica's plus `affinity_slack` calls, or `affinity_ratio` times it;
