@@ -283,6 +283,9 @@ class EnginePool:
     def __init__(self, replicas: list[SimEngine], *, prefix_affinity: bool = True,
                  affinity_slack: int = DEFAULT_AFFINITY_SLACK, affinity_ratio: float = DEFAULT_AFFINITY_RATIO,
                  weights: Sequence[float] | None = None) -> None:
+        if not (affinity_slack >= 0 and affinity_ratio >= 0):   # also refuses NaN
+            raise ValueError(f"affinity_slack={affinity_slack}, affinity_ratio={affinity_ratio}: both must be >= 0 "
+                             "(calls, and times, a prefix's replica may carry over the least loaded one)")
         self.replicas = replicas
         self.prefix_affinity = prefix_affinity
         self.affinity_slack = affinity_slack

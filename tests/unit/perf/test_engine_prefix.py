@@ -3,6 +3,8 @@ routing, replay with per-request segment names."""
 
 from __future__ import annotations
 
+import pytest
+
 from scepsy_hpc.perf.engine import EnginePool, SimEngine
 from scepsy_hpc.perf.events import PRIO_ENGINE, EventLoop
 from scepsy_hpc.perf.fit import check_fit
@@ -117,6 +119,12 @@ def test_affinity_rule_reads_slack_and_ratio_in_the_least_loaded_replicas_calls(
     assert affine_ok(3, 1, slack=2, ratio=0) and not affine_ok(4, 1, slack=2, ratio=0)
     # unlike replicas: the slack counts calls of the least-loaded replica (weight 4: 8 calls are 2 load units)
     assert affine_ok(3.0, 1.0, least_weight=4.0) and not affine_ok(3.1, 1.0, least_weight=4.0)
+
+
+def test_a_pool_refuses_a_negative_or_nan_affinity(models, gpus):
+    for kw in ({"affinity_slack": -1}, {"affinity_ratio": float("nan")}, {"affinity_ratio": -0.5}):
+        with pytest.raises(ValueError, match="affinity_slack="):
+            _pool(models, gpus, replicas=2, **kw)
 
 
 def test_fresh_segments_separates_replayed_requests_but_keeps_shared_ones(models, gpus):
