@@ -298,8 +298,9 @@ def _mixed_if_more(p: Planner, single: Outcome, top: float) -> Outcome:
     if inst > top * (1 + 1e-9):   # the allocation of the most capacity mixes configurations
         single = replace(single, top_choice=p.instance_choice(counts))
     if not inst > top * (1 + p.throughput_tol):
-        return single.noted(f"mixed groups would carry at most {inst:.4g}× (the instance bound): within "
-                            f"{p.throughput_tol:.0%}, so one configuration per LLM")
+        return single.noted(f"the instance bound (replicas of unlike configurations of one LLM mixed) is {inst:.4g}×, "
+                            f"within {p.throughput_tol:.0%} of the most one configuration per LLM carries: the "
+                            f"latency MILP's allocation kept")
     try:
         mixed = p.milp_mixed(inst * (1 - p.throughput_tol) * p.max_util * (1 - 1e-9))
     except InfeasibleError:
@@ -309,7 +310,7 @@ def _mixed_if_more(p: Planner, single: Outcome, top: float) -> Outcome:
     if mixed.status == "under-capacity" or not th_mixed > th_single * (1 + p.throughput_tol):
         return replace(single, solve_time_s=single.solve_time_s + spent).noted(
             f"mixed groups (instance bound {inst:.4g}×) were predicted to carry {th_mixed:.4g}× against "
-            f"{th_single:.4g}×: one configuration per LLM kept")
+            f"{th_single:.4g}×: the latency MILP's allocation kept")
     return replace(mixed, solve_time_s=single.solve_time_s + spent, notes=single.notes, top_choice=single.top_choice).noted(
         f"mixed groups carry {inst:.4g}× at full utilisation (the instance bound), {inst / top:.3f}× one configuration "
         f"per LLM; planned at {p.max_util:.0%} of it (alp-cp: {th_mixed:.4g}× against {th_single:.4g}×)")

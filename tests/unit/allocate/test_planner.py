@@ -11,7 +11,7 @@ import pytest
 
 from scepsy_hpc.allocate import policies
 from scepsy_hpc.allocate.candidates import path_weights, pareto
-from scepsy_hpc.allocate.milp import Candidate, shared_gpus_needed
+from scepsy_hpc.allocate.milp import Candidate, choice_key, shared_gpus_needed
 from scepsy_hpc.allocate.planner import Demand, Planner, used_gpus
 from scepsy_hpc.errors import InfeasibleError, SpecError
 from scepsy_hpc.predict.alp import pooled_point
@@ -111,6 +111,27 @@ def test_max_throughput_matches_exhaustive_search(planner, tol):
     top = out.top_choice
     assert top is not None and planner.fits(top)
     assert min(top[m].capacity_rps / d.calls for m, d in planner.deployments.items()) == pytest.approx(theta, rel=1e-6)
+
+
+def test_max_throughput_within_the_instance_bound_says_the_latency_milp_plan_is_kept(planner):
+    """Where the instance bound is within the tolerance of the one-configuration optimum, the plan is the latency
+    MILP's at the planned rate (which may itself mix configurations), and the note says so rather than
+    claiming one configuration per LLM."""
+    seen = 0
+    for n_gpus in (2, 3, 5, 6, 8):
+        p = planner.with_budget(n_gpus=n_gpus)
+        top, _ = p.max_scale()
+        inst, _ = p.instance_scale()
+        if inst > top * (1 + p.throughput_tol):
+            continue
+        seen += 1
+        out = policies.max_throughput(p, "milp")
+        note = [n for n in out.notes if "instance bound" in n]
+        assert len(note) == 1 and "latency MILP's allocation kept" in note[0], out.notes
+        assert "so one configuration per LLM" not in note[0]
+        ref = p.milp_latency(top * (1 - p.throughput_tol) * p.max_util * (1 - 1e-9))
+        assert choice_key(out.choice) == choice_key(ref.choice)
+    assert seen >= 1
 
 
 def test_max_throughput_mixes_configurations_when_that_carries_more(planner):
