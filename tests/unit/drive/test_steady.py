@@ -246,11 +246,15 @@ async def test_calls_launched_in_the_step_before_the_cancellation_still_end_as_r
     try:
         load = SteadyLoad(url + "/v1", ["m"], 200.0)
         task = asyncio.create_task(load.run(5.0))
-        while load.due < 1:
-            await asyncio.sleep(0.001)
+        # Wait until the arrivals sleep toward a due time still ahead (evenly spaced: call k at k / rps), so
+        # their timer is pending, not already fired: were it fired, they would launch the late calls in the
+        # iteration before the cancellation's and those calls would start (a flake on a busy machine).
+        while load.due < 1 or load.now() >= load.due / load.rps - 0.001:
+            await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
-        # Both timers are overdue after the block below: the arrivals wake first, the cancellation second,
-        # so the late calls are launched one step before the load's task sees its cancellation.
+        # Both timers are overdue after the block below: the arrivals' (due within 1 / rps) wakes first, the
+        # cancellation second, so the late calls are launched one step before the load's task sees its
+        # cancellation, and it cancels them before their first step.
         loop.call_at(loop.time() + 0.02, task.cancel)
         time.sleep(0.1)
         with pytest.raises(asyncio.CancelledError):
