@@ -161,6 +161,17 @@ class Planner:
         out.domain_caps = dict(self.domain_caps if domain_caps is None else domain_caps)
         return out
 
+    def derated(self, factors: Mapping[str, float]) -> "Planner":
+        """A planner whose MILPs provision deployment d for `factors[d]` (≥ 1) times its calls: as if its
+        capacity were that many times less than its profiles say (planning.simcheck's repair, where the
+        simulator found it short). Predictions (`evaluate`) are this planner's; this one is left as it is."""
+        bad = {n: f for n, f in factors.items() if n not in self.deployments or not f >= 1.0}
+        if bad:
+            raise ValueError(f"derating factors {bad}: each must name a deployment and be >= 1")
+        out = copy.copy(self)
+        out.deployments = {n: replace(d, calls=d.calls * factors.get(n, 1.0)) for n, d in self.deployments.items()}
+        return out
+
     # ---- setup -------------------------------------------------------------------------------
 
     def _deployments(self) -> dict[str, Deployment]:

@@ -15,7 +15,9 @@ unless another beats it by more than `margin`.
 
 For the max-throughput goal the criterion is the simulated sustainable rate. By default only the
 choice the predictor cannot make is checked (`run_tolerance_check`): the plan against the allocation
-of the most predicted capacity, which it was picked within `throughput_tol` of. The full race
+of the most predicted capacity, which it was picked within `throughput_tol` of. When the allocation it
+keeps falls a rate step or more short of the planned rate, `run_repair` re-plans with the LLM that
+queued most provisioned for the capacity the simulator showed, and keeps what holds more. The full race
 (`run_throughput_check`): the MILP's optimum is bracketed by bisection, the shortlist is rebuilt at a
 rate the optimum does sustain (the predictor's capacity can be far above it), and the allocations
 race upward in rate steps of `step`: at each step every contender is simulated at the same rate,
@@ -149,6 +151,11 @@ class SimCheck:
                    started runs its two judgements to their verdicts, so one rate may run past it
     tol_up         ... the rate step up while both allocations sustain the rate
     tol_down       ... the rate step down while neither does
+    repair_rounds  ... when the allocation kept refuses a rate step (`tol_down`) below the planned rate: re-plans at most, each
+                   with the LLM the simulator found saturated (the most admission wait per request at
+                   the rate refused) provisioned for the capacity it showed (`run_repair`; 0: none)
+    repair_sims    ... simulations the repair spends at most (one a rate)
+    repair_budget_s ... wall seconds after which the repair starts no further rate
     steady_warmup  mean latencies of arrivals before the steady-state window. A run of
                    `requests_for` requests is steady when its first tenth spans that many
                    latencies (λ·L requests are in flight, Little's law); when it does not (long
@@ -186,6 +193,9 @@ class SimCheck:
     tol_budget_s: float = 120.0
     tol_up: float = 0.05
     tol_down: float = 0.12
+    repair_rounds: int = 2
+    repair_sims: int = 8
+    repair_budget_s: float = 240.0
     steady_warmup: float = 1.5
     steady_window: float = 1.0
     steady_calls: int = 300_000
@@ -663,6 +673,7 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
                     math.nan, 0.0, 0.0, None)]
     rate, way, sims, verdict = theta * w, 0, 0, None
     tried = rate   # the last rate both were judged at
+    refusals: list[dict[str, float]] = [{}, {}]   # per row: the admission waits of its run at the rate it refused
     while sims + 2 <= check.tol_sims and (sims == 0 or time.perf_counter() - t0 < check.tol_budget_s):
         planner.progress(f"simulator check (tolerance): the plan and the allocation of the most capacity at {rate:.3g} rps")
         runs = check.race(planner, [r.choice for r in rows], rate, paths=1, quorum=1)
@@ -674,6 +685,7 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
                 r.sustained_rps = max(r.sustained_rps or 0.0, rate)
             elif r.refused_rps is None or rate < r.refused_rps:
                 r.refused_rps = rate
+                refusals[rows.index(r)] = run.waits
         held = [run.sustainable for run in runs]
         if held[0] != held[1]:
             verdict = "top" if held[1] else "plan"
@@ -708,13 +720,139 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
                          f"{check.tol_budget_s:g} s; the plan kept ({how})")
     kept = top_row if verdict == "top" else plan_row
     planned = theta * w
+    checked = [plan_row, top_row]
+    # the repair, when the allocation kept falls a rate step or more short of the planned rate (it refuses
+    # planned ÷ (1 + tol_down) too): a shortfall that size is an LLM the predictor over-rates, not noise
+    if (check.repair_rounds > 0 and kept.refused_rps is not None
+            and kept.refused_rps <= planned / (1 + check.tol_down) * (1 + 1e-9)):
+        base = out
+        kept, repairs, note = run_repair(planner, check, kept, refusals[rows.index(kept)], theta)
+        checked += repairs
+        if kept in repairs:   # planned at its predicted capacity's cap, as the race does, at most the rate planned before
+            top_new = planner.throughput_scale(planner.evaluate(kept.choice, theta))
+            theta_new = min(theta, top_new * planner.max_util)
+            base = _outcome(planner, base, dict(kept.choice), theta_new)
+            planned = theta_new * w
+        if note:
+            out = base.noted(note)
     if kept.refused_rps is not None and kept.refused_rps <= planned * (1 + 1e-9):
         held = (f"sustains {kept.sustained_rps:.3g} rps" if kept.sustained_rps else
                 f"sustains less than {kept.refused_rps:.3g} rps")
         out = out.noted(f"throughput: the kept allocation {held} in the simulator, short of the {planned:.3g} rps planned "
                         f"({planner.max_util:.0%} of its predicted capacity); trust the simulation: it runs the workflow's "
                         f"program on every engine at once, where the predictor prices each LLM alone")
-    return replace(out, checked=(plan_row, top_row), check_time_s=elapsed)
+    return replace(out, checked=tuple(checked), check_time_s=time.perf_counter() - t0)
+
+
+def run_repair(planner: "Planner", check: SimCheck, kept: Checked, waits: Mapping[str, float],
+               theta: float) -> tuple[Checked, list[Checked], str]:
+    """The tolerance check's repair, when the allocation `kept` refuses the planned rate in the simulator.
+    The predictor prices each LLM alone; where an LLM loses in the workflow what its profile assumed
+    (its prefix hits, when the conversations in flight outgrow its KV cache under load), the MILP gives
+    it too little. The LLM with the most admission wait per request in `kept`'s refused run (`waits`) is
+    taken as the one short. When no rate `kept` held is known, `kept` is judged down by `tol_down` until
+    it holds one; the LLM saturated midway between that rate and the one refused, f × the rate its
+    predicted capacity carries. It is provisioned for 1 / f times its calls (`Planner.derated`; factors
+    kept across rounds) and the max-throughput MILP solved again. The new allocation is judged from the
+    rate `kept` refused, down by `tol_down` while it refuses: it wins at the first rate it holds above
+    what `kept` held, and loses at the first it refuses at or below that. A winner is judged up by
+    `tol_up` while it holds, replaces `kept`, and the next round starts from its refusal. At most
+    `repair_rounds` re-plans, `repair_sims` judgements and `repair_budget_s` seconds. Returns the
+    allocation kept, the rows judged, and the note ("" when nothing was tried)."""
+    from scepsy_hpc.allocate import policies
+    from scepsy_hpc.allocate.milp import choice_key
+    from scepsy_hpc.errors import InfeasibleError
+
+    t0 = time.perf_counter()
+    w = planner.demands[0].weight_rps
+    factors: dict[str, float] = {}
+    seen = {choice_key(kept.choice)}
+    rows: list[Checked] = []
+    said: list[str] = []
+    sims = 0
+    refusal: dict[int, dict[str, float]] = {id(kept): dict(waits)}   # per row: the waits of the run it refused
+
+    def room() -> bool:
+        return sims < check.repair_sims and (sims == 0 or time.perf_counter() - t0 < check.repair_budget_s)
+
+    def judge(r: Checked, rate: float) -> bool:
+        """`r` judged at `rate` (one sample path), recorded on it."""
+        nonlocal sims
+        planner.progress(f"simulator check (repair): {r.label} at {rate:.3g} rps")
+        run = check.race(planner, [r.choice], rate, paths=1, quorum=1)[0]
+        sims += 1
+        r.simulated_s, r.throughput_rps = run.latency_s, run.throughput_rps
+        if run.sustainable:
+            r.sustained_rps = max(r.sustained_rps or 0.0, rate)
+        elif r.refused_rps is None or rate < r.refused_rps:
+            r.refused_rps = rate
+            refusal[id(r)] = run.waits
+        return run.sustainable
+
+    cur = kept
+    for _ in range(check.repair_rounds):
+        cur_waits = refusal.get(id(cur), {})
+        if cur.refused_rps is None or not cur_waits or not room():
+            break
+        llm = max(cur_waits, key=lambda m: cur_waits[m])
+        if not cur_waits[llm] > 0:   # no LLM queued calls: nothing names the one short
+            break
+        rate = cur.refused_rps
+        while not cur.sustained_rps and room():   # what it does hold: down until it holds
+            rate /= 1 + check.tol_down
+            judge(cur, rate)
+        if not cur.sustained_rps:
+            said.append(f"{llm} queued most, but no rate the allocation holds was found within the budget")
+            break
+        dep = planner.dep_of[0, llm]
+        at = 0.5 * (cur.sustained_rps + cur.refused_rps)
+        predicted = cur.choice[dep].capacity_rps / planner.deployments[dep].calls * w   # what its predicted capacity carries
+        f = at / predicted if predicted > 0 else 1.0
+        if not f < 1 - check.tol_up:   # not short of its prediction by more than a rate step: nothing to correct
+            said.append(f"{llm} saturates near {at:.3g} rps, as predicted ({predicted:.3g}): no re-plan")
+            break
+        factors[dep] = max(factors.get(dep, 1.0), 1 / f)
+        try:
+            alt = policies.max_throughput(planner.derated(factors), "milp")
+        except InfeasibleError:
+            said.append(f"no allocation carries {llm} at {f:.2f}× its predicted capacity")
+            break
+        key = choice_key(alt.choice)
+        if key in seen:
+            said.append(f"{llm} at {f:.2f}× its predicted capacity: the MILP gives the same allocation")
+            break
+        seen.add(key)
+        pred = sum(p.latency_s for p in planner.evaluate(alt.choice, theta).values())
+        row = Checked(f"repair: {llm} at {f:.2f}× its predicted capacity", dict(alt.choice), pred, math.nan, 0.0, 0.0, None)
+        rows.append(row)
+        rate, won = cur.refused_rps, None
+        while won is None and room():
+            if judge(row, rate):
+                won = True
+            elif rate <= cur.sustained_rps * (1 + 1e-9):
+                won = False   # refuses a rate the allocation kept holds
+            else:
+                rate /= 1 + check.tol_down
+        if won:
+            rate = row.sustained_rps * (1 + check.tol_up)
+            while room() and judge(row, rate):
+                rate *= 1 + check.tol_up
+        else:
+            said.append(f"{row.label}: " + (f"it refuses {row.refused_rps:.3g} rps, which the other holds" if won is False else
+                                            f"no rate it holds within {check.repair_sims} runs / {check.repair_budget_s:g} s"))
+            break
+        said.append(f"{row.label}: it sustains {row.sustained_rps:.3g} rps" +
+                    (f" (not {row.refused_rps:.3g})" if row.refused_rps else ""))
+        cur = row
+    if not said:
+        return kept, rows, ""
+    how = f"{sims} runs, {time.perf_counter() - t0:.1f} s"
+    if cur is kept:
+        return kept, rows, f"simulator check (repair): {'; '.join(said)}; the allocation kept ({how})"
+    before = (f"sustains {kept.sustained_rps:.3g} rps and refuses {kept.refused_rps:.3g}" if kept.sustained_rps
+              else f"sustains less than {kept.refused_rps:.3g} rps")
+    return cur, rows, (f"simulator check (repair): the allocation kept before {before}; {'; '.join(said)}; "
+                       f"the last that won is kept ({how})")
 
 
 def run_throughput_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "Outcome":

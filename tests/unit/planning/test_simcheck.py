@@ -348,10 +348,106 @@ def test_tolerance_check_runs_the_real_simulator(planner6):
     best = with_top(planner6, policies.max_throughput(planner6, "milp"))
     check = SimCheck(calls=2000, min_requests=200, max_requests=300, jobs=2)
     out = simcheck.run_check(planner6, check, best, "throughput")
-    plan_row, top_row = out.checked
+    plan_row, top_row = out.checked[:2]
+    repairs = out.checked[2:]
     assert plan_row.label == "plan" and top_row.label == "most capacity"
-    kept = top_row if key(out.choice) == key(top_row.choice) else plan_row
-    other = plan_row if kept is top_row else top_row
-    # the verdict agrees with the runs: the kept one was never refused a rate the other held
-    assert not (kept.refused_rps is not None and (other.sustained_rps or 0.0) >= kept.refused_rps)
+    assert all(r.label.startswith("repair: ") for r in repairs)
+    chosen = top_row if key(best.choice) != key(out.choice) == key(top_row.choice) else plan_row
+    if repairs and key(out.choice) == key(repairs[-1].choice):
+        # repaired: the allocation the tolerance check kept refused the planned rate; the repair held more
+        assert chosen.refused_rps is not None and chosen.sustained_rps
+        assert repairs[-1].sustained_rps > chosen.sustained_rps
+    else:
+        kept = chosen
+        other = plan_row if kept is top_row else top_row
+        # the verdict agrees with the runs: the kept one was never refused a rate the other held
+        assert not (kept.refused_rps is not None and (other.sustained_rps or 0.0) >= kept.refused_rps)
     assert out.check_time_s > 0 and "simulator check (tolerance)" in " ".join(out.notes)
+
+
+# ---- the tolerance check's repair: the LLM the simulator found short, provisioned for what it showed ----
+
+
+@pytest.fixture(scope="module")
+def planner12(models, gpus):
+    # 12 GPUs: room to give small_rag's answer LLM (the bottleneck) another replica
+    p = make_planner(models, gpus, 12)
+    p.mixed_groups = False
+    return p
+
+
+def bottleneck(planner, choice):
+    """The deployment whose predicted capacity carries the lowest rate in `choice`."""
+    live = {m: d for m, d in planner.deployments.items() if d.calls > 0}
+    return min(live, key=lambda m: choice[m].capacity_rps / live[m].calls)
+
+
+def test_a_derated_planner_provisions_more_for_the_deployment_and_leaves_the_original(planner12):
+    base = policies.max_throughput(planner12, "milp")
+    m = bottleneck(planner12, base.choice)
+    before = planner12.deployments[m].calls
+    out = policies.max_throughput(planner12.derated({m: 2.0}), "milp")
+    assert planner12.deployments[m].calls == before                     # the original is untouched
+    assert out.choice[m].capacity_rps > base.choice[m].capacity_rps    # twice the load: more of its capacity
+    assert planner12.fits(out.choice)
+    for bad in ({m: 0.5}, {m: float("nan")}, {"nope": 2.0}):
+        with pytest.raises(ValueError, match="derating factors"):
+            planner12.derated(bad)
+
+
+def short_llm_race(planner, short, factor, queue=True):
+    """SimCheck.race at its seam: each LLM carries the rate its predicted capacity carries, but `short` only
+    `factor` × that; past an allocation's limit the limiting LLM's calls wait (unless not `queue`)."""
+    w = planner.demands[0].weight_rps
+    seen = []
+
+    def carries(c):
+        return {m: c[m].capacity_rps / d.calls * w * (factor if m == short else 1.0)
+                for m, d in planner.deployments.items() if d.calls > 0}
+
+    def race(self, planner_, choices, rate, paths=None, quorum=None):
+        out = []
+        for c in choices:
+            seen.append((key(c), rate))
+            each = carries(c)
+            lim = min(each.values())
+            waits = {m: (5.0 if queue and rate > v else 0.0) for m, v in each.items()}
+            out.append(RaceRun(rate <= lim, 10.0, min(rate, lim), waits))
+        return out
+
+    return race, seen, lambda c: min(carries(c).values())
+
+
+def test_repair_gives_the_llm_the_simulator_found_short_more_and_keeps_what_holds(planner12, monkeypatch):
+    best = with_top(planner12, policies.max_throughput(planner12, "milp"))
+    short = bottleneck(planner12, best.choice)
+    race, seen, limit = short_llm_race(planner12, short, 0.5)
+    monkeypatch.setattr(SimCheck, "race", race)
+    out = simcheck.run_check(planner12, SimCheck(jobs=1), best, "throughput")
+    notes = " ".join(out.notes)
+    assert "simulator check (repair)" in notes and "the last that won is kept" in notes, out.notes
+    assert planner12.fits(out.choice)
+    assert limit(out.choice) > max(limit(best.choice), limit(best.top_choice)) * 1.05
+    assert out.choice[short].capacity_rps > best.choice[short].capacity_rps
+    repairs = [r for r in out.checked if r.label.startswith("repair: ")]
+    assert repairs and key(repairs[-1].choice) == key(out.choice)
+    kept = repairs[-1]
+    assert kept.sustained_rps <= limit(out.choice) * (1 + 1e-9)             # what it is said to hold, it holds
+    assert kept.refused_rps is None or kept.refused_rps > limit(out.choice)
+    assert out.theta <= best.theta * (1 + 1e-9)
+    assert len(seen) <= 8 + SimCheck().repair_sims                          # within both budgets
+    # off: the allocation the tolerance check kept stands, and the shortfall is said
+    out0 = simcheck.run_check(planner12, SimCheck(jobs=1, repair_rounds=0), best, "throughput")
+    assert key(out0.choice) in (key(best.choice), key(best.top_choice))
+    assert "short of the" in out0.notes[-1] and "repair" not in " ".join(out0.notes)
+
+
+def test_repair_needs_an_llm_that_queued(planner12, monkeypatch):
+    # the same shortfall, but no LLM's calls waited in the runs: nothing names the one short, so no re-plan
+    best = with_top(planner12, policies.max_throughput(planner12, "milp"))
+    race, seen, limit = short_llm_race(planner12, bottleneck(planner12, best.choice), 0.5, queue=False)
+    monkeypatch.setattr(SimCheck, "race", race)
+    out = simcheck.run_check(planner12, SimCheck(jobs=1), best, "throughput")
+    assert key(out.choice) in (key(best.choice), key(best.top_choice))
+    assert not any(r.label.startswith("repair") for r in out.checked)
+    assert "short of the" in out.notes[-1]
