@@ -118,6 +118,7 @@ class RaceRun:
     latency_s: float
     throughput_rps: float
     waits: dict[str, float]   # per LLM: admission wait per request (mean queue wait × calls per request)
+    calls: int = 0            # LLM calls simulated for the judgement (every run length, every path)
 
 
 @dataclass
@@ -147,15 +148,17 @@ class SimCheck:
     throughput     run the throughput goal's race at all (off by default: see the module docstring)
     tol_sims       throughput goal, the default tolerance check (`run_tolerance_check`): simulations at
                    most (two a rate: the plan and the allocation of the most predicted capacity)
-    tol_budget_s   ... wall seconds after which it starts no further rate (the note says so); a rate
-                   started runs its two judgements to their verdicts, so one rate may run past it
+    tol_calls      ... simulated LLM calls after which it starts no further rate (the note says so); a rate
+                   started runs its two judgements to their verdicts, so one rate may run past it. A
+                   count of work, not seconds, so the plan does not depend on how busy the machine is
+                   (1,000,000: about 120 s on 2 cores here)
     tol_up         ... the rate step up while both allocations sustain the rate
     tol_down       ... the rate step down while neither does
     repair_rounds  ... when the allocation kept refuses a rate step (`tol_down`) below the planned rate: re-plans at most, each
                    with the LLM the simulator found saturated (the most admission wait per request at
                    the rate refused) provisioned for the capacity it showed (`run_repair`; 0: none)
     repair_sims    ... simulations the repair spends at most (one a rate)
-    repair_budget_s ... wall seconds after which the repair starts no further rate
+    repair_calls   ... simulated LLM calls after which the repair starts no further rate
     steady_warmup  mean latencies of arrivals before the steady-state window. A run of
                    `requests_for` requests is steady when its first tenth spans that many
                    latencies (λ·L requests are in flight, Little's law); when it does not (long
@@ -190,12 +193,12 @@ class SimCheck:
     jobs: int = 0
     throughput: bool = False
     tol_sims: int = 8
-    tol_budget_s: float = 120.0
+    tol_calls: int = 1_000_000
     tol_up: float = 0.05
     tol_down: float = 0.12
     repair_rounds: int = 2
     repair_sims: int = 8
-    repair_budget_s: float = 240.0
+    repair_calls: int = 2_000_000
     steady_warmup: float = 1.5
     steady_window: float = 1.0
     steady_calls: int = 300_000
@@ -289,7 +292,8 @@ class SimCheck:
             each = runs[i * n_paths:(i + 1) * n_paths]
             out.append(RaceRun(sum(r.sustainable for r in each) >= need, sum(r.latency_s for r in each) / len(each),
                                sum(r.throughput_rps for r in each) / len(each),
-                               {m: sum(r.waits.get(m, 0.0) for r in each) / len(each) for m in each[0].waits}))
+                               {m: sum(r.waits.get(m, 0.0) for r in each) / len(each) for m in each[0].waits},
+                               sum(r.calls for r in each)))
         return out
 
 
@@ -659,7 +663,7 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
     for both) at the planned rate, then up by `tol_up` while both sustain it or down by `tol_down`
     while neither does, until one sustains a rate the other refuses: the plan is kept unless it is the
     one refused, and the allocation of the most capacity replaces it then. Both falling at the same
-    step, or the budget (`tol_sims` simulations, `tol_budget_s` seconds) running out, keeps the plan."""
+    step, or the budget (`tol_sims` simulations, `tol_calls` simulated calls) running out, keeps the plan."""
     from scepsy_hpc.allocate.milp import choice_key
 
     top = best.top_choice
@@ -671,13 +675,14 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
     rows = [Checked("plan", dict(best.choice), best.latency_s, math.nan, 0.0, 0.0, None),
             Checked("most capacity", dict(top), sum(p.latency_s for p in planner.evaluate(top, theta).values()),
                     math.nan, 0.0, 0.0, None)]
-    rate, way, sims, verdict = theta * w, 0, 0, None
+    rate, way, sims, verdict, spent = theta * w, 0, 0, None, 0
     tried = rate   # the last rate both were judged at
     refusals: list[dict[str, float]] = [{}, {}]   # per row: the admission waits of its run at the rate it refused
-    while sims + 2 <= check.tol_sims and (sims == 0 or time.perf_counter() - t0 < check.tol_budget_s):
+    while sims + 2 <= check.tol_sims and spent < check.tol_calls:
         planner.progress(f"simulator check (tolerance): the plan and the allocation of the most capacity at {rate:.3g} rps")
         runs = check.race(planner, [r.choice for r in rows], rate, paths=1, quorum=1)
         sims += 2
+        spent += sum(run.calls for run in runs)
         tried = rate
         for r, run in zip(rows, runs):
             r.simulated_s, r.throughput_rps = run.latency_s, run.throughput_rps
@@ -701,7 +706,7 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
     pred_plan = planner.throughput_scale(best.predictions) * w
     what = (f"the plan (predicted capacity {pred_plan:.3g} rps) against the allocation of the most predicted capacity "
             f"({pred_top:.3g} rps)")
-    how = f"{sims} runs, {elapsed:.1f} s"
+    how = f"{sims} runs, {spent:,} calls, {elapsed:.1f} s"
     if verdict == "top":
         out = _outcome(planner, best, dict(top), theta).noted(
             f"simulator check (tolerance): {what}: the plan does not sustain {rate:.3g} rps in the simulator where "
@@ -717,7 +722,7 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
         span = (f"no rate from {theta * w:.3g} to {tried:.3g} rps told them apart" if abs(tried - theta * w) > 1e-12
                 else f"{tried:.3g} rps did not tell them apart")
         out = best.noted(f"simulator check (tolerance): {what}: {span} within {check.tol_sims} runs / "
-                         f"{check.tol_budget_s:g} s; the plan kept ({how})")
+                         f"{check.tol_calls:,} simulated calls; the plan kept ({how})")
     kept = top_row if verdict == "top" else plan_row
     planned = theta * w
     checked = [plan_row, top_row]
@@ -757,7 +762,7 @@ def run_repair(planner: "Planner", check: SimCheck, kept: Checked, waits: Mappin
     rate `kept` refused, down by `tol_down` while it refuses: it wins at the first rate it holds above
     what `kept` held, and loses at the first it refuses at or below that. A winner is judged up by
     `tol_up` while it holds, replaces `kept`, and the next round starts from its refusal. At most
-    `repair_rounds` re-plans, `repair_sims` judgements and `repair_budget_s` seconds. Returns the
+    `repair_rounds` re-plans, `repair_sims` judgements and `repair_calls` simulated calls. Returns the
     allocation kept, the rows judged, and the note ("" when nothing was tried)."""
     from scepsy_hpc.allocate import policies
     from scepsy_hpc.allocate.milp import choice_key
@@ -769,18 +774,19 @@ def run_repair(planner: "Planner", check: SimCheck, kept: Checked, waits: Mappin
     seen = {choice_key(kept.choice)}
     rows: list[Checked] = []
     said: list[str] = []
-    sims = 0
+    sims = spent = 0
     refusal: dict[int, dict[str, float]] = {id(kept): dict(waits)}   # per row: the waits of the run it refused
 
     def room() -> bool:
-        return sims < check.repair_sims and (sims == 0 or time.perf_counter() - t0 < check.repair_budget_s)
+        return sims < check.repair_sims and spent < check.repair_calls
 
     def judge(r: Checked, rate: float) -> bool:
         """`r` judged at `rate` (one sample path), recorded on it."""
-        nonlocal sims
+        nonlocal sims, spent
         planner.progress(f"simulator check (repair): {r.label} at {rate:.3g} rps")
         run = check.race(planner, [r.choice], rate, paths=1, quorum=1)[0]
         sims += 1
+        spent += run.calls
         r.simulated_s, r.throughput_rps = run.latency_s, run.throughput_rps
         if run.sustainable:
             r.sustained_rps = max(r.sustained_rps or 0.0, rate)
@@ -839,14 +845,14 @@ def run_repair(planner: "Planner", check: SimCheck, kept: Checked, waits: Mappin
                 rate *= 1 + check.tol_up
         else:
             said.append(f"{row.label}: " + (f"it refuses {row.refused_rps:.3g} rps, which the other holds" if won is False else
-                                            f"no rate it holds within {check.repair_sims} runs / {check.repair_budget_s:g} s"))
+                                            f"no rate it holds within {check.repair_sims} runs / {check.repair_calls:,} simulated calls"))
             break
         said.append(f"{row.label}: it sustains {row.sustained_rps:.3g} rps" +
                     (f" (not {row.refused_rps:.3g})" if row.refused_rps else ""))
         cur = row
     if not said:
         return kept, rows, ""
-    how = f"{sims} runs, {time.perf_counter() - t0:.1f} s"
+    how = f"{sims} runs, {spent:,} calls, {time.perf_counter() - t0:.1f} s"
     if cur is kept:
         return kept, rows, f"simulator check (repair): {'; '.join(said)}; the allocation kept ({how})"
     before = (f"sustains {kept.sustained_rps:.3g} rps and refuses {kept.refused_rps:.3g}" if kept.sustained_rps
@@ -996,9 +1002,17 @@ def _race_run(job: tuple[Any, ...]) -> RaceRun:
     from scepsy_hpc.sim.core import simulate
 
     wf, alloc, gpu, models, rate, n, seed = job
-    good, res = judge(lambda k: simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=k, seed=seed), n)
+    calls = 0
+
+    def run(k: int) -> Any:
+        nonlocal calls
+        res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=k, seed=seed)
+        calls += res.llm_calls
+        return res
+
+    good, res = judge(run, n)
     waits = {llm: s.queue_mean_s * s.calls_per_request for llm, s in res.per_llm.items()}
-    return RaceRun(good, res.latency_mean_s, res.throughput_rps, waits)
+    return RaceRun(good, res.latency_mean_s, res.throughput_rps, waits, calls)
 
 
 def _calls(planner: "Planner") -> float:

@@ -196,8 +196,9 @@ def test_requests_follow_the_calls_budget():
 # ---- the throughput goal's check: simulated maximum sustainable rate ----
 
 
-def fake_race(capacity):
-    """SimCheck.race replaced at its seam: an allocation sustains every rate up to capacity(choice)."""
+def fake_race(capacity, calls=1000):
+    """SimCheck.race replaced at its seam: an allocation sustains every rate up to capacity(choice); each
+    judgement simulates `calls` LLM calls."""
     seen = []
 
     def race(self, planner, choices, rate, paths=None, quorum=None):
@@ -205,7 +206,7 @@ def fake_race(capacity):
         for c in choices:
             seen.append((key(c), rate))
             cap = capacity(c)
-            out.append(RaceRun(rate <= cap, 10.0 * rate / cap, min(rate, cap), {m: 0.0 for m in c}))
+            out.append(RaceRun(rate <= cap, 10.0 * rate / cap, min(rate, cap), {m: 0.0 for m in c}, calls))
         return out
 
     return race, seen
@@ -344,6 +345,20 @@ def test_tolerance_check_stops_at_its_budget_and_skips_a_plan_of_most_capacity(p
     assert not seen and out is same
 
 
+def test_tolerance_check_budget_counts_simulated_calls_not_seconds(planner6, monkeypatch):
+    """The budget is work (LLM calls simulated), read before each rate: the same plan however busy the
+    machine. Judgements of 300,000 calls each: two rates (1.2M calls) pass the 1M budget, a third is not started."""
+    best = with_top(planner6, policies.max_throughput(planner6, "milp"))
+    planned = best.theta * planner6.demands[0].weight_rps
+    race, seen = fake_race(lambda c: planned * 1e9, calls=300_000)
+    monkeypatch.setattr(SimCheck, "race", race)
+    clock = iter(range(0, 10**9, 1000))   # every reading of the clock 1,000 s later: time does not stop it
+    monkeypatch.setattr(simcheck.time, "perf_counter", lambda: float(next(clock)))
+    out = simcheck.run_check(planner6, SimCheck(jobs=1, tol_calls=1_000_000), best, "throughput")
+    assert len(seen) == 4 and key(out.choice) == key(best.choice)
+    assert "within 8 runs / 1,000,000 simulated calls" in out.notes[-1] and "1,200,000 calls" in out.notes[-1]
+
+
 def test_tolerance_check_runs_the_real_simulator(planner6):
     best = with_top(planner6, policies.max_throughput(planner6, "milp"))
     check = SimCheck(calls=2000, min_requests=200, max_requests=300, jobs=2)
@@ -363,6 +378,7 @@ def test_tolerance_check_runs_the_real_simulator(planner6):
         # the verdict agrees with the runs: the kept one was never refused a rate the other held
         assert not (kept.refused_rps is not None and (other.sustained_rps or 0.0) >= kept.refused_rps)
     assert out.check_time_s > 0 and "simulator check (tolerance)" in " ".join(out.notes)
+    assert " calls, " in " ".join(out.notes)          # the real judgements count the calls they simulated
 
 
 # ---- the tolerance check's repair: the LLM the simulator found short, provisioned for what it showed ----
