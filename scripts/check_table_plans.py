@@ -33,7 +33,7 @@ def main() -> int:
     for cell in args.cells:
         w, _, g = cell.partition(":")
         f = args.dir / f"b_{w}_{g}.json"
-        if not g.isdigit() or not f.exists():
+        if not (w.replace("_", "").isalnum() and w.isascii()) or not g.isdigit() or not f.exists():
             ap.error(f"{cell}: no measured cell {f} (give workflow:GPUs of a cell in --dir)")
         rec = json.loads(f.read_text())["cells"][0]["policies"]["milp"]["allocation"]
         wf = load_workflow(config_dir() / "workflows" / f"{w}.yaml", models)
