@@ -294,6 +294,8 @@ class EnginePool:
             raise ValueError(f"weights {list(weights)} must be one positive number per replica ({len(replicas)})")
         # equal weights route exactly as none (the unweighted rule, bit for bit)
         self.weights = list(weights) if weights is not None and len(set(weights)) > 1 else None
+        # the longest call every replica takes uncut (`fits`)
+        self._fit_tokens = min(min(e.kv_cap, e.perf.cfg.model.max_model_len) for e in replicas) if replicas else 0
         self._rr = 0
         backlog: deque[Seq] = deque()
         for engine in replicas:
@@ -302,7 +304,7 @@ class EnginePool:
     def fits(self, prompt: int, output: int) -> bool:
         """Whether a call fits its engines uncut (a cut call shares nothing: its cache blocks need no names).
         With unlike replicas: every one of them."""
-        return all(prompt + output <= min(e.kv_cap, e.perf.cfg.model.max_model_len) for e in self.replicas)
+        return prompt + output <= self._fit_tokens
 
     def _route(self) -> int:
         """Least outstanding calls; ties go round-robin, as the gateway breaks them (always taking the
@@ -348,8 +350,13 @@ class EnginePool:
         else `_route`."""
         replicas = self.replicas
         n = len(replicas)
-        hits = [e.pcache.lookup(blocks, prompt) if e.pcache is not None else 0 for e in replicas]
-        top = max(hits)
+        hits = [0] * n
+        top = 0
+        for i, e in enumerate(replicas):
+            if e.pcache is not None:
+                h = hits[i] = e.pcache.lookup(blocks, prompt)
+                if h > top:
+                    top = h
         if top == 0:
             return self._route()
         w = self.weights

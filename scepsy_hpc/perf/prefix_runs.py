@@ -263,6 +263,9 @@ class RunCache:
         return lst[i] if i >= 0 and lst[i].b >= pos else None
 
     def _run(self, blocks: Runs, prompt_tokens: int) -> int:
+        runs = blocks.runs
+        if not runs or runs[0][0] not in self._ivs:
+            return 0      # its first block's segment is not cached at all: no leading run
         limit = min(len(blocks), max_hit_tokens(prompt_tokens, self.block_tokens) // self.block_tokens)
         s, total = self.step, 0
         for seg, a, b in blocks.runs:
