@@ -11,6 +11,8 @@ not run again unless --rerun). Then the table is printed from every cell in DIR:
 - milp's mean latency ÷ each baseline's at 90 %, 95 % and 99 % of the weakest policy's maximum (≤ 1.05);
 - the instance bound (predicted and its own allocation simulated) and milp's fraction of it in simulated
   requests/s (≥ 0.95 required at 16 GPUs), the fluid bound;
+- milp's predicted max ÷ its simulated max (the predictor's error on the plan it chose; summarised below
+  the table);
 - the verdict (ok / LOSS) and milp's max-throughput allocation.
 
     .venv/bin/python scripts/bench_table.py --dir bench-table [--gpus 8,16,32] [--workflows a,b] \\
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT_MIN = 0.97    # milp's simulated max ÷ each baseline's
 LATENCY_MAX = 1.05       # milp's mean latency ÷ each baseline's at every common rate
 INSTANCE_MIN = 0.95      # milp's simulated max ÷ the instance bound's (required at 16 GPUs)
+PREDICTION_CLOSE = 0.08  # reported: milp's predicted max ÷ its simulated max within 1 ± this
 
 
 def shipped_workflows() -> list[str]:
@@ -79,7 +82,9 @@ def verdict(c: dict[str, Any]) -> dict[str, Any]:
     ok_t = all(x is not None and x >= THROUGHPUT_MIN for x in thr.values())
     ok_l = all(qs and all(q is not None and q <= LATENCY_MAX for q in qs) for qs in lat.values())
     inst = c.get("milp_instance_sim_fraction")
-    return {"workflow": c["workflow"], "gpus": c["gpus"], "milp_max_rps": m.get("sim_max_rps"),
+    pred, sim = m.get("predicted_max_rps"), m.get("sim_max_rps")
+    return {"workflow": c["workflow"], "gpus": c["gpus"], "milp_max_rps": sim,
+            "milp_predicted_rps": pred, "milp_prediction_ratio": pred / sim if pred and sim else None,
             "baseline_max_rps": {p: v.get("sim_max_rps") for p, v in pols.items() if p != "milp"},
             "throughput_ratio": thr, "latency_ratio": lat, "instance_bound_rps": c.get("instance_bound_rps"),
             "instance_bound_sim_rps": c.get("instance_bound_sim_rps"), "instance_fraction": inst,
@@ -127,8 +132,8 @@ def fmt(x: Any, spec: str = ".3g") -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| workflow | GPUs | milp max rps | equal | independent | milp ÷ equal / indep. (max) | "
              "milp lat. ÷ equal ; ÷ indep. at 90/95/99 % | instance bound pred. / sim. | milp ÷ inst. (sim.) | "
-             "fluid | verdict | milp allocation (max thr.) | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fluid | milp pred. ÷ sim. | verdict | milp allocation (max thr.) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["gpus"], r["workflow"])):
         b, t, lt = r["baseline_max_rps"], r["throughput_ratio"], r["latency_ratio"]
         lines.append(
@@ -136,8 +141,24 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{fmt(b.get('independent'))} | {fmt(t.get('equal'), '.2f')} / {fmt(t.get('independent'), '.2f')} | "
             + " ; ".join("/".join(fmt(q, ".2f") for q in lt.get(p, [])) or "—" for p in ("equal", "independent"))
             + f" | {fmt(r['instance_bound_rps'])} / {fmt(r['instance_bound_sim_rps'])} | {fmt(r['instance_fraction'], '.2f')}"
-            f" | {fmt(r['fluid_rps'])} | {'ok' if r['ok'] else 'LOSS'} | {r['allocation']} | {r.get('commit') or '—'} |")
+            f" | {fmt(r['fluid_rps'])} | {fmt(r.get('milp_prediction_ratio'), '.2f')} | {'ok' if r['ok'] else 'LOSS'} | {r['allocation']} | {r.get('commit') or '—'} |")
     return "\n".join(lines)
+
+
+def prediction_summary(rows: list[dict[str, Any]]) -> str | None:
+    """How close milp's predicted max throughput is to its simulated max, over the cells measured."""
+    ratios = [(f"{r['workflow']} × {r['gpus']}", r["milp_prediction_ratio"]) for r in rows if r.get("milp_prediction_ratio")]
+    if not ratios:
+        return None
+    within = [q for _, q in ratios if abs(q - 1) <= PREDICTION_CLOSE]
+    over = sorted(((c, q) for c, q in ratios if q > 1 + PREDICTION_CLOSE), key=lambda x: -x[1])
+    under = sorted(((c, q) for c, q in ratios if q < 1 - PREDICTION_CLOSE), key=lambda x: x[1])
+    text = f"milp's predicted max within ±{PREDICTION_CLOSE:.0%} of its simulated max on {len(within)} of {len(ratios)}"
+    if over:
+        text += "; over-rated: " + ", ".join(f"{c} {q:.2f}×" for c, q in over)
+    if under:
+        text += "; under-rated: " + ", ".join(f"{c} {q:.2f}×" for c, q in under)
+    return text
 
 
 def main() -> int:
@@ -192,6 +213,9 @@ def main() -> int:
     if at16:
         print(f"at 16 GPUs, milp ≥ {INSTANCE_MIN} of the instance bound (simulated) on {len(at16) - len(short16)} of "
               f"{len(at16)} measured" + (f"; short: {', '.join(short16)}" if short16 else ""))
+    said = prediction_summary(rows)
+    if said:
+        print(said)
     if missing:
         print(f"not measured: {', '.join(missing)}")
     for e in errors:

@@ -36,6 +36,8 @@ def test_a_cell_runs_resumes_and_reads_its_verdict(tmp_path: Path) -> None:
     want = ind["milp_throughput_ratio"] >= 0.97 and all(a["milp_latency_ratio"] <= 1.05 for a in ind["at_common"])
     assert row["ok"] is want
     assert row["instance_fraction"] == raw["milp_instance_sim_fraction"]
+    m = raw["policies"]["milp"]
+    assert row["milp_prediction_ratio"] == pytest.approx(m["predicted_max_rps"] / m["sim_max_rps"])
     # run again: the cell is not measured again
     again = table(*args, "--json")
     assert again.returncode == 0 and "cell router_cascade" not in again.stderr
@@ -47,6 +49,12 @@ def test_a_cell_runs_resumes_and_reads_its_verdict(tmp_path: Path) -> None:
     assert text.returncode == 0, text.stderr
     assert "| LOSS |" in text.stdout and "losses: router_cascade × 4" in text.stdout
     assert "no equal plan for router_cascade × 4" in text.stdout
+    # the predictor's error on milp's plan, read from the cell: a doctored 2× prediction is named as over-rated
+    raw["policies"]["milp"]["predicted_max_rps"] = 2 * raw["policies"]["milp"]["sim_max_rps"]
+    (tmp_path / "b_router_cascade_4.json").write_text(json.dumps({"cells": [raw]}))
+    text = table(*args, "--table-only")
+    assert "within ±8% of its simulated max on 0 of 1; over-rated: router_cascade × 4 2.00×" in text.stdout
+    assert "| 2.00 | LOSS |" in text.stdout
 
 
 def test_an_unknown_workflow_is_refused_with_the_choices(tmp_path: Path) -> None:
