@@ -1,5 +1,7 @@
 """scripts/bench_table.py: one real bench cell run through it, resumed without rerunning, and its
-verdicts recomputed from the cell's own figures (a doctored cell must read as a loss)."""
+verdicts recomputed from the cell's own figures (a doctored cell must read as a loss). scripts/sim_digest.py,
+which shows a simulator change leaves the table's simulations the same: the same simulator gives the same
+digests, a doctored earlier digest reads as a difference (exit 1)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-SCRIPT = ROOT / "scripts" / "bench_table.py"
 
 pytestmark = pytest.mark.timeout(120)
 
 
+def script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=110)
+
+
 def table(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=110)
+    return script("bench_table.py", *args)
 
 
 def test_a_cell_runs_resumes_and_reads_its_verdict(tmp_path: Path) -> None:
@@ -60,3 +66,27 @@ def test_a_cell_runs_resumes_and_reads_its_verdict(tmp_path: Path) -> None:
 def test_an_unknown_workflow_is_refused_with_the_choices(tmp_path: Path) -> None:
     out = table("--dir", str(tmp_path), "--workflows", "nope", "--table-only")
     assert out.returncode == 2 and "no configs/workflows/nope.yaml" in out.stderr and "beam_search" in out.stderr
+
+
+def test_same_simulator_same_digests_and_a_changed_one_differs(tmp_path: Path) -> None:
+    args = ["--plans", str(tmp_path / "plans"), "--workflows", "router_cascade", "--gpus", "4",
+            "--requests", "30"]
+    first = script("sim_digest.py", *args)
+    assert first.returncode == 0, first.stderr
+    assert [p.name for p in (tmp_path / "plans").iterdir()] == ["router_cascade.yaml"]
+    (line,) = first.stdout.splitlines()
+    assert line.split()[0] == "router_cascade" and len(line.split()[1]) == 16
+    before = tmp_path / "before.txt"
+    before.write_text(first.stdout)
+    again = script("sim_digest.py", *args, "--against", str(before))
+    assert again.returncode == 0 and again.stdout.strip() == line + "  same", again.stdout + again.stderr
+    before.write_text("router_cascade 0123456789abcdef\n")
+    changed = script("sim_digest.py", *args, "--against", str(before))
+    assert changed.returncode == 1
+    assert "router_cascade" in changed.stdout and "DIFFERS (was 0123456789abcdef)" in changed.stdout
+    assert "1 of 1 differ" in changed.stderr
+
+
+def test_sim_digest_refuses_an_unknown_workflow(tmp_path: Path) -> None:
+    out = script("sim_digest.py", "--plans", str(tmp_path), "--workflows", "../etc/passwd")
+    assert out.returncode == 2 and "not shipped workflows: ../etc/passwd" in out.stderr and "Traceback" not in out.stderr
