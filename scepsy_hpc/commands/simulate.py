@@ -22,6 +22,9 @@ def add_arguments(sub: Any) -> None:
                    help="fraction of the first requests left out of latency figures (default 0.1)")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="engines without a prefix cache: every prompt token computed every call")
+    s.add_argument("--max-requests", type=count, default=None, metavar="N",
+                   help="a gateway that lets at most N requests be in flight: later ones hold (FIFO) until one ends, "
+                        "their wait counted in their latency (what-if: the gateway has no such cap yet)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--trace", metavar="FILE", help="also write the simulated calls as a JSONL trace")
     s.set_defaults(run=run)
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         wf = without_prefix_caching(wf)
     plan = load_plan(resolve_input(args.plan, "plans"), wf, models, gpus)
     res = simulate(wf, plan.allocation, gpus[plan.gpus.type], models, rate_rps=args.rate,
-                   n_requests=args.requests, seed=args.seed, warmup_frac=args.warmup, record_calls=bool(args.trace))
+                   n_requests=args.requests, seed=args.seed, warmup_frac=args.warmup, record_calls=bool(args.trace),
+                   max_requests=args.max_requests)
     if args.trace:
         from scepsy_hpc.trace.convert import trace_from_sim
         from scepsy_hpc.trace.records import write_trace
@@ -78,5 +82,8 @@ def print_sim(res: Any, plan: Any) -> None:
     )
     console.print(f"{res.llm_calls} LLM calls simulated in {res.wall_s:.2f} s wall "
                   f"({res.llm_calls / max(res.wall_s, 1e-9):,.0f} calls/s), seed {res.seed}" + ("" if ok else "   [red]some requests did not finish[/red]"))
+    if res.max_requests is not None:
+        console.print(f"at most {res.max_requests} requests in flight: {res.held_requests} of the measured requests held at "
+                      f"the gateway, {res.held_mean_s:.2f} s each on average over all of them (in the latency)")
     if res.requests >= 200 and res.throughput_rps < 0.9 * res.rate_rps:
         console.print(f"[yellow]the plan does not keep up: {res.throughput_rps:.3f} rps served of {res.rate_rps:g} offered[/yellow]")

@@ -16,6 +16,14 @@ timestamps events run in this order, and within a class in the order they were s
 so new work that appears at the instant an iteration ends is seen by that boundary's scheduling
 step, as a real scheduler sees every request that reached it before it runs.
 
+Request cap (`max_requests`, off by default): a gateway that lets at most N workflow requests be in
+flight; a request arriving when N are holds at the gateway (FIFO, its program already drawn) and
+starts when one ends. Its latency counts from its arrival. Past capacity, conversations that continue
+on a prefix cache otherwise multiply until their histories no longer fit and every call prefills its
+whole history again, which lowers the capacity further (a collapse that feeds itself); a cap near the
+requests in flight at capacity (Little's law: capacity × latency there) keeps the deployment at its
+capacity instead. The gateway does not apply such a cap yet (README roadmap 3): this models one.
+
 Determinism: arrivals and request programs are drawn from two RNG streams derived from the seed
 and consumed in arrival order, so the same seed gives the same workload whatever the plan, and the
 same result bit for bit.
@@ -26,8 +34,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from scepsy_hpc.errors import InfeasibleError
 from scepsy_hpc.perf.engine import CallRecord, EnginePool, Seq, SimEngine
@@ -43,13 +52,15 @@ from scepsy_hpc.workload.sampler import Call, RequestSampler, Tool
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One workflow request: arrival, end (−1 if unfinished), LLM calls and times it finished (1)."""
+    """One workflow request: arrival, end (−1 if unfinished), LLM calls, times it finished (1), and when it
+    started (its arrival, or later when it held at the request cap; −1: not recorded)."""
 
     id: int
     t_arrive: float
     t_end: float
     llm_calls: int
     finishes: int
+    t_start: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,9 @@ class SimResult:
     seed: int
     warmup_frac: float
     per_llm: dict[str, LLMStats]
+    max_requests: int | None = None  # the request cap (None: none)
+    held_requests: int = 0  # measured requests that waited at the cap
+    held_mean_s: float = 0.0  # their mean wait there, over every measured request (part of the latency)
     request_records: tuple[RequestRecord, ...] = field(default=(), repr=False)
     call_records: tuple[CallRecord, ...] = field(default=(), repr=False)
 
@@ -110,10 +124,11 @@ class SimResult:
 
 
 class _Root:
-    __slots__ = ("sim", "id", "t_arrive", "t_end", "calls", "finishes")
+    __slots__ = ("sim", "id", "t_arrive", "t_start", "t_end", "calls", "finishes")
 
     def __init__(self, sim: "_Sim", rid: int, t: float) -> None:
         self.sim, self.id, self.t_arrive = sim, rid, t
+        self.t_start = t  # later when it held at the request cap
         self.t_end = -1.0
         self.calls = 0
         self.finishes = 0
@@ -121,7 +136,12 @@ class _Root:
     def resume(self, t: float, _: Any) -> None:
         self.finishes += 1
         self.t_end = t
-        self.sim.completed += 1
+        sim = self.sim
+        sim.completed += 1
+        if self.finishes == 1:
+            sim.in_flight -= 1
+            if sim.held:   # the request cap: the longest-held request takes the slot
+                sim.held.popleft()(t)
 
 
 class _Lane:
@@ -172,6 +192,8 @@ class _Sim:
         self.loop = pools and next(iter(pools.values())).replicas[0].loop
         self.pools = pools
         self.completed = 0
+        self.in_flight = 0  # requests started and not ended
+        self.held: deque[Callable[[float], None]] = deque()  # requests holding at the request cap, FIFO
         self.record_calls = record_calls
         self.calls: list[CallRecord] = []
         self.stats: dict[str, list[float]] = {llm: [0, 0.0, 0.0, 0.0, 0] for llm in pools}
@@ -214,12 +236,17 @@ def simulate(
     prefix_affinity: bool = True,
     affinity_slack: int = DEFAULT_AFFINITY_SLACK,
     affinity_ratio: float = DEFAULT_AFFINITY_RATIO,
+    max_requests: int | None = None,
 ) -> SimResult:
     """Simulate `n_requests` Poisson arrivals at `rate_rps` (or the given `arrivals`) of workflow `wf`
     served with `allocation` on GPUs of type `gpu`. Calls that continue a conversation or share a
     system prompt reuse the engines' prefix caches; `prefix_affinity` routes them to the replica
     holding their prefix (`perf.engine.EnginePool`) within `affinity_slack` calls or `affinity_ratio` × the
-    least loaded replica's load (`perf.prefix.affine_ok`)."""
+    least loaded replica's load (`perf.prefix.affine_ok`). `max_requests`: at most that many requests in
+    flight, later ones hold at the gateway (FIFO) until one ends (None: no cap)."""
+    if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
+                                     or max_requests < 1):
+        raise ValueError(f"max_requests={max_requests!r}: a whole number of requests of at least 1, or None for no cap")
     if arrivals is None:
         if rate_rps is None or rate_rps <= 0:
             raise ValueError("give rate_rps > 0 or an arrivals list")
@@ -252,7 +279,17 @@ def simulate(
     def arrive(t: float, i: int) -> None:
         root = _Root(sim, i, t)
         roots.append(root)
-        _Lane(sim, sampler.sample(program_rng), root, root).run(t)
+        program = sampler.sample(program_rng)   # drawn at arrival, held or not: the same workload either way
+
+        def start(t_start: float) -> None:
+            root.t_start = t_start
+            sim.in_flight += 1
+            _Lane(sim, program, root, root).run(t_start)
+
+        if max_requests is not None and sim.in_flight >= max_requests:
+            sim.held.append(start)
+        else:
+            start(t)
         if i + 1 < len(arrivals):
             loop.at(arrivals[i + 1], PRIO_ARRIVAL, arrive, i + 1)
 
@@ -261,7 +298,8 @@ def simulate(
         loop.at(arrivals[0], PRIO_ARRIVAL, arrive, 0)
     loop.run(horizon_s)
     wall = time.perf_counter() - started
-    return _result(wf, sim, roots, engines, allocation, rate_rps or 0.0, seed, warmup_frac, wall, loop.events)
+    return _result(wf, sim, roots, engines, allocation, rate_rps or 0.0, seed, warmup_frac, wall, loop.events,
+                   max_requests)
 
 
 def _percentile(sorted_xs: list[float], q: float) -> float:
@@ -282,7 +320,7 @@ def _departure_rate(done: list[_Root]) -> float:
 
 def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list[SimEngine]],
             allocation: Mapping[str, Entry], rate: float, seed: int, warmup_frac: float,
-            wall: float, events: int) -> SimResult:
+            wall: float, events: int, max_requests: int | None = None) -> SimResult:
     done = [r for r in roots if r.t_end >= 0]
     skip = int(len(roots) * warmup_frac)
     lat = sorted(r.t_end - r.t_arrive for r in roots[skip:] if r.t_end >= 0)
@@ -327,6 +365,8 @@ def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list
             prefill_tokens=queries - hits,
         )
     total_calls = sum(s.calls for s in per_llm.values())
+    measured = roots[skip:]
+    held = [r.t_start - r.t_arrive for r in measured if r.t_start > r.t_arrive]
     return SimResult(
         workflow=wf.name,
         rate_rps=rate,
@@ -345,7 +385,11 @@ def _result(wf: Workflow, sim: _Sim, roots: list[_Root], engines: dict[str, list
         seed=seed,
         warmup_frac=warmup_frac,
         per_llm=per_llm,
-        request_records=tuple(RequestRecord(r.id, r.t_arrive, r.t_end, r.calls, r.finishes) for r in roots),
+        max_requests=max_requests,
+        held_requests=len(held),
+        held_mean_s=sum(held) / len(measured) if measured else 0.0,
+        request_records=tuple(RequestRecord(r.id, r.t_arrive, r.t_end, r.calls, r.finishes, r.t_start)
+                              for r in roots),
         call_records=tuple(sim.calls),
     )
 

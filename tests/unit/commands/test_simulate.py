@@ -39,3 +39,16 @@ def test_simulate_bad_input_is_a_clear_error(args, needle):
     out = scepsy(*args)
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_simulate_with_a_request_cap_says_what_held():
+    out = scepsy("simulate", "rag_rerank", "--plan", "rag_rerank", "--rate", "20", "--requests", "60",
+                 "--max-requests", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["max_requests"] == 3 and data["held_requests"] > 0 and data["held_mean_s"] > 0
+    text = scepsy("simulate", "rag_rerank", "--plan", "rag_rerank", "--rate", "20", "--requests", "60",
+                  "--max-requests", "3")
+    assert text.returncode == 0 and "at most 3 requests in flight" in text.stdout
+    bad = scepsy("simulate", "rag_rerank", "--plan", "rag_rerank", "--rate", "1", "--max-requests", "0")
+    assert bad.returncode == 2 and "--max-requests" in bad.stderr and "Traceback" not in bad.stderr
