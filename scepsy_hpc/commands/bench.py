@@ -119,14 +119,15 @@ def add_arguments(sub: Any) -> None:
 
     be = sub.add_parser("bench", help="simulated throughput and latency of milp vs. the baselines per workflow and GPU count")
     be.add_argument("--workflows", type=name_list, default="rag_rerank,deep_research,coding_agent,mixture_of_agents,beam_search",
-                    metavar="W,W,...", help="shipped names or files (default: all shipped)")
+                    metavar="W,W,...", help="shipped names or files (default: the first five shipped: rag_rerank, deep_research, "
+                         "coding_agent, mixture_of_agents, beam_search; scripts/bench_table.py runs all)")
     be.add_argument("--gpus", dest="gpu_counts", type=int_list(gpu_count, "8,16"), default="8,16", metavar="N,N,...",
                     help="GPU counts (default 8,16)")
     be.add_argument("--gpu-type", default=DEFAULT_GPU_TYPE, metavar="TYPE", help="GPU type (default h100-sxm)")
     be.add_argument("--max-tp", type=gpu_count, default=DEFAULT_MAX_TP, metavar="TP",
                     help="largest tp, the NVLink domain (default 8)")
     be.add_argument("--policies", type=choice_list(POLICIES, required=("milp",)), default="milp,equal,independent,paper-enum",
-                    metavar="P,P,...")
+                    metavar="P,P,...", help="policies compared, milp among them (default milp,equal,independent,paper-enum)")
     be.add_argument("--requests", type=count, default=1200, metavar="N", help="requests per simulation run (default 1200)")
     be.add_argument("--jobs", type=non_negative_int, default=0, metavar="J", help="parallel processes (default: CPU count)")
     be.add_argument("--plot", metavar="OUT.png", help="plot mean latency vs. rate per policy (matplotlib)")
