@@ -760,13 +760,14 @@ def run_repair(planner: "Planner", check: SimCheck, kept: Checked, waits: Mappin
     predicted capacity carries. It is provisioned for 1 / f times its calls (`Planner.derated`; factors
     kept across rounds) and the max-throughput MILP solved again. The new allocation is judged from the
     rate `kept` refused, down by `tol_down` while it refuses: it wins at the first rate it holds above
-    what `kept` held, and loses at the first it refuses at or below that. A winner is judged up by
-    `tol_up` while it holds, replaces `kept`, and the next round starts from its refusal. At most
+    what `kept` held by a rate step (`tol_up`; the steps down stop there), and loses when it refuses that
+    one (a tie is no gain: `kept` stays). A winner is judged up by `tol_up` while it holds, short of a rate it already refused, replaces
+    `kept`, and the next round starts from its refusal. At most
     `repair_rounds` re-plans, `repair_sims` judgements and `repair_calls` simulated calls. Returns the
     allocation kept, the rows judged, and the note ("" when nothing was tried)."""
     from scepsy_hpc.allocate import policies
     from scepsy_hpc.allocate.milp import choice_key
-    from scepsy_hpc.errors import InfeasibleError
+    from scepsy_hpc.errors import InfeasibleError, SolverError
 
     t0 = time.perf_counter()
     w = planner.demands[0].weight_rps
@@ -800,9 +801,10 @@ def run_repair(planner: "Planner", check: SimCheck, kept: Checked, waits: Mappin
         cur_waits = refusal.get(id(cur), {})
         if cur.refused_rps is None or not cur_waits or not room():
             break
-        llm = max(cur_waits, key=lambda m: cur_waits[m])
-        if not cur_waits[llm] > 0:   # no LLM queued calls: nothing names the one short
+        queued = {m: v for m, v in cur_waits.items() if math.isfinite(v) and v > 0}   # NaN: no call of it ran
+        if not queued:   # no LLM queued calls: nothing names the one short
             break
+        llm = max(queued, key=lambda m: queued[m])
         rate = cur.refused_rps
         while not cur.sustained_rps and room():   # what it does hold: down until it holds
             rate /= 1 + check.tol_down
@@ -812,16 +814,24 @@ def run_repair(planner: "Planner", check: SimCheck, kept: Checked, waits: Mappin
             break
         dep = planner.dep_of[0, llm]
         at = 0.5 * (cur.sustained_rps + cur.refused_rps)
-        predicted = cur.choice[dep].capacity_rps / planner.deployments[dep].calls * w   # what its predicted capacity carries
+        calls = planner.deployments[dep].calls
+        if not calls > 0:   # the planner's sampled programs never call it: nothing to provision it by
+            said.append(f"{llm} queued most, but the planner's programs do not call it: no re-plan")
+            break
+        predicted = cur.choice[dep].capacity_rps / calls * w   # what its predicted capacity carries
         f = at / predicted if predicted > 0 else 1.0
         if not f < 1 - check.tol_up:   # not short of its prediction by more than a rate step: nothing to correct
-            said.append(f"{llm} saturates near {at:.3g} rps, as predicted ({predicted:.3g}): no re-plan")
+            said.append(f"{llm} saturates near {at:.3g} rps, not a rate step short of its predicted {predicted:.3g}: "
+                        "no re-plan")
             break
         factors[dep] = max(factors.get(dep, 1.0), 1 / f)
         try:
             alt = policies.max_throughput(planner.derated(factors), "milp")
         except InfeasibleError:
             said.append(f"no allocation carries {llm} at {f:.2f}× its predicted capacity")
+            break
+        except SolverError as e:   # the re-plan is optional: the allocation kept stands
+            said.append(f"re-planning with {llm} at {f:.2f}× its predicted capacity failed ({e})")
             break
         key = choice_key(alt.choice)
         if key in seen:
@@ -831,21 +841,26 @@ def run_repair(planner: "Planner", check: SimCheck, kept: Checked, waits: Mappin
         pred = sum(p.latency_s for p in planner.evaluate(alt.choice, theta).values())
         row = Checked(f"repair: {llm} at {f:.2f}× its predicted capacity", dict(alt.choice), pred, math.nan, 0.0, 0.0, None)
         rows.append(row)
+        # it wins only by holding a rate step above what `cur` holds (a tie is no gain), so the steps down
+        # from `cur`'s refusal stop at that rate
         rate, won = cur.refused_rps, None
+        gain = cur.sustained_rps * (1 + check.tol_up)
         while won is None and room():
             if judge(row, rate):
                 won = True
-            elif rate <= cur.sustained_rps * (1 + 1e-9):
-                won = False   # refuses a rate the allocation kept holds
+            elif rate <= gain * (1 + 1e-9):
+                won = False
             else:
-                rate /= 1 + check.tol_down
-        if won:
+                rate = max(rate / (1 + check.tol_down), gain)
+        if won:   # up while it holds, short of a rate it already refused
             rate = row.sustained_rps * (1 + check.tol_up)
-            while room() and judge(row, rate):
+            while room() and (row.refused_rps is None or rate < row.refused_rps * (1 - 1e-9)) and judge(row, rate):
                 rate *= 1 + check.tol_up
         else:
-            said.append(f"{row.label}: " + (f"it refuses {row.refused_rps:.3g} rps, which the other holds" if won is False else
-                                            f"no rate it holds within {check.repair_sims} runs / {check.repair_calls:,} simulated calls"))
+            said.append(f"{row.label}: " + (
+                f"it refuses {row.refused_rps:.3g} rps, a rate step above the {cur.sustained_rps:.3g} the other holds"
+                if won is False else
+                f"no rate it holds within {check.repair_sims} runs / {check.repair_calls:,} simulated calls"))
             break
         said.append(f"{row.label}: it sustains {row.sustained_rps:.3g} rps" +
                     (f" (not {row.refused_rps:.3g})" if row.refused_rps else ""))

@@ -467,3 +467,86 @@ def test_repair_needs_an_llm_that_queued(planner12, monkeypatch):
     assert key(out.choice) in (key(best.choice), key(best.top_choice))
     assert not any(r.label.startswith("repair") for r in out.checked)
     assert "short of the" in out.notes[-1]
+
+
+# ---- the repair's duel, at the seam: one LLM `m`, allocations told apart by their tp, each with a true limit ----
+
+
+def duel(monkeypatch, limits, alts, kept_held=1 / 1.12, kept_refused=1.0, waits=None, calls=1.0, fail=None):
+    """`run_repair` on a one-LLM planner: the allocation kept is tp1 (holds `kept_held`, refuses `kept_refused`);
+    the MILP's re-plans give the tps in `alts` in turn (or raise `fail`); an allocation holds a rate iff it is at
+    most `limits[tp]`. Returns the allocation kept, its tp, the rates judged per tp, and the note."""
+    from types import SimpleNamespace
+
+    from scepsy_hpc.allocate.milp import Candidate
+    from scepsy_hpc.planning.simcheck import Checked
+
+    def cand(tp):
+        return Candidate("h100-sxm", tp, 1.0, 1, 0.0, 1.5)   # predicted to carry 1.5 rps
+
+    judged: dict[int, list[float]] = {}
+
+    def race(self, planner, choices, rate, paths=None, quorum=None):
+        tp = choices[0]["m"].tp
+        judged.setdefault(tp, []).append(rate)
+        ok = rate <= limits[tp] * (1 + 1e-12)
+        return [RaceRun(ok, 1.0, min(rate, limits[tp]), {"m": 0.0 if ok else 5.0}, 1000)]
+
+    plans = iter(alts)
+
+    def replan(planner, pol):
+        if fail is not None:
+            raise fail
+        return SimpleNamespace(choice={"m": cand(next(plans))})
+
+    monkeypatch.setattr(SimCheck, "race", race)
+    monkeypatch.setattr(policies, "max_throughput", replan)
+    planner = SimpleNamespace(demands=[SimpleNamespace(weight_rps=1.0)], progress=lambda s: None,
+                              dep_of={(0, "m"): "m"}, deployments={"m": SimpleNamespace(calls=calls)},
+                              derated=lambda factors: None, evaluate=lambda choice, theta: {})
+    kept = Checked("plan", {"m": cand(1)}, 1.0, float("nan"), 0.0, kept_held, kept_refused)
+    out, rows, note = simcheck.run_repair(planner, SimCheck(), kept, waits or {"m": 5.0}, 1.0)
+    return out, out.choice["m"].tp, judged, note
+
+
+def test_repair_a_tie_is_no_gain(monkeypatch):
+    # the re-plan holds exactly what the allocation kept holds (0.893) and refuses a step above: kept stays
+    out, tp, judged, note = duel(monkeypatch, {1: 1 / 1.12, 2: 1 / 1.12}, [2])
+    assert tp == 1 and out.label == "plan"
+    assert judged[2] == pytest.approx([1.0, 1.05 / 1.12])      # from kept's refusal down to a step above its hold
+    assert "it refuses 0.938 rps, a rate step above the 0.893 the other holds; the allocation kept" in note
+
+
+def test_repair_wins_a_step_above_what_was_held_and_climbs(monkeypatch):
+    # the re-plan's limit lies between kept's hold and refusal: found at the step above the hold, then climbed
+    out, tp, judged, note = duel(monkeypatch, {1: 1 / 1.12, 2: 0.96, 4: 0.5}, [2, 4])
+    assert tp == 2 and out.sustained_rps == pytest.approx(1.05 / 1.12)
+    assert judged[2][:2] == pytest.approx([1.0, 1.05 / 1.12])
+    assert all(r < 1.0 for r in judged[2][2:])                  # the climb stops short of what it refused
+    assert "the last that won is kept" in note
+
+
+def test_repair_never_replaces_a_winner_with_less(monkeypatch):
+    # round one's re-plan holds 0.9375; round two's holds only 0.879, below even the allocation first kept
+    out, tp, judged, note = duel(monkeypatch, {1: 1 / 1.12, 2: 1.05 / 1.12, 4: 0.879}, [2, 4])
+    assert tp == 2 and out.sustained_rps == pytest.approx(1.05 / 1.12)
+    assert judged[4] == pytest.approx([1.05 ** 2 / 1.12])       # its one chance: the step above the winner's hold
+    assert "it refuses 0.984 rps, a rate step above the 0.938 the other holds; the last that won is kept" in note
+
+
+def test_repair_names_the_llm_that_queued_not_one_that_never_ran(monkeypatch):
+    # an LLM with no call in the refused run has a NaN wait: it must not be taken for the one short
+    out, tp, _, note = duel(monkeypatch, {1: 1 / 1.12, 2: 0.96, 4: 0.5}, [2, 4], waits={"x": float("nan"), "m": 5.0})
+    assert tp == 2 and "repair: m at" in note
+    out, tp, _, note = duel(monkeypatch, {1: 1 / 1.12}, [2], waits={"m": float("nan")})
+    assert tp == 1 and note == ""                               # nobody queued: no re-plan, nothing said
+
+
+def test_repair_of_an_llm_the_planner_never_calls_or_a_failed_re_plan_keeps_the_allocation(monkeypatch):
+    from scepsy_hpc.errors import SolverError
+
+    out, tp, judged, note = duel(monkeypatch, {1: 1 / 1.12}, [2], calls=0.0)
+    assert tp == 1 and judged == {} and "the planner's programs do not call it: no re-plan" in note
+    out, tp, judged, note = duel(monkeypatch, {1: 1 / 1.12}, [2], fail=SolverError("HiGHS: time limit, no solution"))
+    assert tp == 1 and judged == {}
+    assert "re-planning with m at 0.63× its predicted capacity failed (HiGHS: time limit, no solution)" in note
