@@ -34,8 +34,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200, help="requests per simulation (default 200)")
     ap.add_argument("--against", type=Path, help="an earlier output of this script: exit 1 when a digest differs")
     args = ap.parse_args()
-    if args.requests < 1 or args.gpus < 1:
-        ap.error("--requests and --gpus must be at least 1")
+    if not 1 <= args.requests <= 100_000 or not 1 <= args.gpus <= 100_000:
+        ap.error(f"--requests {args.requests} / --gpus {args.gpus}: each from 1 to 100,000")
     shipped = sorted(p.stem for p in (config_dir() / "workflows").glob("*.yaml"))
     names = args.workflows.split(",") if args.workflows else shipped
     unknown = [w for w in names if w not in shipped]
