@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scepsy_hpc.errors import ScepsyError
 from scepsy_hpc.sim import simulate
 from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models
 from scepsy_hpc.spec.plan import load_plan
@@ -59,8 +60,13 @@ def main() -> int:
                 print(f"{w}: `{' '.join(cmd[2:])}` failed", file=sys.stderr)
                 return 2
         wf = load_workflow(config_dir() / "workflows" / f"{w}.yaml", models)
-        plan = load_plan(f, wf, models, gpus)
-        rate = plan.predicted["throughput_rps"]
+        try:
+            plan = load_plan(f, wf, models, gpus)
+            rate = float(plan.predicted["throughput_rps"])
+        except (ScepsyError, KeyError, TypeError, ValueError) as e:
+            print(f"{f}: not a plan of {w} with a predicted throughput ({e}); remove it to have it written again",
+                  file=sys.stderr)
+            return 2
         h = hashlib.sha256()
         for frac in (0.7, 1.05):
             r = simulate(wf, plan.allocation, gpus[plan.gpus.type], models, rate_rps=rate * frac,
