@@ -19,7 +19,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Hashable, Iterator, Sequence
 
-from scepsy_hpc.perf.prefix import BLOCK_TOKENS, PrefixStats, cache_size, max_hit_tokens
+from scepsy_hpc.perf.prefix import BLOCK_TOKENS, PrefixStats, cache_size
 
 
 class Runs:
@@ -64,24 +64,30 @@ class Runs:
             if i >= stop:
                 break
             c = (b - a) // s + 1
-            lo, hi = max(start - i, 0), min(stop - i, c)
+            lo, hi = start - i, stop - i
+            if lo < 0:
+                lo = 0
+            if hi > c:
+                hi = c
             if lo < hi:
                 out.append((seg, a + lo * s, a + (hi - 1) * s))
             i += c
-        return Runs(tuple(out), s, False, max(0, stop - start))
+        return Runs(tuple(out), s, False, stop - start if stop > start else 0)
 
 
 def segment_runs(segments: Sequence[tuple[Hashable, int]], block_tokens: int = BLOCK_TOKENS) -> Runs:
     """`prefix.segment_blocks`'s blocks as `Runs`: per segment, its first and last full-block end."""
     out = []
-    start = 0
+    start = count = 0
     for seg, n in segments:
         end = start + n
         first = (start // block_tokens + 1) * block_tokens
         if first <= end:
-            out.append((seg, first, end // block_tokens * block_tokens))
+            last = end // block_tokens * block_tokens
+            out.append((seg, first, last))
+            count += (last - first) // block_tokens + 1
         start = end
-    return Runs(tuple(out), block_tokens)
+    return Runs(tuple(out), block_tokens, n=count)
 
 
 class _Iv:
@@ -263,24 +269,38 @@ class RunCache:
         return lst[i] if i >= 0 and lst[i].b >= pos else None
 
     def _run(self, blocks: Runs, prompt_tokens: int) -> int:
+        # the hottest loop of a simulation with prefix caching (every replica's lookup on every routed call):
+        # plain comparisons rather than min/max/len calls, the interval list walked without its key function
         runs = blocks.runs
-        if not runs or runs[0][0] not in self._ivs:
+        ivs = self._ivs
+        if not runs or runs[0][0] not in ivs:
             return 0      # its first block's segment is not cached at all: no leading run
-        limit = min(len(blocks), max_hit_tokens(prompt_tokens, self.block_tokens) // self.block_tokens)
-        s, total = self.step, 0
-        for seg, a, b in blocks.runs:
+        s = self.block_tokens
+        limit = (prompt_tokens - 1) // s    # max_hit_tokens, in blocks (at most prompt − 1 tokens)
+        if limit > blocks._n:
+            limit = blocks._n
+        total = 0
+        for seg, a, b in runs:
             if limit <= 0:
                 break
-            end = min(b, a + (limit - 1) * s)
+            end = a + (limit - 1) * s
+            if end > b:
+                end = b
             want = (end - a) // s + 1
-            lst = self._ivs.get(seg)
+            lst = ivs.get(seg)
             pos = a
             if lst:
-                i = bisect_right(lst, pos, key=_start) - 1
-                while pos <= end and 0 <= i < len(lst) and lst[i].a <= pos <= lst[i].b:
-                    pos = lst[i].b + s
-                    i += 1
-            got = (min(pos - s, end) - a) // s + 1
+                n = len(lst)
+                i = bisect_right(lst, pos, key=_start) - 1 if n > 1 else (0 if lst[0].a <= pos else -1)
+                while pos <= end and 0 <= i < n:
+                    iv = lst[i]
+                    if iv.a <= pos <= iv.b:
+                        pos = iv.b + s
+                        i += 1
+                    else:
+                        break
+            last = pos - s
+            got = ((last if last < end else end) - a) // s + 1
             total += got
             if got < want:
                 break
