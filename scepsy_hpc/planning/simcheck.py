@@ -15,7 +15,8 @@ unless another beats it by more than `margin`.
 
 For the max-throughput goal the criterion is the simulated sustainable rate. By default only the
 choice the predictor cannot make is checked (`run_tolerance_check`): the plan against the allocation
-of the most predicted capacity, which it was picked within `throughput_tol` of. When the allocation it
+of the most predicted capacity, which it was picked within `throughput_tol` of; when they are one, the plan
+alone at the planned rate (`run_capacity_check`). When the allocation it
 keeps falls a rate step or more short of the planned rate, `run_repair` re-plans with the LLM that
 queued most provisioned for the capacity the simulator showed, and keeps what holds more. The full race
 (`run_throughput_check`): the MILP's optimum is bracketed by bisection, the shortlist is rebuilt at a
@@ -668,7 +669,7 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
 
     top = best.top_choice
     if top is None or choice_key(top) == choice_key(best.choice):
-        return best
+        return run_capacity_check(planner, check, best)
     t0 = time.perf_counter()
     w = planner.demands[0].weight_rps
     theta = best.theta
@@ -724,14 +725,65 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
         out = best.noted(f"simulator check (tolerance): {what}: {span} within {check.tol_sims} runs / "
                          f"{check.tol_calls:,} simulated calls; the plan kept ({how})")
     kept = top_row if verdict == "top" else plan_row
+    return _repair_and_say(planner, check, out, kept, refusals[rows.index(kept)], [plan_row, top_row], theta, t0)
+
+
+def run_capacity_check(planner: "Planner", check: SimCheck, best: "Outcome") -> "Outcome":
+    """The tolerance check when the plan is the allocation of the most predicted capacity (nothing to tell
+    apart): does it carry the rate planned? It is judged (one sample path) at the planned rate, and down by
+    `tol_down` once while it refuses; when it refuses that too (a rate step short: an LLM the predictor
+    over-rates), `run_repair` runs as after the two-allocation check. The same budgets (`tol_sims`,
+    `tol_calls`); the notes say what held."""
+    t0 = time.perf_counter()
+    w = planner.demands[0].weight_rps
+    theta = best.theta
     planned = theta * w
-    checked = [plan_row, top_row]
+    row = Checked("plan", dict(best.choice), best.latency_s, math.nan, 0.0, 0.0, None)
+    rate, sims, spent, waits = planned, 0, 0, {}
+    while sims < check.tol_sims and spent < check.tol_calls:
+        planner.progress(f"simulator check (capacity): the plan at {rate:.3g} rps")
+        run = check.race(planner, [row.choice], rate, paths=1, quorum=1)[0]
+        sims += 1
+        spent += run.calls
+        row.simulated_s, row.throughput_rps = run.latency_s, run.throughput_rps
+        if run.sustainable:
+            row.sustained_rps = rate
+            break
+        row.refused_rps, waits = rate, run.waits
+        if rate <= planned / (1 + check.tol_down) * (1 + 1e-9):
+            break
+        rate /= 1 + check.tol_down
+    how = f"{sims} run{'s' if sims != 1 else ''}, {spent:,} calls, {time.perf_counter() - t0:.1f} s"
+    pred = planner.throughput_scale(best.predictions) * w
+    what = f"the plan (the allocation of the most predicted capacity, {pred:.3g} rps)"
+    if row.sustained_rps and row.refused_rps is None:
+        out = best.noted(f"simulator check (capacity): {what} sustains the {planned:.3g} rps planned in the simulator ({how})")
+    elif row.sustained_rps:
+        out = best.noted(f"simulator check (capacity): {what} refuses the {row.refused_rps:.3g} rps planned in the "
+                         f"simulator and sustains {row.sustained_rps:.3g} ({how})")
+    elif row.refused_rps is not None:
+        out = best.noted(f"simulator check (capacity): {what} refuses {planned:.3g} rps (planned) and "
+                         f"{row.refused_rps:.3g} rps in the simulator ({how})")
+    else:
+        out = best.noted(f"simulator check (capacity): {what}: no run within {check.tol_sims} runs / {check.tol_calls:,} "
+                         f"simulated calls ({how})")
+    return _repair_and_say(planner, check, out, row, waits, [row], theta, t0)
+
+
+def _repair_and_say(planner: "Planner", check: SimCheck, out: "Outcome", kept: Checked, waits: Mapping[str, float],
+                    checked: list[Checked], theta: float, t0: float) -> "Outcome":
+    """After the tolerance (or capacity) check kept `kept` (`waits`: the admission waits of its run at the rate
+    it refused): the repair when it falls a rate step short of the planned rate, then a note when what is kept
+    does not hold the rate planned; `checked`: the rows judged so far."""
+    w = planner.demands[0].weight_rps
+    planned = theta * w
+    checked = list(checked)
     # the repair, when the allocation kept falls a rate step or more short of the planned rate (it refuses
     # planned ÷ (1 + tol_down) too): a shortfall that size is an LLM the predictor over-rates, not noise
     if (check.repair_rounds > 0 and kept.refused_rps is not None
             and kept.refused_rps <= planned / (1 + check.tol_down) * (1 + 1e-9)):
         base = out
-        kept, repairs, note = run_repair(planner, check, kept, refusals[rows.index(kept)], theta)
+        kept, repairs, note = run_repair(planner, check, kept, waits, theta)
         checked += repairs
         if kept in repairs:   # planned at its predicted capacity's cap, as the race does, at most the rate planned before
             top_new = planner.throughput_scale(planner.evaluate(kept.choice, theta))

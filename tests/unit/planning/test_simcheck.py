@@ -3,6 +3,7 @@ the throughput goal's race, with the simulator replaced at its seams and for rea
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -338,11 +339,54 @@ def test_tolerance_check_stops_at_its_budget_and_skips_a_plan_of_most_capacity(p
     judged = sorted({r for _, r in seen})
     assert f"to {judged[-1]:.3g} rps told them apart" in out.notes[-1]
     assert f"{judged[-1] * 1.05:.3g}" not in out.notes[-1]
-    # nothing to tell apart: the plan is the allocation of the most capacity
+    # nothing to tell apart: the plan is the allocation of the most capacity, judged alone (test below)
     seen.clear()
     same = replace(best, top_choice=dict(best.choice))
     out = simcheck.run_check(planner6, SimCheck(jobs=1), same, "throughput")
-    assert not seen and out is same
+    assert seen == [(key(best.choice), pytest.approx(planned))] and key(out.choice) == key(best.choice)
+
+
+def test_a_plan_of_most_capacity_is_judged_at_the_rate_planned(planner6, monkeypatch):
+    """Nothing to tell apart (the plan is the allocation of the most predicted capacity): it is judged alone at
+    the planned rate: one run when it holds; one step down when it refuses; the shortfall said, the plan kept."""
+    best = policies.max_throughput(planner6, "milp")
+    same = replace(best, top_choice=None)         # no allocation of more capacity: the same as itself
+    planned = best.theta * planner6.demands[0].weight_rps
+    for x, rates, said in ((1.3, [1.0], "sustains the"), (0.95, [1.0, 1 / 1.12], "and sustains"),
+                           (0.85, [1.0, 1 / 1.12], "refuses")):
+        race, seen = fake_race(lambda c: planned * x)
+        monkeypatch.setattr(SimCheck, "race", race)
+        out = simcheck.run_check(planner6, SimCheck(jobs=1, repair_rounds=0), same, "throughput")
+        assert [r for _, r in seen] == pytest.approx([planned * r for r in rates]), x
+        assert key(out.choice) == key(best.choice) and out.theta == best.theta
+        notes = " ".join(out.notes)
+        assert "simulator check (capacity)" in notes and said in notes, (x, out.notes)
+        assert ("short of the" in out.notes[-1]) == (x < 1), (x, out.notes)   # a shortfall is said, with the figure to trust
+        (row,) = out.checked
+        assert row.label == "plan" and (row.refused_rps is None) == (x >= 1)
+        assert out.check_time_s > 0
+    # a budget of no runs: nothing judged, said
+    race, seen = fake_race(lambda c: planned)
+    monkeypatch.setattr(SimCheck, "race", race)
+    out = simcheck.run_check(planner6, SimCheck(jobs=1, tol_sims=0), same, "throughput")
+    assert not seen and "no run within 0 runs" in out.notes[-1] and key(out.choice) == key(best.choice)
+
+
+def test_a_plan_of_most_capacity_a_step_short_is_repaired(planner12, monkeypatch):
+    """The plan is the allocation of the most capacity and an LLM carries half its predicted rate: the
+    capacity check finds it a step short and the repair re-plans, as after the two-allocation check."""
+    best = policies.max_throughput(planner12, "milp")
+    same = replace(best, top_choice=dict(best.choice))
+    short = bottleneck(planner12, best.choice)
+    race, seen, limit = short_llm_race(planner12, short, 0.5)
+    monkeypatch.setattr(SimCheck, "race", race)
+    out = simcheck.run_check(planner12, SimCheck(jobs=1), same, "throughput")
+    notes = " ".join(out.notes)
+    assert "simulator check (capacity)" in notes and "the last that won is kept" in notes, out.notes
+    assert limit(out.choice) > limit(best.choice) * 1.05 and planner12.fits(out.choice)
+    assert out.checked[0].label == "plan" and out.checked[-1].label.startswith("repair: ")
+    assert out.checked[-1].sustained_rps <= limit(out.choice) * (1 + 1e-9)
+    assert len(seen) <= 2 + SimCheck().repair_sims
 
 
 def test_tolerance_check_budget_counts_simulated_calls_not_seconds(planner6, monkeypatch):
@@ -379,6 +423,17 @@ def test_tolerance_check_runs_the_real_simulator(planner6):
         assert not (kept.refused_rps is not None and (other.sustained_rps or 0.0) >= kept.refused_rps)
     assert out.check_time_s > 0 and "simulator check (tolerance)" in " ".join(out.notes)
     assert " calls, " in " ".join(out.notes)          # the real judgements count the calls they simulated
+
+
+def test_capacity_check_runs_the_real_simulator(planner6):
+    best = policies.max_throughput(planner6, "milp")
+    out = simcheck.run_check(planner6, SimCheck(calls=2000, min_requests=200, max_requests=300, jobs=1),
+                             replace(best, top_choice=None), "throughput")
+    row = out.checked[0]
+    assert row.label == "plan" and (row.sustained_rps or row.refused_rps)
+    assert row.throughput_rps > 0 and math.isfinite(row.simulated_s)
+    notes = " ".join(out.notes)
+    assert "simulator check (capacity)" in notes and " calls, " in notes
 
 
 # ---- the tolerance check's repair: the LLM the simulator found short, provisioned for what it showed ----
