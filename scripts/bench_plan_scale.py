@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Planning at scale, the whole `scepsy plan` path: 32 LLMs on 1,024 GPUs at --target-rps 30.
+"""Planning at scale, the whole `scepsy plan` path: 32 LLMs on 1,024 GPUs at --target-rps 30 (or --max-throughput).
 
 Runs planning.api.plan (what `scepsy plan` runs: default options, the simulator check included) on
 the synthetic workflow of scripts/bench_milp_scale.py and prints the wall time, solve_time_s, the
@@ -10,6 +10,8 @@ their ratio. The steady-state run is the check's own when it ran one, else one m
 (sim.core.simulate with warm-up and length scaled to latency × rate, planning.simcheck).
 
     .venv/bin/python scripts/bench_plan_scale.py [--llms 32] [--gpus 1024] [--rate 30] [--repeat 1]
+    .venv/bin/python scripts/bench_plan_scale.py --max-throughput     # the max-throughput goal; no steady-state
+                                                                      # run of its own unless --long-run (minutes)
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def instrument() -> None:
     planner_mod.Planner.latency_candidates = _timed("candidates", planner_mod.Planner.latency_candidates)
     planner_mod.Planner.evaluate = _timed("predictor (alp-cp)", planner_mod.Planner.evaluate)
     planner_mod.Planner.max_scale = _timed("HiGHS (MILP)", planner_mod.Planner.max_scale)
+    planner_mod.Planner.instance_scale = _timed("HiGHS (MILP)", planner_mod.Planner.instance_scale)
+    planner_mod.Planner.milp_mixed = _timed("HiGHS (MILP)", planner_mod.Planner.milp_mixed)
     planner_mod.solve = _timed("HiGHS (MILP)", planner_mod.solve)
     milp_mod.solve = _timed("HiGHS (MILP)", milp_mod.solve)
     sim_core.simulate = _timed("simulator", sim_core.simulate)
@@ -86,6 +90,8 @@ def main() -> int:
     ap.add_argument("--long-run", action="store_true",
                     help="also simulate the chosen plan in one long run (4×λ·L requests, the first half dropped) "
                          "to cross-check the check's steady-state reading")
+    ap.add_argument("--max-throughput", action="store_true",
+                    help="plan for the most throughput (`scepsy plan --max-throughput`) instead of --rate")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     args = ap.parse_args()
     if args.calls is not None:
@@ -106,7 +112,7 @@ def main() -> int:
         PHASES.clear()
         COUNTS.clear()
         req = PlanRequest(workflows=(wf,), models=models, gpus=gpus, target_rps={wf.name: args.rate},
-                          gpu_count=args.gpus)
+                          gpu_count=args.gpus, goal="max-throughput" if args.max_throughput else None)
         t0 = time.perf_counter()
         res = api.plan(req)
         wall = time.perf_counter() - t0
@@ -115,12 +121,12 @@ def main() -> int:
         phases["other"] = wall - sum(phases.values())
         print(f"  (planned in {wall:.1f} s; phases {', '.join(f'{k} {v:.1f} s' for k, v in phases.items())})",
               file=sys.stderr, flush=True)
-        steady = steady_state(res, args.long_run)
+        steady = steady_state(res, args.long_run) if args.long_run or not args.max_throughput else None
         pred = out.latency_s
         runs.append({"wall_s": wall, "solve_time_s": out.solve_time_s, "candidates": out.candidates,
                      "iterations": out.iterations, "check_time_s": out.check_time_s, "status": out.status,
                      "phases_s": phases, "calls": dict(COUNTS), "predicted_latency_s": pred,
-                     "steady_state": steady, "ratio_pred_over_sim": pred / steady["latency_mean_s"],
+                     "steady_state": steady, "ratio_pred_over_sim": pred / steady["latency_mean_s"] if steady else None,
                      "notes": list(out.notes)})
         fed = None
         if out.priced is not None and hasattr(cand_mod, "prune_by_bound"):
@@ -128,14 +134,19 @@ def main() -> int:
         runs[-1]["candidates_to_highs"] = fed
         if not args.json:
             r = runs[-1]
-            print(f"{args.llms} LLMs × {args.gpus} GPUs at {args.rate:g} rps: wall {wall:.1f} s, solve_time_s "
+            goal = "most throughput" if args.max_throughput else f"{args.rate:g} rps"
+            print(f"{args.llms} LLMs × {args.gpus} GPUs at {goal}: wall {wall:.1f} s, solve_time_s "
                   f"{out.solve_time_s:.2f}, {out.candidates} candidates ({fed} after the bound), {out.iterations} iterations, "
                   f"status {out.status}")
             for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
                 print(f"    {k:22s} {v:7.2f} s" + (f"  ({COUNTS[k]} calls)" if k in COUNTS else ""))
-            print(f"  predicted latency {pred:.2f} s; steady-state simulated {steady['latency_mean_s']:.2f} s "
-                  f"({steady['source']}: {steady['requests']} requests, warm-up {steady['warmup']}); "
-                  f"predicted ÷ simulated = {r['ratio_pred_over_sim']:.3f}")
+            if steady is None:
+                print(f"  planned {out.theta * res.planner.demands[0].weight_rps:.4g} rps; predicted latency {pred:.2f} s "
+                      "(no steady-state run here: --long-run)")
+            else:
+                print(f"  predicted latency {pred:.2f} s; steady-state simulated {steady['latency_mean_s']:.2f} s "
+                      f"({steady['source']}: {steady['requests']} requests, warm-up {steady['warmup']}); "
+                      f"predicted ÷ simulated = {r['ratio_pred_over_sim']:.3f}")
             for n in out.notes:
                 print(f"    note: {n}")
     if args.json:

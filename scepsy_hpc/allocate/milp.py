@@ -275,13 +275,73 @@ def _max_theta(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[st
     return float(theta.value() or 0.0), prob, x, s, status, elapsed
 
 
+COMPACT_ABOVE = 5000   # candidates above which `solve_max_rate` solves the compact form (`_max_rate_compact`)
+
+
 def solve_max_rate(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
                    calls_per_unit: Mapping[str, float], *, time_limit_s: float = 30.0, gap: float = 1e-6,
                    msg: bool = False, domain_caps: Mapping[int, int] | None = None) -> tuple[float, MILPResult]:
-    """The largest rate scale θ every LLM carries (constraint (5)) and the candidates that reach it."""
+    """The largest rate scale θ every LLM carries (constraint (5)) and the candidates that reach it. Above
+    `COMPACT_ABOVE` candidates (every replica count of every configuration: 1,024 GPUs make ~10⁵, which
+    HiGHS does not get through in minutes) the same problem in its compact form."""
+    if sum(len(cs) for cs in candidates.values()) > COMPACT_ABOVE:
+        return _max_rate_compact(candidates, budget, calls_per_unit, time_limit_s, gap, msg, domain_caps)
     theta, prob, x, s, status, elapsed = _max_theta(candidates, budget, calls_per_unit, time_limit_s, gap, msg,
                                                     domain_caps, counts=False)
     return theta, _result(candidates, x, s, prob, status, elapsed, time_limit_s)
+
+
+def _max_rate_compact(candidates: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],
+                      calls_per_unit: Mapping[str, float], time_limit_s: float, gap: float, msg: bool,
+                      domain_caps: Mapping[int, int] | None) -> tuple[float, MILPResult]:
+    """`solve_max_rate` with one variable per configuration instead of one per (configuration, replica
+    count): the instance bound's model (x_mc ∈ ℤ≥0 counts single instances of configuration c) plus
+    y_mc ∈ {0,1}, x_mc ≤ R_mc·y_mc and Σ_c y_mc ≤ 1 — one configuration per LLM, any count from 1 to the
+    most its candidates have (R_mc). Every (c, r) candidate is such a solution and every solution is
+    one of the candidates' configurations at a count they admit (a count pruned as dominated is still a
+    valid allocation), so θ is the same exact optimum, from |configurations| variables, not |candidates|.
+    Among allocations of equal θ HiGHS may pick another than the list form would."""
+    import pulp
+
+    configs: dict[str, list[Candidate]] = {}
+    most: dict[str, list[int]] = {}
+    for m, cs in candidates.items():
+        seen: dict[tuple[str, int, float], list[Any]] = {}
+        for c in cs:
+            if c.more:
+                raise ValueError("solve_max_rate takes candidates of one configuration each")
+            k = (c.gpu, c.tp, c.gpu_frac)
+            if k not in seen:
+                seen[k] = [replace(c, replicas=1, capacity_rps=c.capacity_rps / c.replicas, cost_s=0.0), c.replicas]
+            seen[k][1] = max(seen[k][1], c.replicas)
+        configs[m] = [unit for unit, _ in seen.values()]
+        most[m] = [r for _, r in seen.values()]
+    _check_nonempty(configs)
+    t0 = time.perf_counter()
+    prob, x, s = _model(configs, budget, pulp.LpMaximize, domain_caps, counts=True)
+    theta = prob.add_variable("theta", lowBound=0)
+    prob += theta
+    for k, (m, cs) in enumerate(configs.items()):
+        y = [prob.add_variable(f"y_{k}_{i}", cat="Binary") for i in range(len(cs))]
+        prob += pulp.lpSum(y) <= 1, f"c1_one_{k}"
+        for i in range(len(cs)):
+            prob += x[m, i] <= most[m][i] * y[i], f"c1_link_{k}_{i}"
+        prob += pulp.lpSum(c.capacity_rps * x[m, i] for i, c in enumerate(cs)) >= calls_per_unit.get(m, 0.0) * theta, \
+            f"c5_carry_{k}"
+    status, _ = _run(prob, time_limit_s, gap, msg)
+    elapsed = time.perf_counter() - t0
+    _check_status(status, configs, budget, elapsed, time_limit_s)
+    choice = {}
+    for m, cs in configs.items():
+        picked = [(c, int(round(x[m, i].value()))) for i, c in enumerate(cs) if (x[m, i].value() or 0.0) > 0.5]
+        if len(picked) != 1:
+            raise SolverError(f"HiGHS returned {len(picked)} configurations for LLM {m!r}; expected exactly one")
+        c, r = picked[0]
+        choice[m] = replace(c, replicas=r, capacity_rps=c.capacity_rps * r)
+    shared = {g: int(round(v.value() or 0.0)) for g, v in s.items()}
+    value = float(theta.value() or 0.0)
+    return value, MILPResult(choice, shared, value, status, elapsed, 2 * len(x) + len(s) + 1,
+                             time_limit_hit=status == "feasible")
 
 
 def instance_bound(instances: Mapping[str, Sequence[Candidate]], budget: Mapping[str, int],

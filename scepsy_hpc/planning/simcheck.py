@@ -252,6 +252,28 @@ class SimCheck:
             return "the simulator check models engines, not measured profiles; with --profiles it is off"
         return None
 
+    def unjudgeable(self, planner: "Planner", theta: float, latency_s: float) -> str | None:
+        """Why the throughput goal's judgements cannot read a plan at rate scale θ (predicted mean latency
+        `latency_s`), or None. The judge (sim.capacity.judge) reads the backlog of runs it lengthens up to
+        `longest_judged_run` requests; a run whose arrivals do not span the steady state's warm-up and
+        window (`steady_warmup` + `steady_window` latencies, as the latency check's steady runs) reads
+        the transient, not the rate (32 chained LLMs at 176 rps with 280 s latencies keep ~49,000
+        requests in flight: more than the longest run)."""
+        from scepsy_hpc.sim.capacity import longest_judged_run
+
+        rate = theta * planner.demands[0].weight_rps
+        if not (math.isfinite(latency_s) and latency_s > 0 and rate > 0):
+            return None
+        spans = self.steady_warmup + self.steady_window
+        need = spans * rate * latency_s
+        longest = longest_judged_run(self.requests_for(_calls(planner)))
+        if need <= longest:
+            return None
+        return (f"simulator check: not run: at the planned {rate:.3g} rps the plan keeps ~{rate * latency_s:,.0f} requests in "
+                f"flight (predicted latency {latency_s:.3g} s); judging the rate needs runs spanning {spans:g} latencies "
+                f"(~{need:,.0f} requests) and the judge's stop at {longest:,}: the capacity is the predictor's, unchecked "
+                f"(`scepsy simulate` with --requests {10 * int(need):d} or more checks it)")
+
     def simulate(self, planner: "Planner", choice: Mapping[str, "Candidate"], theta: float) -> tuple[float, float]:
         """(simulated mean latency, completed requests/s) of `choice` at rate scale θ."""
         return _sim_run(_race_job(planner, choice, theta * planner.demands[0].weight_rps, self))
@@ -436,6 +458,8 @@ def run_check(planner: "Planner", check: SimCheck, best: "Outcome", goal: str = 
     """Simulate `best` (the milp policy's Outcome) and its shortlist at its rate scale; return the
     Outcome to keep (see the module docstring), a new value. `goal` "throughput" runs `run_throughput_check`."""
     why = check.skip_reason(planner)
+    if why is None and goal == "throughput":
+        why = check.unjudgeable(planner, best.theta, best.latency_s)
     if why is not None:
         return best.noted(why)
     if goal == "throughput" and not check.throughput:

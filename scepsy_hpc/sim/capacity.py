@@ -191,6 +191,11 @@ def too_short(res: SimResult, fill_latencies: float = FILL_LATENCIES) -> bool:
     return len(res.request_records) < _fill_requests(res, fill_latencies)
 
 
+def longest_judged_run(n_requests: int, max_extend: int = MAX_EXTEND, fill_extend: int | None = None) -> int:
+    """The most requests a `judge` run from `n_requests` goes to (its `fill_cap`)."""
+    return max(max_extend, FILL_EXTEND * max_extend if fill_extend is None else fill_extend) * n_requests
+
+
 def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MAX_EXTEND,
           pileup: float = PILEUP, fill_extend: int | None = None) -> tuple[bool, SimResult]:
     """Run `run(n)` from `n_requests` and read the backlog's growth with its 95% interval
@@ -204,7 +209,7 @@ def judge(run: Callable[[int], SimResult], n_requests: int, max_extend: int = MA
     length its latency needs, up to `fill_extend` × `n_requests` (default `FILL_EXTEND` × `max_extend`). At the
     longest run allowed an undecided run is read by its point estimate. The verdict, and the last run."""
     cap = max_extend * n_requests
-    fill_cap = max(cap, (FILL_EXTEND * max_extend if fill_extend is None else fill_extend) * n_requests)
+    fill_cap = longest_judged_run(n_requests, max_extend, fill_extend)
     n = n_requests
     grew = False   # the run before this one grew too (a pile-up below CONFIRM is refused on two lengths)
     while True:

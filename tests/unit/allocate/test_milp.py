@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from scepsy_hpc.allocate import milp
 from scepsy_hpc.allocate.milp import Candidate, instance_bound, shared_gpus_needed, solve, solve_max_rate
 from scepsy_hpc.errors import InfeasibleError, SolverError
 
@@ -117,6 +118,74 @@ def test_max_rate_milp_matches_exhaustive_search(seed):
     assert all(c.capacity_rps >= calls[m] * theta * (1 - 1e-6) for m, c in res.choice.items())  # every LLM carries its load
     used = res.gpus_used()
     assert all(used[g] <= budget[g] for g in used)
+
+
+def replica_candidates(rng, n_gpus, gaps=False):
+    """Per LLM 1–3 configurations, each at every replica count that fits `n_gpus` (κ = r·μ), as the
+    planner's capacity candidates are; `gaps`: some counts left out (pruned as dominated)."""
+    cands = {}
+    for m in range(rng.randint(2, 3)):
+        cs = []
+        for tp, f in rng.sample([(1, 0.25), (1, 0.5), (1, 0.75), (1, 1.0), (2, 1.0), (4, 1.0)], rng.randint(1, 3)):
+            mu = round(rng.uniform(0.5, 10) * tp * f, 3)
+            rs = [r for r in range(1, int(n_gpus / (tp * f)) + 1) if not (gaps and r > 1 and rng.random() < 0.3)]
+            cs += [Candidate("a", tp, f, r, 0.0, r * mu) for r in rs]
+        cands[f"m{m}"] = cs
+    return cands, {"a": n_gpus}, {m: rng.uniform(0.5, 20) for m in cands}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_compact_max_rate_is_the_list_forms_optimum(seed, monkeypatch):
+    """The compact form (one count variable per configuration) reaches the list form's θ, which exhaustive
+    search confirms; with counts left out of the list it may do better (a left-out count is still a valid
+    allocation), never worse. Its choice is one configuration per LLM at a count within the list's range."""
+    rng = random.Random(3000 + seed)
+    gaps = seed % 3 == 0
+    cands, budget, calls = replica_candidates(rng, rng.randint(2, 6), gaps)
+    want = brute_rate(cands, budget, calls)
+    monkeypatch.setattr(milp, "COMPACT_ABOVE", 10 ** 9)
+    listed = solved_unless_infeasible(want, solve_max_rate, cands, budget, calls)
+    monkeypatch.setattr(milp, "COMPACT_ABOVE", 0)
+    compact = solved_unless_infeasible(want, solve_max_rate, cands, budget, calls)
+    if listed is None:
+        return
+    (theta_l, _), (theta_c, res) = listed, compact
+    assert theta_l == pytest.approx(want, rel=1e-6)
+    if gaps:
+        assert theta_c >= theta_l * (1 - 1e-6)
+    else:
+        assert theta_c == pytest.approx(theta_l, rel=1e-6)
+    for m, c in res.choice.items():
+        kin = [k for k in cands[m] if (k.tp, k.gpu_frac) == (c.tp, c.gpu_frac)]
+        assert kin and 1 <= c.replicas <= max(k.replicas for k in kin) and not c.more
+        assert c.capacity_rps == pytest.approx(kin[0].capacity_rps / kin[0].replicas * c.replicas)
+        assert c.capacity_rps >= calls[m] * theta_c * (1 - 1e-6)
+    used = res.gpus_used()
+    assert all(used[g] <= budget[g] for g in used)
+
+
+def test_max_rate_on_a_thousand_gpus_is_solved_in_its_compact_form():
+    """32 LLMs on 1,024 GPUs: every replica count of every configuration is ~90,000 candidates, which the list
+    form did not get through (HiGHS 'Not Solved' after 129 s, its 30 s limit passed). The compact form solves
+    it: an allocation that fits, carries θ, and carries at least as much as the even split."""
+    rng = random.Random(7)
+    n = 1024
+    cands, calls = {}, {}
+    for m in range(32):
+        cs = []
+        for tp, f in [(1, 0.25), (1, 0.5), (1, 0.75), (1, 1.0), (2, 1.0), (4, 1.0), (8, 1.0)]:
+            mu = rng.uniform(0.8, 1.2) * (tp * f) ** 0.9
+            cs += [Candidate("a", tp, f, r, 0.0, r * mu) for r in range(1, int(n / (tp * f)) + 1)]
+        cands[f"m{m:02d}"], calls[f"m{m:02d}"] = cs, rng.uniform(1, 10)
+    assert sum(map(len, cands.values())) > milp.COMPACT_ABOVE
+    theta, res = solve_max_rate(cands, {"a": n}, calls, time_limit_s=30.0)
+    assert res.status == "optimal" and res.solve_time_s < 30.0
+    used = res.gpus_used()
+    assert used["a"] <= n
+    assert all(c.capacity_rps >= calls[m] * theta * (1 - 1e-6) for m, c in res.choice.items())
+    even = min(next(c for c in cands[m] if (c.tp, c.gpu_frac, c.replicas) == (1, 1.0, n // 32)).capacity_rps / calls[m]
+               for m in cands)
+    assert theta >= even
 
 
 def random_instances(rng):

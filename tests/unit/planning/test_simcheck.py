@@ -425,6 +425,23 @@ def test_tolerance_check_runs_the_real_simulator(planner6):
     assert " calls, " in " ".join(out.notes)          # the real judgements count the calls they simulated
 
 
+def test_a_plan_the_judge_cannot_read_is_said_unchecked_not_judged(planner6, monkeypatch):
+    """A judgement needs runs spanning 2.5 latencies at the planned rate; when that is past the longest run the
+    judge makes (32 chained LLMs on 1,024 GPUs: ~49,000 requests in flight), the throughput check says so and
+    runs nothing, instead of reading the transient as a verdict."""
+    best = with_top(planner6, policies.max_throughput(planner6, "milp"))
+    race, seen = fake_race(lambda c: 1e9)
+    monkeypatch.setattr(SimCheck, "race", race)
+    assert SimCheck().unjudgeable(planner6, best.theta, best.latency_s) is None    # this small plan: judged
+    monkeypatch.setattr(SimCheck, "requests_for", lambda self, calls: 1)          # runs stop at 16 requests
+    why = SimCheck().unjudgeable(planner6, best.theta, best.latency_s)
+    assert why and "not run" in why and "requests in flight" in why and "--requests" in why
+    for b in (best, replace(best, top_choice=None)):
+        out = simcheck.run_check(planner6, SimCheck(jobs=1), b, "throughput")
+        assert not seen and out.notes[-1] == why and key(out.choice) == key(best.choice)
+    assert SimCheck().unjudgeable(planner6, best.theta, math.nan) is None       # no latency to size it by: judged
+
+
 def test_capacity_check_runs_the_real_simulator(planner6):
     best = policies.max_throughput(planner6, "milp")
     out = simcheck.run_check(planner6, SimCheck(calls=2000, min_requests=200, max_requests=300, jobs=1),
