@@ -284,7 +284,8 @@ def solve_max_rate(candidates: Mapping[str, Sequence[Candidate]], budget: Mappin
     """The largest rate scale θ every LLM carries (constraint (5)) and the candidates that reach it. Above
     `COMPACT_ABOVE` candidates (every replica count of every configuration: 1,024 GPUs make ~10⁵, which
     HiGHS does not get through in minutes) the same problem in its compact form."""
-    if sum(len(cs) for cs in candidates.values()) > COMPACT_ABOVE:
+    if (sum(len(cs) for cs in candidates.values()) > COMPACT_ABOVE
+            and not any(c.more for cs in candidates.values() for c in cs)):
         return _max_rate_compact(candidates, budget, calls_per_unit, time_limit_s, gap, msg, domain_caps)
     theta, prob, x, s, status, elapsed = _max_theta(candidates, budget, calls_per_unit, time_limit_s, gap, msg,
                                                     domain_caps, counts=False)
@@ -299,17 +300,19 @@ def _max_rate_compact(candidates: Mapping[str, Sequence[Candidate]], budget: Map
     y_mc ∈ {0,1}, x_mc ≤ R_mc·y_mc and Σ_c y_mc ≤ 1 — one configuration per LLM, any count from 1 to the
     most its candidates have (R_mc). Every (c, r) candidate is such a solution and every solution is
     one of the candidates' configurations at a count they admit (a count pruned as dominated is still a
-    valid allocation), so θ is the same exact optimum, from |configurations| variables, not |candidates|.
-    Among allocations of equal θ HiGHS may pick another than the list form would."""
+    valid allocation), so θ is the exact optimum over every count, from |configurations| variables, not
+    |candidates|: the list form's θ, or more where its pruning dropped the count that reaches it (pruning by
+    GPUs within a kind ignores the NVLink domain caps, constraint (6)). Among allocations of equal θ HiGHS
+    may pick another than the list form would. The choice is the list's own candidate where it has that
+    count. `variables` counts x, y, s and θ."""
     import pulp
 
     configs: dict[str, list[Candidate]] = {}
     most: dict[str, list[int]] = {}
+    listed = {(m, c.gpu, c.tp, c.gpu_frac, c.replicas): c for m, cs in candidates.items() for c in cs}
     for m, cs in candidates.items():
         seen: dict[tuple[str, int, float], list[Any]] = {}
         for c in cs:
-            if c.more:
-                raise ValueError("solve_max_rate takes candidates of one configuration each")
             k = (c.gpu, c.tp, c.gpu_frac)
             if k not in seen:
                 seen[k] = [replace(c, replicas=1, capacity_rps=c.capacity_rps / c.replicas, cost_s=0.0), c.replicas]
@@ -337,7 +340,7 @@ def _max_rate_compact(candidates: Mapping[str, Sequence[Candidate]], budget: Map
         if len(picked) != 1:
             raise SolverError(f"HiGHS returned {len(picked)} configurations for LLM {m!r}; expected exactly one")
         c, r = picked[0]
-        choice[m] = replace(c, replicas=r, capacity_rps=c.capacity_rps * r)
+        choice[m] = listed.get((m, c.gpu, c.tp, c.gpu_frac, r)) or replace(c, replicas=r, capacity_rps=c.capacity_rps * r)
     shared = {g: int(round(v.value() or 0.0)) for g, v in s.items()}
     value = float(theta.value() or 0.0)
     return value, MILPResult(choice, shared, value, status, elapsed, 2 * len(x) + len(s) + 1,

@@ -785,10 +785,15 @@ def run_capacity_check(planner: "Planner", check: SimCheck, best: "Outcome") -> 
     elif row.sustained_rps:
         out = best.noted(f"simulator check (capacity): {what} refuses the {row.refused_rps:.3g} rps planned in the "
                          f"simulator and sustains {row.sustained_rps:.3g} ({how})")
-    elif row.refused_rps is not None:
+    elif row.refused_rps is not None and row.refused_rps < planned * (1 - 1e-9):
         out = best.noted(f"simulator check (capacity): {what} refuses {planned:.3g} rps (planned) and "
                          f"{row.refused_rps:.3g} rps in the simulator ({how})")
+    elif row.refused_rps is not None:   # refused the planned rate, and the budget ended before a step down
+        out = best.noted(f"simulator check (capacity): {what} refuses the {planned:.3g} rps planned in the simulator; "
+                         f"the budget ({check.tol_sims} runs / {check.tol_calls:,} simulated calls) ended before a rate "
+                         f"step down ({how})")
     else:
+        row.sustained_rps = None   # nothing tried
         out = best.noted(f"simulator check (capacity): {what}: no run within {check.tol_sims} runs / {check.tol_calls:,} "
                          f"simulated calls ({how})")
     return _repair_and_say(planner, check, out, row, waits, [row], theta, t0)
@@ -819,8 +824,10 @@ def _repair_and_say(planner: "Planner", check: SimCheck, out: "Outcome", kept: C
     if kept.refused_rps is not None and kept.refused_rps <= planned * (1 + 1e-9):
         held = (f"sustains {kept.sustained_rps:.3g} rps" if kept.sustained_rps else
                 f"sustains less than {kept.refused_rps:.3g} rps")
+        capacity = planner.throughput_scale(out.predictions) * w
+        share = f"{planned / capacity:.0%} of its predicted capacity" if capacity > 0 else "its predicted capacity"
         out = out.noted(f"throughput: the kept allocation {held} in the simulator, short of the {planned:.3g} rps planned "
-                        f"({planner.max_util:.0%} of its predicted capacity); trust the simulation: it runs the workflow's "
+                        f"({share}); trust the simulation: it runs the workflow's "
                         f"program on every engine at once, where the predictor prices each LLM alone")
     return replace(out, checked=tuple(checked), check_time_s=time.perf_counter() - t0)
 

@@ -353,7 +353,7 @@ def test_a_plan_of_most_capacity_is_judged_at_the_rate_planned(planner6, monkeyp
     same = replace(best, top_choice=None)         # no allocation of more capacity: the same as itself
     planned = best.theta * planner6.demands[0].weight_rps
     for x, rates, said in ((1.3, [1.0], "sustains the"), (0.95, [1.0, 1 / 1.12], "and sustains"),
-                           (0.85, [1.0, 1 / 1.12], "refuses")):
+                           (0.85, [1.0, 1 / 1.12], "(planned) and")):
         race, seen = fake_race(lambda c: planned * x)
         monkeypatch.setattr(SimCheck, "race", race)
         out = simcheck.run_check(planner6, SimCheck(jobs=1, repair_rounds=0), same, "throughput")
@@ -370,6 +370,17 @@ def test_a_plan_of_most_capacity_is_judged_at_the_rate_planned(planner6, monkeyp
     monkeypatch.setattr(SimCheck, "race", race)
     out = simcheck.run_check(planner6, SimCheck(jobs=1, tol_sims=0), same, "throughput")
     assert not seen and "no run within 0 runs" in out.notes[-1] and key(out.choice) == key(best.choice)
+    assert out.checked[0].sustained_rps is None and "sustained_rps" not in out.checked[0].to_dict()
+    # a budget of one run, refused at the planned rate: said as such (one rate, not two), no repair on one reading
+    race, seen = fake_race(lambda c: planned * 0.5)
+    monkeypatch.setattr(SimCheck, "race", race)
+    for check in (SimCheck(jobs=1, tol_sims=1), SimCheck(jobs=1, tol_calls=500)):
+        out = simcheck.run_check(planner6, check, same, "throughput")
+        assert len(seen) == 1 and key(out.choice) == key(best.choice)
+        notes = " ".join(out.notes)
+        assert "ended before a rate step down" in notes and "(planned) and" not in notes and "repair" not in notes
+        assert "short of the" in out.notes[-1]
+        seen.clear()
 
 
 def test_a_plan_of_most_capacity_a_step_short_is_repaired(planner12, monkeypatch):
