@@ -73,6 +73,17 @@ class Checked:
     refused_rps: float | None = None     # throughput goal: the rate at which it fell out (None: still in at the end)
     steady: dict[str, Any] | None = None  # a steady-state run's figures (SteadyRun.to_dict), when the check made one
 
+    def record(self, rate: float, run: "RaceRun") -> bool:
+        """A judgement of this allocation at `rate` (throughput goal): its figures, the highest rate it sustained
+        and the lowest it refused. True when the run is that lowest refusal (its waits name the LLM short)."""
+        self.simulated_s, self.throughput_rps = run.latency_s, run.throughput_rps
+        if run.sustainable:
+            self.sustained_rps = max(self.sustained_rps or 0.0, rate)
+        elif self.refused_rps is None or rate < self.refused_rps:
+            self.refused_rps = rate
+            return True
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         """The row as `plan --json` prints it under sim_check.allocations."""
         out = {"label": self.label, "allocation": {m: as_json(c) for m, c in self.choice.items()},
@@ -710,11 +721,7 @@ def run_tolerance_check(planner: "Planner", check: SimCheck, best: "Outcome") ->
         spent += sum(run.calls for run in runs)
         tried = rate
         for r, run in zip(rows, runs):
-            r.simulated_s, r.throughput_rps = run.latency_s, run.throughput_rps
-            if run.sustainable:
-                r.sustained_rps = max(r.sustained_rps or 0.0, rate)
-            elif r.refused_rps is None or rate < r.refused_rps:
-                r.refused_rps = rate
+            if r.record(rate, run):
                 refusals[rows.index(r)] = run.waits
         held = [run.sustainable for run in runs]
         if held[0] != held[1]:
@@ -769,11 +776,10 @@ def run_capacity_check(planner: "Planner", check: SimCheck, best: "Outcome") -> 
         run = check.race(planner, [row.choice], rate, paths=1, quorum=1)[0]
         sims += 1
         spent += run.calls
-        row.simulated_s, row.throughput_rps = run.latency_s, run.throughput_rps
+        if row.record(rate, run):
+            waits = run.waits
         if run.sustainable:
-            row.sustained_rps = rate
             break
-        row.refused_rps, waits = rate, run.waits
         if rate <= planned / (1 + check.tol_down) * (1 + 1e-9):
             break
         rate /= 1 + check.tol_down
@@ -871,11 +877,7 @@ def run_repair(planner: "Planner", check: SimCheck, kept: Checked, waits: Mappin
         run = check.race(planner, [r.choice], rate, paths=1, quorum=1)[0]
         sims += 1
         spent += run.calls
-        r.simulated_s, r.throughput_rps = run.latency_s, run.throughput_rps
-        if run.sustainable:
-            r.sustained_rps = max(r.sustained_rps or 0.0, rate)
-        elif r.refused_rps is None or rate < r.refused_rps:
-            r.refused_rps = rate
+        if r.record(rate, run):
             refusal[id(r)] = run.waits
         return run.sustainable
 
@@ -980,13 +982,6 @@ def run_throughput_check(planner: "Planner", check: SimCheck, best: "Outcome") -
             rows[k] = Checked(label, dict(choice), pred, math.nan, 0.0, 0.0, None)
         return rows[k]
 
-    def record(r: Checked, rate: float, run: RaceRun) -> None:
-        r.simulated_s, r.throughput_rps = run.latency_s, run.throughput_rps
-        if run.sustainable:
-            r.sustained_rps = max(r.sustained_rps or 0.0, rate)
-        elif r.refused_rps is None or rate < r.refused_rps:
-            r.refused_rps = rate
-
     # 1. the optimum's sustainable rate
     opt = row("optimum", best.choice, best.theta)
     last: dict[str, RaceRun] = {}
@@ -996,7 +991,7 @@ def run_throughput_check(planner: "Planner", check: SimCheck, best: "Outcome") -
         sims += 1
         planner.progress(f"simulator check: the optimum at {rate:.3g} rps")
         run = check.race(planner, [best.choice], rate)[0]
-        record(opt, rate, run)
+        opt.record(rate, run)
         if run.sustainable:
             last["optimum"] = run
         return run.sustainable
@@ -1036,7 +1031,7 @@ def run_throughput_check(planner: "Planner", check: SimCheck, best: "Outcome") -
         sims += len(field)
         passed = []
         for r, run in zip(field, runs):
-            record(r, rate, run)
+            r.record(rate, run)
             if run.sustainable:
                 passed.append((run.latency_s, r, run))
         if not passed:
