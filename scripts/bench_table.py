@@ -5,7 +5,9 @@ verdicts of issue 23's criteria per cell.
 Each cell is `scepsy bench --workflows W --gpus G --requests N --jobs J --policies milp,equal,independent
 --json`, run as its own process; its JSON goes to DIR/b_W_G.json (and DIR/b_W_G.meta.json: the commit,
 the wall time, the exit status), so an interrupted table resumes where it stopped (a cell with a JSON is
-not run again unless --rerun). Then the table is printed from every cell in DIR:
+not run again unless --rerun), and an interrupted cell too: it runs with `--resume DIR/.resume/W_G`, so
+its plans and finished simulations are reused by the next run of the cell at the same code (removed
+once the cell has its JSON). Then the table is printed from every cell in DIR:
 
 - milp's simulated max throughput and each baseline's, and milp ÷ each (≥ 0.97 required);
 - milp's mean latency ÷ each baseline's at 90 %, 95 % and 99 % of the weakest policy's maximum (≤ 1.05);
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -56,8 +59,10 @@ def commit() -> str:
 
 def run_cell(d: Path, w: str, g: int, args: argparse.Namespace) -> None:
     out, log, meta = d / f"b_{w}_{g}.json", d / f"b_{w}_{g}.log", d / f"b_{w}_{g}.meta.json"
+    kept = d / ".resume" / f"{w}_{g}"   # what an interrupted run of the cell had finished (same code only)
     cmd = [sys.executable, "-m", "scepsy_hpc.cli", "bench", "--workflows", w, "--gpus", str(g), "--requests",
-           str(args.requests), "--jobs", str(args.jobs), "--policies", "milp,equal,independent", "--json"]
+           str(args.requests), "--jobs", str(args.jobs), "--policies", "milp,equal,independent", "--json",
+           "--resume", str(kept)]
     print(f"cell {w} × {g} GPUs ...", file=sys.stderr, flush=True)
     t0 = time.time()
     with open(out.with_suffix(".part"), "w") as fo, open(log, "w") as fe:
@@ -65,6 +70,7 @@ def run_cell(d: Path, w: str, g: int, args: argparse.Namespace) -> None:
     wall = time.time() - t0
     if rc == 0:
         out.with_suffix(".part").replace(out)
+        shutil.rmtree(kept, ignore_errors=True)
     meta.write_text(json.dumps({"commit": commit(), "wall_s": wall, "rc": rc, "command": cmd[2:]}))
     print(f"cell {w} × {g} GPUs: rc {rc}, {wall:.0f} s", file=sys.stderr, flush=True)
 

@@ -67,23 +67,39 @@ def instance_bound_plan(planner: Any) -> tuple[float, dict[str, Any]]:
 
 
 def _capacity(job: tuple[Any, ...]) -> dict[str, Any]:
+    from scepsy_hpc.commands.bench_resume import read_runs, run_writer
     from scepsy_hpc.sim.capacity import max_sustainable_rate
 
-    wf, alloc, gpu, models, guess, n, seed = job
+    wf, alloc, gpu, models, guess, n, seed, kept = job
     t0 = time.perf_counter()
-    res = max_sustainable_rate(wf, alloc, gpu, models, guess, n_requests=n, seed=seed)
+    known = read_runs(kept)
+    res = max_sustainable_rate(wf, alloc, gpu, models, guess, n_requests=n, seed=seed, known=known,
+                               on_run=run_writer(kept))
     return {"max_rps": res.sustainable_rps, "refused_rps": res.unsustainable_rps,
             "runs": [[*r, k] for r, k in zip(res.runs, res.requests)],
-            "max_requests": max(res.requests, default=n), "wall_s": time.perf_counter() - t0}
+            "max_requests": max(res.requests, default=n), "wall_s": time.perf_counter() - t0,
+            "resumed_runs": sum(r[0] in known for r in res.runs)}
 
 
 def _latency(job: tuple[Any, ...]) -> dict[str, Any]:
-    from scepsy_hpc.sim import simulate
+    from scepsy_hpc.commands.bench_resume import memo_json
 
-    wf, alloc, gpu, models, rate, n, seed = job
-    res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed)
-    return {"rate_rps": rate, "throughput_rps": res.throughput_rps, "latency_mean_s": res.latency_mean_s,
-            "latency_p99_s": res.latency_p99_s, "completed": res.completed, "requests": res.requests}
+    wf, alloc, gpu, models, rate, n, seed, kept = job
+
+    def run() -> dict[str, Any]:
+        from scepsy_hpc.sim import simulate
+
+        res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=n, seed=seed)
+        return {"rate_rps": rate, "throughput_rps": res.throughput_rps, "latency_mean_s": res.latency_mean_s,
+                "latency_p99_s": res.latency_p99_s, "completed": res.completed, "requests": res.requests}
+    return memo_json(kept, run)
+
+
+def _kept(d: Any, kind: str, suffix: str, job: tuple[Any, ...]) -> Any:
+    """`job` with where its result is kept under `--resume` appended (None without it)."""
+    from scepsy_hpc.commands.bench_resume import journal, key_of
+
+    return (*job, journal(d, kind, key_of(kind, *job) if d is not None else "", suffix))
 
 
 def _alloc(out: Any) -> dict[str, Any]:
@@ -113,6 +129,16 @@ def short_allocation(choice: Any) -> str:
                                        for g in c.groups) for d, c in choice.items())
 
 
+def _resume_dir(text: str) -> Any:
+    """--resume's type: the directory, made private or checked (ours, nobody else may write it)."""
+    from scepsy_hpc.commands.bench_resume import open_dir
+
+    try:
+        return open_dir(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_arguments(sub: Any) -> None:
     """The `bench` subcommand's arguments."""
     from scepsy_hpc.commands.plan import tuning_arguments
@@ -130,6 +156,9 @@ def add_arguments(sub: Any) -> None:
                     metavar="P,P,...", help="policies compared, milp among them (default milp,equal,independent,paper-enum)")
     be.add_argument("--requests", type=count, default=1200, metavar="N", help="requests per simulation run (default 1200)")
     be.add_argument("--jobs", type=non_negative_int, default=0, metavar="J", help="parallel processes (default: CPU count)")
+    be.add_argument("--resume", type=_resume_dir, metavar="DIR",
+                    help="keep each plan and finished simulation in DIR (private, made if missing); the same command "
+                         "run again with the same code reuses them: an interrupted bench goes on where it stopped")
     be.add_argument("--plot", metavar="OUT.png", help="plot mean latency vs. rate per policy (matplotlib)")
     be.add_argument("--json", action="store_true", help="print one JSON object")
     tuning_arguments(be)
@@ -149,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print (or plot) it."""
     from concurrent.futures import ProcessPoolExecutor
 
+    from scepsy_hpc.commands.bench_resume import key_of, memo_plan
     from scepsy_hpc.planning import plan, prepare
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.workflow import load_workflow
@@ -160,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     gpu = gpus[args.gpu_type]
     console = make_console(stderr=True)
     jobs = args.jobs or os.cpu_count() or 1
+    kept = args.resume
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     cells = []
@@ -181,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             for pol in pols:
                 try:
                     req = request_for(args, wf, models, gpus, n, pol)
-                    o = plan(req, planner=planner).outcome
+                    o = memo_plan(kept, key_of("plan", req, n), lambda: plan(req, planner=planner).outcome)
                     cell["policies"][pol] = {"plan": o, "predicted_rps": next(iter(o.predictions.values())).throughput_rps,
                                              "solve_time_s": o.solve_time_s, "request": req}
                 except InfeasibleError as e:
@@ -190,11 +221,13 @@ def run(args: argparse.Namespace) -> int:
             cells.append(cell)
             console.print(f"[dim]planned {wf.name} on {n} GPUs ({time.perf_counter() - t_start:.0f} s)[/dim]")
     # 1. measured maximum throughput of each policy's max-throughput plan
-    cap_jobs = [(c, pol, (c["wf"], _alloc(v["plan"]), gpu, models, _guess(v), args.requests, args.seed))
+    cap_jobs = [(c, pol, _kept(kept, "cap", "jsonl", (c["wf"], _alloc(v["plan"]), gpu, models, _guess(v), args.requests,
+                                                       args.seed)))
                 for c in cells if "error" not in c for pol, v in c["policies"].items() if "plan" in v]
     # ... and of the instance bound's own allocation: the bound in simulated requests/s
-    cap_jobs += [(c, None, (c["wf"], _alloc_of(c["bound_choice"]), gpu, models, c["instance_bound_rps"], args.requests,
-                            args.seed)) for c in cells if "error" not in c and c.get("bound_choice")]
+    cap_jobs += [(c, None, _kept(kept, "cap", "jsonl", (c["wf"], _alloc_of(c["bound_choice"]), gpu, models,
+                                                        c["instance_bound_rps"], args.requests, args.seed)))
+                 for c in cells if "error" not in c and c.get("bound_choice")]
     with ProcessPoolExecutor(max_workers=jobs) as ex:
         for (c, pol, _), r in zip(cap_jobs, ex.map(_capacity, [j for _, _, j in cap_jobs])):
             if pol is None:
@@ -220,11 +253,13 @@ def run(args: argparse.Namespace) -> int:
                     if "plan" not in v:
                         continue
                     try:   # the policy's plan for the common rate (weight 1 rps × rate scale `common`)
-                        o = plan(replace(v["request"], goal="target", rate_scale=common), planner=planner).outcome
+                        req = replace(v["request"], goal="target", rate_scale=common)
+                        o = memo_plan(kept, key_of("plan", req, c["gpus"]), lambda: plan(req, planner=planner).outcome)
                     except InfeasibleError:
                         o = v["plan"]
                     v.setdefault("common_plans", {})[frac] = o
-                    lat_jobs.append((c, pol, frac, (c["wf"], _alloc(o), gpu, models, common, n_common, args.seed)))
+                    lat_jobs.append((c, pol, frac, _kept(kept, "lat", "json", (c["wf"], _alloc(o), gpu, models, common,
+                                                                               n_common, args.seed))))
         for (c, pol, frac, _), r in zip(lat_jobs, ex.map(_latency, [j for *_, j in lat_jobs])):
             c["policies"][pol].setdefault("at_common", {})[frac] = r
     for c in cells:
@@ -275,6 +310,7 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
             "capacity_max_requests": v.get("sim", {}).get("max_requests"),
             "capacity_wall_s": v.get("sim", {}).get("wall_s"),
             "capacity_runs": v.get("sim", {}).get("runs", []),
+            "capacity_resumed_runs": v.get("sim", {}).get("resumed_runs", 0),
             "at_common": at,
             "sim_check_s": v["plan"].check_time_s + sum(o.check_time_s for o in v.get("common_plans", {}).values()),
         }
@@ -282,6 +318,8 @@ def _row(c: dict[str, Any]) -> dict[str, Any]:
     if c.get("bound_choice"):
         out["instance_bound_allocation"] = short_allocation(c["bound_choice"])
         out["instance_bound_sim_rps"] = b.get("max_rps")
+        out["instance_bound_runs"] = len(b.get("runs", []))
+        out["instance_bound_resumed_runs"] = b.get("resumed_runs", 0)
     if m_max:
         out["milp_fluid_fraction"] = m_max / c["fluid_rps"]
         out["milp_instance_fraction"] = m_max / c["instance_bound_rps"]

@@ -250,12 +250,21 @@ def max_sustainable_rate(
     step: float = 1.08,
     max_extend: int = CAPACITY_EXTEND,
     on_run: Callable[[float, bool, SimResult], Any] | None = None,
+    known: Mapping[float, tuple[bool, float, float, int]] | None = None,
 ) -> CapacityResult:
-    """Bisect the arrival rate between a sustainable and an unsustainable one, starting near `guess_rps`."""
+    """Bisect the arrival rate between a sustainable and an unsustainable one, starting near `guess_rps`.
+    `on_run` hears each judged rate; `known`: rates judged by an earlier, interrupted bisection of the
+    same plan and inputs (rate → sustained, throughput, mean latency, requests), taken as they were
+    instead of simulated again (the bisection is deterministic given its verdicts)."""
     runs: list[tuple[float, bool, float, float]] = []
     sizes: list[int] = []
 
     def ok(rate: float) -> bool:
+        if known and rate in known:
+            good, thr, lat, n = known[rate]
+            runs.append((rate, good, thr, lat))
+            sizes.append(n)
+            return good
         good, res = judge(lambda n: simulate(wf, allocation, gpu, models, rate_rps=rate, n_requests=n, seed=seed),
                           n_requests, max_extend)
         runs.append((rate, good, res.throughput_rps, res.latency_mean_s))

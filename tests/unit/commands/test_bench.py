@@ -21,8 +21,10 @@ def small():
 
 def test_bench_runs_and_plots(small, tmp_path):
     png = tmp_path / "b.png"
-    out = scepsy("bench", "--workflows", small, "--gpus", "2", "--requests", "120", "--policies", "milp,equal",
-                 "--samples", "200", "--plot", str(png), "--json", timeout=600)
+    kept = tmp_path / "kept"
+    cmd = ("bench", "--workflows", small, "--gpus", "2", "--requests", "120", "--policies", "milp,equal",
+           "--samples", "200", "--resume", str(kept), "--json")
+    out = scepsy(*cmd, "--plot", str(png), timeout=600)
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     cell = d["cells"][0]
@@ -56,6 +58,26 @@ def test_bench_runs_and_plots(small, tmp_path):
     assert cell["instance_bound_allocation"] and cell["instance_bound_sim_rps"] > 0
     assert cell["milp_instance_sim_fraction"] == pytest.approx(m["sim_max_rps"] / cell["instance_bound_sim_rps"])
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    # --resume: stopped after two rates of one bisection and before one latency run, the same command
+    # goes on where it stopped and reports the very same figures
+    journals = sorted(kept.glob("cap-*.jsonl"))
+    assert len(journals) == 3 and len(list(kept.glob("lat-*.json"))) == 6 and len(list(kept.glob("plan-*"))) == 8
+    longest = max(journals, key=lambda p: len(p.read_text().splitlines()))
+    judged = len(longest.read_text().splitlines())
+    longest.write_text("\n".join(longest.read_text().splitlines()[:2]) + "\n")
+    sorted(kept.glob("lat-*.json"))[0].unlink()
+    again = scepsy(*cmd, timeout=600)
+    assert again.returncode == 0, again.stderr
+    c2 = json.loads(again.stdout)["cells"][0]
+    timing = ("wall_s", "capacity_wall_s", "capacity_resumed_runs", "plan_solve_s", "sim_check_s")
+    figures = lambda c: {p: {k: x for k, x in v.items() if k not in timing} for p, v in c["policies"].items()}
+    assert figures(c2) == figures(cell)
+    assert c2["instance_bound_sim_rps"] == cell["instance_bound_sim_rps"]
+    # only the rates cut from the journal were simulated again
+    again_runs = [(len(v["capacity_runs"]), v["capacity_resumed_runs"]) for v in c2["policies"].values()]
+    again_runs.append((c2["instance_bound_runs"], c2["instance_bound_resumed_runs"]))
+    assert sum(n - r for n, r in again_runs) == judged - 2 > 0
+    assert len(list(kept.glob("lat-*.json"))) == 6
 
 
 def test_bench_table_piped_keeps_every_column_whole(capsys):

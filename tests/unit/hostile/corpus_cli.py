@@ -23,6 +23,7 @@ def cli_cases() -> Iterator[Case]:
                 ("plan", ("plan", WF), "--requests", "1" + "0" * 12)]
     triples += [("simulate", ("simulate", PLAN), "--requests", v) for v in ("100000000000", "1e12")]
     triples += [("bench", ("bench",), "--gpus", v) for v in ("8,1000000000", "8,nan")]
+    triples += [("bench", ("bench",), "--resume", v) for v in ("/etc/passwd", "/tmp")]   # a file; a directory all may write
     triples += [("profile", ("profile", WF), flag, v) for flag, v in (("--gpu-frac", "nan"), ("--gpu-frac", "0.5,inf"),
                                                                      ("--tp", "1,100000"), ("--time-scale", "inf"),
                                                                      ("--calls", "1" + "0" * 15), ("--start-frac", "nan"))]

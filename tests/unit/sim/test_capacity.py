@@ -196,3 +196,26 @@ def test_bisection_brackets_a_limit_far_from_its_guess_in_few_runs(limit):
     assert len(tried) <= 14
     if limit == 1.0:   # a limit at the guess is bracketed by the small step, as before
         assert tried[:3] == [1.0, 1.08, 1.04]
+
+
+def test_an_interrupted_bisection_replays_its_judged_rates_and_simulates_only_the_rest(models, gpus, tmp_path):
+    """What `scepsy bench --resume` relies on: the rates a stopped bisection had judged (its journal,
+    last line torn mid-write) are taken as they were, and the search ends exactly where an
+    uninterrupted one does, simulating only the rates not yet judged."""
+    from scepsy_hpc.commands.bench_resume import read_runs, run_writer
+
+    wf, alloc, mu = _queue(models, gpus)
+    gpu = gpus["h100-sxm"]
+    path = tmp_path / "cap.jsonl"
+    whole = max_sustainable_rate(wf, alloc, gpu, models, 0.7 * mu, n_requests=800, seed=3, on_run=run_writer(path))
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(whole.runs) >= 4
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])   # stopped while writing the 4th
+    known = read_runs(path)
+    assert sorted(known) == sorted(r[0] for r in whole.runs[:3])
+    simulated: list[float] = []
+    again = max_sustainable_rate(wf, alloc, gpu, models, 0.7 * mu, n_requests=800, seed=3, known=known,
+                                 on_run=lambda rate, ok, res: simulated.append(rate))
+    assert (again.sustainable_rps, again.unsustainable_rps) == (whole.sustainable_rps, whole.unsustainable_rps)
+    assert again.runs == whole.runs and again.requests == whole.requests
+    assert simulated == [r[0] for r in whole.runs[3:]]
