@@ -44,3 +44,14 @@ class EventLoop:
             fn(t, arg)
             n += 1
         self.events += n
+
+    def run_before(self, t_stop: float) -> None:
+        """Process events in order while the next is strictly before `t_stop` (events at `t_stop` wait)."""
+        heap, pop = self._heap, heapq.heappop
+        n = 0
+        while heap and heap[0][0] < t_stop:
+            t, _, _, fn, arg = pop(heap)
+            self.now = t
+            fn(t, arg)
+            n += 1
+        self.events += n

@@ -1092,14 +1092,15 @@ def _sim_run(job: tuple[Any, ...]) -> tuple[float, float]:
 
 def _race_run(job: tuple[Any, ...]) -> RaceRun:
     from scepsy_hpc.sim.capacity import judge
-    from scepsy_hpc.sim.core import simulate
+    from scepsy_hpc.sim.core import GrowingRun
 
     wf, alloc, gpu, models, rate, n, seed = job
-    calls = 0
+    calls = 0   # the calls of the runs judged, as if each were simulated afresh: the budgets' unit
+    grow = GrowingRun(wf, alloc, gpu, models, rate_rps=rate, seed=seed)
 
     def run(k: int) -> Any:
         nonlocal calls
-        res = simulate(wf, alloc, gpu, models, rate_rps=rate, n_requests=k, seed=seed)
+        res = grow(k)
         calls += res.llm_calls
         return res
 

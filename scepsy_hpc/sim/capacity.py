@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from scepsy_hpc.sim.core import SimResult, simulate
+from scepsy_hpc.sim.core import GrowingRun, SimResult
 from scepsy_hpc.spec.catalog import GPUSpec, ModelSpec
 from scepsy_hpc.spec.plan import LLMAlloc
 from scepsy_hpc.spec.workflow import Workflow
@@ -251,11 +251,14 @@ def max_sustainable_rate(
     max_extend: int = CAPACITY_EXTEND,
     on_run: Callable[[float, bool, SimResult], Any] | None = None,
     known: Mapping[float, tuple[bool, float, float, int]] | None = None,
+    grow: bool = True,
 ) -> CapacityResult:
     """Bisect the arrival rate between a sustainable and an unsustainable one, starting near `guess_rps`.
     `on_run` hears each judged rate; `known`: rates judged by an earlier, interrupted bisection of the
     same plan and inputs (rate → sustained, throughput, mean latency, requests), taken as they were
-    instead of simulated again (the bisection is deterministic given its verdicts)."""
+    instead of simulated again (the bisection is deterministic given its verdicts). `grow`: a
+    lengthened run goes on from the shorter one (`sim.core.GrowingRun`, the same results); False
+    simulates each length afresh."""
     runs: list[tuple[float, bool, float, float]] = []
     sizes: list[int] = []
 
@@ -265,8 +268,8 @@ def max_sustainable_rate(
             runs.append((rate, good, thr, lat))
             sizes.append(n)
             return good
-        good, res = judge(lambda n: simulate(wf, allocation, gpu, models, rate_rps=rate, n_requests=n, seed=seed),
-                          n_requests, max_extend)
+        good, res = judge(GrowingRun(wf, allocation, gpu, models, rate_rps=rate, seed=seed, fork=grow), n_requests,
+                          max_extend)
         runs.append((rate, good, res.throughput_rps, res.latency_mean_s))
         sizes.append(res.requests)
         if on_run is not None:

@@ -31,7 +31,9 @@ same result bit for bit.
 
 from __future__ import annotations
 
+import heapq
 import math
+import os
 import random
 import time
 from collections import deque
@@ -244,9 +246,7 @@ def simulate(
     holding their prefix (`perf.engine.EnginePool`) within `affinity_slack` calls or `affinity_ratio` × the
     least loaded replica's load (`perf.prefix.affine_ok`). `max_requests`: at most that many requests in
     flight, later ones hold at the gateway (FIFO) until one ends (None: no cap)."""
-    if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
-                                     or max_requests < 1):
-        raise ValueError(f"max_requests={max_requests!r}: a whole number of requests of at least 1, or None for no cap")
+    _check_cap(max_requests)
     if arrivals is None:
         if rate_rps is None or rate_rps <= 0:
             raise ValueError("give rate_rps > 0 or an arrivals list")
@@ -254,52 +254,183 @@ def simulate(
     else:
         arrivals = sorted(arrivals)
         rate_rps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 and arrivals[-1] > arrivals[0] else 0.0
-    missing = [llm for llm in wf.llms if llm not in allocation]
-    if missing:
-        raise InfeasibleError(f"the plan allocates nothing to LLM(s) {', '.join(missing)} of workflow {wf.name!r}; add them under allocation:")
-    loop = EventLoop()
-    engines: dict[str, list[SimEngine]] = {}
-    pools: dict[str, EnginePool] = {}
-    for llm in wf.llms:
-        model = resolve_model(wf, llm, models)
-        reps: list[SimEngine] = []
-        for alloc in groups_of(allocation[llm]):
-            perf = check_fit(engine_config(alloc, model, gpu), label=f"LLM {llm!r}")
-            reps += [SimEngine(loop, perf, f"{llm}/{len(reps) + r}", PRIO_ENGINE) for r in range(alloc.replicas)]
-        engines[llm] = reps
-        # unlike replicas of a mixed group share calls by capacity weight; like ones evenly (weights None)
-        weights = replica_weights(allocation[llm], model, gpu) if len(groups_of(allocation[llm])) > 1 else None
-        pools[llm] = EnginePool(reps, prefix_affinity=prefix_affinity, affinity_slack=affinity_slack,
-                                affinity_ratio=affinity_ratio, weights=weights)
-    sim = _Sim(pools, record_calls)
-    sampler = RequestSampler(wf)
-    program_rng = random.Random(f"{seed}/programs")
-    roots: list[_Root] = []
-
-    def arrive(t: float, i: int) -> None:
-        root = _Root(sim, i, t)
-        roots.append(root)
-        program = sampler.sample(program_rng)   # drawn at arrival, held or not: the same workload either way
-
-        def start(t_start: float) -> None:
-            root.t_start = t_start
-            sim.in_flight += 1
-            _Lane(sim, program, root, root).run(t_start)
-
-        if max_requests is not None and sim.in_flight >= max_requests:
-            sim.held.append(start)
-        else:
-            start(t)
-        if i + 1 < len(arrivals):
-            loop.at(arrivals[i + 1], PRIO_ARRIVAL, arrive, i + 1)
-
+    run = _Run(wf, allocation, gpu, models, arrivals, seed, prefix_affinity, affinity_slack, affinity_ratio, max_requests,
+               record_calls)
     started = time.perf_counter()
-    if arrivals:
-        loop.at(arrivals[0], PRIO_ARRIVAL, arrive, 0)
-    loop.run(horizon_s)
-    wall = time.perf_counter() - started
-    return _result(wf, sim, roots, engines, allocation, rate_rps or 0.0, seed, warmup_frac, wall, loop.events,
-                   max_requests)
+    run.start()
+    run.loop.run(horizon_s)
+    return run.result(rate_rps or 0.0, warmup_frac, time.perf_counter() - started)
+
+
+def _check_cap(max_requests: int | None) -> None:
+    if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
+                                     or max_requests < 1):
+        raise ValueError(f"max_requests={max_requests!r}: a whole number of requests of at least 1, or None for no cap")
+
+
+class _Run:
+    """One simulation's state: engines, pools, the event loop, and the requests arriving at `arrivals`
+    (a list that may grow while the run goes on: `GrowingRun`)."""
+
+    def __init__(self, wf: Workflow, allocation: Mapping[str, Entry], gpu: GPUSpec, models: Mapping[str, ModelSpec],
+                 arrivals: list[float], seed: int, prefix_affinity: bool, affinity_slack: int, affinity_ratio: float,
+                 max_requests: int | None, record_calls: bool = False) -> None:
+        missing = [llm for llm in wf.llms if llm not in allocation]
+        if missing:
+            raise InfeasibleError(f"the plan allocates nothing to LLM(s) {', '.join(missing)} of workflow {wf.name!r}; add them under allocation:")
+        self.wf, self.allocation, self.seed, self.max_requests = wf, allocation, seed, max_requests
+        self.arrivals = arrivals
+        self.loop = loop = EventLoop()
+        self.engines: dict[str, list[SimEngine]] = {}
+        engines = self.engines
+        pools: dict[str, EnginePool] = {}
+        for llm in wf.llms:
+            model = resolve_model(wf, llm, models)
+            reps: list[SimEngine] = []
+            for alloc in groups_of(allocation[llm]):
+                perf = check_fit(engine_config(alloc, model, gpu), label=f"LLM {llm!r}")
+                reps += [SimEngine(loop, perf, f"{llm}/{len(reps) + r}", PRIO_ENGINE) for r in range(alloc.replicas)]
+            engines[llm] = reps
+            # unlike replicas of a mixed group share calls by capacity weight; like ones evenly (weights None)
+            weights = replica_weights(allocation[llm], model, gpu) if len(groups_of(allocation[llm])) > 1 else None
+            pools[llm] = EnginePool(reps, prefix_affinity=prefix_affinity, affinity_slack=affinity_slack,
+                                    affinity_ratio=affinity_ratio, weights=weights)
+        self.sim = sim = _Sim(pools, record_calls)
+        self.roots: list[_Root] = []
+        sampler = RequestSampler(wf)
+        program_rng = random.Random(f"{seed}/programs")
+        roots = self.roots
+
+        def arrive(t: float, i: int) -> None:
+            root = _Root(sim, i, t)
+            roots.append(root)
+            program = sampler.sample(program_rng)   # drawn at arrival, held or not: the same workload either way
+
+            def start(t_start: float) -> None:
+                root.t_start = t_start
+                sim.in_flight += 1
+                _Lane(sim, program, root, root).run(t_start)
+
+            if max_requests is not None and sim.in_flight >= max_requests:
+                sim.held.append(start)
+            else:
+                start(t)
+            if i + 1 < len(arrivals):
+                loop.at(arrivals[i + 1], PRIO_ARRIVAL, arrive, i + 1)
+        self.arrive = arrive
+
+    def start(self) -> None:
+        if self.arrivals:
+            self.loop.at(self.arrivals[0], PRIO_ARRIVAL, self.arrive, 0)
+
+    def result(self, rate: float, warmup_frac: float, wall: float) -> "SimResult":
+        return _result(self.wf, self.sim, self.roots, self.engines, self.allocation, rate, self.seed, warmup_frac, wall,
+                       self.loop.events, self.max_requests)
+
+
+class GrowingRun:
+    """`simulate(…, n_requests=n)` for a growing `n` (what `sim.capacity.judge` asks for when it
+    lengthens a run), each result the one a fresh `simulate` gives, bit for bit, at the cost of
+    simulating the longest run once plus each shorter run's drain.
+
+    Why it is exact: arrivals and programs are drawn in arrival order from seeded streams, so the
+    first n requests of a longer run are the n requests of the shorter one, and until the (n+1)-th
+    arrives both runs process the same events in the same order (the next arrival, scheduled but not
+    reached, orders nothing else). So the run goes on up to just before arrival n + 1; a forked copy of
+    the process drops that arrival, drains the n requests in flight and sends back the result; the
+    run itself goes on from there for the next, longer call. Where a fork is not to be had (no
+    `os.fork`, or other threads in the process: a forked copy of a threaded process can deadlock) or a
+    copy fails, and for an `n` not above the last one, the run is simulated afresh: the same result."""
+
+    def __init__(self, wf: Workflow, allocation: Mapping[str, Entry], gpu: GPUSpec, models: Mapping[str, ModelSpec],
+                 *, rate_rps: float, seed: int = 0, warmup_frac: float = 0.1, prefix_affinity: bool = True,
+                 affinity_slack: int = DEFAULT_AFFINITY_SLACK, affinity_ratio: float = DEFAULT_AFFINITY_RATIO,
+                 max_requests: int | None = None, fork: bool = True) -> None:
+        _check_cap(max_requests)
+        if not rate_rps or rate_rps <= 0:
+            raise ValueError("give rate_rps > 0")
+        self._args = (wf, allocation, gpu, models)
+        self._kw = dict(rate_rps=rate_rps, seed=seed, warmup_frac=warmup_frac, prefix_affinity=prefix_affinity,
+                        affinity_slack=affinity_slack, affinity_ratio=affinity_ratio, max_requests=max_requests)
+        self._rng = random.Random(f"{seed}/arrivals")   # poisson_arrivals' stream, drawn on as the run grows
+        self._t = 0.0
+        self._run = _Run(wf, allocation, gpu, models, [], seed, prefix_affinity, affinity_slack, affinity_ratio,
+                         max_requests)
+        self._at = 0          # requests the run has gone past (the next arrival is this one)
+        self._wall = 0.0      # wall seconds the run has spent so far
+        self.forked = 0       # results drained in a forked copy (the others simulated afresh)
+        self.fork = fork      # False: every length simulated afresh (to compare)
+
+    def __call__(self, n: int) -> SimResult:
+        if n < 1:
+            raise ValueError(f"n={n}: at least one request")
+        if n <= self._at or not self.fork or not _can_fork():
+            return simulate(*self._args, n_requests=n, **self._kw)
+        run, arrivals = self._run, self._run.arrivals
+        rate = self._kw["rate_rps"]
+        while len(arrivals) < n + 1:          # one past n: its arrival marks where the n-request run ends
+            self._t += self._rng.expovariate(rate)
+            arrivals.append(self._t)
+        t0 = time.perf_counter()
+        if self._at == 0:
+            run.start()
+        run.loop.run_before(arrivals[n])
+        self._at = n
+        self._wall += time.perf_counter() - t0
+        res = _drained_copy(run, n, rate, self._kw["warmup_frac"], self._wall)
+        if res is None:
+            return simulate(*self._args, n_requests=n, **self._kw)
+        self.forked += 1
+        return res
+
+
+def _can_fork() -> bool:
+    import threading
+
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
+def _drained_copy(run: _Run, n: int, rate: float, warmup_frac: float, wall: float) -> SimResult | None:
+    """The result of `run` as if its arrivals ended at request `n` (the next event is arrival n): drained
+    in a forked copy of this process, sent back pickled; None when the copy fails."""
+    import pickle
+
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    if pid == 0:   # the copy: drop arrival n, drain, send the result; never returns
+        code = 1
+        try:
+            os.close(r)
+            t0 = time.perf_counter()
+            heap = run.loop._heap
+            top = heapq.heappop(heap)
+            assert top[3] is run.arrive and top[4] == n, "the next event is not the arrival that ends the run"
+            run.loop.run()
+            data = pickle.dumps(run.result(rate, warmup_frac, wall + time.perf_counter() - t0),
+                                protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        return None
+    try:
+        res = pickle.loads(data)
+    except Exception:   # noqa: BLE001 — a copy that sent no result: simulated afresh
+        return None
+    return res if isinstance(res, SimResult) else None
 
 
 def _percentile(sorted_xs: list[float], q: float) -> float:
