@@ -35,6 +35,7 @@ import heapq
 import math
 import os
 import random
+import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -408,8 +409,9 @@ def _drained_copy(run: _Run, n: int, rate: float, warmup_frac: float, wall: floa
             os.close(r)
             t0 = time.perf_counter()
             heap = run.loop._heap
-            top = heapq.heappop(heap)
-            assert top[3] is run.arrive and top[4] == n, "the next event is not the arrival that ends the run"
+            if not heap or heap[0][3] is not run.arrive or heap[0][4] != n:
+                os._exit(1)   # the next event is not the arrival that ends the run: simulated afresh instead
+            heapq.heappop(heap)
             run.loop.run()
             data = pickle.dumps(run.result(rate, warmup_frac, wall + time.perf_counter() - t0),
                                 protocol=pickle.HIGHEST_PROTOCOL)
@@ -419,10 +421,16 @@ def _drained_copy(run: _Run, n: int, rate: float, warmup_frac: float, wall: floa
         finally:
             os._exit(code)
     os.close(w)
+    data, status = b"", 1
     try:
         with os.fdopen(r, "rb") as f:
             data = f.read()
     finally:
+        if not data:   # interrupted (Ctrl-C) or failed: the copy is not waited for to finish its drain
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         _, status = os.waitpid(pid, 0)
     if status != 0 or not data:
         return None

@@ -104,3 +104,17 @@ def test_bad_arguments_are_refused(models, gpus):
         GrowingRun(wf, alloc, gpus["h100-sxm"], models, rate_rps=1.0, max_requests=0)
     with pytest.raises(ValueError, match="at least one"):
         GrowingRun(wf, alloc, gpus["h100-sxm"], models, rate_rps=1.0)(0)
+
+
+def test_a_copy_that_fails_costs_a_fresh_simulation_not_a_wrong_result(models, gpus, monkeypatch):
+    import pickle
+
+    def boom(*a, **k):
+        raise RuntimeError("the copy fails")
+    monkeypatch.setattr(pickle, "dumps", boom)   # only the forked copy pickles
+    wf = load_workflow(config_dir() / "workflows" / "react_agent.yaml", models)
+    alloc = {"agent": LLMAlloc(tp=2, replicas=2), "summarizer": LLMAlloc(tp=1, replicas=2)}
+    gpu = gpus["h100-sxm"]
+    grow = GrowingRun(wf, alloc, gpu, models, rate_rps=3.0, seed=5)
+    got = grow(30)
+    assert grow.forked == 0 and same(got, simulate(wf, alloc, gpu, models, rate_rps=3.0, n_requests=30, seed=5))
