@@ -136,6 +136,12 @@ def test_keys_the_server_refuses_and_a_missing_scepsy_are_named(sshd, state, tmp
     assert got.returncode == 255 and "was not found there" in got.stderr and "--remote-scepsy" in got.stderr
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal gives it (a test run started in the background, `cmd &`, inherits
+    it ignored, and a scepsy started with it ignored never sees the Ctrl-C this test sends)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_reaches_the_remote_command_as_sigint(sshd, tmp_path):
     """The first Ctrl-C here is SIGINT there; the command's own handling runs and its output still arrives."""
     prog = tmp_path / "fake_scepsy.py"
@@ -143,7 +149,7 @@ def test_ctrl_c_reaches_the_remote_command_as_sigint(sshd, tmp_path):
                     "except KeyboardInterrupt:\n    print('stopping as asked', flush=True)\n    sys.exit(130)\n")
     p = subprocess.Popen([sys.executable, "-m", "scepsy_hpc.cli", "--remote", sshd.login_alias, "--remote-scepsy",
                           f"{shlex.quote(sys.executable)} {shlex.quote(str(prog))}", "ls"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         assert p.stdout.readline() == "started\n"
         t0 = time.monotonic()
@@ -158,7 +164,7 @@ def test_ctrl_c_reaches_the_remote_command_as_sigint(sshd, tmp_path):
     prog.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-m", "scepsy_hpc.cli", "--remote", sshd.login_alias, "--remote-scepsy",
                           f"{shlex.quote(sys.executable)} {shlex.quote(str(prog))}", "ls"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         assert p.stdout.readline() == "started\n"
         p.send_signal(signal.SIGINT)

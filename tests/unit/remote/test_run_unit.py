@@ -76,9 +76,15 @@ def test_remote_options_parse_before_the_command():
     assert (a.remote, a.remote_scepsy, a.command, a.json) == ("login1", "/x/scepsy", "ls", True)
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as a login session gives it (a test run started in the background, `cmd &`,
+    inherits it ignored, and a command started with it ignored never sees Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wrapped(*argv: str) -> subprocess.Popen:
     return subprocess.Popen(["sh", "-c", rr.WRAPPER, "scepsy-remote", *argv], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
 
 
 def test_the_wrapper_keeps_the_exit_status_and_output():
