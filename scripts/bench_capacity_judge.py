@@ -26,7 +26,8 @@ from scepsy_hpc.spec.workflow import load_workflow
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workflows", default="plan_execute,react_agent,rag_rerank,tot_verifier")
+    ap.add_argument("--workflows", default="plan_execute,react_agent,rag_rerank",
+                    help="shipped workflows (default plan_execute,react_agent,rag_rerank; tot_verifier or beam_search: an hour or more)")
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--requests", type=int, default=600)
     args = ap.parse_args()
