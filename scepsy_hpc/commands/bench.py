@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 if base is None:
                     base = prepare(request_for(args, wf, models, gpus, n, "milp"))
+                    base_n = n   # the planner's GPU count: a kept plan is reused only from a planner made alike
                 planner = base.with_budget(n_gpus=n)
                 fluid = fluid_bound(planner)
                 bound, bound_choice = instance_bound_plan(planner)
@@ -212,12 +213,12 @@ def run(args: argparse.Namespace) -> int:
             for pol in pols:
                 try:
                     req = request_for(args, wf, models, gpus, n, pol)
-                    o = memo_plan(kept, key_of("plan", req, n), lambda: plan(req, planner=planner).outcome)
+                    o = memo_plan(kept, key_of("plan", req, n, base_n), lambda: plan(req, planner=planner).outcome)
                     cell["policies"][pol] = {"plan": o, "predicted_rps": next(iter(o.predictions.values())).throughput_rps,
                                              "solve_time_s": o.solve_time_s, "request": req}
                 except InfeasibleError as e:
                     cell["policies"][pol] = {"error": str(e)}
-            cell["_planner"] = planner
+            cell["_planner"], cell["base_n"] = planner, base_n
             cells.append(cell)
             console.print(f"[dim]planned {wf.name} on {n} GPUs ({time.perf_counter() - t_start:.0f} s)[/dim]")
     # 1. measured maximum throughput of each policy's max-throughput plan
@@ -254,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
                         continue
                     try:   # the policy's plan for the common rate (weight 1 rps × rate scale `common`)
                         req = replace(v["request"], goal="target", rate_scale=common)
-                        o = memo_plan(kept, key_of("plan", req, c["gpus"]), lambda: plan(req, planner=planner).outcome)
+                        o = memo_plan(kept, key_of("plan", req, c["gpus"], c["base_n"]),
+                                      lambda: plan(req, planner=planner).outcome)
                     except InfeasibleError:
                         o = v["plan"]
                     v.setdefault("common_plans", {})[frac] = o
