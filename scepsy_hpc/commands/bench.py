@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     console = make_console(stderr=True)
     jobs = args.jobs or os.cpu_count() or 1
     kept = args.resume
+    reused = [0]   # plans read back from --resume
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     cells = []
@@ -213,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
             for pol in pols:
                 try:
                     req = request_for(args, wf, models, gpus, n, pol)
-                    o = memo_plan(kept, key_of("plan", req, n, base_n), lambda: plan(req, planner=planner).outcome)
+                    o = memo_plan(kept, key_of("plan", req, n, base_n), lambda: plan(req, planner=planner).outcome,
+                                  reused)
                     cell["policies"][pol] = {"plan": o, "predicted_rps": next(iter(o.predictions.values())).throughput_rps,
                                              "solve_time_s": o.solve_time_s, "request": req}
                 except InfeasibleError as e:
@@ -256,14 +258,21 @@ def run(args: argparse.Namespace) -> int:
                     try:   # the policy's plan for the common rate (weight 1 rps × rate scale `common`)
                         req = replace(v["request"], goal="target", rate_scale=common)
                         o = memo_plan(kept, key_of("plan", req, c["gpus"], c["base_n"]),
-                                      lambda: plan(req, planner=planner).outcome)
+                                      lambda: plan(req, planner=planner).outcome, reused)
                     except InfeasibleError:
                         o = v["plan"]
                     v.setdefault("common_plans", {})[frac] = o
                     lat_jobs.append((c, pol, frac, _kept(kept, "lat", "json", (c["wf"], _alloc(o), gpu, models, common,
                                                                                n_common, args.seed))))
+        kept_lat = sum(1 for *_, j in lat_jobs if j[-1] is not None and j[-1].exists())
         for (c, pol, frac, _), r in zip(lat_jobs, ex.map(_latency, [j for *_, j in lat_jobs])):
             c["policies"][pol].setdefault("at_common", {})[frac] = r
+    if kept is not None:
+        rates = sum(v.get("sim", {}).get("resumed_runs", 0) for c in cells if "error" not in c
+                    for v in c["policies"].values()) + sum(c.get("bound_sim", {}).get("resumed_runs", 0)
+                                                           for c in cells if "error" not in c)
+        console.print(f"[dim]--resume {kept}: reused {reused[0]} plans, {rates} judged rates and {kept_lat} latency "
+                      "runs[/dim]", soft_wrap=True)
     for c in cells:
         rows.append(_row(c))
     wall = time.perf_counter() - t_start

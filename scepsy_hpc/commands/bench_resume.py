@@ -86,14 +86,18 @@ def _own_file(path: Path) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size <= MAX_FILE_BYTES
 
 
-def memo_plan(d: Path | None, key: str, make: Callable[[], Any]) -> Any:
-    """The plan kept under `key` in `d`, else `make()` kept there (an error raised by `make` is not kept)."""
+def memo_plan(d: Path | None, key: str, make: Callable[[], Any], reused: list[int] | None = None) -> Any:
+    """The plan kept under `key` in `d`, else `make()` kept there (an error raised by `make` is not kept);
+    `reused[0]` counts the plans read back."""
     if d is None:
         return make()
     path = d / f"plan-{key}.pickle"
     if _own_file(path):
         try:
-            return pickle.loads(path.read_bytes())
+            out = pickle.loads(path.read_bytes())
+            if reused is not None:
+                reused[0] += 1
+            return out
         except Exception:   # noqa: BLE001 — a torn or foreign entry is planned again
             pass
     out = make()

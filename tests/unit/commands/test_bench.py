@@ -77,6 +77,8 @@ def test_bench_runs_and_plots(small, tmp_path):
     again_runs = [(len(v["capacity_runs"]), v["capacity_resumed_runs"]) for v in c2["policies"].values()]
     again_runs.append((c2["instance_bound_runs"], c2["instance_bound_resumed_runs"]))
     assert sum(n - r for n, r in again_runs) == judged - 2 > 0
+    said = " ".join(again.stderr.split())
+    assert f"reused 8 plans, {sum(r for _, r in again_runs)} judged rates and 5 latency runs" in said, said
     assert len(list(kept.glob("lat-*.json"))) == 6
 
 
