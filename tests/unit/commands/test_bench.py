@@ -61,7 +61,10 @@ def test_bench_runs_and_plots(small, tmp_path):
     # --resume: stopped after two rates of one bisection and before one latency run, the same command
     # goes on where it stopped and reports the very same figures
     journals = sorted(kept.glob("cap-*.jsonl"))
-    assert len(journals) == 3 and len(list(kept.glob("lat-*.json"))) == 6 and len(list(kept.glob("plan-*"))) == 8
+    # one latency run per distinct (allocation, rate): two policies planning alike for a rate share it
+    distinct = {(a["allocation"], a["rate_rps"]) for v in cell["policies"].values() for a in v["at_common"]}
+    assert cell["latency_runs"] == len(distinct)
+    assert len(journals) == 3 and len(list(kept.glob("lat-*.json"))) == len(distinct) and len(list(kept.glob("plan-*"))) == 8
     longest = max(journals, key=lambda p: len(p.read_text().splitlines()))
     judged = len(longest.read_text().splitlines())
     longest.write_text("\n".join(longest.read_text().splitlines()[:2]) + "\n")
@@ -78,8 +81,8 @@ def test_bench_runs_and_plots(small, tmp_path):
     again_runs.append((c2["instance_bound_runs"], c2["instance_bound_resumed_runs"]))
     assert sum(n - r for n, r in again_runs) == judged - 2 > 0
     said = " ".join(again.stderr.split())
-    assert f"reused 8 plans, {sum(r for _, r in again_runs)} judged rates and 5 latency runs" in said, said
-    assert len(list(kept.glob("lat-*.json"))) == 6
+    assert f"reused 8 plans, {sum(r for _, r in again_runs)} judged rates and {len(distinct) - 1} latency runs" in said, said
+    assert len(list(kept.glob("lat-*.json"))) == len(distinct)
 
 
 def test_bench_table_piped_keeps_every_column_whole(capsys):
@@ -109,3 +112,43 @@ def test_bench_table_piped_keeps_every_column_whole(capsys):
                  "90/95/99%", "0.298 / 0.314 / 0.328", "31.6 / 33.2 / 35.9", "0.35 / 0.28 / 0.12", "90.1 / 120.4 / 301.7"):
         assert text in out, text
     assert "…" not in out
+
+
+def test_policies_that_plan_alike_share_one_latency_run_per_rate(tmp_path, monkeypatch, capsys):
+    """One LLM on one GPU: every policy plans the same whole GPU, so each common rate is simulated once,
+    not once per policy (counted at the seam: the pool replaced by one that runs here), and every policy
+    reads the same figures there."""
+    import concurrent.futures
+
+    from scepsy_hpc.cli import build_parser
+    from scepsy_hpc.commands import bench
+
+    class InProcess:
+        def __init__(self, max_workers=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, jobs):
+            return [fn(j) for j in jobs]
+
+    simulated = []
+    real = bench._latency
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcess)
+    monkeypatch.setattr(bench, "_latency", lambda job: simulated.append(job[4]) or real(job))
+    wf = tmp_path / "one.yaml"
+    wf.write_text("name: one\nllms: {m: {model: llama-3.1-8b-instruct}}\n"
+                  "program:\n  - {call: m, prompt_tokens: 100, output_tokens: {geometric: {mean: 200}}}\n")
+    args = build_parser().parse_args(["bench", "--workflows", str(wf), "--gpus", "1", "--requests", "120", "--policies",
+                                      "milp,equal,independent", "--samples", "200", "--json"])
+    assert args.run(args) == 0
+    cell = json.loads(capsys.readouterr().out)["cells"][0]
+    rates = [r["rate_rps"] for r in cell["common_rates"]]
+    assert sorted(simulated) == sorted(rates) and len(simulated) == 3 == cell["latency_runs"]   # not 9
+    at = {p: [(a["allocation"], a["rate_rps"], a["latency_mean_s"]) for a in v["at_common"]]
+          for p, v in cell["policies"].items()}
+    assert at["milp"] == at["equal"] == at["independent"] and [r for _, r, _ in at["milp"]] == rates
