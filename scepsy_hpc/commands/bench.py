@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print (or plot) it."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from scepsy_hpc.commands.bench_resume import key_of, memo_plan
+    from scepsy_hpc.commands.bench_resume import is_kept, key_of, memo_plan
     from scepsy_hpc.planning import plan, prepare
     from scepsy_hpc.spec.catalog import load_gpus, load_models
     from scepsy_hpc.spec.workflow import load_workflow
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         keys = [key_of("lat", *j[:-1]) for *_, j in lat_jobs]
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
         once = sorted(set(first.values()))
-        kept_lat = sum(1 for i in once if lat_jobs[i][-1][-1] is not None and lat_jobs[i][-1][-1].exists())
+        kept_lat = sum(1 for i in once if lat_jobs[i][-1][-1] is not None and is_kept(lat_jobs[i][-1][-1]))
         done = dict(zip(once, ex.map(_latency, [lat_jobs[i][-1] for i in once])))
         for (c, pol, frac, _), k in zip(lat_jobs, keys):
             c["policies"][pol].setdefault("at_common", {})[frac] = dict(done[first[k]])

@@ -24,7 +24,9 @@ import hashlib
 import json
 import os
 import pickle
+import platform
 import stat
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,11 +38,19 @@ _code: str | None = None
 
 
 def code_digest() -> str:
-    """SHA-256 of the source of every module of the package (once per process)."""
+    """SHA-256 of the source of every module of the package, the interpreter and the versions of the
+    libraries a plan depends on (once per process)."""
     global _code
     if _code is None:
+        from importlib.metadata import PackageNotFoundError, version
+
         root = Path(__file__).resolve().parent.parent
-        h = hashlib.sha256()
+        h = hashlib.sha256(f"{sys.version}|{platform.machine()}".encode())
+        for lib in ("pydantic", "pulp", "highspy", "numpy", "PyYAML"):
+            try:
+                h.update(f"|{lib}={version(lib)}".encode())
+            except PackageNotFoundError:
+                h.update(f"|{lib}=-".encode())
         for p in sorted(root.rglob("*.py")):
             h.update(str(p.relative_to(root)).encode() + b"\0")
             h.update(p.read_bytes())
@@ -78,7 +88,22 @@ def open_dir(path: str) -> Path:
     return d
 
 
-def _own_file(path: Path) -> bool:
+def _read_own(path: Path) -> bytes | None:
+    """The bytes of `path` when it is a regular file of ours (opened without following a link, checked on
+    the open file: nothing can be swapped in between), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size > MAX_FILE_BYTES:
+            return None
+        return f.read(MAX_FILE_BYTES + 1)
+
+
+def is_kept(path: Path) -> bool:
+    """`path` is a regular file of ours (what a reader here would read back)."""
     try:
         st = path.lstat()
     except OSError:
@@ -92,19 +117,20 @@ def memo_plan(d: Path | None, key: str, make: Callable[[], Any], reused: list[in
     if d is None:
         return make()
     path = d / f"plan-{key}.pickle"
-    if _own_file(path):
+    data = _read_own(path)
+    if data is not None:
         try:
-            out = pickle.loads(path.read_bytes())
+            out = pickle.loads(data)
             if reused is not None:
                 reused[0] += 1
             return out
-        except Exception:   # noqa: BLE001 — a torn or foreign entry is planned again
+        except Exception:   # noqa: BLE001 — a torn entry is planned again
             pass
     out = make()
     try:
         write_atomic(path, pickle.dumps(out), mode=PRIVATE)
-    except (OSError, pickle.PicklingError, TypeError, AttributeError):
-        pass   # best effort: an unpicklable plan is planned again next time
+    except Exception:   # noqa: BLE001 — best effort: an unpicklable plan (or a full disk) is planned again next time
+        pass
     return out
 
 
@@ -112,12 +138,13 @@ def memo_json(path: Path | None, make: Callable[[], dict[str, Any]]) -> dict[str
     """The JSON object kept at `path`, else `make()` kept there."""
     if path is None:
         return make()
-    if _own_file(path):
+    data = _read_own(path)
+    if data is not None:
         try:
-            v = json.loads(path.read_text())
+            v = json.loads(data)
             if isinstance(v, dict):
                 return v
-        except (OSError, ValueError):
+        except ValueError:
             pass
     out = make()
     try:
@@ -131,13 +158,10 @@ def read_runs(path: Path | None) -> dict[float, tuple[bool, float, float, int]]:
     """The judged rates of a capacity journal: rate → (sustained, throughput, mean latency, requests);
     a torn last line (the bench stopped mid-write) is skipped."""
     known: dict[float, tuple[bool, float, float, int]] = {}
-    if path is None or not _own_file(path):
+    data = None if path is None else _read_own(path)
+    if data is None:
         return known
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return known
-    for line in lines:
+    for line in data.decode(errors="replace").splitlines():
         try:
             r = json.loads(line)
             known[float(r["rate"])] = (bool(r["ok"]), float(r["throughput"]), float(r["latency"]), int(r["requests"]))
@@ -157,7 +181,7 @@ def run_writer(path: Path | None) -> Callable[[float, bool, Any], None] | None:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, PRIVATE)
             with os.fdopen(fd, "a") as f:
-                f.write(line + "\n")
+                f.write("\n" + line + "\n")   # on a line of its own even after a torn one (blank lines are skipped)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError:

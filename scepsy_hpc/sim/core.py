@@ -340,8 +340,10 @@ class GrowingRun:
     reached, orders nothing else). So the run goes on up to just before arrival n + 1; a forked copy of
     the process drops that arrival, drains the n requests in flight and sends back the result; the
     run itself goes on from there for the next, longer call. Where a fork is not to be had (no
-    `os.fork`, or other threads in the process: a forked copy of a threaded process can deadlock) or a
-    copy fails, and for an `n` not above the last one, the run is simulated afresh: the same result."""
+    `os.fork`, or other threads in the process, Python's or native ones such as a BLAS pool: a forked
+    copy of a threaded process can deadlock; a pool's worker process has none) or a copy fails, after a
+    run stopped mid-event, and for an `n` not above the last one, the run is simulated afresh: the same
+    result."""
 
     def __init__(self, wf: Workflow, allocation: Mapping[str, Entry], gpu: GPUSpec, models: Mapping[str, ModelSpec],
                  *, rate_rps: float, seed: int = 0, warmup_frac: float = 0.1, prefix_affinity: bool = True,
@@ -358,6 +360,7 @@ class GrowingRun:
         self._run = _Run(wf, allocation, gpu, models, [], seed, prefix_affinity, affinity_slack, affinity_ratio,
                          max_requests)
         self._at = 0          # requests the run has gone past (the next arrival is this one)
+        self._started = False
         self._wall = 0.0      # wall seconds the run has spent so far
         self.forked = 0       # results drained in a forked copy (the others simulated afresh)
         self.fork = fork      # False: every length simulated afresh (to compare)
@@ -373,9 +376,14 @@ class GrowingRun:
             self._t += self._rng.expovariate(rate)
             arrivals.append(self._t)
         t0 = time.perf_counter()
-        if self._at == 0:
+        if not self._started:
+            self._started = True
             run.start()
-        run.loop.run_before(arrivals[n])
+        try:
+            run.loop.run_before(arrivals[n])
+        except BaseException:
+            self.fork = False   # stopped mid-event (Ctrl-C): its state is no whole run; later lengths afresh
+            raise
         self._at = n
         self._wall += time.perf_counter() - t0
         res = _drained_copy(run, n, rate, self._kw["warmup_frac"], self._wall)
@@ -386,9 +394,20 @@ class GrowingRun:
 
 
 def _can_fork() -> bool:
+    """A fork is to be had and this process runs one thread: Python's (`threading`) and native ones (a
+    solver's pool, counted by the kernel)."""
     import threading
 
-    return hasattr(os, "fork") and threading.active_count() == 1
+    if not hasattr(os, "fork") or threading.active_count() != 1:
+        return False
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1]) == 1
+    except (OSError, ValueError):
+        pass
+    return True
 
 
 def _drained_copy(run: _Run, n: int, rate: float, warmup_frac: float, wall: float) -> SimResult | None:
@@ -397,15 +416,19 @@ def _drained_copy(run: _Run, n: int, rate: float, warmup_frac: float, wall: floa
     import pickle
 
     r, w = os.pipe()
+    stops = {signal.SIGINT, signal.SIGTERM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)   # none lands in the copy before its try
     try:
         pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(r)
         os.close(w)
         return None
     if pid == 0:   # the copy: drop arrival n, drain, send the result; never returns
         code = 1
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             os.close(r)
             t0 = time.perf_counter()
             heap = run.loop._heap
@@ -420,6 +443,7 @@ def _drained_copy(run: _Run, n: int, rate: float, warmup_frac: float, wall: floa
             code = 0
         finally:
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     os.close(w)
     data, status = b"", 1
     try:
@@ -431,7 +455,10 @@ def _drained_copy(run: _Run, n: int, rate: float, warmup_frac: float, wall: floa
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        _, status = os.waitpid(pid, 0)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:   # SIGCHLD ignored here: the copy was reaped for us; its pickle says if it ended well
+            status = 0
     if status != 0 or not data:
         return None
     try:

@@ -68,3 +68,19 @@ def test_entries_of_another_user_are_not_read(tmp_path):
     os.chown(d, 12345, 12345)
     with pytest.raises(SpecError, match="belongs to uid 12345"):
         open_dir(str(d))
+
+
+def test_a_link_is_not_followed_and_a_torn_line_costs_only_itself(tmp_path):
+    from types import SimpleNamespace
+
+    from scepsy_hpc.commands.bench_resume import run_writer
+
+    d = open_dir(str(tmp_path / "r"))
+    target = tmp_path / "elsewhere.pickle"
+    target.write_bytes(pickle.dumps({"plan": "linked"}))
+    (d / "plan-s.pickle").symlink_to(target)
+    assert memo_plan(d, "s", lambda: {"plan": "made"}) == {"plan": "made"}
+    journal = d / "cap.jsonl"
+    journal.write_text('{"rate": 1.0, "ok": true, "throughput": 1.0, "late')   # stopped mid-write
+    run_writer(journal)(2.0, False, SimpleNamespace(throughput_rps=1.5, latency_mean_s=30.0, requests=1200))
+    assert read_runs(journal) == {2.0: (False, 1.5, 30.0, 1200)}

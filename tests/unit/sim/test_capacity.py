@@ -208,7 +208,7 @@ def test_an_interrupted_bisection_replays_its_judged_rates_and_simulates_only_th
     gpu = gpus["h100-sxm"]
     path = tmp_path / "cap.jsonl"
     whole = max_sustainable_rate(wf, alloc, gpu, models, 0.7 * mu, n_requests=800, seed=3, on_run=run_writer(path))
-    lines = path.read_text().splitlines()
+    lines = [x for x in path.read_text().splitlines() if x]
     assert len(lines) == len(whole.runs) >= 4
     path.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])   # stopped while writing the 4th
     known = read_runs(path)
