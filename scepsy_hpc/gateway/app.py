@@ -38,7 +38,8 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE
-from scepsy_hpc.gateway.auth import KeyRing
+from scepsy_hpc.gateway.admission import DEFAULT_IDLE_S, DEFAULT_WAIT_S, Admission
+from scepsy_hpc.gateway.auth import ANY_DEPLOYMENT, KeyRing
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
 from scepsy_hpc.gateway.guard import CLIENT_KEY, SMALL_BODY_BYTES, guard, too_large
 from scepsy_hpc.gateway.metrics import CallWindow, gateway_registry, gateway_stats
@@ -107,6 +108,8 @@ class GatewayState:
         self.forwarder: Forwarder | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.keys = KeyRing()
+        self.admission = Admission()   # the request caps (admission.py), from the endpoints file
+        self._capped: Endpoints | None = None
         self.max_body_bytes = max_body_bytes
         self.client_timeout_s = client_timeout_s
         self.refusals: dict[str, int] = {}   # inputs refused by the gateway's bounds, by reason (stats, metrics)
@@ -118,11 +121,21 @@ class GatewayState:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
     def sync(self) -> Endpoints:
-        """Follow the endpoints file (routing and keys); the endpoints in force."""
+        """Follow the endpoints file (routing, keys and request caps); the endpoints in force."""
         self.router.sync()
         eps = self.router.endpoints()  # a watcher looks at the file at most once per poll interval
         self.keys.update(eps)
+        self.follow_caps(eps)
         return eps
+
+    def follow_caps(self, eps: Endpoints) -> None:
+        """Apply the file's request caps and their times (model seconds, held here in wall seconds)."""
+        if eps is self._capped:
+            return
+        self._capped = eps
+        self.admission.idle_s = (eps.request_idle_s or DEFAULT_IDLE_S) * self.time_scale
+        self.admission.wait_s = (eps.request_wait_s or DEFAULT_WAIT_S) * self.time_scale
+        self.admission.configure(eps.request_caps())
 
     def put_span(self, rec: SpanRecord) -> None:
         """Trace one span record (paired from events, or inferred from the calls)."""
@@ -144,6 +157,7 @@ class GatewayState:
         self.clock = ModelClock(self.time_scale)  # t0 = when the gateway starts serving
         self.started = self.clock.t0
         self.router.sync()
+        self.follow_caps(self.router.endpoints())
         # No total timeout: a long generation may stream for minutes; only connecting is bounded.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
@@ -162,6 +176,7 @@ class GatewayState:
             await asyncio.sleep(WATCH_EVERY_S)
             try:
                 self.router.sync()
+                self.follow_caps(self.router.endpoints())
             except Exception:
                 log.exception("endpoints watch failed")
 
@@ -296,7 +311,15 @@ async def _handle_call(upstream_path: str, request: web.Request) -> web.StreamRe
                 request_id=request_id, role=role, model=pool.served_model, call_id=st.next_call_id(),
                 authorization=None if st.router.client_keys else request.headers.get("Authorization"))
     assert st.forwarder is not None  # set on startup
-    return await st.forwarder.forward(request, call)
+    scope = st.keys.deployment_of(pool.name)
+    refusal = await st.admission.enter(scope, request_id)
+    if refusal is not None:
+        return error_response(503, refusal.message, "request_cap", 503,
+                              headers={"Retry-After": str(refusal.retry_after_s)})
+    try:
+        return await st.forwarder.forward(request, call)
+    finally:
+        st.admission.leave(scope, request_id)
 
 
 def _unknown_model(accepted: dict[str, str], model: str | None, deployment: str | None) -> web.Response:
@@ -337,6 +360,7 @@ async def _handle_stats(request: web.Request) -> web.Response:
     st = request.app[STATE]
     st.router.sync(force=True)  # the daemon reads this right after writing the file: it must be reflected
     st.keys.update(st.router.endpoints())
+    st.follow_caps(st.router.endpoints())
     return web.json_response(gateway_stats(st))
 
 
@@ -358,6 +382,9 @@ async def _handle_span(request: web.Request) -> web.Response:
     st.tracker.span_event(body)
     if body.get("span") == "request" and body.get("event") == "end":   # the request's routing state goes too
         st.router.forget(body["request"])
+        key = request.get(CLIENT_KEY)   # a key ends requests only of the deployments it may call
+        st.admission.end(body["request"], lambda scope: key is None or ANY_DEPLOYMENT in key.deployments
+                         or scope in key.deployments)
     if rec is None:
         return web.json_response({"ok": True, "t": now})
     st.put_span(rec)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from scepsy_hpc.gateway.endpoints import Auth, ClientKey, Endpoints
+from scepsy_hpc.gateway.endpoints import Auth, ClientKey, Endpoints, llm_deployment
 
 ANY_DEPLOYMENT = "*"
 # How a client finds its key; said in every 401.
@@ -64,13 +64,6 @@ def key_digest(key: str) -> str | None:
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
     except UnicodeEncodeError:   # lone surrogates from a header decoded with surrogateescape
         return None
-
-
-def llm_deployment(llm_key: str, deployment: str | None) -> str | None:
-    """The deployment an LLM belongs to: its file's `deployment`, else its key's part before '/', else none."""
-    if deployment is not None:
-        return deployment
-    return llm_key.split("/", 1)[0] if "/" in llm_key else None
 
 
 class KeyRing:

@@ -6,6 +6,10 @@ time_scale: 1.0            # optional; the engines' time scale, so trace times a
 auth:                      # optional; when present every /v1 call needs `Authorization: Bearer KEY`
   keys:
     - {id: k1a2b3, sha256: <hex sha256 of the key>, deployments: [demo], max_concurrent: 64, rpm: 6000}
+max_requests: {demo: 200}  # optional; workflow requests in flight at once per deployment (gateway/admission.py);
+                           # a bare number caps the LLMs with no deployment
+request_idle_s: 60         # optional; a request with no call in flight this long (model seconds) has ended
+request_wait_s: 600        # optional; how long a request may wait under the cap (model seconds) before a 503
 llms:
   planner:
     deployment: demo                      # optional; the deployment it belongs to (keys are scoped by it)
@@ -129,7 +133,19 @@ class Endpoints(SpecModel):
     schema_version: int = SCHEMA_VERSION
     time_scale: Annotated[float, Field(gt=0)] | None = None
     auth: Auth | None = None   # None: no key needed (a hand-run gateway); the daemon always writes it
+    # the request cap (gateway/admission.py): per deployment, or one number for the LLMs with no deployment
+    max_requests: Annotated[int, Field(ge=1)] | dict[str, Annotated[int, Field(ge=1)]] | None = None
+    request_idle_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] | None = None
+    request_wait_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] | None = None
     llms: dict[str, LLMEndpoint]
+
+    def request_caps(self) -> dict[str | None, int]:
+        """The request cap of each capped deployment (None: the LLMs with no deployment)."""
+        if self.max_requests is None:
+            return {}
+        if isinstance(self.max_requests, int):
+            return {None: self.max_requests}
+        return dict(self.max_requests)
 
     def names(self) -> list[str]:
         """The LLM keys, sorted (each names one pool)."""
@@ -145,6 +161,13 @@ class Endpoints(SpecModel):
             for alias in self.llms[key].aliases:
                 names.setdefault(alias, key)
         return dict(sorted(names.items()))
+
+
+def llm_deployment(llm_key: str, deployment: str | None) -> str | None:
+    """The deployment an LLM belongs to: its file's `deployment`, else its key's part before '/', else none."""
+    if deployment is not None:
+        return deployment
+    return llm_key.split("/", 1)[0] if "/" in llm_key else None
 
 
 @dataclass(frozen=True)
@@ -204,9 +227,26 @@ def _check(eps: Endpoints, smap: SourceMap) -> list[str]:
             seen.setdefault(r.url, i)
     if eps.auth is not None:
         problems += _auth_problems(eps.auth, smap)
+    problems += _cap_problems(eps, smap)
     for c in _name_conflicts(eps):
         line = smap.line_of(c.other_loc, key=len(c.other_loc) == 2) if c.other_loc else None
         problems.append(f"{smap.where(('llms', c.key, 'aliases', c.index))}: {c.message(line)}")
+    return problems
+
+
+def _cap_problems(eps: Endpoints, smap: SourceMap) -> list[str]:
+    """A request cap for a deployment no LLM belongs to (a typo would leave the real one uncapped)."""
+    deps = {llm_deployment(name, llm.deployment) for name, llm in eps.llms.items()}
+    named = ", ".join(sorted(d for d in deps if d is not None)) or "none"
+    problems: list[str] = []
+    for dep in eps.request_caps():
+        if dep is None and None not in deps:
+            problems.append(f"{smap.where(('max_requests',))}: max_requests: a bare number caps the LLMs with no "
+                            f"deployment, and every LLM here has one ({named}); give it per deployment: "
+                            "max_requests: {NAME: N}")
+        elif dep is not None and dep not in deps:
+            problems.append(f"{smap.where(('max_requests', dep), key=True)}: max_requests: no LLM here belongs to "
+                            f"deployment {dep!r} (the LLMs' deployments: {named}); name one of those")
     return problems
 
 

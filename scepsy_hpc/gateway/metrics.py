@@ -80,6 +80,7 @@ class GatewayCollector(Collector):
                                   value=st.span_records)
         yield CounterMetricFamily("scepsy_gateway_spans_dropped_total",
                                   "Open spans dropped unended (too old, or too many open).", value=st.spans.dropped)
+        yield from _cap_families(st)
         if isinstance(st.source, EndpointsWatcher):
             yield CounterMetricFamily("scepsy_gateway_endpoints_reloads_total",
                                       "Successful reloads of the endpoints file.", value=st.source.reloads)
@@ -115,6 +116,33 @@ def _guard_families(st: GatewayState) -> Iterable[Metric]:
         for limit, n in sorted(use.rate_limited.items()):
             key_limited.add_metric([kid, limit], n)
     yield from (refused, unauthorized, key_calls, key_refused, key_limited, key_in_flight)
+
+
+def _cap_families(st: GatewayState) -> Iterable[Metric]:
+    """The request caps (admission.py), per capped deployment ("" for the LLMs with no deployment)."""
+    per = ["deployment"]
+    cap = GaugeMetricFamily("scepsy_gateway_max_requests", "Request cap: workflow requests in flight at once.",
+                            labels=per)
+    in_flight = GaugeMetricFamily("scepsy_gateway_requests_in_flight", "Workflow requests admitted and not ended.",
+                                  labels=per)
+    waiting = GaugeMetricFamily("scepsy_gateway_requests_waiting", "Workflow requests waiting under the cap.",
+                                labels=per)
+    counters = {k: CounterMetricFamily(f"scepsy_gateway_requests_{k}_total", doc, labels=per) for k, doc in (
+        ("admitted", "Workflow requests admitted under the cap."),
+        ("waited", "Workflow requests that waited for a slot."),
+        ("wait_timeouts", "Workflow requests refused (503) after waiting request_wait_s."),
+        ("queue_full", "Workflow requests refused (503) at once: too many already waiting."),
+        ("idle_ended", "Workflow requests taken as ended after request_idle_s with no call."))}
+    for dep, figs in st.admission.stats().items():
+        cap.add_metric([dep], figs["max_requests"])
+        in_flight.add_metric([dep], figs["in_flight"])
+        waiting.add_metric([dep], figs["waiting"])
+        for k, fam in counters.items():
+            fam.add_metric([dep], figs[k])
+    yield from (cap, in_flight, waiting, *counters.values())
+    yield CounterMetricFamily("scepsy_gateway_uncapped_calls_total",
+                              "Calls to a capped deployment without a request id (not counted by the cap).",
+                              value=st.admission.uncapped_calls)
 
 
 def gateway_registry(state: GatewayState) -> CollectorRegistry:
@@ -188,7 +216,9 @@ def gateway_stats(state: GatewayState) -> dict[str, Any]:
     seconds, of successful calls; TTFT of streams only) are null without such calls. `spans`: open and
     dropped (unended, too old or too many) spans; `refused`: inputs refused by a bound, by reason;
     `auth`: `{"enabled", "keys", "unauthorized": {reason: n}, "per_key": {id: {"calls", "in_flight",
-    "refused", "rate_limited": {limit: n}}}}` (key ids only, never keys)."""
+    "refused", "rate_limited": {limit: n}}}}` (key ids only, never keys). `requests`: per capped deployment
+    ("" for the LLMs with no deployment) `{"max_requests", "in_flight", "waiting", "admitted", "waited",
+    "wait_timeouts", "queue_full", "idle_ended", "readmitted"}` (admission.py), and `uncapped_calls`."""
     st = state
     now = time.monotonic()
     uptime_s = now - st.started
@@ -215,4 +245,5 @@ def gateway_stats(state: GatewayState) -> dict[str, Any]:
         draining[r.url] = draining.get(r.url, 0) + r.outstanding
     return {"uptime_s": uptime_s, "time_scale": st.time_scale, "models": models, "draining": draining,
             "spans": {"open": st.spans.open_count(), "dropped": st.spans.dropped},
-            "refused": dict(sorted(st.refusals.items())), "auth": st.keys.stats()}
+            "refused": dict(sorted(st.refusals.items())), "auth": st.keys.stats(),
+            "requests": st.admission.stats(), "uncapped_calls": st.admission.uncapped_calls}

@@ -248,6 +248,15 @@ GATEWAY_FAMILIES = [
     ("scepsy_gateway_open_spans", "gauge"),
     ("scepsy_gateway_spans_total", "counter"),
     ("scepsy_gateway_spans_dropped_total", "counter"),
+    ("scepsy_gateway_max_requests", "gauge"),
+    ("scepsy_gateway_requests_in_flight", "gauge"),
+    ("scepsy_gateway_requests_waiting", "gauge"),
+    ("scepsy_gateway_requests_admitted_total", "counter"),
+    ("scepsy_gateway_requests_waited_total", "counter"),
+    ("scepsy_gateway_requests_wait_timeouts_total", "counter"),
+    ("scepsy_gateway_requests_queue_full_total", "counter"),
+    ("scepsy_gateway_requests_idle_ended_total", "counter"),
+    ("scepsy_gateway_uncapped_calls_total", "counter"),
     ("scepsy_gateway_endpoints_reloads_total", "counter"),
     ("scepsy_gateway_refused_total", "counter"),
     ("scepsy_gateway_unauthorized_total", "counter"),
@@ -274,7 +283,8 @@ async def test_metrics_parse_with_prometheus_client_under_the_recorded_names(sta
     unused = {"scepsy_gateway_held_calls_total", "scepsy_gateway_hold_timeouts_total",
               "scepsy_gateway_draining_outstanding",  # nothing held or drained here: no samples yet
               "scepsy_gateway_refused_total", "scepsy_gateway_key_calls_total", "scepsy_gateway_key_refused_total",
-              "scepsy_gateway_key_rate_limited_total", "scepsy_gateway_key_in_flight"}  # nothing refused, no keys
+              "scepsy_gateway_key_rate_limited_total", "scepsy_gateway_key_in_flight",  # nothing refused, no keys
+              *(name for name, _ in GATEWAY_FAMILIES if "_requests" in name)}   # no request cap
     assert {x.name for x in samples} == {name for name, _ in GATEWAY_FAMILIES} - unused  # no `_created` series
     value = {(x.name, tuple(sorted(x.labels.items()))): x.value for x in samples}
     assert value[("scepsy_gateway_calls_total", (("llm", "coder"),))] == 1

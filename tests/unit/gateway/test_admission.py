@@ -1,0 +1,221 @@
+"""The request cap (gateway/admission.py): at most N workflow requests of a deployment in flight; the rest
+wait first come first served, a request's later calls are never held, and the slot of a request goes when
+its end is reported or it has been idle `request_idle_s`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scepsy_hpc.errors import SpecError
+from scepsy_hpc.gateway.admission import Admission, Refusal
+from scepsy_hpc.gateway.endpoints import load_endpoints
+
+pytestmark = pytest.mark.timeout(20)
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def _gate(cap: int = 2, **kw: float) -> Admission:
+    g = Admission(idle_s=kw.get("idle_s", 30.0), wait_s=kw.get("wait_s", 30.0))
+    g.configure({"d": cap})
+    return g
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_third_request_waits_and_takes_the_slot_of_the_first_to_end() -> None:
+    g = _gate(2)
+    assert await g.enter("d", "r1") is None and await g.enter("d", "r2") is None
+    third = asyncio.create_task(g.enter("d", "r3"))
+    fourth = asyncio.create_task(g.enter("d", "r4"))
+    await _settle()
+    assert not third.done() and not fourth.done()
+    figs = g.stats()["d"]
+    assert (figs["in_flight"], figs["waiting"]) == (2, 2)
+    # a request in flight is never held: its next call goes in over the cap's count
+    assert await g.enter("d", "r2") is None
+    g.leave("d", "r1")
+    g.end("r1")
+    await _settle()
+    assert third.done() and await third is None and not fourth.done()   # first come, first served
+    g.leave("d", "r2")
+    g.leave("d", "r2")
+    g.end("r2")
+    assert await asyncio.wait_for(fourth, 1) is None
+    assert g.stats()["d"]["admitted"] == 4 and g.stats()["d"]["waited"] == 2
+
+
+async def test_calls_of_one_waiting_request_go_in_together() -> None:
+    """A fan-out's sibling calls of a request that waits are admitted with it, taking one slot."""
+    g = _gate(1)
+    assert await g.enter("d", "a") is None
+    sibs = [asyncio.create_task(g.enter("d", "b")) for _ in range(3)]
+    other = asyncio.create_task(g.enter("d", "c"))
+    await _settle()
+    g.leave("d", "a")
+    g.end("a")
+    await _settle()
+    assert all(t.done() for t in sibs) and not other.done()
+    assert g.stats()["d"]["in_flight"] == 1 and g.stats()["d"]["waiting"] == 1
+    for _ in range(2):
+        g.leave("d", "b")
+    g.end("b")          # reported while one call of it still runs: its slot goes when that call ends
+    await _settle()
+    assert not other.done()
+    g.leave("d", "b")
+    assert await asyncio.wait_for(other, 1) is None
+
+
+async def test_an_idle_request_ends_and_its_late_call_is_not_held() -> None:
+    g = _gate(1, idle_s=0.05)
+    assert await g.enter("d", "a") is None
+    g.leave("d", "a")   # a tool runs, no call in flight
+    waiting = asyncio.create_task(g.enter("d", "b"))
+    assert await asyncio.wait_for(waiting, 2) is None   # a's slot went to b after 0.05 s of idleness
+    assert g.stats()["d"]["idle_ended"] == 1
+    # a comes back (its tool took longer than idle_s): admitted at once, over the cap, not behind new ones
+    assert await asyncio.wait_for(g.enter("d", "a"), 0.5) is None
+    assert g.stats()["d"]["readmitted"] == 1 and g.stats()["d"]["in_flight"] == 2
+
+
+async def test_a_request_waiting_past_wait_s_is_refused_and_leaves_the_queue() -> None:
+    g = _gate(1, wait_s=0.1)
+    assert await g.enter("d", "a") is None
+    refusal = await asyncio.wait_for(g.enter("d", "b"), 2)
+    assert isinstance(refusal, Refusal) and "request cap (1 requests in flight)" in refusal.message
+    assert "waited 0 s" in refusal.message and refusal.retry_after_s >= 1
+    assert g.stats()["d"]["wait_timeouts"] == 1 and g.stats()["d"]["waiting"] == 0
+
+
+async def test_the_queue_is_bounded() -> None:
+    g = _gate(1)
+    assert await g.enter("d", "a") is None
+    waiters = [asyncio.create_task(g.enter("d", f"w{i}")) for i in range(10)]
+    await _settle()
+    refusal = await g.enter("d", "one-too-many")
+    assert isinstance(refusal, Refusal) and "10 more wait" in refusal.message
+    assert g.stats()["d"]["queue_full"] == 1
+    for t in waiters:
+        t.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert g.stats()["d"]["waiting"] == 0   # a client that goes away leaves the queue
+
+
+async def test_caps_follow_the_file_raised_removed_and_uncapped_scopes() -> None:
+    g = _gate(1)
+    assert await g.enter("d", "a") is None
+    b = asyncio.create_task(g.enter("d", "b"))
+    c = asyncio.create_task(g.enter("d", "c"))
+    await _settle()
+    g.configure({"d": 2})        # raised: one more goes in now
+    await _settle()
+    assert b.done() and not c.done()
+    g.configure({})              # removed: everyone goes
+    assert await asyncio.wait_for(c, 1) is None
+    assert await g.enter("other", "x") is None and g.stats() == {}
+    g.configure({None: 1})
+    assert await g.enter(None, None) is None and await g.enter(None, None) is None   # no request id: not counted
+    assert g.uncapped_calls == 2
+
+
+async def test_an_end_reported_for_another_deployment_frees_nothing() -> None:
+    g = Admission()
+    g.configure({"a": 1, "b": 1})
+    assert await g.enter("a", "r") is None and await g.enter("b", "r") is None
+    g.leave("a", "r")
+    g.leave("b", "r")
+    g.end("r", allowed=lambda scope: scope == "a")
+    assert g.stats()["a"]["in_flight"] == 0 and g.stats()["b"]["in_flight"] == 1
+
+
+def test_bad_times_refused() -> None:
+    with pytest.raises(ValueError, match="finite and > 0"):
+        Admission(idle_s=0)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        Admission(wait_s=float("inf"))
+
+
+def _file(tmp_path: Path, head: str) -> Path:
+    p = tmp_path / "endpoints.yaml"
+    p.write_text(head + "llms:\n  a/x:\n    replicas: [http://127.0.0.1:1]\n  b/y:\n    deployment: b\n"
+                 "    replicas: [http://127.0.0.1:2]\n")
+    return p
+
+
+def test_the_endpoints_file_names_a_cap_for_a_deployment_it_does_not_serve(tmp_path: Path) -> None:
+    ok = load_endpoints(_file(tmp_path, "max_requests: {a: 5, b: 7}\nrequest_idle_s: 30\n"))
+    assert ok.request_caps() == {"a": 5, "b": 7} and ok.request_idle_s == 30
+    with pytest.raises(SpecError, match=r"endpoints.yaml:1: max_requests: no LLM here belongs to deployment 'c' "
+                                        r"\(the LLMs' deployments: a, b\)"):
+        load_endpoints(_file(tmp_path, "max_requests: {c: 5}\n"))
+    with pytest.raises(SpecError, match=r"endpoints.yaml:1: max_requests: a bare number caps the LLMs with no "
+                                        r"deployment, and every LLM here has one"):
+        load_endpoints(_file(tmp_path, "max_requests: 5\n"))
+    with pytest.raises(SpecError, match="max_requests"):
+        load_endpoints(_file(tmp_path, "max_requests: 0\n"))
+    with pytest.raises(SpecError, match="request_wait_s"):
+        load_endpoints(_file(tmp_path, "request_wait_s: -1\n"))
+
+
+async def test_the_gateway_holds_the_third_request_until_the_first_ends(stack: Any) -> None:
+    """Real HTTP: two requests reach the engine, a third waits at the gateway; the first's reported end lets
+    it in; calls with no request id and calls to an uncapped deployment pass."""
+    async with stack({"a/x": 1, "b/y": 1}) as s:
+        text = s.endpoints_path.read_text()
+        s.write_endpoints("max_requests: {a: 2}\n" + text)
+        eng = s.engines["a/x"][0]
+        eng.gate.clear()
+
+        def call(rid: str | None, model: str = "a/x") -> asyncio.Task[tuple[int, Any]]:
+            return asyncio.create_task(s.post("/v1/chat/completions", {"model": model, "messages": CHAT},
+                                              headers={"X-Scepsy-Request": rid} if rid else None))
+
+        assert (await s.post("/scepsy/v1/spans", {"span": "request", "event": "start", "request": "r1"}))[0] == 200
+        first, second = call("r1"), call("r2")
+        await eng.wait_calls(2)
+        third = call("r3")
+        st = s.gw.state
+        await s.until(lambda: st.admission.stats()["a"]["waiting"] == 1)
+        free = call(None)                       # no request id: not capped
+        other = call("r9", "b/y")               # deployment b has no cap
+        await eng.wait_calls(3)
+        assert (await other)[0] == 200
+        assert len(eng.calls) == 3   # r1, r2 and the call with no id; r3 waits
+        status, stats = await s.post("/scepsy/v1/spans", {"span": "request", "event": "end", "request": "r1"})
+        assert status == 200
+        _, body = await s.get("/scepsy/v1/stats")
+        eng.gate.set()
+        results = await asyncio.gather(first, second, third, free)
+        _, metrics = await s.get("/metrics")
+        trace = await s.close_gateway()
+    assert [r[0] for r in results] == [200] * 4
+    assert '"requests": {"a": {"max_requests": 2, "in_flight": 2, "waiting": 1' in body
+    assert '"uncapped_calls": 1' in body
+    calls = {c.request: c for c in trace.calls if c.llm == "a/x"}
+    assert calls["r3"].t_start >= calls["r1"].t_end > calls["r2"].t_start   # r3 went in when r1 ended
+    assert 'scepsy_gateway_max_requests{deployment="a"} 2.0' in metrics
+    assert 'scepsy_gateway_requests_waited_total{deployment="a"} 1.0' in metrics
+
+
+async def test_a_request_held_past_its_wait_gets_a_503_with_retry_after(stack: Any) -> None:
+    async with stack({"x": 1}) as s:
+        s.write_endpoints("max_requests: 1\nrequest_wait_s: 0.2\n" + s.endpoints_path.read_text())
+        eng = s.engines["x"][0]
+        eng.gate.clear()
+        first = asyncio.create_task(s.post("/v1/chat/completions", {"model": "x", "messages": CHAT},
+                                           headers={"X-Scepsy-Request": "r1"}))
+        await eng.wait_calls(1)
+        assert s.http is not None
+        async with s.http.post(s.url + "/r/r2/v1/chat/completions", json={"model": "x", "messages": CHAT}) as r:
+            status, retry, err = r.status, r.headers.get("Retry-After"), (await r.json())["error"]
+        eng.gate.set()
+        assert (await first)[0] == 200
+    assert status == 503 and retry is not None and int(retry) >= 1
+    assert err["type"] == "request_cap" and "this gateway is at its request cap (1 requests in flight)" in err["message"]
