@@ -112,6 +112,16 @@ def non_negative_int(text: str) -> int:
     return n
 
 
+def request_cap(text: str) -> int | str:
+    """`up --max-requests`: a whole number ≥ 1, or `plan` (the plan's figure)."""
+    if text.strip().lower() == "plan":
+        return "plan"
+    n = _int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a whole number ≥ 1 (requests in flight), or `plan`")
+    return n
+
+
 def port(text: str) -> int:
     """A TCP port, 0 meaning a free one."""
     n = non_negative_int(text)

@@ -185,7 +185,8 @@ def print_summary(result: PlanResult, s: dict[str, Any]) -> None:
     for w, p in s["predicted"]["per_workflow"].items():
         lat = f"{p['latency_s']:.2f} s" if math.isfinite(p["latency_s"]) else "unbounded (saturated)"
         c.print(f"{w}: at {p['rate_rps']:.3g} rps predicted mean latency {lat}, throughput up to {p['throughput_rps']:.3g} rps "
-                f"(bottleneck {p['bottleneck']}, marked *)")
+                f"(bottleneck {p['bottleneck']}, marked *)"
+                + (f"; gateway request cap {p['max_requests']} (the requests in flight near that capacity)" if p.get("max_requests") else ""))
     c.print(f"GPUs: {s['gpus_used']} of {s['gpus_total']} used, {s['gpus_free']} free   status {s['status']}   "
             f"solve {s['solve_time_s']:.2f} s" + (f" ({s['iterations']} MILP iterations, {s['candidates']} candidates)"
                                                     if s["policy"] == "milp" else ""))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from scepsy_hpc.commands.argtypes import (non_negative_float, non_negative_int, parser_override, positive_float,
-                                         positive_int, walltime)
+                                         positive_int, request_cap, walltime)
 from scepsy_hpc.commands.common import jsonable, make_console
 from scepsy_hpc.commands.daemon import add_state_dir
 
@@ -71,6 +71,12 @@ def add_arguments(sub: Any) -> None:
     up.add_argument("--stall-timeout", type=non_negative_float, default=120.0, metavar="S",
                     help="an engine with calls waiting or running whose token counters have not moved for S seconds "
                          "(although /health answers) is restarted by its node agent (default 120; 0: never)")
+    up.add_argument("--max-requests", type=request_cap, metavar="N|plan",
+                    help="the gateway lets at most N workflow requests of the deployment be in flight, later ones "
+                         "wait; `plan`: the plan's predicted.max_requests (the requests in flight near its predicted "
+                         "capacity, written for workflows whose calls continue conversations). Keeps such a "
+                         "deployment at its capacity when offered more, where its conversations would otherwise "
+                         "thrash its prefix caches; set too low it costs latency (default: no cap)")
     up.add_argument("--seed", type=non_negative_int, default=0)
     up.add_argument("--json", action="store_true", help="print the deployment's status as one JSON object (implies --detach)")
     add_state_dir(up)
@@ -192,7 +198,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     name = check_name(args.name or Path(args.target).stem, "deployment name")
     req = _up_request(name=name, target=_absolute(args.target) or args.target, backend=args.backend, engine=args.engine,
                     cluster=_absolute(args.cluster) or "local", partition=args.partition, account=args.account, qos=args.qos,
-                    time=args.time, target_rps=args.target_rps,
+                    time=args.time, target_rps=args.target_rps, max_requests=args.max_requests,
                     launch_prefix=args.launch_prefix or "", engine_args=list(args.engine_arg or ()),
                     time_scale=args.time_scale, health_timeout_s=args.health_timeout, start_timeout_s=args.start_timeout,
                     seed=args.seed, models=_absolute(args.models), gpu_catalog=_absolute(args.gpu_catalog),

@@ -24,7 +24,7 @@ def add_arguments(sub: Any) -> None:
                    help="engines without a prefix cache: every prompt token computed every call")
     s.add_argument("--max-requests", type=count, default=None, metavar="N",
                    help="a gateway that lets at most N requests be in flight: later ones hold (FIFO) until one ends, "
-                        "their wait counted in their latency (what-if: the gateway has no such cap yet)")
+                        "their wait counted in their latency (the gateway's cap: `scepsy up --max-requests`)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--trace", metavar="FILE", help="also write the simulated calls as a JSONL trace")
     s.set_defaults(run=run)

@@ -26,8 +26,10 @@ def to_plan(result: PlanResult) -> Plan:
     target = Target(throughput_rps=round(rate, 6), latency_slo_s=slo) if single else None
     routes = None if single else {dm.wf.name: {llm: planner.dep_of[i, llm] for llm in dm.wf.llms}
                                   for i, dm in enumerate(planner.demands)}
+    caps = request_caps(result)
     predicted = {w: {"rate_rps": round(out.rates[w], 6), "latency_s": _r(p.latency_s), "throughput_rps": _r(p.throughput_rps),
-                     "bottleneck": p.bottleneck_llm, "predictor": p.predictor} for w, p in out.predictions.items()}
+                     "bottleneck": p.bottleneck_llm, "predictor": p.predictor,
+                     **({"max_requests": caps[w]} if w in caps else {})} for w, p in out.predictions.items()}
     solver = {"policy": policy, "goal": mode, "status": out.status, "solve_time_s": round(out.solve_time_s, 4),
               "iterations": out.iterations, "candidates": out.candidates, "max_util": planner.max_util,
               "time_limit_s": planner.time_limit_s, "notes": list(out.notes)}
@@ -44,6 +46,40 @@ def to_plan(result: PlanResult) -> Plan:
     if result.placement is not None:
         plan = plan.model_copy(update={"placement": result.placement.entries()})
     return plan
+
+
+def request_caps(result: PlanResult) -> dict[str, int]:
+    """Per workflow whose calls continue conversations, the gateway's request cap for the plan
+    (gateway/admission.py): the requests in flight at the point a `--max-throughput` plan is planned at,
+    `max_util` × (1 − `throughput_tol`) of the plan's predicted capacity (Little's law: rate × predicted
+    latency there).
+
+    Past capacity, conversations continued on a prefix cache can collapse the deployment (README roadmap 3);
+    held to this many requests it keeps its capacity. Where they do not collapse it the figure costs throughput
+    (react_agent: 0.71×, `scripts/bench_request_cap.py`), so `scepsy up` applies it only when asked. Measured in the simulator (8 GPUs, each workflow's
+    max-throughput plan): plan_execute (cap 200) at 2.5 rps offered serves 2.02 rps against 0.75 uncapped
+    (caps 150 / 175 / 190 / 210 / 220 / 229: 1.82 / 1.98 / 2.02 / 1.95 / 1.76 / 1.54), supervisor_agents (190)
+    at its planned 2.46 rps serves 2.39 at 90 s against 0.60 at 327 s uncapped. Workflows without
+    conversations do not collapse and a cap only costs them (rag_rerank, cap 32: 26.3 s mean latency against
+    21.2 at its planned rate, 1.53 rps served against 2.03 at 1.3× its capacity), so they get none. None either
+    where the predictor gives no finite capacity or latency."""
+    from scepsy_hpc.spec.workflow import continues_conversations
+
+    planner, out = result.planner, result.outcome
+    top = planner.throughput_scale(out.predictions)
+    if not 0 < top < math.inf:
+        return {}
+    theta = top * planner.max_util * (1.0 - result.request.throughput_tol)
+    at = planner.evaluate(out.choice, theta)
+    caps: dict[str, int] = {}
+    for dm in planner.demands:
+        w = dm.wf.name
+        if not continues_conversations(dm.wf):
+            continue
+        n = theta * dm.weight_rps * at[w].latency_s
+        if math.isfinite(n) and n > 0:
+            caps[w] = max(1, math.ceil(n))
+    return caps
 
 
 def _r(x: float) -> float | None:
@@ -72,14 +108,17 @@ def summarise(result: PlanResult, plot: str | None = None, plan_file: str | None
                         "call_latency_s": p.call_latency_s if p else 0.0,
                         "critical_path_s": sum(out.predictions[planner.demands[j].wf.name].per_llm[m].stage_s
                                                for j, m in dep.members if m in out.predictions[planner.demands[j].wf.name].per_llm)})
+    caps = request_caps(result)
     preds = {w: {"rate_rps": out.rates[w], "latency_s": p.latency_s, "throughput_rps": p.throughput_rps,
-                 "bottleneck": p.bottleneck_llm, "tool_s": p.tool_s} for w, p in out.predictions.items()}
+                 "bottleneck": p.bottleneck_llm, "tool_s": p.tool_s, "max_requests": caps.get(w)}
+             for w, p in out.predictions.items()}
     first = next(iter(preds.values()))
     summary: dict[str, Any] = {
         "status": out.status, "policy": result.request.policy, "goal": result.goal,
         "allocation": {d: as_json(c) for d, c in out.choice.items()},
         "predicted": {"latency_s": first["latency_s"], "throughput_rps": first["throughput_rps"],
-                      "rate_rps": first["rate_rps"], "per_workflow": preds},
+                      "rate_rps": first["rate_rps"], "per_workflow": preds,
+                      "max_requests": sum(caps.values()) if len(caps) == len(preds) else None},
         "gpus_used": used, "gpus_free": planner.n_gpus - used, "gpus_total": planner.n_gpus, "gpu_type": planner.gpu_name,
         "solve_time_s": out.solve_time_s, "iterations": out.iterations, "candidates": out.candidates,
         "per_llm": per_llm, "notes": list(out.notes),

@@ -704,6 +704,7 @@ class Daemon(Continuity):
                                                   write_endpoints)
 
         per: dict[str, Endpoints] = {}
+        caps: dict[str, int] = {}   # the gateway's request cap per deployment (gateway/admission.py)
         rows = self.store.instances()
         secrets = self.engine_secrets()
         for d in self.store.deployments():
@@ -722,8 +723,11 @@ class Daemon(Continuity):
                                        if r.deployment == d.name and r.llm == k and r.routed and r.url).items()])
                     for k in keys}
             per[d.name] = Endpoints(llms=llms)
+            cap = (d.options or {}).get("request_cap")
+            if isinstance(cap, int) and cap >= 1 and llms:
+                caps[d.name] = cap
         self.gateway.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        merged = merge_endpoints(per, None).model_copy(update={"auth": self.keys.auth()})
+        merged = merge_endpoints(per, None).model_copy(update={"auth": self.keys.auth(), "max_requests": caps or None})
         if write_endpoints(self.gateway.endpoints, merged):
             # one line per version of the file, so a gateway that did not reload it can be told apart from a
             # daemon that did not write it (daemon.log beside gateway.log)
@@ -767,7 +771,12 @@ class Daemon(Continuity):
                 options={**req.model_dump(), "workflows": list(prepared.workflows),
                          "aliases": {k: list(v) for k, v in prepared.aliases.items()},
                          "weights": {k: list(v) for k, v in prepared.weights.items()},   # mixed groups only
+                         "request_cap": prepared.max_requests,
                          "template": prepared.template.model_dump()})
+            if prepared.max_requests is not None:
+                self.event(req.name, "plan", f"the gateway lets at most {prepared.max_requests} requests be in flight, "
+                           "later ones wait" + (" (the plan's predicted.max_requests)" if req.max_requests == "plan"
+                                                else ""))
             owner = await asyncio.to_thread(self.keys.ensure_owner, req.name, session_dir)
             self.event(req.name, "key", f"owner key {owner.id}: `scepsy keys show {req.name}` prints it", key_id=owner.id)
             lv = self._live(req.name)

@@ -44,6 +44,8 @@ class UpRequest(BaseModel):
     qos: str | None = None
     time: str | None = None
     target_rps: float | None = Field(default=None, gt=0)
+    # the gateway's request cap for the deployment: N, or "plan" (the plan's predicted.max_requests); None: none
+    max_requests: Annotated[int, Field(ge=1)] | Literal["plan"] | None = None
     launch_prefix: str = ""
     engine_args: list[str] = []
     # output parsers from the CLI (LLM or "*" → tool_call_parser / reasoning_parser / chat_template → name),
@@ -79,6 +81,7 @@ class Prepared:
     aliases: Mapping[str, tuple[str, ...]]   # allocation key → other names its workflows call it by
     weights: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
                                              # mixed-group key → each replica's routing weight, by replica number
+    max_requests: int | None = None          # the gateway's request cap (None: none)
 
 
 class JobTemplate(BaseModel):
@@ -225,6 +228,23 @@ def weights_of(plan: Any, workflows: Sequence[Any], models: Mapping[str, Any], g
     return {k: tuple(float(f"{w:.4g}") for w in replica_weights(plan.allocation[k], refs[k][1], gpu)) for k in mixed}
 
 
+def request_cap_of(plan: Any, req: UpRequest) -> int | None:
+    """The deployment's request cap: `--max-requests N`; with `--max-requests plan` the plan's
+    `predicted.max_requests` (summed over the workflows of a plan that serves several), a SpecError where the
+    plan has none; else none."""
+    if req.max_requests != "plan":
+        return req.max_requests
+    pred = plan.predicted or {}
+    caps = [v.get("max_requests") if isinstance(v, dict) else None for v in pred.values()] if plan.workflows else \
+        [pred.get("max_requests")]
+    if caps and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in caps):
+        return sum(caps)   # type: ignore[arg-type]
+    raise SpecError(f"--max-requests plan: the plan {req.target} gives no predicted.max_requests"
+                    + (" for every workflow" if plan.workflows else "")
+                    + " (`scepsy plan` writes it for workflows whose calls continue conversations); "
+                    "give a number: --max-requests N")
+
+
 def prepare(req: UpRequest, session_dir: Path, backend: ClusterBackend, say: Callable[[str], None]) -> Prepared:
     """Plan (if needed), place, check against the backend, write plan.yaml and serve.json; the job to submit."""
     from scepsy_hpc.backend.serving import serve_config, write_serve_files
@@ -256,4 +276,4 @@ def prepare(req: UpRequest, session_dir: Path, backend: ClusterBackend, say: Cal
     return Prepared(plan_path=copy, workflows=tuple(w.name for w in wfs),
                     spec_paths=tuple(str(f.resolve()) for f in [_find_target(req.target), *wf_files]),
                     config=config, template=template, aliases=aliases_of(plan, wfs),
-                    weights=weights_of(plan, wfs, models, gpus))
+                    weights=weights_of(plan, wfs, models, gpus), max_requests=request_cap_of(plan, req))

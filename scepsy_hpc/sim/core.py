@@ -22,7 +22,7 @@ starts when one ends. Its latency counts from its arrival. Past capacity, conver
 on a prefix cache otherwise multiply until their histories no longer fit and every call prefills its
 whole history again, which lowers the capacity further (a collapse that feeds itself); a cap near the
 requests in flight at capacity (Little's law: capacity × latency there) keeps the deployment at its
-capacity instead. The gateway does not apply such a cap yet (README roadmap 3): this models one.
+capacity instead. The gateway applies the same cap (`gateway/admission.py`, `scepsy up --max-requests`).
 
 Determinism: arrivals and request programs are drawn from two RNG streams derived from the seed
 and consumed in arrival order, so the same seed gives the same workload whatever the plan, and the

@@ -203,6 +203,11 @@ def iter_steps(steps: list[Any], loc: tuple[Any, ...]) -> Iterator[tuple[Any, tu
                 yield from iter_steps(arm.body, here + ("branch", j, "body"))
 
 
+def continues_conversations(wf: Workflow) -> bool:
+    """Whether any call of `wf` continues a conversation (`context:`), in its program or a `define`."""
+    return any(isinstance(step, CallStep) and step.context is not None for step, _ in _all_bodies(wf))
+
+
 def _all_bodies(wf: Workflow) -> Iterator[tuple[Any, tuple[Any, ...]]]:
     yield from iter_steps(wf.program, ("program",))
     for name, body in wf.define.items():
