@@ -2,7 +2,8 @@
 
 One table per deployment, one row per LLM: replicas healthy, calls per second and mean latency over the
 last minute (the gateway's rolling window), calls queued in the gateway, running and waiting in the
-engines, and the highest KV-cache use among its engines.
+engines, and the highest KV-cache use among its engines; below a deployment with a request cap, its requests
+in flight, waiting and refused.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def render(doc: dict[str, Any]) -> Any:
                       _fmt(None if row.get("kv_use") is None else 100 * row["kv_use"], ".0f", " %"),
                       _fmt(tr.get("errors"), "d"))
         parts.append(t)
+        cap = d.get("requests")
+        if cap:
+            parts.append(Text(f"requests in flight {cap['in_flight']} of at most {cap['max_requests']}, "
+                              f"{cap['waiting']} waiting; {cap['waited']} waited, "
+                              f"{cap['wait_timeouts'] + cap['queue_full']} refused (503)",
+                              style="yellow" if cap["waiting"] else ""))
         if d.get("error"):
             parts.append(Text(d["error"], style="red"))
     return Group(*parts)

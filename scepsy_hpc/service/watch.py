@@ -85,4 +85,6 @@ async def collect(daemon: Daemon) -> dict[str, Any]:
             row["kv_use"] = max(kv) if kv else None
             row["traffic"] = models.get(f"{doc['name']}/{llm}", {})
         doc["llms"] = per
+        caps = stats.get("requests") if isinstance(stats, dict) else None
+        doc["requests"] = caps.get(doc["name"]) if isinstance(caps, dict) else None   # its request cap's figures
     return {"deployments": docs, "gateway": {"url": gw, "uptime_s": stats.get("uptime_s") if isinstance(stats, dict) else None}}

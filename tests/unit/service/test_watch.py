@@ -1,9 +1,10 @@
 """`status --watch`: the engines' load read from /metrics (vLLM's and SGLang's names), and the view of a live
-deployment with traffic through the gateway."""
+deployment with traffic through the gateway (and its request cap, from `up --max-requests`)."""
 
 from __future__ import annotations
 
 import io
+import re
 import json
 import urllib.request
 from pathlib import Path
@@ -44,13 +45,13 @@ def test_watch_shows_each_llm_with_traffic_load_and_health(tmp_path: Path, state
 
     assert sv.scepsy(state, "daemon", "start", "--poll", "0.5").returncode == 0
     assert sv.scepsy(state, "up", str(sv.small_plan(tmp_path / "p.yaml")), "--name", "w", "--detach",
-                     "--time-scale", "0.05").returncode == 0
+                     "--time-scale", "0.05", "--max-requests", "7").returncode == 0
     doc = sv.wait_state(state, "w", "serving")
-    for _ in range(3):
+    for i in range(3):
         req = urllib.request.Request(f"{doc['base_url']}/chat/completions", method="POST",
                                      data=json.dumps({"model": "generator", "max_tokens": 2,
                                                       "messages": [{"role": "user", "content": "x"}]}).encode(),
-                                     headers={"Content-Type": "application/json",
+                                     headers={"Content-Type": "application/json", "X-Scepsy-Request": f"r{i}",
                                               "Authorization": f"Bearer {sv.owner_key(state, 'w')}"})
         with urllib.request.urlopen(req, timeout=30) as resp:
             assert resp.status == 200
@@ -64,3 +65,6 @@ def test_watch_shows_each_llm_with_traffic_load_and_health(tmp_path: Path, state
     Console(file=out, width=160).print(render(watched))
     text = out.getvalue()
     assert "w  serving" in text and "generator" in text and "1/1" in text and "reranker" in text
+    # up --max-requests 7 reached the gateway: three requests admitted (in flight until they idle out, 3 s here)
+    assert dep["requests"]["max_requests"] == 7 and dep["requests"]["admitted"] == 3, dep["requests"]
+    assert re.search(r"requests in flight [0-3] of at most 7, 0 waiting; 0 waited, 0 refused \(503\)", text), text
