@@ -101,8 +101,10 @@ class Admission:
                 sc.cap = cap
                 self._grant(sc)   # a raised cap lets waiting requests in now
 
-    async def enter(self, scope: str | None, request_id: str | None) -> Refusal | None:
-        """Admit one call (None), or say why not; a call admitted must be followed by `leave` when it ends."""
+    async def enter(self, scope: str | None, request_id: str | None,
+                    waiting: Callable[[bool], None] | None = None) -> Refusal | None:
+        """Admit one call (None), or say why not; a call admitted must be followed by `leave` when it ends.
+        `waiting(True)` is called when the call starts to wait, `waiting(False)` when it stops (whatever ends it)."""
         sc = self.scopes.get(scope)
         if sc is None:
             return None
@@ -135,7 +137,13 @@ class Admission:
             sc.waited += 1
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         futs.append(fut)
-        return await self._wait(sc, scope, request_id, fut, now + self.wait_s)
+        if waiting is None:
+            return await self._wait(sc, scope, request_id, fut, now + self.wait_s)
+        waiting(True)
+        try:
+            return await self._wait(sc, scope, request_id, fut, now + self.wait_s)
+        finally:
+            waiting(False)
 
     async def _wait(self, sc: Scope, scope: str | None, request_id: str, fut: asyncio.Future[None],
                     deadline: float) -> Refusal | None:

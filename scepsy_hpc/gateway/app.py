@@ -312,7 +312,10 @@ async def _handle_call(upstream_path: str, request: web.Request) -> web.StreamRe
                 authorization=None if st.router.client_keys else request.headers.get("Authorization"))
     assert st.forwarder is not None  # set on startup
     scope = st.keys.deployment_of(pool.name)
-    refusal = await st.admission.enter(scope, request_id)
+    key = request.get(CLIENT_KEY)
+    # a call waiting at the request cap holds no slot of its key: the key's admitted requests go on calling
+    refusal = await st.admission.enter(scope, request_id,
+                                       None if key is None else partial(st.keys.set_waiting, key))
     if refusal is not None:
         return error_response(503, refusal.message, "request_cap", 503,
                               headers={"Retry-After": str(refusal.retry_after_s)})

@@ -168,6 +168,13 @@ class KeyRing:
         use.calls += 1
         return None
 
+    def set_waiting(self, key: ClientKey, waiting: bool) -> None:
+        """A call of `key` waits at the request cap (True: its slot is given back, so the key's admitted requests
+        keep calling) or goes in after waiting (False: it takes its slot back, over `max_concurrent` if need be:
+        it was admitted within the limit)."""
+        use = self._use(key)
+        use.in_flight = max(0, use.in_flight - 1) if waiting else use.in_flight + 1
+
     def release(self, key: ClientKey) -> None:
         """Give back the call slot `admit` took."""
         use = self.uses.get(key.id)

@@ -219,3 +219,37 @@ async def test_a_request_held_past_its_wait_gets_a_503_with_retry_after(stack: A
         assert (await first)[0] == 200
     assert status == 503 and retry is not None and int(retry) >= 1
     assert err["type"] == "request_cap" and "this gateway is at its request cap (1 requests in flight)" in err["message"]
+
+
+async def test_calls_waiting_at_the_cap_hold_no_slot_of_their_key(stack: Any) -> None:
+    """A key with max_concurrent 2, a cap of 1 request: three new requests wait at the cap, and the admitted
+    request's second call still goes in (had the waiting calls kept their key slots it would get a 429)."""
+    from tests.unit.gateway.test_auth import KEY_A, auth_section, bearer
+
+    async with stack({"a/x": 1}) as s:
+        base = s.endpoints_path.read_text()
+        s.write_endpoints("max_requests: {a: 1}\n" + base + auth_section(("ka", KEY_A, ["a"], {"max_concurrent": 2})))
+        eng = s.engines["a/x"][0]
+        eng.gate.clear()
+
+        def call(rid: str) -> asyncio.Task[tuple[int, Any]]:
+            return asyncio.create_task(s.post("/v1/chat/completions", {"model": "a/x", "messages": CHAT},
+                                              headers={"X-Scepsy-Request": rid, **bearer(KEY_A)}))
+
+        first = call("r1")
+        await eng.wait_calls(1)
+        st = s.gw.state
+        waiting = []
+        for i in range(3):   # one after another: a call holds its key slot until it reaches the cap
+            waiting.append(call(f"w{i}"))
+            await s.until(lambda: st.admission.stats()["a"]["waiting"] == i + 1)
+        assert st.keys.uses["ka"].in_flight == 1
+        second = call("r1")                    # the admitted request calls again
+        await eng.wait_calls(2)
+        eng.gate.set()
+        status = [r[0] for r in await asyncio.gather(first, second)]
+        for t in waiting:   # each goes in once the one before it idles out; not needed here
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    assert status == [200, 200]
+    assert st.keys.uses["ka"].rate_limited == {}
