@@ -38,7 +38,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from scepsy_hpc.engine.metrics import PROMETHEUS_CONTENT_TYPE
-from scepsy_hpc.gateway.admission import DEFAULT_IDLE_S, DEFAULT_WAIT_S, Admission
+from scepsy_hpc.gateway.admission import DEFAULT_IDLE_S, DEFAULT_WAIT_S, Admission, Refusal, Ticket
 from scepsy_hpc.gateway.auth import ANY_DEPLOYMENT, KeyRing
 from scepsy_hpc.gateway.endpoints import Endpoints, EndpointsWatcher
 from scepsy_hpc.gateway.guard import CLIENT_KEY, SMALL_BODY_BYTES, guard, too_large
@@ -302,27 +302,39 @@ async def _handle_call(upstream_path: str, request: web.Request) -> web.StreamRe
             # Ask for usage to learn token counts; the client did not, so its chunk is dropped later.
             body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
             drop_usage = changed = True
-    st.calls[pool.name] = st.calls.get(pool.name, 0) + 1
-    chat = upstream_path == "/v1/chat/completions"
-    prompt = st.tracker.prefixes.prompt(body, chat=chat)
-    call = Call(prompt=prompt, messages=body.get("messages") if chat else None,
-                llm=pool.name, pool=pool, path=upstream_path, body=json.dumps(body).encode() if changed else raw,
-                headers=upstream_headers(request.headers.items()), stream=stream, drop_usage=drop_usage,
-                request_id=request_id, role=role, model=pool.served_model, call_id=st.next_call_id(),
-                authorization=None if st.router.client_keys else request.headers.get("Authorization"))
-    assert st.forwarder is not None  # set on startup
-    scope = st.keys.deployment_of(pool.name)
-    key = request.get(CLIENT_KEY)
-    # a call waiting at the request cap holds no slot of its key: the key's admitted requests go on calling
-    refusal = await st.admission.enter(scope, request_id,
-                                       None if key is None else partial(st.keys.set_waiting, key))
-    if refusal is not None:
-        return error_response(503, refusal.message, "request_cap", 503,
-                              headers={"Retry-After": str(refusal.retry_after_s)})
+    ticket = await _admit(st, request, pool, request_id)
+    if isinstance(ticket, web.StreamResponse):
+        return ticket
     try:
+        st.calls[pool.name] = st.calls.get(pool.name, 0) + 1
+        chat = upstream_path == "/v1/chat/completions"
+        prompt = st.tracker.prefixes.prompt(body, chat=chat)
+        call = Call(prompt=prompt, messages=body.get("messages") if chat else None,
+                    llm=pool.name, pool=pool, path=upstream_path, body=json.dumps(body).encode() if changed else raw,
+                    headers=upstream_headers(request.headers.items()), stream=stream, drop_usage=drop_usage,
+                    request_id=request_id, role=role, model=pool.served_model, call_id=st.next_call_id(),
+                    authorization=None if st.router.client_keys else request.headers.get("Authorization"))
+        assert st.forwarder is not None  # set on startup
         return await st.forwarder.forward(request, call)
     finally:
-        st.admission.leave(scope, request_id)
+        ticket.leave()
+
+
+async def _admit(st: GatewayState, request: web.Request, pool: LLMPool,
+                 request_id: str | None) -> Ticket | web.StreamResponse:
+    """The call's ticket under its deployment's request cap (admission.py), or the 503 that refuses it."""
+    key = request.get(CLIENT_KEY)
+    # a call waiting at the request cap holds no slot of its key: the key's admitted requests go on calling
+    got = await st.admission.enter(st.keys.deployment_of(pool.name), request_id,
+                                   None if key is None else partial(st.keys.set_waiting, key))
+    if isinstance(got, Refusal):
+        return error_response(503, got.message, "server_error", "request_cap",
+                              headers={"Retry-After": str(got.retry_after_s)})
+    if request.transport is None or request.transport.is_closing():
+        got.leave(abandoned=True)   # its client left while it waited (aiohttp does not cancel the handler)
+        return error_response(499, "the client went away while its call waited at the request cap", "client_closed",
+                              "client_closed")
+    return got
 
 
 def _unknown_model(accepted: dict[str, str], model: str | None, deployment: str | None) -> web.Response:
@@ -378,6 +390,13 @@ async def _handle_span(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         st.refused("invalid_json")
         return body
+    if isinstance(body, dict) and body.get("span") == "request" and body.get("event") == "end" \
+            and isinstance(body.get("request"), str):
+        # the request's slot under the cap goes even when its start is not on record (never sent, or dropped):
+        # only in the deployments the reporting key may call
+        key = request.get(CLIENT_KEY)
+        st.admission.end(body["request"], lambda scope: key is None or ANY_DEPLOYMENT in key.deployments
+                         or scope in key.deployments)
     try:
         rec = st.spans.event(body, now)
     except SpanError as exc:
@@ -385,9 +404,6 @@ async def _handle_span(request: web.Request) -> web.Response:
     st.tracker.span_event(body)
     if body.get("span") == "request" and body.get("event") == "end":   # the request's routing state goes too
         st.router.forget(body["request"])
-        key = request.get(CLIENT_KEY)   # a key ends requests only of the deployments it may call
-        st.admission.end(body["request"], lambda scope: key is None or ANY_DEPLOYMENT in key.deployments
-                         or scope in key.deployments)
     if rec is None:
         return web.json_response({"ok": True, "t": now})
     st.put_span(rec)

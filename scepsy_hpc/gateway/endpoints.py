@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Sequence
 
-from pydantic import Field, field_validator
+from pydantic import Field, StrictInt, field_validator
 
 from scepsy_hpc.backend.records import AgentReport
 from scepsy_hpc.errors import SpecError
@@ -134,7 +134,7 @@ class Endpoints(SpecModel):
     time_scale: Annotated[float, Field(gt=0)] | None = None
     auth: Auth | None = None   # None: no key needed (a hand-run gateway); the daemon always writes it
     # the request cap (gateway/admission.py): per deployment, or one number for the LLMs with no deployment
-    max_requests: Annotated[int, Field(ge=1)] | dict[str, Annotated[int, Field(ge=1)]] | None = None
+    max_requests: Annotated[StrictInt, Field(ge=1)] | dict[str, Annotated[StrictInt, Field(ge=1)]] | None = None
     request_idle_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] | None = None
     request_wait_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] | None = None
     llms: dict[str, LLMEndpoint]

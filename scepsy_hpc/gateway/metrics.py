@@ -129,10 +129,11 @@ def _cap_families(st: GatewayState) -> Iterable[Metric]:
                                 labels=per)
     counters = {k: CounterMetricFamily(f"scepsy_gateway_requests_{k}_total", doc, labels=per) for k, doc in (
         ("admitted", "Workflow requests admitted under the cap."),
-        ("waited", "Workflow requests that waited for a slot."),
-        ("wait_timeouts", "Workflow requests refused (503) after waiting request_wait_s."),
-        ("queue_full", "Workflow requests refused (503) at once: too many already waiting."),
-        ("idle_ended", "Workflow requests taken as ended after request_idle_s with no call."))}
+        ("waited", "Workflow requests that had to wait for a slot (admitted or not)."),
+        ("wait_timeouts", "Calls refused (503) after waiting request_wait_s."),
+        ("queue_full", "Calls refused (503) at once: too many requests or calls already waiting."),
+        ("idle_ended", "Workflow requests taken as ended after request_idle_s with no call."),
+        ("readmitted", "Workflow requests let in at once after their idle end (a late call, not a new request)."))}
     for dep, figs in st.admission.stats().items():
         cap.add_metric([dep], figs["max_requests"])
         in_flight.add_metric([dep], figs["in_flight"])

@@ -60,8 +60,8 @@ def request_caps(result: PlanResult) -> dict[str, int]:
     max-throughput plan): plan_execute (cap 200) at 2.5 rps offered serves 2.02 rps against 0.75 uncapped
     (caps 150 / 175 / 190 / 210 / 220 / 229: 1.82 / 1.98 / 2.02 / 1.95 / 1.76 / 1.54), supervisor_agents (190)
     at its planned 2.46 rps serves 2.39 at 90 s against 0.60 at 327 s uncapped. Workflows without
-    conversations do not collapse and a cap only costs them (rag_rerank, cap 32: 26.3 s mean latency against
-    21.2 at its planned rate, 1.53 rps served against 2.03 at 1.3× its capacity), so they get none. None either
+    conversations do not collapse and a cap only costs them (rag_rerank with the figure it would have, 50:
+    1.77 rps served against 2.03 at 1.3× its predicted capacity), so they get none. None either
     where the predictor gives no finite capacity or latency."""
     from scepsy_hpc.spec.workflow import continues_conversations
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from scepsy_hpc.backend.base import ClusterBackend, NodeJob, check_name
 from scepsy_hpc.backend.records import ServeConfig
@@ -45,7 +45,7 @@ class UpRequest(BaseModel):
     time: str | None = None
     target_rps: float | None = Field(default=None, gt=0)
     # the gateway's request cap for the deployment: N, or "plan" (the plan's predicted.max_requests); None: none
-    max_requests: Annotated[int, Field(ge=1)] | Literal["plan"] | None = None
+    max_requests: Annotated[StrictInt, Field(ge=1)] | Literal["plan"] | None = None
     launch_prefix: str = ""
     engine_args: list[str] = []
     # output parsers from the CLI (LLM or "*" → tool_call_parser / reasoning_parser / chat_template → name),

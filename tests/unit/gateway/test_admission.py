@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from scepsy_hpc.errors import SpecError
-from scepsy_hpc.gateway.admission import Admission, Refusal
+from scepsy_hpc.gateway.admission import Admission, Refusal, Ticket
 from scepsy_hpc.gateway.endpoints import load_endpoints
 
 pytestmark = pytest.mark.timeout(20)
@@ -30,87 +30,123 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _in(g: Admission, scope: str | None, rid: str | None) -> Ticket:
+    t = await g.enter(scope, rid)
+    assert isinstance(t, Ticket), t
+    return t
+
+
 async def test_a_third_request_waits_and_takes_the_slot_of_the_first_to_end() -> None:
     g = _gate(2)
-    assert await g.enter("d", "r1") is None and await g.enter("d", "r2") is None
+    r1, r2 = await _in(g, "d", "r1"), await _in(g, "d", "r2")
     third = asyncio.create_task(g.enter("d", "r3"))
     fourth = asyncio.create_task(g.enter("d", "r4"))
     await _settle()
     assert not third.done() and not fourth.done()
     figs = g.stats()["d"]
     assert (figs["in_flight"], figs["waiting"]) == (2, 2)
-    # a request in flight is never held: its next call goes in over the cap's count
-    assert await g.enter("d", "r2") is None
-    g.leave("d", "r1")
+    r2b = await _in(g, "d", "r2")   # a request in flight is never held: its next call goes in
+    r1.leave()
+    r1.leave()                      # a ticket leaves once
     g.end("r1")
     await _settle()
-    assert third.done() and await third is None and not fourth.done()   # first come, first served
-    g.leave("d", "r2")
-    g.leave("d", "r2")
+    assert third.done() and isinstance(await third, Ticket) and not fourth.done()   # first come, first served
+    r2.leave()
+    r2b.leave()
     g.end("r2")
-    assert await asyncio.wait_for(fourth, 1) is None
+    assert isinstance(await asyncio.wait_for(fourth, 1), Ticket)
     assert g.stats()["d"]["admitted"] == 4 and g.stats()["d"]["waited"] == 2
 
 
 async def test_calls_of_one_waiting_request_go_in_together() -> None:
     """A fan-out's sibling calls of a request that waits are admitted with it, taking one slot."""
     g = _gate(1)
-    assert await g.enter("d", "a") is None
+    a = await _in(g, "d", "a")
     sibs = [asyncio.create_task(g.enter("d", "b")) for _ in range(3)]
     other = asyncio.create_task(g.enter("d", "c"))
     await _settle()
-    g.leave("d", "a")
+    a.leave()
     g.end("a")
     await _settle()
     assert all(t.done() for t in sibs) and not other.done()
     assert g.stats()["d"]["in_flight"] == 1 and g.stats()["d"]["waiting"] == 1
-    for _ in range(2):
-        g.leave("d", "b")
+    tickets = [t.result() for t in sibs]
+    tickets[0].leave()
+    tickets[1].leave()
     g.end("b")          # reported while one call of it still runs: its slot goes when that call ends
     await _settle()
     assert not other.done()
-    g.leave("d", "b")
-    assert await asyncio.wait_for(other, 1) is None
+    tickets[2].leave()
+    assert isinstance(await asyncio.wait_for(other, 1), Ticket)
 
 
 async def test_an_idle_request_ends_and_its_late_call_is_not_held() -> None:
     g = _gate(1, idle_s=0.05)
-    assert await g.enter("d", "a") is None
-    g.leave("d", "a")   # a tool runs, no call in flight
+    (await _in(g, "d", "a")).leave()   # a tool runs, no call in flight
     waiting = asyncio.create_task(g.enter("d", "b"))
-    assert await asyncio.wait_for(waiting, 2) is None   # a's slot went to b after 0.05 s of idleness
+    assert isinstance(await asyncio.wait_for(waiting, 2), Ticket)   # a's slot went to b after 0.05 s idle
     assert g.stats()["d"]["idle_ended"] == 1
     # a comes back (its tool took longer than idle_s): admitted at once, over the cap, not behind new ones
-    assert await asyncio.wait_for(g.enter("d", "a"), 0.5) is None
+    assert isinstance(await asyncio.wait_for(g.enter("d", "a"), 0.5), Ticket)
     assert g.stats()["d"]["readmitted"] == 1 and g.stats()["d"]["in_flight"] == 2
+
+
+async def test_the_idle_timer_wakes_a_waiter_whose_request_went_idle_after_it_came() -> None:
+    """One timer per scope: armed when a call's end leaves a request idle while others wait."""
+    g = _gate(1, idle_s=0.05)
+    a = await _in(g, "d", "a")
+    waiting = asyncio.create_task(g.enter("d", "b"))
+    await _settle()
+    a.leave()
+    assert isinstance(await asyncio.wait_for(waiting, 2), Ticket)
 
 
 async def test_a_request_waiting_past_wait_s_is_refused_and_leaves_the_queue() -> None:
     g = _gate(1, wait_s=0.1)
-    assert await g.enter("d", "a") is None
+    await _in(g, "d", "a")
     refusal = await asyncio.wait_for(g.enter("d", "b"), 2)
     assert isinstance(refusal, Refusal) and "request cap (1 requests in flight)" in refusal.message
     assert "waited 0 s" in refusal.message and refusal.retry_after_s >= 1
     assert g.stats()["d"]["wait_timeouts"] == 1 and g.stats()["d"]["waiting"] == 0
 
 
-async def test_the_queue_is_bounded() -> None:
+async def test_the_queue_is_bounded_in_requests_and_in_calls() -> None:
     g = _gate(1)
-    assert await g.enter("d", "a") is None
+    await _in(g, "d", "a")
     waiters = [asyncio.create_task(g.enter("d", f"w{i}")) for i in range(10)]
     await _settle()
     refusal = await g.enter("d", "one-too-many")
-    assert isinstance(refusal, Refusal) and "10 more wait" in refusal.message
-    assert g.stats()["d"]["queue_full"] == 1
+    assert isinstance(refusal, Refusal) and "10 more requests (10 calls) wait" in refusal.message
+    # calls of one waiting request: at most 20 per unit of the cap in all
+    waiters += [asyncio.create_task(g.enter("d", "w0")) for _ in range(10)]
+    await _settle()
+    refusal = await g.enter("d", "w0")
+    assert isinstance(refusal, Refusal) and "(20 calls) wait" in refusal.message
+    assert g.stats()["d"]["queue_full"] == 2
     for t in waiters:
         t.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
     assert g.stats()["d"]["waiting"] == 0   # a client that goes away leaves the queue
+    assert g.scopes["d"].waiting_calls == 0
+
+
+async def test_a_grant_whose_calls_all_went_away_frees_its_slot_at_once() -> None:
+    g = _gate(1)
+    a = await _in(g, "d", "a")
+    gone = asyncio.create_task(g.enter("d", "w"))
+    nxt = asyncio.create_task(g.enter("d", "c"))
+    await _settle()
+    a.leave()
+    g.end("a")          # w is granted ...
+    gone.cancel()       # ... and its client leaves in the same turn, before its call runs
+    await asyncio.gather(gone, return_exceptions=True)
+    assert isinstance(await asyncio.wait_for(nxt, 1), Ticket)   # c does not wait idle_s for w's slot
+    assert "w" not in g.scopes["d"].active
 
 
 async def test_caps_follow_the_file_raised_removed_and_uncapped_scopes() -> None:
     g = _gate(1)
-    assert await g.enter("d", "a") is None
+    a = await _in(g, "d", "a")
     b = asyncio.create_task(g.enter("d", "b"))
     c = asyncio.create_task(g.enter("d", "c"))
     await _settle()
@@ -118,19 +154,24 @@ async def test_caps_follow_the_file_raised_removed_and_uncapped_scopes() -> None
     await _settle()
     assert b.done() and not c.done()
     g.configure({})              # removed: everyone goes
-    assert await asyncio.wait_for(c, 1) is None
-    assert await g.enter("other", "x") is None and g.stats() == {}
+    assert isinstance(await asyncio.wait_for(c, 1), Ticket)
+    g.configure({"d": 1})        # and back: the old calls' ends do not count against the new scope
+    n = await _in(g, "d", "a")
+    a.leave()
+    assert g.stats()["d"]["in_flight"] == 1 and g.scopes["d"].active["a"].calls == 1
+    n.leave()
+    assert isinstance(await g.enter("other", "x"), Ticket) and "other" not in g.stats()
     g.configure({None: 1})
-    assert await g.enter(None, None) is None and await g.enter(None, None) is None   # no request id: not counted
+    await _in(g, None, None)
+    await _in(g, None, None)     # no request id: not counted
     assert g.uncapped_calls == 2
 
 
 async def test_an_end_reported_for_another_deployment_frees_nothing() -> None:
     g = Admission()
     g.configure({"a": 1, "b": 1})
-    assert await g.enter("a", "r") is None and await g.enter("b", "r") is None
-    g.leave("a", "r")
-    g.leave("b", "r")
+    (await _in(g, "a", "r")).leave()
+    (await _in(g, "b", "r")).leave()
     g.end("r", allowed=lambda scope: scope == "a")
     assert g.stats()["a"]["in_flight"] == 0 and g.stats()["b"]["in_flight"] == 1
 
@@ -158,8 +199,9 @@ def test_the_endpoints_file_names_a_cap_for_a_deployment_it_does_not_serve(tmp_p
     with pytest.raises(SpecError, match=r"endpoints.yaml:1: max_requests: a bare number caps the LLMs with no "
                                         r"deployment, and every LLM here has one"):
         load_endpoints(_file(tmp_path, "max_requests: 5\n"))
-    with pytest.raises(SpecError, match="max_requests"):
-        load_endpoints(_file(tmp_path, "max_requests: 0\n"))
+    for bad in ("0", "yes", "'5'", "{a: true}"):   # no YAML boolean or string taken for a number
+        with pytest.raises(SpecError, match="max_requests"):
+            load_endpoints(_file(tmp_path, f"max_requests: {bad}\n"))
     with pytest.raises(SpecError, match="request_wait_s"):
         load_endpoints(_file(tmp_path, "request_wait_s: -1\n"))
 
@@ -218,7 +260,7 @@ async def test_a_request_held_past_its_wait_gets_a_503_with_retry_after(stack: A
         eng.gate.set()
         assert (await first)[0] == 200
     assert status == 503 and retry is not None and int(retry) >= 1
-    assert err["type"] == "request_cap" and "this gateway is at its request cap (1 requests in flight)" in err["message"]
+    assert err["code"] == "request_cap" and "this gateway is at its request cap (1 requests in flight)" in err["message"]
 
 
 async def test_calls_waiting_at_the_cap_hold_no_slot_of_their_key(stack: Any) -> None:
@@ -253,3 +295,33 @@ async def test_calls_waiting_at_the_cap_hold_no_slot_of_their_key(stack: Any) ->
         await asyncio.gather(*waiting, return_exceptions=True)
     assert status == [200, 200]
     assert st.keys.uses["ka"].rate_limited == {}
+
+
+async def test_a_call_whose_client_left_while_it_waited_is_not_sent(stack: Any) -> None:
+    """aiohttp does not cancel a handler whose client disconnects: a call let in after its client gave up must
+    not reach the engine (nor hold its request's slot)."""
+    import aiohttp
+
+    async with stack({"x": 1}) as s:
+        s.write_endpoints("max_requests: 1\n" + s.endpoints_path.read_text())
+        eng = s.engines["x"][0]
+        eng.gate.clear()
+        first = asyncio.create_task(s.post("/v1/chat/completions", {"model": "x", "messages": CHAT},
+                                           headers={"X-Scepsy-Request": "r1"}))
+        await eng.wait_calls(1)
+        st = s.gw.state
+        assert s.http is not None
+        with pytest.raises((asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            async with s.http.post(s.url + "/r/r2/v1/chat/completions", json={"model": "x", "messages": CHAT},
+                                   timeout=aiohttp.ClientTimeout(total=0.3)) as r:
+                await r.read()
+        assert st.admission.stats()[""]["waiting"] == 1   # its call still waits at the gateway
+        assert (await s.post("/scepsy/v1/spans", {"span": "request", "event": "end", "request": "r1"}))[0] == 400
+        eng.gate.set()     # r1's call ends; its reported end (no start on record: a 400) freed the slot anyway
+        assert (await first)[0] == 200
+        await s.until(lambda: st.admission.stats()[""]["waiting"] == 0)
+        await asyncio.sleep(0.2)
+        third = await asyncio.wait_for(s.post("/v1/chat/completions", {"model": "x", "messages": CHAT},
+                                              headers={"X-Scepsy-Request": "r3"}), 5)
+    assert third[0] == 200   # r2 holds no slot: r3 goes in at once
+    assert len(eng.calls) == 2   # r1 and r3: r2 never reached the engine

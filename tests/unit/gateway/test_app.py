@@ -256,6 +256,7 @@ GATEWAY_FAMILIES = [
     ("scepsy_gateway_requests_wait_timeouts_total", "counter"),
     ("scepsy_gateway_requests_queue_full_total", "counter"),
     ("scepsy_gateway_requests_idle_ended_total", "counter"),
+    ("scepsy_gateway_requests_readmitted_total", "counter"),
     ("scepsy_gateway_uncapped_calls_total", "counter"),
     ("scepsy_gateway_endpoints_reloads_total", "counter"),
     ("scepsy_gateway_refused_total", "counter"),
