@@ -20,7 +20,8 @@ from scepsy_hpc.allocate.allocation import as_allocation
 from scepsy_hpc.planning import plan
 from scepsy_hpc.planning.request import PlanRequest
 from scepsy_hpc.sim.capacity import max_sustainable_rate
-from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models
+from scepsy_hpc.errors import SpecError
+from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models, shipped_names
 from scepsy_hpc.spec.workflow import load_workflow
 
 
@@ -34,11 +35,10 @@ def main() -> int:
     if not 1 <= args.gpus <= 4096 or not 10 <= args.requests <= 100_000:
         ap.error(f"--gpus {args.gpus} / --requests {args.requests}: GPUs 1..4096, requests 10..100,000")
     models, gpus = load_models(), load_gpus()
-    shipped = sorted(p.stem for p in (config_dir() / "workflows").glob("*.yaml"))
-    names = [w.strip() for w in args.workflows.split(",") if w.strip()]
-    bad = [w for w in names if w not in shipped]
-    if bad:
-        ap.error(f"--workflows: no shipped workflow {bad[0]!r}; one of {', '.join(shipped)}")
+    try:
+        names = shipped_names("workflows", args.workflows)
+    except SpecError as exc:
+        ap.error(f"--workflows: {exc}")
     print(f"{'workflow':20} {'runs':>4} {'longest':>7} {'max rps':>8} {'afresh s':>9} {'grown s':>8} {'ratio':>6}  same")
     tot_a = tot_g = 0.0
     for name in names:

@@ -24,7 +24,8 @@ from scepsy_hpc.planning import plan
 from scepsy_hpc.planning.render import request_caps
 from scepsy_hpc.planning.request import PlanRequest
 from scepsy_hpc.sim import simulate
-from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models
+from scepsy_hpc.errors import SpecError
+from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models, shipped_names
 from scepsy_hpc.spec.workflow import continues_conversations, load_workflow
 
 DEFAULT = "plan_execute,supervisor_agents,group_chat_selector,crew_hierarchical,reflexion,react_agent,rag_rerank"
@@ -41,11 +42,10 @@ def main() -> int:
         ap.error(f"--gpus {args.gpus} / --requests {args.requests} / --over {args.over}: GPUs 1..4096, "
                  "requests 50..100,000, over in (1, 10]")
     models, gpus = load_models(), load_gpus()
-    shipped = sorted(p.stem for p in (config_dir() / "workflows").glob("*.yaml"))
-    names = [w.strip() for w in args.workflows.split(",") if w.strip()]
-    bad = [w for w in names if w not in shipped]
-    if bad:
-        ap.error(f"--workflows: no shipped workflow {bad[0]!r}; one of {', '.join(shipped)}")
+    try:
+        names = shipped_names("workflows", args.workflows)
+    except SpecError as exc:
+        ap.error(f"--workflows: {exc}")
     gpu = gpus["h100-sxm"]
     print(f"{'workflow':20} {'conv.':>5} {'cap':>5} {'rate':>7}  {'served uncapped / capped':>25}  "
           f"{'ratio':>5}  {'latency s uncapped / capped':>28}  {'ratio':>5}")

@@ -20,9 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scepsy_hpc.errors import ScepsyError
+from scepsy_hpc.errors import ScepsyError, SpecError
 from scepsy_hpc.sim import simulate
-from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models
+from scepsy_hpc.spec.catalog import config_dir, load_gpus, load_models, shipped_names
 from scepsy_hpc.spec.plan import load_plan
 from scepsy_hpc.spec.workflow import load_workflow
 
@@ -37,11 +37,10 @@ def main() -> int:
     args = ap.parse_args()
     if not 1 <= args.requests <= 100_000 or not 1 <= args.gpus <= 100_000:
         ap.error(f"--requests {args.requests} / --gpus {args.gpus}: each from 1 to 100,000")
-    shipped = sorted(p.stem for p in (config_dir() / "workflows").glob("*.yaml"))
-    names = args.workflows.split(",") if args.workflows else shipped
-    unknown = [w for w in names if w not in shipped]
-    if unknown:
-        ap.error(f"not shipped workflows: {', '.join(unknown)} (choose from {', '.join(shipped)})")
+    try:
+        names = shipped_names("workflows", args.workflows or None)
+    except SpecError as exc:
+        ap.error(f"--workflows: {exc}")
     before = {}
     if args.against is not None:
         try:

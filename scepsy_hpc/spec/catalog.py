@@ -219,6 +219,22 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "configs"
 
 
+def shipped_names(kind: str, chosen: str | None = None) -> list[str]:
+    """The shipped configs of `kind` (e.g. "workflows") by name, or those of the comma-separated `chosen`; a
+    SpecError names one that is not shipped and the names that are."""
+    shipped = sorted(p.stem for p in (config_dir() / kind).glob("*.yaml"))
+    if chosen is None:
+        return shipped
+    names = [w.strip() for w in chosen.split(",") if w.strip()]
+    bad = [w for w in names if w not in shipped]
+    what = kind[:-1] if kind.endswith("s") else kind
+    if not names:
+        raise SpecError(f"{chosen!r} names no {what}; choose from {', '.join(shipped)}")
+    if bad:
+        raise SpecError(f"no shipped {what} {bad[0]!r}; choose from {', '.join(shipped)}")
+    return names
+
+
 def resolve_input(arg: str, kind: str) -> Path:
     """A path as given, or the name of a shipped file under configs/<kind>/ (kind: workflows, plans, clusters)."""
     p = Path(arg)

@@ -36,6 +36,14 @@ async def _in(g: Admission, scope: str | None, rid: str | None) -> Ticket:
     return t
 
 
+async def _a_in_then_waiting(g: Admission, *rids: str) -> tuple[Ticket, list[asyncio.Task[Ticket | Refusal]]]:
+    """Request a admitted in scope d, then a call of each of `rids` waiting behind it."""
+    a = await _in(g, "d", "a")
+    tasks = [asyncio.create_task(g.enter("d", r)) for r in rids]
+    await _settle()
+    return a, tasks
+
+
 async def test_a_third_request_waits_and_takes_the_slot_of_the_first_to_end() -> None:
     g = _gate(2)
     r1, r2 = await _in(g, "d", "r1"), await _in(g, "d", "r2")
@@ -132,10 +140,7 @@ async def test_the_queue_is_bounded_in_requests_and_in_calls() -> None:
 
 async def test_a_grant_whose_calls_all_went_away_frees_its_slot_at_once() -> None:
     g = _gate(1)
-    a = await _in(g, "d", "a")
-    gone = asyncio.create_task(g.enter("d", "w"))
-    nxt = asyncio.create_task(g.enter("d", "c"))
-    await _settle()
+    a, (gone, nxt) = await _a_in_then_waiting(g, "w", "c")
     a.leave()
     g.end("a")          # w is granted ...
     gone.cancel()       # ... and its client leaves in the same turn, before its call runs
@@ -146,10 +151,7 @@ async def test_a_grant_whose_calls_all_went_away_frees_its_slot_at_once() -> Non
 
 async def test_caps_follow_the_file_raised_removed_and_uncapped_scopes() -> None:
     g = _gate(1)
-    a = await _in(g, "d", "a")
-    b = asyncio.create_task(g.enter("d", "b"))
-    c = asyncio.create_task(g.enter("d", "c"))
-    await _settle()
+    a, (b, c) = await _a_in_then_waiting(g, "b", "c")
     g.configure({"d": 2})        # raised: one more goes in now
     await _settle()
     assert b.done() and not c.done()
@@ -246,14 +248,20 @@ async def test_the_gateway_holds_the_third_request_until_the_first_ends(stack: A
     assert 'scepsy_gateway_requests_waited_total{deployment="a"} 1.0' in metrics
 
 
+async def _one_in_flight(s: Any, head: str) -> tuple[Any, asyncio.Task[tuple[int, Any]]]:
+    """`head` put before the stack's endpoints file; request r1's call held at the engine (its gate closed)."""
+    s.write_endpoints(head + s.endpoints_path.read_text())
+    eng = s.engines["x"][0]
+    eng.gate.clear()
+    first = asyncio.create_task(s.post("/v1/chat/completions", {"model": "x", "messages": CHAT},
+                                       headers={"X-Scepsy-Request": "r1"}))
+    await eng.wait_calls(1)
+    return eng, first
+
+
 async def test_a_request_held_past_its_wait_gets_a_503_with_retry_after(stack: Any) -> None:
     async with stack({"x": 1}) as s:
-        s.write_endpoints("max_requests: 1\nrequest_wait_s: 0.2\n" + s.endpoints_path.read_text())
-        eng = s.engines["x"][0]
-        eng.gate.clear()
-        first = asyncio.create_task(s.post("/v1/chat/completions", {"model": "x", "messages": CHAT},
-                                           headers={"X-Scepsy-Request": "r1"}))
-        await eng.wait_calls(1)
+        eng, first = await _one_in_flight(s, "max_requests: 1\nrequest_wait_s: 0.2\n")
         assert s.http is not None
         async with s.http.post(s.url + "/r/r2/v1/chat/completions", json={"model": "x", "messages": CHAT}) as r:
             status, retry, err = r.status, r.headers.get("Retry-After"), (await r.json())["error"]
@@ -303,12 +311,7 @@ async def test_a_call_whose_client_left_while_it_waited_is_not_sent(stack: Any) 
     import aiohttp
 
     async with stack({"x": 1}) as s:
-        s.write_endpoints("max_requests: 1\n" + s.endpoints_path.read_text())
-        eng = s.engines["x"][0]
-        eng.gate.clear()
-        first = asyncio.create_task(s.post("/v1/chat/completions", {"model": "x", "messages": CHAT},
-                                           headers={"X-Scepsy-Request": "r1"}))
-        await eng.wait_calls(1)
+        eng, first = await _one_in_flight(s, "max_requests: 1\n")
         st = s.gw.state
         assert s.http is not None
         with pytest.raises((asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
