@@ -28,5 +28,6 @@ def cli_cases() -> Iterator[Case]:
                                                                      ("--tp", "1,100000"), ("--time-scale", "inf"),
                                                                      ("--calls", "1" + "0" * 15), ("--start-frac", "nan"))]
     triples += [("trace", ("trace", WF), flag, v) for flag, v in (("--rate", "nan"), ("--concurrency", "1" + "0" * 12))]
+    triples += [("up", ("up", PLAN), "--max-requests", v) for v in ("0", "-1", "abc", "1e9", "9" * 30, "plans")]
     for cmd, head, flag, value in triples:
         yield Case(f"cli-{cmd}", f"{flag}={value}", {}, (*head, flag, value), line=False)
