@@ -66,16 +66,15 @@ def request_caps(result: PlanResult) -> dict[str, int]:
     from scepsy_hpc.spec.workflow import continues_conversations
 
     planner, out = result.planner, result.outcome
+    talking = [dm for dm in planner.demands if continues_conversations(dm.wf)]
     top = planner.throughput_scale(out.predictions)
-    if not 0 < top < math.inf:
+    if not talking or not 0 < top < math.inf:
         return {}
     theta = top * planner.max_util * (1.0 - result.request.throughput_tol)
-    at = planner.evaluate(out.choice, theta)
+    at = planner.evaluate(out.choice, theta)   # one predictor call, as one MILP iteration makes
     caps: dict[str, int] = {}
-    for dm in planner.demands:
+    for dm in talking:
         w = dm.wf.name
-        if not continues_conversations(dm.wf):
-            continue
         n = theta * dm.weight_rps * at[w].latency_s
         if math.isfinite(n) and n > 0:
             caps[w] = max(1, math.ceil(n))
