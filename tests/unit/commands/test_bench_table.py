@@ -89,7 +89,8 @@ def test_same_simulator_same_digests_and_a_changed_one_differs(tmp_path: Path) -
 
 def test_sim_digest_refuses_an_unknown_workflow(tmp_path: Path) -> None:
     out = script("sim_digest.py", "--plans", str(tmp_path), "--workflows", "../etc/passwd")
-    assert out.returncode == 2 and "not shipped workflows: ../etc/passwd" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "--workflows: no shipped workflow '../etc/passwd'; choose from agents_handoffs" \
+        in out.stderr and "Traceback" not in out.stderr
     (tmp_path / "router_cascade.yaml").write_text("garbage: [\n")
     out = script("sim_digest.py", "--plans", str(tmp_path), "--workflows", "router_cascade")
     assert out.returncode == 2 and "not a plan of router_cascade" in out.stderr and "Traceback" not in out.stderr
