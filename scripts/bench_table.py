@@ -7,7 +7,10 @@ Each cell is `scepsy bench --workflows W --gpus G --requests N --jobs J --polici
 the wall time, the exit status), so an interrupted table resumes where it stopped (a cell with a JSON is
 not run again unless --rerun), and an interrupted cell too: it runs with `--resume DIR/.resume/W_G`, so
 its plans and finished simulations are reused by the next run of the cell at the same code (removed
-once the cell has its JSON). Then the table is printed from every cell in DIR:
+once the cell has its JSON). The store is plain files keyed by the package's source, so it also serves on
+another machine that runs the same commit: an unfinished cell's store is kept in git between sessions under
+`bench/table/resume/COMMIT/W_G/` and copied back to DIR/.resume/W_G in a checkout of COMMIT. Then the
+table is printed from every cell in DIR:
 
 - milp's simulated max throughput and each baseline's, and milp ÷ each (≥ 0.97 required);
 - milp's mean latency ÷ each baseline's at 90 %, 95 % and 99 % of the weakest policy's maximum (≤ 1.05);
